@@ -1,0 +1,1 @@
+"""Flower apps running the lowrank-fed methods."""
