@@ -31,7 +31,7 @@ test-fast: setup
 	$(PY) -m pytest -n 2 -m "not slow and not e2e" -p no:cacheprovider
 
 demo: setup
-	$(VENV)/bin/lowrank-fed demo
+	$(VENV)/bin/lowrank-fed compare
 
 bench: setup
 	$(PY) -m benchmarks

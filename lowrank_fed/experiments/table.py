@@ -13,8 +13,21 @@ __all__ = ["print_table"]
 def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[object]], *, console=None) -> None:
     """Print ``rows`` under ``columns`` as one table (numbers right-aligned)."""
     table = Table(title=title, title_justify="left")
+    cells = [[str(v) for v in row] for row in rows]
     for i, name in enumerate(columns):
-        table.add_column(name, justify="left" if i == 0 or name == "note" else "right")
-    for row in rows:
-        table.add_row(*[str(v) for v in row])
+        numeric = all(_is_number(row[i]) for row in cells) if cells else False
+        table.add_column(name, justify="right" if numeric else "left")
+    for row in cells:
+        table.add_row(*row)
     (console or Console(width=max(120, Console().width))).print(table)
+
+
+def _is_number(text: str) -> bool:
+    text = text.strip().rstrip("x%")
+    if text in ("-", "nan", ""):
+        return True
+    try:
+        float(text.split("/")[0])
+    except ValueError:
+        return False
+    return True

@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import scipy.linalg as sla
 
 __all__ = [
     "Blocks",
@@ -178,7 +179,7 @@ class ClairProblem:
 class SolverResult:
     r"""What every solver of the program returns (in the coordinates of ``ClairProblem.M``).
 
-    ``L``, ``S`` shape ``(m, N)``; ``C`` shape ``(m, q)`` (zeros when the base is known);
+    ``L``, ``S`` shape ``(m, N)``; ``C`` shape ``(m, q)`` (shape ``(m, 0)`` when the base is known);
     ``objective`` is the primal value at a feasible point, ``gap`` the duality gap there;
     ``state`` is solver-specific warm-start data.
     """
@@ -202,7 +203,9 @@ def spectral_norm(X: np.ndarray) -> float:
     if X.size == 0:
         return 0.0
     G = X @ X.T if X.shape[0] <= X.shape[1] else X.T @ X
-    return float(np.sqrt(max(np.linalg.eigvalsh(G)[-1], 0.0)))
+    d = G.shape[0]
+    top = sla.eigh(G, eigvals_only=True, subset_by_index=(d - 1, d - 1), driver="evr", check_finite=False)
+    return float(np.sqrt(max(float(top[-1]), 0.0)))
 
 
 def noiseless_objective(L: np.ndarray, S: np.ndarray, lam: float, blocks: Blocks, *, nuclear=None) -> float:

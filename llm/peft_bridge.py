@@ -1,0 +1,424 @@
+r"""PEFT LoRA weights <-> the core's :class:`~lowrank_fed.FactorPair`, with the scale folded in.
+
+PEFT's adapted layer computes
+
+.. math:: W = W_0 + s\, B_{peft} A_{peft},\qquad s = \frac{\alpha}{r}\ \Big(\frac{\alpha}{\sqrt r}\ \text{with rsLoRA}\Big)
+
+where
+
+- ``B_peft = lora_B.weight``, shape ``(d_out, r)``; ``A_peft = lora_A.weight``, shape ``(r, d_in)``;
+- ``alpha`` and ``r`` are the module's ``lora_alpha`` and rank (``alpha_pattern`` / ``rank_pattern``
+  may set them per module).
+
+The core never sees ``s`` (ALGORITHMS.md, section 0): on the way in, ``FactorPair(s B_peft, A_peft)``,
+so ``pair.B @ pair.A`` is the update ``Delta W`` itself and a rank slot means the same thing for
+every client whatever its rank; on the way out ``lora_B = B / s``. The round trip is exact when
+``s`` is a power of two (``lora_alpha = 16`` with power-of-two ranks) and within one rounding of
+``B`` otherwise.
+
+Names: a module is named relative to the base model (``bert.encoder.layer.0.attention.self.query``),
+the name PEFT's ``rank_pattern`` matches against. Non-LoRA trainable weights (classifier heads in
+``modules_to_save``) travel as "extras" named ``classifier.weight`` etc.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Mapping
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
+from peft.utils.other import ModulesToSaveWrapper, get_pattern_key
+
+from lowrank_fed import FactorPair
+
+__all__ = [
+    "lora_scale",
+    "client_lora_config",
+    "lora_layers",
+    "get_factor_pairs",
+    "set_factor_pairs",
+    "state_dict_to_pairs",
+    "pairs_to_state_dict",
+    "merge_into_base",
+    "init_pairs",
+    "AdapterWorkspace",
+]
+
+_PREFIX = "base_model.model."
+_LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<factor>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
+_SAVED_KEY = re.compile(r"\.modules_to_save\.(?P<adapter>[^.]+)\.")
+
+
+def lora_scale(config: LoraConfig, module: str) -> float:
+    r"""PEFT's scale ``s`` of ``module`` under ``config``: ``alpha / r`` (or ``alpha / sqrt(r)``).
+
+    ``r`` and ``alpha`` come from ``rank_pattern`` / ``alpha_pattern`` when a pattern matches the
+    module name (PEFT's own matching rule), else from ``config.r`` / ``config.lora_alpha``.
+
+    Examples
+    --------
+    >>> cfg = LoraConfig(r=8, lora_alpha=16, rank_pattern={"layer.1.query": 4})
+    >>> lora_scale(cfg, "enc.layer.0.query"), lora_scale(cfg, "enc.layer.1.query")
+    (2.0, 4.0)
+    """
+    r = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), module), config.r)
+    alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), module), config.lora_alpha)
+    if r <= 0:
+        raise ValueError(f"Module {module!r}: the LoRA rank must be positive. Got {r}.")
+    return float(alpha / math.sqrt(r)) if config.use_rslora else float(alpha / r)
+
+
+def client_lora_config(
+    rank: int,
+    *,
+    target_modules: Iterable[str],
+    lora_alpha: float = 16.0,
+    rank_pattern: Mapping[str, int] | None = None,
+    alpha_pattern: Mapping[str, float] | None = None,
+    use_rslora: bool = False,
+    modules_to_save: Iterable[str] | None = None,
+    task_type: str | None = None,
+    lora_dropout: float = 0.0,
+) -> LoraConfig:
+    r"""The PEFT config of one client: rank ``rank`` (per-module ranks through ``rank_pattern``).
+
+    ``lora_alpha`` is shared by all clients, so ``s_k = lora_alpha / r_k`` differs by client; the
+    bridge folds each client's own ``s_k`` (module docstring).
+
+    Examples
+    --------
+    >>> client_lora_config(4, target_modules=["query"]).r
+    4
+    """
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"The 'rank' parameter must be a positive int. Got {rank!r}.")
+    return LoraConfig(
+        r=rank,
+        lora_alpha=lora_alpha,
+        target_modules=list(target_modules),
+        rank_pattern=dict(rank_pattern or {}),
+        alpha_pattern=dict(alpha_pattern or {}),
+        use_rslora=use_rslora,
+        modules_to_save=list(modules_to_save) if modules_to_save else None,
+        task_type=task_type,
+        lora_dropout=lora_dropout,
+    )
+
+
+def _base_name(name: str) -> str:
+    return name[len(_PREFIX) :] if name.startswith(_PREFIX) else name
+
+
+def lora_layers(model: torch.nn.Module) -> dict[str, LoraLayer]:
+    """The LoRA layers of a PEFT model, by module name relative to the base model."""
+    return {_base_name(name): mod for name, mod in model.named_modules() if isinstance(mod, LoraLayer)}
+
+
+def _saved_modules(model: torch.nn.Module) -> dict[str, ModulesToSaveWrapper]:
+    return {_base_name(name): mod for name, mod in model.named_modules() if isinstance(mod, ModulesToSaveWrapper)}
+
+
+def _adapter(model, adapter_name: str | None) -> str:
+    if adapter_name is not None:
+        return adapter_name
+    active = model.active_adapter if hasattr(model, "active_adapter") else "default"
+    return active if isinstance(active, str) else active[0]
+
+
+def get_factor_pairs(model: torch.nn.Module, adapter_name: str | None = None, *, live: bool = False):
+    r"""Read the adapter of a live PEFT model as folded factor pairs and extras.
+
+    Parameters
+    ----------
+    model : PeftModel (or a model with LoRA layers injected)
+    adapter_name : str, optional
+        Default: the active adapter.
+    live : bool
+        If True, ``B = s * lora_B.weight`` and ``A = lora_A.weight`` stay in the autograd graph
+        (for regularisers on live tensors); otherwise detached copies.
+
+    Returns
+    -------
+    pairs : dict module name -> FactorPair(s B_peft, A_peft)
+    extras : dict name -> tensor
+        The adapter's ``modules_to_save`` weights (e.g. ``classifier.weight``); empty when ``live``.
+    """
+    adapter = _adapter(model, adapter_name)
+    pairs: dict[str, FactorPair] = {}
+    for name, layer in lora_layers(model).items():
+        if adapter not in layer.lora_A:
+            continue
+        s = float(layer.scaling[adapter])
+        B, A = layer.lora_B[adapter].weight, layer.lora_A[adapter].weight
+        if live:
+            pairs[name] = FactorPair(B * s, A)
+        else:
+            with torch.no_grad():
+                pairs[name] = FactorPair(B.detach() * s, A.detach().clone())
+    extras: dict[str, torch.Tensor] = {}
+    if not live:
+        for name, wrapper in _saved_modules(model).items():
+            if adapter in wrapper.modules_to_save:
+                for pname, p in wrapper.modules_to_save[adapter].named_parameters():
+                    extras[f"{name}.{pname}"] = p.detach().clone()
+    return pairs, extras
+
+
+def set_factor_pairs(
+    model: torch.nn.Module,
+    pairs: Mapping[str, FactorPair],
+    extras: Mapping[str, torch.Tensor] | None = None,
+    adapter_name: str | None = None,
+) -> None:
+    r"""Write folded pairs (and extras) into a live adapter: ``lora_B = B / s``, ``lora_A = A``.
+
+    Every LoRA module of the adapter must be given, with the adapter's shapes.
+
+    Raises
+    ------
+    ValueError
+        A module is missing or unknown, or a shape differs from the adapter's (the message names both).
+    """
+    adapter = _adapter(model, adapter_name)
+    layers = {name: layer for name, layer in lora_layers(model).items() if adapter in layer.lora_A}
+    missing, unknown = sorted(set(layers) - set(pairs)), sorted(set(pairs) - set(layers))
+    if missing or unknown:
+        raise ValueError(
+            f"Adapter {adapter!r}: pairs must cover exactly its LoRA modules. Missing {missing[:3]}, unknown {unknown[:3]}."
+        )
+    with torch.no_grad():
+        for name, layer in layers.items():
+            pair, s = pairs[name], float(layer.scaling[adapter])
+            wB, wA = layer.lora_B[adapter].weight, layer.lora_A[adapter].weight
+            if tuple(pair.B.shape) != tuple(wB.shape) or tuple(pair.A.shape) != tuple(wA.shape):
+                raise ValueError(
+                    f"Module {name!r}: got B {tuple(pair.B.shape)}, A {tuple(pair.A.shape)}; the adapter has "
+                    f"B {tuple(wB.shape)}, A {tuple(wA.shape)}."
+                )
+            wB.copy_(pair.B / s)
+            wA.copy_(pair.A)
+        if extras:
+            params = {}
+            for name, wrapper in _saved_modules(model).items():
+                if adapter in wrapper.modules_to_save:
+                    for pname, p in wrapper.modules_to_save[adapter].named_parameters():
+                        params[f"{name}.{pname}"] = p
+            for name, value in extras.items():
+                if name not in params:
+                    raise ValueError(f"Unknown extra weight {name!r}; the adapter has {sorted(params)}.")
+                if tuple(value.shape) != tuple(params[name].shape):
+                    raise ValueError(
+                        f"Extra weight {name!r}: got shape {tuple(value.shape)}; expected {tuple(params[name].shape)}."
+                    )
+                params[name].copy_(value)
+
+
+def state_dict_to_pairs(state_dict: Mapping[str, torch.Tensor], config: LoraConfig, adapter_name: str | None = None):
+    r"""A PEFT state dict (``get_peft_model_state_dict`` or ``model.state_dict()``) -> folded pairs, extras.
+
+    ``s`` per module comes from ``config`` (:func:`lora_scale`). Keys of other adapters (when the
+    dict holds several and ``adapter_name`` is given) are skipped.
+
+    Examples
+    --------
+    >>> sd = {"base_model.model.q.lora_A.weight": torch.ones(2, 3), "base_model.model.q.lora_B.weight": torch.ones(4, 2)}
+    >>> pairs, extras = state_dict_to_pairs(sd, LoraConfig(r=2, lora_alpha=8))
+    >>> pairs["q"].B[0, 0].item()  # s = 8 / 2
+    4.0
+    """
+    factors: dict[str, dict[str, torch.Tensor]] = {}
+    extras: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        m = _LORA_KEY.match(key)
+        if m:
+            if adapter_name is not None and m["adapter"] not in (None, adapter_name):
+                continue
+            factors.setdefault(m["module"], {})[m["factor"]] = value
+            continue
+        if "original_module" in key or "lora_" in key:
+            continue
+        saved = _SAVED_KEY.search(key)
+        if saved and adapter_name is not None and saved["adapter"] != adapter_name:
+            continue
+        extras[_base_name(_SAVED_KEY.sub(".", key))] = value
+    pairs = {}
+    for module, f in factors.items():
+        if set(f) != {"A", "B"}:
+            raise ValueError(f"Module {module!r}: the state dict has lora_{''.join(sorted(f))} only; expected both.")
+        pairs[module] = FactorPair(f["B"] * lora_scale(config, module), f["A"])
+    return pairs, extras
+
+
+def pairs_to_state_dict(
+    pairs: Mapping[str, FactorPair], config: LoraConfig, extras: Mapping[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    r"""Folded pairs -> a PEFT adapter state dict (``set_peft_model_state_dict`` / ``adapter_model.safetensors``).
+
+    ``lora_B.weight = B / s`` with ``s`` from ``config``; the inverse of :func:`state_dict_to_pairs`.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for module, pair in pairs.items():
+        out[f"{_PREFIX}{module}.lora_A.weight"] = pair.A
+        out[f"{_PREFIX}{module}.lora_B.weight"] = pair.B / lora_scale(config, module)
+    for name, value in (extras or {}).items():
+        out[f"{_PREFIX}{name}"] = value
+    return out
+
+
+def merge_into_base(model: torch.nn.Module, pairs: Mapping[str, FactorPair]) -> None:
+    r"""``W0 <- W0 + B @ A`` for each module (FLoRA's merge; the pairs are folded, so no scale).
+
+    This forms ``d_out x d_in`` products on purpose: it edits the model's weights, it is not an
+    aggregation rule.
+    """
+    layers = lora_layers(model)
+    with torch.no_grad():
+        for name, pair in pairs.items():
+            if name not in layers:
+                raise ValueError(f"Unknown LoRA module {name!r}.")
+            weight = layers[name].get_base_layer().weight
+            delta = (pair.B @ pair.A).to(weight.dtype)
+            weight.add_(delta.T if getattr(layers[name], "fan_in_fan_out", False) else delta)
+
+
+def init_pairs(shapes: Mapping[str, tuple[int, int]], rank: int, generator: torch.Generator, dtype=torch.float32):
+    r"""Fresh LoRA factors as PEFT initialises them: ``B = 0``, ``A ~ U(-1/sqrt(d_in), 1/sqrt(d_in))``.
+
+    (PEFT's ``kaiming_uniform_(a=sqrt(5))`` has exactly that bound.) Drawn from ``generator`` in
+    the order of ``shapes``, so a seed fixes them.
+    """
+    out = {}
+    for name, (d_out, d_in) in shapes.items():
+        bound = 1.0 / math.sqrt(d_in)
+        A = (torch.rand((rank, d_in), generator=generator, dtype=torch.float64) * 2 - 1) * bound
+        out[name] = FactorPair(torch.zeros((d_out, rank), dtype=dtype), A.to(dtype))
+    return out
+
+
+class AdapterWorkspace:
+    r"""One base model, one PEFT adapter per distinct rank layout, loaded from / read into factor pairs.
+
+    In-process clients train one after another on the same model: :meth:`load` activates an adapter
+    whose ranks match the pairs (creating it on first use from :func:`client_lora_config`, with
+    ``rank_pattern`` when ranks differ by module), folds the pairs in, and :meth:`extract` reads
+    them back. :meth:`set_base` sets the frozen weights to ``W0 + delta`` (FLoRA's merged base).
+
+    Parameters
+    ----------
+    model : transformers model (not yet wrapped by PEFT)
+    target_modules : list of str
+    lora_alpha, use_rslora, modules_to_save, task_type : see :func:`client_lora_config`
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        target_modules: Iterable[str],
+        lora_alpha: float = 16.0,
+        use_rslora: bool = False,
+        modules_to_save: Iterable[str] | None = None,
+        task_type: str | None = None,
+    ):
+        self.target_modules = list(target_modules)
+        self.lora_alpha = float(lora_alpha)
+        self.use_rslora = bool(use_rslora)
+        self.modules_to_save = list(modules_to_save) if modules_to_save else None
+        self.task_type = task_type
+        self.peft: PeftModel = get_peft_model(model, self._config({}, 1), adapter_name="r1")
+        self._adapters: dict[tuple, str] = {}
+        self.shapes: dict[str, tuple[int, int]] = {}
+        self._W0: dict[str, torch.Tensor] = {}
+        for name, layer in lora_layers(self.peft).items():
+            self.shapes[name] = (int(layer.out_features), int(layer.in_features))
+        self._adapters[tuple((name, 1) for name in self.shapes)] = "r1"
+        self._base_modified = False
+        self.active: str = "r1"
+
+    def _config(self, ranks: Mapping[str, int], default: int) -> LoraConfig:
+        pattern = {re.escape(name): r for name, r in ranks.items() if r != default}
+        return client_lora_config(
+            default,
+            target_modules=self.target_modules,
+            lora_alpha=self.lora_alpha,
+            rank_pattern=pattern,
+            use_rslora=self.use_rslora,
+            modules_to_save=self.modules_to_save,
+            task_type=self.task_type,
+        )
+
+    def config_for(self, ranks: Mapping[str, int]) -> LoraConfig:
+        """The PEFT config of an adapter with these per-module ranks (most common rank as ``r``)."""
+        values = list(ranks.values())
+        default = max(set(values), key=lambda r: (values.count(r), r))
+        return self._config(ranks, default)
+
+    def activate(self, ranks: Mapping[str, int]) -> str:
+        """Activate (creating if needed) the adapter with these per-module ranks; return its name."""
+        key = tuple((name, int(ranks[name])) for name in self.shapes)
+        if key not in self._adapters:
+            name = f"a{len(self._adapters)}"
+            self.peft.add_adapter(name, self.config_for(dict(key)))
+            self._adapters[key] = name
+        name = self._adapters[key]
+        if self.active != name:
+            self.peft.set_adapter(name)
+            self.active = name
+        return name
+
+    def load(self, pairs: Mapping[str, FactorPair] | None, extras: Mapping[str, torch.Tensor] | None = None) -> str:
+        """Activate an adapter shaped like ``pairs`` and fold them in (``None``: a zero adapter)."""
+        if pairs is None:
+            name = self.activate({m: 1 for m in self.shapes})
+            zero = {m: FactorPair(torch.zeros(d_out, 1), torch.zeros(1, d_in)) for m, (d_out, d_in) in self.shapes.items()}
+            set_factor_pairs(self.peft, zero, extras, name)
+            return name
+        name = self.activate({m: pair.rank for m, pair in pairs.items()})
+        set_factor_pairs(self.peft, pairs, extras, name)
+        return name
+
+    def extract(self, *, live: bool = False):
+        """The active adapter as ``(pairs, extras)`` (see :func:`get_factor_pairs`)."""
+        return get_factor_pairs(self.peft, self.active, live=live)
+
+    def parameters(self, *, A: bool = True, B: bool = True, extras: bool = True) -> list[torch.nn.Parameter]:
+        """The active adapter's parameters to train; sets ``requires_grad`` on exactly those."""
+        chosen = []
+        for p in self.peft.parameters():
+            p.requires_grad_(False)
+        for layer in lora_layers(self.peft).values():
+            if self.active in layer.lora_A:
+                if A:
+                    chosen.append(layer.lora_A[self.active].weight)
+                if B:
+                    chosen.append(layer.lora_B[self.active].weight)
+        if extras:
+            for wrapper in _saved_modules(self.peft).values():
+                if self.active in wrapper.modules_to_save:
+                    chosen.extend(wrapper.modules_to_save[self.active].parameters())
+        for p in chosen:
+            p.requires_grad_(True)
+        return chosen
+
+    def extras_template(self) -> dict[str, torch.Tensor]:
+        """The extras of the active adapter (the untrained head right after creation)."""
+        return self.extract()[1]
+
+    def set_base(self, delta: Mapping[str, torch.Tensor] | None) -> None:
+        """Frozen weights ``W0 + delta[m]`` (dense, shape ``(d_out, d_in)``); ``None`` restores ``W0``."""
+        layers = lora_layers(self.peft)
+        if not self._W0:
+            self._W0 = {m: layers[m].get_base_layer().weight.detach().clone() for m in self.shapes}
+        if not delta and not self._base_modified:
+            return
+        with torch.no_grad():
+            for m, layer in layers.items():
+                weight = layer.get_base_layer().weight
+                weight.copy_(self._W0[m])
+                if delta and m in delta:
+                    d = delta[m].to(weight.dtype)
+                    weight.add_(d.T if getattr(layer, "fan_in_fan_out", False) else d)
+        self._base_modified = bool(delta)
