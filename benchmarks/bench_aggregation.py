@@ -11,8 +11,11 @@ from __future__ import annotations
 from . import _threads  # noqa: F401  (before numpy)
 
 import argparse
+import json
 import math
 import os
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -51,11 +54,39 @@ def timed(fn, *args, repeats: int = 1, **kwargs):
     return best, out
 
 
+def model_time(d: int, n_layers: int, n_clients: int) -> tuple[float, float]:
+    """Wall and CPU seconds of ``aggregate("svd")`` over every layer of a model, one after another."""
+    rng = np.random.default_rng(1)
+    layers = [make_layer(rng, d, n_clients) for _ in range(n_layers)]
+    start, cpu = time.perf_counter(), time.process_time()
+    for layer_pairs, layer_weights in layers:
+        aggregate("svd", layer_pairs, layer_weights)
+    return time.perf_counter() - start, time.process_time() - cpu
+
+
+def model_time_with_threads(threads: int, quick: bool) -> float:
+    """:func:`model_time` in a fresh interpreter whose BLAS uses ``threads`` threads."""
+    env = {**os.environ, **{v: str(threads) for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}}
+    cmd = [sys.executable, "-m", "benchmarks.bench_aggregation", "--model-only"] + (["--quick"] if quick else [])
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+    return float(json.loads(out.stdout.strip().splitlines()[-1])["wall"])
+
+
+def sizes(quick: bool) -> tuple[int, int, int]:
+    """(d, layers, clients): d = 4096 and 64 layers (7B-shaped), or 1024 and 8 with ``--quick``."""
+    return (1024, 8, 10) if quick else (4096, 64, 10)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="d = 1024 and 8 layers instead of 4096 and 64")
+    parser.add_argument("--model-only", action="store_true", help="print the whole-model time as JSON and stop")
     args = parser.parse_args(argv)
-    d, n_layers, K = (1024, 8, 10) if args.quick else (4096, 64, 10)
+    d, n_layers, K = sizes(args.quick)
+    if args.model_only:
+        wall, cpu = model_time(d, n_layers, K)
+        print(json.dumps({"wall": wall, "cpu": cpu}))
+        return 0
     rng = np.random.default_rng(0)
     pairs, weights = make_layer(rng, d, K)
     R = sum(pair.rank for pair in pairs)
@@ -68,11 +99,8 @@ def main(argv=None) -> int:
     s_ours = np.linalg.norm(out.B, axis=0) ** 2  # B = U sqrt(S): column norms^2 are S
     s_diff = float(np.abs(s_ours - S0[:R]).max() / S0[0])
 
-    layers = [make_layer(rng, d, K) for _ in range(n_layers)]
-    start, cpu = time.perf_counter(), time.process_time()
-    for layer_pairs, layer_weights in layers:
-        aggregate("svd", layer_pairs, layer_weights)
-    t_model, cpu_model = time.perf_counter() - start, time.process_time() - cpu
+    t_model, cpu_model = model_time(d, n_layers, K)
+    t_model2 = model_time_with_threads(2, args.quick)
 
     t_zero, zp = timed(aggregate, "zero_pad", pairs, weights, repeats=3)
     t_stack, st = timed(aggregate, "stack", pairs, weights, repeats=3)
@@ -88,6 +116,7 @@ def main(argv=None) -> int:
             ["max rel. difference of B A (vs dense, top R)", f"{rel_diff:.1e}"],
             ["max rel. difference of singular values", f"{s_diff:.1e}"],
             [f"whole model, {n_layers} layers, factored svd s (wall / CPU)", f"{t_model:.2f} / {cpu_model:.2f}"],
+            [f"whole model, {n_layers} layers, 2 BLAS threads s (wall)", f"{t_model2:.2f}"],
             ["zero_pad s / result MB", f"{t_zero:.4f} / {size(zp) / 2**20:.2f}"],
             ["stack s / result MB", f"{t_stack:.4f} / {size(st) / 2**20:.2f}"],
             ["svd (exact) result MB", f"{size(out) / 2**20:.2f}"],

@@ -332,7 +332,8 @@ class AdapterWorkspace:
         self._adapters: dict[tuple, str] = {}
         self.shapes: dict[str, tuple[int, int]] = {}
         self._W0: dict[str, torch.Tensor] = {}
-        for name, layer in lora_layers(self.peft).items():
+        self._layers = lora_layers(self.peft)
+        for name, layer in self._layers.items():
             self.shapes[name] = (int(layer.out_features), int(layer.in_features))
         self._adapters[tuple((name, 1) for name in self.shapes)] = "r1"
         self._base_modified = False
@@ -383,6 +384,14 @@ class AdapterWorkspace:
     def extract(self, *, live: bool = False):
         """The active adapter as ``(pairs, extras)`` (see :func:`get_factor_pairs`)."""
         return get_factor_pairs(self.peft, self.active, live=live)
+
+    def live_pairs(self) -> dict[str, FactorPair]:
+        """The active adapter as ``FactorPair(s * lora_B, lora_A)`` inside the autograd graph (a new graph per call)."""
+        out = {}
+        for name, layer in self._layers.items():
+            B, A = layer.lora_B[self.active].weight, layer.lora_A[self.active].weight
+            out[name] = FactorPair(B * float(layer.scaling[self.active]), A)
+        return out
 
     def parameters(self, *, A: bool = True, B: bool = True, extras: bool = True) -> list[torch.nn.Parameter]:
         """The active adapter's parameters to train; sets ``requires_grad`` on exactly those."""

