@@ -52,11 +52,7 @@ def namespace(*arrays: Any):
 
 def compute_dtype(xp, dtype):
     r"""The floating dtype in which linear algebra runs: float32 for half precisions, else ``dtype``."""
-    if dtype == xp.float64 or dtype == xp.float32:
-        return dtype
-    if hasattr(xp, "complex64") and dtype in (xp.complex64, xp.complex128):
-        return dtype
-    return xp.float32
+    return dtype if dtype in (xp.float64, xp.float32) else xp.float32
 
 
 def check_finite(xp, x, what: str) -> None:
@@ -72,8 +68,8 @@ def check_rank(rank: Any, *, low: int, high: int | None, what: str = "rank") -> 
         raise TypeError(f"The {what!r} parameter must be an int. Got {rank!r} ({type(rank).__name__}).")
     rank = int(rank)
     if rank < low or (high is not None and rank > high):
-        bound = f"[{low}, {high}]" if high is not None else f">= {low}"
-        raise ValueError(f"The {what!r} parameter must be in {bound}. Got {rank}.")
+        bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise ValueError(f"The {what!r} parameter must be {bound}. Got {rank}.")
     return rank
 
 
@@ -104,6 +100,9 @@ def check_pairs(pairs: Sequence, *, finite: bool = True, equal_ranks: bool = Fal
     d_out, d_in = pairs[0].B.shape[0], pairs[0].A.shape[1]
     r0 = pairs[0].rank
     for k, pair in enumerate(pairs):
+        for name, x in zip("BA", pair, strict=True):
+            if not xp.isdtype(x.dtype, "real floating"):
+                raise TypeError(f"Client {k}: {name} has dtype {x.dtype}; expected a real floating dtype.")
         if pair.B.shape[0] != d_out:
             raise ValueError(
                 f"Client {k}: B has d_out = {pair.B.shape[0]}; expected {d_out} (the d_out of client 0)."

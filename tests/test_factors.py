@@ -75,7 +75,7 @@ def test_truncate_rank_out_of_range():
 
 def test_pad_rank_below_current():
     pair = FactorPair(np.zeros((4, 2)), np.zeros((2, 5)))
-    with pytest.raises(ValueError, match=r"'rank' parameter must be in >= 2. Got 1"):
+    with pytest.raises(ValueError, match=r"'rank' parameter must be >= 2. Got 1"):
         pad(pair, 1)
 
 

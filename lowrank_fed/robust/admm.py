@@ -179,7 +179,7 @@ def solve_admm(
     rho : float, ``1 < rho <= 1.2``
         Growth factor of the penalty ``mu``.
     warm : dict, optional
-        ``SolverResult.state`` of a previous solve (``L``, ``S``, ``Y``): a warm start.
+        ``SolverResult.state`` of a previous solve (``L``, ``S``, ``Y``, ``mu``): a warm start.
 
     Returns
     -------
@@ -212,7 +212,7 @@ def solve_admm(
     mu0 = 1.25 / spec_cM
     if warm is not None:
         L, S, Y = warm["L"].copy(), warm["S"].copy(), warm["Y"].copy()
-        mu = mu0 * warm.get("mu_restart", 1.0)
+        mu = float(warm.get("mu", mu0))
     else:
         L, S = np.zeros_like(M), np.zeros_like(M)
         # Dual start of inexact ALM: the centred data scaled into the dual ball.
@@ -256,7 +256,7 @@ def solve_admm(
         elif dual_resid > BALANCE * resid:
             mu = max(mu / rho, mu_min)
     C = blocks.mean(C_tiled) if not problem.base_known else _zeros_base(problem)
-    state = {"L": L, "S": S, "Y": Y}
+    state = {"L": L, "S": S, "Y": Y, "mu": mu}
     return SolverResult(
         L, S, C, lam, None, objective, max(gap, 0.0), it, converged, "admm", time.perf_counter() - t0, state
     )

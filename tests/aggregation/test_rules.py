@@ -314,7 +314,7 @@ def test_redistribute_errors():
     pair = FactorPair(np.ones((2, 2)), np.ones((2, 2)))
     with pytest.raises(ValueError, match=r"Unknown redistribution method 'top'; expected one of \['prefix', 'svd'\]"):
         redistribute(pair, 1, method="top")
-    with pytest.raises(ValueError, match=r"'rank' parameter must be in >= 1. Got 0"):
+    with pytest.raises(ValueError, match=r"'rank' parameter must be >= 1. Got 0"):
         redistribute(pair, 0)
 
 
@@ -382,3 +382,9 @@ def test_svd_rank_out_of_range():
     ok = FactorPair(np.ones((3, 1)), np.ones((1, 4)))
     with pytest.raises(ValueError, match=r"'rank' parameter must be in \[1, 3\]. Got 4"):
         aggregate("svd", [ok], rank=4)
+
+
+def test_integer_factors_are_a_type_error():
+    pairs = [FactorPair(np.ones((2, 1), dtype=int), np.ones((1, 2), dtype=int))]
+    with pytest.raises(TypeError, match="Client 0: B has dtype int64; expected a real floating dtype"):
+        aggregate("stack", pairs)
