@@ -23,12 +23,26 @@ from . import claims  # noqa: F401  (registers every claim)
 from ._registry import CLAIMS, Context, run_claims
 
 
+def markdown_table(records) -> str:
+    """The README's "What is verified" table: claim, where it is checked, prediction, measured, tolerance."""
+    cell = lambda text: str(text).replace("|", "\\|")  # noqa: E731
+    lines = ["| claim | checked in | prediction | measured | tolerance | result |", "|---|---|---|---|---|---|"]
+    for r in records:
+        module = CLAIMS[r.check].__module__.replace(".", "/") + ".py"
+        lines.append(
+            f"| {r.claim} | `{module}` | {cell(r.prediction)} | {r.measured:.3g} | {cell(r.tolerance)} | "
+            f"{'pass' if r.passed else 'FAIL'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m proofs_check", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small grids: every claim in under 5 minutes")
     parser.add_argument("--only", nargs="+", metavar="NAME", help=f"run only these claims: {', '.join(CLAIMS)}")
     parser.add_argument("--out", type=Path, default=Path("proofs_out"), help="folder for results.json and figures")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--markdown", type=Path, help="also write the results as a markdown table (for the README)")
     args = parser.parse_args(argv)
     unknown = sorted(set(args.only or []) - set(CLAIMS))
     if unknown:
@@ -48,6 +62,8 @@ def main(argv=None) -> int:
     )
     payload = {"quick": args.quick, "seconds": total, "records": [r.to_json() for r in records]}
     (args.out / "results.json").write_text(json.dumps(payload, indent=2, default=float))
+    if args.markdown:
+        args.markdown.write_text(markdown_table(records))
     failed = [r.claim for r in records if not r.passed]
     for r in records:
         if not r.passed and "error" in r.details:

@@ -22,6 +22,7 @@ class Record:
     seconds: float = 0.0
     details: dict = field(default_factory=dict)
     figure: str | None = None
+    check: str = ""  # the registered claim function that produced this record (set by run_claims)
 
     def to_json(self) -> dict:
         out = asdict(self)
@@ -69,5 +70,5 @@ def run_claims(names, ctx: Context) -> list[Record]:
             ]
         seconds = time.perf_counter() - start
         for r in got:
-            records.append(Record(**{**asdict(r), "seconds": seconds / len(got)}))
+            records.append(Record(**{**asdict(r), "seconds": seconds / len(got), "check": name}))
     return records
