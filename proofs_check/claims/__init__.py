@@ -1,3 +1,3 @@
 """Claim modules; importing this package registers every claim."""
 
-from . import aggregation  # noqa: F401
+from . import aggregation, clair  # noqa: F401
