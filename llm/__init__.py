@@ -1,1 +1,42 @@
-"""Torch layer of lowrank-fed (imported as ``lowrank_fed.llm``): PEFT bridge, models, data, training, runner."""
+"""Torch layer of lowrank-fed (imported as ``lowrank_fed.llm``): PEFT bridge, models, data, training, runner.
+
+Submodules: :mod:`~lowrank_fed.llm.peft_bridge` (PEFT <-> FactorPair with the scale folded in),
+:mod:`~lowrank_fed.llm.models`, :mod:`~lowrank_fed.llm.data`, :mod:`~lowrank_fed.llm.training`,
+:mod:`~lowrank_fed.llm.methods` (client policy + core server rule per method),
+:mod:`~lowrank_fed.llm.simulation` (the in-process runner), :mod:`~lowrank_fed.llm.evaluate`,
+:mod:`~lowrank_fed.llm.config` and :mod:`~lowrank_fed.llm.run` (the ``lowrank-fed run`` command).
+Names below are imported lazily, so ``import lowrank_fed.llm`` stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "AdapterWorkspace": "peft_bridge",
+    "get_factor_pairs": "peft_bridge",
+    "set_factor_pairs": "peft_bridge",
+    "state_dict_to_pairs": "peft_bridge",
+    "pairs_to_state_dict": "peft_bridge",
+    "lora_scale": "peft_bridge",
+    "client_lora_config": "peft_bridge",
+    "merge_into_base": "peft_bridge",
+    "load_model": "models",
+    "load_dataset": "data",
+    "partition": "data",
+    "assign_ranks": "data",
+    "METHODS": "methods",
+    "make_method": "methods",
+    "RunConfig": "config",
+    "Simulation": "simulation",
+    "run_experiment": "simulation",
+    "UpdateDroppedWarning": "simulation",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -38,7 +38,7 @@ class RunConfig:
     local_steps: int = 5
     local_epochs: int = 0  # > 0: that many passes over the client's data instead of local_steps
     batch_size: int = 8
-    lr: float = 2e-3
+    lr: float = 5e-3
     optimizer: str = "adamw"
     weight_decay: float = 0.0
     partition: str = "dirichlet"  # dirichlet | iid | pathological
@@ -55,6 +55,7 @@ class RunConfig:
     rouge_size: int = 16
     max_new_tokens: int = 24
     threads: int = 1
+    device: str = "auto"  # auto (CUDA when available) | cpu | cuda | cuda:N
     dtype: str = "float32"
     checkpoint: bool = True
     faults: list[dict] = field(default_factory=list)  # [{round=1, client=0, kind="nan"|"inf"|"shape"}]
@@ -116,6 +117,8 @@ class RunConfig:
         if not self.lr > 0 or not self.alpha > 0 or not self.lora_alpha > 0:
             raise ValueError(f"Config 'lr', 'alpha' and 'lora_alpha' must be positive. Got {self.lr}, {self.alpha}, "
                              f"{self.lora_alpha}.")
+        if not (self.device in ("auto", "cpu", "cuda") or str(self.device).startswith("cuda:")):
+            raise ValueError(f"Config 'device' must be auto, cpu, cuda or cuda:N. Got {self.device!r}.")
         if self.dtype not in ("float32", "bfloat16", "float64"):
             raise ValueError(f"Config 'dtype' must be float32, bfloat16 or float64. Got {self.dtype!r}.")
         if self.partition not in ("dirichlet", "iid", "pathological"):

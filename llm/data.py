@@ -411,12 +411,14 @@ def encode_generation(tokenizer, texts, targets, max_length: int, *, max_target:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels, "prompt_ids": p_ids, "prompt_mask": p_mask}
 
 
-def make_batch(encoded: dict[str, torch.Tensor], idx) -> dict[str, torch.Tensor]:
-    """Rows ``idx`` of the model inputs, trimmed to the longest sequence among them."""
+def make_batch(encoded: dict[str, torch.Tensor], idx, device=None) -> dict[str, torch.Tensor]:
+    """Rows ``idx`` of the model inputs, trimmed to the longest sequence among them (moved to ``device``)."""
     idx = torch.as_tensor(np.asarray(idx), dtype=torch.int64)
     mask = encoded["attention_mask"][idx]
     length = max(int(mask.sum(dim=1).max()), 1)
     batch = {"input_ids": encoded["input_ids"][idx, :length], "attention_mask": mask[:, :length]}
     labels = encoded["labels"][idx]
     batch["labels"] = labels[:, :length] if labels.ndim == 2 else labels
+    if device is not None:
+        batch = {k: v.to(device) for k, v in batch.items()}
     return batch

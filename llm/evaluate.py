@@ -22,10 +22,11 @@ __all__ = ["evaluate_classification", "evaluate_lm", "greedy_generate", "rouge_l
 def evaluate_classification(model, encoded: dict[str, torch.Tensor], *, batch_size: int = 64) -> dict[str, float]:
     """``{"accuracy", "loss"}`` of a sequence classifier on encoded examples."""
     model.eval()
+    device = next(model.parameters()).device
     n = int(encoded["labels"].shape[0])
     correct, loss_sum = 0, 0.0
     for start in range(0, n, batch_size):
-        batch = make_batch(encoded, np.arange(start, min(start + batch_size, n)))
+        batch = make_batch(encoded, np.arange(start, min(start + batch_size, n)), device)
         labels = batch.pop("labels")
         logits = model(**batch).logits.float()
         loss_sum += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
@@ -37,10 +38,11 @@ def evaluate_classification(model, encoded: dict[str, torch.Tensor], *, batch_si
 def evaluate_lm(model, encoded: dict[str, torch.Tensor], *, batch_size: int = 16) -> dict[str, float]:
     """``{"perplexity", "loss"}``: token-weighted NLL over the labelled (target) tokens."""
     model.eval()
+    device = next(model.parameters()).device
     n = int(encoded["labels"].shape[0])
     nll, tokens = 0.0, 0
     for start in range(0, n, batch_size):
-        batch = make_batch(encoded, np.arange(start, min(start + batch_size, n)))
+        batch = make_batch(encoded, np.arange(start, min(start + batch_size, n)), device)
         labels = batch.pop("labels")
         logits = model(**batch).logits.float()
         shift_logits, shift_labels = logits[:, :-1, :], labels[:, 1:]
@@ -56,13 +58,14 @@ def greedy_generate(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: tor
                     batch_size: int = 8) -> list[str]:
     """Greedy continuations of left-padded prompts, decoded up to the first end-of-sequence token."""
     model.eval()
+    device = next(model.parameters()).device
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     out: list[str] = []
     for start in range(0, prompt_ids.shape[0], batch_size):
         ids, mask = prompt_ids[start : start + batch_size], prompt_mask[start : start + batch_size]
         keep = int(mask.sum(dim=1).max())  # drop all-padding columns on the left
-        ids, mask = ids[:, -keep:], mask[:, -keep:]
+        ids, mask = ids[:, -keep:].to(device), mask[:, -keep:].to(device)
         gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                              eos_token_id=eos, pad_token_id=pad)
         for row in gen[:, ids.shape[1] :].tolist():

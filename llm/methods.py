@@ -88,6 +88,8 @@ class ServerState:
         FLoRA: the last round's stacked pair, which clients merge into their base.
     info : dict
         JSON-serialisable flags (e.g. ``"aggregated"``).
+    cache : dict
+        Derived values a method may reuse within a round (never checkpointed; recomputed identically).
     """
 
     round: int
@@ -97,6 +99,7 @@ class ServerState:
     base: dict[str, torch.Tensor] = field(default_factory=dict)
     merge: dict[str, FactorPair] = field(default_factory=dict)
     info: dict = field(default_factory=dict)
+    cache: dict = field(default_factory=dict, repr=False, compare=False)
 
 
 @dataclass
@@ -295,8 +298,9 @@ class Method:
     def init_client(self, rank: int, extras: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, int]]) -> ClientState:
         return ClientState(int(rank))
 
-    def client_start(self, message: Message, client: ClientState, *, shapes, generator: torch.Generator) -> LocalPlan:
-        """Turn the download into the adapter to train and the training policy."""
+    def client_start(self, message: Message, client: ClientState, *, shapes, generator: torch.Generator,
+                     device=None) -> LocalPlan:
+        """Turn the download into the adapter to train and the training policy (``device``: where fresh factors go)."""
         return LocalPlan(decode_pairs(message), decode_extras(message), client.rank)
 
     def client_finish(self, plan: LocalPlan, pairs: Mapping[str, FactorPair], extras: Mapping[str, torch.Tensor],
@@ -358,8 +362,8 @@ class HetLoRA(Method):
     def max_upload_rank(self, rank):
         return 1, rank
 
-    def client_start(self, message, client, *, shapes, generator):
-        plan = super().client_start(message, client, shapes=shapes, generator=generator)
+    def client_start(self, message, client, *, shapes, generator, device=None):
+        plan = super().client_start(message, client, shapes=shapes, generator=generator, device=device)
         lam, t = float(self.options["lam"]), int(math.floor(self.options["gamma"] * client.rank))
         with torch.no_grad():
             plan.info["tail_start"] = float(tail_norm_product(plan.pairs, t))
@@ -390,8 +394,8 @@ class FFALoRA(Method):
     name, title, rule = "ffa", "FFA-LoRA", "zero_pad"
     uploads = ("B",)
 
-    def client_start(self, message, client, *, shapes, generator):
-        plan = super().client_start(message, client, shapes=shapes, generator=generator)
+    def client_start(self, message, client, *, shapes, generator, device=None):
+        plan = super().client_start(message, client, shapes=shapes, generator=generator, device=device)
         plan.train_A = False
         return plan
 
@@ -426,13 +430,17 @@ class FedSALoRA(Method):
         return encode_pairs(pairs, factors=("A",))
 
     def init_client(self, rank, extras, shapes):
-        arrays = {f"B/{m}": torch.zeros(d_out, rank) for m, (d_out, _) in shapes.items()}
-        arrays.update({f"extra/{n}": v.clone() for n, v in extras.items()})
-        return ClientState(int(rank), arrays)
+        # B starts at zero (created on first use, on the device of A); the head starts from the global init.
+        return ClientState(int(rank), {f"extra/{n}": v.clone() for n, v in extras.items()})
 
-    def client_start(self, message, client, *, shapes, generator):
+    @staticmethod
+    def _local_B(client: ClientState, module: str, A: torch.Tensor, d_out: int) -> torch.Tensor:
+        B = client.arrays.get(f"B/{module}")
+        return B if B is not None else torch.zeros(d_out, A.shape[0], dtype=A.dtype, device=A.device)
+
+    def client_start(self, message, client, *, shapes, generator, device=None):
         As = decode_factors(message, "lora", "A")
-        pairs = {m: FactorPair(client.arrays[f"B/{m}"], As[m]) for m in As}
+        pairs = {m: FactorPair(self._local_B(client, m, As[m], shapes[m][0]), As[m]) for m in As}
         return LocalPlan(pairs, decode_extras(client.arrays), client.rank)
 
     def client_finish(self, plan, pairs, extras, client):
@@ -444,8 +452,8 @@ class FedSALoRA(Method):
         pairs = {}
         for m, previous in server.pairs.items():
             d_out = server.shapes[m][0]
-            clients = [FactorPair(torch.zeros(d_out, u[f"lora/{m}/A"].shape[0], dtype=previous.A.dtype), u[f"lora/{m}/A"])
-                       for u in uploads]
+            clients = [FactorPair(torch.zeros(d_out, u[f"lora/{m}/A"].shape[0], dtype=previous.A.dtype,
+                                              device=previous.A.device), u[f"lora/{m}/A"]) for u in uploads]
             new = aggregate(self.rule, clients, list(weights), previous=FactorPair(torch.zeros_like(previous.B), previous.A))
             pairs[m] = FactorPair(torch.zeros_like(new.B), new.A)
         return self._next(server, pairs, uploads, weights)
@@ -454,8 +462,10 @@ class FedSALoRA(Method):
         return server.pairs, server.extras, server.base
 
     def personal_model(self, server, client):
-        pairs = {m: FactorPair(client.arrays[f"B/{m}"], redistribute(p, client.rank, method="prefix").A)
-                 for m, p in server.pairs.items()}
+        pairs = {}
+        for m, p in server.pairs.items():
+            A = redistribute(p, client.rank, method="prefix").A
+            pairs[m] = FactorPair(self._local_B(client, m, A, server.shapes[m][0]), A)
         return pairs, decode_extras(client.arrays), server.base
 
 
@@ -477,8 +487,8 @@ class FLoRA(Method):
         msg.update(encode_extras(server.extras))
         return msg
 
-    def client_start(self, message, client, *, shapes, generator):
-        return LocalPlan(init_pairs(shapes, client.rank, generator), decode_extras(message), client.rank,
+    def client_start(self, message, client, *, shapes, generator, device=None):
+        return LocalPlan(init_pairs(shapes, client.rank, generator, device=device), decode_extras(message), client.rank,
                          merge=decode_pairs(message, prefix="merge"))
 
     def aggregate(self, server, uploads, weights):
@@ -507,8 +517,14 @@ class FlexLoRA(Method):
     name, title, rule = "flexlora", "FlexLoRA", "svd"
 
     def download(self, server, rank):
-        how = "svd" if server.info.get("aggregated") else "prefix"
-        pairs = {m: redistribute(p, rank, method=how) for m, p in server.pairs.items()}
+        if not server.info.get("aggregated"):
+            pairs = {m: redistribute(p, rank, method="prefix") for m, p in server.pairs.items()}
+        else:
+            # redistribute(g, r, "svd") is the rank-r prefix of redistribute(g, m, "svd") bit for bit
+            # (same SVD, balanced_pair keeps the first r slots), so one SVD per module serves every rank.
+            if "svd" not in server.cache:
+                server.cache["svd"] = {m: redistribute(p, p.rank, method="svd") for m, p in server.pairs.items()}
+            pairs = {m: redistribute(p, rank, method="prefix") for m, p in server.cache["svd"].items()}
         msg = encode_pairs(pairs)
         msg.update(encode_extras(server.extras))
         return msg

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -147,8 +148,12 @@ def get_factor_pairs(model: torch.nn.Module, adapter_name: str | None = None, *,
         The adapter's ``modules_to_save`` weights (e.g. ``classifier.weight``); empty when ``live``.
     """
     adapter = _adapter(model, adapter_name)
+    return _read(lora_layers(model), _saved_modules(model), adapter, live)
+
+
+def _read(layers, saved, adapter: str, live: bool):
     pairs: dict[str, FactorPair] = {}
-    for name, layer in lora_layers(model).items():
+    for name, layer in layers.items():
         if adapter not in layer.lora_A:
             continue
         s = float(layer.scaling[adapter])
@@ -161,7 +166,7 @@ def get_factor_pairs(model: torch.nn.Module, adapter_name: str | None = None, *,
                 pairs[name] = FactorPair(B.detach() * s, A.detach().clone())
     extras: dict[str, torch.Tensor] = {}
     if not live:
-        for name, wrapper in _saved_modules(model).items():
+        for name, wrapper in saved.items():
             if adapter in wrapper.modules_to_save:
                 for pname, p in wrapper.modules_to_save[adapter].named_parameters():
                     extras[f"{name}.{pname}"] = p.detach().clone()
@@ -184,7 +189,11 @@ def set_factor_pairs(
         A module is missing or unknown, or a shape differs from the adapter's (the message names both).
     """
     adapter = _adapter(model, adapter_name)
-    layers = {name: layer for name, layer in lora_layers(model).items() if adapter in layer.lora_A}
+    _write(lora_layers(model), _saved_modules(model), adapter, pairs, extras)
+
+
+def _write(layers, saved, adapter: str, pairs, extras) -> None:
+    layers = {name: layer for name, layer in layers.items() if adapter in layer.lora_A}
     missing, unknown = sorted(set(layers) - set(pairs)), sorted(set(pairs) - set(layers))
     if missing or unknown:
         raise ValueError(
@@ -203,7 +212,7 @@ def set_factor_pairs(
             wA.copy_(pair.A)
         if extras:
             params = {}
-            for name, wrapper in _saved_modules(model).items():
+            for name, wrapper in saved.items():
                 if adapter in wrapper.modules_to_save:
                     for pname, p in wrapper.modules_to_save[adapter].named_parameters():
                         params[f"{name}.{pname}"] = p
@@ -232,6 +241,8 @@ def state_dict_to_pairs(state_dict: Mapping[str, torch.Tensor], config: LoraConf
     """
     factors: dict[str, dict[str, torch.Tensor]] = {}
     extras: dict[str, torch.Tensor] = {}
+    # A whole model's state dict also holds the frozen weights: then only modules_to_save are extras.
+    whole = any(".base_layer." in k or ".original_module." in k for k in state_dict)
     for key, value in state_dict.items():
         m = _LORA_KEY.match(key)
         if m:
@@ -239,9 +250,9 @@ def state_dict_to_pairs(state_dict: Mapping[str, torch.Tensor], config: LoraConf
                 continue
             factors.setdefault(m["module"], {})[m["factor"]] = value
             continue
-        if "original_module" in key or "lora_" in key:
-            continue
         saved = _SAVED_KEY.search(key)
+        if "lora_" in key or "original_module" in key or (whole and not saved):
+            continue
         if saved and adapter_name is not None and saved["adapter"] != adapter_name:
             continue
         extras[_base_name(_SAVED_KEY.sub(".", key))] = value
@@ -285,17 +296,18 @@ def merge_into_base(model: torch.nn.Module, pairs: Mapping[str, FactorPair]) -> 
             weight.add_(delta.T if getattr(layers[name], "fan_in_fan_out", False) else delta)
 
 
-def init_pairs(shapes: Mapping[str, tuple[int, int]], rank: int, generator: torch.Generator, dtype=torch.float32):
+def init_pairs(shapes: Mapping[str, tuple[int, int]], rank: int, generator: torch.Generator, dtype=torch.float32,
+               device=None):
     r"""Fresh LoRA factors as PEFT initialises them: ``B = 0``, ``A ~ U(-1/sqrt(d_in), 1/sqrt(d_in))``.
 
     (PEFT's ``kaiming_uniform_(a=sqrt(5))`` has exactly that bound.) Drawn from ``generator`` in
-    the order of ``shapes``, so a seed fixes them.
+    the order of ``shapes``, so a seed fixes them (drawn on the CPU, then moved to ``device``).
     """
     out = {}
     for name, (d_out, d_in) in shapes.items():
         bound = 1.0 / math.sqrt(d_in)
         A = (torch.rand((rank, d_in), generator=generator, dtype=torch.float64) * 2 - 1) * bound
-        out[name] = FactorPair(torch.zeros((d_out, rank), dtype=dtype), A.to(dtype))
+        out[name] = FactorPair(torch.zeros((d_out, rank), dtype=dtype, device=device), A.to(dtype=dtype, device=device))
     return out
 
 
@@ -329,11 +341,14 @@ class AdapterWorkspace:
         self.use_rslora = bool(use_rslora)
         self.modules_to_save = list(modules_to_save) if modules_to_save else None
         self.task_type = task_type
-        self.peft: PeftModel = get_peft_model(model, self._config({}, 1), adapter_name="r1")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # transformers' deprecation notice, raised inside PEFT
+            self.peft: PeftModel = get_peft_model(model, self._config({}, 1), adapter_name="r1")
         self._adapters: dict[tuple, str] = {}
         self.shapes: dict[str, tuple[int, int]] = {}
         self._W0: dict[str, torch.Tensor] = {}
         self._layers = lora_layers(self.peft)
+        self._saved = _saved_modules(self.peft)
         for name, layer in self._layers.items():
             self.shapes[name] = (int(layer.out_features), int(layer.in_features))
         self._adapters[tuple((name, 1) for name in self.shapes)] = "r1"
@@ -375,16 +390,18 @@ class AdapterWorkspace:
         """Activate an adapter shaped like ``pairs`` and fold them in (``None``: a zero adapter)."""
         if pairs is None:
             name = self.activate({m: 1 for m in self.shapes})
-            zero = {m: FactorPair(torch.zeros(d_out, 1), torch.zeros(1, d_in)) for m, (d_out, d_in) in self.shapes.items()}
-            set_factor_pairs(self.peft, zero, extras, name)
+            dev = next(self.peft.parameters()).device
+            zero = {m: FactorPair(torch.zeros(d_out, 1, device=dev), torch.zeros(1, d_in, device=dev))
+                    for m, (d_out, d_in) in self.shapes.items()}
+            _write(self._layers, self._saved, name, zero, extras)
             return name
         name = self.activate({m: pair.rank for m, pair in pairs.items()})
-        set_factor_pairs(self.peft, pairs, extras, name)
+        _write(self._layers, self._saved, name, pairs, extras)
         return name
 
     def extract(self, *, live: bool = False):
         """The active adapter as ``(pairs, extras)`` (see :func:`get_factor_pairs`)."""
-        return get_factor_pairs(self.peft, self.active, live=live)
+        return _read(self._layers, self._saved, self.active, live)
 
     def live_pairs(self) -> dict[str, FactorPair]:
         """The active adapter as ``FactorPair(s * lora_B, lora_A)`` inside the autograd graph (a new graph per call)."""
@@ -399,14 +416,14 @@ class AdapterWorkspace:
         chosen = []
         for p in self.peft.parameters():
             p.requires_grad_(False)
-        for layer in lora_layers(self.peft).values():
+        for layer in self._layers.values():
             if self.active in layer.lora_A:
                 if A:
                     chosen.append(layer.lora_A[self.active].weight)
                 if B:
                     chosen.append(layer.lora_B[self.active].weight)
         if extras:
-            for wrapper in _saved_modules(self.peft).values():
+            for wrapper in self._saved.values():
                 if self.active in wrapper.modules_to_save:
                     chosen.extend(wrapper.modules_to_save[self.active].parameters())
         for p in chosen:
@@ -419,7 +436,7 @@ class AdapterWorkspace:
 
     def set_base(self, delta: Mapping[str, torch.Tensor] | None) -> None:
         """Frozen weights ``W0 + delta[m]`` (dense, shape ``(d_out, d_in)``); ``None`` restores ``W0``."""
-        layers = lora_layers(self.peft)
+        layers = self._layers
         if not self._W0:
             self._W0 = {m: layers[m].get_base_layer().weight.detach().clone() for m in self.shapes}
         if not delta and not self._base_modified:

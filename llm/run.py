@@ -40,6 +40,8 @@ def main(args: argparse.Namespace) -> int:
     from .config import RunConfig, apply_overrides, load_config
 
     console = Console()
+    if not console.is_terminal:
+        console = Console(width=max(console.width, 120))
     try:
         if args.resume:
             if args.config or args.overrides:

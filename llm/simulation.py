@@ -144,6 +144,11 @@ class Simulation:
                                   rng=np.random.default_rng([cfg.seed, 6]), rank_set=cfg.rank_set, scores=self.n_k)
         model, tokenizer, spec = load_model(cfg.model, num_labels=len(train.label_names), texts=train.texts,
                                             seed=cfg.seed, dtype=DTYPES[cfg.dtype])
+        if cfg.device == "auto":
+            self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        else:
+            self.device = torch.device(cfg.device)
+        model = model.to(self.device)
         self.tokenizer = tokenizer
         self.ws = AdapterWorkspace(
             model, target_modules=cfg.target_modules or spec.target_modules, lora_alpha=cfg.lora_alpha,
@@ -156,7 +161,8 @@ class Simulation:
             self.enc_train = encode_generation(tokenizer, train.texts, train.targets, cfg.max_length)
             self.enc_test = encode_generation(tokenizer, test.texts, test.targets, cfg.max_length)
         self.r_max = max(self.ranks)
-        self.init = init_pairs(self.ws.shapes, self.r_max, torch.Generator().manual_seed(_seed(cfg.seed, 5)))
+        self.init = init_pairs(self.ws.shapes, self.r_max, torch.Generator().manual_seed(_seed(cfg.seed, 5)),
+                               device=self.device)
         self.init_extras = self.ws.extras_template()
         self.metric = "accuracy" if self.task == "classification" else "perplexity"
         self._personal_sets: list[np.ndarray] | None = None
@@ -249,16 +255,16 @@ class Simulation:
             t0 = time.perf_counter()
             message = method.download(server, client.rank)
             gen = torch.Generator().manual_seed(_seed(cfg.seed, 19, round_, k))
-            plan = method.client_start(message, client, shapes=self.ws.shapes, generator=gen)
+            plan = method.client_start(message, client, shapes=self.ws.shapes, generator=gen, device=self.device)
             self.ws.load(plan.pairs, plan.extras)
             params = self.ws.parameters(A=plan.train_A, B=plan.train_B, extras=plan.train_extras)
             server_s += time.perf_counter() - t0
             steps = cfg.local_steps if not cfg.local_epochs else cfg.local_epochs * math.ceil(self.n_k[k] / cfg.batch_size)
             idx = self.client_idx[k]
-            batches = [make_batch(self.enc_train, idx[b]) for b in
+            batches = [make_batch(self.enc_train, idx[b], self.device) for b in
                        client_batches(len(idx), steps, cfg.batch_size, np.random.default_rng([cfg.seed, 13, round_, k]))]
             reg = plan.regularizer
-            torch.manual_seed(_seed(cfg.seed, 17, round_, k))
+            torch.manual_seed(_seed(cfg.seed, 17, round_, k))  # dropout (all devices)
             stats = train_local(self.ws.peft, batches, params, lr=cfg.lr, optimizer=cfg.optimizer,
                                 weight_decay=cfg.weight_decay,
                                 regularizer=None if reg is None else (lambda reg=reg: reg(self.ws.live_pairs())))
@@ -332,9 +338,9 @@ class Simulation:
             return None
         folder = base / pointer.read_text().strip()
         state = json.loads((folder / "state.json").read_text())
-        flat = load_file(str(folder / "server.safetensors"))
+        flat = load_file(str(folder / "server.safetensors"), device=str(self.device))
         server = server_from_tensors(flat, state["round"], self.ws.shapes, state["server_info"])
-        cflat = load_file(str(folder / "clients.safetensors"))
+        cflat = load_file(str(folder / "clients.safetensors"), device=str(self.device))
         clients = []
         for k, c in enumerate(state["clients"]):
             clients.append(ClientState(c["rank"], _flat_sub(str(k), cflat), c["info"]))
@@ -483,14 +489,15 @@ def run_experiment(config: RunConfig, out_dir: str | Path, *, resume: bool = Fal
 
 def _columns(summary: list[dict]):
     metric = summary[0]["metric"] if summary else "accuracy"
+    short = {"accuracy": "acc", "perplexity": "ppl"}.get(metric, metric)
     cols = [("Method", lambda r: r["title"]),
-            (f"final {metric}", lambda r: "-" if r["final"] is None else f"{r['final']:.4f}"),
-            (f"best {metric}", lambda r: "-" if r["best"] is None else f"{r['best']:.4f}")]
+            (f"final {short}", lambda r: "-" if r["final"] is None else f"{r['final']:.4f}"),
+            (f"best {short}", lambda r: "-" if r["best"] is None else f"{r['best']:.4f}")]
     if any("rouge_l" in r for r in summary):
         cols.append(("ROUGE-L", lambda r: f"{r['rouge_l']:.4f}" if r.get("rouge_l") is not None else "-"))
     cols += [("MB up", lambda r: f"{r['mb_up']:.2f}"), ("MB down", lambda r: f"{r['mb_down']:.2f}"),
-             ("dropped", lambda r: str(r["dropped"])), ("time (s)", lambda r: f"{r['seconds']:.1f}"),
-             ("server share", lambda r: f"{100 * r['server_seconds'] / max(r['train_seconds'], 1e-12):.2f}%")]
+             ("dropped", lambda r: str(r["dropped"])), ("time s", lambda r: f"{r['seconds']:.1f}"),
+             ("server %", lambda r: f"{100 * r['server_seconds'] / max(r['train_seconds'], 1e-12):.2f}")]
     return cols
 
 
@@ -523,6 +530,7 @@ def write_plots(histories: dict[str, list[dict]], out_dir: str | Path, metric: s
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     out_dir = Path(out_dir)
     paths = []
@@ -543,7 +551,10 @@ def write_plots(histories: dict[str, list[dict]], out_dir: str | Path, metric: s
                         x.append(total)
             else:
                 x = xs(hist)
-            ax.plot(x, [r[key] for r in rows], marker="o", label=name)
+            title = METHODS[name].title if name in METHODS else name
+            ax.plot(x, [r[key] for r in rows], marker="o", label=title)
+        if xs is not None:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel(xlabel)
         ax.set_ylabel(key.replace("_", " "))
         ax.grid(alpha=0.3)

@@ -96,9 +96,9 @@ def _finish(Mc: np.ndarray, blocks: Blocks, base_known: bool, n_rows: int, qr) -
     order = np.argsort(-norms[keep], kind="stable")
     W = W[:, keep][:, order]
     rotated = rotated[keep][order]
-    return ClairProblem(
-        np.ascontiguousarray(rotated), blocks, base_known, n_rows, Lift(n_rows, qr, W), norms[keep][order], True
-    )
+    lift = Lift(n_rows, qr, W)
+    rotated = np.ascontiguousarray(rotated)
+    return ClairProblem(rotated, blocks, base_known, n_rows, lift, norms[keep][order], True)
 
 
 def compress_pairs(Bs: list[np.ndarray], As: list[np.ndarray], *, base_known: bool) -> ClairProblem:

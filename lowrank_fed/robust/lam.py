@@ -50,12 +50,20 @@ def default_lam(rank: int, n_clients: int, gamma_bar: float = 0.2) -> float:
     return float(2.0 * np.sqrt(rank / ((1.0 - gamma_bar) * n_clients)))
 
 
-def numerical_rank(s: np.ndarray, rank_tol: float) -> int:
-    """Number of singular values above ``rank_tol * s[0]`` (``s`` descending)."""
+def numerical_rank(s: np.ndarray, rank_tol: float, scale: float = 0.0) -> int:
+    """Number of singular values above ``rank_tol * max(s[0], scale)`` (``s`` descending).
+
+    ``scale`` (the data's spectral norm) keeps an ``L`` at the solver's accuracy level from counting.
+
+    Examples
+    --------
+    >>> numerical_rank([3.0, 1.0, 1e-9], 1e-6), numerical_rank([1e-9, 1e-9], 1e-6, scale=1.0)
+    (2, 0)
+    """
     s = np.asarray(s)
     if s.size == 0 or s[0] <= 0:
         return 0
-    return int(np.count_nonzero(s > rank_tol * s[0]))
+    return int(np.count_nonzero(s > rank_tol * max(float(s[0]), scale)))
 
 
 def lam_window(problem: ClairProblem) -> tuple[float, float]:

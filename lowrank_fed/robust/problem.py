@@ -97,9 +97,13 @@ class Blocks:
         return [slice(int(s), int(s) + w) for s, w in zip(self.starts, self.widths, strict=True)]
 
     def norms(self, X: np.ndarray) -> np.ndarray:
-        """``(||X_1||_F, .., ||X_K||_F)``."""
+        """``(||X_1||_F, .., ||X_K||_F)`` (0 for an empty block)."""
         col_sq = np.einsum("ij,ij->j", X, X)
-        return np.sqrt(np.add.reduceat(col_sq, self.starts)) if col_sq.size else np.zeros(self.n_blocks)
+        out = np.zeros(self.n_blocks)
+        nonempty = np.asarray(self.widths) > 0
+        if col_sq.size:  # reduceat over the strictly increasing starts of the non-empty blocks
+            out[nonempty] = np.sqrt(np.add.reduceat(col_sq, self.starts[nonempty]))
+        return out
 
     def scale(self, X: np.ndarray, factors: np.ndarray) -> np.ndarray:
         """Multiply block ``k`` of ``X`` by ``factors[k]``."""
@@ -256,7 +260,9 @@ def noiseless_gap(problem: ClairProblem, L, C_tiled, Y, lam: float, *, nuclear=N
     return primal, primal - dual
 
 
-def noisy_gap(problem: ClairProblem, L, S, C_tiled, Y, lam: float, alpha: float, *, nuclear=None, spectral=None):
+def noisy_gap(
+    problem: ClairProblem, L, S, C_tiled, Y, lam: float, alpha: float, *, nuclear=None, spectral=None
+):
     r"""Primal value of the penalised program at ``(L, S, C)`` and its duality gap.
 
     The dual ``D(Y) = <Y, M> - 1/2 ||Y||_F^2`` is evaluated at ``t Yc`` (``Yc`` the centred
@@ -268,6 +274,7 @@ def noisy_gap(problem: ClairProblem, L, S, C_tiled, Y, lam: float, alpha: float,
     primal, gap : float
     """
     blocks = problem.blocks
+    # C_tiled may be the scalar 0.0 (base known)
     primal = noisy_objective(problem.M, L, S, C_tiled, lam, alpha, blocks, nuclear=nuclear)
     Yc = problem.centred(Y)
     if spectral is None:
@@ -275,7 +282,10 @@ def noisy_gap(problem: ClairProblem, L, S, C_tiled, Y, lam: float, alpha: float,
     yy = float(np.vdot(Yc, Yc))
     if yy == 0.0:
         return primal, primal
-    t_max = min(alpha / spectral if spectral > 0 else np.inf, alpha * lam / max(float(blocks.norms(Yc).max()), 1e-300))
+    t_max = min(
+        alpha / spectral if spectral > 0 else np.inf,
+        alpha * lam / max(float(blocks.norms(Yc).max()), 1e-300),
+    )
     ym = float(np.vdot(Yc, problem.M))
     t = min(max(ym / yy, 0.0), t_max)
     dual = t * ym - 0.5 * t * t * yy

@@ -174,5 +174,7 @@ def refactor(pairs: list[FactorPair], ranks) -> list[FactorPair]:
     """
     ranks = [ranks] * len(pairs) if isinstance(ranks, (int, np.integer)) else list(ranks)
     if len(ranks) != len(pairs):
-        raise ValueError(f"The 'ranks' parameter must have one entry per pair: expected {len(pairs)}, got {len(ranks)}.")
+        raise ValueError(
+            f"The 'ranks' parameter must have one entry per pair: expected {len(pairs)}, got {len(ranks)}."
+        )
     return [redistribute(pair, int(r), method="svd") for pair, r in zip(pairs, ranks, strict=True)]

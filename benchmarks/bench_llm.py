@@ -1,0 +1,158 @@
+r"""Torch-layer benchmark: server overhead per round and local-training throughput (MiniLM, 1 thread).
+
+1. **Server overhead.** Federated rounds of the demo set-up (MiniLM, BBC News, 10 clients with
+   FLoRA's ranks, 5 local steps of batch 8 x 64 tokens). Server work per round = building the
+   downloads, folding them into / reading them out of the PEFT adapters (conversion), checking the
+   updates, and the core aggregation; reported as a share of the round's local training time.
+   Target (DESIGN.md): <= 2%.
+2. **Throughput.** The runner's local trainer (workspace adapter, policy, ``train_local``) against
+   a plain PEFT loop (``get_peft_model`` + AdamW + forward/backward/step) on the same batches, same
+   rank and learning rate; runs alternate and the median of the repeats is kept. Target: >= 0.95x.
+
+Usage: ``python benchmarks/bench_llm.py [--quick] [--out FILE.json]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+
+def _server_overhead(methods, rounds, clients, local_steps):
+    from lowrank_fed.llm.config import RunConfig
+    from lowrank_fed.llm.methods import make_method
+    from lowrank_fed.llm.simulation import Simulation
+
+    cfg = RunConfig.from_dict(dict(name="bench", methods=list(methods), clients=clients, rounds=rounds,
+                                   local_steps=local_steps, eval_size=8, checkpoint=False))
+    sim = Simulation(cfg, Path("bench-results") / "tmp", progress=False)
+    sim.setup()
+    rows = []
+    for name in methods:
+        method = make_method(name)
+        server = method.init_server(sim.init, sim.init_extras)
+        states = [method.init_client(r, sim.init_extras, sim.ws.shapes) for r in sim.ranks]
+        train, srv, agg = [], [], []
+        for t in range(1, rounds + 1):
+            server, states, _, times = sim.run_round(method, server, states, t)
+            train.append(times["train_seconds"])
+            srv.append(times["server_seconds"])
+            agg.append(times["aggregate_seconds"])
+        sim.ws.set_base(None)
+        rows.append({"method": name, "rounds": rounds, "train_s_per_round": statistics.mean(train),
+                     "server_s_per_round": statistics.mean(srv), "aggregate_s_per_round": statistics.mean(agg),
+                     "share": sum(srv) / sum(train)})
+    return rows, sim
+
+
+def _throughput(sim, steps, repeats, rank=8):
+    import numpy as np
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from lowrank_fed.llm.data import make_batch
+    from lowrank_fed.llm.methods import make_method
+    from lowrank_fed.llm.models import load_minilm
+    from lowrank_fed.llm.training import client_batches, train_local
+
+    cfg = sim.cfg
+    idx = sim.client_idx[int(np.argmax(sim.n_k))]
+    batches = [make_batch(sim.enc_train, idx[b]) for b in
+               client_batches(len(idx), steps, cfg.batch_size, np.random.default_rng(0))]
+
+    torch.manual_seed(0)
+    base, _ = load_minilm(len(sim.train.label_names))
+    plain = get_peft_model(base, LoraConfig(r=rank, lora_alpha=cfg.lora_alpha, target_modules=["query", "value"],
+                                            task_type="SEQ_CLS"))
+
+    def run_plain():
+        params = [p for p in plain.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=cfg.lr)
+        plain.train()
+        t0 = time.perf_counter()
+        for batch in batches:
+            out = plain(**batch)
+            out.loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0
+
+    method = make_method("fedit")
+    server = method.init_server(sim.init, sim.init_extras)
+
+    def run_ours():
+        t0 = time.perf_counter()
+        state = method.init_client(rank, sim.init_extras, sim.ws.shapes)
+        plan = method.client_start(method.download(server, rank), state, shapes=sim.ws.shapes,
+                                   generator=torch.Generator())
+        sim.ws.load(plan.pairs, plan.extras)
+        params = sim.ws.parameters(A=plan.train_A, B=plan.train_B, extras=plan.train_extras)
+        train_local(sim.ws.peft, batches, params, lr=cfg.lr)
+        pairs, extras = sim.ws.extract()
+        method.client_finish(plan, pairs, extras, state)
+        return time.perf_counter() - t0
+
+    run_plain(), run_ours()  # warm-up
+    plain_t, ours_t = [], []
+    for _ in range(repeats):
+        plain_t.append(run_plain())
+        ours_t.append(run_ours())
+    p, o = statistics.median(plain_t), statistics.median(ours_t)
+    return {"steps": steps, "repeats": repeats, "plain_steps_per_s": steps / p, "ours_steps_per_s": steps / o,
+            "ratio": p / o}
+
+
+def main(argv=None) -> int:
+    """Run the benchmark and print its table; returns 0."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer methods, rounds and repeats (about 1 minute)")
+    parser.add_argument("--out", default="bench-results/llm.json", help="where to write the JSON results")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(1)
+    from rich.console import Console
+    from rich.table import Table
+
+    if args.quick:
+        methods, rounds, steps, repeats = ["fedit", "flexlora"], 1, 12, 2
+    else:
+        methods, rounds, steps, repeats = ["fedit", "hetlora", "flora", "flexlora"], 2, 25, 3
+    start = time.perf_counter()
+    overhead, sim = _server_overhead(methods, rounds, clients=10, local_steps=5)
+    thr = _throughput(sim, steps, repeats)
+
+    console = Console(width=110)
+    table = Table(title="Server overhead per round (MiniLM, 10 clients, ranks 64..4, 5 steps x batch 8 x 64 tokens)")
+    for col in ("method", "train s/round", "server s/round", "of which aggregation s", "server share", "<= 2%"):
+        table.add_column(col, justify="right")
+    for r in overhead:
+        table.add_row(r["method"], f"{r['train_s_per_round']:.2f}", f"{r['server_s_per_round']:.4f}",
+                      f"{r['aggregate_s_per_round']:.4f}", f"{100 * r['share']:.2f}%",
+                      "pass" if r["share"] <= 0.02 else "FAIL")
+    console.print(table)
+    t2 = Table(title=f"Local training throughput, rank 8, {thr['steps']} steps, median of {thr['repeats']}")
+    for col in ("plain PEFT loop steps/s", "lowrank-fed trainer steps/s", "ratio", ">= 0.95x"):
+        t2.add_column(col, justify="right")
+    t2.add_row(f"{thr['plain_steps_per_s']:.3f}", f"{thr['ours_steps_per_s']:.3f}", f"{thr['ratio']:.3f}",
+               "pass" if thr["ratio"] >= 0.95 else "FAIL")
+    console.print(t2)
+    console.print(f"benchmark wall time {time.perf_counter() - start:.0f} s, torch threads {torch.get_num_threads()}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"server_overhead": overhead, "throughput": thr}, indent=1))
+    sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
