@@ -20,6 +20,7 @@ import os
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 
 for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
@@ -70,8 +71,10 @@ def _throughput(sim, steps, repeats, rank=8):
 
     torch.manual_seed(0)
     base, _ = load_minilm(len(sim.train.label_names))
-    plain = get_peft_model(base, LoraConfig(r=rank, lora_alpha=cfg.lora_alpha, target_modules=["query", "value"],
-                                            task_type="SEQ_CLS"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # transformers' deprecation notice, raised inside PEFT
+        plain = get_peft_model(base, LoraConfig(r=rank, lora_alpha=cfg.lora_alpha, target_modules=["query", "value"],
+                                                task_type="SEQ_CLS"))
 
     def run_plain():
         params = [p for p in plain.parameters() if p.requires_grad]

@@ -7,13 +7,18 @@ Subcommands:
 - ``compare``: every aggregation rule side by side on synthetic heterogeneous clients.
 - ``recover``: one synthetic CLAIR recovery experiment.
 - ``bench``: the performance ratios of ``benchmarks/``.
+
+BLAS runs on one thread (``LOWRANK_FED_THREADS=N`` to change it).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+
+from threadpoolctl import threadpool_limits
 
 __all__ = ["main", "build_parser"]
 
@@ -55,7 +60,10 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(argv).parse_args(argv)
-    return int(args._main(args) or 0)
+    # One BLAS thread unless asked otherwise: the core's matrices are small or tall-skinny, and
+    # two BLAS threads on a busy 2-core machine were measured up to 25x slower.
+    with threadpool_limits(limits=int(os.environ.get("LOWRANK_FED_THREADS", "1"))):
+        return int(args._main(args) or 0)
 
 
 if __name__ == "__main__":
