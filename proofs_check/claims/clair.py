@@ -83,7 +83,7 @@ def t1_exact_recovery(ctx):
     worst_inside = float(min(v.min() for v in inside.values()))
     boundary = {a: {int(r): float(max([g for g, s in zip(gammas, rate[a][i]) if s >= 0.9], default=0.0))
                     for i, r in enumerate(ranks)} for a in T1_ATTACKS}
-    fig, axes = plt.subplots(1, 3, figsize=(11, 3.2), sharey=True)
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.4), sharey=True, constrained_layout=True)
     for ax, attack in zip(axes, T1_ATTACKS, strict=True):
         im = ax.imshow(rate[attack], origin="lower", vmin=0, vmax=1, cmap="viridis", aspect="auto")
         ax.set_xticks(range(len(gammas)), [f"{g:.2f}" for g in gammas])
