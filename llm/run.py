@@ -44,8 +44,8 @@ def main(args: argparse.Namespace) -> int:
         console = Console(width=max(console.width, 120))
     try:
         if args.resume:
-            if args.config or args.overrides:
-                raise ValueError("--resume takes the configuration stored in DIR; drop CONFIG and --set.")
+            if args.config or args.overrides or args.out:
+                raise ValueError("--resume takes the configuration and the folder stored in DIR; drop CONFIG, --set and --out.")
             out = Path(args.resume)
             stored = out / "config.json"
             if not stored.exists():

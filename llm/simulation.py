@@ -508,7 +508,8 @@ def summary_markdown(summary: list[dict]) -> str:
     lines += ["| " + " | ".join(f(r) for _, f in cols) + " |" for r in summary]
     if summary and summary[0].get("initial") is not None:
         lines.append("")
-        lines.append(f"Untrained model: {summary[0]['metric']} {summary[0]['initial']:.4f}.")
+        extra = f", ROUGE-L {summary[0]['rouge_l_initial']:.4f}" if summary[0].get("rouge_l_initial") is not None else ""
+        lines.append(f"Untrained model: {summary[0]['metric']} {summary[0]['initial']:.4f}{extra}.")
     return "\n".join(lines) + "\n"
 
 

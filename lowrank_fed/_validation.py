@@ -35,17 +35,18 @@ def namespace(*arrays: Any):
         If an input is not an array, or the inputs come from different array libraries
         (for example a NumPy array next to a torch tensor).
     """
-    kinds = {}
+    libraries = {}  # top-level module -> a class name seen (torch.nn.Parameter is a torch array)
     for x in arrays:
         if not is_array_api_obj(x):
             raise TypeError(
                 f"Expected an array (NumPy, torch or any array-API array). Got {type(x).__name__}."
             )
-        kinds.setdefault(type(x).__module__.split(".")[0] + "." + type(x).__name__, x)
-    if len(kinds) > 1:
+        library = type(x).__module__.split(".")[0]
+        libraries.setdefault(library, f"{library}.{type(x).__name__}")
+    if len(libraries) > 1:
         raise TypeError(
             "Mixed array types: all inputs must come from one array library. "
-            f"Got {sorted(kinds)}."
+            f"Got {sorted(libraries.values())}."
         )
     return array_namespace(*arrays)
 

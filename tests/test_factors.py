@@ -83,3 +83,9 @@ def test_rank_must_be_int():
     pair = FactorPair(np.zeros((4, 2)), np.zeros((2, 5)))
     with pytest.raises(TypeError, match="'rank' parameter must be an int. Got 1.5"):
         truncate(pair, 1.5)
+
+
+def test_torch_parameter_and_tensor_are_one_library():
+    B = torch.nn.Parameter(torch.ones(3, 2))
+    pair = FactorPair(B * 2.0, torch.nn.Parameter(torch.ones(2, 4)))
+    assert pair.rank == 2
