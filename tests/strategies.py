@@ -31,3 +31,9 @@ def matrix_of_rank(rng: np.random.Generator, d_out: int, d_in: int, singular_val
     Q1, _ = np.linalg.qr(rng.normal(size=(d_out, s.size)))
     Q2, _ = np.linalg.qr(rng.normal(size=(d_in, s.size)))
     return (Q1 * s) @ Q2.T
+
+
+def dense_weighted_sum(pairs, weights) -> np.ndarray:
+    """The dense reference ``sum_k p_k B_k A_k`` with ``p_k = w_k / sum_j w_j`` (small sizes only)."""
+    p = np.asarray(weights, dtype=float) / np.sum(weights)
+    return sum(pk * (pair.B @ pair.A) for pk, pair in zip(p, pairs, strict=True))

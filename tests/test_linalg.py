@@ -11,19 +11,14 @@ from numpy.testing import assert_allclose
 from lowrank_fed import FactorPair, factored_svd, sin_theta
 from lowrank_fed.linalg import DENSE_FALLBACK_SHARE, product_fro_norm
 
-from .strategies import client_pairs, matrix_of_rank
-
-
-def dense_sum(pairs, weights):
-    p = np.asarray(weights, dtype=float) / np.sum(weights)
-    return sum(pk * pair.B @ pair.A for pk, pair in zip(p, pairs, strict=True))
+from .strategies import client_pairs, dense_weighted_sum, matrix_of_rank
 
 
 @given(client_pairs())
 def test_factored_svd_reconstructs_the_weighted_sum(case):
     pairs, weights = case
     U, S, Vh = factored_svd(pairs, weights)
-    D = dense_sum(pairs, weights)
+    D = dense_weighted_sum(pairs, weights)
     m = min(sum(p.rank for p in pairs), *D.shape)
     assert S.shape == (m,) and U.shape == (D.shape[0], m) and Vh.shape == (m, D.shape[1])
     scale = max(1.0, np.abs(D).max())
@@ -64,7 +59,7 @@ def test_both_paths_agree(r_total):
     assert (r_total > DENSE_FALLBACK_SHARE * d) == (r_total == 40)
     pairs = [FactorPair(rng.normal(size=(d, r_total // 2)), rng.normal(size=(r_total // 2, d))) for _ in range(2)]
     U, S, Vh = factored_svd(pairs)
-    assert_allclose((U * S) @ Vh, dense_sum(pairs, [1, 1]), atol=1e-9)
+    assert_allclose((U * S) @ Vh, dense_weighted_sum(pairs, [1, 1]), atol=1e-9)
 
 
 def test_rank_deficient_sum_is_exact():
@@ -141,7 +136,7 @@ def test_float32_routes_are_accurate_and_orthonormal(case, xp):
         raw[2] = (raw[2][0] * np.array([1, 1, 1, 1, 1, 1e-5]), raw[2][1])
     pairs = [FactorPair(xp.asarray(B, "float32"), xp.asarray(A, "float32")) for B, A in raw]
     U, S, Vh = (xp.numpy(x) for x in factored_svd(pairs, [1, 2, 3]))
-    D = dense_sum([FactorPair(B, A) for B, A in raw], [1, 2, 3])
+    D = dense_weighted_sum([FactorPair(B, A) for B, A in raw], [1, 2, 3])
     assert_allclose((U * S) @ Vh, D, atol=2e-5 * np.abs(D).max())
     assert_allclose(S, np.linalg.svd(D, compute_uv=False)[:12], atol=2e-5 * S[0])
     live = S > 1e-3 * S[0]

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from lowrank_fed import FactorPair
+from lowrank_fed.synthetic import random_factor_pairs
 
 
 def random_clients(rng, ranks, d_out, d_in):
-    """Gaussian client pairs of the given ranks and random positive weights (data sizes)."""
-    pairs = [FactorPair(rng.normal(size=(d_out, r)), rng.normal(size=(r, d_in))) for r in ranks]
+    """:func:`lowrank_fed.synthetic.random_factor_pairs` of the given ranks, and random data-size weights."""
+    pairs = random_factor_pairs([int(r) for r in ranks], d_out, d_in, seed=rng)
     return pairs, rng.integers(50, 500, size=len(ranks)).astype(float)
 
 

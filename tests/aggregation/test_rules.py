@@ -19,7 +19,7 @@ from lowrank_fed.aggregation import (
     aggregate_zero_pad,
 )
 
-from ..strategies import client_pairs
+from ..strategies import client_pairs, dense_weighted_sum
 
 
 def product(pair):
@@ -31,10 +31,6 @@ def normalised(weights):
     return w / w.sum()
 
 
-def exact_sum(pairs, weights):
-    return sum(pk * product(pair) for pk, pair in zip(normalised(weights), pairs, strict=True))
-
-
 # ---------------------------------------------------------------- exact rules: stack, svd
 
 
@@ -43,20 +39,20 @@ def test_stack_reproduces_the_weighted_sum(case):
     pairs, weights = case
     out = aggregate_stack(pairs, weights)
     assert out.rank == sum(p.rank for p in pairs)
-    assert_allclose(product(out), exact_sum(pairs, weights), atol=1e-10)
+    assert_allclose(product(out), dense_weighted_sum(pairs, weights), atol=1e-10)
 
 
 @given(client_pairs())
 def test_svd_without_rank_reproduces_the_weighted_sum(case):
     pairs, weights = case
     out = aggregate_svd(pairs, weights)
-    assert_allclose(product(out), exact_sum(pairs, weights), atol=1e-9)
+    assert_allclose(product(out), dense_weighted_sum(pairs, weights), atol=1e-9)
 
 
 @given(client_pairs(max_dim=10), st.integers(1, 10))
 def test_svd_with_rank_is_the_eckart_young_optimum(case, rank):
     pairs, weights = case
-    D = exact_sum(pairs, weights)
+    D = dense_weighted_sum(pairs, weights)
     rank = min(rank, *D.shape)
     out = aggregate_svd(pairs, weights, rank=rank)
     assert out.rank == rank
@@ -84,7 +80,7 @@ def test_fedavg_is_not_exact_for_the_product():
     rng = np.random.default_rng(0)
     pairs = [FactorPair(rng.normal(size=(6, 2)), rng.normal(size=(2, 5))) for _ in range(3)]
     out = aggregate_fedavg(pairs)
-    assert np.linalg.norm(product(out) - exact_sum(pairs, [1, 1, 1])) > 0.1
+    assert np.linalg.norm(product(out) - dense_weighted_sum(pairs, [1, 1, 1])) > 0.1
 
 
 def test_fedavg_needs_equal_ranks():
