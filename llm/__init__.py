@@ -1,9 +1,11 @@
 """Torch layer of lowrank-fed (imported as ``lowrank_fed.llm``): PEFT bridge, models, data, training, runner.
 
-Submodules: :mod:`~lowrank_fed.llm.peft_bridge` (PEFT <-> FactorPair with the scale folded in),
-:mod:`~lowrank_fed.llm.models`, :mod:`~lowrank_fed.llm.data`, :mod:`~lowrank_fed.llm.training`,
-:mod:`~lowrank_fed.llm.methods` (client policy + core server rule per method),
-:mod:`~lowrank_fed.llm.simulation` (the in-process runner), :mod:`~lowrank_fed.llm.evaluate`,
+Submodules: :mod:`~lowrank_fed.llm.protocol` (messages), :mod:`~lowrank_fed.llm.client` (``run_client``, the whole
+client step), :mod:`~lowrank_fed.llm.training` (``train_local`` and its hooks),
+:mod:`~lowrank_fed.llm.methods` (one file per method: client policy + core server rule),
+:mod:`~lowrank_fed.llm.peft_bridge` (PEFT <-> FactorPair with the scale folded in),
+:mod:`~lowrank_fed.llm.models`, :mod:`~lowrank_fed.llm.data`, :mod:`~lowrank_fed.llm.evaluate`,
+:mod:`~lowrank_fed.llm.runner` (the in-process runner: simulation, checkpoints, reports),
 :mod:`~lowrank_fed.llm.config` and :mod:`~lowrank_fed.llm.run` (the ``lowrank-fed run`` command).
 Names below are imported lazily, so ``import lowrank_fed.llm`` stays cheap.
 """
@@ -28,9 +30,13 @@ _EXPORTS = {
     "METHODS": "methods",
     "make_method": "methods",
     "RunConfig": "config",
-    "Simulation": "simulation",
-    "run_experiment": "simulation",
-    "UpdateDroppedWarning": "simulation",
+    "Message": "protocol",
+    "run_client": "client",
+    "ClientContext": "client",
+    "train_local": "training",
+    "Simulation": "runner.simulation",
+    "run_experiment": "runner.simulation",
+    "UpdateDroppedWarning": "runner.simulation",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,7 +1,15 @@
-r"""Evaluation: accuracy, perplexity, and ROUGE-L of greedy generations.
+r"""Evaluation: per-example scores, their summaries (accuracy, perplexity), and ROUGE-L of greedy generations.
 
-- Accuracy: ``mean(argmax logits == label)``; also the mean cross-entropy.
-- Perplexity: ``exp(sum NLL / number of target tokens)`` over the labelled tokens (labels != -100).
+One forward pass over an evaluation set gives per-example scores; every summary (the global score
+and the score of any subset, e.g. a client's held-out rows ``R``) is computed from them:
+
+- Classification, per example ``i``: ``correct_i = [argmax_j logits_ij == y_i]`` and
+  ``loss_i = -log softmax(logits_i)[y_i]``. Over rows ``R``: ``accuracy = (1/|R|) sum_{i in R} correct_i``,
+  ``loss = (1/|R|) sum_{i in R} loss_i``.
+- Causal LM, per example ``i``: ``nll_i = sum_t -log p(x_{i,t} | x_{i,<t})`` over the labelled (target)
+  tokens (labels != -100, shifted by one) and ``tokens_i`` = their number. Over rows ``R`` the loss is
+  token-weighted, ``loss = sum_{i in R} nll_i / max(sum_{i in R} tokens_i, 1)``, and
+  ``perplexity = exp(min(loss, 50))``.
 - ROUGE-L: mean F-measure of ``rouge-score``'s ``rougeL`` (with stemming) between greedy
   generations and the references.
 """
@@ -15,42 +23,175 @@ import torch
 
 from .data import make_batch
 
-__all__ = ["evaluate_classification", "evaluate_lm", "greedy_generate", "rouge_l"]
+__all__ = [
+    "score_classification",
+    "score_lm",
+    "summarise",
+    "evaluate_classification",
+    "evaluate_lm",
+    "greedy_generate",
+    "rouge_l",
+]
+
+_CLASSIFICATION_KEYS = frozenset({"correct", "loss"})
+_LM_KEYS = frozenset({"nll", "tokens"})
+
+
+def _n_examples(encoded: dict[str, torch.Tensor]) -> int:
+    return int(encoded["labels"].shape[0])
 
 
 @torch.no_grad()
-def evaluate_classification(model, encoded: dict[str, torch.Tensor], *, batch_size: int = 64) -> dict[str, float]:
-    """``{"accuracy", "loss"}`` of a sequence classifier on encoded examples."""
+def score_classification(model, encoded: dict[str, torch.Tensor], *,
+                         batch_size: int = 64) -> dict[str, np.ndarray]:
+    r"""Per-example ``correct_i = [argmax_j logits_ij == y_i]`` and ``loss_i = -log softmax(logits_i)[y_i]``.
+
+    Parameters
+    ----------
+    model : sequence classifier (``model(input_ids=..., attention_mask=...).logits``, shape (b, classes))
+    encoded : dict of tensors
+        ``input_ids``, ``attention_mask``, ``labels`` (shape (n,)), as from ``encode_classification``.
+    batch_size : int
+
+    Returns
+    -------
+    dict
+        ``"correct"``: bool array, shape (n,); ``"loss"``: float64 array, shape (n,). Summarise with
+        :func:`summarise`, over all rows or any subset.
+    """
     model.eval()
     device = next(model.parameters()).device
-    n = int(encoded["labels"].shape[0])
-    correct, loss_sum = 0, 0.0
+    n = _n_examples(encoded)
+    correct, loss = np.zeros(n, dtype=bool), np.zeros(n, dtype=np.float64)
     for start in range(0, n, batch_size):
-        batch = make_batch(encoded, np.arange(start, min(start + batch_size, n)), device)
+        stop = min(start + batch_size, n)
+        batch = make_batch(encoded, np.arange(start, stop), device)
         labels = batch.pop("labels")
         logits = model(**batch).logits.float()
-        loss_sum += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
-        correct += int((logits.argmax(dim=-1) == labels).sum())
-    return {"accuracy": correct / n, "loss": loss_sum / n}
+        ce = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+        loss[start:stop] = ce.double().cpu().numpy()
+        correct[start:stop] = (logits.argmax(dim=-1) == labels).cpu().numpy()
+    return {"correct": correct, "loss": loss}
 
 
 @torch.no_grad()
-def evaluate_lm(model, encoded: dict[str, torch.Tensor], *, batch_size: int = 16) -> dict[str, float]:
-    """``{"perplexity", "loss"}``: token-weighted NLL over the labelled (target) tokens."""
+def score_lm(model, encoded: dict[str, torch.Tensor], *, batch_size: int = 16) -> dict[str, np.ndarray]:
+    r"""Per-example ``nll_i = sum_t -log p(x_t | x_{<t})`` over the labelled tokens ``t``, and their number.
+
+    The logits at position ``t`` predict the label at ``t + 1``; labels equal to -100 (prompt,
+    padding) are not counted.
+
+    Parameters
+    ----------
+    model : causal LM (``model(input_ids=..., attention_mask=...).logits``, shape (b, L, vocab))
+    encoded : dict of tensors
+        ``input_ids``, ``attention_mask``, ``labels`` (shape (n, L), -100 where unlabelled), as from
+        ``encode_generation``.
+    batch_size : int
+
+    Returns
+    -------
+    dict
+        ``"nll"``: float64 array, shape (n,), the summed token NLL of each example; ``"tokens"``: int64
+        array, shape (n,). Summarise with :func:`summarise` (token-weighted).
+    """
     model.eval()
     device = next(model.parameters()).device
-    n = int(encoded["labels"].shape[0])
-    nll, tokens = 0.0, 0
+    n = _n_examples(encoded)
+    nll, tokens = np.zeros(n, dtype=np.float64), np.zeros(n, dtype=np.int64)
     for start in range(0, n, batch_size):
-        batch = make_batch(encoded, np.arange(start, min(start + batch_size, n)), device)
+        stop = min(start + batch_size, n)
+        batch = make_batch(encoded, np.arange(start, stop), device)
         labels = batch.pop("labels")
         logits = model(**batch).logits.float()
         shift_logits, shift_labels = logits[:, :-1, :], labels[:, 1:]
-        nll += float(torch.nn.functional.cross_entropy(
-            shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=-100, reduction="sum"))
-        tokens += int((shift_labels != -100).sum())
+        ce = torch.nn.functional.cross_entropy(  # (b, L - 1), 0 where ignored
+            shift_logits.transpose(1, 2), shift_labels, ignore_index=-100, reduction="none")
+        nll[start:stop] = ce.double().sum(dim=1).cpu().numpy()
+        tokens[start:stop] = (shift_labels != -100).sum(dim=1).cpu().numpy()
+    return {"nll": nll, "tokens": tokens}
+
+
+def summarise(scores: dict[str, np.ndarray], rows=None) -> dict[str, float]:
+    r"""Summary of per-example scores over ``rows``: mean accuracy and loss, or token-weighted perplexity.
+
+    Classification scores (``"correct"``, ``"loss"``): ``accuracy = mean_{i in R} correct_i``,
+    ``loss = mean_{i in R} loss_i``. LM scores (``"nll"``, ``"tokens"``):
+    ``loss = sum_{i in R} nll_i / max(sum_{i in R} tokens_i, 1)``, ``perplexity = exp(min(loss, 50))``.
+
+    Parameters
+    ----------
+    scores : dict of arrays
+        From :func:`score_classification` or :func:`score_lm`.
+    rows : int array or None
+        Indices ``R`` into the scored examples (e.g. one client's held-out set); ``None`` means all.
+
+    Returns
+    -------
+    dict
+        ``{"accuracy", "loss"}`` or ``{"perplexity", "loss"}``, as floats.
+
+    Raises
+    ------
+    ValueError
+        If the score keys are neither set, the score arrays differ in length, or ``rows`` is empty,
+        not integer, or out of range.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> s = {"correct": np.array([True, False, True, True]), "loss": np.array([0.1, 2.0, 0.3, 0.2])}
+    >>> summarise(s)
+    {'accuracy': 0.75, 'loss': 0.65}
+    >>> summarise(s, np.array([1, 2]))
+    {'accuracy': 0.5, 'loss': 1.15}
+    >>> lm = {"nll": np.array([3.0, 1.0]), "tokens": np.array([3, 1])}
+    >>> summarise(lm)["loss"]  # (3 + 1) / (3 + 1), weighted by tokens
+    1.0
+    """
+    keys = frozenset(scores)
+    if keys not in (_CLASSIFICATION_KEYS, _LM_KEYS):
+        raise ValueError(
+            f"The 'scores' parameter must have the keys {sorted(_CLASSIFICATION_KEYS)} (classification) or "
+            f"{sorted(_LM_KEYS)} (LM). Got {sorted(keys)}."
+        )
+    arrays = {k: np.asarray(v) for k, v in scores.items()}
+    lengths = {k: v.shape for k, v in arrays.items()}
+    if len(set(lengths.values())) != 1 or any(len(s) != 1 for s in lengths.values()):
+        raise ValueError(f"The 'scores' arrays must be 1-D of one length. Got shapes {lengths}.")
+    n = next(iter(lengths.values()))[0]
+    if rows is None:
+        rows = np.arange(n)
+    rows = np.asarray(rows).reshape(-1)
+    if rows.size == 0:
+        raise ValueError("The 'rows' parameter must select at least one example. Got an empty index array.")
+    if not np.issubdtype(rows.dtype, np.integer):
+        raise ValueError(f"The 'rows' parameter must be an integer index array. Got dtype {rows.dtype}.")
+    if rows.min() < 0 or rows.max() >= n:
+        raise ValueError(
+            f"The 'rows' parameter must index the {n} scored examples, in [0, {n - 1}]. "
+            f"Got values in [{rows.min()}, {rows.max()}]."
+        )
+    if keys == _CLASSIFICATION_KEYS:
+        return {
+            "accuracy": float(np.mean(arrays["correct"][rows], dtype=np.float64)),
+            "loss": float(np.mean(arrays["loss"][rows], dtype=np.float64)),
+        }
+    nll = float(np.sum(arrays["nll"][rows], dtype=np.float64))
+    tokens = int(np.sum(arrays["tokens"][rows]))
     loss = nll / max(tokens, 1)
     return {"perplexity": math.exp(min(loss, 50.0)), "loss": loss}
+
+
+def evaluate_classification(model, encoded: dict[str, torch.Tensor], *,
+                            batch_size: int = 64) -> dict[str, float]:
+    r"""``{"accuracy", "loss"}`` of a sequence classifier: ``summarise(score_classification(...))``."""
+    return summarise(score_classification(model, encoded, batch_size=batch_size))
+
+
+def evaluate_lm(model, encoded: dict[str, torch.Tensor], *, batch_size: int = 16) -> dict[str, float]:
+    r"""``{"perplexity", "loss"}``, token-weighted over the labelled tokens: ``summarise(score_lm(...))``."""
+    return summarise(score_lm(model, encoded, batch_size=batch_size))
 
 
 @torch.no_grad()

@@ -410,24 +410,38 @@ class AdapterWorkspace:
             out[name] = FactorPair(B * float(layer.scaling[self.active]), A)
         return out
 
-    def parameters(self, *, A: bool = True, B: bool = True, extras: bool = True) -> list[torch.nn.Parameter]:
-        """The active adapter's parameters to train; sets ``requires_grad`` on exactly those."""
-        chosen = []
+    def param_groups(self, lrs: Mapping[str, float]) -> list[dict]:
+        r"""torch parameter groups of the active adapter, one per name in ``lrs``; every other weight frozen.
+
+        ``lrs`` maps ``"A"`` (all ``lora_A``), ``"B"`` (all ``lora_B``) and ``"extras"`` (the head) to a
+        learning rate; a group not named is frozen (``requires_grad=False``). Returns torch's
+        ``[{"params": [...], "lr": lr, "name": group}]`` in the order A, B, extras (empty groups left out).
+        """
+        unknown = sorted(set(lrs) - {"A", "B", "extras"})
+        if unknown:
+            raise ValueError(f"Unknown parameter group(s) {unknown}; expected 'A', 'B' or 'extras'.")
         for p in self.peft.parameters():
             p.requires_grad_(False)
+        found: dict[str, list] = {"A": [], "B": [], "extras": []}
         for layer in self._layers.values():
             if self.active in layer.lora_A:
-                if A:
-                    chosen.append(layer.lora_A[self.active].weight)
-                if B:
-                    chosen.append(layer.lora_B[self.active].weight)
-        if extras:
-            for wrapper in self._saved.values():
-                if self.active in wrapper.modules_to_save:
-                    chosen.extend(wrapper.modules_to_save[self.active].parameters())
-        for p in chosen:
-            p.requires_grad_(True)
-        return chosen
+                found["A"].append(layer.lora_A[self.active].weight)
+                found["B"].append(layer.lora_B[self.active].weight)
+        for wrapper in self._saved.values():
+            if self.active in wrapper.modules_to_save:
+                found["extras"].extend(wrapper.modules_to_save[self.active].parameters())
+        groups = []
+        for name in ("A", "B", "extras"):
+            if name in lrs and found[name]:
+                for p in found[name]:
+                    p.requires_grad_(True)
+                groups.append({"params": found[name], "lr": float(lrs[name]), "name": name})
+        return groups
+
+    def parameters(self, *, A: bool = True, B: bool = True, extras: bool = True) -> list[torch.nn.Parameter]:
+        """The active adapter's parameters to train (one flat list); sets ``requires_grad`` on exactly those."""
+        chosen = {name for name, on in (("A", A), ("B", B), ("extras", extras)) if on}
+        return [p for g in self.param_groups({name: 0.0 for name in chosen}) for p in g["params"]]
 
     def extras_template(self) -> dict[str, torch.Tensor]:
         """The extras of the active adapter (the untrained head right after creation)."""

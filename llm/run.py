@@ -59,7 +59,8 @@ def main(args: argparse.Namespace) -> int:
         return 2
 
     from .models import PackageMissingError
-    from .simulation import Simulation, summary_table
+    from .runner.report import summary_table
+    from .runner.simulation import Simulation
 
     console.print(f"lowrank-fed run [bold]{cfg.name}[/bold]: {cfg.model} on {cfg.dataset}, methods {cfg.methods}, "
                   f"{cfg.clients} clients, {cfg.rounds} rounds -> {out}")

@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from ..factors import FactorPair
+from ._common import keep_slots, weighted_average
 from .alternating import alternating_update, select_slots
 from .fedavg import aggregate_fedavg
 from .replication import aggregate_replication
@@ -43,6 +44,8 @@ __all__ = [
     "alternating_update",
     "select_slots",
     "redistribute",
+    "keep_slots",
+    "weighted_average",
 ]
 
 AGGREGATORS: dict[str, Callable[..., FactorPair]] = {

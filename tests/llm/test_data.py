@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 torch = pytest.importorskip("torch")
 
@@ -11,6 +13,7 @@ from lowrank_fed.llm.data import (  # noqa: E402
     FLORA_RANKS,
     assign_ranks,
     encode_generation,
+    holdout_sets,
     load_20newsgroups,
     load_bbc_headlines,
     load_bbc_news,
@@ -21,6 +24,8 @@ from lowrank_fed.llm.data import (  # noqa: E402
     partition_dirichlet,
     partition_iid,
     partition_pathological,
+    split_validation,
+    stratified_split,
 )
 from lowrank_fed.llm.models import PackageMissingError, package_path, word_tokenizer  # noqa: E402
 
@@ -143,3 +148,154 @@ def test_synthetic_tasks_and_generation_encoding():
         assert enc["prompt_ids"][i, -n_prompt:].tolist() == enc["input_ids"][i, :n_prompt].tolist()
     batch = make_batch(enc, [0, 1])
     assert batch["input_ids"].shape == batch["labels"].shape
+
+
+# ----------------------------------------------------------------------------- validation split
+
+
+def _check_split(train, val, n, size):
+    assert train.dtype == np.int64 and val.dtype == np.int64
+    assert np.all(np.diff(train) > 0) and np.all(np.diff(val) > 0)  # sorted, no repeats
+    assert val.size == size and np.intersect1d(train, val).size == 0
+    assert np.array_equal(np.union1d(train, val), np.arange(n))
+
+
+@given(st.integers(0, 2**32 - 1), st.integers(1, 6), st.integers(2, 120), st.data())
+def test_split_validation_is_stratified_and_exact(seed, n_classes, n, data):
+    labels = np.random.default_rng(seed).integers(0, n_classes, size=n)
+    size = data.draw(st.integers(0, n - 1))
+    train, val = split_validation(labels, size, np.random.default_rng(seed))
+    _check_split(train, val, n, size)
+    # each class's validation count is its share of `size`, within rounding
+    sizes = np.bincount(labels, minlength=n_classes)
+    assert np.all(np.abs(np.bincount(labels[val], minlength=n_classes) - size * sizes / n) < 1)
+    again = split_validation(labels, size, np.random.default_rng(seed))
+    assert np.array_equal(val, again[1]) and np.array_equal(train, again[0])
+
+
+@given(st.integers(0, 2**32 - 1), st.integers(1, 200), st.data())
+def test_split_validation_without_labels_is_random(seed, n, data):
+    size = data.draw(st.integers(0, n - 1))
+    train, val = split_validation(n, size, np.random.default_rng(seed))
+    _check_split(train, val, n, size)
+    assert np.array_equal(val, split_validation(np.int64(n), size, np.random.default_rng(seed))[1])
+
+
+def test_split_validation_shares_the_stratified_splitter():
+    labels = np.repeat(np.arange(4), [50, 30, 15, 5])
+    train, val = split_validation(labels, 20, np.random.default_rng(3))
+    assert np.bincount(labels[val]).tolist() == [10, 6, 3, 1]
+    # same class-wise shuffle as stratified_split when the per-class counts agree (a 20% split here)
+    assert np.array_equal(val, stratified_split(labels, 0.2, np.random.default_rng(3))[1])
+    assert split_validation(labels, 0, np.random.default_rng(3))[1].size == 0
+    draws = {tuple(split_validation(200, 5, np.random.default_rng(s))[1]) for s in range(5)}
+    assert len(draws) == 5
+
+
+def test_split_validation_errors():
+    labels = np.zeros(500, dtype=np.int64)
+    with pytest.raises(ValueError, match=r"'size' .* smaller than .* examples, 500\. Got 500\."):
+        split_validation(labels, 500, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="examples, 10. Got 11."):
+        split_validation(10, 11, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="'size' parameter must be a non-negative int. Got -1."):
+        split_validation(10, -1, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="'size' parameter must be a non-negative int. Got 2.5."):
+        split_validation(10, 2.5, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="'n_or_labels' parameter must be an int or a 1-D .* Got 10.0"):
+        split_validation(10.0, 2, np.random.default_rng(0))
+    with pytest.raises(ValueError, match=r"must be 1-D. Got shape \(2, 5\)"):
+        split_validation(np.zeros((2, 5)), 2, np.random.default_rng(0))
+
+
+# ----------------------------------------------------------------------------- held-out sets
+
+
+@st.composite
+def _federations(draw):
+    """Train labels, a client split of them (clients may be empty or lack classes), test labels."""
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    n_classes = draw(st.integers(1, 6))
+    n_clients = draw(st.integers(1, 7))
+    n_train, n_test = draw(st.integers(0, 80)), draw(st.integers(0, 80))
+    train_classes = draw(st.integers(1, n_classes))  # classes >= train_classes occur only in the test set
+    train_labels = rng.integers(0, train_classes, size=n_train)
+    owner = rng.integers(-1, n_clients, size=n_train)  # -1: an example no client holds
+    client_idx = [np.flatnonzero(owner == k) for k in range(n_clients)]
+    test_labels = rng.integers(0, n_classes, size=n_test)
+    return train_labels, client_idx, test_labels, draw(st.integers(0, 2**32 - 1))
+
+
+def _check_holdouts(sets, n_clients, n_test):
+    assert len(sets) == n_clients
+    assert all(s.dtype == np.int64 and np.all(np.diff(s) > 0) for s in sets)  # sorted, no repeats
+    joined = np.concatenate(sets)
+    assert np.unique(joined).size == joined.size  # disjoint across clients
+    assert np.all((joined >= 0) & (joined < n_test))
+    return joined
+
+
+@given(_federations())
+def test_holdout_sets_are_disjoint_covering_and_proportional(fed):
+    train_labels, client_idx, test_labels, seed = fed
+    sets = holdout_sets(train_labels, client_idx, test_labels, np.random.default_rng(seed))
+    joined = _check_holdouts(sets, len(client_idx), test_labels.size)
+    held = set(np.concatenate([train_labels[p] for p in client_idx]).tolist())
+    expected = np.flatnonzero(np.isin(test_labels, list(held)))  # test examples of a class some client holds
+    assert np.array_equal(np.sort(joined), expected)
+    for c in np.unique(test_labels):
+        counts = np.array([np.sum(train_labels[p] == c) for p in client_idx])
+        if counts.sum() == 0:
+            continue
+        share = np.sum(test_labels == c) * counts / counts.sum()
+        got = np.array([np.sum(test_labels[s] == c) for s in sets])
+        assert np.all(np.abs(got - share) < 1)
+    again = holdout_sets(train_labels, client_idx, test_labels, np.random.default_rng(seed))
+    assert all(np.array_equal(a, b) for a, b in zip(sets, again, strict=True))
+
+
+@given(st.lists(st.integers(0, 40), min_size=1, max_size=8), st.integers(0, 100), st.integers(0, 2**32 - 1))
+def test_holdout_sets_without_labels_follow_training_sizes(sizes, n_test, seed):
+    client_idx = [np.arange(m) for m in sizes]
+    sets = holdout_sets(None, client_idx, None, np.random.default_rng(seed), n_test=n_test)
+    joined = _check_holdouts(sets, len(sizes), n_test)
+    if sum(sizes) == 0:
+        assert joined.size == 0
+        return
+    assert np.array_equal(np.sort(joined), np.arange(n_test))
+    share = n_test * np.asarray(sizes) / sum(sizes)
+    assert np.all(np.abs(np.array([s.size for s in sets]) - share) < 1)
+    again = holdout_sets(None, client_idx, None, np.random.default_rng(seed), n_test=n_test)
+    assert all(np.array_equal(a, b) for a, b in zip(sets, again, strict=True))
+
+
+def test_holdout_sets_follow_each_clients_label_mix():
+    train, test = load_dataset("synthetic", seed=0)
+    parts = partition_pathological(train.labels, 8, 1, np.random.default_rng(0))  # two clients per class
+    sets = holdout_sets(train.labels, parts, test.labels, np.random.default_rng(0))
+    for p, s in zip(parts, sets, strict=True):
+        assert set(test.labels[s].tolist()) == set(train.labels[p].tolist())  # one class each
+        assert abs(s.size - np.sum(test.labels == train.labels[p][0]) / 2) <= 1  # halves of the class
+    assert np.array_equal(np.sort(np.concatenate(sets)), np.arange(len(test)))
+    a = holdout_sets(train.labels, parts, test.labels, np.random.default_rng(1))
+    assert any(not np.array_equal(x, y) for x, y in zip(sets, a, strict=True))  # the rng shuffles
+
+
+def test_holdout_sets_errors():
+    rng = np.random.default_rng(0)
+    labels = np.array([0, 1, 0, 1])
+    with pytest.raises(ValueError, match="'client_idx' parameter must hold at least one client. Got 0."):
+        holdout_sets(labels, [], labels, rng)
+    with pytest.raises(ValueError, match="must both be label arrays or both be None. Got an array and None."):
+        holdout_sets(labels, [[0, 1]], None, rng, n_test=4)
+    with pytest.raises(ValueError, match="'n_test' parameter must be given when 'test_labels' is None"):
+        holdout_sets(None, [[0, 1]], None, rng)
+    with pytest.raises(ValueError, match="'n_test' parameter must equal len\\(test_labels\\), 4. Got 5."):
+        holdout_sets(labels, [[0, 1]], labels, rng, n_test=5)
+    with pytest.raises(ValueError, match="'n_test' parameter must be a non-negative int. Got -1."):
+        holdout_sets(None, [[0, 1]], None, rng, n_test=-1)
+    with pytest.raises(ValueError, match=r"client 1 must index the 4 training .* \[0, 3\]. Got .*4\]"):
+        holdout_sets(labels, [[0, 1], [2, 4]], labels, rng)
+    with pytest.raises(ValueError, match="client 0 must be an integer index array. Got dtype float64"):
+        holdout_sets(labels, [np.array([0.0, 1.0])], labels, rng)
+    assert [s.size for s in holdout_sets(labels, [[], [0, 1]], labels, rng)] == [0, 4]

@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 
 from lowrank_fed.llm.data import encode_classification, encode_generation, make_copy_task, make_synthetic  # noqa: E402
-from lowrank_fed.llm.evaluate import evaluate_classification, evaluate_lm, greedy_generate, rouge_l  # noqa: E402
+from lowrank_fed.llm.evaluate import (  # noqa: E402
+    evaluate_classification,
+    evaluate_lm,
+    greedy_generate,
+    rouge_l,
+    score_classification,
+    score_lm,
+    summarise,
+)
 from lowrank_fed.llm.models import tiny_bert, tiny_llama, word_tokenizer  # noqa: E402
 
 
@@ -53,3 +62,102 @@ def test_greedy_generation_returns_text():
     preds = greedy_generate(model, tok, enc["prompt_ids"], enc["prompt_mask"], max_new_tokens=4, batch_size=4)
     assert len(preds) == 6 and all(isinstance(p, str) for p in preds)
     assert 0.0 <= rouge_l(preds, data.targets) <= 1.0
+
+
+def _classifier_setup(n=30):
+    data = make_synthetic(n, seed=0)
+    tok = word_tokenizer(data.texts)
+    enc = encode_classification(tok, data.texts, data.labels, 32)
+    torch.manual_seed(0)
+    return enc, tiny_bert(4, vocab_size=len(tok)).eval()
+
+
+def _lm_setup(n=10):
+    data = make_copy_task(n, seed=0)
+    tok = word_tokenizer(data.texts, causal=True)
+    enc = encode_generation(tok, data.texts, data.targets, 40)
+    torch.manual_seed(0)
+    return enc, tiny_llama(vocab_size=len(tok)).eval()
+
+
+def test_classification_scores_are_per_example_and_summarise_to_the_evaluation():
+    enc, model = _classifier_setup()
+    scores = score_classification(model, enc, batch_size=7)
+    assert scores["correct"].dtype == np.bool_ and scores["correct"].shape == (30,)
+    assert scores["loss"].dtype == np.float64 and scores["loss"].shape == (30,)
+    with torch.no_grad():
+        logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
+    manual_correct = (logits.argmax(-1) == enc["labels"]).numpy()
+    manual_loss = torch.nn.functional.cross_entropy(logits, enc["labels"], reduction="none").double().numpy()
+    assert np.array_equal(scores["correct"], manual_correct)
+    np.testing.assert_allclose(scores["loss"], manual_loss, rtol=1e-5, atol=1e-6)
+    # one implementation: evaluate_* is summarise(score_*), and the batch size does not matter
+    assert summarise(scores) == evaluate_classification(model, enc, batch_size=7)
+    whole = summarise(score_classification(model, enc, batch_size=30))
+    assert whole == pytest.approx(summarise(scores), rel=1e-6)
+    # a subset's summary is the mean over its rows
+    rows = np.array([0, 3, 4, 11, 29])
+    sub = summarise(scores, rows)
+    assert sub["accuracy"] == pytest.approx(manual_correct[rows].mean())
+    assert sub["loss"] == pytest.approx(manual_loss[rows].mean(), rel=1e-5)
+
+
+def test_lm_scores_are_per_example_and_token_weighted():
+    enc, model = _lm_setup()
+    scores = score_lm(model, enc, batch_size=3)
+    assert scores["nll"].dtype == np.float64 and scores["nll"].shape == (10,)
+    assert scores["tokens"].dtype == np.int64 and scores["tokens"].shape == (10,)
+    with torch.no_grad():
+        logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
+    labels = enc["labels"][:, 1:]
+    ce = torch.nn.functional.cross_entropy(
+        logits[:, :-1].transpose(1, 2), labels, ignore_index=-100, reduction="none")
+    manual_nll = ce.double().sum(1).numpy()
+    manual_tokens = (labels != -100).sum(1).numpy()
+    np.testing.assert_allclose(scores["nll"], manual_nll, rtol=1e-5)
+    assert np.array_equal(scores["tokens"], manual_tokens)
+    assert summarise(scores) == evaluate_lm(model, enc, batch_size=3)
+    rows = np.array([1, 2, 7])
+    sub = summarise(scores, rows)
+    loss = manual_nll[rows].sum() / manual_tokens[rows].sum()
+    assert sub["loss"] == pytest.approx(loss, rel=1e-5)
+    assert sub["perplexity"] == pytest.approx(math.exp(loss), rel=1e-5)
+
+
+def test_summarise_weights_lm_loss_by_tokens():
+    scores = {"nll": np.array([2.0, 10.0]), "tokens": np.array([1, 10])}
+    res = summarise(scores)
+    assert res["loss"] == pytest.approx(12 / 11)  # not the mean of per-example means, (2 + 1) / 2
+    assert res["perplexity"] == pytest.approx(math.exp(12 / 11))
+    assert summarise(scores, [0]) == {"perplexity": pytest.approx(math.exp(2.0)), "loss": 2.0}
+    capped = summarise({"nll": np.array([200.0]), "tokens": np.array([2])})
+    assert capped["loss"] == 100.0 and capped["perplexity"] == pytest.approx(math.exp(50.0))
+    assert summarise({"nll": np.array([0.0]), "tokens": np.array([0])}) == {"perplexity": 1.0, "loss": 0.0}
+
+
+def test_summarise_classification_subsets():
+    scores = {"correct": np.array([True, False, False, True, True]),
+              "loss": np.array([0.5, 1.5, 2.5, 0.25, 0.25])}
+    assert summarise(scores) == {"accuracy": 0.6, "loss": 1.0}
+    assert summarise(scores, np.array([1, 2])) == {"accuracy": 0.0, "loss": 2.0}
+    assert summarise(scores, [3, 3]) == {"accuracy": 1.0, "loss": 0.25}  # an index array: repeats count
+
+
+def test_summarise_errors():
+    cls = {"correct": np.array([True, False]), "loss": np.array([0.1, 0.2])}
+    with pytest.raises(ValueError, match="'rows' parameter must select at least one example"):
+        summarise(cls, np.array([], dtype=np.int64))
+    with pytest.raises(ValueError, match="'rows' parameter must select at least one example"):
+        summarise(cls, [])
+    with pytest.raises(ValueError, match=r"'scores' parameter must have the keys .*Got \['accuracy', 'loss'"):
+        summarise({"accuracy": np.ones(2), "loss": np.ones(2)})
+    with pytest.raises(ValueError, match="'scores' parameter must have the keys"):
+        summarise({**cls, "nll": np.ones(2)})
+    with pytest.raises(ValueError, match="1-D of one length"):
+        summarise({"correct": np.array([True]), "loss": np.array([0.1, 0.2])})
+    with pytest.raises(ValueError, match=r"must index the 2 scored examples, in \[0, 1\]. Got .* \[0, 2\]"):
+        summarise(cls, [0, 2])
+    with pytest.raises(ValueError, match="integer index array. Got dtype float64"):
+        summarise(cls, np.array([0.0]))
+    with pytest.raises(ValueError, match="'rows' parameter must select at least one example"):
+        summarise({"nll": np.zeros(0), "tokens": np.zeros(0, dtype=np.int64)})

@@ -1,0 +1,127 @@
+r"""The client step: ``run_client(method, message, client_state, context) -> (reply, client_state, stats)``.
+
+One function does everything a client does in a round, so the in-process runner and a Flower
+``ClientApp`` (a function of ``(Message, Context)``) run the same code:
+
+1. seeds from ``(seed, round, client id)``: the batch order, the fresh factors a method draws, dropout;
+2. the method's local plan from the download and the client's own state (:meth:`Method.client_plan`);
+3. the plan loaded into the live PEFT adapter (frozen base ``W0 + base`` for FLoRA), the parameter
+   groups with their learning rates, the hooks built on the live adapter;
+4. training (:func:`~lowrank_fed.llm.training.train_local`);
+5. the upload extracted from the adapter (:meth:`Method.client_reply`); the reply's config carries
+   ``num_examples``, ``rank`` and ``client``, its metrics the training loss, accuracy and time.
+
+Nothing here reads or writes server state.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .data import make_batch
+from .methods.base import ClientState, Method
+from .protocol import Message
+from .training import TrainStats, client_batches, train_local
+
+__all__ = ["TrainSettings", "ClientContext", "run_client", "derive_seed"]
+
+
+def derive_seed(*parts: int) -> int:
+    """A 32-bit seed derived from integers (``numpy.random.SeedSequence``), e.g. ``(seed, purpose, round, client)``."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Local training settings of every client (from the run config)."""
+
+    lr: float
+    batch_size: int
+    local_steps: int = 5
+    local_epochs: int = 0  # > 0: that many passes over the client's data instead of local_steps
+    optimizer: str = "adamw"
+    weight_decay: float = 0.0
+
+    def steps(self, n_examples: int) -> int:
+        """Optimiser steps of one local round for a client with ``n_examples`` examples."""
+        return self.local_epochs * math.ceil(n_examples / self.batch_size) if self.local_epochs else self.local_steps
+
+
+@dataclass
+class ClientContext:
+    r"""What a client has that no message carries: its id, data, model and settings.
+
+    Attributes
+    ----------
+    client_id : int
+    seed : int
+        The run's seed (client randomness is derived from ``(seed, round, client_id)``).
+    workspace : AdapterWorkspace
+        The model with its PEFT adapters (shared by in-process clients, who train one at a time).
+    data : dict of tensors
+        Encoded training examples (``input_ids``, ``attention_mask``, ``labels``, ...).
+    indices : int array
+        This client's rows of ``data``.
+    settings : TrainSettings
+    device : torch.device
+    """
+
+    client_id: int
+    seed: int
+    workspace: object
+    data: dict
+    indices: np.ndarray
+    settings: TrainSettings
+    device: torch.device
+
+
+def run_client(method: Method, message: Message, client_state: ClientState | None,
+               context: ClientContext) -> tuple[Message, ClientState, TrainStats]:
+    r"""Run one client's round: plan, train, reply.
+
+    Parameters
+    ----------
+    method : Method
+    message : Message
+        The download; its config has ``round`` and ``rank``.
+    client_state : ClientState or None
+        What the client kept from earlier rounds (None on its first round).
+    context : ClientContext
+
+    Returns
+    -------
+    reply : Message
+        Arrays to upload; config ``num_examples``, ``rank``, ``client``, ``round`` and the method's
+        own keys; metrics ``train_loss``, ``train_accuracy``, ``train_seconds``, ``steps``.
+    client_state : ClientState
+    stats : TrainStats
+    """
+    round_, k = int(message.config["round"]), int(context.client_id)
+    state = client_state if client_state is not None else ClientState()
+    generator = torch.Generator().manual_seed(derive_seed(context.seed, 19, round_, k))
+    plan, state = method.client_plan(message, state, context, generator)
+
+    ws = context.workspace
+    ws.set_base(plan.base)
+    ws.load(plan.pairs, plan.extras)
+    groups = ws.param_groups(plan.lrs)
+    hooks = [make(ws) for make in plan.hooks]
+    idx = context.indices
+    steps = context.settings.steps(len(idx))
+    rng = np.random.default_rng([context.seed, 13, round_, k])
+    batches = [make_batch(context.data, idx[b], context.device)
+               for b in client_batches(len(idx), steps, context.settings.batch_size, rng)]
+    torch.manual_seed(derive_seed(context.seed, 17, round_, k))  # dropout, on every device
+    stats = train_local(ws.peft, batches, groups, hooks=hooks, optimizer=context.settings.optimizer,
+                        weight_decay=context.settings.weight_decay)
+    pairs, extras = ws.extract()
+
+    reply, state = method.client_reply(plan, pairs, extras, state, message)
+    reply.config.update(num_examples=int(len(idx)), client=k, round=round_)
+    reply.metrics.update(train_loss=stats.loss, train_accuracy=stats.accuracy, train_seconds=stats.seconds,
+                         steps=stats.steps)
+    return reply, state, stats

@@ -1,0 +1,66 @@
+r"""Federated LoRA methods, one file each: a client policy plus a server rule taken from the core.
+
+=============  ===============================  ============================================================
+name           server rule                      client policy
+=============  ===============================  ============================================================
+fedit          ``zero_pad`` (data weights)      prefix download ``truncate(global, r_k)``; train A, B, head
+ffa            ``zero_pad`` on B                A regenerated from the shared seed and frozen; B sent
+fedsa          ``segment`` on A                 only A travels; B and the head stay on the client
+hetlora        ``zero_pad`` (norm weights)      prefix; tail regulariser hook; self-pruning of the rank
+replication    ``replication``                  prefix download; train A, B, head
+flora          ``stack``                        merges into the client's base; fresh adapters each round
+flexlora       ``svd``                          SVD download ``U_r diag(S_r)``, ``Vh_r`` (+ complement)
+prelort        ``segment`` (``previous=``)      prefix download (prefix-nested training: next issue)
+=============  ===============================  ============================================================
+
+Shared pieces (state, plan, base class) are in :mod:`.base`; messages in :mod:`lowrank_fed.llm.protocol`.
+"""
+
+from __future__ import annotations
+
+from .base import ClientState, LocalPlan, Method, Model, Options, ServerState, weights_of
+from .fedit import FedIT
+from .fedsa import FedSALoRA
+from .ffa import FFALoRA
+from .flexlora import FlexLoRA
+from .flora import FLoRA
+from .hetlora import HetLoRA
+from .prelort import PreLort
+from .replication import Replication
+
+__all__ = [
+    "METHODS",
+    "make_method",
+    "ClientState",
+    "LocalPlan",
+    "Method",
+    "Model",
+    "Options",
+    "ServerState",
+    "weights_of",
+    "FedIT",
+    "FFALoRA",
+    "FedSALoRA",
+    "HetLoRA",
+    "Replication",
+    "FLoRA",
+    "FlexLoRA",
+    "PreLort",
+]
+
+METHODS: dict[str, type[Method]] = {
+    cls.name: cls for cls in (FedIT, FFALoRA, FedSALoRA, HetLoRA, Replication, FLoRA, FlexLoRA, PreLort)
+}
+
+
+def make_method(name: str, **options) -> Method:
+    """A method by name (a key of :data:`METHODS`) with its options.
+
+    Raises
+    ------
+    ValueError
+        An unknown name (the message lists the valid ones), or options its ``Options`` model rejects.
+    """
+    if name not in METHODS:
+        raise ValueError(f"Unknown method {name!r}; expected one of {sorted(METHODS)}.")
+    return METHODS[name](**options)

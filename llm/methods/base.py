@@ -1,0 +1,265 @@
+r"""What every method shares: server and client state, the local plan, and the base class.
+
+A method is a client policy plus a server rule from the core. The server side sees only messages
+(:class:`~lowrank_fed.llm.protocol.Message`):
+
+- :meth:`Method.configure` (server, client id) -> the download for that client;
+- :meth:`Method.check_reply` rejects a malformed reply (never aggregated);
+- :meth:`Method.aggregate` (server, ``{client id: reply}``) -> the next server state, with a rule
+  from :data:`lowrank_fed.AGGREGATORS`; weights are the ``num_examples`` the replies carry.
+
+The client side (:meth:`Method.client_plan`, :meth:`Method.client_reply`) turns a download and the
+client's own state into a :class:`LocalPlan` (the adapter to start from, learning rate per parameter
+group, hooks) and the trained adapter into the reply. :func:`lowrank_fed.llm.client.run_client` runs
+it; the in-process runner and a Flower ``ClientApp`` both call that one function.
+
+Default policy (FedIT): download the prefix ``truncate(global, r_k)`` and the head, train ``A``, ``B``
+and the head, upload all three; the server applies its rule to the participants' pairs, keeps the
+slots no participant held (:func:`lowrank_fed.aggregation.keep_slots`) and averages the head with data
+weights (:func:`lowrank_fed.aggregation.weighted_average`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, NamedTuple
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from lowrank_fed import FactorPair, aggregate, redistribute
+from lowrank_fed.aggregation import keep_slots, weighted_average
+
+from ..protocol import Message, decode_extras, decode_pairs, encode_extras, encode_pairs
+
+__all__ = ["Options", "ServerState", "ClientState", "LocalPlan", "Model", "Method", "weights_of"]
+
+
+class Options(BaseModel):
+    """A method's options (a ``[method]`` table of the run config); unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Model(NamedTuple):
+    """A model to evaluate: folded pairs (None: no adapter), head weights, dense base deltas (FLoRA)."""
+
+    pairs: dict[str, FactorPair] | None
+    extras: dict[str, torch.Tensor]
+    base: dict[str, torch.Tensor] | None = None
+
+
+@dataclass
+class ServerState:
+    r"""What the server holds between rounds.
+
+    Attributes
+    ----------
+    round : int
+        Rounds completed.
+    pairs : dict module -> FactorPair
+        The global adapter (folded); empty for FLoRA, whose updates are merged into ``base``.
+    extras : dict name -> tensor
+        Global non-LoRA weights (head).
+    shapes : dict module -> (d_out, d_in)
+    ranks : dict client id -> int
+        The rank the server sends each client (HetLoRA updates it from the rank a reply reports).
+    arrays : dict name -> tensor
+        Method-specific tensors (FLoRA: ``base/<module>`` and ``merge/<round>/<module>/B|A``).
+    info : dict
+        JSON-able method state (``aggregated``; FLoRA: the last merge each client confirmed).
+    cache : dict
+        Values derived within a round (never checkpointed; recomputed identically).
+    """
+
+    round: int
+    pairs: dict[str, FactorPair]
+    extras: dict[str, torch.Tensor]
+    shapes: dict[str, tuple[int, int]]
+    ranks: dict[int, int]
+    arrays: dict[str, torch.Tensor] = field(default_factory=dict)
+    info: dict = field(default_factory=dict)
+    cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+
+@dataclass
+class ClientState:
+    """What a client keeps between rounds (FedSA: its ``B`` and head; FLoRA: its merged base)."""
+
+    arrays: dict[str, torch.Tensor] = field(default_factory=dict)
+    info: dict = field(default_factory=dict)
+
+
+@dataclass
+class LocalPlan:
+    r"""A client's local round.
+
+    Attributes
+    ----------
+    pairs, extras : the adapter and head to start from (folded pairs)
+    lrs : dict group -> learning rate
+        Groups ``"A"``, ``"B"``, ``"extras"``; a group not named is frozen.
+    hooks : list of callables ``workspace -> Hook``
+        Built on the live adapter just before training; empty means the plain loop.
+    base : dict module -> dense delta, optional
+        Frozen weights ``W0 + base`` during training (FLoRA's merged base).
+    info : dict
+        Anything ``client_reply`` needs (HetLoRA: tail norms at download).
+    """
+
+    pairs: dict[str, FactorPair]
+    extras: dict[str, torch.Tensor]
+    lrs: dict[str, float]
+    hooks: list = field(default_factory=list)
+    base: dict[str, torch.Tensor] | None = None
+    info: dict = field(default_factory=dict)
+
+
+def weights_of(replies: Mapping[int, Message]) -> list[float]:
+    """Data weights ``w_k = num_examples`` of the replies, in their order."""
+    return [float(r.config["num_examples"]) for r in replies.values()]
+
+
+class Method:
+    r"""Base class: prefix download, ``A``, ``B`` and head trained and uploaded, head averaged.
+
+    Subclasses set ``name``, ``title``, ``rule`` (a key of :data:`lowrank_fed.AGGREGATORS`), an
+    ``Options`` model, and override the steps that differ.
+    """
+
+    name: ClassVar[str] = ""
+    title: ClassVar[str] = ""
+    rule: ClassVar[str] = ""
+    uploads: ClassVar[tuple[str, ...]] = ("B", "A")
+    downloads: ClassVar[tuple[str, ...]] = ("B", "A")
+    head: ClassVar[str] = "average"  # or "local"
+    personalised: ClassVar[bool] = False
+    Options: ClassVar[type[Options]] = Options
+
+    def __init__(self, **options: Any):
+        self.options = self.Options(**options)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.options.model_dump()})"
+
+    # ------------------------------------------------------------------ server side
+    def init_server(self, init: Mapping[str, FactorPair], extras: Mapping[str, torch.Tensor],
+                    ranks: Mapping[int, int], *, init_seed: int) -> ServerState:
+        """Round-0 state from the shared initial adapter (rank ``r_max``: ``B = 0``, ``A`` drawn from ``init_seed``)."""
+        return ServerState(0, dict(init), dict(extras), {m: p.shape for m, p in init.items()},
+                           {int(k): int(r) for k, r in ranks.items()}, info={"init_seed": int(init_seed)})
+
+    def download_pairs(self, server: ServerState, rank: int) -> dict[str, FactorPair]:
+        """The pairs a client of rank ``rank`` starts from: ``redistribute(global, rank, "prefix")``."""
+        return {m: redistribute(p, rank, method="prefix") for m, p in server.pairs.items()}
+
+    def configure(self, server: ServerState, client: int) -> Message:
+        """The download for client ``client``: its pairs (the factors in ``downloads``), the head, its rank."""
+        rank = server.ranks[client]
+        arrays = encode_pairs(self.download_pairs(server, rank), factors=self.downloads)
+        if self.head == "average":
+            arrays.update(encode_extras(server.extras))
+        return Message(arrays, {"round": server.round + 1, "rank": rank, "client": int(client)})
+
+    def downloaded_model(self, server: ServerState, rank: int) -> Model:
+        """The model a client of rank ``rank`` starts the next round from, as the method sends it."""
+        return Model(self.download_pairs(server, rank), dict(server.extras), None)
+
+    def global_model(self, server: ServerState) -> Model:
+        """The global model (for a new client, and the global score)."""
+        return Model(server.pairs, server.extras, None)
+
+    def upload_ranks(self, rank: int) -> tuple[int, int]:
+        """Allowed ``(low, high)`` rank of a reply from a client that was sent rank ``rank``."""
+        return rank, rank
+
+    def check_reply(self, server: ServerState, client: int, reply: Message) -> None:
+        r"""Reject a malformed reply: wrong keys, shapes, ranks, config, or non-finite entries.
+
+        Raises
+        ------
+        ValueError
+            Naming the tensor or config key, the expected and the actual value.
+        """
+        n = reply.config.get("num_examples")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"Reply config 'num_examples' must be a positive int. Got {n!r}.")
+        arrays = reply.arrays
+        expected = {f"lora/{m}/{f}" for m in server.shapes for f in self.uploads}
+        if self.head == "average":
+            expected |= {f"extra/{e}" for e in server.extras}
+        missing, unknown = sorted(expected - set(arrays)), sorted(set(arrays) - expected)
+        if missing or unknown:
+            raise ValueError(f"Reply has missing keys {missing[:3]} and unknown keys {unknown[:3]}; expected "
+                             f"{len(expected)} keys.")
+        low, high = self.upload_ranks(server.ranks[client])
+        rank = reply.config.get("rank")
+        if not isinstance(rank, int) or not low <= rank <= high:
+            raise ValueError(f"Reply config 'rank' is {rank!r}; expected an int in [{low}, {high}].")
+        for m, (d_out, d_in) in server.shapes.items():
+            B, A = arrays.get(f"lora/{m}/B"), arrays.get(f"lora/{m}/A")
+            if B is not None and tuple(B.shape) != (d_out, rank):
+                raise ValueError(f"Module {m!r}: B has shape {tuple(B.shape)}; expected {(d_out, rank)}.")
+            if A is not None and tuple(A.shape) != (rank, d_in):
+                raise ValueError(f"Module {m!r}: A has shape {tuple(A.shape)}; expected {(rank, d_in)}.")
+        for e, ref in server.extras.items():
+            key = f"extra/{e}"
+            if key in arrays and tuple(arrays[key].shape) != tuple(ref.shape):
+                raise ValueError(f"Extra {e!r}: shape {tuple(arrays[key].shape)}; expected {tuple(ref.shape)}.")
+        for key, t in arrays.items():
+            if not bool(torch.isfinite(t).all()):
+                n_bad = int((~torch.isfinite(t)).sum())
+                raise ValueError(f"{key}: {n_bad} non-finite entries (NaN or Inf); expected all finite.")
+
+    def rule_options(self, server: ServerState, module: str) -> dict:
+        return {}
+
+    def rule_weights(self, replies: Mapping[int, Message]) -> list[float] | None:
+        """The weights the rule gets: data weights ``num_examples`` (HetLoRA: None, its rule weighs by norms)."""
+        return weights_of(replies)
+
+    def aggregate(self, server: ServerState, replies: Mapping[int, Message]) -> ServerState:
+        r"""The rule, module by module; slots no participant held keep their value; head averaged.
+
+        ``B, A = keep_slots(aggregate(rule, [pairs_k], w), previous, h)`` with ``h = max_k`` of the
+        ranks the participants were sent, so a slot every holder pruned becomes zero.
+        """
+        decoded = [decode_pairs(r.arrays) for r in replies.values()]
+        weights = self.rule_weights(replies)
+        held = max(server.ranks[k] for k in replies)
+        pairs = {}
+        for m, previous in server.pairs.items():
+            new = aggregate(self.rule, [d[m] for d in decoded], weights, **self.rule_options(server, m))
+            pairs[m] = keep_slots(new, previous, held)
+        return self.next_state(server, replies, pairs=pairs)
+
+    def next_state(self, server: ServerState, replies: Mapping[int, Message], **changes) -> ServerState:
+        """The state after a round: ``changes`` applied, head averaged (if shared), ranks from the replies."""
+        extras = server.extras
+        if self.head == "average" and server.extras:
+            heads = [decode_extras(r.arrays) for r in replies.values()]
+            extras = {e: weighted_average([h[e] for h in heads], weights_of(replies)) for e in server.extras}
+        ranks = {**server.ranks, **{k: int(r.config["rank"]) for k, r in replies.items()}}
+        info = {**server.info, "aggregated": True, **changes.pop("info", {})}
+        return ServerState(server.round + 1, changes.pop("pairs", server.pairs), extras, server.shapes, ranks,
+                           changes.pop("arrays", server.arrays), info)
+
+    # ------------------------------------------------------------------ client side
+    def client_plan(self, message: Message, state: ClientState, context, generator: torch.Generator):
+        """``(LocalPlan, state)``: the adapter to start from and what to train, from the download."""
+        lr = context.settings.lr
+        plan = LocalPlan(decode_pairs(message.arrays), decode_extras(message.arrays), {"A": lr, "B": lr, "extras": lr})
+        return plan, state
+
+    def client_reply(self, plan: LocalPlan, pairs: Mapping[str, FactorPair], extras: Mapping[str, torch.Tensor],
+                     state: ClientState, message: Message) -> tuple[Message, ClientState]:
+        """The reply (the factors in ``uploads``, the head if shared, the rank) and the client's new state."""
+        arrays = encode_pairs(pairs, factors=self.uploads)
+        if self.head == "average":
+            arrays.update(encode_extras(extras))
+        return Message(arrays, {"rank": int(message.config["rank"])}), state
+
+    def personal_model(self, message: Message, state: ClientState, shapes: Mapping[str, tuple[int, int]]) -> Model | None:
+        """A personalised method's own model for this client (its local parts + the download); else None."""
+        return None

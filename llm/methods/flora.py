@@ -1,0 +1,99 @@
+r"""FLoRA: stack the clients' factors, merge the product into the base, restart from fresh adapters.
+
+.. math:: S = \operatorname{stack}(\{B_k, A_k\}),\quad S_B S_A = \sum_k p_k B_k A_k\ \text{(exact, rank } \textstyle\sum_k r_k),
+          \qquad W_0^{(t)} = W_0^{(t-1)} + S_B^{(t)} S_A^{(t)}
+
+The server keeps every round's stacked pair ``S^{(t)}``. The merged base lives on each client: a client
+records the last merge it applied, and its download carries every merge since the one its last reply
+confirmed (a client that skipped rounds catches up; those bytes are counted). Each round a client trains
+a fresh adapter (``B = 0``, ``A`` random from its round seed) of its own rank on top of its base.
+The server also holds the global base ``sum_t S^{(t)}_B S^{(t)}_A`` (dense) to score the global model.
+
+Source: Wang et al., "FLoRA: federated fine-tuning large language models with heterogeneous low-rank
+adaptations", NeurIPS 2024 [paper].
+"""
+
+from __future__ import annotations
+
+from lowrank_fed import FactorPair, aggregate
+
+from ..peft_bridge import init_pairs
+from ..protocol import Message, decode_extras, decode_pairs, encode_extras, encode_pairs
+from .base import ClientState, LocalPlan, Method, Model, weights_of
+
+__all__ = ["FLoRA"]
+
+
+def _base(arrays) -> dict:
+    return {k[len("base/") :]: v for k, v in arrays.items() if k.startswith("base/")}
+
+
+class FLoRA(Method):
+    """FLoRA: ``aggregate("stack", ...)`` merged into the base on every client; fresh adapters each round."""
+
+    name, title, rule = "flora", "FLoRA", "stack"
+
+    def init_server(self, init, extras, ranks, *, init_seed):
+        server = super().init_server(init, extras, ranks, init_seed=init_seed)
+        server.pairs = {}
+        return server
+
+    def configure(self, server, client):
+        since = int(server.info.get("synced", {}).get(str(client), 0))
+        rounds = list(range(since + 1, server.round + 1))
+        arrays = {}
+        for t in rounds:
+            arrays.update(encode_pairs(self._merge(server, t), prefix=f"merge/{t}"))
+        arrays.update(encode_extras(server.extras))
+        return Message(arrays, {"round": server.round + 1, "rank": server.ranks[client], "client": int(client),
+                                "merges": rounds})
+
+    @staticmethod
+    def _merge(server, t: int) -> dict[str, FactorPair]:
+        return decode_pairs(server.arrays, prefix=f"merge/{t}")
+
+    def downloaded_model(self, server, rank):
+        return self.global_model(server)  # a fresh adapter has B = 0: the model is the merged base
+
+    def global_model(self, server):
+        return Model(None, server.extras, _base(server.arrays) or None)
+
+    def aggregate(self, server, replies):
+        decoded = [decode_pairs(r.arrays) for r in replies.values()]
+        t = server.round + 1
+        arrays = dict(server.arrays)
+        for m in server.shapes:
+            stacked = aggregate(self.rule, [d[m] for d in decoded], weights_of(replies))
+            arrays[f"merge/{t}/{m}/B"], arrays[f"merge/{t}/{m}/A"] = stacked.B, stacked.A
+            delta = stacked.B @ stacked.A  # the merge into the frozen weights (FLoRA), not a rule
+            arrays[f"base/{m}"] = arrays[f"base/{m}"] + delta if f"base/{m}" in arrays else delta
+        synced = {**server.info.get("synced", {}), **{str(k): int(r.config["base_round"]) for k, r in replies.items()}}
+        return self.next_state(server, replies, arrays=arrays, info={"synced": synced})
+
+    def check_reply(self, server, client, reply):
+        super().check_reply(server, client, reply)
+        base_round = reply.config.get("base_round")
+        if not isinstance(base_round, int) or base_round != server.round:
+            raise ValueError(f"Reply config 'base_round' is {base_round!r}; expected {server.round} (every merge applied).")
+
+    def client_plan(self, message, state, context, generator):
+        base, done = _base(state.arrays), int(state.info.get("base_round", 0))
+        for t in message.config["merges"]:
+            if t <= done:
+                continue
+            if t != done + 1:
+                raise ValueError(f"FLoRA client {message.config['client']}: merge {t} arrived but merge {done + 1} "
+                                 "is missing; expected consecutive merges.")
+            for m, pair in decode_pairs(message.arrays, prefix=f"merge/{t}").items():
+                delta = pair.B @ pair.A
+                base[m] = base[m] + delta if m in base else delta
+            done = t
+        state = ClientState({f"base/{m}": v for m, v in base.items()}, {**state.info, "base_round": done})
+        lr = context.settings.lr
+        fresh = init_pairs(context.workspace.shapes, int(message.config["rank"]), generator, device=context.device)
+        return LocalPlan(fresh, decode_extras(message.arrays), {"A": lr, "B": lr, "extras": lr}, base=base or None), state
+
+    def client_reply(self, plan, pairs, extras, state, message):
+        reply, state = super().client_reply(plan, pairs, extras, state, message)
+        reply.config["base_round"] = int(state.info.get("base_round", 0))
+        return reply, state

@@ -1,0 +1,165 @@
+r"""Reports of a run: the summary rows, the comparison table (markdown and rich), and the PNG plots.
+
+Columns, for a metric ``m`` (accuracy, or perplexity for generation):
+
+- ``global m``: the global model on the test set after the last round;
+- ``m @ val-best``: the test score of the round with the best score on the validation split (taken
+  from the training data), so no choice is made on the test set;
+- ``local m``: the mean over clients of the model each client downloads (its rank's truncation,
+  redistribution or mask, as the method sends it), each on the client's own held-out set;
+- ``personal m``: the same for personalised methods (FedSA-LoRA), with each client's own ``B`` and head;
+- ``by rank``: the model each distinct client rank downloads, on the test set.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = ["summary_row", "summary_markdown", "summary_table", "write_plots"]
+
+_SHORT = {"accuracy": "acc", "perplexity": "ppl"}
+
+
+def summary_row(method, history: list[dict], timings: list[dict], metric: str) -> dict:
+    """One method's summary from its per-round history (scores) and timings."""
+    evals = [h for h in history if metric in h]
+    final = history[-1]
+    row = {"method": method.name, "title": method.title, "metric": metric, "personalised": method.personalised,
+           "initial": history[0].get(metric), "final": final.get(metric), "rounds": final["round"],
+           "mb_up": sum(h["bytes_up"] for h in history) / 1e6, "mb_down": sum(h["bytes_down"] for h in history) / 1e6,
+           "dropped": sum(h["dropped"] for h in history)}
+    scored = [h for h in evals if f"val_{metric}" in h and h["round"] > 0]
+    if scored:
+        pick = (max if metric == "accuracy" else min)(scored, key=lambda h: (h[f"val_{metric}"], -h["round"]))
+        row.update(selected_round=pick["round"], selected=pick[metric], selected_val=pick[f"val_{metric}"])
+    row["local" if not method.personalised else "personal"] = final.get(f"local_{metric}")
+    row["by_rank"] = {r: v[metric] for r, v in final.get("by_rank", {}).items()}
+    for key in ("seconds", "train_seconds", "server_seconds"):
+        row[key] = sum(t.get("wall_seconds" if key == "seconds" else key, 0.0) for t in timings)
+    if "rouge_l" in final:
+        row["rouge_l"], row["rouge_l_initial"] = final["rouge_l"], history[0].get("rouge_l")
+    return row
+
+
+def _fmt(value, digits: int = 4) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _columns(summary: list[dict]):
+    metric = summary[0]["metric"] if summary else "accuracy"
+    s = _SHORT.get(metric, metric)
+    cols = [("Method", lambda r: r["title"]),
+            (f"global {s}", lambda r: _fmt(r["final"])),
+            (f"{s} @ val-best (round)", lambda r: f"{_fmt(r.get('selected'))} ({r.get('selected_round', '-')})"),
+            (f"local {s}", lambda r: _fmt(r.get("local"))),
+            (f"personal {s}", lambda r: _fmt(r.get("personal"))),
+            (f"{s} by rank", lambda r: " ".join(f"r{k}:{v:.3f}" for k, v in sorted(r["by_rank"].items(), key=lambda kv: int(kv[0]))) or "-")]
+    if any("rouge_l" in r for r in summary):
+        cols.append(("ROUGE-L", lambda r: _fmt(r.get("rouge_l"))))
+    cols += [("MB up", lambda r: f"{r['mb_up']:.2f}"), ("MB down", lambda r: f"{r['mb_down']:.2f}"),
+             ("dropped", lambda r: str(r["dropped"])), ("time s", lambda r: f"{r['seconds']:.1f}"),
+             ("server %", lambda r: f"{100 * r['server_seconds'] / max(r['train_seconds'], 1e-12):.2f}")]
+    return cols
+
+
+def summary_markdown(summary: list[dict], facts: dict | None = None) -> str:
+    """The comparison table as GitHub markdown, with the facts needed to read it."""
+    cols = _columns(summary)
+    lines = ["| " + " | ".join(c for c, _ in cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(f(r) for _, f in cols) + " |" for r in summary]
+    lines.append("")
+    if summary and summary[0].get("initial") is not None:
+        extra = f", ROUGE-L {summary[0]['rouge_l_initial']:.4f}" if summary[0].get("rouge_l_initial") is not None else ""
+        lines.append(f"Untrained model: {summary[0]['metric']} {summary[0]['initial']:.4f}{extra}.")
+    if facts:
+        text = (f"Test set: {facts['eval_size']} examples; validation: {facts['val_size']} (from the training data); "
+                f"per-client held-out sets: {min(facts['holdout_sizes'])}-{max(facts['holdout_sizes'])} examples.")
+        if "majority_accuracy" in facts:
+            text += f" Majority-class accuracy: {facts['majority_accuracy']:.4f}."
+        lines.append(text)
+    return "\n".join(lines) + "\n"
+
+
+def summary_table(summary: list[dict], title: str = "lowrank-fed run"):
+    """The comparison table as a ``rich`` table."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    for i, (c, _) in enumerate(_columns(summary)):
+        table.add_column(c, justify="left" if i == 0 else "right")
+    for r in summary:
+        table.add_row(*(f(r) for _, f in _columns(summary)))
+    return table
+
+
+def write_plots(histories: dict[str, list[dict]], out_dir: str | Path, metric: str, *, title: str = "",
+                majority: float | None = None, titles: dict[str, str] | None = None) -> list[Path]:
+    r"""PNG plots: the metric per round (global solid, local/personal dashed), per rank, train loss, vs MB moved.
+
+    ``title`` (the config: model, data, clients, ranks, seed, eval size) heads every plot;
+    ``majority`` draws the majority-class accuracy as a horizontal line.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    out_dir, titles = Path(out_dir), titles or {}
+    paths = []
+
+    def finish(fig, ax, name: str, xlabel: str, ylabel: str, integer_x: bool = True):
+        if majority is not None and ylabel == metric:
+            ax.axhline(majority, color="grey", linestyle=":", label=f"majority class ({majority:.3f})")
+        if integer_x:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel.replace("_", " "))
+        ax.set_title(title, fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out_dir / name
+        fig.savefig(path, dpi=110, metadata={"Software": None})
+        plt.close(fig)
+        paths.append(path)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, (name, hist) in enumerate(histories.items()):
+        color = f"C{i}"
+        rows = [r for r in hist if metric in r]
+        ax.plot([r["round"] for r in rows], [r[metric] for r in rows], marker="o", color=color,
+                label=f"{titles.get(name, name)} global")
+        local = [r for r in hist if f"local_{metric}" in r]
+        if local:
+            ax.plot([r["round"] for r in local], [r[f"local_{metric}"] for r in local], linestyle="--", marker=".",
+                    color=color, label=f"{titles.get(name, name)} per-client")
+    finish(fig, ax, f"{metric}.png", "round", metric)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, (name, hist) in enumerate(histories.items()):
+        by_rank = next((r["by_rank"] for r in reversed(hist) if "by_rank" in r), None)
+        if by_rank:
+            ranks = sorted(by_rank, key=int)
+            ax.plot([int(r) for r in ranks], [by_rank[r][metric] for r in ranks], marker="o", color=f"C{i}",
+                    label=titles.get(name, name))
+    ax.set_xscale("log", base=2)
+    finish(fig, ax, "by_rank.png", "client rank (model it downloads, final round)", metric, integer_x=False)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, hist in histories.items():
+        rows = [r for r in hist if "train_loss" in r]
+        ax.plot([r["round"] for r in rows], [r["train_loss"] for r in rows], marker="o", label=titles.get(name, name))
+    finish(fig, ax, "train_loss.png", "round", "train_loss")
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, hist in histories.items():
+        total, x, y = 0.0, [], []
+        for r in hist:
+            total += (r.get("bytes_up", 0) + r.get("bytes_down", 0)) / 1e6
+            if metric in r:
+                x.append(total)
+                y.append(r[metric])
+        ax.plot(x, y, marker="o", label=titles.get(name, name))
+    finish(fig, ax, "communication.png", "cumulative MB (up + down)", metric, integer_x=False)
+    return paths

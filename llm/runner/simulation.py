@@ -1,0 +1,421 @@
+r"""The embedded in-process runner: rounds, client sampling, evaluation, checkpoints, resume.
+
+For each method of the config, round ``t = 1..T``:
+
+1. sample clients (all, or ``clients_per_round`` drawn from ``(seed, t)``);
+2. for each sampled client ``k``: ``message = method.configure(server, k)``, then
+   :func:`~lowrank_fed.llm.client.run_client` (the same function a Flower ``ClientApp`` calls) returns
+   the reply and the client's new state;
+3. each reply is checked (:meth:`Method.check_reply`); a NaN/Inf or misshapen reply is dropped with an
+   :class:`UpdateDroppedWarning`, counted, and never aggregated;
+4. ``server = method.aggregate(server, replies)`` (a core rule, data weights from the replies);
+5. evaluation on one forward pass per distinct model: the global model on the test and validation sets,
+   the model each distinct rank downloads, and each client's model (the one it downloads, or its
+   personalised one) on its own held-out set; one JSON line goes to ``metrics.jsonl``, timings to
+   ``timings.jsonl``;
+6. a checkpoint (:mod:`.checkpoint`: atomic, checksummed, the previous round kept).
+
+All randomness is derived from ``(seed, purpose, round, client)``, so a resumed run writes the same
+bytes as an uninterrupted one (``metrics.jsonl``, ``adapters/``, checkpoints); only ``timings.jsonl``,
+the time columns of ``summary.*`` and the PNG plots of times differ.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lowrank_fed import FactorPair
+
+from ..client import ClientContext, TrainSettings, derive_seed, run_client
+from ..config import RunConfig
+from ..data import (assign_ranks, encode_classification, encode_generation, holdout_sets, load_dataset, partition,
+                    split_validation)
+from ..evaluate import greedy_generate, rouge_l, score_classification, score_lm, summarise
+from ..methods import ClientState, Method, Model, ServerState, make_method
+from ..models import load_model
+from ..peft_bridge import AdapterWorkspace, init_pairs, pairs_to_state_dict
+from ..protocol import Message, decode_pairs, encode_pairs
+from .checkpoint import atomic_write_text, load_checkpoint, save_checkpoint, save_tensors
+from .report import summary_markdown, summary_row, write_plots
+
+__all__ = ["Simulation", "run_experiment", "UpdateDroppedWarning", "load_final"]
+
+log = logging.getLogger("lowrank_fed.llm")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+class UpdateDroppedWarning(UserWarning):
+    """A client reply was rejected (NaN/Inf, wrong shape or rank) and left out of the aggregation."""
+
+
+def _json(obj) -> str:
+    return json.dumps(obj, sort_keys=True)
+
+
+# ----------------------------------------------------------------------------- state <-> flat tensors
+
+
+def state_to_flat(server: ServerState, clients: dict[int, ClientState]) -> tuple[dict, dict]:
+    """Server and client states as flat tensors plus JSON (the checkpoint's content)."""
+    tensors = {f"server/{k}": v for k, v in encode_pairs(server.pairs).items()}
+    tensors.update({f"server/extra/{n}": v for n, v in server.extras.items()})
+    tensors.update({f"server/arrays/{n}": v for n, v in server.arrays.items()})
+    for k, c in clients.items():
+        tensors.update({f"client/{k}/{n}": v for n, v in c.arrays.items()})
+    meta = {"round": server.round, "ranks": {str(k): r for k, r in server.ranks.items()}, "info": server.info,
+            "clients": {str(k): c.info for k, c in clients.items()}}
+    return tensors, meta
+
+
+def state_from_flat(tensors: dict, meta: dict, shapes: dict) -> tuple[ServerState, dict[int, ClientState]]:
+    """Inverse of :func:`state_to_flat`."""
+    sub = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}  # noqa: E731
+    pairs = decode_pairs(sub("server/"), prefix="lora")
+    server = ServerState(meta["round"], {m: pairs[m] for m in shapes if m in pairs}, sub("server/extra/"),
+                         dict(shapes), {int(k): int(r) for k, r in meta["ranks"].items()}, sub("server/arrays/"),
+                         meta["info"])
+    clients = {int(k): ClientState(sub(f"client/{k}/"), info) for k, info in meta["clients"].items()}
+    return server, clients
+
+
+def load_final(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a method's final server state (``adapters/<method>.safetensors``)."""
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+class Simulation:
+    r"""One run of ``lowrank-fed run``: data, model and clients set up once, methods run in turn.
+
+    Parameters
+    ----------
+    config : RunConfig
+    out_dir : path
+        Where outputs go. The runner adds and replaces its own files; it never deletes a folder.
+    progress : bool
+        Show progress bars (tqdm, on stderr).
+    on_round_end : callable(method_name, round), optional
+        Called after each round's checkpoint (tests use it to interrupt a run).
+    """
+
+    def __init__(self, config: RunConfig, out_dir: str | Path, *, progress: bool = True,
+                 on_round_end: Callable[[str, int], None] | None = None):
+        self.cfg = config
+        self.out = Path(out_dir)
+        self.progress = progress
+        self.on_round_end = on_round_end
+        self._ready = False
+
+    # ------------------------------------------------------------------ set-up
+    def setup(self) -> None:
+        if self._ready:
+            return
+        cfg = self.cfg
+        torch.set_num_threads(cfg.threads)
+        train, test = load_dataset(cfg.dataset, seed=cfg.seed)
+        if cfg.train_size and cfg.train_size < len(train):
+            train = train.subset(np.sort(np.random.default_rng([cfg.seed, 3]).permutation(len(train))[: cfg.train_size]))
+        if cfg.eval_size < len(test):
+            test = test.subset(np.sort(np.random.default_rng([cfg.seed, 4]).permutation(len(test))[: cfg.eval_size]))
+        self.task = train.task
+        labelled = self.task == "classification"
+        keep, val_rows = split_validation(train.labels if labelled else len(train), getattr(cfg, "val_size", 40),
+                                          np.random.default_rng([cfg.seed, 7]))
+        self.train, self.val, self.test = train.subset(keep), train.subset(val_rows), test
+        self.client_idx = partition(cfg.partition, self.train.labels, cfg.clients, np.random.default_rng([cfg.seed, 2]),
+                                    alpha=cfg.alpha, classes_per_client=cfg.classes_per_client)
+        self.n_k = [int(len(idx)) for idx in self.client_idx]
+        self.ranks = assign_ranks(list(cfg.ranks) if isinstance(cfg.ranks, list) else cfg.ranks, cfg.clients,
+                                  rng=np.random.default_rng([cfg.seed, 6]), rank_set=cfg.rank_set, scores=self.n_k)
+        self.holdout = holdout_sets(self.train.labels if labelled else None, self.client_idx,
+                                    self.test.labels if labelled else None, np.random.default_rng([cfg.seed, 8]),
+                                    n_test=len(self.test))
+        model, tokenizer, spec = load_model(cfg.model, num_labels=len(train.label_names), texts=self.train.texts,
+                                            seed=cfg.seed, dtype=DTYPES[cfg.dtype])
+        self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+        self.tokenizer = tokenizer
+        self.ws = AdapterWorkspace(
+            model.to(self.device), target_modules=sorted(cfg.target_modules or spec.target_modules),
+            lora_alpha=cfg.lora_alpha, use_rslora=cfg.use_rslora, task_type="SEQ_CLS" if labelled else "CAUSAL_LM",
+        )
+        encode = encode_classification if labelled else encode_generation
+        self.enc = {name: encode(tokenizer, d.texts, d.labels if labelled else d.targets, cfg.max_length)
+                    for name, d in (("train", self.train), ("val", self.val), ("test", self.test))}
+        self.r_max = max(self.ranks)
+        self.init_seed = derive_seed(cfg.seed, 5)
+        self.init = init_pairs(self.ws.shapes, self.r_max, torch.Generator().manual_seed(self.init_seed),
+                               device=self.device)
+        self.init_extras = self.ws.extras_template()
+        self.metric = "accuracy" if labelled else "perplexity"
+        settings = TrainSettings(lr=cfg.lr, batch_size=cfg.batch_size, local_steps=cfg.local_steps,
+                                 local_epochs=cfg.local_epochs, optimizer=cfg.optimizer, weight_decay=cfg.weight_decay)
+        self.contexts = [ClientContext(k, cfg.seed, self.ws, self.enc["train"], self.client_idx[k], settings, self.device)
+                         for k in range(cfg.clients)]
+        self._ready = True
+
+    def describe(self) -> dict:
+        """The run's set-up facts (``setup.json``; the plots' titles)."""
+        info = {"ranks": self.ranks, "n_k": self.n_k, "task": self.task, "modules": list(self.ws.shapes),
+                "label_names": list(self.train.label_names), "eval_size": len(self.test), "val_size": len(self.val),
+                "holdout_sizes": [int(len(h)) for h in self.holdout], "metric": self.metric}
+        if self.task == "classification":
+            counts = np.bincount(self.test.labels, minlength=len(self.train.label_names))
+            info["majority_accuracy"] = float(counts.max() / counts.sum())
+        return info
+
+    # ------------------------------------------------------------------ evaluation
+    def _load(self, model: Model) -> None:
+        self.ws.set_base(model.base)
+        self.ws.load(model.pairs, model.extras)
+
+    def _score(self, split: str, rows=None) -> dict[str, np.ndarray]:
+        enc = self.enc[split]
+        if rows is not None:
+            enc = {k: v[torch.as_tensor(rows, dtype=torch.long)] for k, v in enc.items()}
+        score = score_classification if self.task == "classification" else score_lm
+        return score(self.ws.peft, enc)
+
+    def evaluate(self, method: Method, server: ServerState, clients: dict[int, ClientState], *,
+                 by_rank: bool = True, rouge: bool = False) -> dict:
+        r"""Scores of a round (deterministic; no timings).
+
+        - ``<metric>``, ``loss``: the global model on the test set; ``val_<metric>``: on the validation set;
+        - ``by_rank``: ``{rank: {<metric>, loss}}`` for the model each distinct client rank downloads;
+        - ``local_<metric>``: the mean over clients of each client's model on its own held-out set
+          (``per_client`` lists them): its download, or its personalised model (``personal`` methods).
+        """
+        self._load(method.global_model(server))
+        out = summarise(self._score("test"))
+        if len(self.val):
+            out.update({f"val_{k}": v for k, v in summarise(self._score("val")).items()})
+        if rouge and self.task == "generation" and self.cfg.rouge_size:
+            n = min(self.cfg.rouge_size, len(self.test))
+            preds = greedy_generate(self.ws.peft, self.tokenizer, self.enc["test"]["prompt_ids"][:n],
+                                    self.enc["test"]["prompt_mask"][:n], max_new_tokens=self.cfg.max_new_tokens)
+            out["rouge_l"] = rouge_l(preds, list(self.test.targets[:n]))
+            out["samples"] = [{"prediction": p, "reference": r} for p, r in zip(preds[:3], self.test.targets[:3], strict=False)]
+        if not by_rank:
+            return out
+        per_client: list[float] = []
+        if method.personalised:
+            for k in range(self.cfg.clients):
+                model = method.personal_model(method.configure(server, k), clients.get(k, ClientState()), self.ws.shapes)
+                self._load(model)
+                per_client.append(summarise(self._score("test", self.holdout[k]))[self.metric])
+        else:
+            scores = {}
+            for rank in sorted(set(server.ranks.values())):
+                self._load(method.downloaded_model(server, rank))
+                scores[rank] = self._score("test")
+            out["by_rank"] = {str(r): summarise(s) for r, s in scores.items()}
+            per_client = [summarise(scores[server.ranks[k]], self.holdout[k])[self.metric] for k in range(self.cfg.clients)]
+        out["per_client"] = per_client
+        out[f"local_{self.metric}"] = float(np.mean(per_client))
+        return out
+
+    # ------------------------------------------------------------------ one round
+    def _fault(self, method: str, round_: int, k: int) -> str | None:
+        for f in self.cfg.faults:
+            if f.round == round_ and f.client == k and (f.method is None or f.method == method):
+                return f.kind
+        return None
+
+    @staticmethod
+    def _corrupt(reply: Message, kind: str) -> Message:
+        key = sorted(reply.arrays)[0]
+        arrays = dict(reply.arrays)
+        t = arrays[key]
+        if kind == "shape":
+            arrays[key] = t[..., :-1].clone() if t.shape[-1] > 1 else torch.cat([t, t], dim=-1)
+        else:
+            t = t.clone()
+            t.view(-1)[0] = float("nan") if kind == "nan" else float("inf")
+            arrays[key] = t
+        return Message(arrays, dict(reply.config), dict(reply.metrics))
+
+    def sampled(self, round_: int) -> list[int]:
+        cfg = self.cfg
+        if not cfg.clients_per_round:
+            return list(range(cfg.clients))
+        rng = np.random.default_rng([cfg.seed, 11, round_])
+        return np.sort(rng.choice(cfg.clients, cfg.clients_per_round, replace=False)).tolist()
+
+    def run_round(self, method: Method, server: ServerState, clients: dict[int, ClientState], round_: int, bar=None):
+        """One round: configure, run_client, check, aggregate. Returns ``(server, clients, rows, times)``."""
+        replies: dict[int, Message] = {}
+        rows, server_s, client_s, train_s = [], 0.0, 0.0, 0.0
+        for k in self.sampled(round_):
+            t0 = time.perf_counter()
+            message = method.configure(server, k)
+            t1 = time.perf_counter()
+            reply, clients[k], stats = run_client(method, message, clients.get(k), self.contexts[k])
+            t2 = time.perf_counter()
+            kind = self._fault(method.name, round_, k)
+            if kind:
+                reply = self._corrupt(reply, kind)
+            row = {"client": k, "rank": int(message.config["rank"]), "n": int(reply.config["num_examples"]),
+                   "train_loss": stats.loss, "train_accuracy": stats.accuracy, "bytes_down": message.nbytes,
+                   "bytes_up": reply.nbytes, "dropped": False}
+            try:
+                method.check_reply(server, k, reply)
+            except ValueError as err:
+                row["dropped"], row["reason"] = True, str(err)
+                msg = f"{method.title}, round {round_}, client {k}: update dropped ({err})"
+                warnings.warn(msg, UpdateDroppedWarning, stacklevel=2)
+                log.warning(msg)
+            else:
+                replies[k] = reply
+                if reply.config["rank"] != row["rank"]:
+                    row["new_rank"] = int(reply.config["rank"])
+            server_s += (t1 - t0) + (time.perf_counter() - t2)
+            client_s += t2 - t1 - stats.seconds
+            train_s += stats.seconds
+            rows.append(row)
+            if bar is not None:
+                bar.update(1)
+        t0 = time.perf_counter()
+        if replies:
+            server = method.aggregate(server, replies)
+        else:
+            warnings.warn(f"{method.title}, round {round_}: every update was dropped; the global state is kept.",
+                          UpdateDroppedWarning, stacklevel=2)
+            server = ServerState(server.round + 1, server.pairs, server.extras, server.shapes, server.ranks,
+                                 server.arrays, server.info)
+        aggregate_s = time.perf_counter() - t0
+        times = {"server_seconds": server_s + aggregate_s, "aggregate_seconds": aggregate_s,
+                 "client_overhead_seconds": client_s, "train_seconds": train_s}
+        return server, clients, rows, times
+
+    # ------------------------------------------------------------------ outputs
+    def _append(self, name: str, row: dict) -> None:
+        with open(self.out / name, "a") as f:
+            f.write(_json(row) + "\n")
+
+    def _save_final(self, method: Method, server: ServerState) -> None:
+        folder = self.out / "adapters"
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors, meta = state_to_flat(server, {})
+        save_tensors(folder / f"{method.name}.safetensors", tensors,
+                     {"method": method.name, "round": server.round, "convention": "folded: B @ A = Delta W"})
+        if server.pairs and not method.personalised:
+            peft_dir = folder / f"{method.name}-peft"
+            peft_dir.mkdir(exist_ok=True)
+            config = self.ws.config_for({m: p.rank for m, p in server.pairs.items()})
+            config_dict = config.to_dict()
+            config_dict["target_modules"] = sorted(config_dict["target_modules"])
+            atomic_write_text(peft_dir / "adapter_config.json", json.dumps(config_dict, indent=2, sort_keys=True))
+            save_tensors(peft_dir / "adapter_model.safetensors", pairs_to_state_dict(server.pairs, config, server.extras))
+
+    # ------------------------------------------------------------------ the run
+    def _start(self, method: Method):
+        server = method.init_server(self.init, self.init_extras, dict(enumerate(self.ranks)), init_seed=self.init_seed)
+        return server, {}
+
+    def run_method(self, name: str, *, resume: bool, round0: dict | None) -> tuple[list[dict], list[dict]]:
+        cfg = self.cfg
+        method = make_method(name, **cfg.method_options.get(name, {}))
+        folder = self.out / "checkpoints" / name
+        loaded = load_checkpoint(folder, device=self.device) if resume else None
+        timings = [t for t in self._timings if t["method"] == name]
+        if loaded is not None:
+            server, clients = state_from_flat(loaded.tensors, loaded.state["state"], self.ws.shapes)
+            history = loaded.state["history"]
+            timings = [t for t in timings if t["round"] <= server.round]
+        else:
+            server, clients = self._start(method)
+            if round0 is None or method.personalised:
+                t0 = time.perf_counter()
+                r0 = self.evaluate(method, server, clients, by_rank=method.personalised, rouge=True)
+                timings = [{"method": name, "round": 0, "eval_seconds": time.perf_counter() - t0}]
+            else:
+                r0, timings = dict(round0), [{"method": name, "round": 0, "eval_seconds": 0.0}]
+            history = [{"method": name, "round": 0, **r0, "bytes_up": 0, "bytes_down": 0, "dropped": 0}]
+        from tqdm.auto import tqdm
+
+        total = (cfg.rounds - server.round) * (cfg.clients_per_round or cfg.clients)
+        with tqdm(total=total, desc=f"{method.title:<18}", disable=not self.progress, file=sys.stderr,
+                  unit="client", dynamic_ncols=True) as bar:
+            while server.round < cfg.rounds:
+                round_ = server.round + 1
+                t_start = time.perf_counter()
+                server, clients, rows, times = self.run_round(method, server, clients, round_, bar)
+                row = {"method": name, "round": round_}
+                t0 = time.perf_counter()
+                if round_ % cfg.eval_every == 0 or round_ == cfg.rounds:
+                    row.update(self.evaluate(method, server, clients, rouge=round_ == cfg.rounds))
+                times["eval_seconds"] = time.perf_counter() - t0
+                row.update(bytes_up=sum(r["bytes_up"] for r in rows), bytes_down=sum(r["bytes_down"] for r in rows),
+                           dropped=sum(r["dropped"] for r in rows),
+                           train_loss=float(np.mean([r["train_loss"] for r in rows])),
+                           ranks=[server.ranks[k] for k in range(cfg.clients)], clients=rows)
+                history.append(row)
+                times.update(method=name, round=round_, wall_seconds=time.perf_counter() - t_start)
+                timings.append(times)
+                if self.metric in row:
+                    bar.set_postfix({self.metric: f"{row[self.metric]:.3f}"})
+                if cfg.checkpoint:
+                    tensors, meta = state_to_flat(server, clients)
+                    save_checkpoint(folder, server.round, tensors, {"state": meta, "history": history})
+                self._histories[name], self._timings_by[name] = history, timings
+                self._write_logs()
+                if self.on_round_end is not None:
+                    self.on_round_end(name, round_)
+        self._save_final(method, server)
+        return history, timings
+
+    def _write_logs(self) -> None:
+        names = [m for m in self.cfg.methods if m in self._histories]
+        atomic_write_text(self.out / "metrics.jsonl", "".join(_json(r) + "\n" for m in names for r in self._histories[m]))
+        atomic_write_text(self.out / "timings.jsonl",
+                          "".join(_json(t) + "\n" for m in names for t in self._timings_by.get(m, [])))
+
+    def run(self, *, resume: bool = False) -> list[dict]:
+        """Run (or resume) every method; write outputs; return the summary rows."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._timings = []
+        if resume and (self.out / "timings.jsonl").exists():
+            self._timings = [json.loads(x) for x in (self.out / "timings.jsonl").read_text().splitlines() if x.strip()]
+        atomic_write_text(self.out / "config.json", json.dumps(self.cfg.to_dict(), indent=1, sort_keys=True))
+        self.setup()
+        atomic_write_text(self.out / "setup.json", json.dumps(self.describe(), indent=1, sort_keys=True))
+        self._histories, self._timings_by = {}, {}
+        summary, round0 = [], None
+        for name in self.cfg.methods:
+            history, timings = self.run_method(name, resume=resume, round0=round0)
+            if round0 is None and not make_method(name, **self.cfg.method_options.get(name, {})).personalised:
+                round0 = {k: v for k, v in history[0].items() if k not in ("method", "round")}
+            self._histories[name], self._timings_by[name] = history, timings
+            summary.append(summary_row(make_method(name, **self.cfg.method_options.get(name, {})), history, timings,
+                                       self.metric))
+        self._write_logs()
+        self.ws.set_base(None)
+        atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=1, sort_keys=True))
+        atomic_write_text(self.out / "summary.md", summary_markdown(summary, self.describe()))
+        facts = self.describe()
+        titles = {m: make_method(m).title for m in self._histories}
+        write_plots(self._histories, self.out, self.metric, title=self.plot_title(), titles=titles,
+                    majority=facts.get("majority_accuracy"))
+        return summary
+
+    def plot_title(self) -> str:
+        cfg, d = self.cfg, self.describe()
+        ranks = sorted(set(self.ranks))
+        return (f"{cfg.model} / {cfg.dataset}: {cfg.clients} clients, ranks {ranks}, seed {cfg.seed}, "
+                f"eval {d['eval_size']}")
+
+
+def run_experiment(config: RunConfig, out_dir: str | Path, *, resume: bool = False, progress: bool = True,
+                   on_round_end: Callable[[str, int], None] | None = None) -> list[dict]:
+    """Set up and run a :class:`Simulation`; return its summary rows."""
+    return Simulation(config, out_dir, progress=progress, on_round_end=on_round_end).run(resume=resume)
