@@ -52,7 +52,7 @@ BBC_TOPICS = ("business", "entertainment", "politics", "sports", "tech")
 #: FLoRA's heterogeneous rank mix for 10 clients (Wang et al., NeurIPS 2024).
 FLORA_RANKS = (64, 32, 16, 16, 8, 8, 4, 4, 4, 4)
 
-#: LoRA-A2's client counts over the rank set {1, 2, 4, 8, 16, 32} (ALGORITHMS.md section 6).
+#: LoRA-A2's client counts over the rank set {1, 2, 4, 8, 16, 32} (docs/methods.md, "Data and client splits from the papers").
 RANK_DISTRIBUTIONS = {
     "uniform": (6, 6, 6, 6, 6, 6),
     "heavy_tail": (16, 8, 4, 2, 2, 0),

@@ -10,7 +10,7 @@ where
 - ``alpha`` and ``r`` are the module's ``lora_alpha`` and rank (``alpha_pattern`` / ``rank_pattern``
   may set them per module).
 
-The core never sees ``s`` (ALGORITHMS.md, section 0): on the way in, ``FactorPair(s B_peft, A_peft)``,
+The core never sees ``s`` (docs/methods.md, "Notation and the scale folding"): on the way in, ``FactorPair(s B_peft, A_peft)``,
 so ``pair.B @ pair.A`` is the update ``Delta W`` itself and a rank slot means the same thing for
 every client whatever its rank; on the way out ``lora_B = B / s``. The round trip is exact when
 ``s`` is a power of two (``lora_alpha = 16`` with power-of-two ranks) and within one rounding of

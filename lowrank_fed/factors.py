@@ -6,7 +6,7 @@ A ``FactorPair(B, A)`` stands for the update
 
 where ``B`` has shape ``(d_out, r)``, ``A`` has shape ``(r, d_in)``, ``b_i = B[:, i]`` and
 ``a_i = A[i, :]``. Index ``i`` is a *slot*. The core never sees PEFT's scale ``s``: the torch
-bridge folds it into ``B`` on the way in (ALGORITHMS.md, section 0).
+bridge folds it into ``B`` on the way in (docs/methods.md#notation-and-the-scale-folding).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 r"""Linear algebra on factored updates, never forming a ``d_out x d_in`` matrix.
 
 The central routine is :func:`factored_svd`, the thin SVD of a weighted sum of LoRA products
-(FlexLoRA's server step, ALGORITHMS.md section 1) at cost ``O((d_out + d_in) R^2 + R^3)``.
+(FlexLoRA's server step, docs/methods.md#flexlora) at cost ``O((d_out + d_in) R^2 + R^3)``.
 """
 
 from __future__ import annotations

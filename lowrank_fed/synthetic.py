@@ -35,7 +35,7 @@ Attacks poison the data: ``Y_k`` is generated from the attacked ``Theta_k``. LoR
 
 Notes
 -----
-Our construction (ALGORITHMS.md section 5); the paper's experiments use linear regression with a
+Our construction (docs/methods.md#setting); the paper's experiments use linear regression with a
 shared subspace and contaminated clients (abstract), whose exact generator is not public.
 """
 

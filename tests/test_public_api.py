@@ -1,4 +1,4 @@
-"""The public names of DESIGN.md exist with the documented call shapes (acceptance tests elsewhere rely on them)."""
+"""The public names of the documented API exist with the documented call shapes (acceptance tests elsewhere rely on them)."""
 
 from __future__ import annotations
 

@@ -47,7 +47,7 @@ def alternating_update(global_pair: FactorPair, deltas, weights=None, *, factor:
 
     Notes
     -----
-    LoRA-A2 (ACL 2025), ALGORITHMS.md section 4. [paper]
+    LoRA-A2 (ACL 2025), docs/methods.md#lora-a2. [paper]
 
     Examples
     --------

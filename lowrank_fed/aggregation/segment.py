@@ -36,7 +36,7 @@ def aggregate_segment(pairs, weights=None, *, previous: FactorPair | None = None
     Notes
     -----
     Reconstruction of PreLort's segment-wise rule (paper abstract; rule details ours,
-    ALGORITHMS.md section 2). Equal ranks reduce it to ``fedavg``; a slot owned by one client is
+    docs/methods.md#prelort). Equal ranks reduce it to ``fedavg``; a slot owned by one client is
     that client's slot, undiluted; it equals ``replication`` (Byun & Lee 2024) algebraically.
 
     Examples

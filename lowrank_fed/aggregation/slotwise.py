@@ -96,7 +96,7 @@ def aggregate_slotwise(
     Notes
     -----
     Reconstruction of HAFL's adaptive rank-1 aggregation (paper abstract; details ours,
-    ALGORITHMS.md section 3). Unlike ``zero_pad`` it never dilutes a slot by clients that did not
+    docs/methods.md#hafl). Unlike ``zero_pad`` it never dilutes a slot by clients that did not
     train it.
 
     Examples

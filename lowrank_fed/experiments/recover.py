@@ -12,7 +12,7 @@ for CLAIR's refinement, the local OLS estimates, FedAvg (the sample-size weighte
 estimates, contaminated ones included, given to everyone) and the oracle refinement
 ``P_U Theta_hat_k + (I - P_U) mean_G Theta_hat_j`` (true ``U`` and ``G``), next to the oracle formula
 ``sigma_e^2 q (r + (p - r) / |G|)`` with ``sigma_e^2 = noise^2 / (n - p - 1)`` the per-entry
-variance of an OLS estimate (ALGORITHMS.md section 5). Also: ``sin_theta`` of the subspace,
+variance of an OLS estimate (docs/methods.md#refinement). Also: ``sin_theta`` of the subspace,
 precision and recall of the flagged set, solver time and relative duality gap.
 """
 

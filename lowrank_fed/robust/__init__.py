@@ -1,4 +1,4 @@
-r"""CLAIR: contamination-aware collaborative low-rank recovery (ALGORITHMS.md section 5).
+r"""CLAIR: contamination-aware collaborative low-rank recovery (docs/methods.md#clair).
 
 :func:`clair` recovers the shared subspace of the clients' updates, flags contaminated clients and
 refines the benign updates; it returns a :class:`ClairResult`. The pieces are public too:

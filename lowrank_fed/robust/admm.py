@@ -1,6 +1,6 @@
 r"""Fast solvers of the CLAIR program: inexact ALM (noiseless) and FISTA (noisy).
 
-Noiseless, 2-block ADMM / inexact augmented Lagrangian (ALGORITHMS.md section 5):
+Noiseless, 2-block ADMM / inexact augmented Lagrangian (docs/methods.md#solvers):
 
 .. math::
 

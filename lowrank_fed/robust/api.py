@@ -24,7 +24,7 @@ where
 
 Notes
 -----
-Reconstruction of CLAIR (paper abstract; formulation ours, ALGORITHMS.md section 5). Pieces:
+Reconstruction of CLAIR (paper abstract; formulation ours, docs/methods.md#clair). Pieces:
 :mod:`~lowrank_fed.robust.problem` (the program), :mod:`~lowrank_fed.robust.compress` (lossless
 compression), :mod:`~lowrank_fed.robust.admm` (fast solvers), :mod:`~lowrank_fed.robust.cvx`
 (CVXPY reference), :mod:`~lowrank_fed.robust.lam`, :mod:`~lowrank_fed.robust.detection`,

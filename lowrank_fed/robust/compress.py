@@ -28,7 +28,7 @@ compression, which holds when every block uses *one* basis: ``[A_1; ..; A_K]^T =
 
 Notes
 -----
-Our derivation (ALGORITHMS.md section 5). No ``d_out x d_in`` matrix is formed for LoRA input.
+Our derivation (docs/methods.md#compression). No ``d_out x d_in`` matrix is formed for LoRA input.
 The cost is one thin QR of a ``p x R`` matrix plus ``O(R^2 N)`` on the compressed side.
 """
 

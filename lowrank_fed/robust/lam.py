@@ -23,7 +23,7 @@ Notes
 -----
 Reconstruction of CLAIR (paper abstract; formulation ours). Outlier Pursuit's ``3 / (7 sqrt(gamma n))``
 does not carry over (it returns ``L = 0``); the window and the plateau rule are ours
-(ALGORITHMS.md section 5). The bounds ``lam_hi``/``lam_lo`` are exact for a known base (``lam_hi``
+(docs/methods.md#choosing-lam). The bounds ``lam_hi``/``lam_lo`` are exact for a known base (``lam_hi``
 uses the dual certificate ``U V^T``, an upper bound) and computed on the centred data otherwise.
 """
 

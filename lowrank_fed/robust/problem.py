@@ -30,14 +30,15 @@ Duals (used for the stopping rule of every solver and reported as ``gap``):
 
 subject to ``||Y||_2 <= 1`` (``<= alpha`` noisy), ``||Y_k||_F <= lam`` (``<= alpha lam``) and,
 base unknown, ``sum_k Y_k = 0``. A feasible ``Y`` is obtained by scaling a centred candidate,
-``Ytil = center(Y) / max(||center(Y)||_2, max_k ||center(Y)_k||_F / lam)`` (ALGORITHMS.md
-section 5), and ``gap = primal - dual >= 0`` bounds the suboptimality of the primal point.
+``Ytil = center(Y) / max(||center(Y)||_2, max_k ||center(Y)_k||_F / lam)``
+(docs/methods.md#the-program), and ``gap = primal - dual >= 0`` bounds the suboptimality of the
+primal point.
 
 Notes
 -----
 Reconstruction of CLAIR (paper abstract; formulation ours): the abstract names the ingredients
 (shared subspace, contaminated clients, cross-client refinement); the block Outlier Pursuit form,
-the centred base-unknown form and the duals are our derivation (ALGORITHMS.md section 5).
+the centred base-unknown form and the duals are our derivation (docs/methods.md#the-program).
 """
 
 from __future__ import annotations

@@ -28,8 +28,8 @@ part of their update, and their in-subspace part is theirs. In-subspace attacks 
 Notes
 -----
 Reconstruction of CLAIR (paper abstract: "reduces off-subspace error by cross-client averaging while
-preserving client-specific variation within the shared subspace"; formulation ours, ALGORITHMS.md
-section 5).
+preserving client-specific variation within the shared subspace"; formulation ours,
+docs/methods.md#refinement).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-r"""Claims about the aggregation rules (ALGORITHMS.md sections 1-4), measured on random clients."""
+r"""Claims about the aggregation rules (docs/methods.md#baselines to #lora-a2), measured on random clients."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-r"""CLAIR's theorems as experiments (ALGORITHMS.md section 5; constants unknown, so measured).
+r"""CLAIR's theorems as experiments (docs/methods.md#clair; constants unknown, so measured).
 
 Every experiment uses the project's one implementation: :func:`lowrank_fed.robust.clair`, its
 refinement :func:`lowrank_fed.robust.refinement.refine_dense`, and the synthetic federations of
