@@ -20,7 +20,7 @@ matplotlib.use("Agg")
 from lowrank_fed.experiments.table import print_table
 
 from . import claims  # noqa: F401  (registers every claim)
-from ._registry import CLAIMS, Context, run_claims
+from ._registry import CLAIMS, Context, checks_for, claim_names, run_claims
 
 
 def markdown_table(records) -> str:
@@ -39,18 +39,21 @@ def markdown_table(records) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m proofs_check", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small grids: every claim in under 5 minutes")
-    parser.add_argument("--only", nargs="+", metavar="NAME", help=f"run only these claims: {', '.join(CLAIMS)}")
+    parser.add_argument("--only", nargs="+", metavar="NAME",
+                        help=f"run only these claims (the README table's names): {', '.join(claim_names())}")
     parser.add_argument("--out", type=Path, default=Path("proofs_out"), help="folder for results.json and figures")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--markdown", type=Path, help="also write the results as a markdown table (for the README)")
     args = parser.parse_args(argv)
-    unknown = sorted(set(args.only or []) - set(CLAIMS))
+    unknown = sorted(set(args.only or []) - set(claim_names()) - set(CLAIMS))
     if unknown:
-        parser.error(f"unknown claim(s) {unknown}; expected names from {sorted(CLAIMS)}")
+        parser.error(f"unknown claim(s) {unknown}; expected names from {claim_names()}")
     args.out.mkdir(parents=True, exist_ok=True)
-    names = args.only or list(CLAIMS)
     start = time.perf_counter()
-    records = run_claims(names, Context(quick=args.quick, out=args.out, seed=args.seed))
+    records = run_claims(checks_for(args.only) if args.only else list(CLAIMS),
+                         Context(quick=args.quick, out=args.out, seed=args.seed))
+    if args.only:
+        records = [r for r in records if r.claim in args.only or r.check in args.only]
     total = time.perf_counter() - start
     print_table(
         f"proofs_check ({'quick' if args.quick else 'full'}), {len(records)} checks, {total:.1f} s",

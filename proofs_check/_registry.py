@@ -42,18 +42,32 @@ class Context:
 
 ClaimFn = Callable[[Context], list[Record]]
 CLAIMS: dict[str, ClaimFn] = {}
+#: check name -> the names of the Records it reports (the rows of the README table).
+REPORTS: dict[str, tuple[str, ...]] = {}
 
 
-def claim(name: str) -> Callable[[ClaimFn], ClaimFn]:
-    """Register a claim function under ``name`` (it returns one or more Records)."""
+def claim(name: str, reports: tuple[str, ...] | None = None) -> Callable[[ClaimFn], ClaimFn]:
+    """Register a check under ``name``; ``reports`` names the Records it returns (default: ``(name,)``)."""
 
     def register(fn: ClaimFn) -> ClaimFn:
         if name in CLAIMS:
             raise ValueError(f"Claim {name!r} is registered twice.")
         CLAIMS[name] = fn
+        REPORTS[name] = tuple(reports or (name,))
         return fn
 
     return register
+
+
+def claim_names() -> list[str]:
+    """Every claim a run can report, in order (the names ``--only`` takes and the README table shows)."""
+    return [r for name in CLAIMS for r in REPORTS[name]]
+
+
+def checks_for(names) -> list[str]:
+    """The checks that report the given claim names (a check's own name also selects it)."""
+    wanted = set(names)
+    return [c for c in CLAIMS if c in wanted or wanted & set(REPORTS[c])]
 
 
 def run_claims(names, ctx: Context) -> list[Record]:
@@ -69,6 +83,9 @@ def run_claims(names, ctx: Context) -> list[Record]:
                        details={"error": repr(exc), "traceback": traceback.format_exc()})
             ]
         seconds = time.perf_counter() - start
+        extra = sorted({r.claim for r in got} - set(REPORTS[name]) - {name})
+        if extra:
+            raise ValueError(f"Check {name!r} reported {extra}, which it does not declare; declared {REPORTS[name]}.")
         for r in got:
             records.append(Record(**{**asdict(r), "seconds": seconds / len(got), "check": name}))
     return records

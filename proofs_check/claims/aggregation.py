@@ -103,7 +103,7 @@ def segment_equals_fedavg(ctx):
                    worst <= 1e-12)]
 
 
-@claim("alternating_exact")
+@claim("alternating_exact", reports=("alternating_exact", "fedavg_discordance"))
 def alternating_exact(ctx):
     """LoRA-A2's frozen-factor update is exact; factor-wise FedAvg of both factors is not."""
     alt_worst, discord = 0.0, []

@@ -59,7 +59,7 @@ T1_ATTACKS = ("random", "base_shift", "coordinated")
 T1_REGIME = {"random": 0.2, "base_shift": 0.2, "coordinated": 0.1}
 
 
-@claim("clair_t1_exact_recovery")
+@claim("clair_t1_exact_recovery", reports=("clair_t1_exact_recovery", "clair_t1_lam_window"))
 def t1_exact_recovery(ctx):
     """Noiseless: exact recovery in the identifiable regime; the measured boundary is reported."""
     K, p, q = (20, 40, 10) if ctx.quick else (40, 60, 12)
@@ -231,7 +231,7 @@ def _oracle_errors(fed, thetas):
     return float(oracle), float(local)
 
 
-@claim("clair_t4_refinement_gain")
+@claim("clair_t4_refinement_gain", reports=("clair_t4_oracle_error", "clair_t4_local_error"))
 def t4_refinement_gain(ctx):
     """Oracle refinement error sigma_e^2 q (r + (p - r)/|G|) vs local sigma_e^2 p q, within 5%."""
     K, p, q, r, n, sigma = (20, 20, 10, 3, 60, 1.0) if ctx.quick else (30, 30, 10, 3, 80, 1.0)
@@ -307,7 +307,7 @@ def t5_crossover(ctx):
 # ---------------------------------------------------------------- in-subspace attacks
 
 
-@claim("clair_in_subspace_attacks")
+@claim("clair_in_subspace_attacks", reports=("clair_in_subspace_sign_flip", "clair_in_subspace_scaled"))
 def in_subspace_attacks(ctx):
     """Sign-flip and scaling attacks stay inside U: undetectable, and refinement's benign error is unchanged."""
     K, p, q, r, n, sigma = (20, 20, 8, 3, 100, 0.5) if ctx.quick else (30, 30, 10, 3, 150, 0.5)
@@ -336,7 +336,7 @@ def in_subspace_attacks(ctx):
 # ---------------------------------------------------------------- compressed == dense
 
 
-@claim("clair_compressed_equals_dense")
+@claim("clair_compressed_equals_dense", reports=("clair_compressed_subspace", "clair_compressed_objective"))
 def compressed_equals_dense(ctx):
     """CLAIR on factor pairs (compressed, never densified) solves the uncompressed program on the products."""
     rng = np.random.default_rng(ctx.seed)
