@@ -43,7 +43,7 @@ from ..evaluate import greedy_generate, rouge_l, score_classification, score_lm,
 from ..methods import ClientState, Method, Model, ServerState, make_method
 from ..models import load_model
 from ..peft_bridge import AdapterWorkspace, init_pairs, pairs_to_state_dict
-from ..protocol import Message, decode_pairs, encode_pairs
+from ..protocol import Message, decode_extras, decode_pairs, encode_extras, encode_pairs, from_flat, to_flat
 from .checkpoint import atomic_write_text, load_checkpoint, save_checkpoint, save_tensors
 from .report import summary_markdown, summary_row, write_plots
 
@@ -66,25 +66,34 @@ def _json(obj) -> str:
 
 
 def state_to_flat(server: ServerState, clients: dict[int, ClientState]) -> tuple[dict, dict]:
-    """Server and client states as flat tensors plus JSON (the checkpoint's content)."""
-    tensors = {f"server/{k}": v for k, v in encode_pairs(server.pairs).items()}
-    tensors.update({f"server/extra/{n}": v for n, v in server.extras.items()})
-    tensors.update({f"server/arrays/{n}": v for n, v in server.arrays.items()})
+    r"""Server and client states as flat tensors plus JSON (a checkpoint's content).
+
+    Each state is written as a :class:`Message` and encoded by :func:`~lowrank_fed.llm.protocol.to_flat`,
+    the one encoding that the Flower apps use too: ``server/`` (the global pairs, the head, the method's
+    arrays; config: round, ranks, info) and ``client/<k>/`` (a client's arrays; config: its info).
+    """
+    arrays = {**encode_pairs(server.pairs), **encode_extras(server.extras),
+              **{f"arrays/{n}": v for n, v in server.arrays.items()}}
+    config = {"round": server.round, "ranks": {str(k): r for k, r in server.ranks.items()}, "info": server.info}
+    tensors, meta = to_flat(Message(arrays, config), "server/")
+    metas = {"server": meta, "clients": {}}
     for k, c in clients.items():
-        tensors.update({f"client/{k}/{n}": v for n, v in c.arrays.items()})
-    meta = {"round": server.round, "ranks": {str(k): r for k, r in server.ranks.items()}, "info": server.info,
-            "clients": {str(k): c.info for k, c in clients.items()}}
-    return tensors, meta
+        t, metas["clients"][str(k)] = to_flat(Message(c.arrays, c.info), f"client/{k}/")
+        tensors.update(t)
+    return tensors, metas
 
 
-def state_from_flat(tensors: dict, meta: dict, shapes: dict) -> tuple[ServerState, dict[int, ClientState]]:
+def state_from_flat(tensors: dict, metas: dict, shapes: dict) -> tuple[ServerState, dict[int, ClientState]]:
     """Inverse of :func:`state_to_flat`."""
-    sub = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}  # noqa: E731
-    pairs = decode_pairs(sub("server/"), prefix="lora")
-    server = ServerState(meta["round"], {m: pairs[m] for m in shapes if m in pairs}, sub("server/extra/"),
-                         dict(shapes), {int(k): int(r) for k, r in meta["ranks"].items()}, sub("server/arrays/"),
-                         meta["info"])
-    clients = {int(k): ClientState(sub(f"client/{k}/"), info) for k, info in meta["clients"].items()}
+    msg = from_flat(tensors, metas["server"], "server/")
+    pairs, cfg = decode_pairs(msg.arrays), msg.config
+    arrays = {k[len("arrays/"):]: v for k, v in msg.arrays.items() if k.startswith("arrays/")}
+    server = ServerState(cfg["round"], {m: pairs[m] for m in shapes if m in pairs}, decode_extras(msg.arrays),
+                         dict(shapes), {int(k): int(r) for k, r in cfg["ranks"].items()}, arrays, cfg["info"])
+    clients = {}
+    for k, meta in metas["clients"].items():
+        c = from_flat(tensors, meta, f"client/{k}/")
+        clients[int(k)] = ClientState(c.arrays, c.config)
     return server, clients
 
 
