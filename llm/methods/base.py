@@ -166,6 +166,10 @@ class Method:
         """The model a client of rank ``rank`` starts the next round from, as the method sends it."""
         return Model(self.download_pairs(server, rank), dict(server.extras), None)
 
+    def download_is_global(self, server: ServerState, rank: int) -> bool:
+        """Whether a client of rank ``rank`` downloads exactly the global model (evaluation reuses its score)."""
+        return all(p.rank <= rank for p in server.pairs.values())
+
     def global_model(self, server: ServerState) -> Model:
         """The global model (for a new client, and the global score)."""
         return Model(server.pairs, server.extras, None)

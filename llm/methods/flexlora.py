@@ -38,6 +38,9 @@ class FlexLoRA(Method):
             server.cache["svd"] = {m: redistribute(p, r_cap, method="svd") for m, p in server.pairs.items()}
         return {m: redistribute(p, rank, method="prefix") for m, p in server.cache["svd"].items()}
 
+    def download_is_global(self, server, rank):
+        return False  # an SVD re-factorisation: the same product only up to rounding
+
     def aggregate(self, server, replies):
         decoded = [decode_pairs(r.arrays) for r in replies.values()]
         pairs = {m: aggregate(self.rule, [d[m] for d in decoded], weights_of(replies)) for m in server.shapes}

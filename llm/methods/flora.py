@@ -55,6 +55,9 @@ class FLoRA(Method):
     def downloaded_model(self, server, rank):
         return self.global_model(server)  # a fresh adapter has B = 0: the model is the merged base
 
+    def download_is_global(self, server, rank):
+        return True
+
     def global_model(self, server):
         return Model(None, server.extras, _base(server.arrays) or None)
 

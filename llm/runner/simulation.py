@@ -205,7 +205,8 @@ class Simulation:
           (``per_client`` lists them): its download, or its personalised model (``personal`` methods).
         """
         self._load(method.global_model(server))
-        out = summarise(self._score("test"))
+        global_scores = self._score("test")
+        out = summarise(global_scores)
         if len(self.val):
             out.update({f"val_{k}": v for k, v in summarise(self._score("val")).items()})
         if rouge and self.task == "generation" and self.cfg.rouge_size:
@@ -225,6 +226,9 @@ class Simulation:
         else:
             scores = {}
             for rank in sorted(set(server.ranks.values())):
+                if method.download_is_global(server, rank):
+                    scores[rank] = global_scores
+                    continue
                 self._load(method.downloaded_model(server, rank))
                 scores[rank] = self._score("test")
             out["by_rank"] = {str(r): summarise(s) for r, s in scores.items()}
