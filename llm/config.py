@@ -159,10 +159,10 @@ class RunConfig(BaseModel):
     use_rslora: bool = Field(False, description="rank-stabilised scale alpha / sqrt(r)")
     target_modules: list[str] = Field([], description="modules that get LoRA adapters; empty: the model's")
     train_size: int = Field(0, ge=0, description="training examples drawn from the training split; 0: all")
-    val_size: int = Field(100, ge=0, description=(
+    val_size: int = Field(50, ge=0, description=(
         "examples held out from the TRAINING data (after train_size) as a validation set for model "
         "selection; the test set is never used for selection; 0: no validation set"))
-    eval_size: int = Field(300, ge=1, description="test examples evaluated (at most the test split)")
+    eval_size: int = Field(200, ge=1, description="test examples evaluated (at most the test split)")
     eval_every: int = Field(1, ge=1, description="evaluate every this many rounds (and after the last)")
     rouge_size: int = Field(16, ge=0, description="generation: test examples scored with ROUGE-L at the end")
     max_new_tokens: int = Field(24, ge=1, description="generation: tokens generated per example for ROUGE-L")

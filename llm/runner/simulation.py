@@ -202,7 +202,8 @@ class Simulation:
         - ``<metric>``, ``loss``: the global model on the test set; ``val_<metric>``: on the validation set;
         - ``by_rank``: ``{rank: {<metric>, loss}}`` for the model each distinct client rank downloads;
         - ``local_<metric>``: the mean over clients of each client's model on its own held-out set
-          (``per_client`` lists them): its download, or its personalised model (``personal`` methods).
+          (``per_client`` lists them, None for a client whose held-out set is empty): its download, or
+          its personalised model (``personal`` methods).
         """
         self._load(method.global_model(server))
         global_scores = self._score("test")
@@ -217,9 +218,12 @@ class Simulation:
             out["samples"] = [{"prediction": p, "reference": r} for p, r in zip(preds[:3], self.test.targets[:3], strict=False)]
         if not by_rank:
             return out
-        per_client: list[float] = []
+        per_client: list[float | None] = []  # None: the client's held-out set is empty
         if method.personalised:
             for k in range(self.cfg.clients):
+                if not len(self.holdout[k]):
+                    per_client.append(None)
+                    continue
                 model = method.personal_model(method.configure(server, k), clients.get(k, ClientState()), self.ws.shapes)
                 self._load(model)
                 per_client.append(summarise(self._score("test", self.holdout[k]))[self.metric])
@@ -232,9 +236,10 @@ class Simulation:
                 self._load(method.downloaded_model(server, rank))
                 scores[rank] = self._score("test")
             out["by_rank"] = {str(r): summarise(s) for r, s in scores.items()}
-            per_client = [summarise(scores[server.ranks[k]], self.holdout[k])[self.metric] for k in range(self.cfg.clients)]
+            per_client = [summarise(scores[server.ranks[k]], self.holdout[k])[self.metric] if len(self.holdout[k]) else None
+                          for k in range(self.cfg.clients)]
         out["per_client"] = per_client
-        out[f"local_{self.metric}"] = float(np.mean(per_client))
+        out[f"local_{self.metric}"] = float(np.mean([v for v in per_client if v is not None]))
         return out
 
     # ------------------------------------------------------------------ one round

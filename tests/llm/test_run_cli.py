@@ -74,7 +74,7 @@ def test_default_config_is_the_demo():
     assert cfg == RunConfig()
     assert cfg.model == "minilm" and cfg.dataset in ("bbc_news", "20newsgroups")
     assert {"fedit", "hetlora", "flora", "flexlora"} <= set(cfg.methods)
-    assert cfg.partition == "dirichlet" and cfg.ranks == "flora" and cfg.val_size == 100
+    assert cfg.partition == "dirichlet" and cfg.ranks == "flora" and cfg.val_size == 50
 
 
 def test_config_keeps_the_runners_view():
