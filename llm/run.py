@@ -169,7 +169,7 @@ def main(args: argparse.Namespace) -> int:
 
     console = Console()
     if not console.is_terminal:
-        console = Console(width=max(console.width, 120))
+        console = Console(width=max(console.width, 160))
     if clear:
         _clear(out)
         console.print(f"--overwrite: emptied {escape(str(out))}")
@@ -186,6 +186,9 @@ def main(args: argparse.Namespace) -> int:
         return 130
     console.print(f"clients' ranks {sim.ranks}, examples {sim.n_k}")
     console.print(summary_table(summary, title=f"{cfg.name}: {cfg.model} / {cfg.dataset}"))
+    if any(row["by_rank"] for row in summary):
+        console.print(summary_table(summary, title="the model each client rank downloads (test set, final round)",
+                                    by_rank=True))
     console.print(f"metrics, plots and adapters in {out}/")
     sys.stdout.flush()
     return 0

@@ -45,6 +45,21 @@ def _fmt(value, digits: int = 4) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def _rank_range(row: dict) -> str:
+    values = list(row["by_rank"].values())
+    return f"{min(values):.3f}-{max(values):.3f}" if values else "-"
+
+
+def _ranks(summary: list[dict]) -> list[str]:
+    return sorted({k for r in summary for k in r["by_rank"]}, key=int)
+
+
+def _rank_columns(summary: list[dict]):
+    s = _SHORT.get(summary[0]["metric"], summary[0]["metric"]) if summary else "acc"
+    return [("Method", lambda r: r["title"])] + [
+        (f"rank {k} {s}", lambda r, k=k: _fmt(r["by_rank"].get(k))) for k in _ranks(summary)]
+
+
 def _columns(summary: list[dict]):
     metric = summary[0]["metric"] if summary else "accuracy"
     s = _SHORT.get(metric, metric)
@@ -53,7 +68,7 @@ def _columns(summary: list[dict]):
             (f"{s} @ val-best (round)", lambda r: f"{_fmt(r.get('selected'))} ({r.get('selected_round', '-')})"),
             (f"local {s}", lambda r: _fmt(r.get("local"))),
             (f"personal {s}", lambda r: _fmt(r.get("personal"))),
-            (f"{s} by rank", lambda r: " ".join(f"r{k}:{v:.3f}" for k, v in sorted(r["by_rank"].items(), key=lambda kv: int(kv[0]))) or "-")]
+            (f"{s} by rank (min-max)", _rank_range)]
     if any("rouge_l" in r for r in summary):
         cols.append(("ROUGE-L", lambda r: _fmt(r.get("rouge_l"))))
     cols += [("MB up", lambda r: f"{r['mb_up']:.2f}"), ("MB down", lambda r: f"{r['mb_down']:.2f}"),
@@ -68,6 +83,13 @@ def summary_markdown(summary: list[dict], facts: dict | None = None) -> str:
     lines = ["| " + " | ".join(c for c, _ in cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(f(r) for _, f in cols) + " |" for r in summary]
     lines.append("")
+    if _ranks(summary):
+        lines.append("The model each client rank downloads, on the test set (final round):")
+        lines.append("")
+        cols = _rank_columns(summary)
+        lines += ["| " + " | ".join(c for c, _ in cols) + " |", "|" + "---|" * len(cols)]
+        lines += ["| " + " | ".join(f(r) for _, f in cols) + " |" for r in summary if r["by_rank"]]
+        lines.append("")
     if summary and summary[0].get("initial") is not None:
         extra = f", ROUGE-L {summary[0]['rouge_l_initial']:.4f}" if summary[0].get("rouge_l_initial") is not None else ""
         lines.append(f"Untrained model: {summary[0]['metric']} {summary[0]['initial']:.4f}{extra}.")
@@ -80,15 +102,17 @@ def summary_markdown(summary: list[dict], facts: dict | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def summary_table(summary: list[dict], title: str = "lowrank-fed run"):
-    """The comparison table as a ``rich`` table."""
+def summary_table(summary: list[dict], title: str = "lowrank-fed run", *, by_rank: bool = False):
+    """The comparison table as a ``rich`` table (``by_rank``: the per-rank table instead)."""
     from rich.table import Table
 
+    cols = _rank_columns(summary) if by_rank else _columns(summary)
     table = Table(title=title)
-    for i, (c, _) in enumerate(_columns(summary)):
+    for i, (c, _) in enumerate(cols):
         table.add_column(c, justify="left" if i == 0 else "right")
     for r in summary:
-        table.add_row(*(f(r) for _, f in _columns(summary)))
+        if not by_rank or r["by_rank"]:
+            table.add_row(*(f(r) for _, f in cols))
     return table
 
 

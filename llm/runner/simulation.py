@@ -325,7 +325,8 @@ class Simulation:
         folder.mkdir(parents=True, exist_ok=True)
         tensors, meta = state_to_flat(server, {})
         save_tensors(folder / f"{method.name}.safetensors", tensors,
-                     {"method": method.name, "round": server.round, "convention": "folded: B @ A = Delta W"})
+                     {"method": method.name, "round": server.round, "convention": "folded: B @ A = Delta W",
+                      "state": meta["server"]})
         if server.pairs and not method.personalised:
             peft_dir = folder / f"{method.name}-peft"
             peft_dir.mkdir(exist_ok=True)
@@ -340,7 +341,8 @@ class Simulation:
         server = method.init_server(self.init, self.init_extras, dict(enumerate(self.ranks)), init_seed=self.init_seed)
         return server, {}
 
-    def run_method(self, name: str, *, resume: bool, round0: dict | None) -> tuple[list[dict], list[dict]]:
+    def run_method(self, name: str, *, resume: bool, round0: dict | None) -> tuple[Method, list[dict], list[dict]]:
+        """Run (or resume from its last good checkpoint) one method; returns it, its history and timings."""
         cfg = self.cfg
         method = make_method(name, **cfg.method_options.get(name, {}))
         folder = self.out / "checkpoints" / name
@@ -390,7 +392,7 @@ class Simulation:
                 if self.on_round_end is not None:
                     self.on_round_end(name, round_)
         self._save_final(method, server)
-        return history, timings
+        return method, history, timings
 
     def _write_logs(self) -> None:
         names = [m for m in self.cfg.methods if m in self._histories]
@@ -410,12 +412,11 @@ class Simulation:
         self._histories, self._timings_by = {}, {}
         summary, round0 = [], None
         for name in self.cfg.methods:
-            history, timings = self.run_method(name, resume=resume, round0=round0)
-            if round0 is None and not make_method(name, **self.cfg.method_options.get(name, {})).personalised:
+            method, history, timings = self.run_method(name, resume=resume, round0=round0)
+            if round0 is None and not method.personalised:
                 round0 = {k: v for k, v in history[0].items() if k not in ("method", "round")}
             self._histories[name], self._timings_by[name] = history, timings
-            summary.append(summary_row(make_method(name, **self.cfg.method_options.get(name, {})), history, timings,
-                                       self.metric))
+            summary.append(summary_row(method, history, timings, self.metric))
         self._write_logs()
         self.ws.set_base(None)
         atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=1, sort_keys=True))

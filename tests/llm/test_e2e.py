@@ -8,7 +8,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
 from lowrank_fed.llm.config import RunConfig  # noqa: E402
-from lowrank_fed.llm.simulation import run_experiment  # noqa: E402
+from lowrank_fed.llm.runner.simulation import run_experiment  # noqa: E402
 
 
 @pytest.mark.e2e
@@ -21,6 +21,9 @@ def test_minilm_two_rounds_beat_untrained(tmp_path):
     row = summary[0]
     assert row["final"] > row["initial"] + 0.15, row
     assert row["dropped"] == 0
+    # the model each rank downloads and each client's own held-out score are reported too
+    assert set(row["by_rank"]) == {"4", "8", "16"} and 0.0 <= row["local"] <= 1.0
+    assert row["selected_round"] in (1, 2)
 
 
 @pytest.mark.e2e
