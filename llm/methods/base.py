@@ -174,9 +174,9 @@ class Method:
         """The global model (for a new client, and the global score)."""
         return Model(server.pairs, server.extras, None)
 
-    def upload_ranks(self, rank: int) -> tuple[int, int]:
-        """Allowed ``(low, high)`` rank of a reply from a client that was sent rank ``rank``."""
-        return rank, rank
+    def upload_ranks(self, rank: int) -> tuple[int, ...]:
+        """The ranks a reply may have from a client that was sent rank ``rank`` (here: ``rank`` itself)."""
+        return (rank,)
 
     def check_reply(self, server: ServerState, client: int, reply: Message) -> None:
         r"""Reject a malformed reply: wrong keys, shapes, ranks, config, or non-finite entries.
@@ -189,6 +189,10 @@ class Method:
         n = reply.config.get("num_examples")
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"Reply config 'num_examples' must be a positive int. Got {n!r}.")
+        for key, want in (("round", server.round + 1), ("client", client)):
+            if reply.config.get(key) != want or isinstance(reply.config.get(key), bool):
+                raise ValueError(f"Reply config {key!r} is {reply.config.get(key)!r}; expected {want} "
+                                 "(a reply to another round's or another client's download).")
         arrays = reply.arrays
         expected = {f"lora/{m}/{f}" for m in server.shapes for f in self.uploads}
         if self.head == "average":
@@ -197,10 +201,10 @@ class Method:
         if missing or unknown:
             raise ValueError(f"Reply has missing keys {missing[:3]} and unknown keys {unknown[:3]}; expected "
                              f"{len(expected)} keys.")
-        low, high = self.upload_ranks(server.ranks[client])
+        allowed = self.upload_ranks(server.ranks[client])
         rank = reply.config.get("rank")
-        if not isinstance(rank, int) or not low <= rank <= high:
-            raise ValueError(f"Reply config 'rank' is {rank!r}; expected an int in [{low}, {high}].")
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank not in allowed:
+            raise ValueError(f"Reply config 'rank' is {rank!r}; expected one of {list(allowed)}.")
         for m, (d_out, d_in) in server.shapes.items():
             B, A = arrays.get(f"lora/{m}/B"), arrays.get(f"lora/{m}/A")
             if B is not None and tuple(B.shape) != (d_out, rank):

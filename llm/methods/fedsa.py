@@ -59,6 +59,10 @@ class FedSALoRA(Method):
 
     def client_plan(self, message, state, context, generator):
         own = self._own(message, state, context.workspace.shapes)
+        missing = sorted(set(context.workspace.extras_template()) - set(own.extras))
+        if missing:
+            raise ValueError(f"FedSA-LoRA client {message.config['client']}: no head weights {missing[:2]} in its "
+                             "state or its download (a client that lost its state); expected its own head.")
         lr = context.settings.lr
         return LocalPlan(own.pairs, own.extras, {"A": lr, "B": lr, "extras": lr}), state
 

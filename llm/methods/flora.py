@@ -3,7 +3,8 @@ r"""FLoRA: stack the clients' factors, merge the product into the base, restart 
 .. math:: S = \operatorname{stack}(\{B_k, A_k\}),\quad S_B S_A = \sum_k p_k B_k A_k\ \text{(exact, rank } \textstyle\sum_k r_k),
           \qquad W_0^{(t)} = W_0^{(t-1)} + S_B^{(t)} S_A^{(t)}
 
-The server keeps every round's stacked pair ``S^{(t)}``. The merged base lives on each client: a client
+The server keeps each round's stacked pair ``S^{(t)}`` until every client has confirmed it. The merged
+base lives on each client: a client
 records the last merge it applied, and its download carries every merge since the one its last reply
 confirmed (a client that skipped rounds catches up; those bytes are counted). Each round a client trains
 a fresh adapter (``B = 0``, ``A`` random from its round seed) of its own rank on top of its base.
@@ -71,6 +72,9 @@ class FLoRA(Method):
             delta = stacked.B @ stacked.A  # the merge into the frozen weights (FLoRA), not a rule
             arrays[f"base/{m}"] = arrays[f"base/{m}"] + delta if f"base/{m}" in arrays else delta
         synced = {**server.info.get("synced", {}), **{str(k): int(r.config["base_round"]) for k, r in replies.items()}}
+        # A merge every client of the federation has confirmed is never sent again: drop it.
+        done = min(int(synced.get(str(k), 0)) for k in server.ranks)
+        arrays = {key: v for key, v in arrays.items() if not (key.startswith("merge/") and int(key.split("/")[1]) <= done)}
         return self.next_state(server, replies, arrays=arrays, info={"synced": synced})
 
     def check_reply(self, server, client, reply):

@@ -56,7 +56,7 @@ class HetLoRA(Method):
         return None  # q_k from the norms alone
 
     def upload_ranks(self, rank):
-        return min(rank, self.options.r_min), rank
+        return tuple(sorted({min(self.pruned_rank(rank), rank), rank}))  # kept, or pruned once
 
     def pruned_rank(self, rank: int) -> int:
         """``max(r_min, floor(gamma r))``."""

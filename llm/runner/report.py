@@ -2,7 +2,8 @@ r"""Reports of a run: the summary rows, the comparison table (markdown and rich)
 
 Columns, for a metric ``m`` (accuracy, or perplexity for generation):
 
-- ``global m``: the global model on the test set after the last round;
+- ``global m``: the global model on the test set after the last round (none for personalised methods:
+  FedSA-LoRA's global model, the shared ``A`` with ``B = 0``, is no client's model);
 - ``m @ val-best``: the test score of the round with the best score on the validation split (taken
   from the training data), so no choice is made on the test set;
 - ``local m``: the mean over clients of the model each client downloads (its rank's truncation,
@@ -28,8 +29,11 @@ def summary_row(method, history: list[dict], timings: list[dict], metric: str) -
            "initial": history[0].get(metric), "final": final.get(metric), "rounds": final["round"],
            "mb_up": sum(h["bytes_up"] for h in history) / 1e6, "mb_down": sum(h["bytes_down"] for h in history) / 1e6,
            "dropped": sum(h["dropped"] for h in history)}
+    if method.personalised:
+        # Its global model (shared A, B = 0, the initial head) is no client's model: no global score to show.
+        row["final"] = None
     scored = [h for h in evals if f"val_{metric}" in h and h["round"] > 0]
-    if scored:
+    if scored and not method.personalised:
         pick = (max if metric == "accuracy" else min)(scored, key=lambda h: (h[f"val_{metric}"], -h["round"]))
         row.update(selected_round=pick["round"], selected=pick[metric], selected_val=pick[f"val_{metric}"])
     row["local" if not method.personalised else "personal"] = final.get(f"local_{metric}")
@@ -117,11 +121,13 @@ def summary_table(summary: list[dict], title: str = "lowrank-fed run", *, by_ran
 
 
 def write_plots(histories: dict[str, list[dict]], out_dir: str | Path, metric: str, *, title: str = "",
-                majority: float | None = None, titles: dict[str, str] | None = None) -> list[Path]:
+                majority: float | None = None, titles: dict[str, str] | None = None,
+                personalised: set[str] = frozenset()) -> list[Path]:
     r"""PNG plots: the metric per round (global solid, local/personal dashed), per rank, train loss, vs MB moved.
 
     ``title`` (the config: model, data, clients, ranks, seed, eval size) heads every plot;
-    ``majority`` draws the majority-class accuracy as a horizontal line.
+    ``majority`` draws the majority-class accuracy as a horizontal line; methods in ``personalised``
+    get only their per-client (personal) curve.
     """
     import matplotlib
 
@@ -152,12 +158,13 @@ def write_plots(histories: dict[str, list[dict]], out_dir: str | Path, metric: s
     for i, (name, hist) in enumerate(histories.items()):
         color = f"C{i}"
         rows = [r for r in hist if metric in r]
-        ax.plot([r["round"] for r in rows], [r[metric] for r in rows], marker="o", color=color,
-                label=f"{titles.get(name, name)} global")
+        if name not in personalised:
+            ax.plot([r["round"] for r in rows], [r[metric] for r in rows], marker="o", color=color,
+                    label=f"{titles.get(name, name)} global")
         local = [r for r in hist if f"local_{metric}" in r]
         if local:
             ax.plot([r["round"] for r in local], [r[f"local_{metric}"] for r in local], linestyle="--", marker=".",
-                    color=color, label=f"{titles.get(name, name)} per-client")
+                    color=color, label=f"{titles.get(name, name)} {'personal' if name in personalised else 'per-client'}")
     finish(fig, ax, f"{metric}.png", "round", metric)
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -172,18 +179,19 @@ def write_plots(histories: dict[str, list[dict]], out_dir: str | Path, metric: s
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, hist in histories.items():
-        rows = [r for r in hist if "train_loss" in r]
+        rows = [r for r in hist if r.get("train_loss") is not None]
         ax.plot([r["round"] for r in rows], [r["train_loss"] for r in rows], marker="o", label=titles.get(name, name))
     finish(fig, ax, "train_loss.png", "round", "train_loss")
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, hist in histories.items():
+        key = f"local_{metric}" if name in personalised else metric
         total, x, y = 0.0, [], []
         for r in hist:
             total += (r.get("bytes_up", 0) + r.get("bytes_down", 0)) / 1e6
-            if metric in r:
+            if r.get(key) is not None:
                 x.append(total)
-                y.append(r[metric])
+                y.append(r[key])
         ax.plot(x, y, marker="o", label=titles.get(name, name))
     finish(fig, ax, "communication.png", "cumulative MB (up + down)", metric, integer_x=False)
     return paths

@@ -6,8 +6,9 @@ For each method of the config, round ``t = 1..T``:
 2. for each sampled client ``k``: ``message = method.configure(server, k)``, then
    :func:`~lowrank_fed.llm.client.run_client` (the same function a Flower ``ClientApp`` calls) returns
    the reply and the client's new state;
-3. each reply is checked (:meth:`Method.check_reply`); a NaN/Inf or misshapen reply is dropped with an
-   :class:`UpdateDroppedWarning`, counted, and never aggregated;
+3. each reply is checked (:meth:`Method.check_reply`); a NaN/Inf or misshapen reply, or a client that
+   raised, is dropped with an :class:`UpdateDroppedWarning`, counted, and never aggregated (a client that
+   raised keeps its previous state);
 4. ``server = method.aggregate(server, replies)`` (a core rule, data weights from the replies);
 5. evaluation on one forward pass per distinct model: the global model on the test and validation sets,
    the model each distinct rank downloads, and each client's model (the one it downloads, or its
@@ -16,12 +17,13 @@ For each method of the config, round ``t = 1..T``:
 6. a checkpoint (:mod:`.checkpoint`: atomic, checksummed, the previous round kept).
 
 All randomness is derived from ``(seed, purpose, round, client)``, so a resumed run writes the same
-bytes as an uninterrupted one (``metrics.jsonl``, ``adapters/``, checkpoints); only ``timings.jsonl``,
-the time columns of ``summary.*`` and the PNG plots of times differ.
+bytes as an uninterrupted one (``metrics.jsonl``, ``adapters/``, checkpoints, plots); only ``timings.jsonl``
+and the time columns of ``summary.*`` differ.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -36,7 +38,7 @@ import torch
 from lowrank_fed import FactorPair
 
 from ..client import ClientContext, TrainSettings, derive_seed, run_client
-from ..config import RunConfig
+from ..config import ConfigError, RunConfig
 from ..data import (assign_ranks, encode_classification, encode_generation, holdout_sets, load_dataset, partition,
                     split_validation)
 from ..evaluate import greedy_generate, rouge_l, score_classification, score_lm, summarise
@@ -60,6 +62,23 @@ class UpdateDroppedWarning(UserWarning):
 
 def _json(obj) -> str:
     return json.dumps(obj, sort_keys=True)
+
+
+def _mean(values) -> float | None:
+    """Mean of the values that are not None (None if there are none)."""
+    kept = [v for v in values if v is not None]
+    return float(np.mean(kept)) if kept else None
+
+
+@contextlib.contextmanager
+def _config_key(key: str, value):
+    """Turn a ``ValueError`` of the data or model set-up into a :class:`ConfigError` naming ``key``."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except ValueError as err:
+        raise ConfigError.from_errors([(key, f"a value this data and model allow ({err})", value)]) from err
 
 
 # ----------------------------------------------------------------------------- state <-> flat tensors
@@ -128,6 +147,13 @@ class Simulation:
 
     # ------------------------------------------------------------------ set-up
     def setup(self) -> None:
+        r"""Load the data and the model, split and partition the data, build the clients' contexts.
+
+        Writes nothing. A setting that the data or the model cannot satisfy (``val_size`` above the
+        training examples, more clients than examples, ``target_modules`` the model lacks, ...) raises
+        :class:`~lowrank_fed.llm.config.ConfigError` naming the key, so ``lowrank-fed run`` can refuse it
+        with exit status 2 before anything is written.
+        """
         if self._ready:
             return
         cfg = self.cfg
@@ -139,14 +165,18 @@ class Simulation:
             test = test.subset(np.sort(np.random.default_rng([cfg.seed, 4]).permutation(len(test))[: cfg.eval_size]))
         self.task = train.task
         labelled = self.task == "classification"
-        keep, val_rows = split_validation(train.labels if labelled else len(train), getattr(cfg, "val_size", 40),
-                                          np.random.default_rng([cfg.seed, 7]))
+        with _config_key("val_size", cfg.val_size):
+            keep, val_rows = split_validation(train.labels if labelled else len(train), cfg.val_size,
+                                              np.random.default_rng([cfg.seed, 7]))
         self.train, self.val, self.test = train.subset(keep), train.subset(val_rows), test
-        self.client_idx = partition(cfg.partition, self.train.labels, cfg.clients, np.random.default_rng([cfg.seed, 2]),
-                                    alpha=cfg.alpha, classes_per_client=cfg.classes_per_client)
+        with _config_key("clients", cfg.clients):
+            self.client_idx = partition(cfg.partition, self.train.labels, cfg.clients,
+                                        np.random.default_rng([cfg.seed, 2]), alpha=cfg.alpha,
+                                        classes_per_client=cfg.classes_per_client)
         self.n_k = [int(len(idx)) for idx in self.client_idx]
-        self.ranks = assign_ranks(list(cfg.ranks) if isinstance(cfg.ranks, list) else cfg.ranks, cfg.clients,
-                                  rng=np.random.default_rng([cfg.seed, 6]), rank_set=cfg.rank_set, scores=self.n_k)
+        with _config_key("ranks", cfg.ranks):
+            self.ranks = assign_ranks(list(cfg.ranks) if isinstance(cfg.ranks, list) else cfg.ranks, cfg.clients,
+                                      rng=np.random.default_rng([cfg.seed, 6]), rank_set=cfg.rank_set, scores=self.n_k)
         self.holdout = holdout_sets(self.train.labels if labelled else None, self.client_idx,
                                     self.test.labels if labelled else None, np.random.default_rng([cfg.seed, 8]),
                                     n_test=len(self.test))
@@ -154,10 +184,11 @@ class Simulation:
                                             seed=cfg.seed, dtype=DTYPES[cfg.dtype])
         self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
         self.tokenizer = tokenizer
-        self.ws = AdapterWorkspace(
-            model.to(self.device), target_modules=sorted(cfg.target_modules or spec.target_modules),
-            lora_alpha=cfg.lora_alpha, use_rslora=cfg.use_rslora, task_type="SEQ_CLS" if labelled else "CAUSAL_LM",
-        )
+        with _config_key("target_modules", cfg.target_modules):
+            self.ws = AdapterWorkspace(
+                model.to(self.device), target_modules=sorted(cfg.target_modules or spec.target_modules),
+                lora_alpha=cfg.lora_alpha, use_rslora=cfg.use_rslora, task_type="SEQ_CLS" if labelled else "CAUSAL_LM",
+            )
         encode = encode_classification if labelled else encode_generation
         self.enc = {name: encode(tokenizer, d.texts, d.labels if labelled else d.targets, cfg.max_length)
                     for name, d in (("train", self.train), ("val", self.val), ("test", self.test))}
@@ -239,7 +270,7 @@ class Simulation:
             per_client = [summarise(scores[server.ranks[k]], self.holdout[k])[self.metric] if len(self.holdout[k]) else None
                           for k in range(self.cfg.clients)]
         out["per_client"] = per_client
-        out[f"local_{self.metric}"] = float(np.mean([v for v in per_client if v is not None]))
+        out[f"local_{self.metric}"] = _mean(per_client)
         return out
 
     # ------------------------------------------------------------------ one round
@@ -272,33 +303,44 @@ class Simulation:
     def run_round(self, method: Method, server: ServerState, clients: dict[int, ClientState], round_: int, bar=None):
         """One round: configure, run_client, check, aggregate. Returns ``(server, clients, rows, times)``."""
         replies: dict[int, Message] = {}
-        rows, server_s, client_s, train_s = [], 0.0, 0.0, 0.0
+        rows, server_s, client_s, train_s = [], 0.0, 0.0, 0.0  # timings only; the rows hold what the replies carry
         for k in self.sampled(round_):
             t0 = time.perf_counter()
             message = method.configure(server, k)
             t1 = time.perf_counter()
-            reply, clients[k], stats = run_client(method, message, clients.get(k), self.contexts[k])
-            t2 = time.perf_counter()
-            kind = self._fault(method.name, round_, k)
-            if kind:
-                reply = self._corrupt(reply, kind)
-            row = {"client": k, "rank": int(message.config["rank"]), "n": int(reply.config["num_examples"]),
-                   "train_loss": stats.loss, "train_accuracy": stats.accuracy, "bytes_down": message.nbytes,
-                   "bytes_up": reply.nbytes, "dropped": False}
+            row = {"client": k, "rank": int(message.config["rank"]), "bytes_down": message.nbytes, "dropped": False}
             try:
-                method.check_reply(server, k, reply)
-            except ValueError as err:
-                row["dropped"], row["reason"] = True, str(err)
-                msg = f"{method.title}, round {round_}, client {k}: update dropped ({err})"
-                warnings.warn(msg, UpdateDroppedWarning, stacklevel=2)
-                log.warning(msg)
+                reply, state, _ = run_client(method, message, clients.get(k), self.contexts[k])
+            except Exception as err:  # a failing client is a dropped update, not a failed run
+                reply, state, error = None, clients.get(k), f"client failed: {type(err).__name__}: {err}"
+            t2 = time.perf_counter()
+            if reply is not None:
+                clients[k] = state
+                kind = self._fault(method.name, round_, k)
+                if kind:
+                    reply = self._corrupt(reply, kind)
+                m = reply.metrics
+                row.update(n=reply.config.get("num_examples"), train_loss=m.get("train_loss"),
+                           train_accuracy=m.get("train_accuracy"), bytes_up=reply.nbytes)
+                train_s += m.get("train_seconds", 0.0)
+                client_s += t2 - t1 - m.get("train_seconds", 0.0)
+                try:
+                    method.check_reply(server, k, reply)
+                    error = None
+                except ValueError as err:
+                    error = str(err)
             else:
+                row.update(n=None, train_loss=None, train_accuracy=None, bytes_up=0)
+            if error is None:
                 replies[k] = reply
                 if reply.config["rank"] != row["rank"]:
                     row["new_rank"] = int(reply.config["rank"])
+            else:
+                row["dropped"], row["reason"] = True, error
+                msg = f"{method.title}, round {round_}, client {k}: update dropped ({error})"
+                warnings.warn(msg, UpdateDroppedWarning, stacklevel=2)
+                log.warning(msg)
             server_s += (t1 - t0) + (time.perf_counter() - t2)
-            client_s += t2 - t1 - stats.seconds
-            train_s += stats.seconds
             rows.append(row)
             if bar is not None:
                 bar.update(1)
@@ -377,7 +419,7 @@ class Simulation:
                 times["eval_seconds"] = time.perf_counter() - t0
                 row.update(bytes_up=sum(r["bytes_up"] for r in rows), bytes_down=sum(r["bytes_down"] for r in rows),
                            dropped=sum(r["dropped"] for r in rows),
-                           train_loss=float(np.mean([r["train_loss"] for r in rows])),
+                           train_loss=_mean(r["train_loss"] for r in rows),
                            ranks=[server.ranks[k] for k in range(cfg.clients)], clients=rows)
                 history.append(row)
                 times.update(method=name, round=round_, wall_seconds=time.perf_counter() - t_start)
@@ -402,12 +444,12 @@ class Simulation:
 
     def run(self, *, resume: bool = False) -> list[dict]:
         """Run (or resume) every method; write outputs; return the summary rows."""
+        self.setup()  # raises ConfigError before anything is written
         self.out.mkdir(parents=True, exist_ok=True)
         self._timings = []
         if resume and (self.out / "timings.jsonl").exists():
             self._timings = [json.loads(x) for x in (self.out / "timings.jsonl").read_text().splitlines() if x.strip()]
         atomic_write_text(self.out / "config.json", json.dumps(self.cfg.to_dict(), indent=1, sort_keys=True))
-        self.setup()
         atomic_write_text(self.out / "setup.json", json.dumps(self.describe(), indent=1, sort_keys=True))
         self._histories, self._timings_by = {}, {}
         summary, round0 = [], None
@@ -422,9 +464,9 @@ class Simulation:
         atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=1, sort_keys=True))
         atomic_write_text(self.out / "summary.md", summary_markdown(summary, self.describe()))
         facts = self.describe()
-        titles = {m: make_method(m).title for m in self._histories}
-        write_plots(self._histories, self.out, self.metric, title=self.plot_title(), titles=titles,
-                    majority=facts.get("majority_accuracy"))
+        write_plots(self._histories, self.out, self.metric, title=self.plot_title(),
+                    titles={r["method"]: r["title"] for r in summary}, majority=facts.get("majority_accuracy"),
+                    personalised={r["method"] for r in summary if r["personalised"]})
         return summary
 
     def plot_title(self) -> str:

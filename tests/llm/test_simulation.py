@@ -27,8 +27,8 @@ def _finals(out, methods):
     return {m: load_final(out / "adapters" / f"{m}.safetensors") for m in methods}
 
 
-class Interrupt(Exception):
-    pass
+class Interrupt(BaseException):
+    """A kill: not an Exception, so the runner does not turn it into a dropped client update."""
 
 
 def _sha(folder, *, exclude=()):
@@ -147,6 +147,11 @@ def test_outputs_and_metrics_content(tmp_path):
     assert rows[4]["bytes_up"] < rows[1]["bytes_up"]
     assert len(rows[4]["per_client"]) == 4
     assert [s["method"] for s in summary] == ["fedit", "fedsa"]
+    # FedSA is scored only by its clients' own models, in its own column; FedIT by global, val-best, local, rank
+    fedit, fedsa = summary
+    assert fedsa["final"] is None and "selected" not in fedsa and 0 <= fedsa["personal"] <= 1
+    assert fedit["final"] is not None and fedit["selected_round"] in (1, 2) and "personal" not in fedit
+    assert set(fedit["by_rank"]) == {"2", "4", "8"} and 0 <= fedit["local"] <= 1
     assert "| FedIT (zero-pad) |" in (tmp_path / "summary.md").read_text()
 
 
@@ -186,3 +191,27 @@ def test_resume_after_a_kill_in_the_middle_of_a_round(tmp_path, monkeypatch):
     # FedSA's client-held B and heads are restored too: the personalised accuracies agree
     rows = lambda d: [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     assert [r.get("per_client") for r in rows(tmp_path / "full")] == [r.get("per_client") for r in rows(tmp_path / "cut")]
+
+
+def test_a_client_that_raises_is_a_dropped_update_and_the_run_goes_on(tmp_path, monkeypatch):
+    # Prepare: client 2's local training raises in round 1
+    import lowrank_fed.llm.client as client_module
+
+    cfg = _cfg(methods=["fedit"], rounds=2)
+    original = client_module.train_local
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("out of memory")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(client_module, "train_local", flaky)
+    # Execute
+    with pytest.warns(UpdateDroppedWarning, match="client 2: update dropped .client failed: RuntimeError: out of memory"):
+        summary = run_experiment(cfg, tmp_path, progress=False)
+    # Assert: counted, the rest aggregated, both rounds ran
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["dropped"] for r in rows] == [0, 1, 0] and summary[0]["dropped"] == 1
+    assert rows[1]["clients"][2]["bytes_up"] == 0 and rows[1]["clients"][2]["train_loss"] is None
