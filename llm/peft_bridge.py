@@ -402,6 +402,11 @@ class AdapterWorkspace:
         """The active adapter as ``(pairs, extras)`` (see :func:`get_factor_pairs`)."""
         return _read(self._layers, self._saved, self.active, live)
 
+    def lora_parameters(self) -> dict[str, tuple[torch.nn.Parameter, torch.nn.Parameter]]:
+        """The active adapter's raw PEFT parameters per module: ``(lora_B.weight, lora_A.weight)``, unfolded."""
+        return {name: (layer.lora_B[self.active].weight, layer.lora_A[self.active].weight)
+                for name, layer in self._layers.items() if self.active in layer.lora_A}
+
     def live_pairs(self) -> dict[str, FactorPair]:
         """The active adapter as ``FactorPair(s * lora_B, lora_A)`` inside the autograd graph (a new graph per call)."""
         out = {}

@@ -2,5 +2,6 @@ r"""Local training: :func:`train_local` (parameter groups, hooks; the plain path
 
 from .hooks import Hook, TailRegulariser, tail_norm_product
 from .loop import TrainStats, client_batches, make_optimizer, train_local
+from .masks import SlotMask
 
-__all__ = ["Hook", "TailRegulariser", "TrainStats", "client_batches", "make_optimizer", "tail_norm_product", "train_local"]
+__all__ = ["Hook", "SlotMask", "TailRegulariser", "TrainStats", "client_batches", "make_optimizer", "tail_norm_product", "train_local"]
