@@ -5,11 +5,15 @@ One function does everything a client does in a round, so the in-process runner 
 
 1. seeds from ``(seed, round, client id)``: the batch order, the fresh factors a method draws, dropout;
 2. the method's local plan from the download and the client's own state (:meth:`Method.client_plan`);
-3. the plan loaded into the live PEFT adapter (frozen base ``W0 + base`` for FLoRA), the parameter
+3. an optional probe (:meth:`Method.client_probe`; LoRA-A2): a first training pass on the round's
+   batches, from the same start, whose result the method reads (:meth:`Method.client_after_probe`)
+   to finish the plan (LoRA-A2 chooses the slots to train); the probe's adapter is then discarded;
+4. the plan loaded into the live PEFT adapter (frozen base ``W0 + base`` for FLoRA), the parameter
    groups with their learning rates, the hooks built on the live adapter;
-4. training (:func:`~lowrank_fed.llm.training.train_local`);
-5. the upload extracted from the adapter (:meth:`Method.client_reply`); the reply's config carries
-   ``num_examples``, ``rank`` and ``client``, its metrics the training loss, accuracy and time.
+5. training (:func:`~lowrank_fed.llm.training.train_local`);
+6. the upload extracted from the adapter (:meth:`Method.client_reply`); the reply's config carries
+   ``num_examples``, ``rank`` and ``client``, its metrics the training loss, accuracy and time
+   (probe included), the probe's time and the number of parameters uploaded.
 
 Nothing here reads or writes server state.
 """
@@ -17,6 +21,7 @@ Nothing here reads or writes server state.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -79,9 +84,23 @@ class ClientContext:
     device: torch.device
 
 
+def _train(plan, batches, context: ClientContext, dropout_seed: int):
+    """Load ``plan`` into the workspace adapter, train it on ``batches``; ``(pairs, extras, stats)`` read back."""
+    ws = context.workspace
+    ws.set_base(plan.base)
+    ws.load(plan.pairs, plan.extras)
+    groups = ws.param_groups(plan.lrs)
+    hooks = [make(ws) for make in plan.hooks]
+    torch.manual_seed(dropout_seed)  # dropout, on every device
+    stats = train_local(ws.peft, batches, groups, hooks=hooks, optimizer=context.settings.optimizer,
+                        weight_decay=context.settings.weight_decay)
+    pairs, extras = ws.extract()
+    return pairs, extras, stats
+
+
 def run_client(method: Method, message: Message, client_state: ClientState | None,
                context: ClientContext) -> tuple[Message, ClientState, TrainStats]:
-    r"""Run one client's round: plan, train, reply.
+    r"""Run one client's round: plan, (probe,) train, reply.
 
     Parameters
     ----------
@@ -96,32 +115,44 @@ def run_client(method: Method, message: Message, client_state: ClientState | Non
     -------
     reply : Message
         Arrays to upload; config ``num_examples``, ``rank``, ``client``, ``round`` and the method's
-        own keys; metrics ``train_loss``, ``train_accuracy``, ``train_seconds``, ``steps``.
+        own keys; metrics ``train_loss``, ``train_accuracy``, ``steps`` (of the local training),
+        ``train_seconds`` (local compute: the probe's seconds plus the training's), ``probe_seconds``
+        (0.0 without a probe) and ``params_up`` (floating-point entries uploaded: factors, deltas and
+        head; integer slot indices are bytes, not parameters).
     client_state : ClientState
     stats : TrainStats
+        Of the local training (the probe excluded).
+
+    Notes
+    -----
+    A probe trains on the first ``steps`` of the round's batches with the round's dropout seed, so a
+    probe with the plan's own learning rates and no hooks is the round's training without its hooks.
     """
     round_, k = int(message.config["round"]), int(context.client_id)
     state = client_state if client_state is not None else ClientState()
     generator = torch.Generator().manual_seed(derive_seed(context.seed, 19, round_, k))
     plan, state = method.client_plan(message, state, context, generator)
 
-    ws = context.workspace
-    ws.set_base(plan.base)
-    ws.load(plan.pairs, plan.extras)
-    groups = ws.param_groups(plan.lrs)
-    hooks = [make(ws) for make in plan.hooks]
     idx = context.indices
     steps = context.settings.steps(len(idx))
     rng = np.random.default_rng([context.seed, 13, round_, k])
     batches = [make_batch(context.data, idx[b], context.device)
                for b in client_batches(len(idx), steps, context.settings.batch_size, rng)]
-    torch.manual_seed(derive_seed(context.seed, 17, round_, k))  # dropout, on every device
-    stats = train_local(ws.peft, batches, groups, hooks=hooks, optimizer=context.settings.optimizer,
-                        weight_decay=context.settings.weight_decay)
-    pairs, extras = ws.extract()
+    dropout_seed = derive_seed(context.seed, 17, round_, k)
+    probe_seconds = 0.0
+    probe = method.client_probe(plan, message, state, context)
+    if probe is not None:
+        start = time.perf_counter()
+        probe_plan, probe_steps = probe
+        probe_pairs, probe_extras, _ = _train(probe_plan, batches[:probe_steps], context, dropout_seed)
+        plan, state = method.client_after_probe(plan, probe_pairs, probe_extras, state, message)
+        probe_seconds = time.perf_counter() - start
+    pairs, extras, stats = _train(plan, batches, context, dropout_seed)
 
     reply, state = method.client_reply(plan, pairs, extras, state, message)
     reply.config.update(num_examples=int(len(idx)), client=k, round=round_)
-    reply.metrics.update(train_loss=stats.loss, train_accuracy=stats.accuracy, train_seconds=stats.seconds,
-                         steps=stats.steps)
+    params_up = sum(t.numel() for t in reply.arrays.values() if t.is_floating_point())
+    reply.metrics.update(train_loss=stats.loss, train_accuracy=stats.accuracy,
+                         train_seconds=stats.seconds + probe_seconds, probe_seconds=probe_seconds,
+                         params_up=int(params_up), steps=stats.steps)
     return reply, state, stats

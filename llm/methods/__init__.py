@@ -10,7 +10,10 @@ hetlora        ``zero_pad`` (norm weights)      prefix; tail regulariser hook; s
 replication    ``replication``                  prefix download; train A, B, head
 flora          ``stack``                        merges into the client's base; fresh adapters each round
 flexlora       ``svd``                          SVD download ``U_r diag(S_r)``, ``Vh_r`` (+ complement)
-prelort        ``segment`` (``previous=``)      prefix download (prefix-nested training: next issue)
+prelort        ``segment`` (``previous=``)      prefix download; prefix-nested training (truncation hooks)
+hafl           ``slotwise`` (``previous=``)     top-r_k slots by importance: truncation, or freezing (SlotMask)
+lora_a2        ``alternating_update``           rank-r_G download; one factor a round; probe -> top r_k N
+                                                slots model-wide; masked delta + indices uploaded
 =============  ===============================  ============================================================
 
 Shared pieces (state, plan, base class) are in :mod:`.base`; messages in :mod:`lowrank_fed.llm.protocol`.
@@ -24,7 +27,9 @@ from .fedsa import FedSALoRA
 from .ffa import FFALoRA
 from .flexlora import FlexLoRA
 from .flora import FLoRA
+from .hafl import HAFL
 from .hetlora import HetLoRA
+from .lora_a2 import LoRAA2
 from .prelort import PreLort
 from .replication import Replication
 
@@ -46,10 +51,12 @@ __all__ = [
     "FLoRA",
     "FlexLoRA",
     "PreLort",
+    "HAFL",
+    "LoRAA2",
 ]
 
 METHODS: dict[str, type[Method]] = {
-    cls.name: cls for cls in (FedIT, FFALoRA, FedSALoRA, HetLoRA, Replication, FLoRA, FlexLoRA, PreLort)
+    cls.name: cls for cls in (FedIT, FFALoRA, FedSALoRA, HetLoRA, Replication, FLoRA, FlexLoRA, PreLort, HAFL, LoRAA2)
 }
 
 

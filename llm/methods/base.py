@@ -260,6 +260,21 @@ class Method:
         plan = LocalPlan(decode_pairs(message.arrays), decode_extras(message.arrays), {"A": lr, "B": lr, "extras": lr})
         return plan, state
 
+    def client_probe(self, plan: LocalPlan, message: Message, state: ClientState,
+                     context) -> tuple[LocalPlan, int] | None:
+        """A training pass before the local round (here: none), whose result finishes the plan.
+
+        ``(probe plan, steps)``: trained from the probe plan's start on the round's first ``steps`` batches
+        (the round's dropout seed), then read by :meth:`client_after_probe` and discarded; None: no probe.
+        LoRA-A2 probes to choose the slots it trains.
+        """
+        return None
+
+    def client_after_probe(self, plan: LocalPlan, pairs: Mapping[str, FactorPair], extras: Mapping[str, torch.Tensor],
+                           state: ClientState, message: Message) -> tuple[LocalPlan, ClientState]:
+        """The round's plan given the probe's trained adapter (``pairs``, ``extras``); here unchanged."""
+        return plan, state
+
     def client_reply(self, plan: LocalPlan, pairs: Mapping[str, FactorPair], extras: Mapping[str, torch.Tensor],
                      state: ClientState, message: Message) -> tuple[Message, ClientState]:
         """The reply (the factors in ``uploads``, the head if shared, the rank) and the client's new state."""

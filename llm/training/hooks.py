@@ -3,6 +3,10 @@ r"""Hooks of the local training loop, and HetLoRA's tail regulariser as one of t
 A hook is called around each optimiser step of :func:`~lowrank_fed.llm.training.train_local`:
 
 - ``before_forward(step, batch)``: e.g. PreLort's truncation of the adapter to a sampled prefix;
+- ``forward(step, model, batch) -> output | None``: replaces ``model(**batch)`` when a hook returns an
+  output (an object with ``.loss``, the loss to minimise, and ``.logits``, scored for the running
+  accuracy), e.g. PreLort's mean of several truncated losses per batch; ``None`` (the default) keeps the
+  model's own forward pass. At most one hook of a loop may override it;
 - ``penalty(step) -> tensor | None``: a term added to the loss (HetLoRA's tail regulariser);
 - ``after_backward(step)``: e.g. masking the gradients of frozen slots, accumulating importance;
 - ``after_step(step)``: e.g. restoring slots that must not move;
@@ -28,6 +32,10 @@ class Hook:
     """Base hook: every call does nothing. Subclasses override the calls they need."""
 
     def before_forward(self, step: int, batch: Mapping[str, torch.Tensor]) -> None:
+        return None
+
+    def forward(self, step: int, model: torch.nn.Module, batch: Mapping[str, torch.Tensor]):
+        """The model's output for ``batch`` in place of ``model(**batch)``; None keeps ``model(**batch)``."""
         return None
 
     def penalty(self, step: int) -> torch.Tensor | None:

@@ -8,7 +8,9 @@ Per batch ``x`` the step is
 where ``theta`` are the parameter groups a method trains (``A``, ``B``, the head) each with its own
 learning rate (LoRA-A2 trains ``B`` at ``5 eta_A``), and each hook may add a penalty (HetLoRA's tail
 regulariser) or act before the forward pass, after the backward pass or after the optimiser step
-(truncation masks, frozen slots, importance scores). With no hooks the loop is a plain PEFT loop,
+(truncation masks, frozen slots, importance scores); one hook may replace the forward pass itself
+(PreLort's mean of the truncated losses, ``(1/|T|) sum_tau l(W_0 + s B_{:tau} A_{:tau}; x)``, from
+several passes per batch). With no hooks the loop is a plain PEFT loop,
 nothing else per step, so its throughput is that of PEFT itself (``make bench``).
 """
 
@@ -82,15 +84,26 @@ def train_local(
     param_groups : list of ``{"params": [...], "lr": float}``
         torch's parameter groups; only these are optimised.
     hooks : sequence of :class:`~lowrank_fed.llm.training.hooks.Hook`
-        Called around every step in the order given; empty means the plain loop.
+        Called around every step in the order given; empty means the plain loop. At most one may
+        override ``forward`` (its output replaces ``model(**batch)`` when it returns one).
     optimizer, weight_decay, max_grad_norm
         AdamW (or SGD) settings; ``max_grad_norm`` clips the global gradient norm.
 
     Returns
     -------
     TrainStats
-        Mean model loss (penalties excluded) and, for classification, the running accuracy.
+        Mean model loss (penalties excluded; a replacing hook's ``.loss``) and, for classification,
+        the running accuracy.
+
+    Raises
+    ------
+    ValueError
+        More than one hook overrides ``forward``, or an unknown ``optimizer``.
     """
+    replacing = [h for h in hooks if getattr(type(h), "forward", Hook.forward) is not Hook.forward]
+    if len(replacing) > 1:
+        raise ValueError(f"At most one hook may replace the forward pass. Got {[type(h).__name__ for h in replacing]}.")
+    forward = replacing[0].forward if replacing else None
     opt = make_optimizer(param_groups, name=optimizer, weight_decay=weight_decay)
     params = [p for g in param_groups for p in g["params"]]
     model.train()
@@ -99,7 +112,9 @@ def train_local(
     for step, batch in enumerate(batches):
         for h in hooks:
             h.before_forward(step, batch)
-        out = model(**batch)
+        out = forward(step, model, batch) if forward is not None else None
+        if out is None:
+            out = model(**batch)
         loss = out.loss
         full = loss
         for h in hooks:
