@@ -144,6 +144,10 @@ class Method:
         return f"{type(self).__name__}({self.options.model_dump()})"
 
     # ------------------------------------------------------------------ server side
+    def check_ranks(self, ranks) -> None:
+        """Raise ``ValueError`` if the federation's client ranks do not suit the method (run before anything is written)."""
+        return None
+
     def init_server(self, init: Mapping[str, FactorPair], extras: Mapping[str, torch.Tensor],
                     ranks: Mapping[int, int], *, init_seed: int) -> ServerState:
         """Round-0 state from the shared initial adapter (rank ``r_max``: ``B = 0``, ``A`` drawn from ``init_seed``)."""

@@ -174,11 +174,15 @@ class LoRAA2(Method):
             A budget outside ``[1, global_rank]``.
         """
         r_G = self.options.global_rank
-        bad = {int(k): int(r) for k, r in ranks.items() if not 1 <= int(r) <= r_G}
+        self.check_ranks(list(ranks.values()))
+        return super().init_server(_to_global_rank(init, r_G, init_seed), extras, ranks, init_seed=init_seed)
+
+    def check_ranks(self, ranks):
+        r_G = self.options.global_rank
+        bad = sorted({int(r) for r in ranks if not 1 <= int(r) <= r_G})
         if bad:
             raise ValueError(f"LoRA-A2's upload budgets (the clients' ranks) must be in [1, global_rank = {r_G}]. "
-                             f"Got {bad} (client: rank); raise [lora_a2] global_rank or lower the ranks.")
-        return super().init_server(_to_global_rank(init, r_G, init_seed), extras, ranks, init_seed=init_seed)
+                             f"Got ranks {bad}; raise [lora_a2] global_rank or lower the ranks.")
 
     def download_pairs(self, server, rank):
         """The global pair of rank ``r_G``, whatever the client's budget."""

@@ -21,14 +21,22 @@ __all__ = ["summary_row", "summary_markdown", "summary_table", "write_plots"]
 _SHORT = {"accuracy": "acc", "perplexity": "ppl"}
 
 
-def summary_row(method, history: list[dict], timings: list[dict], metric: str) -> dict:
-    """One method's summary from its per-round history (scores) and timings."""
+def summary_row(method, history: list[dict], timings: list[dict], metric: str, *, adapted_params: int | None = None) -> dict:
+    r"""One method's summary from its per-round history (scores) and timings.
+
+    ``upload_vs_full`` is the parameters uploaded over the run divided by what full fine-tuning of the same
+    modules would upload, ``sum_uploads sum_m d_out d_in`` (``adapted_params`` per upload).
+    """
     evals = [h for h in history if metric in h]
     final = history[-1]
     row = {"method": method.name, "title": method.title, "metric": metric, "personalised": method.personalised,
            "initial": history[0].get(metric), "final": final.get(metric), "rounds": final["round"],
            "mb_up": sum(h["bytes_up"] for h in history) / 1e6, "mb_down": sum(h["bytes_down"] for h in history) / 1e6,
-           "dropped": sum(h["dropped"] for h in history)}
+           "dropped": sum(h["dropped"] for h in history),
+           "params_up": sum(h.get("params_up", 0) for h in history)}
+    uploads = sum(len(h.get("clients", [])) for h in history)
+    if adapted_params and uploads:
+        row["upload_vs_full"] = row["params_up"] / (uploads * adapted_params)
     if method.personalised:
         # Its global model (shared A, B = 0, the initial head) is no client's model: no global score to show.
         row["final"] = None
@@ -76,6 +84,7 @@ def _columns(summary: list[dict]):
     if any("rouge_l" in r for r in summary):
         cols.append(("ROUGE-L", lambda r: _fmt(r.get("rouge_l"))))
     cols += [("MB up", lambda r: f"{r['mb_up']:.2f}"), ("MB down", lambda r: f"{r['mb_down']:.2f}"),
+             ("upload % of full FT", lambda r: f"{100 * r['upload_vs_full']:.2f}" if r.get("upload_vs_full") else "-"),
              ("dropped", lambda r: str(r["dropped"])), ("time s", lambda r: f"{r['seconds']:.1f}"),
              ("server %", lambda r: f"{100 * r['server_seconds'] / max(r['train_seconds'], 1e-12):.2f}")]
     return cols

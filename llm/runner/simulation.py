@@ -177,6 +177,9 @@ class Simulation:
         with _config_key("ranks", cfg.ranks):
             self.ranks = assign_ranks(list(cfg.ranks) if isinstance(cfg.ranks, list) else cfg.ranks, cfg.clients,
                                       rng=np.random.default_rng([cfg.seed, 6]), rank_set=cfg.rank_set, scores=self.n_k)
+        for name in cfg.methods:
+            with _config_key("ranks", self.ranks):
+                make_method(name, **cfg.method_options.get(name, {})).check_ranks(self.ranks)
         self.holdout = holdout_sets(self.train.labels if labelled else None, self.client_idx,
                                     self.test.labels if labelled else None, np.random.default_rng([cfg.seed, 8]),
                                     n_test=len(self.test))
@@ -208,7 +211,8 @@ class Simulation:
         """The run's set-up facts (``setup.json``; the plots' titles)."""
         info = {"ranks": self.ranks, "n_k": self.n_k, "task": self.task, "modules": list(self.ws.shapes),
                 "label_names": list(self.train.label_names), "eval_size": len(self.test), "val_size": len(self.val),
-                "holdout_sizes": [int(len(h)) for h in self.holdout], "metric": self.metric}
+                "holdout_sizes": [int(len(h)) for h in self.holdout], "metric": self.metric,
+                "adapted_params": int(sum(d_out * d_in for d_out, d_in in self.ws.shapes.values()))}
         if self.task == "classification":
             counts = np.bincount(self.test.labels, minlength=len(self.train.label_names))
             info["majority_accuracy"] = float(counts.max() / counts.sum())
@@ -303,7 +307,7 @@ class Simulation:
     def run_round(self, method: Method, server: ServerState, clients: dict[int, ClientState], round_: int, bar=None):
         """One round: configure, run_client, check, aggregate. Returns ``(server, clients, rows, times)``."""
         replies: dict[int, Message] = {}
-        rows, server_s, client_s, train_s = [], 0.0, 0.0, 0.0  # timings only; the rows hold what the replies carry
+        rows, server_s, client_s, train_s, probe_s = [], 0.0, 0.0, 0.0, 0.0  # timings; rows hold what replies carry
         for k in self.sampled(round_):
             t0 = time.perf_counter()
             message = method.configure(server, k)
@@ -321,7 +325,9 @@ class Simulation:
                     reply = self._corrupt(reply, kind)
                 m = reply.metrics
                 row.update(n=reply.config.get("num_examples"), train_loss=m.get("train_loss"),
-                           train_accuracy=m.get("train_accuracy"), bytes_up=reply.nbytes)
+                           train_accuracy=m.get("train_accuracy"), bytes_up=reply.nbytes,
+                           params_up=m.get("params_up"), steps=m.get("steps"))
+                probe_s += m.get("probe_seconds", 0.0)
                 train_s += m.get("train_seconds", 0.0)
                 client_s += t2 - t1 - m.get("train_seconds", 0.0)
                 try:
@@ -330,7 +336,7 @@ class Simulation:
                 except ValueError as err:
                     error = str(err)
             else:
-                row.update(n=None, train_loss=None, train_accuracy=None, bytes_up=0)
+                row.update(n=None, train_loss=None, train_accuracy=None, bytes_up=0, params_up=0, steps=0)
             if error is None:
                 replies[k] = reply
                 if reply.config["rank"] != row["rank"]:
@@ -354,7 +360,7 @@ class Simulation:
                                  server.arrays, server.info)
         aggregate_s = time.perf_counter() - t0
         times = {"server_seconds": server_s + aggregate_s, "aggregate_seconds": aggregate_s,
-                 "client_overhead_seconds": client_s, "train_seconds": train_s}
+                 "client_overhead_seconds": client_s, "train_seconds": train_s, "probe_seconds": probe_s}
         return server, clients, rows, times
 
     # ------------------------------------------------------------------ outputs
@@ -418,6 +424,7 @@ class Simulation:
                     row.update(self.evaluate(method, server, clients, rouge=round_ == cfg.rounds))
                 times["eval_seconds"] = time.perf_counter() - t0
                 row.update(bytes_up=sum(r["bytes_up"] for r in rows), bytes_down=sum(r["bytes_down"] for r in rows),
+                           params_up=sum(r["params_up"] or 0 for r in rows),
                            dropped=sum(r["dropped"] for r in rows),
                            train_loss=_mean(r["train_loss"] for r in rows),
                            ranks=[server.ranks[k] for k in range(cfg.clients)], clients=rows)
@@ -458,7 +465,7 @@ class Simulation:
             if round0 is None and not method.personalised:
                 round0 = {k: v for k, v in history[0].items() if k not in ("method", "round")}
             self._histories[name], self._timings_by[name] = history, timings
-            summary.append(summary_row(method, history, timings, self.metric))
+            summary.append(summary_row(method, history, timings, self.metric, adapted_params=self.describe()["adapted_params"]))
         self._write_logs()
         self.ws.set_base(None)
         atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=1, sort_keys=True))

@@ -407,3 +407,12 @@ def test_main_settings_the_data_or_model_cannot_satisfy_exit_2_before_writing(ol
     assert f"Config key '{key}'" in err and shown in err
     assert _snapshot(old_run) == before
     assert not (tmp_path / "fresh").exists()
+
+
+def test_main_lora_a2_budgets_above_its_global_rank_exit_2_before_writing(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = [*TINY, "--set", 'methods=["fedit","lora_a2"]', "--set", "ranks=[2,4,32]", "--out", str(out)]
+    assert run.main(_parse(argv)) == 2
+    err = capsys.readouterr().err
+    assert "Config key 'ranks'" in err and "global_rank = 16" in err and "[32]" in err
+    assert not out.exists()
