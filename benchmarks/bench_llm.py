@@ -6,6 +6,8 @@ r"""Torch-layer benchmark: server overhead per round and local-training throughp
    the round's local training time. The clients' conversion (folding the download into the PEFT
    adapter, the plan, reading the upload out) is reported beside it.
    Target: <= 2% (README, benchmarks).
+3. **Seed methods.** PreLort's nested "sample" training, HAFL's importance hook and LoRA-A2's probe,
+   each against its baseline on the same client and batches (see ``_seed_methods``).
 2. **Throughput.** The whole client step, ``run_client`` (download folded into the workspace adapter,
    the method's plan, ``train_local``'s plain path, extraction of the upload), against
    a plain PEFT loop (``get_peft_model`` + AdamW + forward/backward/step) on the same batches, same
@@ -118,6 +120,59 @@ def _throughput(sim, steps, repeats, rank=8):
             "ratio": p / o}
 
 
+def _seed_methods(sim, epochs, repeats):
+    r"""The seed methods' local compute against the plain path, same client, same batches, alternating order.
+
+    One client (the smallest, so that whole epochs stay short) runs ``local_epochs = epochs`` through
+    ``run_client`` for each entry; the median over ``repeats`` of the client's reported local compute
+    (``train_seconds``: training plus any probe) is compared with its baseline:
+
+    - PreLort (``nested = "sample"``, rank ``r_k`` with the federation's ladder) vs FedIT at the same rank;
+    - HAFL freezing with the importance hook (``scorer = "client"``) vs the same without it
+      (``scorer = "server"``: the same slot mask, no hook): the hook's own cost;
+    - LoRA-A2 (budget 8 of ``r_G = 16``, B-round, one probe epoch) vs FedIT at rank 16 (the adapter a
+      LoRA-A2 client holds), the same local steps.
+    """
+    import dataclasses
+
+    import numpy as np
+
+    from lowrank_fed.llm.client import run_client
+    from lowrank_fed.llm.methods import make_method
+
+    k = int(np.argmin(sim.n_k))
+    ctx = sim.contexts[k]
+    ctx = dataclasses.replace(ctx, settings=dataclasses.replace(ctx.settings, local_steps=0, local_epochs=epochs))
+    ranks = dict(enumerate(sim.ranks))
+    r_k = ranks[k]
+    entries = {
+        "fedit": ("fedit", {}, ranks),
+        "prelort": ("prelort", {"nested": "sample"}, ranks),
+        "hafl_hook": ("hafl", {"variant": "freezing", "scorer": "client"}, ranks),
+        "hafl_nohook": ("hafl", {"variant": "freezing", "scorer": "server"}, ranks),
+        "fedit_r16": ("fedit", {}, {**ranks, k: 16}),
+        "lora_a2": ("lora_a2", {"probe": "epoch"}, {**{c: min(r, 16) for c, r in ranks.items()}, k: 8}),
+    }
+    jobs = {}
+    for key, (name, options, server_ranks) in entries.items():
+        method = make_method(name, **options)
+        server = method.init_server(sim.init, sim.init_extras, server_ranks, init_seed=sim.init_seed)
+        jobs[key] = (method, method.configure(server, k))
+    times = {key: [] for key in jobs}
+    for key, (method, message) in jobs.items():  # warm-up
+        run_client(method, message, None, ctx)
+    for rep in range(repeats):
+        for key in (list(jobs) if rep % 2 == 0 else list(jobs)[::-1]):
+            method, message = jobs[key]
+            reply, _, _ = run_client(method, message, None, ctx)
+            times[key].append(reply.metrics["train_seconds"])
+    med = {key: statistics.median(v) for key, v in times.items()}
+    return {"client": k, "rank": r_k, "epochs": epochs, "repeats": repeats, "seconds": med,
+            "prelort_vs_plain": med["fedit"] / med["prelort"],
+            "hafl_hook_overhead": med["hafl_hook"] / med["hafl_nohook"] - 1,
+            "lora_a2_vs_fedit": med["lora_a2"] / med["fedit_r16"]}
+
+
 def main(argv=None) -> int:
     """Run the benchmark and print its table; returns 0."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -138,6 +193,7 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     overhead, sim = _server_overhead(methods, rounds, clients=10, local_steps=5)
     thr = _throughput(sim, steps, repeats)
+    seed = _seed_methods(sim, epochs=1 if args.quick else 5, repeats=1 if args.quick else 3)
 
     console = Console(width=110)
     table = Table(title="Server overhead per round (MiniLM, 10 clients, ranks 64..4, 5 steps x batch 8 x 64 tokens)")
@@ -155,10 +211,23 @@ def main(argv=None) -> int:
     t2.add_row(f"{thr['plain_steps_per_s']:.3f}", f"{thr['ours_steps_per_s']:.3f}", f"{thr['ratio']:.3f}",
                "pass" if thr["ratio"] >= 0.95 else "FAIL")
     console.print(t2)
+    t3 = Table(title=f"Seed methods' local compute, client {seed['client']} (rank {seed['rank']}), {seed['epochs']} "
+                     f"local epochs, median of {seed['repeats']}")
+    for col in ("comparison", "seconds", "baseline seconds", "ratio", "target"):
+        t3.add_column(col, justify="right")
+    sec = seed["seconds"]
+    t3.add_row("PreLort sample vs FedIT (plain path), same rank", f"{sec['prelort']:.2f}", f"{sec['fedit']:.2f}",
+               f"{seed['prelort_vs_plain']:.3f}x", ">= 0.95x " + ("pass" if seed["prelort_vs_plain"] >= 0.95 else "FAIL"))
+    t3.add_row("HAFL freezing: importance hook on vs off", f"{sec['hafl_hook']:.2f}", f"{sec['hafl_nohook']:.2f}",
+               f"+{100 * seed['hafl_hook_overhead']:.1f}%",
+               "<= 5% " + ("pass" if seed["hafl_hook_overhead"] <= 0.05 else "FAIL"))
+    t3.add_row("LoRA-A2 (probe + masked round) vs FedIT rank 16", f"{sec['lora_a2']:.2f}", f"{sec['fedit_r16']:.2f}",
+               f"{seed['lora_a2_vs_fedit']:.3f}x", "<= 1.25x " + ("pass" if seed["lora_a2_vs_fedit"] <= 1.25 else "FAIL"))
+    console.print(t3)
     console.print(f"benchmark wall time {time.perf_counter() - start:.0f} s, torch threads {torch.get_num_threads()}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"server_overhead": overhead, "throughput": thr}, indent=1))
+    out.write_text(json.dumps({"server_overhead": overhead, "throughput": thr, "seed_methods": seed}, indent=1))
     sys.stdout.flush()
     return 0
 
