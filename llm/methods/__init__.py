@@ -16,12 +16,16 @@ lora_a2        ``alternating_update``           rank-r_G download; one factor a 
                                                 slots model-wide; masked delta + indices uploaded
 =============  ===============================  ============================================================
 
+Composition: a client policy that downloads a prefix and uploads whole pairs (fedit, hetlora,
+replication, prelort) can be served by another core rule, ``[prelort] server = "svd"`` (one of
+:data:`PAIR_RULES`); the other methods need their own rule and refuse any other with a clear error.
+
 Shared pieces (state, plan, base class) are in :mod:`.base`; messages in :mod:`lowrank_fed.llm.protocol`.
 """
 
 from __future__ import annotations
 
-from .base import ClientState, LocalPlan, Method, Model, Options, ServerState, weights_of
+from .base import PAIR_RULES, ClientState, LocalPlan, Method, Model, Options, PairOptions, ServerState, weights_of
 from .fedit import FedIT
 from .fedsa import FedSALoRA
 from .ffa import FFALoRA
@@ -41,6 +45,8 @@ __all__ = [
     "Method",
     "Model",
     "Options",
+    "PairOptions",
+    "PAIR_RULES",
     "ServerState",
     "weights_of",
     "FedIT",

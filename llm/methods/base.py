@@ -26,20 +26,46 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, NamedTuple
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from lowrank_fed import FactorPair, aggregate, redistribute
 from lowrank_fed.aggregation import keep_slots, weighted_average
 
 from ..protocol import Message, decode_extras, decode_pairs, encode_extras, encode_pairs
 
-__all__ = ["Options", "ServerState", "ClientState", "LocalPlan", "Model", "Method", "weights_of"]
+__all__ = ["Options", "PairOptions", "PAIR_RULES", "ServerState", "ClientState", "LocalPlan", "Model", "Method", "weights_of"]
+
+
+#: The server rules a client policy that downloads a prefix and uploads whole pairs of its rank can pair with.
+PAIR_RULES = ("zero_pad", "replication", "segment", "svd")
 
 
 class Options(BaseModel):
-    """A method's options (a ``[method]`` table of the run config); unknown keys are errors."""
+    r"""A method's options (a ``[method]`` table of the run config); unknown keys are errors.
+
+    ``server`` pairs the method's client policy with another server rule from the core (composition):
+    only methods whose clients download a prefix and upload whole pairs (FedIT, HetLoRA, replication,
+    PreLort) accept one of :data:`PAIR_RULES`; the others need their own rule and refuse any other.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+    pairs_with: ClassVar[tuple[str, ...]] = ()
+    server: str | None = Field(None, description="another server rule for this client policy (composition)")
+
+    @field_validator("server")
+    @classmethod
+    def _server(cls, value):
+        if value is not None and value not in cls.pairs_with:
+            if not cls.pairs_with:
+                raise ValueError("no other server rule: this method's client policy needs its own server rule")
+            raise ValueError(f"one of {list(cls.pairs_with)}")
+        return value
+
+
+class PairOptions(Options):
+    """Options of a prefix-download, whole-pair-upload client policy: any rule of :data:`PAIR_RULES` may serve it."""
+
+    pairs_with: ClassVar[tuple[str, ...]] = PAIR_RULES
 
 
 class Model(NamedTuple):
@@ -139,6 +165,9 @@ class Method:
 
     def __init__(self, **options: Any):
         self.options = self.Options(**options)
+        if self.options.server is not None and self.options.server != type(self).rule:
+            self.rule = self.options.server  # composition: this client policy, another core rule
+            self.title = f"{type(self).title} + {self.options.server}"
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.options.model_dump()})"
@@ -235,7 +264,8 @@ class Method:
         r"""The rule, module by module; slots no participant held keep their value; head averaged.
 
         ``B, A = keep_slots(aggregate(rule, [pairs_k], w), previous, h)`` with ``h = max_k`` of the
-        ranks the participants were sent, so a slot every holder pruned becomes zero.
+        ranks the participants were sent, so a slot every holder pruned becomes zero (for ``svd``, a
+        re-factorisation of the exact sum, the result itself).
         """
         decoded = [decode_pairs(r.arrays) for r in replies.values()]
         weights = self.rule_weights(replies)
@@ -243,7 +273,8 @@ class Method:
         pairs = {}
         for m, previous in server.pairs.items():
             new = aggregate(self.rule, [d[m] for d in decoded], weights, **self.rule_options(server, m))
-            pairs[m] = keep_slots(new, previous, held)
+            # svd re-factors the sum: its slots are not the clients' slots, so none is kept from before
+            pairs[m] = new if self.rule == "svd" else keep_slots(new, previous, held)
         return self.next_state(server, replies, pairs=pairs)
 
     def next_state(self, server: ServerState, replies: Mapping[int, Message], **changes) -> ServerState:

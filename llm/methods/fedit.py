@@ -11,7 +11,7 @@ Source: Zhang et al., "Towards building the federated GPT: federated instruction
 
 from __future__ import annotations
 
-from .base import Method
+from .base import Method, PairOptions
 
 __all__ = ["FedIT"]
 
@@ -19,4 +19,5 @@ __all__ = ["FedIT"]
 class FedIT(Method):
     """FedIT: server ``aggregate("zero_pad", pairs, n_k)``, prefix download."""
 
+    Options = PairOptions
     name, title, rule = "fedit", "FedIT (zero-pad)", "zero_pad"

@@ -32,12 +32,12 @@ from lowrank_fed import truncate
 
 from ..protocol import Message
 from ..training.hooks import TailRegulariser, tail_norm_product
-from .base import Method, Options
+from .base import Method, PairOptions
 
 __all__ = ["HetLoRA"]
 
 
-class HetLoRAOptions(Options):
+class HetLoRAOptions(PairOptions):
     lam: float = Field(0.01, ge=0.0, description="regularisation strength lambda")
     gamma: float = Field(0.99, gt=0.0, lt=1.0, description="pruning ratio")
     r_min: int = Field(1, ge=1, description="smallest rank a client prunes to")
@@ -50,10 +50,10 @@ class HetLoRA(Method):
     Options = HetLoRAOptions
 
     def rule_options(self, server, module):
-        return {"weighting": "frobenius"}
+        return {"weighting": "frobenius"} if self.rule == "zero_pad" else {}
 
     def rule_weights(self, replies):
-        return None  # q_k from the norms alone
+        return None if self.rule == "zero_pad" else super().rule_weights(replies)  # q_k from the norms alone
 
     def upload_ranks(self, rank):
         return tuple(sorted({min(self.pruned_rank(rank), rank), rank}))  # kept, or pruned once

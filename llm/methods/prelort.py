@@ -40,12 +40,12 @@ from typing import Literal
 from pydantic import Field
 
 from ..training.truncation import AllTruncations, SampledTruncation, truncation_set
-from .base import Method, Options
+from .base import Method, PairOptions
 
 __all__ = ["PreLort"]
 
 
-class PreLortOptions(Options):
+class PreLortOptions(PairOptions):
     nested: Literal["sample", "all", "off"] = Field(
         "sample", description="prefix-nested training: one sampled truncation per batch, the mean over all, or off")
 
@@ -57,7 +57,7 @@ class PreLort(Method):
     Options = PreLortOptions
 
     def rule_options(self, server, module):
-        return {"previous": server.pairs[module]}
+        return {"previous": server.pairs[module]} if self.rule == "segment" else {}
 
     def configure(self, server, client):
         message = super().configure(server, client)

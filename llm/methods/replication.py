@@ -12,7 +12,7 @@ Source: Byun & Lee, "Towards federated low-rank adaptation of language models wi
 
 from __future__ import annotations
 
-from .base import Method
+from .base import Method, PairOptions
 
 __all__ = ["Replication"]
 
@@ -20,4 +20,5 @@ __all__ = ["Replication"]
 class Replication(Method):
     """Replication padding: server ``aggregate("replication", pairs, n_k)``, prefix download."""
 
+    Options = PairOptions
     name, title, rule = "replication", "Replication", "replication"
