@@ -37,3 +37,19 @@ def test_smollm2_headline_round_reports_perplexity_and_rouge(tmp_path):
     row = summary[0]
     assert row["metric"] == "perplexity" and 1.0 < row["final"] < 1e4
     assert 0.0 <= row["rouge_l"] <= 1.0 and row["rouge_l_initial"] is not None
+
+
+@pytest.mark.e2e
+def test_minilm_seed_methods_two_rounds_beat_untrained(tmp_path):
+    # PreLort (nested sampling), HAFL (freezing, client importance) and LoRA-A2 (B-round then A-round) on the real model
+    cfg = RunConfig.from_dict(dict(
+        name="e2e-seed", model="minilm", dataset="bbc_news", methods=["prelort", "hafl", "lora_a2"], clients=4,
+        ranks=[2, 4, 4, 8], rounds=2, local_steps=5, batch_size=8, lr=5e-3, alpha=1.0, eval_size=120, val_size=30,
+        max_length=48, seed=0, lora_a2={"global_rank": 8},
+    ))
+    summary = run_experiment(cfg, tmp_path, progress=False)
+    for row in summary:
+        assert row["dropped"] == 0, row
+        assert row["final"] > row["initial"] + 0.1, row
+    lora_a2 = summary[2]
+    assert 0 < lora_a2["upload_vs_full"] < 0.05  # masked deltas of one factor: a few percent of full fine-tuning
