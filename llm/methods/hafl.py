@@ -55,7 +55,7 @@ scorer : "client" | "server"
 beta1, beta2 : float in [0, 1)
     AdaLoRA's smoothing of the sensitivity and of its uncertainty (0.85 each).
 
-Source: HAFL [abstract; details ours] (docs/methods.md#hafl, ../shared/ALGORITHMS.md section 3);
+Source: HAFL [abstract; details ours] (docs/methods.md#hafl);
 importance from AdaLoRA [paper]. Who scores, the score bookkeeping on the server and the server-side
 magnitude score are our reconstruction.
 """

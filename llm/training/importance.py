@@ -23,9 +23,10 @@ where
   make slot ``i``.
 
 **Update order.** ``Ubar`` uses the *updated* ``Ibar`` (``|I^{(t)} - Ibar^{(t)}|``), as the equations
-read in order in AdaLoRA (Zhang et al., ICLR 2023, eqs. 8-9) and in ../shared/ALGORITHMS.md section 3,
-which this code follows; it was not checked line by line against PEFT's ``RankAllocator.update_ipt``
-(no access to that source in this session; from memory it does the same).
+read in order in AdaLoRA (Zhang et al., ICLR 2023, eqs. 8-9) and as the authors' ``RankAllocator.update_ipt``
+(loralib, adopted by PEFT) computes it: ``exp_avg_unc = b2 exp_avg_unc + (1 - b2) |ipt - exp_avg_ipt|`` with
+``exp_avg_ipt`` already updated, both averages starting at zero. The slot score's means over the rows of
+``A`` and the columns of ``B`` follow the same code's ``mask_to_budget`` (``docs/methods.md#hafl``).
 
 **Raw or folded tensors.** ``w`` and ``dL/dw`` are PEFT's raw ``lora_B.weight`` / ``lora_A.weight``
 and their ``.grad``. The product is the same on the folded factor ``B_f = s B_peft``
