@@ -53,3 +53,18 @@ def test_minilm_seed_methods_two_rounds_beat_untrained(tmp_path):
         assert row["final"] > row["initial"] + 0.1, row
     lora_a2 = summary[2]
     assert 0 < lora_a2["upload_vs_full"] < 0.05  # masked deltas of one factor: a few percent of full fine-tuning
+
+
+@pytest.mark.e2e
+def test_smollm2_seed_methods_one_round(tmp_path):
+    # PreLort (nested), HAFL (truncation: each client gets its own slot set) and LoRA-A2 on the causal LM
+    cfg = RunConfig.from_dict(dict(
+        name="e2e-smollm2-seed", model="smollm2", dataset="bbc_headlines", methods=["prelort", "hafl", "lora_a2"],
+        clients=2, ranks=[4, 8], rounds=1, local_steps=2, batch_size=2, lr=1e-3, eval_size=8, val_size=4,
+        max_length=96, rouge_size=2, max_new_tokens=8, hafl={"variant": "truncation"}, lora_a2={"global_rank": 8},
+    ))
+    summary = run_experiment(cfg, tmp_path, progress=False)
+    for row in summary:
+        assert row["metric"] == "perplexity" and row["dropped"] == 0, row
+        assert 1.0 < row["final"] < row["initial"], row  # one round already lowers the perplexity
+    assert set(summary[1]["by_rank"]) == {"4", "8"}  # HAFL truncation: each rank downloads its own slots
