@@ -9,19 +9,13 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
-from lowrank_fed import FactorPair, aggregate  # noqa: E402
+from lowrank_fed import aggregate  # noqa: E402
 from lowrank_fed.llm.config import ConfigError, RunConfig  # noqa: E402
 from lowrank_fed.llm.methods import METHODS, PAIR_RULES, make_method  # noqa: E402
 from lowrank_fed.llm.protocol import Message, encode_pairs  # noqa: E402
 from lowrank_fed.llm.runner.simulation import run_experiment  # noqa: E402
-
-SHAPES = {"m0": (6, 5), "m1": (4, 7)}
-
-
-def _pairs(rank, seed):
-    gen = torch.Generator().manual_seed(seed)
-    return {m: FactorPair(torch.randn(d_out, rank, generator=gen), torch.randn(rank, d_in, generator=gen))
-            for m, (d_out, d_in) in SHAPES.items()}
+from tests.llm.helpers import SHAPES  # noqa: E402
+from tests.llm.helpers import pairs as _pairs  # noqa: E402
 
 
 def _replies(ups, ns):

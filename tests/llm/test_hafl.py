@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -15,14 +13,18 @@ pytest.importorskip("peft")
 import lowrank_fed.llm.runner.simulation as simulation  # noqa: E402
 from lowrank_fed import FactorPair, aggregate  # noqa: E402
 from lowrank_fed.aggregation import weighted_average  # noqa: E402
-from lowrank_fed.llm.client import run_client  # noqa: E402
 from lowrank_fed.llm.config import RunConfig  # noqa: E402
-from lowrank_fed.llm.methods import ServerState, make_method  # noqa: E402
+from lowrank_fed.llm.methods import make_method  # noqa: E402
 from lowrank_fed.llm.protocol import Message, decode_pairs, encode_extras, encode_pairs  # noqa: E402
-from lowrank_fed.llm.runner.simulation import Simulation, run_experiment  # noqa: E402
+from lowrank_fed.llm.runner.simulation import run_experiment  # noqa: E402
 from lowrank_fed.llm.training import SlotImportance, slot_scores  # noqa: E402
+from tests.llm.helpers import SHAPES, kill_and_resume, make_sim, tiny_settings  # noqa: E402
+from tests.llm.helpers import head as _head  # noqa: E402
+from tests.llm.helpers import nbytes as _nbytes  # noqa: E402
+from tests.llm.helpers import pairs as _pairs  # noqa: E402
+from tests.llm.helpers import run_rounds as _run_rounds  # noqa: E402
+from tests.llm.helpers import sha_tree as _sha  # noqa: E402
 
-SHAPES = {"m0": (6, 5), "m1": (4, 7)}
 VARIANTS = ("truncation", "freezing")
 SCORERS = ("client", "server")
 
@@ -30,72 +32,8 @@ SCORERS = ("client", "server")
 # ----------------------------------------------------------------------------- helpers (patterns of test_methods.py)
 
 
-def _pairs(rank, seed, shapes=SHAPES):
-    gen = torch.Generator().manual_seed(seed)
-    return {m: FactorPair(torch.randn(d_out, rank, generator=gen), torch.randn(rank, d_in, generator=gen))
-            for m, (d_out, d_in) in shapes.items()}
-
-
-def _head(seed):
-    gen = torch.Generator().manual_seed(seed)
-    return {"classifier.weight": torch.randn(3, 5, generator=gen), "classifier.bias": torch.randn(3, generator=gen)}
-
-
-def _nbytes(arrays):
-    """Bytes on the wire, recomputed by hand: sum numel * element size."""
-    return sum(t.numel() * t.element_size() for t in arrays.values())
-
-
 def _sim(tmp_path, **overrides):
-    settings = dict(name="t", model="tiny-bert", dataset="synthetic", methods=["hafl"], clients=3, ranks=[2, 4, 8],
-                    rounds=1, local_steps=2, batch_size=8, lr=0.01, eval_size=80, max_length=32, checkpoint=False)
-    settings.update(overrides)
-    sim = Simulation(RunConfig.from_dict(settings), tmp_path, progress=False)
-    sim.setup()
-    return sim
-
-
-def _start(sim, method):
-    return method.init_server(sim.init, sim.init_extras, dict(enumerate(sim.ranks)), init_seed=sim.init_seed)
-
-
-@dataclass
-class Call:
-    """One client's round as run_client saw it, with the adapter it trained (read right after training)."""
-
-    message: Message
-    reply: Message
-    trained: dict
-    trained_extras: dict
-
-
-@dataclass
-class Round:
-    before: ServerState
-    calls: dict
-    rows: list
-    after: ServerState
-    clients: dict
-
-
-def _run_rounds(sim, method, rounds, monkeypatch):
-    """Run ``rounds`` rounds with ``sim.run_round``, recording every run_client call."""
-    calls: dict[int, Call] = {}
-
-    def recording(method_, message, state, context):
-        reply, new_state, stats = run_client(method_, message, state, context)
-        trained, trained_extras = context.workspace.extract()
-        calls[context.client_id] = Call(message, reply, trained, trained_extras)
-        return reply, new_state, stats
-
-    monkeypatch.setattr(simulation, "run_client", recording)
-    server, clients, log = _start(sim, method), {}, []
-    for t in range(1, rounds + 1):
-        calls.clear()
-        before = server
-        server, clients, rows, _ = sim.run_round(method, server, clients, t)
-        log.append(Round(before, dict(calls), rows, server, dict(clients)))
-    return log
+    return make_sim(tmp_path, tiny_settings(**{"methods": ["hafl"], **overrides}))
 
 
 def _slots(arrays):
@@ -517,15 +455,6 @@ def test_the_same_seed_gives_the_same_selections_and_scores(tmp_path, monkeypatc
 # ----------------------------------------------------------------------------- end to end
 
 
-class Interrupt(BaseException):
-    """A kill: not an Exception, so the runner does not turn it into a dropped client update."""
-
-
-def _sha(folder):
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_run_experiment_two_rounds_resumes_and_evaluates(tmp_path, variant):
     # Prepare
@@ -533,15 +462,9 @@ def test_run_experiment_two_rounds_resumes_and_evaluates(tmp_path, variant):
                                    ranks=[2, 4, 8], rounds=2, local_steps=2, batch_size=8, lr=0.01, eval_size=40,
                                    max_length=32, hafl={"variant": variant}))
 
-    def stop(method, round_):
-        if round_ == 1:
-            raise Interrupt
-
     # Execute: a whole run, and one killed after round 1 then resumed
     summary = run_experiment(cfg, tmp_path / "full", progress=False)
-    with pytest.raises(Interrupt):
-        run_experiment(cfg, tmp_path / "cut", progress=False, on_round_end=stop)
-    run_experiment(cfg, tmp_path / "cut", resume=True, progress=False)
+    kill_and_resume(cfg, tmp_path / "cut")
     # Assert
     assert summary[0]["method"] == "hafl"
     assert _sha(tmp_path / "full" / "adapters") == _sha(tmp_path / "cut" / "adapters")

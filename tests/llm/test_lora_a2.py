@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -15,14 +13,16 @@ from hypothesis import strategies as st
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
-import lowrank_fed.llm.runner.simulation as simulation  # noqa: E402
 from lowrank_fed import FactorPair, select_slots, truncate  # noqa: E402
 from lowrank_fed.llm.client import run_client  # noqa: E402
 from lowrank_fed.llm.config import RunConfig  # noqa: E402
-from lowrank_fed.llm.methods import ClientState, ServerState, make_method  # noqa: E402
+from lowrank_fed.llm.methods import ClientState, make_method  # noqa: E402
 from lowrank_fed.llm.methods.lora_a2 import factor_of  # noqa: E402
 from lowrank_fed.llm.protocol import Message, decode_extras, decode_pairs, encode_extras  # noqa: E402
-from lowrank_fed.llm.runner.simulation import Simulation, run_experiment  # noqa: E402
+from lowrank_fed.llm.runner.simulation import run_experiment  # noqa: E402
+from tests.llm.helpers import kill_and_resume, make_sim, run_rounds, sha_tree  # noqa: E402
+from tests.llm.helpers import nbytes as _nbytes  # noqa: E402
+from tests.llm.helpers import start as _start  # noqa: E402
 
 BUDGETS = [1, 2, 4]
 SIM = dict(name="t", model="tiny-bert", dataset="synthetic", methods=["lora_a2"], clients=3, ranks=BUDGETS,
@@ -30,67 +30,12 @@ SIM = dict(name="t", model="tiny-bert", dataset="synthetic", methods=["lora_a2"]
 
 
 def _sim(tmp_path, **overrides):
-    sim = Simulation(RunConfig.from_dict({**SIM, **overrides}), tmp_path, progress=False)
-    sim.setup()
-    return sim
-
-
-def _start(sim, method):
-    return method.init_server(sim.init, sim.init_extras, dict(enumerate(sim.ranks)), init_seed=sim.init_seed)
-
-
-def _nbytes(arrays):
-    """Bytes on the wire, recomputed by hand: sum numel * element size."""
-    return sum(t.numel() * t.element_size() for t in arrays.values())
-
-
-@dataclass
-class Call:
-    """One client's round: download, reply, the adapter right after training, the probe's adapter."""
-
-    message: Message
-    reply: Message
-    new_state: ClientState
-    trained: dict
-    trained_extras: dict
-    probe: dict
-
-
-@dataclass
-class Round:
-    before: ServerState
-    calls: dict
-    rows: list
-    after: ServerState
-    clients: dict
+    return make_sim(tmp_path, {**SIM, **overrides})
 
 
 def _run_rounds(sim, method, rounds, monkeypatch):
     """``rounds`` rounds through ``sim.run_round``, recording every client's download, probe, training, reply."""
-    calls: dict[int, Call] = {}
-    probes: dict[int, dict] = {}
-    after_probe = method.client_after_probe
-
-    def recording_probe(plan, pairs, extras, state, message):
-        probes[int(message.config["client"])] = pairs
-        return after_probe(plan, pairs, extras, state, message)
-
-    def recording(method_, message, state, context):
-        reply, new_state, stats = run_client(method_, message, state, context)
-        trained, trained_extras = context.workspace.extract()
-        k = context.client_id
-        calls[k] = Call(message, reply, new_state, trained, trained_extras, probes.pop(k))
-        return reply, new_state, stats
-
-    monkeypatch.setattr(method, "client_after_probe", recording_probe)
-    monkeypatch.setattr(simulation, "run_client", recording)
-    server, clients, log = _start(sim, method), {}, []
-    for t in range(1, rounds + 1):
-        calls.clear()
-        before = server
-        server, clients, rows, _ = sim.run_round(method, server, clients, t)
-        log.append(Round(before, dict(calls), rows, server, dict(clients)))
-    return log
+    return run_rounds(sim, method, rounds, monkeypatch, record_probe=True)
 
 
 def _slots(reply):
@@ -509,13 +454,7 @@ def test_frozen_head_neither_trains_nor_travels(tmp_path, monkeypatch):
 
 
 def _sha(folder):
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file() and p.name not in ("timings.jsonl", "summary.json",
-                                                                                  "summary.md")}
-
-
-class Interrupt(BaseException):
-    """A kill: not an Exception, so the runner does not turn it into a dropped client update."""
+    return sha_tree(folder, exclude=("timings.jsonl", "summary.json", "summary.md"))
 
 
 @pytest.mark.parametrize("options", [{}, {"freeze_head": True}])
@@ -524,15 +463,9 @@ def test_run_experiment_runs_resumes_and_evaluates(tmp_path, options):
     cfg = RunConfig.from_dict({**SIM, "checkpoint": True, "eval_size": 40, "lora_a2": options})
     full, cut = tmp_path / "full", tmp_path / "cut"
 
-    def stop(method, round_):
-        if round_ == 1:
-            raise Interrupt
-
     # Execute: one uninterrupted run; one killed after round 1 and resumed
     summary = run_experiment(cfg, full, progress=False)
-    with pytest.raises(Interrupt):
-        run_experiment(cfg, cut, progress=False, on_round_end=stop)
-    run_experiment(cfg, cut, resume=True, progress=False)
+    kill_and_resume(cfg, cut)
     # Assert: the same bytes; every budget scored with the global model
     assert _sha(full) == _sha(cut) and "adapters/lora_a2.safetensors" in _sha(full)
     rows = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from types import SimpleNamespace
 
 import numpy as np
@@ -12,11 +11,9 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
-import lowrank_fed.llm.runner.simulation as simulation  # noqa: E402
 from lowrank_fed import FactorPair, aggregate, redistribute, truncate  # noqa: E402
 from lowrank_fed.aggregation import keep_slots, weighted_average  # noqa: E402
 from lowrank_fed.llm.client import ClientContext, TrainSettings, run_client  # noqa: E402
-from lowrank_fed.llm.config import RunConfig  # noqa: E402
 from lowrank_fed.llm.methods import METHODS, ClientState, ServerState, make_method  # noqa: E402
 from lowrank_fed.llm.protocol import (  # noqa: E402
     Message,
@@ -28,24 +25,15 @@ from lowrank_fed.llm.protocol import (  # noqa: E402
     message_bytes,
     to_flat,
 )
-from lowrank_fed.llm.runner.simulation import Simulation  # noqa: E402
 from lowrank_fed.llm.training import TailRegulariser, tail_norm_product  # noqa: E402
+from tests.llm.helpers import SHAPES, make_sim, tiny_settings  # noqa: E402
+from tests.llm.helpers import head as _head  # noqa: E402
+from tests.llm.helpers import nbytes as _nbytes  # noqa: E402
+from tests.llm.helpers import pairs as _pairs  # noqa: E402
+from tests.llm.helpers import run_rounds as _run_rounds  # noqa: E402
+from tests.llm.helpers import start as _start  # noqa: E402
 
-SHAPES = {"m0": (6, 5), "m1": (4, 7)}
 PREFIX_METHODS = ("fedit", "hetlora", "replication", "prelort")
-
-
-def _pairs(rank, seed, shapes=SHAPES, dtype=torch.float32):
-    gen = torch.Generator().manual_seed(seed)
-    return {m: FactorPair(torch.randn(d_out, rank, generator=gen, dtype=dtype),
-                          torch.randn(rank, d_in, generator=gen, dtype=dtype))
-            for m, (d_out, d_in) in shapes.items()}
-
-
-def _head(seed):
-    gen = torch.Generator().manual_seed(seed)
-    return {"classifier.weight": torch.randn(3, 5, generator=gen),
-            "classifier.bias": torch.randn(3, generator=gen)}
 
 
 def _server(name, global_pairs, ranks, extras=None, **options):
@@ -62,64 +50,8 @@ def _reply(pairs, n, *, head=None, rank=None, factors=("B", "A"), client=0, roun
     return Message(arrays, {"num_examples": n, "rank": rank, "client": client, "round": round_})
 
 
-def _nbytes(arrays):
-    """Bytes on the wire, recomputed by hand: sum numel * element size."""
-    return sum(t.numel() * t.element_size() for t in arrays.values())
-
-
 def _sim(tmp_path, **overrides):
-    settings = dict(name="t", model="tiny-bert", dataset="synthetic", methods=["fedit"], clients=3,
-                    ranks=[2, 4, 8], rounds=1, local_steps=2, batch_size=8, lr=0.01, eval_size=80,
-                    max_length=32, checkpoint=False)
-    settings.update(overrides)
-    sim = Simulation(RunConfig.from_dict(settings), tmp_path, progress=False)
-    sim.setup()
-    return sim
-
-
-def _start(sim, method):
-    return method.init_server(sim.init, sim.init_extras, dict(enumerate(sim.ranks)), init_seed=sim.init_seed)
-
-
-@dataclass
-class Call:
-    """One client's round as run_client saw it, with the adapter it trained (read right after training)."""
-
-    message: Message
-    state: ClientState | None
-    reply: Message
-    new_state: ClientState
-    trained: dict
-    trained_extras: dict
-
-
-@dataclass
-class Round:
-    before: ServerState
-    calls: dict
-    rows: list
-    after: ServerState
-    clients: dict
-
-
-def _run_rounds(sim, method, rounds, monkeypatch):
-    """Run ``rounds`` rounds with ``sim.run_round``, recording every run_client call."""
-    calls: dict[int, Call] = {}
-
-    def recording(method_, message, state, context):
-        reply, new_state, stats = run_client(method_, message, state, context)
-        trained, trained_extras = context.workspace.extract()
-        calls[context.client_id] = Call(message, state, reply, new_state, trained, trained_extras)
-        return reply, new_state, stats
-
-    monkeypatch.setattr(simulation, "run_client", recording)
-    server, clients, log = _start(sim, method), {}, []
-    for t in range(1, rounds + 1):
-        calls.clear()
-        before = server
-        server, clients, rows, _ = sim.run_round(method, server, clients, t)
-        log.append(Round(before, dict(calls), rows, server, dict(clients)))
-    return log
+    return make_sim(tmp_path, tiny_settings(**overrides))
 
 
 def _lora_shapes(shapes, factors, rank):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 
 import numpy as np
@@ -20,7 +19,7 @@ from lowrank_fed.llm.data import make_batch  # noqa: E402
 from lowrank_fed.llm.methods import make_method  # noqa: E402
 from lowrank_fed.llm.peft_bridge import lora_layers  # noqa: E402
 from lowrank_fed.llm.protocol import decode_pairs, message_bytes  # noqa: E402
-from lowrank_fed.llm.runner.simulation import Simulation, run_experiment  # noqa: E402
+from lowrank_fed.llm.runner.simulation import run_experiment  # noqa: E402
 from lowrank_fed.llm.training import (  # noqa: E402
     AllTruncations,
     Hook,
@@ -30,15 +29,15 @@ from lowrank_fed.llm.training import (  # noqa: E402
     train_local,
     truncation_set,
 )
+from tests.llm.helpers import kill_and_resume, make_sim  # noqa: E402
+from tests.llm.helpers import sha_tree as _sha  # noqa: E402
 
 SETTINGS = dict(name="t", model="tiny-bert", dataset="synthetic", methods=["prelort"], clients=3, ranks=[2, 4, 8],
                 rounds=2, local_steps=4, batch_size=8, lr=0.01, eval_size=40, max_length=32)
 
 
 def _sim(tmp_path, **overrides):
-    sim = Simulation(RunConfig.from_dict({**SETTINGS, "checkpoint": False, **overrides}), tmp_path, progress=False)
-    sim.setup()
-    return sim
+    return make_sim(tmp_path, {**SETTINGS, "checkpoint": False, **overrides})
 
 
 def _random_pairs(shapes, rank, seed, scale=0.5):
@@ -322,30 +321,15 @@ def test_two_rounds_through_run_round(tmp_path, monkeypatch, nested):
     assert 0.0 <= res["accuracy"] <= 1.0
 
 
-def _sha(folder):
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-class Interrupt(BaseException):
-    """A kill: not an Exception, so the runner does not turn it into a dropped client update."""
-
-
 @pytest.mark.parametrize("nested", ["sample", "all"])
 def test_run_experiment_runs_resumes_and_evaluates(tmp_path, nested):
     # Prepare
     cfg = RunConfig.from_dict({**SETTINGS, "prelort": {"nested": nested}})
     full, cut = tmp_path / "full", tmp_path / "cut"
 
-    def stop(method, round_):
-        if round_ == 1:
-            raise Interrupt
-
     # Execute: one run straight through; one killed after round 1 and resumed
     summary = run_experiment(cfg, full, progress=False)
-    with pytest.raises(Interrupt):
-        run_experiment(cfg, cut, progress=False, on_round_end=stop)
-    run_experiment(cfg, cut, resume=True, progress=False)
+    kill_and_resume(cfg, cut)
     # Assert
     rows = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
     assert [(r["method"], r["round"]) for r in rows] == [("prelort", 0), ("prelort", 1), ("prelort", 2)]

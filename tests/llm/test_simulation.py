@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 
 import pytest
@@ -14,6 +13,8 @@ from lowrank_fed.llm.config import RunConfig  # noqa: E402
 from lowrank_fed.llm.runner.checkpoint import CheckpointCorruptWarning  # noqa: E402
 from lowrank_fed.llm.methods import make_method  # noqa: E402
 from lowrank_fed.llm.runner.simulation import Simulation, UpdateDroppedWarning, load_final, run_experiment  # noqa: E402
+from tests.llm.helpers import Interrupt, kill_after_round  # noqa: E402
+from tests.llm.helpers import sha_tree as _sha  # noqa: E402
 
 BASE = dict(name="t", model="tiny-bert", dataset="synthetic", clients=4, ranks=[2, 2, 4, 8], rounds=3,
             local_steps=2, batch_size=8, lr=0.01, eval_size=40, max_length=32)
@@ -25,16 +26,6 @@ def _cfg(**overrides):
 
 def _finals(out, methods):
     return {m: load_final(out / "adapters" / f"{m}.safetensors") for m in methods}
-
-
-class Interrupt(BaseException):
-    """A kill: not an Exception, so the runner does not turn it into a dropped client update."""
-
-
-def _sha(folder, *, exclude=()):
-    """sha256 of every file under ``folder`` (relative path -> hex), except the names in ``exclude``."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file() and p.name not in exclude}
 
 
 def _last_checkpoint(out, method):
@@ -50,13 +41,8 @@ def test_resume_gives_byte_identical_adapters_and_checkpoints(tmp_path):
     run_experiment(cfg, full, progress=False)
 
     # Execute: kill the second run after round 2 of the second method, then resume
-    def stop(method, round_):
-        if method == "flora" and round_ == 2:
-            raise Interrupt
-
     cut = tmp_path / "cut"
-    with pytest.raises(Interrupt):
-        run_experiment(cfg, cut, progress=False, on_round_end=stop)
+    kill_after_round(cfg, cut, 2, method="flora")
     assert not (cut / "adapters" / "flora.safetensors").exists()
     run_experiment(cfg, cut, resume=True, progress=False)
 
