@@ -195,6 +195,16 @@ class Method:
             arrays.update(encode_extras(server.extras))
         return Message(arrays, {"round": server.round + 1, "rank": rank, "client": int(client)})
 
+    @staticmethod
+    def has_joined(server: ServerState, client: int) -> bool:
+        """Whether ``client`` has replied before (a method that keeps the head on the client sends it once)."""
+        return str(client) in server.info.get("joined", [])
+
+    @staticmethod
+    def joined(server: ServerState, replies: Mapping[int, Message]) -> list[str]:
+        """The clients that have replied so far, this round's included (``info["joined"]``, sorted ids)."""
+        return sorted(set(server.info.get("joined", [])) | {str(k) for k in replies}, key=int)
+
     def downloaded_model(self, server: ServerState, rank: int) -> Model:
         """The model a client of rank ``rank`` starts the next round from, as the method sends it."""
         return Model(self.download_pairs(server, rank), dict(server.extras), None)

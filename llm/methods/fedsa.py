@@ -32,7 +32,7 @@ class FedSALoRA(Method):
 
     def configure(self, server, client):
         message = super().configure(server, client)
-        if str(client) not in server.info.get("joined", []):
+        if not self.has_joined(server, client):
             message.arrays.update(encode_extras(server.extras))  # the initial head, once
         return message
 
@@ -44,8 +44,7 @@ class FedSALoRA(Method):
                        for r in replies.values()]
             new = aggregate(self.rule, clients, weights_of(replies), previous=FactorPair(zero_B, previous.A))
             pairs[m] = FactorPair(torch.zeros_like(new.B), new.A)
-        joined = sorted(set(server.info.get("joined", [])) | {str(k) for k in replies}, key=int)
-        return self.next_state(server, replies, pairs=pairs, info={"joined": joined})
+        return self.next_state(server, replies, pairs=pairs, info={"joined": self.joined(server, replies)})
 
     @staticmethod
     def _own(message, state: ClientState, shapes) -> Model:

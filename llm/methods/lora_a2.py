@@ -193,7 +193,7 @@ class LoRAA2(Method):
 
     def configure(self, server, client):
         message = super().configure(server, client)
-        if self.options.freeze_head and str(client) not in server.info.get("joined", []):
+        if self.options.freeze_head and not self.has_joined(server, client):
             message.arrays.update(encode_extras(server.extras))  # the frozen initial head, once
         return message
 
@@ -274,7 +274,7 @@ class LoRAA2(Method):
             pairs[m] = alternating_update(previous, deltas, weights, factor=factor, slots=slots)
         info = {}
         if self.options.freeze_head:
-            info["joined"] = sorted(set(server.info.get("joined", [])) | {str(k) for k in replies}, key=int)
+            info["joined"] = self.joined(server, replies)
         return self.next_state(server, replies, pairs=pairs, info=info)
 
     # ------------------------------------------------------------------ client side
