@@ -1,8 +1,8 @@
 r"""Run configuration: defaults (the embedded demo), TOML files, ``--set`` overrides, Flower's flat form.
 
 A config file is TOML with top-level keys of :class:`RunConfig`; method options go in a table
-named after the method (``[hetlora]`` ``lam = 0.01``) and faults in ``[[faults]]`` (see
-``docs/config.md`` for every key). ``--set`` values are parsed as TOML values (``rounds=3``,
+named after the method (``[hetlora]`` ``lam = 0.01``), faults in ``[[faults]]`` and contaminated
+clients in ``[[attacks]]`` (see ``docs/config.md`` for every key). ``--set`` values are parsed as TOML values (``rounds=3``,
 ``methods=["fedit","flora"]``); a bare word that is not valid TOML is taken as a string
 (``dataset=20newsgroups``). Dotted keys reach method tables: ``--set hetlora.lam=0.05``.
 
@@ -35,15 +35,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import annotated_types
-from pydantic import (BaseModel, ConfigDict, Discriminator, Field, PositiveInt, Tag, ValidationError,
-                      ValidationInfo, field_validator)
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, NonNegativeInt, PositiveInt, Tag,
+                      ValidationError, ValidationInfo, field_validator, model_validator)
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from .data import DATASETS, RANK_DISTRIBUTIONS
 from .methods import METHODS
 from .models import MODELS
 
-__all__ = ["RunConfig", "Fault", "ConfigError", "load_config", "apply_overrides", "parse_value",
+__all__ = ["RunConfig", "Fault", "Attack", "ConfigError", "load_config", "apply_overrides", "parse_value",
            "config_reference"]
 
 RANK_NAMES = ("flora", "top10", *RANK_DISTRIBUTIONS)
@@ -114,11 +114,43 @@ class Fault(BaseModel):
         None, description="only this method's run (one of `methods`); absent: every method")
 
 
+ATTACK_KINDS = ("label_flip", "shuffle_targets", "other_task", "random", "scaled", "sign_flip", "coordinated")
+
+
+class Attack(BaseModel):
+    r"""One ``[[attacks]]`` entry: contaminated clients for the whole run (the same clients for every method).
+
+    Give ``fraction`` (``round(fraction * clients)`` clients, drawn from the seed) or ``clients`` (ids).
+    Kinds are defined in :mod:`lowrank_fed.llm.attacks`: data attacks (``label_flip``, ``shuffle_targets``,
+    ``other_task``) change what the client trains on; update attacks (``random``, ``scaled``,
+    ``sign_flip``, ``coordinated``) change its reply.
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    kind: Literal[ATTACK_KINDS] = Field(description="what the contaminated clients do (required)")
+    fraction: Union[float, None] = Field(None, gt=0, lt=1, allow_inf_nan=False, description=(
+        "share of the clients, rounded to the nearest count (at least one); or give `clients`"))
+    clients: Union[list[NonNegativeInt], None] = Field(None, min_length=1, description=(
+        "the contaminated clients' ids; or give `fraction`"))
+    scale: Union[float, None] = Field(None, gt=0, allow_inf_nan=False, description=(
+        "`scaled`: the factor on the update (absent: 5); `random`, `coordinated`: the update's norm relative "
+        "to the honest one (absent: 1)"))
+
+    @model_validator(mode="after")
+    def _one_selector(self) -> "Attack":
+        if (self.fraction is None) == (self.clients is None):
+            raise ValueError("exactly one of 'fraction' and 'clients'")
+        return self
+
+
 class RunConfig(BaseModel):
     r"""Every setting of ``lowrank-fed run``. The defaults are the embedded demo.
 
-    The demo compares four methods on MiniLM fine-tuned for BBC News topics (5 classes) across
-    10 non-IID clients (Dirichlet 0.5) with FLoRA's heterogeneous ranks. Values are checked
+    The demo compares the three seed methods (PreLort, HAFL, LoRA-A2) with four baselines (FedIT,
+    HetLoRA, FLoRA, FlexLoRA) on MiniLM fine-tuned for BBC News topics (5 classes) across 10 non-IID
+    clients (Dirichlet 0.5) with ranks 16, 8 and 4 (FLoRA's mix capped at LoRA-A2's global rank 16),
+    evaluated every second round. Values are checked
     strictly: ``lr = "abc"``, ``rounds = 2.0`` and ``ranks = [2, 2.5]`` are errors, not conversions
     (an integer is accepted where a float is expected).
     """
@@ -132,11 +164,11 @@ class RunConfig(BaseModel):
     dataset: Literal[tuple(DATASETS)] = Field("bbc_news", description="packaged dataset of the model's task: "
                                               + ", ".join(f"`{d}` ({t})" for d, t in DATASETS.items()))
     methods: list[Literal[tuple(METHODS)]] = Field(
-        ["fedit", "hetlora", "flora", "flexlora"], min_length=1,
+        ["fedit", "hetlora", "flora", "flexlora", "prelort", "hafl", "lora_a2"], min_length=1,
         description="methods run side by side, each once (a single name is accepted as a list of one)")
     clients: int = Field(10, ge=1, description="number of clients")
     clients_per_round: int = Field(0, ge=0, description="clients sampled per round, <= clients; 0: all")
-    ranks: RankSpec = Field("flora", description=(
+    ranks: RankSpec = Field([16, 16, 16, 16, 8, 8, 4, 4, 4, 4], description=(
         "LoRA rank per client: a list of `clients` ranks, one rank for all, or an assignment: `flora` "
         "(64, 32, 16, 16, 8, 8, 4, 4, 4, 4, cycled), `uniform`, `heavy_tail`, `normal` (LoRA-A2's mixes over "
         "`rank_set`), `top10` (Byun & Lee: rank 20 for the largest 10% of clients, 5 for the others)"))
@@ -163,7 +195,7 @@ class RunConfig(BaseModel):
         "examples held out from the TRAINING data (after train_size) as a validation set for model "
         "selection; the test set is never used for selection; 0: no validation set"))
     eval_size: int = Field(200, ge=1, description="test examples evaluated (at most the test split)")
-    eval_every: int = Field(1, ge=1, description="evaluate every this many rounds (and after the last)")
+    eval_every: int = Field(2, ge=1, description="evaluate every this many rounds (and after the last)")
     rouge_size: int = Field(16, ge=0, description="generation: test examples scored with ROUGE-L at the end")
     max_new_tokens: int = Field(24, ge=1, description="generation: tokens generated per example for ROUGE-L")
     threads: int = Field(1, ge=1, description="torch threads")
@@ -171,6 +203,7 @@ class RunConfig(BaseModel):
     dtype: Literal["float32", "bfloat16", "float64"] = Field("float32", description="model weights' dtype")
     checkpoint: bool = Field(True, description="checkpoint every round (needed for `--resume`)")
     faults: list[Fault] = Field([], description="injected faults, `[[faults]]` entries (see below)")
+    attacks: list[Attack] = Field([], description="contaminated clients, `[[attacks]]` entries (see below)")
     method_options: dict[str, Any] = Field({}, description=(
         "method options by method; in TOML write a `[method]` table instead (see below)"))
 
@@ -271,6 +304,27 @@ class RunConfig(BaseModel):
         _fail(*errors)
         return faults
 
+    @field_validator("attacks")
+    @classmethod
+    def _attackers_exist(cls, attacks: list[Attack], info: ValidationInfo) -> list[Attack]:
+        clients = info.data.get("clients")
+        errors, seen = [], {}
+        for i, a in enumerate(attacks):
+            for j, k in enumerate(a.clients or []):
+                if clients is not None and k >= clients:
+                    errors.append(((i, "clients", j), f"a client id in [0, clients) = [0, {clients})", k))
+                elif k in seen:
+                    errors.append(((i, "clients", j), f"a client not already contaminated (attacks[{seen[k]}])", k))
+                seen.setdefault(k, i)
+        if clients is not None and not errors:
+            from .attacks import attack_counts
+
+            total = sum(attack_counts(attacks, clients))
+            if total >= clients:
+                errors.append(((), f"fewer contaminated clients than clients = {clients}", total))
+        _fail(*errors)
+        return attacks
+
     @field_validator("method_options")
     @classmethod
     def _method_tables(cls, tables: dict[str, Any]) -> dict[str, dict]:
@@ -332,7 +386,7 @@ class RunConfig(BaseModel):
         r"""The config as Flower's run config: ``{key: bool | int | float | str}``.
 
         Method options become ``"method.option"`` keys. Scalars stay as they are; every other value
-        (lists: ``methods``, ``ranks``, ``rank_set``, ``target_modules``, ``faults``; tables; null) is a
+        (lists: ``methods``, ``ranks``, ``rank_set``, ``target_modules``, ``faults``, ``attacks``; tables; null) is a
         JSON string, as is a string that starts with ``[``, ``{`` or ``"``, or equals ``null``, so
         :meth:`from_flat` decodes exactly those strings as JSON.
         """
@@ -415,8 +469,9 @@ def _convert(error: Mapping[str, Any]) -> tuple[str, str, Any]:
     if error["type"] == "extra_forbidden" and len(loc) == 1:
         keys = [k for k in RunConfig.model_fields if k != "method_options"]
         expected = f"a config key ({', '.join(keys)}) or a method table ({_method_tables()})"
-    elif error["type"] == "extra_forbidden" and loc[:1] == ["faults"]:
-        expected = f"a key of a [[faults]] entry ({', '.join(Fault.model_fields)})"
+    elif error["type"] == "extra_forbidden" and loc[:1] in (["faults"], ["attacks"]):
+        entry = Fault if loc[0] == "faults" else Attack
+        expected = f"a key of a [[{loc[0]}]] entry ({', '.join(entry.model_fields)})"
     elif error["type"] == "string_pattern_mismatch" and loc == ["name"]:
         expected = "a folder name: letters, digits, '_', '-' and '.', starting with a letter, digit or '_'"
     elif error["type"] == "missing":
@@ -567,4 +622,5 @@ def config_reference() -> str:
     if plain:
         parts += ["No options (an empty table or none): " + ", ".join(f"`[{m}]`" for m in plain) + ".", ""]
     parts += ["### `[[faults]]` entries", "", *head, *_rows(Fault), ""]
+    parts += ["### `[[attacks]]` entries", "", *head, *_rows(Attack), ""]
     return "\n".join(parts)

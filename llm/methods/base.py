@@ -160,7 +160,8 @@ class Method:
     uploads: ClassVar[tuple[str, ...]] = ("B", "A")
     downloads: ClassVar[tuple[str, ...]] = ("B", "A")
     head: ClassVar[str] = "average"  # or "local"
-    personalised: ClassVar[bool] = False
+    personalised: ClassVar[bool] = False  # each client is scored with its own model (personal_model)
+    scores_global: ClassVar[bool] = True  # whether the global model is a model some client would use
     Options: ClassVar[type[Options]] = Options
 
     def __init__(self, **options: Any):

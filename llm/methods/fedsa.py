@@ -29,6 +29,7 @@ class FedSALoRA(Method):
     uploads = downloads = ("A",)
     head = "local"
     personalised = True
+    scores_global = False
 
     def configure(self, server, client):
         message = super().configure(server, client)

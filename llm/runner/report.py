@@ -9,7 +9,10 @@ Columns, for a metric ``m`` (accuracy, or perplexity for generation):
 - ``local m``: the mean over clients of the model each client downloads (its rank's truncation,
   redistribution or mask, as the method sends it), each on the client's own held-out set;
 - ``personal m``: the same for personalised methods (FedSA-LoRA), with each client's own ``B`` and head;
-- ``by rank``: the model each distinct client rank downloads, on the test set.
+- ``by rank``: the model each distinct client rank downloads, on the test set;
+- with ``[[attacks]]``: ``benign clients' m``, the mean of ``local``/``personal`` over the benign
+  clients only, and for methods that flag clients (CLAIR) the last round's flag precision and recall
+  against the truth.
 """
 
 from __future__ import annotations
@@ -37,15 +40,20 @@ def summary_row(method, history: list[dict], timings: list[dict], metric: str, *
     uploads = sum(len(h.get("clients", [])) for h in history)
     if adapted_params and uploads:
         row["upload_vs_full"] = row["params_up"] / (uploads * adapted_params)
-    if method.personalised:
-        # Its global model (shared A, B = 0, the initial head) is no client's model: no global score to show.
+    if not method.scores_global:
+        # Its global model (FedSA: shared A, B = 0, the initial head) is no client's model: no global score.
         row["final"] = None
     scored = [h for h in evals if f"val_{metric}" in h and h["round"] > 0]
-    if scored and not method.personalised:
+    if scored and method.scores_global:
         pick = (max if metric == "accuracy" else min)(scored, key=lambda h: (h[f"val_{metric}"], -h["round"]))
         row.update(selected_round=pick["round"], selected=pick[metric], selected_val=pick[f"val_{metric}"])
     row["local" if not method.personalised else "personal"] = final.get(f"local_{metric}")
     row["by_rank"] = {r: v[metric] for r, v in final.get("by_rank", {}).items()}
+    if f"benign_local_{metric}" in final:
+        row["benign"] = final[f"benign_local_{metric}"]
+    detected = [h["detection"] for h in history if "detection" in h]
+    if detected:
+        row["precision"], row["recall"] = detected[-1]["precision"], detected[-1]["recall"]
     for key in ("seconds", "train_seconds", "server_seconds"):
         row[key] = sum(t.get("wall_seconds" if key == "seconds" else key, 0.0) for t in timings)
     if "rouge_l" in final:
@@ -81,6 +89,11 @@ def _columns(summary: list[dict]):
             (f"local {s}", lambda r: _fmt(r.get("local"))),
             (f"personal {s}", lambda r: _fmt(r.get("personal"))),
             (f"{s} by rank (min-max)", _rank_range)]
+    if any("benign" in r for r in summary):
+        cols.append((f"benign clients' {s}", lambda r: _fmt(r.get("benign"))))
+    if any("precision" in r for r in summary):
+        cols += [("flag precision", lambda r: _fmt(r.get("precision"), 2)),
+                 ("flag recall", lambda r: _fmt(r.get("recall"), 2))]
     if any("rouge_l" in r for r in summary):
         cols.append(("ROUGE-L", lambda r: _fmt(r.get("rouge_l"))))
     cols += [("MB up", lambda r: f"{r['mb_up']:.2f}"), ("MB down", lambda r: f"{r['mb_down']:.2f}"),

@@ -37,6 +37,7 @@ import torch
 
 from lowrank_fed import FactorPair
 
+from ..attacks import attack_reply, choose_attackers, poison_dataset
 from ..client import ClientContext, TrainSettings, derive_seed, run_client
 from ..config import ConfigError, RunConfig
 from ..data import (assign_ranks, encode_classification, encode_generation, holdout_sets, load_dataset, partition,
@@ -174,6 +175,9 @@ class Simulation:
                                         np.random.default_rng([cfg.seed, 2]), alpha=cfg.alpha,
                                         classes_per_client=cfg.classes_per_client)
         self.n_k = [int(len(idx)) for idx in self.client_idx]
+        self.attackers = choose_attackers(cfg.attacks, cfg.clients, cfg.seed)
+        with _config_key("attacks", [a.kind for a in cfg.attacks]):
+            trained = poison_dataset(self.train, self.client_idx, self.attackers, cfg.seed)
         with _config_key("ranks", cfg.ranks):
             self.ranks = assign_ranks(list(cfg.ranks) if isinstance(cfg.ranks, list) else cfg.ranks, cfg.clients,
                                       rng=np.random.default_rng([cfg.seed, 6]), rank_set=cfg.rank_set, scores=self.n_k)
@@ -193,8 +197,9 @@ class Simulation:
                 lora_alpha=cfg.lora_alpha, use_rslora=cfg.use_rslora, task_type="SEQ_CLS" if labelled else "CAUSAL_LM",
             )
         encode = encode_classification if labelled else encode_generation
+        # the clients train on ``trained`` (the data attackers' rows changed); validation and test are clean
         self.enc = {name: encode(tokenizer, d.texts, d.labels if labelled else d.targets, cfg.max_length)
-                    for name, d in (("train", self.train), ("val", self.val), ("test", self.test))}
+                    for name, d in (("train", trained), ("val", self.val), ("test", self.test))}
         self.r_max = max(self.ranks)
         self.init_seed = derive_seed(cfg.seed, 5)
         self.init = init_pairs(self.ws.shapes, self.r_max, torch.Generator().manual_seed(self.init_seed),
@@ -213,6 +218,8 @@ class Simulation:
                 "label_names": list(self.train.label_names), "eval_size": len(self.test), "val_size": len(self.val),
                 "holdout_sizes": [int(len(h)) for h in self.holdout], "metric": self.metric,
                 "adapted_params": int(sum(d_out * d_in for d_out, d_in in self.ws.shapes.values()))}
+        if self.attackers:
+            info["attackers"] = {str(k): a.kind for k, a in self.attackers.items()}
         if self.task == "classification":
             counts = np.bincount(self.test.labels, minlength=len(self.train.label_names))
             info["majority_accuracy"] = float(counts.max() / counts.sum())
@@ -275,6 +282,24 @@ class Simulation:
                           for k in range(self.cfg.clients)]
         out["per_client"] = per_client
         out[f"local_{self.metric}"] = _mean(per_client)
+        if self.attackers:  # what the benign clients get: the contaminated ones' scores are not their goal
+            out[f"benign_local_{self.metric}"] = _mean(v for k, v in enumerate(per_client) if k not in self.attackers)
+        return out
+
+    def score_detection(self, detection: dict, participants: list[int]) -> dict:
+        r"""A round's flagged set against the truth among its participants.
+
+        ``precision = |F & T| / |F|`` (None when nothing is flagged), ``recall = |F & T| / |T|`` (None
+        when no participant is contaminated), with ``F`` the flagged and ``T`` the contaminated
+        participants. The method's other keys (``lam``, per-client scores, ...) are kept; its solver
+        time goes to ``timings.jsonl``.
+        """
+        flagged = {int(k) for k in detection["flagged"]}
+        truth = {k for k in participants if k in self.attackers}
+        hits = len(flagged & truth)
+        out = {k: v for k, v in detection.items() if k not in ("round", "seconds")}
+        out.update(flagged=sorted(flagged), contaminated=sorted(truth),
+                   precision=hits / len(flagged) if flagged else None, recall=hits / len(truth) if truth else None)
         return out
 
     # ------------------------------------------------------------------ one round
@@ -320,6 +345,9 @@ class Simulation:
             t2 = time.perf_counter()
             if reply is not None:
                 clients[k] = state
+                if k in self.attackers:
+                    row["attack"] = self.attackers[k].kind
+                    reply = attack_reply(reply, self.attackers[k], seed=self.cfg.seed, round_=round_, client=k)
                 kind = self._fault(method.name, round_, k)
                 if kind:
                     reply = self._corrupt(reply, kind)
@@ -387,6 +415,8 @@ class Simulation:
     # ------------------------------------------------------------------ the run
     def _start(self, method: Method):
         server = method.init_server(self.init, self.init_extras, dict(enumerate(self.ranks)), init_seed=self.init_seed)
+        if getattr(method, "needs_truth", False):  # the oracle is told who is contaminated
+            server.info["contaminated"] = sorted(self.attackers)
         return server, {}
 
     def run_method(self, name: str, *, resume: bool, round0: dict | None) -> tuple[Method, list[dict], list[dict]]:
@@ -428,6 +458,10 @@ class Simulation:
                            dropped=sum(r["dropped"] for r in rows),
                            train_loss=_mean(r["train_loss"] for r in rows),
                            ranks=[server.ranks[k] for k in range(cfg.clients)], clients=rows)
+                detection = server.info.get("detection")
+                if detection is not None and detection.get("round") == round_:
+                    row["detection"] = self.score_detection(detection, [r["client"] for r in rows if not r["dropped"]])
+                    times["detection_seconds"] = detection.get("seconds", 0.0)
                 history.append(row)
                 times.update(method=name, round=round_, wall_seconds=time.perf_counter() - t_start)
                 timings.append(times)

@@ -17,6 +17,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
 from lowrank_fed.llm import run  # noqa: E402
+from lowrank_fed.llm.methods import make_method  # noqa: E402
 from lowrank_fed.llm.config import (ConfigError, Fault, RunConfig, apply_overrides,  # noqa: E402
                                     config_reference, load_config, parse_value)
 
@@ -73,8 +74,13 @@ def test_default_config_is_the_demo():
     cfg = RunConfig.from_dict({})
     assert cfg == RunConfig()
     assert cfg.model == "minilm" and cfg.dataset in ("bbc_news", "20newsgroups")
-    assert {"fedit", "hetlora", "flora", "flexlora"} <= set(cfg.methods)
-    assert cfg.partition == "dirichlet" and cfg.ranks == "flora" and cfg.val_size == 50
+    assert {"fedit", "flexlora", "prelort", "hafl", "lora_a2"} <= set(cfg.methods)  # seed methods and baselines
+    assert cfg.partition == "dirichlet" and len(set(cfg.ranks)) > 1 and cfg.val_size == 50
+    # configs/default.toml spells out exactly the embedded default, method options included
+    spelled = RunConfig.from_dict(load_config(ROOT / "configs" / "default.toml"))
+    assert spelled.model_dump(exclude={"method_options"}) == cfg.model_dump(exclude={"method_options"})
+    for name, table in spelled.method_options.items():
+        assert make_method(name, **table).options == make_method(name).options, name
 
 
 def test_config_keeps_the_runners_view():

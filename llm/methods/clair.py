@@ -1,0 +1,171 @@
+r"""CLAIR in the federated loop: robust subspace recovery per module, one decision per client, refined downloads.
+
+Each round, for each adapted module ``m``, the participants' adapters ``Theta_k = B_k A_k`` (folded,
+ranks may differ, never densified) go through :func:`lowrank_fed.robust.clair` (base known):
+
+.. math:: \min_{L, S}\ \|L\|_* + \lambda \sum_k \|S_k\|_F \quad\text{s.t.}\quad [\Theta_1 .. \Theta_K] = L + S,
+
+giving the shared subspace ``U_m`` (rank ``r``) and, per client, the robust z-score ``z_{k,m}`` of its
+off-subspace residual. A client is contaminated or not as a whole, so the decision combines modules
+[ours]:
+
+.. math:: \bar z_k = \frac{1}{M} \sum_m z_{k,m},\qquad \hat G = \{k : \bar z_k \le z^*\}
+
+(``z_threshold``, 3 by default). Flagged clients are left out of everything shared: the benign mean,
+the refinement and the head. Benign client ``k`` downloads its refined adapter re-factored to its rank
+by the factored SVD (exact when the rank allows, else the best rank-``r_k`` approximation):
+
+.. math:: \tilde\Theta_k = P_m \Theta_k + (I - P_m) \textstyle\sum_{j \in \hat G} \pi_j \Theta_j,
+          \qquad P_m = U_m U_m^\top,\quad \pi_j \propto n_j,
+
+and a flagged client (not told it was flagged) or a new one the benign mean ``sum_G pi_j Theta_j`` at its
+rank; the global model is that mean at rank ``r_max``. ``refine = false`` sends everyone the benign mean
+(robust FedAvg). ``rank``: the shared subspace's rank per module, by default the smallest participant
+rank (a subspace every benign client can hold) [ours]. ``lam = "path"`` (default) chooses it from the
+data: the middle of the longest plateau of a warm-started path where (rank of L, flagged set) is stable.
+
+:class:`Oracle` is the upper bound the comparison needs: the server is told which clients are
+contaminated (by the runner, from the attack truth) and averages the others; it is not a method a
+real server could run.
+
+Source: CLAIR (paper abstract) [formulation ours, docs/methods.md#clair-in-a-federated-run].
+"""
+
+from __future__ import annotations
+
+import time
+from typing import ClassVar, Literal, Union
+
+import numpy as np
+from pydantic import Field
+
+from lowrank_fed import FactorPair, aggregate, redistribute
+from lowrank_fed.aggregation import weighted_average
+from lowrank_fed.robust import clair
+from lowrank_fed.robust.refinement import collaborative_weights, refine_pairs
+
+from ..protocol import decode_extras, decode_pairs
+from .base import Method, Model, Options, weights_of
+
+__all__ = ["CLAIR", "Oracle", "CLAIROptions"]
+
+
+class CLAIROptions(Options):
+    rank: Union[int, None] = Field(None, ge=1, description=(
+        "rank of the shared subspace per module; absent: the smallest participant rank"))
+    lam: Union[float, Literal["default", "path"]] = Field("path", description=(
+        "block penalty: a number, `default` (2 sqrt(rank / ((1 - gamma_bar) K))) or `path` (chosen from the data)"))
+    gamma_bar: float = Field(0.3, ge=0.0, lt=1.0, description="upper bound on the contaminated share (`default` lam)")
+    z_threshold: float = Field(3.0, gt=0.0, description="flag a client whose mean z-score over modules exceeds this")
+    refine: bool = Field(True, description="benign clients download their refined adapter; false: the benign mean")
+
+
+def _client_key(client: int, module: str, factor: str) -> str:
+    return f"client/{client}/{module}/{factor}"
+
+
+class CLAIR(Method):
+    """CLAIR: per-module robust recovery, one flag per client, refined personal downloads."""
+
+    name, title, rule = "clair", "CLAIR", "clair"
+    personalised = True
+    Options = CLAIROptions
+    needs_truth: ClassVar[bool] = False
+
+    @property
+    def refines(self) -> bool:
+        return self.options.refine
+
+    # ------------------------------------------------------------------ server
+    def _detect(self, server, decoded: list[dict[str, FactorPair]], ids: list[int], weights: list[float]):
+        """``(benign mask, subspaces {module: U}, detection info)`` from CLAIR on every module."""
+        opts = self.options
+        rank = opts.rank or min(server.ranks[k] for k in ids)
+        z, subspaces, lams, gaps, converged = [], {}, [], [], True
+        t0 = time.perf_counter()
+        for m in server.shapes:
+            pairs = [d[m] for d in decoded]
+            r_m = min(rank, sum(p.rank for p in pairs), *server.shapes[m])
+            res = clair(pairs, rank=r_m, lam=opts.lam, gamma_bar=opts.gamma_bar, weights=weights)
+            z.append(res.scores)
+            subspaces[m] = res.subspace
+            lams.append(res.lam)
+            gaps.append(res.gap / max(res.objective, 1e-300))
+            converged &= res.converged
+        scores = np.mean(np.stack(z), axis=0)
+        benign = scores <= opts.z_threshold
+        info = {"flagged": [ids[i] for i in np.flatnonzero(~benign)],
+                "scores": {str(k): round(float(s), 6) for k, s in zip(ids, scores, strict=True)},
+                "lam": [round(float(min(lams)), 6), round(float(max(lams)), 6)], "rank": int(rank),
+                "max_relative_gap": float(max(gaps)), "converged": bool(converged),
+                "seconds": time.perf_counter() - t0}
+        return benign, subspaces, info
+
+    def _truth(self, server, decoded, ids, weights):
+        known = set(server.info.get("contaminated", []))
+        benign = np.array([k not in known for k in ids])
+        return benign, {}, {"flagged": [k for k in ids if k in known], "seconds": 0.0}
+
+    def aggregate(self, server, replies):
+        ids = list(replies)
+        decoded = [decode_pairs(r.arrays) for r in replies.values()]
+        weights = weights_of(replies)
+        benign, subspaces, info = (self._truth if self.needs_truth else self._detect)(server, decoded, ids, weights)
+        if not benign.any():  # nobody to trust: keep the adapters and the head, report the round
+            state = self.next_state(server, replies, info={"detection": {**info, "round": server.round + 1}})
+            state.extras = server.extras
+            return state
+        pi = collaborative_weights(np.asarray(weights), benign)
+        members = [i for i in range(len(ids)) if benign[i]]
+        r_max = max(server.ranks.values())
+        pairs, arrays = {}, {k: v for k, v in server.arrays.items()}
+        for m in server.shapes:
+            mine = [d[m] for d in decoded]
+            mean = aggregate("svd", [mine[i] for i in members], [pi[i] for i in members])  # exact benign mean
+            pairs[m] = redistribute(mean, r_max, method="svd")
+            refined = refine_pairs(mine, subspaces[m], pi) if m in subspaces and self.refines else None
+            for i, k in enumerate(ids):
+                source = refined[i] if (refined is not None and benign[i]) else mean
+                down = redistribute(source, server.ranks[k], method="svd")
+                arrays[_client_key(k, m, "B")], arrays[_client_key(k, m, "A")] = down.B, down.A
+        good = {k: replies[k] for i, k in enumerate(ids) if benign[i]}
+        extras = server.extras
+        if self.head == "average" and server.extras:
+            heads = [decode_extras(r.arrays) for r in good.values()]
+            extras = {e: weighted_average([h[e] for h in heads], weights_of(good)) for e in server.extras}
+        state = self.next_state(server, replies, pairs=pairs, arrays=arrays,
+                                info={"detection": {**info, "round": server.round + 1}})
+        state.extras = extras
+        return state
+
+    def download_pairs(self, server, rank):
+        if not server.info.get("aggregated"):
+            return super().download_pairs(server, rank)
+        return {m: redistribute(p, rank, method="svd") for m, p in server.pairs.items()}
+
+    def configure(self, server, client):
+        message = super().configure(server, client)
+        own = {m: (server.arrays.get(_client_key(client, m, "B")), server.arrays.get(_client_key(client, m, "A")))
+               for m in server.shapes}
+        if all(B is not None for B, _ in own.values()):
+            for m, (B, A) in own.items():
+                message.arrays[f"lora/{m}/B"], message.arrays[f"lora/{m}/A"] = B, A
+        return message
+
+    def download_is_global(self, server, rank):
+        return False
+
+    def personal_model(self, message, state, shapes):
+        return Model(decode_pairs(message.arrays), decode_extras(message.arrays), None)
+
+
+class Oracle(CLAIR):
+    """FedAvg of the benign clients only: the server is told the truth (an upper bound, not a method)."""
+
+    name, title, rule = "oracle", "Oracle (benign FedAvg)", "clair"
+    Options = Options
+    needs_truth = True
+
+    @property
+    def refines(self) -> bool:
+        return False
