@@ -11,9 +11,13 @@ off-subspace residual. A client is contaminated or not as a whole, so the decisi
 
 .. math:: \bar z_k = \frac{1}{M} \sum_m z_{k,m},\qquad \hat G = \{k : \bar z_k \le z^*\}
 
-(``z_threshold``, 3 by default). Flagged clients are left out of everything shared: the benign mean,
-the refinement and the head. Benign client ``k`` downloads its refined adapter re-factored to its rank
-by the factored SVD (exact when the rank allows, else the best rank-``r_k`` approximation):
+(``z_threshold``, 3 by default). Flagged clients are left out of everything shared: the subspace, the
+benign mean, the refinement and the head. The subspace is then refitted on ``G`` alone: ``U_m`` = the
+top-``r`` left singular vectors of the benign stack ``[Theta_j]_{j in G}``, which is the subspace of
+CLAIR's ``L`` on that stack (with no outlier left, ``S = 0`` and ``L`` is a singular value threshold of
+the stack, which keeps its singular vectors) [ours: one decision for all modules, then the refit].
+Benign client ``k`` downloads its refined adapter re-factored to its rank by the factored SVD (exact
+when the rank allows, else the best rank-``r_k`` approximation):
 
 .. math:: \tilde\Theta_k = P_m \Theta_k + (I - P_m) \textstyle\sum_{j \in \hat G} \pi_j \Theta_j,
           \qquad P_m = U_m U_m^\top,\quad \pi_j \propto n_j,
@@ -34,14 +38,16 @@ Source: CLAIR (paper abstract) [formulation ours, docs/methods.md#clair-in-a-fed
 from __future__ import annotations
 
 import time
+import warnings
 from typing import ClassVar, Literal, Union
 
 import numpy as np
+import torch
 from pydantic import Field
 
 from lowrank_fed import FactorPair, aggregate, redistribute
 from lowrank_fed.aggregation import weighted_average
-from lowrank_fed.robust import clair
+from lowrank_fed.robust import ClairWarning, clair
 from lowrank_fed.robust.refinement import collaborative_weights, refine_pairs
 
 from ..protocol import decode_extras, decode_pairs
@@ -64,6 +70,20 @@ def _client_key(client: int, module: str, factor: str) -> str:
     return f"client/{client}/{module}/{factor}"
 
 
+def stack_subspace(pairs: list[FactorPair], rank: int) -> np.ndarray:
+    r"""Top-``rank`` left singular vectors of the stack ``[B_1 A_1, ..., B_K A_K]``, never formed.
+
+    ``A_j^T = Q_j R_j`` (thin QR) gives ``B_j A_j = (B_j R_j^T) Q_j^T`` with orthonormal ``Q_j^T`` rows, so
+    the stack has the left singular vectors of ``[B_1 R_1^T, ..., B_K R_K^T]`` (``d_out x sum r_j``).
+    """
+    blocks = []
+    for p in pairs:
+        R = torch.linalg.qr(p.A.double().T, mode="r")[1]
+        blocks.append(p.B.double() @ R.T)
+    U = torch.linalg.svd(torch.cat(blocks, dim=1), full_matrices=False)[0]
+    return U[:, :rank].cpu().numpy()
+
+
 class CLAIR(Method):
     """CLAIR: per-module robust recovery, one flag per client, refined personal downloads."""
 
@@ -82,38 +102,44 @@ class CLAIR(Method):
         opts = self.options
         rank = opts.rank or min(server.ranks[k] for k in ids)
         z, subspaces, lams, gaps, converged = [], {}, [], [], True
-        t0 = time.perf_counter()
         for m in server.shapes:
             pairs = [d[m] for d in decoded]
             r_m = min(rank, sum(p.rank for p in pairs), *server.shapes[m])
-            res = clair(pairs, rank=r_m, lam=opts.lam, gamma_bar=opts.gamma_bar, weights=weights)
+            with warnings.catch_warnings():  # its own flags (all-or-none on noisy updates) are not used
+                warnings.simplefilter("ignore", ClairWarning)
+                res = clair(pairs, rank=r_m, lam=opts.lam, gamma_bar=opts.gamma_bar, weights=weights)
             z.append(res.scores)
-            subspaces[m] = res.subspace
+            subspaces[m] = r_m
             lams.append(res.lam)
             gaps.append(res.gap / max(res.objective, 1e-300))
             converged &= res.converged
         scores = np.mean(np.stack(z), axis=0)
         benign = scores <= opts.z_threshold
+        members = [i for i in range(len(ids)) if benign[i]]
+        if members:  # the subspace refitted on the benign stack
+            subspaces = {m: stack_subspace([decoded[i][m] for i in members], r_m) for m, r_m in subspaces.items()}
         info = {"flagged": [ids[i] for i in np.flatnonzero(~benign)],
                 "scores": {str(k): round(float(s), 6) for k, s in zip(ids, scores, strict=True)},
                 "lam": [round(float(min(lams)), 6), round(float(max(lams)), 6)], "rank": int(rank),
-                "max_relative_gap": float(max(gaps)), "converged": bool(converged),
-                "seconds": time.perf_counter() - t0}
+                "max_relative_gap": float(max(gaps)), "converged": bool(converged)}
         return benign, subspaces, info
 
     def _truth(self, server, decoded, ids, weights):
         known = set(server.info.get("contaminated", []))
         benign = np.array([k not in known for k in ids])
-        return benign, {}, {"flagged": [k for k in ids if k in known], "seconds": 0.0}
+        return benign, {}, {"flagged": [k for k in ids if k in known]}
 
     def aggregate(self, server, replies):
         ids = list(replies)
         decoded = [decode_pairs(r.arrays) for r in replies.values()]
         weights = weights_of(replies)
+        t0 = time.perf_counter()
         benign, subspaces, info = (self._truth if self.needs_truth else self._detect)(server, decoded, ids, weights)
+        seconds = time.perf_counter() - t0
         if not benign.any():  # nobody to trust: keep the adapters and the head, report the round
             state = self.next_state(server, replies, info={"detection": {**info, "round": server.round + 1}})
             state.extras = server.extras
+            state.cache["detection_seconds"] = seconds
             return state
         pi = collaborative_weights(np.asarray(weights), benign)
         members = [i for i in range(len(ids)) if benign[i]]
@@ -136,6 +162,7 @@ class CLAIR(Method):
         state = self.next_state(server, replies, pairs=pairs, arrays=arrays,
                                 info={"detection": {**info, "round": server.round + 1}})
         state.extras = extras
+        state.cache["detection_seconds"] = seconds  # a timing: never in the checkpointed state
         return state
 
     def download_pairs(self, server, rank):

@@ -291,13 +291,12 @@ class Simulation:
 
         ``precision = |F & T| / |F|`` (None when nothing is flagged), ``recall = |F & T| / |T|`` (None
         when no participant is contaminated), with ``F`` the flagged and ``T`` the contaminated
-        participants. The method's other keys (``lam``, per-client scores, ...) are kept; its solver
-        time goes to ``timings.jsonl``.
+        participants. The method's other keys (``lam``, per-client scores, ...) are kept.
         """
         flagged = {int(k) for k in detection["flagged"]}
         truth = {k for k in participants if k in self.attackers}
         hits = len(flagged & truth)
-        out = {k: v for k, v in detection.items() if k not in ("round", "seconds")}
+        out = {k: v for k, v in detection.items() if k != "round"}
         out.update(flagged=sorted(flagged), contaminated=sorted(truth),
                    precision=hits / len(flagged) if flagged else None, recall=hits / len(truth) if truth else None)
         return out
@@ -461,7 +460,7 @@ class Simulation:
                 detection = server.info.get("detection")
                 if detection is not None and detection.get("round") == round_:
                     row["detection"] = self.score_detection(detection, [r["client"] for r in rows if not r["dropped"]])
-                    times["detection_seconds"] = detection.get("seconds", 0.0)
+                    times["detection_seconds"] = server.cache.get("detection_seconds", 0.0)
                 history.append(row)
                 times.update(method=name, round=round_, wall_seconds=time.perf_counter() - t_start)
                 timings.append(times)
