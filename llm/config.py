@@ -147,8 +147,8 @@ class Attack(BaseModel):
 class RunConfig(BaseModel):
     r"""Every setting of ``lowrank-fed run``. The defaults are the embedded demo.
 
-    The demo compares the three seed methods (PreLort, HAFL, LoRA-A2) with four baselines (FedIT,
-    HetLoRA, FLoRA, FlexLoRA) on MiniLM fine-tuned for BBC News topics (5 classes) across 10 non-IID
+    The demo compares the three seed methods (PreLort, HAFL, LoRA-A2) with three baselines (FedIT,
+    FLoRA, FlexLoRA) on MiniLM fine-tuned for BBC News topics (5 classes) across 10 non-IID
     clients (Dirichlet 0.5) with ranks 16, 8 and 4 (FLoRA's mix capped at LoRA-A2's global rank 16),
     evaluated every second round. Values are checked
     strictly: ``lr = "abc"``, ``rounds = 2.0`` and ``ranks = [2, 2.5]`` are errors, not conversions
@@ -164,7 +164,7 @@ class RunConfig(BaseModel):
     dataset: Literal[tuple(DATASETS)] = Field("bbc_news", description="packaged dataset of the model's task: "
                                               + ", ".join(f"`{d}` ({t})" for d, t in DATASETS.items()))
     methods: list[Literal[tuple(METHODS)]] = Field(
-        ["fedit", "hetlora", "flora", "flexlora", "prelort", "hafl", "lora_a2"], min_length=1,
+        ["fedit", "flora", "flexlora", "prelort", "hafl", "lora_a2"], min_length=1,
         description="methods run side by side, each once (a single name is accepted as a list of one)")
     clients: int = Field(10, ge=1, description="number of clients")
     clients_per_round: int = Field(0, ge=0, description="clients sampled per round, <= clients; 0: all")
