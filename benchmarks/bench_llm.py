@@ -1,17 +1,18 @@
 r"""Torch-layer benchmark: server overhead per round and local-training throughput (MiniLM, 1 thread).
 
-1. **Server overhead.** Federated rounds of the demo set-up (MiniLM, BBC News, 10 clients with
-   FLoRA's ranks, 5 local steps of batch 8 x 64 tokens). Server work per round = building the
-   downloads (``configure``), checking the replies and the core aggregation; reported as a share of
-   the round's local training time. The clients' conversion (folding the download into the PEFT
+1. **Server overhead.** Federated rounds of the demo set-up (MiniLM, BBC News, 10 clients with the
+   demo's ranks, 5 local steps of batch 8 x 64 tokens). Server work per round = building the
+   downloads (``configure``), checking the replies and the core aggregation (for CLAIR: the robust
+   program on every module, the decision, the refit and the refined downloads); reported as a share
+   of the round's local training time. The clients' conversion (folding the download into the PEFT
    adapter, the plan, reading the upload out) is reported beside it.
-   Target: <= 2% (README, benchmarks).
-3. **Seed methods.** PreLort's nested "sample" training, HAFL's importance hook and LoRA-A2's probe,
-   each against its baseline on the same client and batches (see ``_seed_methods``).
+   Targets: <= 2%, CLAIR <= 10% (README, benchmarks).
 2. **Throughput.** The whole client step, ``run_client`` (download folded into the workspace adapter,
    the method's plan, ``train_local``'s plain path, extraction of the upload), against
    a plain PEFT loop (``get_peft_model`` + AdamW + forward/backward/step) on the same batches, same
    rank and learning rate; runs alternate and the median of the repeats is kept. Target: >= 0.95x.
+3. **Seed methods.** PreLort's nested "sample" training, HAFL's importance hook and LoRA-A2's probe,
+   each against its baseline on the same client and batches (see ``_seed_methods``).
 
 Usage: ``python benchmarks/bench_llm.py [--quick] [--out FILE.json]``.
 """
@@ -29,6 +30,11 @@ from pathlib import Path
 
 for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
+
+
+#: The server's share of the local training time a round may take: 2%, and 10% for CLAIR (a robust
+#: program per module every round).
+SERVER_SHARE = {"clair": 0.10}
 
 
 def _server_overhead(methods, rounds, clients, local_steps):
@@ -187,23 +193,26 @@ def main(argv=None) -> int:
     from rich.table import Table
 
     if args.quick:
-        methods, rounds, steps, repeats = ["fedit", "flexlora"], 1, 12, 2
+        methods, rounds, steps, repeats = ["fedit", "flexlora", "clair"], 1, 12, 2
     else:
-        methods, rounds, steps, repeats = ["fedit", "hetlora", "flora", "flexlora"], 2, 25, 3
+        methods, rounds, steps, repeats = ["fedit", "hetlora", "flora", "flexlora", "clair"], 2, 25, 3
     start = time.perf_counter()
     overhead, sim = _server_overhead(methods, rounds, clients=10, local_steps=5)
     thr = _throughput(sim, steps, repeats)
     seed = _seed_methods(sim, epochs=1 if args.quick else 5, repeats=1 if args.quick else 3)
 
     console = Console(width=110)
-    table = Table(title="Server overhead per round (MiniLM, 10 clients, ranks 64..4, 5 steps x batch 8 x 64 tokens)")
-    for col in ("method", "train s/round", "server s/round", "of which aggregation s", "server share", "<= 2%",
+    ranks = sorted(set(sim.ranks), reverse=True)
+    table = Table(title=f"Server overhead per round (MiniLM, 10 clients, ranks {ranks}, 5 steps x batch 8 x 64 tokens)")
+    for col in ("method", "train s/round", "server s/round", "of which aggregation s", "server share", "target",
                 "client conversion s/round"):
         table.add_column(col, justify="right")
     for r in overhead:
+        target = SERVER_SHARE.get(r["method"], 0.02)
         table.add_row(r["method"], f"{r['train_s_per_round']:.2f}", f"{r['server_s_per_round']:.4f}",
                       f"{r['aggregate_s_per_round']:.4f}", f"{100 * r['share']:.2f}%",
-                      "pass" if r["share"] <= 0.02 else "FAIL", f"{r['client_overhead_s_per_round']:.4f}")
+                      f"<= {100 * target:.0f}% " + ("pass" if r["share"] <= target else "FAIL"),
+                      f"{r['client_overhead_s_per_round']:.4f}")
     console.print(table)
     t2 = Table(title=f"Local training throughput, rank 8, {thr['steps']} steps, median of {thr['repeats']}")
     for col in ("plain PEFT loop steps/s", "lowrank-fed trainer steps/s", "ratio", ">= 0.95x"):
