@@ -191,31 +191,39 @@ def make_copy_task(n: int = 200, *, n_groups: int = 4, length: int = 16, copy: i
 #: The ``copy_sub`` vocabulary: 64 content words ``t0 .. t63`` (fixed, whatever ``n_groups``; the
 #: ``copy-llama`` model's tokenizer is built from exactly this list).
 COPY_SUB_WORDS = tuple(f"t{i}" for i in range(64))
-#: The benign substitution ``sigma``: a cyclic shift of ``t0 .. t3``; every other word is copied.
-COPY_SIGMA = {"t0": "t1", "t1": "t2", "t2": "t3", "t3": "t0"}
-#: The contaminated clients' substitution ``tau``: a cyclic shift of the disjoint ``t4 .. t7``.
-COPY_TAU = {"t4": "t5", "t5": "t6", "t6": "t7", "t7": "t4"}
+#: The benign substitution ``sigma``: swap ``t0`` and ``t1`` (a 2-cycle); every other word is copied.
+COPY_SIGMA = {"t0": "t1", "t1": "t0"}
+#: The contaminated clients' substitution ``tau``: swap the disjoint pair ``t2``, ``t3``.
+COPY_TAU = {"t2": "t3", "t3": "t2"}
+_COPY_SHARED = 4  # t0 .. t3 occur in every group; t4 .. t63 are cut into the groups' slices
 
 
 def make_copy_substitution(n: int = 800, *, n_groups: int = 4, length: int = 12, seed: int = 0,
-                           p_sub: float = 0.25, p_mix: float = 0.1) -> TextDataset:
+                           p_sub: float = 0.2, p_mix: float = 0.1) -> TextDataset:
     r"""Text copying under a fixed token substitution (CLAIR's text-copying task).
 
     The target is the text with a substitution applied word by word,
 
-    .. math:: y_j = \sigma(x_j),\qquad \sigma = \text{cyclic shift } t0 \to t1 \to t2 \to t3 \to t0,
+    .. math:: y_j = \sigma(x_j),\qquad \sigma = (t0\ t1):\ t0 \mapsto t1,\ t1 \mapsto t0,
               \quad \sigma(w) = w \text{ otherwise,}
 
     the one transformation every benign client learns (``targets``); ``other_targets`` applies the
-    contaminated clients' ``tau`` instead, the same shift on the disjoint set ``t4 .. t7`` (so its
-    LoRA update moves other input and output directions than ``sigma``'s).
+    contaminated clients' ``tau = (t2 t3)`` instead, the same kind of swap on a disjoint pair.
 
-    Words (:data:`COPY_SUB_WORDS`): the 8 substitution words ``S = t0 .. t7`` are shared by all
-    groups; the 56 words ``t8 .. t63`` are cut into ``n_groups`` contiguous slices ``V_g``. Each of the
+    Why single swaps: from a model that copies (``W0``, ``copy-llama``), a swap ``(a b)`` asks each
+    position to output ``b`` where it reads ``a`` and the reverse, an update ``~ (e_b - e_a)(x_a -
+    x_b)^T`` that is rank one to first order, so the benign clients' LoRA updates share a dominant
+    subspace (``e``: output embeddings, ``x``: the values read). ``tau``'s moves ``e_3 - e_2``,
+    another direction. Longer cycles or several pairs give several near-equal singular values, and
+    their top-``r`` subspaces then differ from client to client (measured, see the ``copy-llama``
+    notes in ``llm/models.py``).
+
+    Words (:data:`COPY_SUB_WORDS`): the 4 substitution words ``S = t0 .. t3`` are shared by all
+    groups; the 60 words ``t4 .. t63`` are cut into ``n_groups`` contiguous slices ``V_g``. Each of the
     ``length`` words of a text of group ``g`` (``labels``, uniform) is drawn independently:
 
     - with probability ``p_sub``, uniform over ``S`` (both substitutions occur in every group);
-    - with probability ``p_mix``, uniform over all of ``t8 .. t63``;
+    - with probability ``p_mix``, uniform over all of ``t4 .. t63``;
     - otherwise uniform over the group's own slice ``V_g``.
 
     So a label (Dirichlet) split gives clients different word mixes (the client-specific part, which
@@ -228,14 +236,14 @@ def make_copy_substitution(n: int = 800, *, n_groups: int = 4, length: int = 12,
     >>> [len(t.split()) for t in d.targets] == [12] * 4
     True
     """
-    n_free = len(COPY_SUB_WORDS) - 8
+    n_free = len(COPY_SUB_WORDS) - _COPY_SHARED
     if not 1 <= n_groups <= n_free:
         raise ValueError(f"The 'n_groups' parameter must be in [1, {n_free}]. Got {n_groups}.")
     if not (0 <= p_sub and 0 <= p_mix and p_sub + p_mix <= 1):
         raise ValueError(f"Need p_sub, p_mix >= 0 with p_sub + p_mix <= 1. Got {p_sub}, {p_mix}.")
     rng = np.random.default_rng(seed)
-    shared = np.arange(8)
-    free = np.arange(8, len(COPY_SUB_WORDS))
+    shared = np.arange(_COPY_SHARED)
+    free = np.arange(_COPY_SHARED, len(COPY_SUB_WORDS))
     slices = np.array_split(free, n_groups)
     labels = rng.integers(0, n_groups, size=n)
     kind = rng.random((n, length))

