@@ -57,7 +57,6 @@ __all__ = [
     "copy_llama",
     "pretrain_copy",
     "copy_examples",
-    "token_accuracy",
     "load_model",
 ]
 
@@ -304,30 +303,6 @@ def copy_examples(tokenizer, ids: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
 
 
-@torch.no_grad()
-def token_accuracy(model, encoded: dict[str, torch.Tensor], *, batch_size: int = 256) -> tuple[float, float]:
-    r"""Teacher-forced ``(token accuracy, exact match)`` over the labelled tokens (labels != -100).
-
-    Token ``t`` is right when ``argmax logits[t - 1] == labels[t]``; an example is an exact match when
-    all of its labelled tokens are right.
-    """
-    model.eval()
-    device = next(model.parameters()).device
-    right = total = exact = 0
-    n = encoded["input_ids"].shape[0]
-    for start in range(0, n, batch_size):
-        sl = slice(start, start + batch_size)
-        logits = model(input_ids=encoded["input_ids"][sl].to(device),
-                       attention_mask=encoded["attention_mask"][sl].to(device)).logits
-        labels = encoded["labels"][sl].to(device)[:, 1:]
-        hit = (logits[:, :-1].argmax(-1) == labels) | (labels == -100)
-        counted = labels != -100
-        right += int((hit & counted).sum())
-        total += int(counted.sum())
-        exact += int(hit.all(dim=1).sum())
-    return right / max(total, 1), exact / max(n, 1)
-
-
 def _copy_config(vocab_size: int, hp: dict):
     from transformers import LlamaConfig
 
@@ -384,7 +359,10 @@ def pretrain_copy(model, tokenizer, *, length: int, steps: int, batch_size: int,
             loss = float(out.loss.detach())
         held = copy_examples(tokenizer, torch.from_numpy(
             np.random.default_rng([seed, 2]).integers(0, n_words, size=(n_eval, length))))
-        acc, exact = token_accuracy(model, held)
+        from .evaluate import score_lm, summarise  # evaluate imports data, which imports this module
+
+        scores = summarise(score_lm(model, held, batch_size=256))
+        acc, exact = scores["token_accuracy"], scores["exact_match"]
     finally:
         torch.set_num_threads(threads)
     model.eval()

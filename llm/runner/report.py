@@ -51,6 +51,8 @@ def summary_row(method, history: list[dict], timings: list[dict], metric: str, *
     row["by_rank"] = {r: v[metric] for r, v in final.get("by_rank", {}).items()}
     if f"benign_local_{metric}" in final:
         row["benign"] = final[f"benign_local_{metric}"]
+    if "benign_local_token_accuracy" in final:
+        row["benign_token_accuracy"] = final["benign_local_token_accuracy"]
     detected = [h["detection"] for h in history if "detection" in h]
     if detected:
         row["precision"], row["recall"] = detected[-1]["precision"], detected[-1]["recall"]
@@ -91,6 +93,8 @@ def _columns(summary: list[dict]):
             (f"{s} by rank (min-max)", _rank_range)]
     if any("benign" in r for r in summary):
         cols.append((f"benign clients' {s}", lambda r: _fmt(r.get("benign"))))
+    if any("benign_token_accuracy" in r for r in summary):
+        cols.append(("benign clients' token acc", lambda r: _fmt(r.get("benign_token_accuracy"))))
     if any("precision" in r for r in summary):
         cols += [("flag precision", lambda r: _fmt(r.get("precision"), 2)),
                  ("flag recall", lambda r: _fmt(r.get("recall"), 2))]

@@ -260,15 +260,15 @@ class Simulation:
             out["samples"] = [{"prediction": p, "reference": r} for p, r in zip(preds[:3], self.test.targets[:3], strict=False)]
         if not by_rank:
             return out
-        per_client: list[float | None] = []  # None: the client's held-out set is empty
+        sums: list[dict | None] = []  # per client; None: the client's held-out set is empty
         if method.personalised:
             for k in range(self.cfg.clients):
                 if not len(self.holdout[k]):
-                    per_client.append(None)
+                    sums.append(None)
                     continue
                 model = method.personal_model(method.configure(server, k), clients.get(k, ClientState()), self.ws.shapes)
                 self._load(model)
-                per_client.append(summarise(self._score("test", self.holdout[k]))[self.metric])
+                sums.append(summarise(self._score("test", self.holdout[k])))
         else:
             scores = {}
             for rank in sorted(set(server.ranks.values())):
@@ -278,12 +278,14 @@ class Simulation:
                 self._load(method.downloaded_model(server, rank))
                 scores[rank] = self._score("test")
             out["by_rank"] = {str(r): summarise(s) for r, s in scores.items()}
-            per_client = [summarise(scores[server.ranks[k]], self.holdout[k])[self.metric] if len(self.holdout[k]) else None
-                          for k in range(self.cfg.clients)]
-        out["per_client"] = per_client
-        out[f"local_{self.metric}"] = _mean(per_client)
-        if self.attackers:  # what the benign clients get: the contaminated ones' scores are not their goal
-            out[f"benign_local_{self.metric}"] = _mean(v for k, v in enumerate(per_client) if k not in self.attackers)
+            sums = [summarise(scores[server.ranks[k]], self.holdout[k]) if len(self.holdout[k]) else None
+                    for k in range(self.cfg.clients)]
+        out["per_client"] = [s[self.metric] if s else None for s in sums]
+        for key in (self.metric, *(("token_accuracy", "exact_match") if self.task == "generation" else ())):
+            values = [s[key] if s else None for s in sums]
+            out[f"local_{key}"] = _mean(values)
+            if self.attackers:  # what the benign clients get: the contaminated ones' scores are not their goal
+                out[f"benign_local_{key}"] = _mean(v for k, v in enumerate(values) if k not in self.attackers)
         return out
 
     def score_detection(self, detection: dict, participants: list[int]) -> dict:

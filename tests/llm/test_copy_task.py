@@ -17,6 +17,7 @@ from lowrank_fed.llm.data import (  # noqa: E402
     make_copy_substitution,
     make_copy_task,
 )
+from lowrank_fed.llm.evaluate import score_lm, summarise  # noqa: E402
 from lowrank_fed.llm.models import (  # noqa: E402
     COPY_LLAMA,
     MODELS,
@@ -24,8 +25,13 @@ from lowrank_fed.llm.models import (  # noqa: E402
     copy_llama,
     copy_tokenizer,
     load_model,
-    token_accuracy,
 )
+
+def token_accuracy(model, encoded):
+    """Teacher-forced ``(token accuracy, exact match)`` (the runner's LM scores)."""
+    scores = summarise(score_lm(model, encoded))
+    return scores["token_accuracy"], scores["exact_match"]
+
 
 SIGMA = {"t0": "t1", "t1": "t0"}  # the benign swap, written out by hand
 TAU = {"t2": "t3", "t3": "t2"}  # the contaminated clients' swap
