@@ -101,23 +101,23 @@ class CLAIR(Method):
         """``(benign mask, subspaces {module: U}, detection info)`` from CLAIR on every module."""
         opts = self.options
         rank = opts.rank or min(server.ranks[k] for k in ids)
-        z, subspaces, lams, gaps, converged = [], {}, [], [], True
+        z, ranks, lams, gaps, converged = [], {}, [], [], True
         for m in server.shapes:
             pairs = [d[m] for d in decoded]
-            r_m = min(rank, sum(p.rank for p in pairs), *server.shapes[m])
+            ranks[m] = min(rank, sum(p.rank for p in pairs), *server.shapes[m])
             with warnings.catch_warnings():  # its own flags (all-or-none on noisy updates) are not used
                 warnings.simplefilter("ignore", ClairWarning)
-                res = clair(pairs, rank=r_m, lam=opts.lam, gamma_bar=opts.gamma_bar, weights=weights)
+                res = clair(pairs, rank=ranks[m], lam=opts.lam, gamma_bar=opts.gamma_bar, weights=weights)
             z.append(res.scores)
-            subspaces[m] = r_m
             lams.append(res.lam)
             gaps.append(res.gap / max(res.objective, 1e-300))
             converged &= res.converged
         scores = np.mean(np.stack(z), axis=0)
         benign = scores <= opts.z_threshold
-        members = [i for i in range(len(ids)) if benign[i]]
-        if members:  # the subspace refitted on the benign stack
-            subspaces = {m: stack_subspace([decoded[i][m] for i in members], r_m) for m, r_m in subspaces.items()}
+        members = np.flatnonzero(benign)
+        # the subspace refitted on the benign stack (none to fit when every client is flagged)
+        subspaces = {m: stack_subspace([decoded[i][m] for i in members], r_m) for m, r_m in ranks.items()} \
+            if len(members) else {}
         info = {"flagged": [ids[i] for i in np.flatnonzero(~benign)],
                 "scores": {str(k): round(float(s), 6) for k, s in zip(ids, scores, strict=True)},
                 "lam": [round(float(min(lams)), 6), round(float(max(lams)), 6)], "rank": int(rank),
@@ -142,7 +142,7 @@ class CLAIR(Method):
             state.cache["detection_seconds"] = seconds
             return state
         pi = collaborative_weights(np.asarray(weights), benign)
-        members = [i for i in range(len(ids)) if benign[i]]
+        members = np.flatnonzero(benign)
         r_max = max(server.ranks.values())
         pairs, arrays = {}, {k: v for k, v in server.arrays.items()}
         for m in server.shapes:
