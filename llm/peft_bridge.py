@@ -38,6 +38,7 @@ from lowrank_fed import FactorPair
 __all__ = [
     "lora_scale",
     "client_lora_config",
+    "adapter_config",
     "lora_layers",
     "get_factor_pairs",
     "set_factor_pairs",
@@ -107,6 +108,28 @@ def client_lora_config(
         task_type=task_type,
         lora_dropout=lora_dropout,
     )
+
+
+def adapter_config(ranks: Mapping[str, int], *, target_modules: Iterable[str], lora_alpha: float = 16.0,
+                   use_rslora: bool = False, modules_to_save: Iterable[str] | None = None,
+                   task_type: str | None = None, base_model_name_or_path: str | None = None) -> LoraConfig:
+    r"""The PEFT config of an adapter with per-module ranks: ``r`` = the most common rank (the larger on a
+    tie), ``rank_pattern`` = the other modules by exact (escaped) name.
+
+    Examples
+    --------
+    >>> cfg = adapter_config({"l.0.q": 4, "l.1.q": 4, "l.2.q": 8}, target_modules=["q"])
+    >>> cfg.r, cfg.rank_pattern
+    (4, {'l\\.2\\.q': 8})
+    """
+    values = list(ranks.values())
+    default = max(set(values), key=lambda r: (values.count(r), r))
+    config = client_lora_config(
+        default, target_modules=target_modules, lora_alpha=lora_alpha,
+        rank_pattern={re.escape(name): r for name, r in ranks.items() if r != default},
+        use_rslora=use_rslora, modules_to_save=modules_to_save, task_type=task_type)
+    config.base_model_name_or_path = base_model_name_or_path
+    return config
 
 
 def _base_name(name: str) -> str:
@@ -342,7 +365,7 @@ class AdapterWorkspace:
         self.task_type = task_type
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # transformers' deprecation notice, raised inside PEFT
-            self.peft: PeftModel = get_peft_model(model, self._config({}, 1), adapter_name="r1")
+            self.peft: PeftModel = get_peft_model(model, self.config_for({"": 1}), adapter_name="r1")
         self._adapters: dict[tuple, str] = {}
         self.shapes: dict[str, tuple[int, int]] = {}
         self._W0: dict[str, torch.Tensor] = {}
@@ -354,23 +377,11 @@ class AdapterWorkspace:
         self._base_modified = False
         self.active: str = "r1"
 
-    def _config(self, ranks: Mapping[str, int], default: int) -> LoraConfig:
-        pattern = {re.escape(name): r for name, r in ranks.items() if r != default}
-        return client_lora_config(
-            default,
-            target_modules=self.target_modules,
-            lora_alpha=self.lora_alpha,
-            rank_pattern=pattern,
-            use_rslora=self.use_rslora,
-            modules_to_save=self.modules_to_save,
-            task_type=self.task_type,
-        )
-
     def config_for(self, ranks: Mapping[str, int]) -> LoraConfig:
-        """The PEFT config of an adapter with these per-module ranks (most common rank as ``r``)."""
-        values = list(ranks.values())
-        default = max(set(values), key=lambda r: (values.count(r), r))
-        return self._config(ranks, default)
+        """The PEFT config of an adapter with these per-module ranks (:func:`adapter_config`)."""
+        return adapter_config(ranks, target_modules=self.target_modules, lora_alpha=self.lora_alpha,
+                              use_rslora=self.use_rslora, modules_to_save=self.modules_to_save,
+                              task_type=self.task_type)
 
     def activate(self, ranks: Mapping[str, int]) -> str:
         """Activate (creating if needed) the adapter with these per-module ranks; return its name."""

@@ -1,0 +1,259 @@
+r"""Whole PEFT LoRA adapters in and out: read, aggregate over clients, redistribute, write.
+
+An :class:`Adapter` is one client's (or the global) LoRA adapter with the scale folded in,
+
+.. math:: \Delta W_m = s_m B^{peft}_m A^{peft}_m = B_m A_m \quad\text{for every adapted module } m,
+
+(``s_m = alpha_m / r_m``, or ``alpha_m / sqrt(r_m)`` with rsLoRA, from ``rank_pattern`` /
+``alpha_pattern``; :mod:`~lowrank_fed.llm.peft_bridge`), so adapters trained with different ranks,
+alphas or rsLoRA are combined by the core's rules on ``Delta W`` itself:
+
+- :func:`load_peft_adapter` reads a PEFT folder (``adapter_config.json`` + ``adapter_model.safetensors``)
+  or a ``(state_dict, LoraConfig)``; tensors that are not LoRA factors (a classifier head in
+  ``modules_to_save``) are kept as ``extras``. Anything whose mathematics the folding does not cover
+  (DoRA's magnitude vector, ``lora_bias``, embedding or convolution LoRA, trainable tokens, aLoRA,
+  ``target_parameters``) is refused with an error naming it: no tensor is dropped silently.
+- :func:`aggregate_adapters` applies one core rule module by module. A module some clients lack is
+  aggregated over the clients that have it, with their weights renormalised over them (a missing module
+  is no information, not a zero update); extras likewise, by :func:`~lowrank_fed.aggregation.weighted_average`.
+- :func:`redistribute_adapter` gives a client its share at its own per-module ranks.
+- :func:`save_peft_adapter` writes a folder ``PeftModel.from_pretrained`` loads: ``r`` = the most common
+  rank, ``rank_pattern`` for the others, ``lora_B = B / s``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from peft import LoraConfig
+
+from lowrank_fed import AGGREGATORS, FactorPair, aggregate, redistribute
+from lowrank_fed.aggregation import weighted_average
+
+from .peft_bridge import adapter_config, pairs_to_state_dict, state_dict_to_pairs
+
+__all__ = ["Adapter", "load_peft_adapter", "save_peft_adapter", "aggregate_adapters", "redistribute_adapter"]
+
+CONFIG_FILE, WEIGHTS_FILE, WEIGHTS_BIN = "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"
+
+
+@dataclass(frozen=True)
+class Adapter:
+    r"""A LoRA adapter with the scale folded in (``pairs[m].B @ pairs[m].A = Delta W_m``).
+
+    Attributes
+    ----------
+    pairs : dict module -> FactorPair
+        Module names relative to the base model (``bert.encoder.layer.0.attention.self.query``).
+    extras : dict name -> tensor
+        Non-LoRA trained weights (``classifier.weight``, ...).
+    config : LoraConfig or None
+        The configuration it was read with (target modules, alphas, task type, base model), if any.
+    """
+
+    pairs: dict[str, FactorPair]
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    config: LoraConfig | None = None
+
+    @property
+    def ranks(self) -> dict[str, int]:
+        return {m: p.rank for m, p in self.pairs.items()}
+
+
+# ----------------------------------------------------------------------------- reading
+_REFUSED_CONFIG = {
+    "use_dora": "DoRA (a magnitude vector rescales W0 + Delta W column by column: no factor pair holds it)",
+    "lora_bias": "lora_bias (a bias on lora_B, outside B A)",
+}
+
+
+def _refuse(where: str, what: str) -> None:
+    raise ValueError(f"{where}: {what} is not supported; expected a plain LoRA adapter (lora_A, lora_B"
+                     " and modules_to_save only). Nothing was read.")
+
+
+def _check_config(config: LoraConfig, where: str) -> None:
+    for key, what in _REFUSED_CONFIG.items():
+        if getattr(config, key, False):
+            _refuse(where, f"{key} = True: {what}")
+    for key in ("trainable_token_indices", "target_parameters", "alora_invocation_tokens"):
+        if getattr(config, key, None):
+            _refuse(where, f"{key} = {getattr(config, key)!r}")
+
+
+def _check_tensors(state_dict: Mapping[str, torch.Tensor], where: str) -> None:
+    for key, value in state_dict.items():
+        if "lora_magnitude_vector" in key:
+            _refuse(where, f"tensor {key!r} (DoRA's magnitude vector)")
+        if "lora_embedding_" in key:
+            _refuse(where, f"tensor {key!r} (embedding LoRA)")
+        if ".lora_B" in key and key.endswith(".bias"):
+            _refuse(where, f"tensor {key!r} (lora_bias)")
+        if (".lora_A" in key or ".lora_B" in key) and value.ndim != 2:
+            _refuse(where, f"tensor {key!r} of shape {tuple(value.shape)} (convolution LoRA)")
+
+
+def load_peft_adapter(source, adapter_name: str | None = None) -> Adapter:
+    r"""Read a PEFT LoRA adapter: a folder, or ``(state_dict, LoraConfig)``.
+
+    Raises
+    ------
+    FileNotFoundError
+        A folder without ``adapter_config.json`` or weights.
+    ValueError
+        A feature the folding does not cover (DoRA, ``lora_bias``, embedding / convolution LoRA,
+        trainable tokens, aLoRA, ``target_parameters``), or a module with only one factor; the
+        message names the folder and the tensor or config key.
+    """
+    if isinstance(source, tuple):
+        state_dict, config = source
+        where = "adapter"
+    else:
+        folder = Path(source)
+        where = str(folder)
+        if not (folder / CONFIG_FILE).is_file():
+            raise FileNotFoundError(f"{folder}: no {CONFIG_FILE}; expected a PEFT adapter folder.")
+        config = LoraConfig.from_pretrained(str(folder))
+        if (folder / WEIGHTS_FILE).is_file():
+            from safetensors.torch import load_file
+
+            state_dict = load_file(str(folder / WEIGHTS_FILE))
+        elif (folder / WEIGHTS_BIN).is_file():
+            state_dict = torch.load(folder / WEIGHTS_BIN, map_location="cpu", weights_only=True)
+        else:
+            raise FileNotFoundError(f"{folder}: no {WEIGHTS_FILE} or {WEIGHTS_BIN}.")
+    peft_type = getattr(config.peft_type, "value", config.peft_type)
+    if peft_type not in (None, "LORA"):
+        _refuse(where, f"peft_type {peft_type!r}")
+    _check_config(config, where)
+    _check_tensors(state_dict, where)
+    try:
+        pairs, extras = state_dict_to_pairs(state_dict, config, adapter_name)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
+    if not pairs:
+        raise ValueError(f"{where}: no lora_A / lora_B tensors; expected a LoRA adapter.")
+    pairs = {m: FactorPair(p.B.float(), p.A.float()) if p.B.dtype in (torch.float16, torch.bfloat16) else p
+             for m, p in sorted(pairs.items())}
+    return Adapter(pairs, dict(sorted(extras.items())), config)
+
+
+# ----------------------------------------------------------------------------- writing
+def save_peft_adapter(folder, adapter: Adapter | Mapping[str, FactorPair], *, lora_alpha: float | None = None,
+                      use_rslora: bool | None = None, base_model_name_or_path: str | None = None,
+                      task_type: str | None = None) -> Path:
+    r"""Write ``adapter`` as a PEFT folder (``adapter_config.json``, ``adapter_model.safetensors``).
+
+    ``r`` is the most common rank, ``rank_pattern`` gives the others (exact module names);
+    ``lora_B = B / s`` with ``s = lora_alpha / r_m`` (or ``/ sqrt(r_m)``); unset options come from the
+    adapter's own config, else ``lora_alpha = 16``, no rsLoRA. Extras are saved under their names and
+    their modules listed in ``modules_to_save``. Returns the folder.
+    """
+    from safetensors.torch import save_file
+
+    adapter = adapter if isinstance(adapter, Adapter) else Adapter(dict(adapter))
+    if not adapter.pairs:
+        raise ValueError("The adapter has no modules; expected at least one factor pair.")
+    own = adapter.config
+    alpha = lora_alpha if lora_alpha is not None else (own.lora_alpha if own is not None else 16.0)
+    rslora = use_rslora if use_rslora is not None else bool(own is not None and own.use_rslora)
+    base = base_model_name_or_path if base_model_name_or_path is not None else \
+        (own.base_model_name_or_path if own is not None else None)
+    task = task_type if task_type is not None else (own.task_type if own is not None else None)
+    saved = sorted({name.rsplit(".", 1)[0] for name in adapter.extras})
+    config = adapter_config(adapter.ranks, target_modules=sorted(adapter.pairs), lora_alpha=float(alpha),
+                            use_rslora=rslora, modules_to_save=saved or None, task_type=task,
+                            base_model_name_or_path=base)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in
+             pairs_to_state_dict(adapter.pairs, config, adapter.extras).items()}
+    save_file(state, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    config_dict = config.to_dict()
+    config_dict["target_modules"] = sorted(config_dict["target_modules"])
+    (folder / CONFIG_FILE).write_text(json.dumps(config_dict, indent=2, sort_keys=True, default=str))
+    return folder
+
+
+# ----------------------------------------------------------------------------- aggregation
+def _as_adapter(item, index: int) -> Adapter:
+    if isinstance(item, Adapter):
+        return item
+    if isinstance(item, Mapping) and all(isinstance(p, FactorPair) for p in item.values()):
+        return Adapter(dict(item))
+    raise TypeError(f"adapters[{index}] must be an Adapter or a {{module: FactorPair}} mapping. "
+                    f"Got {type(item).__name__}.")
+
+
+def aggregate_adapters(rule: str, adapters: Sequence, weights=None, **options) -> Adapter:
+    r"""One core rule (``aggregate(rule, ...)``) over every module of the clients' adapters.
+
+    Module ``m``: ``aggregate(rule, [pairs_k[m] for k holding m], [w_k for k holding m], **options)``;
+    the rules normalise the weights, so a module some clients lack is aggregated over its holders with
+    their weights renormalised. Extras: the holders' weighted average. The result has no config (give
+    the writer's options to :func:`save_peft_adapter`).
+
+    Raises
+    ------
+    ValueError
+        Unknown rule, fewer than one adapter, weights of the wrong length, or shapes that disagree
+        for a module (naming the module and the client).
+    """
+    if rule not in AGGREGATORS:
+        raise ValueError(f"Unknown rule {rule!r}; expected one of {sorted(AGGREGATORS)}.")
+    items = [_as_adapter(a, i) for i, a in enumerate(adapters)]
+    if not items:
+        raise ValueError("The 'adapters' parameter must hold at least one adapter. Got none.")
+    w = [1.0] * len(items) if weights is None else [float(x) for x in weights]
+    if len(w) != len(items):
+        raise ValueError(f"The 'weights' parameter must have one weight per adapter: expected {len(items)}, got {len(w)}.")
+    pairs: dict[str, FactorPair] = {}
+    for m in sorted({m for a in items for m in a.pairs}):
+        holders = [k for k, a in enumerate(items) if m in a.pairs]
+        shapes = {items[k].pairs[m].shape for k in holders}
+        if len(shapes) > 1:
+            raise ValueError(f"Module {m!r}: the clients' updates have different shapes {sorted(shapes)}; "
+                             "expected one (d_out, d_in) per module.")
+        pairs[m] = aggregate(rule, [items[k].pairs[m] for k in holders],
+                             None if weights is None else [w[k] for k in holders], **options)
+    extras = {}
+    for name in sorted({e for a in items for e in a.extras}):
+        holders = [k for k, a in enumerate(items) if name in a.extras]
+        extras[name] = weighted_average([items[k].extras[name] for k in holders], [w[k] for k in holders])
+    return Adapter(pairs, extras, None)
+
+
+def _client_ranks(client_config, modules) -> dict[str, int]:
+    if isinstance(client_config, int) and not isinstance(client_config, bool):
+        return {m: client_config for m in modules}
+    if isinstance(client_config, LoraConfig):
+        from peft.utils.other import get_pattern_key
+
+        return {m: int(client_config.rank_pattern.get(get_pattern_key(client_config.rank_pattern.keys(), m),
+                                                      client_config.r)) for m in modules}
+    if isinstance(client_config, Mapping):
+        missing = sorted(set(modules) - set(client_config))
+        if missing:
+            raise ValueError(f"The client ranks lack modules {missing[:3]}; expected a rank for every module.")
+        return {m: int(client_config[m]) for m in modules}
+    raise TypeError("The 'client_config' parameter must be a LoraConfig, an int rank or a {module: rank} "
+                    f"mapping. Got {type(client_config).__name__}.")
+
+
+def redistribute_adapter(adapter: Adapter, client_config, method: str = "svd") -> Adapter:
+    r"""A client's share of ``adapter`` at its per-module ranks: ``redistribute(pair_m, r_m, method)``.
+
+    ``client_config``: the client's ``LoraConfig`` (its ``r``, ``rank_pattern``; the result keeps it,
+    so :func:`save_peft_adapter` writes it with the client's alpha and rsLoRA), an int rank, or
+    ``{module: rank}``. ``method``: ``"svd"`` (the best rank-``r_m`` approximation, FlexLoRA) or
+    ``"prefix"`` (the first ``r_m`` slots, HetLoRA). Extras are copied.
+    """
+    ranks = _client_ranks(client_config, adapter.pairs)
+    pairs = {m: redistribute(p, ranks[m], method=method) for m, p in adapter.pairs.items()}
+    config = client_config if isinstance(client_config, LoraConfig) else adapter.config
+    return Adapter(pairs, dict(adapter.extras), config)
+

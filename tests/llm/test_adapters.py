@@ -1,0 +1,152 @@
+"""Whole PEFT adapters: read what PEFT wrote, aggregate exactly, write what PEFT loads, refuse what we cannot fold.
+
+The reference is computed independently of the bridge: ``W0 + sum_k p_k s_k B_k A_k`` from the raw PEFT
+tensors and each client's own scale, against PEFT's ``merge_and_unload`` of the written global adapter.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+
+torch = pytest.importorskip("torch")
+peft = pytest.importorskip("peft")
+
+from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+
+from lowrank_fed import FactorPair  # noqa: E402
+from lowrank_fed.llm import (Adapter, aggregate_adapters, load_peft_adapter, redistribute_adapter,  # noqa: E402
+                             save_peft_adapter)
+from lowrank_fed.llm.models import tiny_bert  # noqa: E402
+
+TARGETS = ["query", "value"]
+CLIENTS = [  # (r, alpha, rslora, rank_pattern)
+    dict(r=2, lora_alpha=4),
+    dict(r=4, lora_alpha=16, use_rslora=True),
+    dict(r=8, lora_alpha=8, rank_pattern={"layer.1.attention.self.value": 3}),
+    dict(r=6, lora_alpha=32),
+]
+
+
+def _base(seed=0):
+    return tiny_bert(3, vocab_size=50, seed=seed).eval()
+
+
+def _client(tmp_path, k, spec):
+    """A PEFT adapter made by PEFT itself, with random non-zero factors, saved with save_pretrained."""
+    model = get_peft_model(_base(), LoraConfig(target_modules=TARGETS, **spec))
+    gen = torch.Generator().manual_seed(100 + k)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    folder = tmp_path / f"client{k}"
+    model.save_pretrained(folder)
+    return folder, model
+
+
+def _scale(spec, module):
+    """The client's own PEFT scale: alpha / r (or alpha / sqrt(r)), r from a rank_pattern key the name ends with."""
+    r = next((v for key, v in spec.get("rank_pattern", {}).items() if module.endswith(key)), spec["r"])
+    return spec["lora_alpha"] / (r ** 0.5 if spec.get("use_rslora") else r)
+
+
+def _reference(models, weights):
+    """W0 + sum_k p_k s_k B_k A_k per adapted module, from the raw PEFT tensors."""
+    p = torch.tensor(weights, dtype=torch.float64) / sum(weights)
+    base = dict(_base().named_parameters())
+    out = {}
+    for (model, spec), pk in zip(models, p, strict=True):
+        for name, mod in model.named_modules():
+            if hasattr(mod, "lora_A") and "default" in getattr(mod, "lora_A", {}):
+                module = name.replace("base_model.model.", "")
+                B = mod.lora_B["default"].weight.double()
+                A = mod.lora_A["default"].weight.double()
+                delta = pk * _scale(spec, module) * (B @ A)
+                key = module + ".weight"
+                out[key] = out.get(key, base[key].double().detach().clone()) + delta
+    return out
+
+
+def test_peft_adapters_merge_exactly_to_what_peft_loads(tmp_path):
+    folders, models = [], []
+    for k, spec in enumerate(CLIENTS):
+        folder, model = _client(tmp_path, k, spec)
+        folders.append(folder)
+        models.append((model, spec))
+    adapters = [load_peft_adapter(f) for f in folders]
+    assert adapters[2].ranks["bert.encoder.layer.1.attention.self.value"] == 3
+    weights = [10, 20, 30, 40]
+    merged = aggregate_adapters("svd", adapters, weights)
+    out = save_peft_adapter(tmp_path / "global", merged, lora_alpha=16, base_model_name_or_path="tiny-bert")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # PEFT loads it without a warning (missing or unexpected keys)
+        loaded = PeftModel.from_pretrained(_base(), out)
+    merged_model = loaded.merge_and_unload()
+    expected = _reference(models, weights)
+    got = {k: v.detach() for k, v in merged_model.named_parameters()}
+    assert len(expected) == 4
+    for key, want in expected.items():
+        torch.testing.assert_close(got[key].double(), want, rtol=0, atol=2e-5 * float(want.abs().max()))
+    # the folder round-trips: reading it back gives the same products
+    again = load_peft_adapter(out)
+    for m, pair in merged.pairs.items():
+        torch.testing.assert_close(again.pairs[m].B @ again.pairs[m].A, pair.B @ pair.A, rtol=1e-5, atol=1e-6)
+
+
+def test_redistribute_adapter_follows_the_client_config(tmp_path):
+    folder, _ = _client(tmp_path, 2, CLIENTS[2])
+    adapter = load_peft_adapter(folder)
+    cfg = LoraConfig(r=2, lora_alpha=4, target_modules=TARGETS, rank_pattern={"layer.1.attention.self.value": 1})
+    share = redistribute_adapter(adapter, cfg)
+    ranks = share.ranks
+    assert ranks["bert.encoder.layer.1.attention.self.value"] == 1 and ranks["bert.encoder.layer.0.attention.self.query"] == 2
+    for m, pair in share.pairs.items():  # the best rank-r_m approximation (Eckart-Young)
+        full = (adapter.pairs[m].B @ adapter.pairs[m].A).double()
+        U, S, Vh = torch.linalg.svd(full)
+        r = ranks[m]
+        torch.testing.assert_close((pair.B @ pair.A).double(), (U[:, :r] * S[:r]) @ Vh[:r], rtol=1e-4, atol=1e-5)
+    out = save_peft_adapter(tmp_path / "share", share)
+    saved = LoraConfig.from_pretrained(str(out))
+    assert saved.lora_alpha == 4  # the client's own alpha
+
+
+def test_a_module_missing_from_some_clients_is_averaged_over_its_holders():
+    pair = lambda v: FactorPair(torch.full((3, 1), float(v)), torch.ones(1, 2))  # noqa: E731
+    a = Adapter({"m": pair(1.0), "only_a": pair(5.0)})
+    b = Adapter({"m": pair(3.0)})
+    out = aggregate_adapters("svd", [a, b], [1, 3])
+    torch.testing.assert_close(out.pairs["m"].B @ out.pairs["m"].A, torch.full((3, 2), 2.5), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out.pairs["only_a"].B @ out.pairs["only_a"].A, torch.full((3, 2), 5.0), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("spec, named", [
+    (dict(r=4, use_dora=True), "use_dora = True"),
+    (dict(r=4, lora_bias=True), "lora_bias = True"),
+])
+def test_dora_and_lora_bias_are_refused_by_name(tmp_path, spec, named):
+    model = get_peft_model(_base(), LoraConfig(target_modules=TARGETS, **spec))
+    model.save_pretrained(tmp_path / "a")
+    with pytest.raises(ValueError, match=named):
+        load_peft_adapter(tmp_path / "a")
+
+
+def test_a_magnitude_vector_in_the_tensors_is_refused_even_without_the_config_flag(tmp_path):
+    sd = {"base_model.model.q.lora_A.weight": torch.ones(2, 3), "base_model.model.q.lora_B.weight": torch.ones(4, 2),
+          "base_model.model.q.lora_magnitude_vector": torch.ones(4)}
+    with pytest.raises(ValueError, match="lora_magnitude_vector"):
+        load_peft_adapter((sd, LoraConfig(r=2, lora_alpha=4)))
+    emb = {"base_model.model.e.lora_embedding_A": torch.ones(2, 3), "base_model.model.e.lora_embedding_B": torch.ones(4, 2)}
+    with pytest.raises(ValueError, match="embedding LoRA"):
+        load_peft_adapter((emb, LoraConfig(r=2, lora_alpha=4)))
+
+
+def test_bad_input_names_what_is_wrong(tmp_path):
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        load_peft_adapter(tmp_path)
+    with pytest.raises(ValueError, match="Unknown rule 'mean'"):
+        aggregate_adapters("mean", [Adapter({"m": FactorPair(torch.ones(2, 1), torch.ones(1, 2))})])
+    with pytest.raises(ValueError, match="Module 'm': .* different shapes"):
+        aggregate_adapters("svd", [Adapter({"m": FactorPair(torch.ones(2, 1), torch.ones(1, 2))}),
+                                   Adapter({"m": FactorPair(torch.ones(3, 1), torch.ones(1, 2))})])
