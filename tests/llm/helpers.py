@@ -27,7 +27,8 @@ SHAPES = {"m0": (6, 5), "m1": (4, 7)}
 def tiny_settings(**overrides):
     """A one-round, three-client (ranks 2, 4, 8) tiny-bert run on synthetic data, no checkpoints."""
     settings = dict(name="t", model="tiny-bert", dataset="synthetic", methods=["fedit"], clients=3, ranks=[2, 4, 8],
-                    rounds=1, local_steps=2, batch_size=8, lr=0.01, eval_size=80, max_length=32, checkpoint=False)
+                    rounds=1, local_steps=2, batch_size=8, lr=0.01, eval_size=80, max_length=32, checkpoint=False,
+                    eval_every=1)
     settings.update(overrides)
     return settings
 

@@ -306,6 +306,8 @@ def _expected_download(name, sim, t, r):
         return {**_lora_shapes(shapes, "B", r), **head}
     if name == "fedsa":
         return {**_lora_shapes(shapes, "A", r), **(head if t == 1 else {})}
+    if name == "local":  # the initial adapter and head once; then the client trains its own
+        return {**_lora_shapes(shapes, "BA", r), **head} if t == 1 else {}
     if name == "flora":
         out, stacked = dict(head), sum(sim.ranks)
         for s in range(1, t):
@@ -321,6 +323,8 @@ def _expected_upload(name, sim, rank):
         return {**_lora_shapes(shapes, "B", rank), **head}
     if name == "fedsa":
         return _lora_shapes(shapes, "A", rank)
+    if name == "local":
+        return {}
     return {**_lora_shapes(shapes, "BA", rank), **head}
 
 
@@ -328,7 +332,7 @@ def _check_download_values(name, sim, before, message, t, r):
     arrays = message.arrays
     for e, v in decode_extras(arrays).items():
         assert torch.equal(v, before.extras[e]), e
-    if name in PREFIX_METHODS or (name == "flexlora" and t == 1):
+    if name in PREFIX_METHODS or (name in ("flexlora", "clair", "oracle", "local") and t == 1):
         prefix = {m: redistribute(p, r, method="prefix") for m, p in before.pairs.items()}
         _assert_pairs_equal(decode_pairs(arrays), prefix)
     elif name == "flexlora":  # the best rank-r approximation, A with orthonormal rows
@@ -344,6 +348,11 @@ def _check_download_values(name, sim, before, message, t, r):
     elif name == "fedsa":
         for m, p in before.pairs.items():
             assert torch.equal(arrays[f"lora/{m}/A"], p.A[:r])
+    elif name in ("clair", "oracle"):  # the client's own download, kept by the server after aggregating
+        k = message.config["client"]
+        for m in before.pairs:
+            assert torch.equal(arrays[f"lora/{m}/B"], before.arrays[f"client/{k}/{m}/B"])
+            assert torch.equal(arrays[f"lora/{m}/A"], before.arrays[f"client/{k}/{m}/A"])
     elif name == "flora":
         assert message.config["merges"] == list(range(1, t))
         for key, v in arrays.items():
@@ -373,6 +382,8 @@ def _check_trained(name, sim, before, call, t, r):
             assert torch.equal(call.new_state.arrays[f"B/{m}"], p.B)
         for e, v in call.trained_extras.items():
             assert torch.equal(call.new_state.arrays[f"extra/{e}"], v)
+    if name == "local":  # the client keeps what it trained and starts from it next round
+        _assert_pairs_equal(decode_pairs(call.new_state.arrays), trained)  # (it trains on from it: test_clair_run)
     if name == "flora":  # the client applied every merge up to t - 1 into its base
         assert call.new_state.info["base_round"] == t - 1
         for m in sim.ws.shapes:
@@ -425,8 +436,8 @@ def test_every_method_two_rounds_through_run_client(tmp_path, monkeypatch, name)
                     assert torch.equal(v, want.B if factor == "B" else want.A), key
             # the row: rank, examples, bytes = sum numel * element size of what travelled
             assert (row["rank"], row["n"], row["dropped"]) == (r, sim.n_k[k], False)
-            assert row["bytes_down"] == _nbytes(call.message.arrays) > 0
-            assert row["bytes_up"] == _nbytes(call.reply.arrays) > 0
+            assert row["bytes_down"] == _nbytes(call.message.arrays) > (0 if name != "local" or t == 1 else -1)
+            assert row["bytes_up"] == _nbytes(call.reply.arrays) > (0 if name != "local" else -1)
             again = method.configure(rnd.before, k)  # the message, recomputed from the pre-round state
             assert set(again.arrays) == set(call.message.arrays)
             assert all(torch.equal(again.arrays[key], call.message.arrays[key]) for key in again.arrays)

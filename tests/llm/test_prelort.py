@@ -33,7 +33,7 @@ from tests.llm.helpers import kill_and_resume, make_sim  # noqa: E402
 from tests.llm.helpers import sha_tree as _sha  # noqa: E402
 
 SETTINGS = dict(name="t", model="tiny-bert", dataset="synthetic", methods=["prelort"], clients=3, ranks=[2, 4, 8],
-                rounds=2, local_steps=4, batch_size=8, lr=0.01, eval_size=40, max_length=32)
+                rounds=2, local_steps=4, batch_size=8, lr=0.01, eval_size=40, max_length=32, eval_every=1)
 
 
 def _sim(tmp_path, **overrides):

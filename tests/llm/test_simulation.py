@@ -17,7 +17,7 @@ from tests.llm.helpers import Interrupt, kill_after_round  # noqa: E402
 from tests.llm.helpers import sha_tree as _sha  # noqa: E402
 
 BASE = dict(name="t", model="tiny-bert", dataset="synthetic", clients=4, ranks=[2, 2, 4, 8], rounds=3,
-            local_steps=2, batch_size=8, lr=0.01, eval_size=40, max_length=32)
+            local_steps=2, batch_size=8, lr=0.01, eval_size=40, max_length=32, eval_every=1)
 
 
 def _cfg(**overrides):
@@ -144,7 +144,7 @@ def test_outputs_and_metrics_content(tmp_path):
 def test_generation_task_on_tiny_llama(tmp_path):
     cfg = RunConfig.from_dict(dict(name="g", model="tiny-llama", dataset="copy", methods=["fedit", "flora"], clients=3,
                                    ranks=[2, 4, 4], rounds=2, local_steps=3, batch_size=8, lr=0.01, eval_size=24,
-                                   max_length=48, rouge_size=4, max_new_tokens=6))
+                                   max_length=48, rouge_size=4, max_new_tokens=6, eval_every=1))
     summary = run_experiment(cfg, tmp_path, progress=False)
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert all(r["perplexity"] > 1 for r in rows)
