@@ -36,7 +36,8 @@ from lowrank_fed.aggregation import weighted_average
 
 from .peft_bridge import adapter_config, pairs_to_state_dict, state_dict_to_pairs
 
-__all__ = ["Adapter", "load_peft_adapter", "save_peft_adapter", "aggregate_adapters", "redistribute_adapter"]
+__all__ = ["Adapter", "load_peft_adapter", "save_peft_adapter", "aggregate_adapters", "redistribute_adapter",
+           "average_extras"]
 
 CONFIG_FILE, WEIGHTS_FILE, WEIGHTS_BIN = "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"
 
@@ -220,11 +221,16 @@ def aggregate_adapters(rule: str, adapters: Sequence, weights=None, **options) -
                              "expected one (d_out, d_in) per module.")
         pairs[m] = aggregate(rule, [items[k].pairs[m] for k in holders],
                              None if weights is None else [w[k] for k in holders], **options)
+    return Adapter(pairs, average_extras(items, w), None)
+
+
+def average_extras(adapters: Sequence[Adapter], weights: Sequence[float]) -> dict[str, torch.Tensor]:
+    """Each extra tensor (a head) averaged over the adapters that have it, weights renormalised over them."""
     extras = {}
-    for name in sorted({e for a in items for e in a.extras}):
-        holders = [k for k, a in enumerate(items) if name in a.extras]
-        extras[name] = weighted_average([items[k].extras[name] for k in holders], [w[k] for k in holders])
-    return Adapter(pairs, extras, None)
+    for name in sorted({e for a in adapters for e in a.extras}):
+        holders = [k for k, a in enumerate(adapters) if name in a.extras]
+        extras[name] = weighted_average([adapters[k].extras[name] for k in holders], [weights[k] for k in holders])
+    return extras
 
 
 def _client_ranks(client_config, modules) -> dict[str, int]:

@@ -4,6 +4,8 @@ Subcommands:
 
 - ``run``: the main job, federated heterogeneous-rank LoRA fine-tuning of a packaged real model
   (torch layer, :mod:`lowrank_fed.llm`; imported only when used).
+- ``merge``: aggregate PEFT LoRA adapter folders trained anywhere (any ranks, alphas, rsLoRA) with a
+  core rule, optionally leaving out the clients CLAIR flags (:mod:`lowrank_fed.llm.merge`).
 - ``compare``: every aggregation rule side by side on synthetic heterogeneous clients.
 - ``recover``: one synthetic CLAIR recovery experiment.
 - ``bench``: the performance ratios of ``benchmarks/``.
@@ -25,6 +27,7 @@ __all__ = ["main", "build_parser"]
 # subcommand -> (module with add_arguments(parser) and main(args) -> int, help)
 SUBCOMMANDS = {
     "run": ("lowrank_fed.llm.run", "federated heterogeneous-rank LoRA fine-tuning of a real model (main job)"),
+    "merge": ("lowrank_fed.llm.merge", "aggregate PEFT LoRA adapter folders into one global adapter"),
     "compare": ("lowrank_fed.experiments.compare_cli", "compare the aggregation rules on synthetic clients"),
     "recover": ("lowrank_fed.experiments.recover", "one synthetic CLAIR recovery experiment"),
     "bench": ("lowrank_fed.experiments.bench_cli", "run the benchmarks (ratios against named baselines)"),

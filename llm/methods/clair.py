@@ -39,7 +39,8 @@ from __future__ import annotations
 
 import time
 import warnings
-from typing import ClassVar, Literal, Union
+from collections.abc import Mapping
+from typing import ClassVar, Literal, NamedTuple, Union
 
 import numpy as np
 import torch
@@ -53,7 +54,7 @@ from lowrank_fed.robust.refinement import collaborative_weights, refine_pairs
 from ..protocol import decode_extras, decode_pairs
 from .base import Method, Model, Options, weights_of
 
-__all__ = ["CLAIR", "Oracle", "CLAIROptions"]
+__all__ = ["CLAIR", "Oracle", "CLAIROptions", "flag_clients", "stack_subspace"]
 
 
 class CLAIROptions(Options):
@@ -84,6 +85,46 @@ def stack_subspace(pairs: list[FactorPair], rank: int) -> np.ndarray:
     return U[:, :rank].cpu().numpy()
 
 
+class Flags(NamedTuple):
+    """:func:`flag_clients`' outcome: the benign mask, mean z-scores, refitted subspaces, per-module ``lam`` and gaps."""
+
+    benign: np.ndarray
+    scores: np.ndarray
+    subspaces: dict
+    lams: list
+    gaps: list
+    converged: bool
+
+
+def flag_clients(updates: list[Mapping[str, FactorPair]], *, rank: int, lam="path", gamma_bar: float = 0.3,
+                 z_threshold: float = 3.0, weights=None) -> Flags:
+    r"""One decision per client from CLAIR on every module, then the subspace refitted on the benign ones.
+
+    ``updates[k][m]`` is client ``k``'s folded pair of module ``m`` (every client has every module).
+    Module ``m``: ``clair(pairs, rank=min(rank, ...), lam=lam)`` gives the z-scores ``z_{k,m}`` of the
+    off-subspace residuals; ``zbar_k = mean_m z_{k,m}``; benign ``G = {k : zbar_k <= z_threshold}``;
+    ``U_m = stack_subspace([updates[j][m] for j in G], r_m)`` (none when every client is flagged).
+    """
+    modules = list(updates[0])
+    z, ranks, lams, gaps, converged = [], {}, [], [], True
+    for m in modules:
+        pairs = [u[m] for u in updates]
+        ranks[m] = min(rank, sum(p.rank for p in pairs), *pairs[0].shape)
+        with warnings.catch_warnings():  # its own flags (all-or-none on noisy updates) are not used
+            warnings.simplefilter("ignore", ClairWarning)
+            res = clair(pairs, rank=ranks[m], lam=lam, gamma_bar=gamma_bar, weights=weights)
+        z.append(res.scores)
+        lams.append(res.lam)
+        gaps.append(res.gap / max(res.objective, 1e-300))
+        converged &= res.converged
+    scores = np.mean(np.stack(z), axis=0)
+    benign = scores <= z_threshold
+    members = np.flatnonzero(benign)
+    subspaces = {m: stack_subspace([updates[i][m] for i in members], r_m) for m, r_m in ranks.items()} \
+        if len(members) else {}
+    return Flags(benign, scores, subspaces, lams, gaps, bool(converged))
+
+
 class CLAIR(Method):
     """CLAIR: per-module robust recovery, one flag per client, refined personal downloads."""
 
@@ -101,28 +142,13 @@ class CLAIR(Method):
         """``(benign mask, subspaces {module: U}, detection info)`` from CLAIR on every module."""
         opts = self.options
         rank = opts.rank or min(server.ranks[k] for k in ids)
-        z, ranks, lams, gaps, converged = [], {}, [], [], True
-        for m in server.shapes:
-            pairs = [d[m] for d in decoded]
-            ranks[m] = min(rank, sum(p.rank for p in pairs), *server.shapes[m])
-            with warnings.catch_warnings():  # its own flags (all-or-none on noisy updates) are not used
-                warnings.simplefilter("ignore", ClairWarning)
-                res = clair(pairs, rank=ranks[m], lam=opts.lam, gamma_bar=opts.gamma_bar, weights=weights)
-            z.append(res.scores)
-            lams.append(res.lam)
-            gaps.append(res.gap / max(res.objective, 1e-300))
-            converged &= res.converged
-        scores = np.mean(np.stack(z), axis=0)
-        benign = scores <= opts.z_threshold
-        members = np.flatnonzero(benign)
-        # the subspace refitted on the benign stack (none to fit when every client is flagged)
-        subspaces = {m: stack_subspace([decoded[i][m] for i in members], r_m) for m, r_m in ranks.items()} \
-            if len(members) else {}
-        info = {"flagged": [ids[i] for i in np.flatnonzero(~benign)],
-                "scores": {str(k): round(float(s), 6) for k, s in zip(ids, scores, strict=True)},
-                "lam": [round(float(min(lams)), 6), round(float(max(lams)), 6)], "rank": int(rank),
-                "max_relative_gap": float(max(gaps)), "converged": bool(converged)}
-        return benign, subspaces, info
+        found = flag_clients(decoded, rank=rank, lam=opts.lam, gamma_bar=opts.gamma_bar,
+                             z_threshold=opts.z_threshold, weights=weights)
+        info = {"flagged": [ids[i] for i in np.flatnonzero(~found.benign)],
+                "scores": {str(k): round(float(s), 6) for k, s in zip(ids, found.scores, strict=True)},
+                "lam": [round(float(min(found.lams)), 6), round(float(max(found.lams)), 6)], "rank": int(rank),
+                "max_relative_gap": float(max(found.gaps)), "converged": bool(found.converged)}
+        return found.benign, found.subspaces, info
 
     def _truth(self, server, decoded, ids, weights):
         known = set(server.info.get("contaminated", []))

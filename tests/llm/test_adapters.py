@@ -150,3 +150,77 @@ def test_bad_input_names_what_is_wrong(tmp_path):
     with pytest.raises(ValueError, match="Module 'm': .* different shapes"):
         aggregate_adapters("svd", [Adapter({"m": FactorPair(torch.ones(2, 1), torch.ones(1, 2))}),
                                    Adapter({"m": FactorPair(torch.ones(3, 1), torch.ones(1, 2))})])
+
+
+# ----------------------------------------------------------------------------- lowrank-fed merge
+def _merge(*argv):
+    from lowrank_fed.cli import main
+
+    return main(["merge", *map(str, argv), "--no-progress"])
+
+
+def test_merge_cli_is_exact_and_writes_per_client_shares(tmp_path):
+    folders, models = [], []
+    for k, spec in enumerate(CLIENTS):
+        folder, model = _client(tmp_path, k, spec)
+        folders.append(folder)
+        models.append((model, spec))
+    out, shares = tmp_path / "global", tmp_path / "shares"
+    assert _merge(*folders, "--rule", "svd", "--weights", 10, 20, 30, 40, "--out", out, "--per-client", shares) == 0
+    merged = PeftModel.from_pretrained(_base(), out).merge_and_unload()
+    got = {k: v.detach() for k, v in merged.named_parameters()}
+    for key, want in _reference(models, [10, 20, 30, 40]).items():
+        torch.testing.assert_close(got[key].double(), want, rtol=0, atol=2e-5 * float(want.abs().max()))
+    for k, spec in enumerate(CLIENTS):  # each share in the client's own config: its alpha and ranks
+        cfg = LoraConfig.from_pretrained(str(shares / f"client{k}"))
+        assert cfg.lora_alpha == spec["lora_alpha"] and cfg.r == spec["r"]
+    # svd --rank 2: the Eckart-Young truncation of the same sum
+    low = tmp_path / "low"
+    assert _merge(*folders, "--rule", "svd", "--rank", "2", "--out", low) == 0
+    assert set(load_peft_adapter(low).ranks.values()) == {2}
+
+
+def test_merge_refuses_bad_input_before_writing(tmp_path, capsys):
+    folder, _ = _client(tmp_path, 0, CLIENTS[0])
+    out = tmp_path / "out"
+    assert _merge(folder, folder, "--rule", "mean", "--out", out) == 2
+    assert "--rule 'mean' is unknown" in capsys.readouterr().err
+    assert _merge(folder, folder, "--rule", "svd", "--weights", 1, "--out", out) == 2
+    assert "expected 2 non-negative numbers" in capsys.readouterr().err
+    assert _merge(folder, tmp_path / "nowhere", "--rule", "svd", "--out", out) == 2
+    assert "nowhere: no adapter_config.json" in capsys.readouterr().err
+    assert _merge(folder, folder, "--rule", "zero_pad", "--rank", "2", "--out", out) == 2
+    assert not out.exists()
+    out.mkdir()
+    (out / "keep.txt").write_text("an earlier result")
+    assert _merge(folder, folder, "--rule", "svd", "--out", out) == 2
+    assert (out / "keep.txt").read_text() == "an earlier result"
+
+
+def test_merge_robust_leaves_out_the_clients_trained_on_another_task(tmp_path, capsys):
+    # Benign clients: updates in one shared column space (plus small noise); contaminated: other directions.
+    gen = torch.Generator().manual_seed(0)
+    base = _base()
+    shapes = {n.replace(".weight", ""): p.shape for n, p in base.named_parameters()
+              if n.endswith(("query.weight", "value.weight"))}
+    U = {m: torch.linalg.qr(torch.randn(s[0], 2, generator=gen))[0] for m, s in shapes.items()}
+    folders = []
+    for k in range(8):
+        pairs = {}
+        for m, (d_out, d_in) in shapes.items():
+            if k < 6:
+                B = U[m] @ torch.randn(2, 2, generator=gen) + 1e-3 * torch.randn(d_out, 2, generator=gen)
+            else:
+                B = torch.randn(d_out, 2, generator=gen)
+            pairs[m] = FactorPair(B, torch.randn(2, d_in, generator=gen))
+        folders.append(save_peft_adapter(tmp_path / f"c{k}", Adapter(pairs), lora_alpha=4))
+    out = tmp_path / "global"
+    assert _merge(*folders, "--rule", "svd", "--robust", "--out", out, "--per-client", tmp_path / "shares") == 0
+    text = capsys.readouterr().out
+    flagged = [line.split()[1] for line in text.splitlines() if "FLAGGED" in line]
+    assert flagged == ["c6", "c7"], text
+    assert sorted(p.name for p in (tmp_path / "shares").iterdir()) == [f"c{k}" for k in range(6)]
+    merged = load_peft_adapter(out)
+    for m in shapes:  # the benign mean only
+        benign = sum((load_peft_adapter(folders[k]).pairs[m].B @ load_peft_adapter(folders[k]).pairs[m].A) for k in range(6)) / 6
+        torch.testing.assert_close(merged.pairs[m].B @ merged.pairs[m].A, benign, rtol=1e-4, atol=1e-5)
