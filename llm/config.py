@@ -583,7 +583,7 @@ def _type_text(annotation: Any, metadata=()) -> str:
         text += " or absent" if type(None) in args else ""
     elif origin is list:
         text = f"list of {_type_text(args[0])}"
-    elif origin is dict or annotation is Fault:
+    elif origin is dict or annotation in (Fault, Attack):
         text = "table"
     else:
         text = getattr(annotation, "__name__", str(annotation))
