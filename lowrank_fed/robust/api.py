@@ -63,7 +63,7 @@ __all__ = [
 ]
 
 SOLVERS = ("admm", "cvxpy")
-LAM_RULES = ("default", "path")
+LAM_RULES = ("auto", "default", "path")
 
 
 class ClairConvergenceWarning(RuntimeWarning):
@@ -268,10 +268,27 @@ def clair(
     rank : int, optional
         Rank of the shared subspace. None: the numerical rank of ``L`` (singular values above
         ``rank_tol * max(s_1(L), ||M||_2)``).
-    lam : float, "default", "path" or None
-        Block penalty. "default": ``2 sqrt(rank / ((1 - gamma_bar) K))`` (needs ``rank``); "path":
-        a warm-started path choosing the plateau where ``(rank L, flagged set)`` is stable. None
-        means "default" when ``rank`` is given, else "path".
+    lam : float, "auto", "path", "default" or None
+        Block penalty. None means "auto", the default:
+
+        .. math::
+
+            \lambda = \begin{cases} \lambda^\star\ (\text{"path"}) & \text{noiseless program, or } r
+            \text{ not given,} \\ \lambda_0 = 2\sqrt{r / ((1 - \bar\gamma) K)}\ (\text{"default"}) &
+            \text{penalised program (noise or alpha given) with } r \text{ given.} \end{cases}
+
+        "path": chosen from the data by a warm-started path down a geometric grid
+        ``lam_i = lam_hi (lam_lo / lam_hi)^(i / (n_lams - 1))``, taking the middle
+        ``lam* = lam_{floor((s + e - 1) / 2)}`` of the longest run ``[s, e)`` of grid points with one
+        admissible state ``(rank L, flagged set F)``: ``rank L >= 1``, ``2 |F| < K`` and, when ``rank`` is
+        given, every client that leaves the top-``rank`` subspace of ``L`` flagged
+        (:func:`~lowrank_fed.robust.lam.select_plateau`); a :class:`ClairWarning` says when there is no
+        such plateau of two or more points. "default": the formula ``lam_0`` (needs ``rank``; one solve
+        instead of ``n_lams``). The formula lies above the window of coordinated attackers from
+        ``gamma = 0.2`` in the noiseless program, where detection is the support of ``S``; in the penalised
+        program detection is a z-score of residuals off the top-``rank`` subspace of ``L``, and the formula
+        and the path flagged the same clients in every measured case (docs/methods.md#choosing-lam), so
+        "auto" solves once there.
     base_known : bool
         True: the updates are deltas from a known base (LoRA). False: they share an unknown base
         ``W0`` (regression estimates); the centred program is solved.
@@ -290,7 +307,7 @@ def clair(
     alpha : float, optional
         The penalised program's weight directly (instead of ``noise``).
     gamma_bar : float, in [0, 1)
-        Upper bound on the contaminated fraction, used by the default ``lam``.
+        Upper bound on the contaminated fraction, used by ``lam="default"``.
     n_lams : int
         Grid size of the ``lam`` path.
     rank_tol, support_tol : float
@@ -412,16 +429,34 @@ def clair(
             flagged = scores > z_threshold
         return Uc, s[:r_hat], r_hat, norms, residuals, scores, flagged
 
+    if lam is None or lam == "auto":
+        lam = "path" if alpha is None or rank is None else "default"
     path = None
-    if lam == "path" or (lam is None and rank is None):
+    if lam == "path":
+        outlier_floor = support_tol * float(block_norms_M.max())
+
         def state(result: SolverResult):
-            _, _, r_hat, _, _, _, flagged = analyse(result)
-            return r_hat, np.flatnonzero(flagged)
+            _, _, r_hat, _, residuals, scores, flagged = analyse(result)
+            if rank is None:
+                return r_hat, np.flatnonzero(flagged)
+            # Consistent: every client that leaves the rank-r subspace is flagged (not absorbed into L).
+            leaves = (residuals > outlier_floor) & (scores > z_threshold)
+            return r_hat, np.flatnonzero(flagged), not np.any(leaves & ~flagged)
 
         path, res = lam_path(problem, solve, state, n_lams=n_lams, rank=rank)
         n_iter, converged = path.n_iter, bool(path.converged.all())
+        admissible = (path.ranks >= 1) & (2 * np.array([len(f) for f in path.flagged]) < K)
+        no_consistent = path.consistent is not None and not np.any(admissible & path.consistent)
+        if not path.stable or no_consistent:
+            why = ("no grid point with a benign majority where every client leaving the rank-r subspace of L "
+                   "is flagged" if no_consistent else
+                   "no admissible (rank L, flagged set) state on two or more grid points")
+            hint = ("The updates may be noisy: pass noise= (or alpha=) for the penalised program, or give "
+                    "lam." if alpha is None else "Give lam, or check rank.")
+            message = f"The lam path found no stable plateau ({why}); using lam = {res.lam:.4g}. {hint}"
+            warnings.warn(ClairWarning(message), stacklevel=2)
     else:
-        lam_value = default_lam(rank, K, gamma_bar) if lam in (None, "default") else lam
+        lam_value = default_lam(rank, K, gamma_bar) if lam == "default" else lam
         res = solve(lam_value)
         n_iter, converged = res.n_iter, res.converged
     if not converged:

@@ -209,7 +209,10 @@ def spectral_norm(X: np.ndarray) -> float:
         return 0.0
     G = X @ X.T if X.shape[0] <= X.shape[1] else X.T @ X
     d = G.shape[0]
-    top = sla.eigh(G, eigvals_only=True, subset_by_index=(d - 1, d - 1), driver="evr", check_finite=False)
+    try:
+        top = sla.eigh(G, eigvals_only=True, subset_by_index=(d - 1, d - 1), driver="evr", check_finite=False)
+    except np.linalg.LinAlgError:  # LAPACK's evr can fail on a repeated top eigenvalue: all of them, then
+        top = np.linalg.eigvalsh(G)
     return float(np.sqrt(max(float(top[-1]), 0.0)))
 
 

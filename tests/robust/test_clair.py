@@ -42,7 +42,10 @@ def test_result_has_the_design_fields():
     assert res.block_norms.shape == (8,) and len(res.refined) == 8
     assert res.converged and res.gap <= 1e-7 * res.objective * 1.0001 and res.n_iter > 0
     assert res.flagged.tolist() == np.flatnonzero(fed.contaminated).tolist()
-    assert res.solver == "admm" and not res.noisy and res.lam_path is None
+    # lam=None is the data-driven path; lam="default" (the formula) and a number solve once.
+    assert res.solver == "admm" and not res.noisy and isinstance(res.lam_path, LamPath)
+    assert res.lam == res.lam_path.lams[res.lam_path.chosen]
+    assert clair(fed.pairs, rank=2, lam="default").lam_path is None
 
 
 # ---------------------------------------------------------------- exact recovery (noiseless, identifiable)
@@ -64,7 +67,7 @@ def test_exact_recovery_with_the_lam_path(attack, gamma, seed):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_exact_recovery_with_the_default_lam(seed):
     fed, est = regression("random", 0.2, seed, base_known=True)
-    res = clair(est, rank=2, base_known=True)
+    res = clair(est, rank=2, base_known=True, lam="default")
     assert res.lam == pytest.approx(2 * np.sqrt(2 / (0.8 * 20)))
     assert exact(res, fed)
 
@@ -77,11 +80,57 @@ def test_exact_recovery_from_lora_factor_pairs(attack):
     assert exact(res, fed)
 
 
-def test_coordinated_attackers_beyond_the_identifiable_regime_are_not_silently_exact():
-    # gamma = 0.2 coordinated attackers share a subspace: CLAIR's program no longer separates them.
+def test_coordinated_attackers_at_gamma_0_2_need_the_data_driven_lam():
+    # gamma = 0.2 coordinated attackers share a subspace: their window closes below the formula's lam
+    # (docs/methods.md#choosing-lam), so lam="default" fails; the default path (lam=None) finds the window.
     fed, est = regression("coordinated", 0.2, 0)
-    res = clair(est, rank=2, base_known=False)
-    assert not exact(res, fed)
+    assert not exact(clair(est, rank=2, base_known=False, lam="default"), fed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res = clair(est, rank=2, base_known=False)
+    assert exact(res, fed) and res.lam_path.stable and res.lam_path.consistent[res.lam_path.chosen]
+
+
+def test_auto_lam_is_the_path_except_for_the_penalised_program_with_a_rank():
+    fed, est = regression("random", 0.2, 0, base_known=True)
+    for kwargs in ({"rank": 2}, {}):  # noiseless program (or no rank): the path
+        res = clair(est, **kwargs)
+        assert isinstance(res.lam_path, LamPath) and res.lam_path.stable and exact(res, fed)
+    res = clair(est, rank=2, noise=1e-3, tol=1e-4)  # penalised program with a rank: the formula, one solve
+    assert res.lam_path is None and res.lam == pytest.approx(2 * np.sqrt(2 / (0.8 * 20)))
+    assert clair(est, rank=2, lam="auto").lam == clair(est, rank=2).lam
+
+
+def _slightly_noisy(eps, gamma=0.2, seed=0):
+    """Coordinated attackers, base known, plus i.i.d. noise of ``eps`` times the signal's entry scale."""
+    fed = make_regression_clients(20, 20, 5, 2, noise=0.0, contamination=gamma, attack="coordinated",
+                                  seed=seed, base_known=True)
+    rng = np.random.default_rng(seed)
+    return fed, [t + eps * np.sqrt(2 / 20) * rng.standard_normal(t.shape) for t in fed.Theta]
+
+
+def test_lam_path_with_rank_on_slightly_noisy_updates():
+    # 1e-4 noise (below the support tolerance): the numerical rank of L counts noise directions at the
+    # S = 0 end, and consistency (every client leaving the rank-2 subspace is flagged) excludes that end.
+    fed, noisy = _slightly_noisy(1e-4, 0.3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ClairWarning)
+        res = clair(noisy, rank=2, tol=1e-6)
+    path = res.lam_path
+    assert not path.consistent[0] and path.flagged[0] == ()  # S = 0: attackers absorbed into L
+    assert path.consistent[path.chosen]
+    assert np.array_equal(~res.collaborative, fed.contaminated)
+    assert sin_theta(res.subspace, fed.U) < 1e-3
+
+
+def test_lam_path_warns_when_no_lam_separates_the_noisy_updates():
+    # 1e-3 noise without noise=: at every lam the noise of every block is in S (all flagged) or the
+    # attackers are absorbed into L (none flagged). The path says so instead of silently flagging nobody.
+    fed, noisy = _slightly_noisy(1e-3)
+    with pytest.warns(ClairWarning, match="no stable plateau .* every client leaving the rank-r subspace"):
+        clair(noisy, rank=2, tol=1e-6)
+    res = clair(noisy, rank=2, noise=1e-3 * np.sqrt(2 / 20), tol=1e-4)  # the penalised program separates them
+    assert np.array_equal(~res.collaborative, fed.contaminated)
 
 
 # ---------------------------------------------------------------- noisy detection and refinement
@@ -270,8 +319,8 @@ def test_unknown_solver_and_options(pairs):
         clair(pairs, solver="fast")
     with pytest.raises(ValueError, match=r"Unknown CVXPY solver 'gurobi'"):
         clair(pairs, solver="cvxpy", cvxpy_solver="gurobi")
-    with pytest.raises(ValueError, match=r"Unknown lam rule 'auto'; expected a positive float or one of"):
-        clair(pairs, lam="auto")
+    with pytest.raises(ValueError, match=r"Unknown lam rule 'best'; expected a positive float or one of"):
+        clair(pairs, lam="best")
     with pytest.raises(ValueError, match=r"The 'lam' parameter must be positive and finite. Got -1.0."):
         clair(pairs, lam=-1.0)
     with pytest.raises(ValueError, match=r"lam='default' needs the 'rank' parameter"):
@@ -296,3 +345,12 @@ def test_mixed_array_libraries(pairs):
     torch = pytest.importorskip("torch")
     with pytest.raises(TypeError, match="Mixed array types"):
         clair([np.ones((3, 2)), torch.ones((3, 2), dtype=torch.float64)])
+
+
+def test_a_repeated_top_eigenvalue_does_not_crash_the_path():
+    # LAPACK's evr driver raised "Internal Error" on this instance's Gram matrix (the path's spectral norm);
+    # spectral_norm now falls back to all eigenvalues.
+    fed = make_regression_clients(40, 60, 12, 2, noise=0.0, contamination=0.2, attack="random",
+                                  base_known=True, seed=1004)
+    res = clair(fed.Theta, rank=2)
+    assert res.rank == 2 and np.array_equal(~res.collaborative, fed.contaminated)
