@@ -198,7 +198,7 @@ COPY_TAU = {"t2": "t3", "t3": "t2"}
 _COPY_SHARED = 4  # t0 .. t3 occur in every group; t4 .. t63 are cut into the groups' slices
 
 
-def make_copy_substitution(n: int = 800, *, n_groups: int = 4, length: int = 12, seed: int = 0,
+def make_copy_substitution(n: int = 4000, *, n_groups: int = 4, length: int = 12, seed: int = 0,
                            p_sub: float = 0.2, p_mix: float = 0.1) -> TextDataset:
     r"""Text copying under a fixed token substitution (CLAIR's text-copying task).
 

@@ -70,7 +70,7 @@ def test_subset_and_load_dataset_keep_other_targets():
     assert sub.other_targets == [data.other_targets[i] for i in (4, 0, 7)]
     assert sub.targets == [data.targets[i] for i in (4, 0, 7)]
     train, test = load_dataset("copy_sub", seed=0)
-    assert len(train) + len(test) == 800
+    assert len(train) + len(test) == 4000  # make_copy_substitution's default n
     for part in (train, test):
         assert part.targets == [_apply(SIGMA, t) for t in part.texts]
         assert part.other_targets == [_apply(TAU, t) for t in part.texts]
