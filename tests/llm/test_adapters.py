@@ -52,6 +52,7 @@ def _scale(spec, module):
     return spec["lora_alpha"] / (r ** 0.5 if spec.get("use_rslora") else r)
 
 
+@torch.no_grad()
 def _reference(models, weights):
     """W0 + sum_k p_k s_k B_k A_k per adapted module, from the raw PEFT tensors."""
     p = torch.tensor(weights, dtype=torch.float64) / sum(weights)
