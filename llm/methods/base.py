@@ -214,6 +214,10 @@ class Method:
         """Whether a client of rank ``rank`` downloads exactly the global model (evaluation reuses its score)."""
         return all(p.rank <= rank for p in server.pairs.values())
 
+    def export_pairs(self, server: ServerState) -> dict[str, FactorPair] | None:
+        """The global adapter as folded pairs for a PEFT folder (None: the method has no global adapter)."""
+        return server.pairs if self.scores_global and server.pairs else None
+
     def global_model(self, server: ServerState) -> Model:
         """The global model (for a new client, and the global score)."""
         return Model(server.pairs, server.extras, None)

@@ -8,7 +8,10 @@ base lives on each client: a client
 records the last merge it applied, and its download carries every merge since the one its last reply
 confirmed (a client that skipped rounds catches up; those bytes are counted). Each round a client trains
 a fresh adapter (``B = 0``, ``A`` random from its round seed) of its own rank on top of its base.
-The server also holds the global base ``sum_t S^{(t)}_B S^{(t)}_A`` (dense) to score the global model.
+The server also holds the global base ``sum_t S^{(t)}_B S^{(t)}_A`` (dense) to score the global model,
+and the same sum as a factor pair ``T^{(t)} = T^{(t-1)} + S^{(t)}``, compressed each round to its
+numerical rank by the factored SVD (singular values above ``s_1 max(d_out, d_in) eps``): the global
+adapter written in PEFT format.
 
 Source: Wang et al., "FLoRA: federated fine-tuning large language models with heterogeneous low-rank
 adaptations", NeurIPS 2024 [paper].
@@ -16,7 +19,9 @@ adaptations", NeurIPS 2024 [paper].
 
 from __future__ import annotations
 
-from lowrank_fed import FactorPair, aggregate
+import torch
+
+from lowrank_fed import FactorPair, aggregate, factored_svd
 
 from ..peft_bridge import init_pairs
 from ..protocol import Message, decode_extras, decode_pairs, encode_extras, encode_pairs
@@ -27,6 +32,20 @@ __all__ = ["FLoRA"]
 
 def _base(arrays) -> dict:
     return {k[len("base/") :]: v for k, v in arrays.items() if k.startswith("base/")}
+
+
+def numerical_rank_pair(pairs: list[FactorPair]) -> FactorPair:
+    r"""``sum_i B_i A_i`` as ``(U_t diag(S_t), Vh_t)`` with ``t`` its numerical rank (factored SVD, never dense).
+
+    ``t = #{S_j > S_1 max(d_out, d_in) eps}`` (NumPy's ``matrix_rank`` tolerance, ``eps`` of the dtype);
+    at least 1.
+    """
+    U, S, Vh = factored_svd(pairs, [1.0] * len(pairs))
+    S = S * len(pairs)  # factored_svd averages (weights normalised): undo it for the sum
+    d_out, d_in = U.shape[0], Vh.shape[1]
+    tol = float(S[0]) * max(d_out, d_in) * torch.finfo(S.dtype).eps if S.numel() else 0.0
+    t = max(int((S > tol).sum()), 1)
+    return FactorPair(U[:, :t] * S[:t], Vh[:t])
 
 
 class FLoRA(Method):
@@ -62,6 +81,9 @@ class FLoRA(Method):
     def global_model(self, server):
         return Model(None, server.extras, _base(server.arrays) or None)
 
+    def export_pairs(self, server):
+        return decode_pairs(server.arrays, prefix="total") or None
+
     def aggregate(self, server, replies):
         decoded = [decode_pairs(r.arrays) for r in replies.values()]
         t = server.round + 1
@@ -71,6 +93,9 @@ class FLoRA(Method):
             arrays[f"merge/{t}/{m}/B"], arrays[f"merge/{t}/{m}/A"] = stacked.B, stacked.A
             delta = stacked.B @ stacked.A  # the merge into the frozen weights (FLoRA), not a rule
             arrays[f"base/{m}"] = arrays[f"base/{m}"] + delta if f"base/{m}" in arrays else delta
+            total = [FactorPair(arrays[f"total/{m}/B"], arrays[f"total/{m}/A"])] if f"total/{m}/B" in arrays else []
+            total = numerical_rank_pair([*total, stacked])
+            arrays[f"total/{m}/B"], arrays[f"total/{m}/A"] = total.B, total.A
         synced = {**server.info.get("synced", {}), **{str(k): int(r.config["base_round"]) for k, r in replies.items()}}
         # A merge every client of the federation has confirmed is never sent again: drop it.
         done = min(int(synced.get(str(k), 0)) for k in server.ranks)

@@ -44,7 +44,7 @@ from ..data import (assign_ranks, encode_classification, encode_generation, hold
                     split_validation)
 from ..evaluate import greedy_generate, rouge_l, score_classification, score_lm, summarise
 from ..methods import ClientState, Method, Model, ServerState, make_method
-from ..models import load_model
+from ..models import MODELS, load_model
 from ..peft_bridge import AdapterWorkspace, init_pairs, pairs_to_state_dict
 from ..protocol import Message, decode_extras, decode_pairs, encode_extras, encode_pairs, from_flat, to_flat
 from .checkpoint import atomic_write_text, load_checkpoint, save_checkpoint, save_tensors
@@ -404,14 +404,16 @@ class Simulation:
         save_tensors(folder / f"{method.name}.safetensors", tensors,
                      {"method": method.name, "round": server.round, "convention": "folded: B @ A = Delta W",
                       "state": meta["server"]})
-        if server.pairs and not method.personalised:
+        pairs = method.export_pairs(server)
+        if pairs:  # the global adapter in PEFT format (FLoRA: its merges, compressed to their numerical rank)
             peft_dir = folder / f"{method.name}-peft"
             peft_dir.mkdir(exist_ok=True)
-            config = self.ws.config_for({m: p.rank for m, p in server.pairs.items()})
+            config = self.ws.config_for({m: p.rank for m, p in pairs.items()})
+            config.base_model_name_or_path = MODELS[self.cfg.model].hub or f"lowrank-fed:{self.cfg.model}"
             config_dict = config.to_dict()
             config_dict["target_modules"] = sorted(config_dict["target_modules"])
             atomic_write_text(peft_dir / "adapter_config.json", json.dumps(config_dict, indent=2, sort_keys=True))
-            save_tensors(peft_dir / "adapter_model.safetensors", pairs_to_state_dict(server.pairs, config, server.extras))
+            save_tensors(peft_dir / "adapter_model.safetensors", pairs_to_state_dict(pairs, config, server.extras))
 
     # ------------------------------------------------------------------ the run
     def _start(self, method: Method):

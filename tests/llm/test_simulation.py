@@ -201,3 +201,18 @@ def test_a_client_that_raises_is_a_dropped_update_and_the_run_goes_on(tmp_path, 
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["dropped"] for r in rows] == [0, 1, 0] and summary[0]["dropped"] == 1
     assert rows[1]["clients"][2]["bytes_up"] == 0 and rows[1]["clients"][2]["train_loss"] is None
+
+
+def test_flora_writes_its_merged_updates_as_a_peft_adapter(tmp_path):
+    # FLoRA's global is its merged base; the PEFT folder holds the same sum as a factor pair, compressed by
+    # the factored SVD to its numerical rank (at most the stacked rank: 2 rounds x (2 + 2 + 4 + 8) = 32).
+    from lowrank_fed.llm import load_peft_adapter
+
+    run_experiment(_cfg(methods=["flora"], rounds=2), tmp_path, progress=False)
+    final = load_final(tmp_path / "adapters" / "flora.safetensors")
+    adapter = load_peft_adapter(tmp_path / "adapters" / "flora-peft")
+    assert adapter.config.base_model_name_or_path == "lowrank-fed:tiny-bert"
+    for m, pair in adapter.pairs.items():
+        base = final[f"server/arrays/base/{m}"]
+        assert 1 <= pair.rank <= 2 * 16
+        torch.testing.assert_close(pair.B @ pair.A, base, rtol=1e-4, atol=1e-5 * float(base.abs().max()))
