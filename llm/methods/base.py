@@ -188,10 +188,14 @@ class Method:
         """The pairs a client of rank ``rank`` starts from: ``redistribute(global, rank, "prefix")``."""
         return {m: redistribute(p, rank, method="prefix") for m, p in server.pairs.items()}
 
+    def client_pairs(self, server: ServerState, client: int) -> dict[str, FactorPair]:
+        """The pairs client ``client`` downloads: those of its rank (CLAIR: its own refined pairs)."""
+        return self.download_pairs(server, server.ranks[client])
+
     def configure(self, server: ServerState, client: int) -> Message:
         """The download for client ``client``: its pairs (the factors in ``downloads``), the head, its rank."""
         rank = server.ranks[client]
-        arrays = encode_pairs(self.download_pairs(server, rank), factors=self.downloads)
+        arrays = encode_pairs(self.client_pairs(server, client), factors=self.downloads)
         if self.head == "average":
             arrays.update(encode_extras(server.extras))
         return Message(arrays, {"round": server.round + 1, "rank": rank, "client": int(client)})

@@ -197,18 +197,17 @@ class CLAIR(Method):
         return state
 
     def download_pairs(self, server, rank):
+        """The benign mean at ``rank`` (a new or flagged client); the shared initial prefix before round 1."""
         if not server.info.get("aggregated"):
             return super().download_pairs(server, rank)
         return {m: redistribute(p, rank, method="svd") for m, p in server.pairs.items()}
 
-    def configure(self, server, client):
-        message = super().configure(server, client)
-        own = {m: (server.arrays.get(_client_key(client, m, "B")), server.arrays.get(_client_key(client, m, "A")))
-               for m in server.shapes}
-        if all(B is not None for B, _ in own.values()):
-            for m, (B, A) in own.items():
-                message.arrays[f"lora/{m}/B"], message.arrays[f"lora/{m}/A"] = B, A
-        return message
+    def client_pairs(self, server, client):
+        """The client's own refined download, kept by the server since its last aggregation."""
+        keys = {m: (_client_key(client, m, "B"), _client_key(client, m, "A")) for m in server.shapes}
+        if all(b in server.arrays for b, _ in keys.values()):
+            return {m: FactorPair(server.arrays[b], server.arrays[a]) for m, (b, a) in keys.items()}
+        return self.download_pairs(server, server.ranks[client])
 
     def download_is_global(self, server, rank):
         return False
