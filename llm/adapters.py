@@ -31,8 +31,8 @@ from pathlib import Path
 import torch
 from peft import LoraConfig
 
-from lowrank_fed import AGGREGATORS, FactorPair, aggregate, redistribute
-from lowrank_fed.aggregation import weighted_average
+from lowrank_fed import AGGREGATORS, FactorPair, redistribute
+from lowrank_fed.aggregation import aggregate_modules, weighted_average
 
 from .peft_bridge import adapter_config, pairs_to_state_dict, state_dict_to_pairs
 
@@ -190,7 +190,8 @@ def _as_adapter(item, index: int) -> Adapter:
                     f"Got {type(item).__name__}.")
 
 
-def aggregate_adapters(rule: str, adapters: Sequence, weights=None, **options) -> Adapter:
+def aggregate_adapters(rule: str, adapters: Sequence, weights=None, *, workers: int | None = None,
+                       **options) -> Adapter:
     r"""One core rule (``aggregate(rule, ...)``) over every module of the clients' adapters.
 
     Module ``m``: ``aggregate(rule, [pairs_k[m] for k holding m], [w_k for k holding m], **options)``;
@@ -212,15 +213,16 @@ def aggregate_adapters(rule: str, adapters: Sequence, weights=None, **options) -
     w = [1.0] * len(items) if weights is None else [float(x) for x in weights]
     if len(w) != len(items):
         raise ValueError(f"The 'weights' parameter must have one weight per adapter: expected {len(items)}, got {len(w)}.")
-    pairs: dict[str, FactorPair] = {}
+    modules, module_weights = {}, {}
     for m in sorted({m for a in items for m in a.pairs}):
         holders = [k for k, a in enumerate(items) if m in a.pairs]
         shapes = {items[k].pairs[m].shape for k in holders}
         if len(shapes) > 1:
             raise ValueError(f"Module {m!r}: the clients' updates have different shapes {sorted(shapes)}; "
                              "expected one (d_out, d_in) per module.")
-        pairs[m] = aggregate(rule, [items[k].pairs[m] for k in holders],
-                             None if weights is None else [w[k] for k in holders], **options)
+        modules[m] = [items[k].pairs[m] for k in holders]
+        module_weights[m] = None if weights is None else [w[k] for k in holders]
+    pairs = aggregate_modules(rule, modules, module_weights, workers=workers, **options)
     return Adapter(pairs, average_extras(items, w), None)
 
 

@@ -3,7 +3,8 @@ r"""FlexLoRA: exact SVD aggregation and SVD redistribution to each client's rank
 .. math:: \sum_k p_k B_k A_k = U \operatorname{diag}(S) V^h,\qquad
           B^{(k)} = U_{:, :r_k} \operatorname{diag}(S_{:r_k}),\quad A^{(k)} = V^h_{:r_k, :}
 
-The server's rule is ``aggregate("svd", pairs, n_k)`` (never densified). A client of rank ``r_k``
+The server's rule is ``aggregate("svd", pairs, n_k)`` (never densified), every module at once on parallel
+threads (:func:`lowrank_fed.aggregation.aggregate_modules`). A client of rank ``r_k``
 downloads the best rank-``r_k`` approximation in the reference convention: ``A`` with orthonormal rows,
 completed by an orthonormal complement when the global has fewer than ``r_k`` directions (so every
 slot a client holds has a gradient). Before the first aggregation clients take the prefix of the shared
@@ -15,7 +16,8 @@ resources", NeurIPS 2024 [paper; download convention from FederatedScope's ``dis
 
 from __future__ import annotations
 
-from lowrank_fed import aggregate, redistribute
+from lowrank_fed import redistribute
+from lowrank_fed.aggregation import aggregate_modules
 
 from ..protocol import decode_pairs
 from .base import Method, weights_of
@@ -43,5 +45,5 @@ class FlexLoRA(Method):
 
     def aggregate(self, server, replies):
         decoded = [decode_pairs(r.arrays) for r in replies.values()]
-        pairs = {m: aggregate(self.rule, [d[m] for d in decoded], weights_of(replies)) for m in server.shapes}
+        pairs = aggregate_modules(self.rule, {m: [d[m] for d in decoded] for m in server.shapes}, weights_of(replies))
         return self.next_state(server, replies, pairs=pairs)
