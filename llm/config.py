@@ -39,6 +39,7 @@ from pydantic import (BaseModel, ConfigDict, Discriminator, Field, NonNegativeIn
                       ValidationError, ValidationInfo, field_validator, model_validator)
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from .attacks import DATA_ATTACKS, UPDATE_ATTACKS, attack_counts
 from .data import DATASETS, RANK_DISTRIBUTIONS
 from .methods import METHODS
 from .models import MODELS
@@ -114,7 +115,7 @@ class Fault(BaseModel):
         None, description="only this method's run (one of `methods`); absent: every method")
 
 
-ATTACK_KINDS = ("label_flip", "shuffle_targets", "other_task", "random", "scaled", "sign_flip", "coordinated")
+ATTACK_KINDS = (*DATA_ATTACKS, *UPDATE_ATTACKS)
 
 
 class Attack(BaseModel):
@@ -317,8 +318,6 @@ class RunConfig(BaseModel):
                     errors.append(((i, "clients", j), f"a client not already contaminated (attacks[{seen[k]}])", k))
                 seen.setdefault(k, i)
         if clients is not None and not errors:
-            from .attacks import attack_counts
-
             total = sum(attack_counts(attacks, clients))
             if total >= clients:
                 errors.append(((), f"fewer contaminated clients than clients = {clients}", total))

@@ -46,6 +46,12 @@ def _client(tmp_path, k, spec):
     return folder, model
 
 
+def _clients(tmp_path):
+    """The four CLIENTS' folders, and each PEFT model with its spec (for the reference)."""
+    made = [_client(tmp_path, k, spec) for k, spec in enumerate(CLIENTS)]
+    return [f for f, _ in made], [(m, spec) for (_, m), spec in zip(made, CLIENTS, strict=True)]
+
+
 def _scale(spec, module):
     """The client's own PEFT scale: alpha / r (or alpha / sqrt(r)), r from a rank_pattern key the name ends with."""
     r = next((v for key, v in spec.get("rank_pattern", {}).items() if module.endswith(key)), spec["r"])
@@ -71,11 +77,7 @@ def _reference(models, weights):
 
 
 def test_peft_adapters_merge_exactly_to_what_peft_loads(tmp_path):
-    folders, models = [], []
-    for k, spec in enumerate(CLIENTS):
-        folder, model = _client(tmp_path, k, spec)
-        folders.append(folder)
-        models.append((model, spec))
+    folders, models = _clients(tmp_path)
     adapters = [load_peft_adapter(f) for f in folders]
     assert adapters[2].ranks["bert.encoder.layer.1.attention.self.value"] == 3
     weights = [10, 20, 30, 40]
@@ -161,11 +163,7 @@ def _merge(*argv):
 
 
 def test_merge_cli_is_exact_and_writes_per_client_shares(tmp_path):
-    folders, models = [], []
-    for k, spec in enumerate(CLIENTS):
-        folder, model = _client(tmp_path, k, spec)
-        folders.append(folder)
-        models.append((model, spec))
+    folders, models = _clients(tmp_path)
     out, shares = tmp_path / "global", tmp_path / "shares"
     assert _merge(*folders, "--rule", "svd", "--weights", 10, 20, 30, 40, "--out", out, "--per-client", shares) == 0
     merged = PeftModel.from_pretrained(_base(), out).merge_and_unload()
