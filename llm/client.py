@@ -132,6 +132,8 @@ def run_client(method: Method, message: Message, client_state: ClientState | Non
     state = client_state if client_state is not None else ClientState()
     generator = torch.Generator().manual_seed(derive_seed(context.seed, 19, round_, k))
     plan, state = method.client_plan(message, state, context, generator)
+    if method.head_frozen:  # option freeze_head: the head is never trained (nor uploaded: client_reply)
+        plan.lrs.pop("extras", None)
 
     idx = context.indices
     steps = context.settings.steps(len(idx))

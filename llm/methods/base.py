@@ -51,6 +51,8 @@ class Options(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     pairs_with: ClassVar[tuple[str, ...]] = ()
     server: str | None = Field(None, description="another server rule for this client policy (composition)")
+    freeze_head: bool = Field(False, description="the classifier head stays the shared initial one: never trained, "
+                                                 "uploaded or averaged (LoRA-A2's setting, for any method)")
 
     @field_validator("server")
     @classmethod
@@ -174,6 +176,16 @@ class Method:
         return f"{type(self).__name__}({self.options.model_dump()})"
 
     # ------------------------------------------------------------------ server side
+    @property
+    def head_frozen(self) -> bool:
+        """Whether the head is frozen (option ``freeze_head``): clients do not train or upload it, the server keeps it."""
+        return bool(self.options.freeze_head)
+
+    @property
+    def head_shared(self) -> bool:
+        """Whether replies carry the head and the server averages it (``head == "average"``, not frozen)."""
+        return self.head == "average" and not self.head_frozen
+
     def check_ranks(self, ranks) -> None:
         """Raise ``ValueError`` if the federation's client ranks do not suit the method (run before anything is written)."""
         return None
@@ -247,7 +259,7 @@ class Method:
                                  "(a reply to another round's or another client's download).")
         arrays = reply.arrays
         expected = {f"lora/{m}/{f}" for m in server.shapes for f in self.uploads}
-        if self.head == "average":
+        if self.head_shared:
             expected |= {f"extra/{e}" for e in server.extras}
         missing, unknown = sorted(expected - set(arrays)), sorted(set(arrays) - expected)
         if missing or unknown:
@@ -299,7 +311,7 @@ class Method:
     def next_state(self, server: ServerState, replies: Mapping[int, Message], **changes) -> ServerState:
         """The state after a round: ``changes`` applied, head averaged (if shared), ranks from the replies."""
         extras = server.extras
-        if self.head == "average" and server.extras:
+        if self.head_shared and server.extras:
             heads = [decode_extras(r.arrays) for r in replies.values()]
             extras = {e: weighted_average([h[e] for h in heads], weights_of(replies)) for e in server.extras}
         ranks = {**server.ranks, **{k: int(r.config["rank"]) for k, r in replies.items()}}
@@ -333,7 +345,7 @@ class Method:
                      state: ClientState, message: Message) -> tuple[Message, ClientState]:
         """The reply (the factors in ``uploads``, the head if shared, the rank) and the client's new state."""
         arrays = encode_pairs(pairs, factors=self.uploads)
-        if self.head == "average":
+        if self.head_shared:
             arrays.update(encode_extras(extras))
         return Message(arrays, {"rank": int(message.config["rank"])}), state
 

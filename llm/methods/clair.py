@@ -187,7 +187,7 @@ class CLAIR(Method):
                 arrays[_client_key(k, m, "B")], arrays[_client_key(k, m, "A")] = down.B, down.A
         good = {k: replies[k] for i, k in enumerate(ids) if benign[i]}
         extras = server.extras
-        if self.head == "average" and server.extras:
+        if self.head_shared and server.extras:
             heads = [decode_extras(r.arrays) for r in good.values()]
             extras = {e: weighted_average([h[e] for h in heads], weights_of(good)) for e in server.extras}
         state = self.next_state(server, replies, pairs=pairs, arrays=arrays,

@@ -249,7 +249,8 @@ class HAFL(Method):
             pairs = {m: _take(p, slots[m]) for m, p in pairs.items()}
         arrays = encode_pairs(pairs)
         arrays.update({f"slots/{m}": idx.clone() for m, idx in slots.items()})
-        arrays.update(encode_extras(extras))
+        if self.head_shared:
+            arrays.update(encode_extras(extras))
         if self.options.scorer == "client":
             scores = plan.info["importance"][-1].slot_scores()
             arrays.update({f"scores/{m}": s.detach().float() for m, s in scores.items()})

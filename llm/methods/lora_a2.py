@@ -92,7 +92,6 @@ __all__ = ["LoRAA2", "factor_of", "slot_scores"]
 class LoRAA2Options(Options):
     global_rank: int = Field(16, ge=1, description="r_G, the rank every client holds; budgets r_k <= r_G")
     lr_ratio: float = Field(5.0, gt=0.0, description="eta_B / eta_A (eta_A = the run's lr)")
-    freeze_head: bool = Field(False, description="the paper's frozen classifier head (never trained nor averaged)")
     probe: Literal["round", "epoch"] = Field(
         "epoch", description="probe batches: `epoch` (one pass over the client's data) or `round` (the local round's)")
 

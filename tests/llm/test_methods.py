@@ -823,3 +823,22 @@ def test_run_client_is_deterministic_and_reports_its_config(tmp_path):
     assert set(a.arrays) == set(b.arrays) and all(torch.equal(a.arrays[k], b.arrays[k]) for k in a.arrays)
     assert a.config == {"num_examples": sim.n_k[2], "rank": 8, "client": 2, "round": 1}
     assert a.metrics["steps"] == stats.steps == 2 and a.metrics["train_loss"] == stats.loss
+
+
+# ----------------------------------------------------------------------------- frozen head
+
+
+@pytest.mark.parametrize("name", ["fedit", "ffa", "flexlora", "hafl", "lora_a2", "clair"])
+def test_freeze_head_keeps_the_initial_head_everywhere(tmp_path, monkeypatch, name):
+    # Prepare: option freeze_head (LoRA-A2's setting) on a method whose head is otherwise trained and averaged
+    sim = _sim(tmp_path)
+    method = make_method(name, freeze_head=True)
+    # Execute
+    log = _run_rounds(sim, method, 2, monkeypatch)
+    # Assert: no reply carries the head, the server's head is the initial one, the adapter did learn
+    for rnd in log:
+        for call in rnd.calls.values():
+            assert not any(key.startswith("extra/") for key in call.reply.arrays)
+    for e, initial in sim.init_extras.items():
+        assert torch.equal(log[-1].after.extras[e], initial)
+    assert any(float(p.B.abs().sum()) > 0 for p in log[-1].after.pairs.values())
