@@ -198,6 +198,9 @@ class RunConfig(BaseModel):
     eval_size: int = Field(200, ge=1, description="test examples evaluated (at most the test split)")
     eval_every: int = Field(2, ge=1, description="evaluate every this many rounds (and after the last)")
     rouge_size: int = Field(16, ge=0, description="generation: test examples scored with ROUGE-L at the end")
+    score_uploads: bool = Field(False, description=(
+        "also score each client's own trained model (its upload, before aggregation) in evaluated rounds: "
+        "client rows get upload_<metric> (test set) and upload_local_<metric> (its held-out set)"))
     max_new_tokens: int = Field(24, ge=1, description="generation: tokens generated per example for ROUGE-L")
     threads: int = Field(1, ge=1, description="torch threads")
     device: str = Field("auto", description="`auto` (CUDA if available), `cpu`, `cuda`, `cuda:N` (existing)")

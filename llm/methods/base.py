@@ -177,6 +177,11 @@ class Method:
 
     # ------------------------------------------------------------------ server side
     @property
+    def upload_is_model(self) -> bool:
+        """Whether a reply's pairs (with the head, unless frozen) are the client's whole trained model."""
+        return tuple(self.uploads) == ("B", "A")
+
+    @property
     def head_frozen(self) -> bool:
         """Whether the head is frozen (option ``freeze_head``): clients do not train or upload it, the server keeps it."""
         return bool(self.options.freeze_head)

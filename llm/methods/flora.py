@@ -52,6 +52,7 @@ class FLoRA(Method):
     """FLoRA: ``aggregate("stack", ...)`` merged into the base on every client; fresh adapters each round."""
 
     name, title, rule = "flora", "FLoRA", "stack"
+    upload_is_model = False  # the client's model is its merged base plus the fresh pair it uploads
 
     def init_server(self, init, extras, ranks, *, init_seed):
         server = super().init_server(init, extras, ranks, init_seed=init_seed)

@@ -103,6 +103,11 @@ class HAFL(Method):
     name, title, rule = "hafl", "HAFL", "slotwise"
     Options = HAFLOptions
 
+    @property
+    def upload_is_model(self) -> bool:  # type: ignore[override]
+        """Truncation uploads the client's whole (top-r_k) adapter; freezing only its trained slots."""
+        return self.options.variant == "truncation"
+
     # ------------------------------------------------------------------ server side
     def slot_scores(self, server) -> dict[str, torch.Tensor] | None:
         """The importance of every global slot per module, shape ``(R,)``; None before any score (client scorer)."""

@@ -288,6 +288,29 @@ class Simulation:
                 out[f"benign_local_{key}"] = _mean(v for k, v in enumerate(values) if k not in self.attackers)
         return out
 
+    def _evaluated(self, round_: int) -> bool:
+        """Whether round ``round_`` is scored (every ``eval_every`` rounds and the last)."""
+        return round_ % self.cfg.eval_every == 0 or round_ == self.cfg.rounds
+
+    def score_upload(self, method: Method, server: ServerState, k: int, reply: Message) -> dict:
+        r"""Client ``k``'s own trained model, what it uploads before any aggregation (option ``score_uploads``).
+
+        ``upload_<metric>`` on the test set and ``upload_local_<metric>`` on the client's held-out set, for
+        methods whose reply is the client's whole model (``Method.upload_is_model``: both factors of every
+        module and the shared head, or the frozen one); ``{}`` for the others (FFA, FedSA, LoRA-A2, FLoRA,
+        HAFL freezing, local).
+        Byun & Lee's diagnostic compares it with the model the client gets back after one aggregation.
+        """
+        if not method.upload_is_model:
+            return {}
+        pairs = decode_pairs(reply.arrays)
+        extras = decode_extras(reply.arrays) if method.head_shared else server.extras
+        self._load(Model(pairs, dict(extras), None))
+        out = {f"upload_{self.metric}": summarise(self._score("test"))[self.metric]}
+        if len(self.holdout[k]):
+            out[f"upload_local_{self.metric}"] = summarise(self._score("test", self.holdout[k]))[self.metric]
+        return out
+
     def score_detection(self, detection: dict, participants: list[int]) -> dict:
         r"""A round's flagged set against the truth among its participants.
 
@@ -341,56 +364,80 @@ class Simulation:
             row = {"client": k, "rank": int(message.config["rank"]), "bytes_down": message.nbytes, "dropped": False}
             try:
                 reply, state, _ = run_client(method, message, clients.get(k), self.contexts[k])
+                error = None
             except Exception as err:  # a failing client is a dropped update, not a failed run
                 reply, state, error = None, clients.get(k), f"client failed: {type(err).__name__}: {err}"
             t2 = time.perf_counter()
             if reply is not None:
                 clients[k] = state
-                if k in self.attackers:
-                    row["attack"] = self.attackers[k].kind
-                    reply = attack_reply(reply, self.attackers[k], seed=self.cfg.seed, round_=round_, client=k)
-                kind = self._fault(method.name, round_, k)
-                if kind:
-                    reply = self._corrupt(reply, kind)
+                if self.cfg.score_uploads and self._evaluated(round_):
+                    row.update(self.score_upload(method, server, k, reply))
                 m = reply.metrics
-                row.update(n=reply.config.get("num_examples"), train_loss=m.get("train_loss"),
-                           train_accuracy=m.get("train_accuracy"), bytes_up=reply.nbytes,
-                           params_up=m.get("params_up"), steps=m.get("steps"))
                 probe_s += m.get("probe_seconds", 0.0)
                 train_s += m.get("train_seconds", 0.0)
                 client_s += t2 - t1 - m.get("train_seconds", 0.0)
-                try:
-                    method.check_reply(server, k, reply)
-                    error = None
-                except ValueError as err:
-                    error = str(err)
-            else:
-                row.update(n=None, train_loss=None, train_accuracy=None, bytes_up=0, params_up=0, steps=0)
-            if error is None:
-                replies[k] = reply
-                if reply.config["rank"] != row["rank"]:
-                    row["new_rank"] = int(reply.config["rank"])
-            else:
-                row["dropped"], row["reason"] = True, error
-                msg = f"{method.title}, round {round_}, client {k}: update dropped ({error})"
-                warnings.warn(msg, UpdateDroppedWarning, stacklevel=2)
-                log.warning(msg)
+            accepted = self.accept_reply(method, server, round_, k, reply, error, row)
+            if accepted is not None:
+                replies[k] = accepted
             server_s += (t1 - t0) + (time.perf_counter() - t2)
             rows.append(row)
             if bar is not None:
                 bar.update(1)
         t0 = time.perf_counter()
-        if replies:
-            server = method.aggregate(server, replies)
-        else:
-            warnings.warn(f"{method.title}, round {round_}: every update was dropped; the global state is kept.",
-                          UpdateDroppedWarning, stacklevel=2)
-            server = ServerState(server.round + 1, server.pairs, server.extras, server.shapes, server.ranks,
-                                 server.arrays, server.info)
+        server = self.aggregate_round(method, server, replies, round_)
         aggregate_s = time.perf_counter() - t0
         times = {"server_seconds": server_s + aggregate_s, "aggregate_seconds": aggregate_s,
                  "client_overhead_seconds": client_s, "train_seconds": train_s, "probe_seconds": probe_s}
         return server, clients, rows, times
+
+    def accept_reply(self, method: Method, server: ServerState, round_: int, k: int, reply: Message | None,
+                     error: str | None, row: dict) -> Message | None:
+        r"""Check client ``k``'s reply; return it if it may be aggregated, else None (dropped, counted in ``row``).
+
+        The reply first gets the configured attack and fault (:func:`~lowrank_fed.llm.attacks.attack_reply`,
+        ``[[faults]]``), then :meth:`Method.check_reply`. A reply that fails the check, or no reply at all
+        (``reply`` None: the client raised, or on Flower its node did not answer; ``error`` says why), sets
+        ``row["dropped"]`` and ``row["reason"]`` and gives an :class:`UpdateDroppedWarning`. ``row`` also gets
+        what the reply carries (examples, loss, bytes up, ...). The in-process runner and the Flower strategy
+        both call this, so a reply is dropped and counted the same way on either.
+        """
+        if reply is not None:
+            if k in self.attackers:
+                row["attack"] = self.attackers[k].kind
+                reply = attack_reply(reply, self.attackers[k], seed=self.cfg.seed, round_=round_, client=k)
+            kind = self._fault(method.name, round_, k)
+            if kind:
+                reply = self._corrupt(reply, kind)
+            m = reply.metrics
+            row.update(n=reply.config.get("num_examples"), train_loss=m.get("train_loss"),
+                       train_accuracy=m.get("train_accuracy"), bytes_up=reply.nbytes,
+                       params_up=m.get("params_up"), steps=m.get("steps"))
+            try:
+                method.check_reply(server, k, reply)
+                error = None
+            except ValueError as err:
+                error = str(err)
+        else:
+            row.update(n=None, train_loss=None, train_accuracy=None, bytes_up=0, params_up=0, steps=0)
+        if error is None:
+            if reply.config["rank"] != row["rank"]:
+                row["new_rank"] = int(reply.config["rank"])
+            return reply
+        row["dropped"], row["reason"] = True, error
+        msg = f"{method.title}, round {round_}, client {k}: update dropped ({error})"
+        warnings.warn(msg, UpdateDroppedWarning, stacklevel=3)
+        log.warning(msg)
+        return None
+
+    def aggregate_round(self, method: Method, server: ServerState, replies: dict[int, Message],
+                        round_: int) -> ServerState:
+        """``method.aggregate(server, replies)``; with no reply left, the global state kept (round counted, warned)."""
+        if replies:
+            return method.aggregate(server, replies)
+        warnings.warn(f"{method.title}, round {round_}: every update was dropped; the global state is kept.",
+                      UpdateDroppedWarning, stacklevel=3)
+        return ServerState(server.round + 1, server.pairs, server.extras, server.shapes, server.ranks,
+                           server.arrays, server.info)
 
     # ------------------------------------------------------------------ outputs
     def _append(self, name: str, row: dict) -> None:
@@ -453,7 +500,7 @@ class Simulation:
                 server, clients, rows, times = self.run_round(method, server, clients, round_, bar)
                 row = {"method": name, "round": round_}
                 t0 = time.perf_counter()
-                if round_ % cfg.eval_every == 0 or round_ == cfg.rounds:
+                if self._evaluated(round_):
                     row.update(self.evaluate(method, server, clients, rouge=round_ == cfg.rounds))
                 times["eval_seconds"] = time.perf_counter() - t0
                 row.update(bytes_up=sum(r["bytes_up"] for r in rows), bytes_down=sum(r["bytes_down"] for r in rows),

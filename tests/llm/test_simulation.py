@@ -216,3 +216,18 @@ def test_flora_writes_its_merged_updates_as_a_peft_adapter(tmp_path):
         base = final[f"server/arrays/base/{m}"]
         assert 1 <= pair.rank <= 2 * 16
         torch.testing.assert_close(pair.B @ pair.A, base, rtol=1e-4, atol=1e-5 * float(base.abs().max()))
+
+
+def test_score_uploads_scores_each_clients_own_model_before_aggregation(tmp_path):
+    # Prepare: one client, so FedIT's global after round 1 is exactly its upload (FedAvg of one model)
+    cfg = RunConfig.from_dict({**BASE, "clients": 1, "ranks": [4], "rounds": 1, "methods": ["fedit", "ffa"],
+                               "score_uploads": True, "checkpoint": False})
+    # Execute
+    run_experiment(cfg, tmp_path, progress=False)
+    # Assert: the upload's scores equal the global model's and the client's download's; FFA's partial upload has none
+    rows = {json.loads(x)["method"]: json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()
+            if json.loads(x)["round"] == 1}
+    client = rows["fedit"]["clients"][0]
+    assert client["upload_accuracy"] == rows["fedit"]["accuracy"]
+    assert client["upload_local_accuracy"] == rows["fedit"]["per_client"][0]
+    assert "upload_accuracy" not in rows["ffa"]["clients"][0]
