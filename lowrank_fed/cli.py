@@ -6,9 +6,13 @@ Subcommands:
   (torch layer, :mod:`lowrank_fed.llm`; imported only when used).
 - ``merge``: aggregate PEFT LoRA adapter folders trained anywhere (any ranks, alphas, rsLoRA) with a
   core rule, optionally leaving out the clients CLAIR flags (:mod:`lowrank_fed.llm.merge`).
+- ``reproduce``: the seed papers' claims (LoRA-A2, Byun & Lee, HAFL, PreLort, CLAIR) as experiments over
+  several seeds, with a report of what holds (:mod:`lowrank_fed.llm.reproduce`).
 - ``compare``: every aggregation rule side by side on synthetic heterogeneous clients.
 - ``recover``: one synthetic CLAIR recovery experiment.
 - ``bench``: the performance ratios of ``benchmarks/``.
+- ``flower``: ``flower up --supernodes N CONFIG``, a SuperLink and N SuperNodes on this machine running the
+  config (:mod:`lowrank_fed.llm.flower.deploy`; needs ``lowrank-fed[flower]``).
 
 BLAS runs on one thread (``LOWRANK_FED_THREADS=N`` to change it).
 """
@@ -28,9 +32,12 @@ __all__ = ["main", "build_parser"]
 SUBCOMMANDS = {
     "run": ("lowrank_fed.llm.run", "federated heterogeneous-rank LoRA fine-tuning of a real model (main job)"),
     "merge": ("lowrank_fed.llm.merge", "aggregate PEFT LoRA adapter folders into one global adapter"),
+    "reproduce": ("lowrank_fed.llm.reproduce", "the seed papers' claims as experiments over several seeds"),
     "compare": ("lowrank_fed.experiments.compare_cli", "compare the aggregation rules on synthetic clients"),
     "recover": ("lowrank_fed.experiments.recover", "one synthetic CLAIR recovery experiment"),
     "bench": ("lowrank_fed.experiments.bench_cli", "run the benchmarks (ratios against named baselines)"),
+    "flower": ("lowrank_fed.llm.flower.deploy", "run on Flower: `flower up --supernodes N CONFIG` starts a "
+               "SuperLink and N SuperNodes on localhost, runs the config, shuts them down"),
 }
 
 

@@ -198,8 +198,9 @@ class Simulation:
             )
         encode = encode_classification if labelled else encode_generation
         # the clients train on ``trained`` (the data attackers' rows changed); validation and test are clean
+        # (an empty split, val_size = 0, is never scored, so it is not encoded: tokenizers reject empty lists)
         self.enc = {name: encode(tokenizer, d.texts, d.labels if labelled else d.targets, cfg.max_length)
-                    for name, d in (("train", trained), ("val", self.val), ("test", self.test))}
+                    for name, d in (("train", trained), ("val", self.val), ("test", self.test)) if len(d)}
         self.r_max = max(self.ranks)
         self.init_seed = derive_seed(cfg.seed, 5)
         self.init = init_pairs(self.ws.shapes, self.r_max, torch.Generator().manual_seed(self.init_seed),
