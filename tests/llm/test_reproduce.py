@@ -1,0 +1,97 @@
+"""``lowrank-fed reproduce``: the five experiments end to end with --quick, reuse of finished runs, the verdicts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("peft")
+
+from lowrank_fed.cli import main as cli_main  # noqa: E402
+from lowrank_fed.llm.config import ConfigError, RunConfig, load_config  # noqa: E402
+from lowrank_fed.llm.reproduce import CONFIG_ROOT, EXPERIMENTS, reproduce  # noqa: E402
+from lowrank_fed.llm.reproduce import run as reproduce_run  # noqa: E402
+from lowrank_fed.llm.reproduce.claims import mean_sd, verdict  # noqa: E402
+
+NAMES = ["lora-a2", "byun-lee", "hafl", "prelort", "clair"]
+VERDICTS = {"holds", "partly", "does not hold"}
+
+
+def test_list_names_the_five_experiments(capsys):
+    assert cli_main(["reproduce", "--list"]) == 0
+    out = capsys.readouterr().out
+    assert list(EXPERIMENTS) == NAMES
+    for name in NAMES:
+        assert f"\n{name} " in f"\n{out}" and f"configs/reproduce/{name}/" in out
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_config_of_every_experiment_is_valid(name):
+    for stem in EXPERIMENTS[name].configs:
+        cfg = RunConfig.from_dict(load_config(CONFIG_ROOT / name / f"{stem}.toml"))
+        assert cfg.model in {"minilm", "smollm2", "copy-llama"}  # the full runs use the packaged real models
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_quick_runs_end_to_end_and_says_it_is_quick(tmp_path, name):
+    # Execute
+    report = reproduce(name, quick=True, out=tmp_path, progress=False, log=lambda m: None)
+    # Assert: a claims table with per-seed values (2 seeds), every config's runs, the report files
+    assert report["quick"] and report["seeds"] == [0, 1]
+    assert report["claims"] and {c["verdict"] for c in report["claims"]} <= VERDICTS
+    for claim in report["claims"]:
+        assert claim["values"] and all(len(v) == 2 for v in claim["values"].values())
+    for stem in EXPERIMENTS[name].configs:
+        assert (tmp_path / stem / "seed1" / "summary.json").is_file()
+        assert RunConfig.from_dict(json.loads((tmp_path / stem / "seed0" / "config.json").read_text())).model not in {
+            "minilm", "smollm2"}
+    text = (tmp_path / "report.md").read_text()
+    assert "QUICK RUN" in text and "| claim | paper | ours | verdict | note |" in text
+    assert json.loads((tmp_path / "report.json").read_text())["claims"] == report["claims"]
+    assert (tmp_path / "claims.png").stat().st_size > 0
+
+
+def test_a_second_call_reuses_finished_runs_and_redoes_a_changed_one(tmp_path):
+    # Prepare
+    logs: list[str] = []
+    reproduce("byun-lee", quick=True, seeds=1, out=tmp_path, progress=False, log=lambda m: None)
+    summary = tmp_path / "top10_bbc" / "seed0" / "summary.json"
+    before = summary.read_bytes()
+    # Execute: the same call again, then one whose config differs (a stored config edited by hand)
+    report = reproduce("byun-lee", quick=True, seeds=1, out=tmp_path, progress=False, log=logs.append)
+    reused = summary.read_bytes()
+    stored = tmp_path / "top10_bbc" / "seed0" / "config.json"
+    stored.write_text(stored.read_text().replace('"rounds": 2', '"rounds": 1'))
+    reproduce("byun-lee", quick=True, seeds=1, out=tmp_path, progress=False, log=logs.append)
+    # Assert
+    assert "reusing" in logs[0] and "running" in logs[1]
+    assert report["seeds"] == [0] and reused == before
+    assert json.loads(stored.read_text())["rounds"] == 2
+
+
+def test_a_missing_config_is_an_error_before_anything_is_written(tmp_path, monkeypatch):
+    monkeypatch.setattr(reproduce_run, "CONFIG_ROOT", tmp_path / "nowhere")
+    with pytest.raises(ConfigError, match="is missing; expected the files"):
+        reproduce("hafl", quick=True, out=tmp_path / "out", progress=False, log=lambda m: None)
+    assert not (tmp_path / "out").exists()
+
+
+def test_quick_config_swaps_the_packaged_models_and_shrinks_the_budget():
+    quick = reproduce_run.quick_config({"model": "smollm2", "rounds": 9, "local_steps": 7, "eval_size": 500,
+                                        "train_size": 4000, "val_size": 100})
+    assert quick["model"] == "tiny-llama" and quick["rounds"] == 2 and quick["local_steps"] == 2
+    assert quick["eval_size"] == 40 and quick["train_size"] == 240 and quick["val_size"] == 20
+    assert reproduce_run.quick_config({"model": "copy-llama"})["model"] == "copy-llama"
+
+
+def test_verdict_and_spread():
+    assert verdict([0.1, 0.2, 0.05]) == "holds"
+    assert verdict([0.3, -0.1, 0.05]) == "partly"
+    assert verdict([-0.3, 0.1, 0.05]) == "does not hold"
+    assert verdict([0.0, 0.0]) == "does not hold"  # a tie is not a win
+    assert verdict([0.0, 0.0], tol=-0.01) == "holds"
+    s = mean_sd([1.0, 2.0, 3.0])
+    assert s == {"mean": 2.0, "sd": 1.0, "n": 3}
+    assert mean_sd([4.0])["sd"] is None
