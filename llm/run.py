@@ -2,8 +2,8 @@ r"""``lowrank-fed run``: federated heterogeneous-rank LoRA fine-tuning of a real
 
 Usage::
 
-    lowrank-fed run [CONFIG.toml] [--set key=value ...] [--out DIR] [--overwrite] [--no-progress]
-    lowrank-fed run --resume DIR [--no-progress]
+    lowrank-fed run [CONFIG.toml] [--set key=value ...] [--out DIR] [--overwrite] [--no-progress] [--engine flower]
+    lowrank-fed run --resume DIR [--no-progress] [--engine flower]
 
 With no config it runs the embedded default (:class:`~lowrank_fed.llm.config.RunConfig`): FedIT with
 zero-padding, HetLoRA, FLoRA and FlexLoRA on MiniLM / BBC News, 10 non-IID clients with FLoRA's
@@ -50,6 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="replace what the output folder holds (after the config is validated)")
     parser.add_argument("--resume", default=None, metavar="DIR", help="resume the interrupted run in DIR")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--engine", choices=("inprocess", "flower"), default="inprocess",
+                        help="inprocess (default) or flower: the same rounds on Flower's Simulation Runtime, one "
+                             "virtual SuperNode per client (needs lowrank-fed[flower]; docs/flower.md)")
 
 
 def _error(message: object) -> None:
@@ -149,7 +152,14 @@ def main(args: argparse.Namespace) -> int:
     except ConfigError as err:
         _error(err)
         return 2
-    from .runner.simulation import Simulation
+    if getattr(args, "engine", "inprocess") == "flower":  # the same Simulation, its rounds on Flower
+        try:
+            from .flower.engine import FlowerSimulation as Simulation
+        except ModuleNotFoundError as err:
+            _error(f"--engine flower needs Flower: pip install 'lowrank-fed[flower]' (missing module {err.name!r}).")
+            return 3
+    else:
+        from .runner.simulation import Simulation
 
     sim = Simulation(cfg, out, progress=not args.no_progress)
     try:  # the data and the model: settings they cannot satisfy are config errors, found before any write
