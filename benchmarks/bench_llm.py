@@ -13,6 +13,8 @@ r"""Torch-layer benchmark: server overhead per round and local-training throughp
    rank and learning rate; runs alternate and the median of the repeats is kept. Target: >= 0.95x.
 3. **Seed methods.** PreLort's nested "sample" training, HAFL's importance hook and LoRA-A2's probe,
    each against its baseline on the same client and batches (see ``_seed_methods``).
+4. **Flower.** The same MiniLM config through Flower's Simulation Runtime and through the in-process runner:
+   seconds per round (ratio) and Flower's fixed start-up cost (``_flower_vs_inprocess``; skipped without flwr).
 
 Usage: ``python benchmarks/bench_llm.py [--quick] [--out FILE.json]``.
 """
@@ -179,6 +181,44 @@ def _seed_methods(sim, epochs, repeats):
             "lora_a2_vs_fedit": med["lora_a2"] / med["fedit_r16"]}
 
 
+def _flower_vs_inprocess(rounds, clients=10, local_steps=5, method="fedit"):
+    r"""Flower's Simulation Runtime against the in-process runner: wall seconds per round and the fixed cost.
+
+    One MiniLM config (the demo's data and ranks, ``method``, ``rounds`` rounds, no checkpoints), run by
+    :func:`run_experiment` and by :class:`~lowrank_fed.llm.flower.engine.FlowerSimulation` (Ray: ``clients``
+    virtual SuperNodes, one CPU each). Per round: the mean ``wall_seconds`` of rounds ``2..rounds`` (round 1 also
+    pays each Ray worker's model and data set-up). Fixed cost: Flower's whole run minus ``rounds`` steady rounds,
+    less the same for the in-process run (Ray's start, the workers' set-up, the node discovery).
+    """
+    import shutil
+
+    from lowrank_fed.llm.config import RunConfig
+    from lowrank_fed.llm.flower.engine import FlowerSimulation
+    from lowrank_fed.llm.runner.simulation import Simulation
+
+    cfg = RunConfig.from_dict(dict(name="bench-flower", methods=[method], clients=clients, rounds=rounds,
+                                   local_steps=local_steps, eval_size=8, val_size=0, checkpoint=False,
+                                   eval_every=rounds))
+    out = {}
+    for engine, cls in (("inprocess", Simulation), ("flower", FlowerSimulation)):
+        folder = Path("bench-results") / "tmp" / f"flower-{engine}"
+        shutil.rmtree(folder, ignore_errors=True)
+        sim = cls(cfg, folder, progress=False)
+        sim.setup()
+        t0 = time.perf_counter()
+        sim.run()
+        total = time.perf_counter() - t0
+        walls = [json.loads(x)["wall_seconds"] for x in (folder / "timings.jsonl").read_text().splitlines()
+                 if json.loads(x)["round"] > 0]
+        steady = statistics.mean(walls[1:]) if len(walls) > 1 else walls[0]
+        out[engine] = {"total_s": total, "round_s": walls, "steady_round_s": steady,
+                       "outside_rounds_s": total - rounds * steady}
+    out["ratio"] = out["flower"]["steady_round_s"] / out["inprocess"]["steady_round_s"]
+    out["startup_s"] = out["flower"]["outside_rounds_s"] - out["inprocess"]["outside_rounds_s"]
+    out.update(method=method, clients=clients, rounds=rounds, local_steps=local_steps)
+    return out
+
+
 def main(argv=None) -> int:
     """Run the benchmark and print its table; returns 0."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -233,10 +273,28 @@ def main(argv=None) -> int:
     t3.add_row("LoRA-A2 (probe + masked round) vs FedIT rank 16", f"{sec['lora_a2']:.2f}", f"{sec['fedit_r16']:.2f}",
                f"{seed['lora_a2_vs_fedit']:.3f}x", "<= 1.25x " + ("pass" if seed["lora_a2_vs_fedit"] <= 1.25 else "FAIL"))
     console.print(t3)
+    flower = None
+    try:
+        import flwr  # noqa: F401
+    except ModuleNotFoundError:
+        console.print("Flower row skipped: flwr is not installed (pip install 'lowrank-fed[flower]')")
+    else:
+        flower = _flower_vs_inprocess(rounds=2 if args.quick else 3)
+        t4 = Table(title=f"Flower simulation vs in-process runner, MiniLM, {flower['clients']} clients, "
+                         f"{flower['method']}, {flower['local_steps']} local steps, {flower['rounds']} rounds")
+        for col in ("engine", "s/round (rounds 2..)", "whole run s", "ratio", "Flower fixed start-up s"):
+            t4.add_column(col, justify="right")
+        for engine in ("inprocess", "flower"):
+            r = flower[engine]
+            t4.add_row(engine, f"{r['steady_round_s']:.2f}", f"{r['total_s']:.1f}",
+                       f"{flower['ratio']:.2f}x" if engine == "flower" else "1.00x",
+                       f"{flower['startup_s']:.1f}" if engine == "flower" else "")
+        console.print(t4)
     console.print(f"benchmark wall time {time.perf_counter() - start:.0f} s, torch threads {torch.get_num_threads()}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"server_overhead": overhead, "throughput": thr, "seed_methods": seed}, indent=1))
+    out.write_text(json.dumps({"server_overhead": overhead, "throughput": thr, "seed_methods": seed,
+                               "flower": flower}, indent=1))
     sys.stdout.flush()
     return 0
 

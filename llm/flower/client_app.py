@@ -1,0 +1,127 @@
+r"""The Flower ``ClientApp``: one client of ``lowrank-fed run`` per SuperNode, running :func:`run_client`.
+
+A SuperNode is client ``k = partition-id`` of its ``--node-config`` (Flower's simulation sets ``partition-id``
+itself). Two message types reach it:
+
+- ``query`` (the server's discovery): the reply's ``ConfigRecord`` ``"node"`` holds ``partition-id`` and the
+  node's LoRA rank budget ``rank`` (``-1`` when the node names none);
+- ``train``: the download (records ``"msg"``, see :mod:`.records`), the run's config (``ConfigRecord`` ``"run"``:
+  the :class:`~lowrank_fed.llm.config.RunConfig` as JSON, the method, ``state-round``) and, when the server cannot
+  know that the node holds it, the client's state (records ``"state"``). The app builds the client's
+  :class:`~lowrank_fed.llm.client.ClientContext` from the config (the same data split, model and seeds as the
+  in-process runner: :meth:`Simulation.setup`, cached per process), runs
+  ``run_client(method, download, client_state, context)`` and replies with the upload (``"msg"``) and the client's
+  new state (``"state"``).
+
+The client's state (FedSA's ``B`` and head, FLoRA's merged base, ...) lives in the node's persistent
+``context.state`` as records ``"state/<method>"``, tagged with the round that produced it (``ConfigRecord``
+``"state-tag/<method>"``). The server sends ``state-round``, the round of the state it expects the client to
+train from (0: none); a stored state with another tag is never used. A copy of the state goes back with each
+reply so that the server's checkpoints and personalised scores equal the in-process runner's; after a resume
+or a node restart the server attaches its copy to the download.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+from ..methods import ClientState, make_method
+from ..protocol import Message as LFMessage
+from .records import from_records, has_part, to_records
+
+__all__ = ["app", "client_context", "node_identity"]
+
+log = logging.getLogger("lowrank_fed.llm.flower")
+
+app = ClientApp()
+
+_SIMULATIONS: dict[str, object] = {}  # config JSON -> set-up Simulation (one per process)
+
+
+def node_identity(node_config) -> tuple[int, int]:
+    r"""``(partition-id, rank budget)`` of a node's ``--node-config`` (budget ``-1``: none named).
+
+    Raises
+    ------
+    ValueError
+        ``partition-id`` is missing or not a non-negative integer, or ``rank`` is not a positive integer.
+    """
+    pid = node_config.get("partition-id")
+    if isinstance(pid, bool) or not isinstance(pid, int) or pid < 0:
+        raise ValueError(f"SuperNode --node-config 'partition-id' must be a non-negative int (the client id). "
+                         f"Got {pid!r} in {dict(node_config)}.")
+    rank = node_config.get("rank", -1)
+    if isinstance(rank, bool) or not isinstance(rank, int) or (rank != -1 and rank < 1):
+        raise ValueError(f"SuperNode --node-config 'rank' must be a positive int (the node's LoRA rank budget). "
+                         f"Got {rank!r}.")
+    return pid, rank
+
+
+def client_context(config_json: str, client: int):
+    """Client ``client``'s :class:`ClientContext` for the run config ``config_json`` (set up once per process)."""
+    from ..config import RunConfig
+    from ..runner.simulation import Simulation
+
+    sim = _SIMULATIONS.get(config_json)
+    if sim is None:
+        cfg = RunConfig.from_dict(json.loads(config_json))
+        sim = Simulation(cfg, tempfile.gettempdir(), progress=False)  # setup() writes nothing
+        sim.setup()
+        _SIMULATIONS.clear()  # one run at a time per process
+        _SIMULATIONS[config_json] = sim
+    if not 0 <= client < len(sim.contexts):
+        raise ValueError(f"Client id {client} is outside the run's clients [0, {len(sim.contexts)}).")
+    return sim.contexts[client]
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Discovery: this node's client id and rank budget."""
+    pid, rank = node_identity(context.node_config)
+    content = RecordDict({"node": ConfigRecord({"partition-id": pid, "rank": rank})})
+    return Message(content, reply_to=msg)
+
+
+def _stored_state(context: Context, method: str, state_round: int) -> ClientState | None:
+    tag = context.state.config_records.get(f"state-tag/{method}")
+    if state_round == 0:
+        return None
+    if tag is None or int(tag["round"]) != state_round:
+        have = None if tag is None else int(tag["round"])
+        raise ValueError(f"Client state of {method!r} from round {state_round} expected; this node holds "
+                         f"{'none' if have is None else f'round {have}'} and the server sent none.")
+    stored = from_records(context.state, f"state/{method}")
+    return ClientState(stored.arrays, stored.config)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """One round of client ``partition-id``: :func:`run_client` on the download; reply upload + new state."""
+    from ..client import run_client
+
+    pid, _ = node_identity(context.node_config)
+    run = msg.content.config_records["run"]
+    config_json, name = str(run["config"]), str(run["method"])
+    options = json.loads(str(run["options"]))
+    download = from_records(msg.content, "msg")
+    if int(download.config["client"]) != pid:
+        raise ValueError(f"Download for client {download.config['client']} reached the node of client {pid}.")
+    state_round = int(run["state-round"])
+    if has_part(msg.content, "state"):
+        sent = from_records(msg.content, "state")
+        state = ClientState(sent.arrays, sent.config)
+    else:
+        state = _stored_state(context, name, state_round)
+    method = make_method(name, **options)
+    reply, new_state, _ = run_client(method, download, state, client_context(config_json, pid))
+    round_ = int(download.config["round"])
+    to_records(LFMessage(new_state.arrays, new_state.info), f"state/{name}", context.state)
+    context.state[f"state-tag/{name}"] = ConfigRecord({"round": round_})
+    content = to_records(reply, "msg")
+    to_records(LFMessage(new_state.arrays, new_state.info), "state", content)
+    return Message(content, reply_to=msg)

@@ -1,0 +1,239 @@
+r"""``lowrank-fed run --engine flower``: the in-process runner's rounds carried by Flower.
+
+:class:`FlowerSimulation` is the runner (:class:`~lowrank_fed.llm.runner.simulation.Simulation`: set-up, sampling,
+evaluation, ``metrics.jsonl``, checkpoints every round, ``--resume``, reports) with one change: a round's
+clients train on Flower SuperNodes (:meth:`FlowerSimulation.run_round` drives :class:`.LowRankStrategy` over a
+Flower ``Grid``). Everything the runner writes is written the same way, so a run on Flower and an in-process run
+of one config give the same adapters and metrics (only ``timings.jsonl`` differs).
+
+:meth:`FlowerSimulation.run` starts Flower's Simulation Runtime (Ray backend): ``clients`` virtual SuperNodes,
+each client's ``ClientApp`` given ``threads`` CPUs (``num_gpus`` GPUs), the ``ServerApp`` in a thread of this
+process. :meth:`FlowerSimulation.serve` is the ``ServerApp``'s body, also used by ``flwr run .`` and
+``lowrank-fed flower up`` (:mod:`.server_app`).
+
+Environment (:func:`flower_env`): ``FLWR_TELEMETRY_ENABLED=0``, ``FLWR_DISABLE_UPDATE_CHECK=1``,
+``FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1``, ``RAY_USAGE_STATS_ENABLED=0``; ``FLWR_HOME`` and
+``RAY_TMPDIR`` in ``<run folder>/.flower/`` (Ray's socket paths must stay under 107 bytes: a run folder whose
+path is too long gets a short temporary ``RAY_TMPDIR`` instead, removed afterwards).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from ..runner.simulation import Simulation
+
+__all__ = ["FlowerSettings", "FlowerSimulation", "flower_env", "split_run_config", "ENV"]
+
+log = logging.getLogger("lowrank_fed.llm.flower")
+
+#: Environment every Flower process of a run gets (no telemetry, no update check, no package installs).
+ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+       "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+_RAY_TMP_MAX = 40  # characters: Ray appends ~60 to this for its AF_UNIX sockets (limit 107)
+
+
+@dataclass(frozen=True)
+class FlowerSettings:
+    r"""Engine settings of a run on Flower (not part of the run config: they do not change the results).
+
+    In Flower's run config (``[tool.flwr.app.config]``, ``flwr run --run-config``) they are the keys
+    ``flower-<name>`` with ``-`` for ``_`` (``flower-round-timeout = 600.0``).
+
+    Attributes
+    ----------
+    out : str
+        Output folder; ``""``: ``runs/<name>`` (relative to the ServerApp's working folder).
+    round_timeout : float
+        Seconds a round waits for its replies; a node that has not answered by then is a dropped update.
+    min_replies : int
+        Replies a round needs (after the checks) to be aggregated; below it the global state is kept.
+    start_timeout : float
+        Seconds the ServerApp waits for a SuperNode of every client before it starts anyway.
+    num_gpus : float
+        GPUs per ClientApp in the simulation (0: CPU only).
+    """
+
+    out: str = ""
+    round_timeout: float = 600.0
+    min_replies: int = 1
+    start_timeout: float = 120.0
+    num_gpus: float = 0.0
+
+    def __post_init__(self):
+        checks = {"round_timeout": self.round_timeout > 0, "min_replies": self.min_replies >= 1,
+                  "start_timeout": self.start_timeout >= 0, "num_gpus": self.num_gpus >= 0}
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"Flower setting 'flower-{name.replace('_', '-')}' must be "
+                                 f"{'>= 1' if name == 'min_replies' else 'positive' if name == 'round_timeout' else '>= 0'}. "
+                                 f"Got {getattr(self, name)!r}.")
+
+    def to_flat(self) -> dict:
+        """``{"flower-<name>": value}``: Flower's run-config form."""
+        return {f"flower-{f.name.replace('_', '-')}": getattr(self, f.name) for f in fields(self)}
+
+
+def split_run_config(flat) -> tuple[FlowerSettings, object]:
+    r"""Flower's run config -> ``(FlowerSettings, RunConfig)``: ``flower-*`` keys are settings, the rest the run.
+
+    Raises
+    ------
+    ConfigError
+        A run-config key is invalid (named as ``lowrank-fed run`` names it).
+    ValueError
+        A ``flower-*`` key is unknown or out of range.
+    """
+    from ..config import RunConfig
+
+    names = {f"flower-{f.name.replace('_', '-')}": f for f in fields(FlowerSettings)}
+    settings, rest = {}, {}
+    for key, value in dict(flat).items():
+        if key.startswith("flower-"):
+            if key not in names:
+                raise ValueError(f"Unknown Flower setting {key!r}; expected one of {sorted(names)}.")
+            f = names[key]
+            settings[f.name] = float(value) if f.type in ("float", float) and not isinstance(value, bool) else value
+        else:
+            rest[key] = value
+    return FlowerSettings(**settings), RunConfig.from_flat(rest)
+
+
+@contextlib.contextmanager
+def flower_env(folder: str | Path):
+    r"""Set :data:`ENV`, ``FLWR_HOME`` and ``RAY_TMPDIR`` (in ``folder/.flower``) for the block; restore after.
+
+    Yields the dict of variables set. ``PYTHONPATH`` (which Ray's start-up extends) is restored too.
+    """
+    base = Path(folder).resolve() / ".flower"
+    home, ray = base / "home", base / "ray"
+    home.mkdir(parents=True, exist_ok=True)
+    short = None
+    if len(str(ray)) > _RAY_TMP_MAX:
+        short = tempfile.mkdtemp(prefix="lrf-ray-")
+        ray = Path(short)
+    ray.mkdir(parents=True, exist_ok=True)
+    values = {**ENV, "FLWR_HOME": str(home), "RAY_TMPDIR": str(ray)}
+    saved = {k: os.environ.get(k) for k in (*values, "PYTHONPATH")}
+    os.environ.update(values)
+    try:
+        yield values
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        if short is not None:
+            shutil.rmtree(short, ignore_errors=True)
+
+
+class FlowerSimulation(Simulation):
+    r"""The runner with each round's clients on Flower SuperNodes (see the module docstring).
+
+    Parameters
+    ----------
+    config, out_dir, progress, on_round_end
+        As :class:`~lowrank_fed.llm.runner.simulation.Simulation`.
+    settings : FlowerSettings, optional
+    """
+
+    def __init__(self, config, out_dir, *, progress: bool = True, on_round_end=None,
+                 settings: FlowerSettings | None = None):
+        super().__init__(config, out_dir, progress=progress, on_round_end=on_round_end)
+        self.settings = settings or FlowerSettings()
+        self.grid = None
+        self.strategy = None
+        self.startup_seconds = None  # Flower's start-up: from run() to the ServerApp's first line
+
+    # ------------------------------------------------------------------ one round on Flower
+    def run_round(self, method, server, clients, round_, bar=None):
+        """One round through :class:`.LowRankStrategy` and the Grid. Returns ``(server, clients, rows, times)``."""
+        from flwr.app import ArrayRecord, ConfigRecord
+
+        st = self.strategy
+        if st.method is not method:
+            st.begin(method, server, clients)
+        st.server, st.clients = server, clients
+        messages = list(st.configure_train(round_, ArrayRecord(), ConfigRecord(), self.grid))
+        replies = self.grid.send_and_receive(messages, timeout=self.settings.round_timeout) if messages else []
+        st.aggregate_train(round_, replies)
+        if bar is not None:
+            bar.update(len(st.rows))
+        return st.server, st.clients, st.rows, st.times
+
+    # ------------------------------------------------------------------ the ServerApp's body
+    def serve(self, grid, *, resume: bool = False) -> list[dict]:
+        """Run every method over ``grid`` (the ServerApp's main): wait for the nodes, then :meth:`Simulation.run`."""
+        from .strategy import LowRankStrategy
+
+        self.setup()
+        self.grid = grid
+        self.strategy = LowRankStrategy(self, min_replies=self.settings.min_replies)
+        deadline = time.monotonic() + self.settings.start_timeout
+        while True:
+            self.strategy.discover(grid)
+            missing = sorted(set(range(self.cfg.clients)) - set(self.strategy.nodes))
+            if not missing or time.monotonic() >= deadline:
+                break
+            time.sleep(0.5)
+        if missing:
+            log.warning("no SuperNode for clients %s after %.0f s; their updates count as dropped",
+                        missing, self.settings.start_timeout)
+        self.summary = Simulation.run(self, resume=resume)
+        return self.summary
+
+    # ------------------------------------------------------------------ lowrank-fed run --engine flower
+    def run(self, *, resume: bool = False) -> list[dict]:
+        r"""Run every method on Flower's Simulation Runtime; return the summary rows (as :meth:`Simulation.run`).
+
+        ``clients`` virtual SuperNodes (``partition-id`` = client id), each ClientApp with ``threads`` CPUs and
+        ``settings.num_gpus`` GPUs; the ServerApp (:meth:`serve`) in a thread of this process.
+        """
+        import warnings
+
+        from flwr.serverapp import ServerApp
+        from flwr.simulation import run_simulation
+
+        from .client_app import app as client_app
+
+        self.setup()
+        self.out.mkdir(parents=True, exist_ok=True)
+        server_app = ServerApp()
+        t0 = time.perf_counter()
+
+        @server_app.main()
+        def main(grid, context):
+            self.startup_seconds = time.perf_counter() - t0
+            self.serve(grid, resume=resume)
+
+        self.summary = None
+        backend = {"client_resources": {"num_cpus": self.cfg.threads, "num_gpus": self.settings.num_gpus},
+                   "init_args": {"include_dashboard": False, "num_cpus": max(os.cpu_count() or 1, self.cfg.threads),
+                                 "configure_logging": False}}
+        with flower_env(self.out), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            try:
+                run_simulation(server_app=server_app, client_app=client_app, num_supernodes=self.cfg.clients,
+                               backend_config=backend)
+            finally:
+                _ray_shutdown()
+        if self.summary is None:
+            raise RuntimeError(f"The Flower simulation of {self.cfg.name!r} ended without finishing its run; "
+                               f"see the log above (resume it with --resume {self.out}).")
+        return self.summary
+
+
+def _ray_shutdown() -> None:
+    with contextlib.suppress(ImportError):
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()

@@ -1,0 +1,66 @@
+r"""The Flower ``ServerApp`` of ``flwr run .`` and ``lowrank-fed flower up``.
+
+Its run config is the flat :class:`~lowrank_fed.llm.config.RunConfig` (``[tool.flwr.app.config]`` of
+``pyproject.toml``, overridable with ``flwr run . --run-config 'rounds=3 methods="[\"fedit\"]"'``) plus the
+``flower-*`` engine settings (:class:`~.engine.FlowerSettings`). It runs every method of the config with
+:class:`~.engine.FlowerSimulation` (checkpoints after every round, reports as ``lowrank-fed run``) into
+``flower-out`` (default ``runs/<name>``).
+
+Resume: when the output folder already holds a run of the same config (its ``config.json``), the ServerApp
+continues it from its last checkpoints, as ``lowrank-fed run --resume`` does; a folder holding a run of another
+config is refused (nothing is written).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+__all__ = ["app", "output_folder"]
+
+log = logging.getLogger("lowrank_fed.llm.flower")
+
+app = ServerApp()
+
+
+def output_folder(cfg, settings) -> tuple[Path, bool]:
+    r"""``(folder, resume)``: where the run goes and whether it continues an earlier run of the same config.
+
+    Raises
+    ------
+    ValueError
+        The folder holds files but no ``config.json``, or the ``config.json`` of another config.
+    """
+    out = Path(settings.out or Path("runs") / cfg.name)
+    stored = out / "config.json"
+    if stored.is_file():
+        if json.loads(stored.read_text(encoding="utf-8")) != json.loads(json.dumps(cfg.to_dict())):
+            raise ValueError(f"Output folder '{out}' holds a run of another config ({stored}); nothing was changed. "
+                             f"Set flower-out to another folder.")
+        return out, True
+    if out.is_dir() and any(out.iterdir()) and any(p.name != ".flower" for p in out.iterdir()):
+        names = sorted(p.name for p in out.iterdir())[:5]
+        raise ValueError(f"Output folder '{out}' already holds files ({', '.join(names)}) but no run; nothing was "
+                         f"changed. Set flower-out to another folder.")
+    return out, False
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run the config of ``context.run_config`` on ``grid``; resume it when its folder holds it already."""
+    from .engine import FlowerSimulation, split_run_config
+
+    flwr_logger, ours = logging.getLogger("flwr"), logging.getLogger("lowrank_fed")
+    for handler in flwr_logger.handlers:  # the runner's and the strategy's warnings in Flower's log stream
+        if handler not in ours.handlers:
+            ours.addHandler(handler)
+    ours.setLevel(logging.INFO)
+    settings, cfg = split_run_config(context.run_config)
+    out, resume = output_folder(cfg, settings)
+    log.info("lowrank-fed on Flower: %s, methods %s, %d clients, %d rounds -> %s%s", cfg.name, cfg.methods,
+             cfg.clients, cfg.rounds, out, " (resumed)" if resume else "")
+    FlowerSimulation(cfg, out, progress=False, settings=settings).serve(grid, resume=resume)
