@@ -336,6 +336,9 @@ class Simulation:
 
     @staticmethod
     def _corrupt(reply: Message, kind: str) -> Message:
+        """The reply with one entry made NaN/Inf, or one tensor a column short; unchanged if it uploads nothing (``local``)."""
+        if not reply.arrays:
+            return reply
         key = sorted(reply.arrays)[0]
         arrays = dict(reply.arrays)
         t = arrays[key]

@@ -116,6 +116,16 @@ def test_dropped_updates_reach_the_metrics(tmp_path):
     assert summary[0]["dropped"] == 1
 
 
+def test_a_fault_for_every_method_leaves_local_training_alone(tmp_path):
+    # Prepare: `local` uploads nothing, so the fault has nothing to corrupt there
+    cfg = _cfg(methods=["local", "fedit"], rounds=1, faults=[{"round": 1, "client": 0, "kind": "nan"}])
+    # Execute
+    with pytest.warns(UpdateDroppedWarning, match="FedIT"):
+        summary = run_experiment(cfg, tmp_path, progress=False)
+    # Assert
+    assert {row["method"]: row["dropped"] for row in summary} == {"local": 0, "fedit": 1}
+
+
 def test_outputs_and_metrics_content(tmp_path):
     cfg = _cfg(methods=["fedit", "fedsa"], rounds=2)
     summary = run_experiment(cfg, tmp_path, progress=False)
