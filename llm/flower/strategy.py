@@ -204,7 +204,7 @@ class LowRankStrategy(Strategy):
             accepted = sim.accept_reply(method, server, server_round, k, reply, error, row)
             if accepted is not None:
                 kept[k] = accepted
-            server_s += time.perf_counter() - t0
+            server_s += time.perf_counter() - t0 - row.pop("_upload_eval_seconds", 0.0)
         if 0 < len(kept) < self.min_replies:
             log.warning("%s, round %d: %d replies kept, fewer than min_replies = %d; the global state is kept",
                         method.title, server_round, len(kept), self.min_replies)

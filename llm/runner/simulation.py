@@ -374,8 +374,6 @@ class Simulation:
             t2 = time.perf_counter()
             if reply is not None:
                 clients[k] = state
-                if self.cfg.score_uploads and self._evaluated(round_):
-                    row.update(self.score_upload(method, server, k, reply))
                 m = reply.metrics
                 probe_s += m.get("probe_seconds", 0.0)
                 train_s += m.get("train_seconds", 0.0)
@@ -383,7 +381,8 @@ class Simulation:
             accepted = self.accept_reply(method, server, round_, k, reply, error, row)
             if accepted is not None:
                 replies[k] = accepted
-            server_s += (t1 - t0) + (time.perf_counter() - t2)
+            # scoring the upload (option score_uploads) is evaluation, not server work
+            server_s += (t1 - t0) + (time.perf_counter() - t2) - row.pop("_upload_eval_seconds", 0.0)
             rows.append(row)
             if bar is not None:
                 bar.update(1)
@@ -405,6 +404,10 @@ class Simulation:
         what the reply carries (examples, loss, bytes up, ...). The in-process runner and the Flower strategy
         both call this, so a reply is dropped and counted the same way on either.
         """
+        if reply is not None and self.cfg.score_uploads and self._evaluated(round_):
+            start = time.perf_counter()
+            row.update(self.score_upload(method, server, k, reply))  # the client's own model, before any attack
+            row["_upload_eval_seconds"] = time.perf_counter() - start
         if reply is not None:
             if k in self.attackers:
                 row["attack"] = self.attackers[k].kind

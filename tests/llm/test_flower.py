@@ -158,7 +158,7 @@ def test_split_run_config_names_a_bad_flower_key():
 @pytest.mark.parametrize("method", ALL_METHODS)
 def test_every_method_through_the_strategy_and_clientapp_equals_the_runner(tmp_path, method):
     # Prepare
-    cfg = _cfg(methods=[method], checkpoint=True)
+    cfg = _cfg(methods=[method], checkpoint=True, score_uploads=True)
     run_experiment(cfg, tmp_path / "ref", progress=False)
     # Execute: the same config, each client's round through Flower messages to its node's ClientApp
     sim = FlowerSimulation(cfg, tmp_path / "fl", progress=False)
