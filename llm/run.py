@@ -35,7 +35,7 @@ import shutil
 import sys
 from pathlib import Path
 
-__all__ = ["add_arguments", "main"]
+__all__ = ["add_arguments", "main", "check_output_folder"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -61,24 +61,41 @@ def _error(message: object) -> None:
         print(f"error: {line}", file=sys.stderr, flush=True)
 
 
+#: What a run folder may hold besides a run: Flower's home, logs and caches of the run (``lowrank-fed flower up``
+#: writes them before the ServerApp decides what to do with the folder).
+SCRATCH = ".flower"
+
+
+def _stored_config(folder: Path) -> dict | None:
+    """The run config stored in ``folder`` (``config.json``) as a dict; None if it has none."""
+    from .config import ConfigError
+
+    stored = folder / "config.json"
+    if not stored.is_file():
+        return None
+    try:
+        return json.loads(stored.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"'{stored}' cannot be read as JSON: {err}.") from None
+
+
 def _resumed_config(folder: Path):
     """The config stored in a run folder, validated."""
     from .config import ConfigError, RunConfig
 
     if not folder.is_dir():
         raise ConfigError(f"--resume: '{folder}' is not a folder; expected the folder of an earlier run.")
-    stored = folder / "config.json"
-    if not stored.is_file():
+    try:
+        data = _stored_config(folder)
+    except ConfigError as err:
+        raise ConfigError(f"--resume: {err}") from None
+    if data is None:
         raise ConfigError(f"--resume: '{folder}' has no config.json, so it holds no run to resume; "
                           f"start a new run instead (with --out and, to replace what it holds, --overwrite).")
     try:
-        data = json.loads(stored.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ConfigError(f"--resume: '{stored}' cannot be read as JSON: {err}.") from None
-    try:
         return RunConfig.from_dict(data)
     except ConfigError as err:
-        raise ConfigError(f"--resume: the stored config '{stored}' is invalid here:\n{err}",
+        raise ConfigError(f"--resume: the stored config '{folder / 'config.json'}' is invalid here:\n{err}",
                           err.errors) from None
 
 
@@ -88,25 +105,54 @@ def _protected(folder: Path) -> bool:
     return resolved == cwd or resolved in cwd.parents or resolved == Path.home().resolve()
 
 
-def _output_folder(folder: Path, *, overwrite: bool) -> bool:
-    """Check the output folder; return whether its contents must be removed before the run."""
+def check_output_folder(folder: Path, cfg=None, *, overwrite: bool = False, hint: str) -> str:
+    r"""What a run of ``cfg`` must do with its output folder before it writes: ``"new"``, ``"clear"`` or ``"resume"``.
+
+    The one rule of every entry point (``lowrank-fed run``, ``lowrank-fed flower up``, the Flower ServerApp):
+
+    - ``"new"``: the folder is absent, or holds nothing but Flower's scratch folder (:data:`SCRATCH`);
+    - ``"clear"``: ``overwrite`` is given and the folder holds files: empty it (:func:`_clear`) first, then start
+      afresh (even over a run of the same config). Never the current folder, one of its parents or the home folder;
+    - ``"resume"``: ``cfg`` is given and the folder's ``config.json`` is ``cfg``'s: continue that run from its
+      checkpoints. ``lowrank-fed run`` passes no ``cfg``: it resumes only when told to (``--resume DIR``).
+
+    Parameters
+    ----------
+    folder : Path
+    cfg : RunConfig, optional
+        The run about to start; given, a folder holding a run of the same config is resumed.
+    overwrite : bool
+        Empty a folder that holds files (``--overwrite``).
+    hint : str
+        How the user goes on when the folder is refused (ends the error message).
+
+    Raises
+    ------
+    ConfigError
+        A path component is not a folder; the folder holds files and ``overwrite`` is not given (naming them, or the
+        other config it holds); ``overwrite`` of a protected folder.
+    """
     from .config import ConfigError
 
     for path in (folder, *folder.parents):
         if path.exists() and not path.is_dir():
             raise ConfigError(f"Output folder '{folder}': '{path}' exists and is not a folder.")
-    if not folder.is_dir() or not any(folder.iterdir()):
-        return False
-    if not overwrite:
-        names = sorted(p.name for p in folder.iterdir())
-        shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
-        raise ConfigError(f"Output folder '{folder}' already holds files ({shown}); nothing was changed. "
-                          f"Use --overwrite to replace them, --resume {folder} to continue the run in it, "
-                          f"or --out to choose another folder.")
-    if _protected(folder):
-        raise ConfigError(f"--overwrite: refusing to empty '{folder}': it is the current folder, one of its "
-                          f"parents or the home folder. Choose a dedicated --out folder.")
-    return True
+    if not folder.is_dir() or not any(p.name != SCRATCH for p in folder.iterdir()):
+        return "new"
+    if overwrite:
+        if _protected(folder):
+            raise ConfigError(f"--overwrite: refusing to empty '{folder}': it is the current folder, one of its "
+                              f"parents or the home folder. Choose a dedicated --out folder.")
+        return "clear"
+    stored = _stored_config(folder) if cfg is not None else None
+    if stored is not None:
+        if stored == json.loads(json.dumps(cfg.to_dict())):
+            return "resume"
+        raise ConfigError(f"Output folder '{folder}' holds a run of another config ({folder / 'config.json'}); "
+                          f"nothing was changed. {hint}")
+    names = sorted(p.name for p in folder.iterdir())
+    shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+    raise ConfigError(f"Output folder '{folder}' already holds files ({shown}); nothing was changed. {hint}")
 
 
 def _clear(folder: Path) -> None:
@@ -148,7 +194,9 @@ def main(args: argparse.Namespace) -> int:
         else:
             cfg = RunConfig.from_dict(apply_overrides(load_config(args.config), args.overrides))
             out = Path(args.out) if args.out else Path("runs") / cfg.name
-            clear = _output_folder(out, overwrite=args.overwrite)
+            clear = check_output_folder(
+                out, overwrite=args.overwrite, hint=f"Use --overwrite to replace them, --resume {out} to continue "
+                                                    f"the run in it, or --out to choose another folder.") == "clear"
     except ConfigError as err:
         _error(err)
         return 2

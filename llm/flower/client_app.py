@@ -3,8 +3,9 @@ r"""The Flower ``ClientApp``: one client of ``lowrank-fed run`` per SuperNode, r
 A SuperNode is client ``k = partition-id`` of its ``--node-config`` (Flower's simulation sets ``partition-id``
 itself). Two message types reach it:
 
-- ``query`` (the server's discovery): the reply's ``ConfigRecord`` ``"node"`` holds ``partition-id`` and the
-  node's LoRA rank budget ``rank`` (``-1`` when the node names none);
+- ``query`` (the server's discovery): the reply's ``ConfigRecord`` ``"node"`` holds ``partition-id``, the
+  node's LoRA rank budget ``rank`` and the federation's node count ``num-partitions`` (``-1`` when the node
+  names none);
 - ``train``: the download (records ``"msg"``, see :mod:`.records`), the run's config (``ConfigRecord`` ``"run"``:
   the :class:`~lowrank_fed.llm.config.RunConfig` as JSON, the method, ``state-round``) and, when the server cannot
   know that the node holds it, the client's state (records ``"state"``). The app builds the client's
@@ -17,8 +18,9 @@ The client's state (FedSA's ``B`` and head, FLoRA's merged base, ...) lives in t
 ``context.state`` as records ``"state/<method>"``, tagged with the round that produced it (``ConfigRecord``
 ``"state-tag/<method>"``). The server sends ``state-round``, the round of the state it expects the client to
 train from (0: none); a stored state with another tag is never used. A copy of the state goes back with each
-reply so that the server's checkpoints and personalised scores equal the in-process runner's; after a resume
-or a node restart the server attaches its copy to the download.
+reply so that the server's checkpoints and personalised scores equal the in-process runner's: the client's
+state (personal factors and head included) therefore leaves the site every round. After a resume or a node
+restart the server attaches its copy to the download.
 """
 
 from __future__ import annotations
@@ -43,23 +45,29 @@ app = ClientApp()
 _SIMULATIONS: dict[str, object] = {}  # config JSON -> set-up Simulation (one per process)
 
 
-def node_identity(node_config) -> tuple[int, int]:
-    r"""``(partition-id, rank budget)`` of a node's ``--node-config`` (budget ``-1``: none named).
+def node_identity(node_config) -> tuple[int, int, int]:
+    r"""``(partition-id, rank budget, num-partitions)`` of a node's ``--node-config`` (``-1``: not named).
+
+    ``num-partitions`` is the federation's node count (Flower's simulation sets it; ``lowrank-fed flower up``
+    passes it); the server refuses a node whose count is not the run's ``clients``.
 
     Raises
     ------
     ValueError
-        ``partition-id`` is missing or not a non-negative integer, or ``rank`` is not a positive integer.
+        ``partition-id`` is missing or not a non-negative integer, ``rank`` is not a positive integer, or
+        ``num-partitions`` is not a positive integer.
     """
     pid = node_config.get("partition-id")
     if isinstance(pid, bool) or not isinstance(pid, int) or pid < 0:
         raise ValueError(f"SuperNode --node-config 'partition-id' must be a non-negative int (the client id). "
                          f"Got {pid!r} in {dict(node_config)}.")
-    rank = node_config.get("rank", -1)
-    if isinstance(rank, bool) or not isinstance(rank, int) or (rank != -1 and rank < 1):
-        raise ValueError(f"SuperNode --node-config 'rank' must be a positive int (the node's LoRA rank budget). "
-                         f"Got {rank!r}.")
-    return pid, rank
+    out = [pid]
+    for key, meaning in (("rank", "the node's LoRA rank budget"), ("num-partitions", "the federation's node count")):
+        value = node_config.get(key, -1)
+        if isinstance(value, bool) or not isinstance(value, int) or (value != -1 and value < 1):
+            raise ValueError(f"SuperNode --node-config {key!r} must be a positive int ({meaning}). Got {value!r}.")
+        out.append(value)
+    return out[0], out[1], out[2]
 
 
 def client_context(config_json: str, client: int):
@@ -81,9 +89,9 @@ def client_context(config_json: str, client: int):
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Discovery: this node's client id and rank budget."""
-    pid, rank = node_identity(context.node_config)
-    content = RecordDict({"node": ConfigRecord({"partition-id": pid, "rank": rank})})
+    """Discovery: this node's client id, rank budget and node count (``-1``: not named)."""
+    pid, rank, parts = node_identity(context.node_config)
+    content = RecordDict({"node": ConfigRecord({"partition-id": pid, "rank": rank, "num-partitions": parts})})
     return Message(content, reply_to=msg)
 
 
@@ -104,7 +112,7 @@ def train(msg: Message, context: Context) -> Message:
     """One round of client ``partition-id``: :func:`run_client` on the download; reply upload + new state."""
     from ..client import run_client
 
-    pid, _ = node_identity(context.node_config)
+    pid, _, _ = node_identity(context.node_config)
     run = msg.content.config_records["run"]
     config_json, name = str(run["config"]), str(run["method"])
     options = json.loads(str(run["options"]))

@@ -1,27 +1,35 @@
-r"""``lowrank-fed flower up --supernodes N CONFIG``: a SuperLink and N SuperNodes on this machine, one run, shut down.
+r"""``lowrank-fed flower up CONFIG``: a SuperLink and one SuperNode per client on this machine, one run, shut down.
 
 Usage::
 
-    lowrank-fed flower up --supernodes N [CONFIG.toml] [--set key=value ...] [--out DIR] [--overwrite]
-                          [--round-timeout S] [--min-replies M] [--start-timeout S]
+    lowrank-fed flower up [CONFIG.toml] [--supernodes N] [--set key=value ...] [--out DIR] [--overwrite]
+                          [--round-timeout S] [--min-replies M] [--start-timeout S] [--timeout S]
 
 What it does, with real processes (``--insecure``: localhost only; docs/flower.md has TLS and node
 authentication for real sites):
 
-1. validates the config and sets the run up once here (data, model, each client's rank), before anything is
-   written, exactly as ``lowrank-fed run`` does;
+1. validates the config and the output folder and sets the run up once here (data, model, each client's rank),
+   before anything is written, exactly as ``lowrank-fed run`` does;
 2. starts ``flower-superlink`` (its Fleet, Control and Runtime APIs share one free port of 127.0.0.1);
-3. starts SuperNode ``i = 0..N-1`` with ``--node-config "partition-id=i num-partitions=N rank=r_i"``: client
-   ``i`` of the run, with the LoRA rank budget the config assigns it;
+3. starts SuperNode ``i = 0..N-1`` (``N = clients``) with ``--node-config "partition-id=i num-partitions=N
+   rank=r_i"``: client ``i`` of the run, with the LoRA rank budget the config assigns it;
 4. builds a Flower app folder (``<out>/.flower/app``: a ``pyproject.toml`` whose ``[tool.flwr.app.config]`` is
    this run's flat config) and submits it with ``flwr run <app> lowrank-fed --stream``; the ServerApp
    (:mod:`.server_app`) writes ``metrics.jsonl``, ``checkpoints/``, ``adapters/``, ``summary.*`` into ``<out>``
    (``runs/<name>`` by default) as any run;
-5. stops every process it started, by its process id (each in its own session, so a SuperNode's ClientApp
-   subprocess goes with it), also on errors and Ctrl-C.
+5. stops every process of the run, also on errors, on Ctrl-C and when the run exceeds ``--timeout``.
 
-Logs: ``<out>/.flower/superlink.log``, ``supernode-<i>.log``, ``flwr-run.log``. The same folder holds ``FLWR_HOME``.
-A folder that holds an earlier (interrupted) run of the same config is resumed from its checkpoints.
+Processes are found by a marker in their environment, not by a list of ids taken earlier (an id can be reused
+once its process exited): every process started here gets ``LOWRANK_FED_FLOWER=<out>/.flower`` and
+``LOWRANK_FED_FLOWER_PROCESS=<name>``, and Flower's helpers (SuperExec, the ServerApp and ClientApp processes)
+inherit them, also after their parent died. :func:`marked_processes` reads them from ``/proc/<pid>/environ``.
+
+A port is chosen free but released before Flower binds it; a process that exits with "already in use" is started
+again on another port.
+
+Logs: ``<out>/.flower/superlink.log``, ``supernode-<i>.log``, ``flwr-run.log``. The same folder holds ``FLWR_HOME``
+and the caches (:func:`~.engine.flower_environment`). A folder that holds an earlier (interrupted) run of the same
+config is resumed from its checkpoints; ``--overwrite`` empties the folder and starts afresh.
 
 Exit status: 0 done, 2 invalid config or folder, 3 a package is missing, 1 the run did not finish.
 """
@@ -30,22 +38,33 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
+import dataclasses
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["add_arguments", "main", "up", "LocalFederation", "free_port", "write_app", "descendants", "run_app"]
+__all__ = ["add_arguments", "main", "up", "LocalFederation", "free_port", "write_app", "marked_processes", "MARK",
+           "RUN_TIMEOUT"]
+
+#: Environment variable naming the run's ``.flower`` folder in every process of a local federation.
+MARK = "LOWRANK_FED_FLOWER"
+#: Environment variable naming the process (``superlink``, ``supernode-<i>``, ``flwr-run``) it and its helpers serve.
+MARK_PROCESS = "LOWRANK_FED_FLOWER_PROCESS"
+#: Default of ``--timeout``: seconds a whole ``flower up`` run may take before it is stopped (one day).
+RUN_TIMEOUT = 24 * 3600.0
+_PORT_TRIES = 5
 
 
 def free_port() -> int:
-    """A TCP port of 127.0.0.1 that nothing listens on now."""
+    """A TCP port of 127.0.0.1 that nothing listens on now (another process may take it before it is bound)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -57,19 +76,56 @@ def _listening(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def descendants(pid: int) -> list[int]:
-    """Process ids of ``pid``'s living descendants (children first), read from ``/proc`` (empty elsewhere)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            fields_ = stat.read_text().rsplit(")", 1)[1].split()
-            children.setdefault(int(fields_[1]), []).append(int(stat.parent.name))
-    out, todo = [], list(children.get(pid, []))
-    while todo:
-        p = todo.pop(0)
-        out.append(p)
-        todo += children.get(p, [])
-    return out
+def _listener_inodes(port: int) -> set[str] | None:
+    """Inodes of the TCP sockets listening on ``port`` (``/proc/net/tcp``, ``tcp6``); None without such tables."""
+    tables = [Path("/proc/net/tcp"), Path("/proc/net/tcp6")]
+    if not any(t.exists() for t in tables):
+        return None
+    inodes = set()
+    for table in tables:
+        with contextlib.suppress(OSError):
+            for line in table.read_text().splitlines()[1:]:
+                cols = line.split()  # sl local_address rem_address st ... inode
+                if cols[3] == "0A" and int(cols[1].rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                    inodes.add(cols[9])
+    return inodes
+
+
+def _listens(pids: list[int], port: int) -> bool:
+    """Whether one of ``pids`` listens on ``port`` (not some other process that took the port); without ``/proc``,
+    whether anything listens on it."""
+    inodes = _listener_inodes(port)
+    if inodes is None:
+        return _listening(port)
+    sockets = {f"socket:[{inode}]" for inode in inodes}
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                with contextlib.suppress(OSError):
+                    if os.readlink(fd) in sockets:
+                        return True
+    return False
+
+
+def marked_processes(folder: str | Path, name: str | None = None) -> list[int]:
+    r"""Ids of the living processes of the local federation in ``folder`` (``name``: only that process's).
+
+    A process belongs to it when its environment (``/proc/<pid>/environ``) holds ``LOWRANK_FED_FLOWER=<folder>``
+    (and ``LOWRANK_FED_FLOWER_PROCESS=<name>``). Zombies (no environment left) and other users' processes are not
+    listed; this process never is. Empty where ``/proc`` does not exist.
+    """
+    wanted = {f"{MARK}={Path(folder).resolve()}".encode()}
+    if name is not None:
+        wanted.add(f"{MARK_PROCESS}={name}".encode())
+    out = []
+    for entry in Path("/proc").glob("[0-9]*/environ"):
+        pid = int(entry.parent.name)
+        if pid == os.getpid():
+            continue
+        with contextlib.suppress(OSError):
+            if wanted <= set(entry.read_bytes().split(b"\0")):
+                out.append(pid)
+    return sorted(out)
 
 
 def _bin(name: str) -> str:
@@ -100,14 +156,16 @@ def write_app(folder: Path, flat_config: dict) -> Path:
 
 @dataclass
 class LocalFederation:
-    r"""A SuperLink and SuperNodes as processes of this machine (``--insecure``), stopped by their ids.
+    r"""A SuperLink and SuperNodes as processes of this machine (``--insecure``), found and stopped by a marker.
 
     Parameters
     ----------
     folder : Path
-        ``FLWR_HOME`` and the logs go to ``folder`` (``<out>/.flower``).
+        The run's ``.flower`` folder: the logs go there, and every process started here carries
+        ``LOWRANK_FED_FLOWER=<folder>`` in its environment (:func:`marked_processes`).
     env : dict
-        Environment of every process (:data:`~.engine.ENV` and ``FLWR_HOME``, ``RAY_TMPDIR``).
+        Environment of every process (:func:`~.engine.flower_environment`: :data:`~.engine.ENV`, ``FLWR_HOME``,
+        ``RAY_TMPDIR``, caches), on top of this process's.
     """
 
     folder: Path
@@ -115,67 +173,151 @@ class LocalFederation:
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     ports: dict[str, int] = field(default_factory=dict)
 
-    def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
-        log = open(self.folder / f"{name}.log", "ab")  # noqa: SIM115 (closed with the process)
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env={**os.environ, **self.env}, cwd=self.folder, start_new_session=True)
-        log.close()
+    def __post_init__(self):
+        self.folder = Path(self.folder).resolve()
+        self.env = {**self.env, MARK: str(self.folder)}
+
+    def _spawn(self, name: str, argv: list[str], **kwargs) -> subprocess.Popen:
+        env = {**os.environ, **self.env, MARK_PROCESS: name}
+        if "stdout" in kwargs:
+            proc = subprocess.Popen(argv, env=env, cwd=self.folder, start_new_session=True, **kwargs)
+        else:
+            with open(self.folder / f"{name}.log", "ab") as log:
+                proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                        env=env, cwd=self.folder, start_new_session=True)
         self.procs[name] = proc
         return proc
 
+    def _launch(self, argvs: dict[str, Callable[[int], list[str]]], *, timeout: float) -> None:
+        r"""Start each ``name: argv(port)`` on a free port; wait until each listens. A process that exits
+        because its port was taken meanwhile ("already in use" in its log) is started again on another port.
+
+        Raises
+        ------
+        RuntimeError
+            A process exited for another reason, did not listen within ``timeout`` s, or found its port taken
+            ``_PORT_TRIES`` times; the message names its log.
+        """
+        todo, tries = dict(argvs), dict.fromkeys(argvs, 0)
+        while todo:
+            started = {}
+            for name, argv in todo.items():
+                log = self.folder / f"{name}.log"
+                offset = log.stat().st_size if log.exists() else 0
+                port = free_port()
+                started[name] = (self._spawn(name, argv(port)), port, offset)
+                tries[name] += 1
+            deadline = time.monotonic() + timeout
+            waiting = dict(started)
+            while waiting:
+                for name, (proc, port, offset) in list(waiting.items()):
+                    if proc.poll() is None and _listens([proc.pid, *marked_processes(self.folder, name)], port):
+                        self.ports[name] = port
+                        del todo[name], waiting[name]
+                        continue
+                    if proc.poll() is not None:
+                        log = self.folder / f"{name}.log"
+                        with open(log, "rb") as f:
+                            f.seek(offset)
+                            text = f.read().decode(errors="replace")
+                        if "already in use" not in text.lower():
+                            raise RuntimeError(f"{name} ({Path(proc.args[0]).name}) exited with status "
+                                               f"{proc.returncode}; see {log}.")
+                        if tries[name] >= _PORT_TRIES:
+                            raise RuntimeError(f"{name}: its port was taken by another process {tries[name]} times "
+                                               f"in a row; see {log}.")
+                        del waiting[name]  # started again on another port
+                    elif time.monotonic() > deadline:
+                        raise RuntimeError(f"{name} did not listen on 127.0.0.1:{port} within {timeout:.0f} s; see "
+                                           f"{self.folder / f'{name}.log'}.")
+                time.sleep(0.2)
+
     def start_superlink(self, *, timeout: float = 60.0) -> None:
         """Start ``flower-superlink --insecure`` and wait until it listens (Fleet, Control and Runtime on one port)."""
-        self.ports = {"superlink": free_port()}
-        proc = self._spawn("superlink", [
-            _bin("flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(self.ports["superlink"]),
-            "--database", str(self.folder / "superlink.db")])
-        deadline = time.monotonic() + timeout
-        while not _listening(self.ports["superlink"]):
-            if proc.poll() is not None:
-                raise RuntimeError(f"flower-superlink exited with status {proc.returncode}; see "
-                                   f"{self.folder / 'superlink.log'}.")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"flower-superlink did not listen within {timeout:.0f} s; see "
-                                   f"{self.folder / 'superlink.log'}.")
-            time.sleep(0.2)
+        self._launch({"superlink": lambda port: [
+            _bin("flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(port),
+            "--database", str(self.folder / "superlink.db")]}, timeout=timeout)
 
-    def start_supernode(self, i: int, node_config: str) -> subprocess.Popen:
-        """Start SuperNode ``i`` (``--insecure``, its own ClientAppIo port) with ``--node-config node_config``."""
-        return self._spawn(f"supernode-{i}", [
-            _bin("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.ports['superlink']}",
-            "--node-config", node_config, "--host", "127.0.0.1", "--port", str(free_port())])
+    def start_supernodes(self, node_configs: list[str], *, timeout: float = 60.0) -> None:
+        """Start SuperNode ``i`` with ``--node-config node_configs[i]`` (``--insecure``, its own ClientAppIo port)."""
+        superlink = f"127.0.0.1:{self.ports['superlink']}"
+        self._launch({f"supernode-{i}": (lambda port, c=c: [
+            _bin("flower-supernode"), "--insecure", "--superlink", superlink, "--node-config", c,
+            "--host", "127.0.0.1", "--port", str(port)]) for i, c in enumerate(node_configs)}, timeout=timeout)
 
     def connection_toml(self) -> str:
         """``FLWR_HOME/config.toml``: the SuperLink connection ``lowrank-fed`` for ``flwr run``."""
         return (f'[superlink]\ndefault = "lowrank-fed"\n\n[superlink.lowrank-fed]\n'
                 f'address = "127.0.0.1:{self.ports["superlink"]}"\ninsecure = true\n')
 
-    def kill(self, name: str, sig: int = signal.SIGKILL) -> list[int]:
-        r"""Send ``sig`` to process ``name`` and each of its descendants, by id; return the ids signalled.
+    def run(self, app: Path, *, timeout: float) -> int:
+        r"""``flwr run <app> lowrank-fed --stream``: its status; its output goes to ``flwr-run.log`` and stdout.
 
-        Flower's processes start helpers in sessions of their own (SuperExec, a ClientApp or ServerApp
-        process), so the tree is read from ``/proc`` rather than taken as one process group.
+        Raises
+        ------
+        RuntimeError
+            The run took longer than ``timeout`` seconds (``flwr run`` and its helpers are stopped).
         """
-        proc = self.procs.get(name)
-        if proc is None or proc.poll() is not None:
-            return []
-        pids = [proc.pid, *descendants(proc.pid)]
+        log_path = self.folder / "flwr-run.log"
+        proc = self._spawn("flwr-run", [_bin("flwr"), "run", str(app), "lowrank-fed", "--stream"],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+        def pump():
+            with open(log_path, "ab") as log:
+                for line in proc.stdout:
+                    log.write(line)
+                    log.flush()
+                    sys.stdout.write(line.decode(errors="replace"))
+                    sys.stdout.flush()
+
+        reader = threading.Thread(target=pump, daemon=True)
+        reader.start()
+        try:
+            status = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"The run did not finish within --timeout = {timeout:g} s; it was stopped. See "
+                               f"{log_path}; the same command resumes it from its checkpoints.") from None
+        finally:
+            if proc.poll() is None:
+                self.kill("flwr-run")
+                proc.wait()
+            reader.join(timeout=5)
+        return status
+
+    def _signal(self, pids, sig: int) -> list[int]:
+        done = []
         for pid in pids:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, sig)
-        return pids
+                done.append(pid)
+        return done
+
+    def _alive(self, name: str | None = None) -> list[int]:
+        """The marked processes (of ``name``), and any process started here that is still running."""
+        pids = set(marked_processes(self.folder, name))
+        for n, proc in self.procs.items():
+            if (name is None or n == name) and proc.poll() is None:  # not reaped, so its id is still its own
+                pids.add(proc.pid)
+        return sorted(pids)
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> list[int]:
+        r"""Send ``sig`` to process ``name`` and every helper it started (found now, by the marker); their ids.
+
+        Flower's processes start helpers in sessions of their own (SuperExec, a ClientApp or ServerApp
+        process) that outlive their parent, so neither a process group nor the parent's children suffice.
+        """
+        return self._signal(self._alive(name), sig)
 
     def stop(self, *, grace: float = 10.0) -> None:
-        """Stop every process started here and their descendants: SIGTERM, SIGKILL after ``grace`` s; reap them."""
-        tree = {name: self.kill(name, signal.SIGTERM) for name in reversed(list(self.procs))}
+        """Stop every process of the federation: SIGTERM, SIGKILL after ``grace`` s to what is left; reap them."""
+        self._signal(self._alive(), signal.SIGTERM)
         deadline = time.monotonic() + grace
-        for proc in self.procs.values():
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
-        for pids in tree.values():  # whatever did not stop on SIGTERM (descendants included)
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(pid, signal.SIGKILL)
+        while self._alive() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        for _ in range(50):  # what did not stop on SIGTERM; found again each time, so no stale id is signalled
+            if not self._signal(self._alive(), signal.SIGKILL):
+                break
+            time.sleep(0.2)
         for proc in self.procs.values():
             proc.wait(timeout=10)
 
@@ -189,21 +331,25 @@ class LocalFederation:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """``lowrank-fed flower up ...``."""
     sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
-    up = sub.add_parser("up", help="SuperLink + N SuperNodes on localhost, run the config, shut down",
+    up = sub.add_parser("up", help="SuperLink + one SuperNode per client on localhost, run the config, shut down",
                         description=__doc__.split("\n\n")[0])
     up.add_argument("config", nargs="?", default=None, metavar="CONFIG.toml", help="TOML run config (default: the demo)")
-    up.add_argument("--supernodes", type=int, required=True, metavar="N",
-                    help="SuperNodes to start (1 <= N <= clients); node i serves client i")
+    up.add_argument("--supernodes", type=int, default=None, metavar="N",
+                    help="SuperNodes to start; must equal clients (node i serves client i; default: clients)")
     up.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config key (as lowrank-fed run --set)")
     up.add_argument("--out", default=None, metavar="DIR", help="output folder (default: runs/<name>)")
-    up.add_argument("--overwrite", action="store_true", help="replace what the output folder holds")
+    up.add_argument("--overwrite", action="store_true",
+                    help="empty the output folder first and start afresh (default: resume a run of the same config)")
     up.add_argument("--round-timeout", type=float, default=600.0, metavar="S",
                     help="seconds a round waits for replies; a node silent by then is a dropped update (600)")
     up.add_argument("--min-replies", type=int, default=1, metavar="M",
                     help="replies a round needs to be aggregated; below it the global state is kept (1)")
     up.add_argument("--start-timeout", type=float, default=120.0, metavar="S",
-                    help="seconds the ServerApp waits for every SuperNode before starting anyway (120)")
+                    help="seconds the ServerApp waits for every SuperNode before it refuses the run; round 1 "
+                         "also gets them on top of --round-timeout (120)")
+    up.add_argument("--timeout", type=float, default=RUN_TIMEOUT, metavar="S",
+                    help=f"seconds the whole run may take before it is stopped ({RUN_TIMEOUT:.0f}: one day)")
 
 
 def _error(message: object) -> None:
@@ -215,7 +361,7 @@ def main(args: argparse.Namespace) -> int:
     """``lowrank-fed flower up``: returns the exit status."""
     from ..config import ConfigError, RunConfig, apply_overrides, load_config
     from ..models import PackageMissingError
-    from ..run import _check_packages, _clear, _output_folder
+    from ..run import _check_packages, _clear, check_output_folder
 
     try:
         from .engine import FlowerSettings
@@ -226,15 +372,17 @@ def main(args: argparse.Namespace) -> int:
 
     try:
         cfg = RunConfig.from_dict(apply_overrides(load_config(args.config), args.overrides))
-        if not 1 <= args.supernodes <= cfg.clients:
-            raise ConfigError(f"--supernodes must be in [1, clients] = [1, {cfg.clients}] (node i serves client "
-                              f"i). Got {args.supernodes}.")
+        supernodes = cfg.clients if args.supernodes is None else args.supernodes
+        if supernodes != cfg.clients:
+            raise ConfigError(f"--supernodes must equal clients = {cfg.clients} (node i serves client i; a client "
+                              f"without a node would be dropped every round). Got {supernodes}.")
+        if not args.timeout > 0:
+            raise ConfigError(f"--timeout must be positive. Got {args.timeout}.")
         settings = FlowerSettings(round_timeout=float(args.round_timeout), min_replies=int(args.min_replies),
                                   start_timeout=float(args.start_timeout))
         out = Path(args.out) if args.out else Path("runs") / cfg.name
-        stored = out / "config.json"
-        resume = stored.is_file() and json.loads(stored.read_text(encoding="utf-8")) == cfg.to_dict()
-        clear = False if resume else _output_folder(out, overwrite=args.overwrite)
+        plan = check_output_folder(out, cfg, overwrite=args.overwrite,
+                                   hint="Use --overwrite to replace them or --out to choose another folder.")
         _check_packages(cfg)
         sim = Simulation(cfg, out, progress=False)
         sim.setup()  # ranks; every data/model problem found before anything is written
@@ -244,12 +392,12 @@ def main(args: argparse.Namespace) -> int:
     except PackageMissingError as err:
         _error(err)
         return 3
-    if clear:
+    if plan == "clear":
         _clear(out)
-    print(f"lowrank-fed flower up {cfg.name}: SuperLink + {args.supernodes} SuperNodes on 127.0.0.1, methods "
-          f"{cfg.methods}, {cfg.rounds} rounds -> {out}{' (resuming)' if resume else ''}", flush=True)
+    print(f"lowrank-fed flower up {cfg.name}: SuperLink + {supernodes} SuperNodes on 127.0.0.1, methods "
+          f"{cfg.methods}, {cfg.rounds} rounds -> {out}{' (resuming)' if plan == 'resume' else ''}", flush=True)
     try:
-        status = up(cfg, out, args.supernodes, sim.ranks, settings)
+        status = up(cfg, out, supernodes, sim.ranks, settings, timeout=args.timeout)
     except KeyboardInterrupt:
         print(f"interrupted; the same command resumes the run from {out}/checkpoints", file=sys.stderr, flush=True)
         return 130
@@ -264,67 +412,51 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def up(cfg, out: Path, supernodes: int, ranks, settings, *, watch=None) -> int:
+def up(cfg, out: Path, supernodes: int, ranks, settings, *, watch=None, timeout: float = RUN_TIMEOUT) -> int:
     r"""Start a SuperLink and ``supernodes`` SuperNodes, ``flwr run`` the config, stop them; ``flwr run``'s status.
 
     Parameters
     ----------
     cfg : RunConfig
     out : Path
-        The run folder (the ServerApp writes there; Flower's home and logs go to ``out/.flower``).
+        The run folder (the ServerApp writes there; Flower's home, caches and logs go to ``out/.flower``).
     supernodes : int
-        Node ``i`` serves client ``i`` with rank budget ``ranks[i]``.
+        Node ``i`` serves client ``i`` with rank budget ``ranks[i]`` (the ServerApp refuses the run unless every
+        client has a node).
     ranks : list of int
         Each client's rank (:attr:`Simulation.ranks`).
     settings : FlowerSettings
         Round timeout, minimum replies, start timeout (``out`` is set here).
     watch : callable(LocalFederation), optional
         Run in a thread once every process is up (tests use it to kill a SuperNode mid-round).
-    """
-    import threading
+    timeout : float
+        Seconds the whole run may take; then every process is stopped and RuntimeError raised.
 
-    from .engine import ENV, FlowerSettings
+    Raises
+    ------
+    RuntimeError
+        A Flower process did not start, or the run exceeded ``timeout``.
+    """
+    from .engine import flower_environment
 
     out = Path(out).resolve()
     folder = out / ".flower"
-    (folder / "home").mkdir(parents=True, exist_ok=True)
-    env = {**ENV, "FLWR_HOME": str(folder / "home"), "RAY_TMPDIR": str(folder / "ray"),
-           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
-    flat = {**cfg.to_flat(), **FlowerSettings(out=str(out), round_timeout=settings.round_timeout,
-                                              min_replies=settings.min_replies,
-                                              start_timeout=settings.start_timeout).to_flat()}
-    app = write_app(folder / "app", flat)
-    with LocalFederation(folder, env) as fed:
-        fed.start_superlink()
-        (folder / "home" / "config.toml").write_text(fed.connection_toml(), encoding="utf-8")
-        for i in range(supernodes):
-            fed.start_supernode(i, f"partition-id={i} num-partitions={supernodes} rank={ranks[i]}")
-        print(f"SuperLink pid {fed.procs['superlink'].pid}; SuperNode pids "
-              f"{[fed.procs[f'supernode-{i}'].pid for i in range(supernodes)]}; logs in {folder}", flush=True)
-        watcher = None
-        if watch is not None:
-            watcher = threading.Thread(target=watch, args=(fed,), daemon=True)
-            watcher.start()
-        status = run_app(app, env, folder / "flwr-run.log")
-        if watcher is not None:
-            watcher.join(timeout=5)
+    with flower_environment(out) as flower:
+        env = {**flower, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+        flat = {**cfg.to_flat(), **dataclasses.replace(settings, out=str(out)).to_flat()}
+        app = write_app(folder / "app", flat)
+        with LocalFederation(folder, env) as fed:
+            fed.start_superlink()
+            (Path(env["FLWR_HOME"]) / "config.toml").write_text(fed.connection_toml(), encoding="utf-8")
+            fed.start_supernodes([f"partition-id={i} num-partitions={supernodes} rank={ranks[i]}"
+                                  for i in range(supernodes)])
+            print(f"SuperLink pid {fed.procs['superlink'].pid}; SuperNode pids "
+                  f"{[fed.procs[f'supernode-{i}'].pid for i in range(supernodes)]}; logs in {folder}", flush=True)
+            watcher = None
+            if watch is not None:
+                watcher = threading.Thread(target=watch, args=(fed,), daemon=True)
+                watcher.start()
+            status = fed.run(app, timeout=timeout)
+            if watcher is not None:
+                watcher.join(timeout=5)
     return status
-
-
-def run_app(app: Path, env: dict, log_path: Path) -> int:
-    """``flwr run <app> lowrank-fed --stream`` (blocks until the run ends); its output also goes to ``log_path``."""
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen([_bin("flwr"), "run", str(app), "lowrank-fed", "--stream"], stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, env={**os.environ, **env}, start_new_session=True)
-        try:
-            for line in proc.stdout:
-                log.write(line)
-                log.flush()
-                sys.stdout.write(line.decode(errors="replace"))
-                sys.stdout.flush()
-            return proc.wait()
-        finally:
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()

@@ -11,10 +11,12 @@ each client's ``ClientApp`` given ``threads`` CPUs (``num_gpus`` GPUs), the ``Se
 process. :meth:`FlowerSimulation.serve` is the ``ServerApp``'s body, also used by ``flwr run .`` and
 ``lowrank-fed flower up`` (:mod:`.server_app`).
 
-Environment (:func:`flower_env`): ``FLWR_TELEMETRY_ENABLED=0``, ``FLWR_DISABLE_UPDATE_CHECK=1``,
-``FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1``, ``RAY_USAGE_STATS_ENABLED=0``; ``FLWR_HOME`` and
-``RAY_TMPDIR`` in ``<run folder>/.flower/`` (Ray's socket paths must stay under 107 bytes: a run folder whose
-path is too long gets a short temporary ``RAY_TMPDIR`` instead, removed afterwards).
+Environment (:func:`flower_environment`, the one place that decides it; :func:`flower_env` sets it in this
+process, ``lowrank-fed flower up`` gives it to the processes it starts): ``FLWR_TELEMETRY_ENABLED=0``,
+``FLWR_DISABLE_UPDATE_CHECK=1``, ``FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1``, ``RAY_USAGE_STATS_ENABLED=0``;
+``FLWR_HOME``, ``RAY_TMPDIR``, ``MPLCONFIGDIR`` and ``XDG_CACHE_HOME`` in ``<run folder>/.flower/`` (Ray's socket
+paths must stay under 107 bytes: a run folder whose path is too long gets a short temporary ``RAY_TMPDIR``
+instead, removed afterwards).
 """
 
 from __future__ import annotations
@@ -25,12 +27,13 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 from ..runner.simulation import Simulation
 
-__all__ = ["FlowerSettings", "FlowerSimulation", "flower_env", "split_run_config", "ENV"]
+__all__ = ["FlowerSettings", "FlowerSimulation", "flower_environment", "flower_env", "split_run_config", "ENV"]
 
 log = logging.getLogger("lowrank_fed.llm.flower")
 
@@ -52,11 +55,14 @@ class FlowerSettings:
     out : str
         Output folder; ``""``: ``runs/<name>`` (relative to the ServerApp's working folder).
     round_timeout : float
-        Seconds a round waits for its replies; a node that has not answered by then is a dropped update.
+        Seconds a round waits for its replies; a node that has not answered by then is a dropped update. Also
+        the longest a discovery query waits for a new node's answer.
     min_replies : int
         Replies a round needs (after the checks) to be aggregated; below it the global state is kept.
     start_timeout : float
-        Seconds the ServerApp waits for a SuperNode of every client before it starts anyway.
+        Seconds the ServerApp waits for a SuperNode of every client; if some client still has none by then, the
+        run is refused (nothing written). The first round the ServerApp runs waits ``round_timeout +
+        start_timeout`` for its replies: each node's first ClientApp also loads the model and the data.
     num_gpus : float
         GPUs per ClientApp in the simulation (0: CPU only).
     """
@@ -107,32 +113,48 @@ def split_run_config(flat) -> tuple[FlowerSettings, object]:
 
 
 @contextlib.contextmanager
-def flower_env(folder: str | Path):
-    r"""Set :data:`ENV`, ``FLWR_HOME`` and ``RAY_TMPDIR`` (in ``folder/.flower``) for the block; restore after.
+def flower_environment(folder: str | Path) -> Iterator[dict[str, str]]:
+    r"""The environment of a run's Flower processes: :data:`ENV` and their folders in ``folder/.flower``.
+
+    Yields ``{name: value}``: :data:`ENV`, ``FLWR_HOME`` (``.flower/home``), ``RAY_TMPDIR`` (``.flower/ray``),
+    ``MPLCONFIGDIR`` (``.flower/matplotlib``) and ``XDG_CACHE_HOME`` (``.flower/cache``), each folder created.
+    Ray's AF_UNIX socket paths must stay under 107 bytes: when ``.flower/ray`` is longer than
+    ``_RAY_TMP_MAX`` characters, ``RAY_TMPDIR`` is a short temporary folder instead, removed when the block ends.
+    Changes nothing in this process (:func:`flower_env` does).
+    """
+    base = Path(folder).resolve() / ".flower"
+    paths = {"FLWR_HOME": base / "home", "RAY_TMPDIR": base / "ray", "MPLCONFIGDIR": base / "matplotlib",
+             "XDG_CACHE_HOME": base / "cache"}
+    short = None
+    if len(str(paths["RAY_TMPDIR"])) > _RAY_TMP_MAX:
+        short = tempfile.mkdtemp(prefix="lrf-ray-")
+        paths["RAY_TMPDIR"] = Path(short)
+    for path in paths.values():
+        path.mkdir(parents=True, exist_ok=True)
+    try:
+        yield {**ENV, **{k: str(v) for k, v in paths.items()}}
+    finally:
+        if short is not None:
+            shutil.rmtree(short, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def flower_env(folder: str | Path) -> Iterator[dict[str, str]]:
+    r"""Set :func:`flower_environment`'s variables in this process for the block; restore them after.
 
     Yields the dict of variables set. ``PYTHONPATH`` (which Ray's start-up extends) is restored too.
     """
-    base = Path(folder).resolve() / ".flower"
-    home, ray = base / "home", base / "ray"
-    home.mkdir(parents=True, exist_ok=True)
-    short = None
-    if len(str(ray)) > _RAY_TMP_MAX:
-        short = tempfile.mkdtemp(prefix="lrf-ray-")
-        ray = Path(short)
-    ray.mkdir(parents=True, exist_ok=True)
-    values = {**ENV, "FLWR_HOME": str(home), "RAY_TMPDIR": str(ray)}
-    saved = {k: os.environ.get(k) for k in (*values, "PYTHONPATH")}
-    os.environ.update(values)
-    try:
-        yield values
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        if short is not None:
-            shutil.rmtree(short, ignore_errors=True)
+    with flower_environment(folder) as values:
+        saved = {k: os.environ.get(k) for k in (*values, "PYTHONPATH")}
+        os.environ.update(values)
+        try:
+            yield values
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
 
 
 class FlowerSimulation(Simulation):
@@ -152,8 +174,13 @@ class FlowerSimulation(Simulation):
         self.grid = None
         self.strategy = None
         self.startup_seconds = None  # Flower's start-up: from run() to the ServerApp's first line
+        self._rounds_run = 0  # rounds this ServerApp ran (the first one waits longer: cold ClientApps)
 
     # ------------------------------------------------------------------ one round on Flower
+    def round_timeout(self) -> float:
+        """Seconds the next round waits for replies: ``round_timeout``, plus ``start_timeout`` for the first."""
+        return self.settings.round_timeout + (self.settings.start_timeout if self._rounds_run == 0 else 0.0)
+
     def run_round(self, method, server, clients, round_, bar=None):
         """One round through :class:`.LowRankStrategy` and the Grid. Returns ``(server, clients, rows, times)``."""
         from flwr.app import ArrayRecord, ConfigRecord
@@ -163,7 +190,8 @@ class FlowerSimulation(Simulation):
             st.begin(method, server, clients)
         st.server, st.clients = server, clients
         messages = list(st.configure_train(round_, ArrayRecord(), ConfigRecord(), self.grid))
-        replies = self.grid.send_and_receive(messages, timeout=self.settings.round_timeout) if messages else []
+        replies = self.grid.send_and_receive(messages, timeout=self.round_timeout()) if messages else []
+        self._rounds_run += 1
         st.aggregate_train(round_, replies)
         if bar is not None:
             bar.update(len(st.rows))
@@ -171,22 +199,39 @@ class FlowerSimulation(Simulation):
 
     # ------------------------------------------------------------------ the ServerApp's body
     def serve(self, grid, *, resume: bool = False) -> list[dict]:
-        """Run every method over ``grid`` (the ServerApp's main): wait for the nodes, then :meth:`Simulation.run`."""
+        r"""Run every method over ``grid`` (the ServerApp's main): wait for the nodes, then :meth:`Simulation.run`.
+
+        Raises
+        ------
+        ValueError
+            Before anything is written: a node that cannot serve the run answered the discovery (its partition-id,
+            node count or rank budget does not fit the config), or some client has no SuperNode after
+            ``start_timeout`` seconds (the message names the node count and ``clients``).
+        """
         from .strategy import LowRankStrategy
 
         self.setup()
         self.grid = grid
-        self.strategy = LowRankStrategy(self, min_replies=self.settings.min_replies)
-        deadline = time.monotonic() + self.settings.start_timeout
+        settings = self.settings
+        st = self.strategy = LowRankStrategy(self, min_replies=settings.min_replies,
+                                             query_timeout=settings.round_timeout)
+        deadline = time.monotonic() + settings.start_timeout
         while True:
-            self.strategy.discover(grid)
-            missing = sorted(set(range(self.cfg.clients)) - set(self.strategy.nodes))
+            left = deadline - time.monotonic()
+            st.discover(grid, timeout=min(settings.round_timeout, max(left, 1.0)), strict=True)
+            missing = sorted(set(range(self.cfg.clients)) - set(st.nodes))
             if not missing or time.monotonic() >= deadline:
                 break
             time.sleep(0.5)
         if missing:
-            log.warning("no SuperNode for clients %s after %.0f s; their updates count as dropped",
-                        missing, self.settings.start_timeout)
+            n = len(list(grid.get_node_ids()))
+            raise ValueError(
+                f"The run has clients = {self.cfg.clients}, one SuperNode each, but after flower-start-timeout = "
+                f"{settings.start_timeout:g} s only {self.cfg.clients - len(missing)} have one ({n} SuperNode"
+                f"{'s' if n != 1 else ''} connected; clients without a node: {missing}). Start one SuperNode per "
+                f"client (--node-config partition-id=0..{self.cfg.clients - 1}; in Flower's simulation "
+                f"num-supernodes = {self.cfg.clients}) or set 'clients' to the node count. Nothing was written.")
+        self._rounds_run = 0
         self.summary = Simulation.run(self, resume=resume)
         return self.summary
 
@@ -209,10 +254,16 @@ class FlowerSimulation(Simulation):
         server_app = ServerApp()
         t0 = time.perf_counter()
 
+        errors: list[BaseException] = []
+
         @server_app.main()
         def main(grid, context):
             self.startup_seconds = time.perf_counter() - t0
-            self.serve(grid, resume=resume)
+            try:
+                self.serve(grid, resume=resume)
+            except BaseException as err:  # re-raised below: Flower only logs what a ServerApp raises
+                errors.append(err)
+                raise
 
         self.summary = None
         backend = {"client_resources": {"num_cpus": self.cfg.threads, "num_gpus": self.settings.num_gpus},
@@ -225,6 +276,9 @@ class FlowerSimulation(Simulation):
                                backend_config=backend)
             finally:
                 _ray_shutdown()
+        if errors:
+            raise RuntimeError(f"The Flower simulation of {self.cfg.name!r} stopped: {type(errors[0]).__name__}: "
+                               f"{errors[0]}") from errors[0]
         if self.summary is None:
             raise RuntimeError(f"The Flower simulation of {self.cfg.name!r} ended without finishing its run; "
                                f"see the log above (resume it with --resume {self.out}).")

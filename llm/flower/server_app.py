@@ -8,12 +8,13 @@ Its run config is the flat :class:`~lowrank_fed.llm.config.RunConfig` (``[tool.f
 
 Resume: when the output folder already holds a run of the same config (its ``config.json``), the ServerApp
 continues it from its last checkpoints, as ``lowrank-fed run --resume`` does; a folder holding a run of another
-config is refused (nothing is written).
+config, or other files, is refused (nothing is written). The rule is :func:`lowrank_fed.llm.run.check_output_folder`,
+the one ``lowrank-fed run`` and ``lowrank-fed flower up`` use (``flower up --overwrite`` empties the folder before
+the ServerApp starts, so the run starts afresh).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -32,21 +33,16 @@ def output_folder(cfg, settings) -> tuple[Path, bool]:
 
     Raises
     ------
-    ValueError
-        The folder holds files but no ``config.json``, or the ``config.json`` of another config.
+    ConfigError
+        The folder holds files but no run, or a run of another config
+        (:func:`~lowrank_fed.llm.run.check_output_folder`).
     """
+    from ..run import check_output_folder
+
     out = Path(settings.out or Path("runs") / cfg.name)
-    stored = out / "config.json"
-    if stored.is_file():
-        if json.loads(stored.read_text(encoding="utf-8")) != json.loads(json.dumps(cfg.to_dict())):
-            raise ValueError(f"Output folder '{out}' holds a run of another config ({stored}); nothing was changed. "
-                             f"Set flower-out to another folder.")
-        return out, True
-    if out.is_dir() and any(out.iterdir()) and any(p.name != ".flower" for p in out.iterdir()):
-        names = sorted(p.name for p in out.iterdir())[:5]
-        raise ValueError(f"Output folder '{out}' already holds files ({', '.join(names)}) but no run; nothing was "
-                         f"changed. Set flower-out to another folder.")
-    return out, False
+    plan = check_output_folder(out, cfg, hint="Set flower-out to another folder (or empty it: lowrank-fed flower "
+                                              "up --overwrite).")
+    return out, plan == "resume"
 
 
 @app.main()

@@ -8,11 +8,18 @@ A round ``t`` on Flower's Message API does what :meth:`Simulation.run_round` doe
    ``partition-id`` is ``k`` (found by a ``query`` message, :meth:`LowRankStrategy.discover`);
 2. the ``ClientApp`` (:mod:`.client_app`) runs :func:`~lowrank_fed.llm.client.run_client`;
 3. :meth:`LowRankStrategy.aggregate_train`: each reply goes through :meth:`Simulation.accept_reply` (the
-   runner's attack/fault injection and :meth:`Method.check_reply`: NaN/Inf, shapes, ranks, keys), so a bad reply
-   is dropped and counted exactly as in the runner; a node that did not answer within the round's timeout, or
-   answered with an error, is a dropped update too (``reason`` names the node); then
-   :meth:`Simulation.aggregate_round` applies the method's server rule to the replies kept. With fewer than
-   ``min_replies`` replies kept, the round keeps the global state (as the runner does with none).
+   runner's checks, :meth:`Method.check_reply`: NaN/Inf, shapes, ranks, keys; the upload scoring of
+   ``score_uploads``; attack/fault injection), so a bad reply is dropped and counted exactly as in the runner. A
+   reply that cannot be decoded (a missing record, bad JSON, an unknown dtype), a node that did not answer within
+   the round's timeout or that the SuperLink reports lost (``NODE_UNAVAILABLE``, ``MESSAGE_UNAVAILABLE``: both
+   give the reason ``"no reply from SuperNode <id> ..."``), and a node whose ClientApp raised are dropped updates
+   too (``reason`` names the node); then :meth:`Simulation.aggregate_round` applies the method's server rule to
+   the replies kept. With fewer than ``min_replies`` replies kept, the round keeps the global state and the kept
+   clients' rows say ``"aggregated": false``.
+
+A node that joins mid-run and cannot serve the run (its ``partition-id`` is not a client, its node count is not
+``clients``, its rank budget is too small, its answer is malformed) is logged and ignored from then on; during
+the start-up wait (``strict``) it stops the run before anything is written.
 
 No aggregation arithmetic lives here: the rule is the method's, the checks are the runner's.
 """
@@ -25,6 +32,7 @@ import time
 from collections.abc import Iterable
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -33,9 +41,43 @@ from ..protocol import Message as LFMessage
 from ..protocol import encode_pairs
 from .records import from_records, has_part, to_records
 
-__all__ = ["LowRankStrategy"]
+__all__ = ["LowRankStrategy", "decode_reply", "LOST_NODE"]
 
 log = logging.getLogger("lowrank_fed.llm.flower")
+
+#: Error codes of a reply the SuperLink writes itself because the node or the message is gone: a lost node.
+LOST_NODE = frozenset({ErrorCode.NODE_UNAVAILABLE, ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE})
+#: Metrics of a reply that the runner reads as numbers (rows, timings).
+_NUMERIC_METRICS = ("train_loss", "train_accuracy", "params_up", "steps", "train_seconds", "probe_seconds")
+
+
+def decode_reply(content: RecordDict) -> tuple[LFMessage, ClientState | None]:
+    r"""A train reply's upload (records ``"msg"``) and the client's new state (``"state"``; None if not sent).
+
+    Raises
+    ------
+    ValueError
+        The reply cannot be decoded: a missing record, bad JSON, a dtype the protocol does not send, tensors that
+        do not match their listed dtypes, or a metric the runner reads (``train_loss``, ``steps``, ...) that is
+        not a number. The message names what was wrong.
+    """
+    try:
+        reply = from_records(content, "msg")
+        state = from_records(content, "state") if has_part(content, "state") else None
+    except Exception as err:  # anything off the wire: the node's reply is malformed, the server is fine
+        raise ValueError(str(err) if type(err) is ValueError else f"{type(err).__name__}: {err}") from err
+    for key in _NUMERIC_METRICS:
+        value = reply.metrics.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ValueError(f"reply metric {key!r} must be a number; got {value!r}")
+    return reply, None if state is None else ClientState(state.arrays, state.config)
+
+
+def _int(info, key: str, default=None) -> int:
+    value = info.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"'{key}' must be an int; got {value!r}")
+    return value
 
 
 class LowRankStrategy(Strategy):
@@ -48,25 +90,37 @@ class LowRankStrategy(Strategy):
         checks, evaluation, checkpoints. Its ``contexts`` are not used: the clients train on their nodes.
     min_replies : int
         Replies a round needs (after the checks) to be aggregated; below it the global state is kept.
+    query_timeout : float
+        Seconds a discovery query waits for new nodes' answers (:meth:`discover`; the engine passes the round
+        timeout).
 
     Attributes
     ----------
     nodes : dict client id -> node id
         The SuperNode serving each client (from ``query`` replies; a node that rejoins gets a new id).
+    refused : dict node id -> str
+        Nodes that cannot serve the run, with the reason; never queried again.
     method, server, clients
         The method being run, its server state and the server's copy of each client's state; set by
         :meth:`begin` and updated by each :meth:`aggregate_train`.
     rows, times : list of dict, dict
         The last round's per-client rows (as the runner writes them) and timings.
+    counts : dict
+        The last round's ``replies`` (kept after the checks), ``dropped`` and ``aggregated`` (1, or 0: fewer than
+        ``min_replies`` kept, the global state kept), as :meth:`aggregate_train` returns them.
     """
 
-    def __init__(self, sim, *, min_replies: int = 1):
+    def __init__(self, sim, *, min_replies: int = 1, query_timeout: float = 60.0):
         if isinstance(min_replies, bool) or not isinstance(min_replies, int) or min_replies < 1:
             raise ValueError(f"The 'min_replies' parameter must be a positive int. Got {min_replies!r}.")
+        if not query_timeout > 0:
+            raise ValueError(f"The 'query_timeout' parameter must be positive. Got {query_timeout!r}.")
         self.sim = sim
         self.min_replies = min_replies
+        self.query_timeout = float(query_timeout)
         self.nodes: dict[int, int] = {}
-        self._seen: set[int] = set()  # node ids already queried
+        self.refused: dict[int, str] = {}
+        self._seen: set[int] = set()  # node ids that answered the query (or are gone): never queried again
         self.method: Method | None = None
         self.server: ServerState | None = None
         self.clients: dict[int, ClientState] = {}
@@ -76,6 +130,7 @@ class LowRankStrategy(Strategy):
         self._pending: list[Message] = []
         self.rows: list[dict] = []
         self.times: dict = {}
+        self.counts: dict = {}
 
     # ------------------------------------------------------------------ set-up
     def summary(self) -> None:
@@ -88,39 +143,71 @@ class LowRankStrategy(Strategy):
         self._state_round = {k: server.round for k in clients}  # a resumed state: the node must be sent it
         self._held = {}
 
-    def discover(self, grid: Grid, *, timeout: float = 60.0) -> None:
-        r"""Ask every node not seen before for its ``partition-id`` and rank budget; map clients to nodes.
+    def discover(self, grid: Grid, *, timeout: float | None = None, strict: bool = False) -> None:
+        r"""Ask every node not seen before for its ``partition-id``, node count and rank budget; map clients to nodes.
+
+        A node that does not answer within ``timeout`` seconds (default :attr:`query_timeout`) is asked again next
+        time. A node that cannot serve the run is refused: with ``strict`` (the start-up wait) a ``ValueError``;
+        otherwise (a node joining mid-run) it is logged, remembered in :attr:`refused` and never asked again.
 
         Raises
         ------
         ValueError
-            A node's rank budget is below the rank the run assigns its client, or its ``partition-id`` is not a
-            client of the run.
+            ``strict`` only: a node's ``partition-id`` is not a client of the run, its ``num-partitions`` (the
+            federation's node count) is not ``clients``, its rank budget is below the rank the run assigns its
+            client, its answer cannot be read, or its ClientApp raised on the query.
         """
-        new = [n for n in grid.get_node_ids() if n not in self._seen]
+        new = [n for n in grid.get_node_ids() if n not in self._seen and n not in self.refused]
         if not new:
             return
         queries = [Message(RecordDict({"query": ConfigRecord({"ask": "partition-id"})}), dst_node_id=n,
                            message_type="query") for n in new]
-        for reply in grid.send_and_receive(queries, timeout=timeout):
+        for reply in grid.send_and_receive(queries, timeout=self.query_timeout if timeout is None else timeout):
             node = reply.metadata.src_node_id
             if reply.has_error():
-                log.warning("node %s did not answer the discovery query (%s)", node, reply.error.reason)
+                err = reply.error
+                if err.code in LOST_NODE:  # gone; a node that comes back gets a new id
+                    log.warning("SuperNode %s is lost (error %s: %s)", node, err.code, err.reason)
+                    self._seen.add(node)
+                else:
+                    self._refuse(node, f"SuperNode {node} answered the discovery query with error {err.code}: "
+                                       f"{err.reason}", strict)
                 continue
-            self._seen.add(node)
+            reason = self._identify(node, reply)
+            if reason is not None:
+                self._refuse(node, reason, strict)
+
+    def _identify(self, node: int, reply: Message) -> str | None:
+        """Map the client of ``node``'s query answer to it; the reason it cannot serve the run, or None."""
+        clients = self.sim.cfg.clients
+        try:
             info = reply.content.config_records["node"]
-            k, budget = int(info["partition-id"]), int(info["rank"])
-            if not 0 <= k < self.sim.cfg.clients:
-                raise ValueError(f"SuperNode {node}: partition-id {k} is not a client of this run; expected "
-                                 f"0 <= partition-id < clients = {self.sim.cfg.clients}.")
-            rank = self.sim.ranks[k]
-            if budget != -1 and budget < rank:
-                raise ValueError(f"SuperNode {node} (client {k}): rank budget {budget} is below the rank the run "
-                                 f"assigns client {k}: {rank}. Give the node rank >= {rank} or change 'ranks'.")
-            if k in self.nodes and self.nodes[k] != node:
-                log.warning("client %d moves from node %s to node %s (a rejoined node)", k, self.nodes[k], node)
-                self._held.pop(k, None)
-            self.nodes[k] = node
+            k, budget, parts = _int(info, "partition-id"), _int(info, "rank"), _int(info, "num-partitions", -1)
+        except (KeyError, ValueError, TypeError) as err:
+            return f"SuperNode {node} sent a discovery answer that cannot be read ({type(err).__name__}: {err})"
+        if parts != -1 and parts != clients:
+            return (f"SuperNode {node} (partition-id {k}) reports num-partitions = {parts} (the federation's node "
+                    f"count), but the run has clients = {clients}; expected one SuperNode per client "
+                    f"(num-supernodes = {clients}).")
+        if not 0 <= k < clients:
+            return (f"SuperNode {node}: partition-id {k} is not a client of this run; expected 0 <= partition-id "
+                    f"< clients = {clients}.")
+        rank = self.sim.ranks[k]
+        if budget != -1 and budget < rank:
+            return (f"SuperNode {node} (client {k}): rank budget {budget} is below the rank the run assigns client "
+                    f"{k}: {rank}. Give the node rank >= {rank} or change 'ranks'.")
+        self._seen.add(node)
+        if k in self.nodes and self.nodes[k] != node:
+            log.warning("client %d moves from node %s to node %s (a rejoined node)", k, self.nodes[k], node)
+            self._held.pop(k, None)
+        self.nodes[k] = node
+        return None
+
+    def _refuse(self, node: int, reason: str, strict: bool) -> None:
+        if strict:
+            raise ValueError(f"{reason} Nothing was written.")
+        self.refused[node] = reason
+        log.warning("%s; the node is ignored for the rest of the run", reason.rstrip("."))
 
     # ------------------------------------------------------------------ training
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -131,7 +218,7 @@ class LowRankStrategy(Strategy):
         method's. A client with no node gets no message; :meth:`aggregate_train` counts it as dropped.
         """
         method, server, cfg = self.method, self.server, self.sim.cfg
-        self.discover(grid)
+        self.discover(grid)  # nodes that joined since the last round
         self._sent, self._pending, self.rows, self._t0 = {}, [], [], time.perf_counter()
         run = {"config": json.dumps(cfg.to_dict(), sort_keys=True), "method": method.name,
                "options": json.dumps(cfg.method_options.get(method.name, {}), sort_keys=True)}
@@ -163,8 +250,9 @@ class LowRankStrategy(Strategy):
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         r"""Check each reply as the runner does, then the method's server rule on those kept.
 
-        Returns the global adapter (``ArrayRecord`` of folded ``lora/<module>/B|A``) and the round's counts
-        (``replies``, ``dropped``); the new server state is :attr:`server`.
+        Returns the global adapter (``ArrayRecord`` of folded ``lora/<module>/B|A``) and the round's counts:
+        ``replies`` (kept after the checks), ``dropped`` and ``aggregated`` (1, or 0 when fewer than
+        ``min_replies`` were kept and the global state was kept); the new server state is :attr:`server`.
         """
         method, server, sim = self.method, self.server, self.sim
         wall = time.perf_counter() - self._t0
@@ -182,43 +270,49 @@ class LowRankStrategy(Strategy):
                 error = "no SuperNode serves this client (none answered the discovery query with its partition-id)"
             elif key not in got:
                 error = f"no reply from SuperNode {node} within the round's timeout (node lost or too slow)"
+            elif got[key].has_error() and got[key].error.code in LOST_NODE:
+                err = got[key].error
+                error = (f"no reply from SuperNode {node}: the SuperLink reports it lost (error {err.code}: "
+                         f"{err.reason})")
             elif got[key].has_error():
                 err = got[key].error
                 error = f"SuperNode {node} answered with error {err.code}: {err.reason}"
             else:
-                content = got[key].content
-                reply = from_records(content, "msg")
-                if has_part(content, "state"):
-                    state = from_records(content, "state")
-                    self.clients[k] = ClientState(state.arrays, state.config)
-                    self._state_round[k] = server_round
-                    self._held[k] = (node, server_round)
-                if sim.cfg.score_uploads and sim._evaluated(server_round):  # as the runner: before the checks
-                    row.update(sim.score_upload(method, server, k, reply))
-                train_s += reply.metrics.get("train_seconds", 0.0)
-                probe_s += reply.metrics.get("probe_seconds", 0.0)
+                try:
+                    reply, state = decode_reply(got[key].content)
+                except ValueError as err:
+                    error = f"SuperNode {node} sent a reply that cannot be decoded: {err}"
+                else:
+                    if state is not None:
+                        self.clients[k] = state
+                        self._state_round[k] = server_round
+                        self._held[k] = (node, server_round)
+                    train_s += reply.metrics.get("train_seconds", 0.0)
+                    probe_s += reply.metrics.get("probe_seconds", 0.0)
             if reply is None:
                 self._held.pop(k, None)  # what the node holds is unknown now
                 log.warning("%s, round %d: client %d (SuperNode %s) is missing: %s", method.title, server_round, k,
                             node if node != -1 else "none", error)
-            accepted = sim.accept_reply(method, server, server_round, k, reply, error, row)
+            accepted, eval_s = sim.accept_reply(method, server, server_round, k, reply, error, row)
             if accepted is not None:
                 kept[k] = accepted
-            server_s += time.perf_counter() - t0 - row.pop("_upload_eval_seconds", 0.0)
-        if 0 < len(kept) < self.min_replies:
-            log.warning("%s, round %d: %d replies kept, fewer than min_replies = %d; the global state is kept",
-                        method.title, server_round, len(kept), self.min_replies)
-            kept = {}
+            server_s += time.perf_counter() - t0 - eval_s  # scoring the upload is evaluation, not server work
         t0 = time.perf_counter()
-        self.server = sim.aggregate_round(method, server, kept, server_round)
+        self.server = sim.aggregate_round(method, server, kept, server_round, min_replies=self.min_replies)
         aggregate_s = time.perf_counter() - t0
+        aggregated = len(kept) >= self.min_replies
+        if not aggregated:
+            for row in self.rows:
+                if row["client"] in kept:
+                    row["aggregated"] = False  # passed the checks, but the round kept the global state
         self.times = {"server_seconds": server_s + aggregate_s, "aggregate_seconds": aggregate_s,
                       "client_overhead_seconds": max(wall - train_s, 0.0), "train_seconds": train_s,
                       "probe_seconds": probe_s, "flower_round_seconds": wall}
-        dropped = sum(r["dropped"] for r in self.rows)
+        self.counts = {"replies": len(kept), "dropped": sum(r["dropped"] for r in self.rows),
+                       "aggregated": int(aggregated)}
         arrays = ArrayRecord({k: v.detach().cpu().float().contiguous() for k, v in
                               encode_pairs(self.server.pairs).items()})
-        return arrays, MetricRecord({"replies": len(self.rows) - dropped, "dropped": dropped})
+        return arrays, MetricRecord(self.counts)
 
     # ------------------------------------------------------------------ evaluation: on the server (the runner's)
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,

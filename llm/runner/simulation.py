@@ -378,11 +378,11 @@ class Simulation:
                 probe_s += m.get("probe_seconds", 0.0)
                 train_s += m.get("train_seconds", 0.0)
                 client_s += t2 - t1 - m.get("train_seconds", 0.0)
-            accepted = self.accept_reply(method, server, round_, k, reply, error, row)
+            accepted, eval_s = self.accept_reply(method, server, round_, k, reply, error, row)
             if accepted is not None:
                 replies[k] = accepted
             # scoring the upload (option score_uploads) is evaluation, not server work
-            server_s += (t1 - t0) + (time.perf_counter() - t2) - row.pop("_upload_eval_seconds", 0.0)
+            server_s += (t1 - t0) + (time.perf_counter() - t2) - eval_s
             rows.append(row)
             if bar is not None:
                 bar.update(1)
@@ -394,55 +394,78 @@ class Simulation:
         return server, clients, rows, times
 
     def accept_reply(self, method: Method, server: ServerState, round_: int, k: int, reply: Message | None,
-                     error: str | None, row: dict) -> Message | None:
-        r"""Check client ``k``'s reply; return it if it may be aggregated, else None (dropped, counted in ``row``).
+                     error: str | None, row: dict) -> tuple[Message | None, float]:
+        r"""Check client ``k``'s reply; return ``(reply to aggregate or None, seconds spent scoring the upload)``.
 
-        The reply first gets the configured attack and fault (:func:`~lowrank_fed.llm.attacks.attack_reply`,
-        ``[[faults]]``), then :meth:`Method.check_reply`. A reply that fails the check, or no reply at all
-        (``reply`` None: the client raised, or on Flower its node did not answer; ``error`` says why), sets
-        ``row["dropped"]`` and ``row["reason"]`` and gives an :class:`UpdateDroppedWarning`. ``row`` also gets
-        what the reply carries (examples, loss, bytes up, ...). The in-process runner and the Flower strategy
-        both call this, so a reply is dropped and counted the same way on either.
+        The reply as the client sent it must pass :meth:`Method.check_reply`; only then is it scored (option
+        ``score_uploads``, :meth:`score_upload`: the client's own model, before any attack), given the configured
+        attack and fault (:func:`~lowrank_fed.llm.attacks.attack_reply`, ``[[faults]]``) and, if they changed it,
+        checked again. A reply that fails a check, or no reply at all (``reply`` None: the client raised, or on
+        Flower its node did not answer or sent a reply that cannot be decoded; ``error`` says why), sets
+        ``row["dropped"]`` and ``row["reason"]`` and gives an :class:`UpdateDroppedWarning`; the first value
+        returned is then None. ``row`` also gets what the reply carries (examples, loss, bytes up, ...). The
+        second value is the time spent scoring the upload: evaluation, not server work (callers subtract it).
+        The in-process runner and the Flower strategy both call this, so a reply is dropped and counted the same
+        way on either.
         """
-        if reply is not None and self.cfg.score_uploads and self._evaluated(round_):
-            start = time.perf_counter()
-            row.update(self.score_upload(method, server, k, reply))  # the client's own model, before any attack
-            row["_upload_eval_seconds"] = time.perf_counter() - start
+
+        def complaint(reply: Message) -> str | None:
+            try:
+                method.check_reply(server, k, reply)
+            except ValueError as err:
+                return str(err)
+            except TypeError as err:  # a value of the wrong type (a reply off the wire)
+                return f"{type(err).__name__}: {err}"
+            return None
+
+        eval_s = 0.0
         if reply is not None:
+            error = complaint(reply)  # the reply as sent: nothing malformed is scored, attacked or aggregated
+            if error is None and self.cfg.score_uploads and self._evaluated(round_):
+                start = time.perf_counter()
+                row.update(self.score_upload(method, server, k, reply))  # the client's own model, before any attack
+                eval_s = time.perf_counter() - start
+            sent = reply
             if k in self.attackers:
                 row["attack"] = self.attackers[k].kind
-                reply = attack_reply(reply, self.attackers[k], seed=self.cfg.seed, round_=round_, client=k)
+                if error is None:
+                    reply = attack_reply(reply, self.attackers[k], seed=self.cfg.seed, round_=round_, client=k)
             kind = self._fault(method.name, round_, k)
-            if kind:
+            if kind and error is None:
                 reply = self._corrupt(reply, kind)
             m = reply.metrics
             row.update(n=reply.config.get("num_examples"), train_loss=m.get("train_loss"),
                        train_accuracy=m.get("train_accuracy"), bytes_up=reply.nbytes,
                        params_up=m.get("params_up"), steps=m.get("steps"))
-            try:
-                method.check_reply(server, k, reply)
-                error = None
-            except ValueError as err:
-                error = str(err)
+            if error is None and reply is not sent:
+                error = complaint(reply)
         else:
             row.update(n=None, train_loss=None, train_accuracy=None, bytes_up=0, params_up=0, steps=0)
         if error is None:
             if reply.config["rank"] != row["rank"]:
                 row["new_rank"] = int(reply.config["rank"])
-            return reply
+            return reply, eval_s
         row["dropped"], row["reason"] = True, error
         msg = f"{method.title}, round {round_}, client {k}: update dropped ({error})"
         warnings.warn(msg, UpdateDroppedWarning, stacklevel=3)
         log.warning(msg)
-        return None
+        return None, eval_s
 
-    def aggregate_round(self, method: Method, server: ServerState, replies: dict[int, Message],
-                        round_: int) -> ServerState:
-        """``method.aggregate(server, replies)``; with no reply left, the global state kept (round counted, warned)."""
-        if replies:
+    def aggregate_round(self, method: Method, server: ServerState, replies: dict[int, Message], round_: int,
+                        *, min_replies: int = 1) -> ServerState:
+        r"""``method.aggregate(server, replies)``; with fewer than ``min_replies`` replies, the global state kept.
+
+        In the runner ``min_replies`` is 1 (a round with no reply left); the Flower strategy passes its own. A
+        round that keeps the global state is counted and gives an :class:`UpdateDroppedWarning` saying why: every
+        update was dropped, or too few were kept.
+        """
+        if replies and len(replies) >= min_replies:
             return method.aggregate(server, replies)
-        warnings.warn(f"{method.title}, round {round_}: every update was dropped; the global state is kept.",
-                      UpdateDroppedWarning, stacklevel=3)
+        why = ("every update was dropped" if not replies else
+               f"{len(replies)} update{'s' if len(replies) > 1 else ''} kept, fewer than min_replies = {min_replies}")
+        msg = f"{method.title}, round {round_}: {why}; the global state is kept."
+        warnings.warn(msg, UpdateDroppedWarning, stacklevel=3)
+        log.warning(msg)
         return ServerState(server.round + 1, server.pairs, server.extras, server.shapes, server.ranks,
                            server.arrays, server.info)
 

@@ -8,8 +8,12 @@ are tested in seconds; ``test_flower_simulation_equals_the_runner`` runs Flower'
 
 from __future__ import annotations
 
+import argparse
 import json
+import logging
 import math
+import shutil
+import tempfile
 import tomllib
 import uuid
 from pathlib import Path
@@ -20,14 +24,22 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 pytest.importorskip("flwr")
 
-from flwr.app import Context, Error, Message, RecordDict  # noqa: E402
+import tomli_w  # noqa: E402
+
+from flwr.app import Array, Context, Error, Message, RecordDict  # noqa: E402
+from flwr.common.constant import ErrorCode  # noqa: E402
 
 from lowrank_fed.llm.config import RunConfig  # noqa: E402
 from lowrank_fed.llm.flower.client_app import app as client_app  # noqa: E402
-from lowrank_fed.llm.flower.engine import FlowerSettings, FlowerSimulation, split_run_config  # noqa: E402
+from lowrank_fed.llm.flower.deploy import add_arguments  # noqa: E402
+from lowrank_fed.llm.flower.deploy import main as deploy_main  # noqa: E402
+from lowrank_fed.llm.flower.engine import (ENV, FlowerSettings, FlowerSimulation, flower_environment,  # noqa: E402
+                                           split_run_config)
+from lowrank_fed.llm.flower.server_app import output_folder  # noqa: E402
 from lowrank_fed.llm.flower.records import from_records, to_records  # noqa: E402
 from lowrank_fed.llm.methods import METHODS  # noqa: E402
 from lowrank_fed.llm.protocol import Message as LFMessage  # noqa: E402
+from lowrank_fed.llm.run import check_output_folder  # noqa: E402
 from lowrank_fed.llm.runner.simulation import UpdateDroppedWarning, load_final, run_experiment  # noqa: E402
 from tests.llm.helpers import Interrupt, sha_tree, tiny_settings  # noqa: E402
 
@@ -36,22 +48,29 @@ ALL_METHODS = list(METHODS)
 
 
 class InlineGrid:
-    """A Flower Grid whose nodes run the ClientApp in this process; ``lost`` replies never arrive.
+    """A Flower Grid whose nodes run the ClientApp in this process; replies can be lost, failed or tampered with.
 
-    Node ``100 + i`` is client ``i`` (``--node-config partition-id=i``). ``lost`` holds ``(round, client)``
-    pairs whose train message is delivered and trained on but whose reply is lost (a node killed before it
-    answered). ``fail`` holds pairs whose ClientApp raises (an error reply).
+    Node ``100 + i`` is client ``i`` (``--node-config partition-id=i``). Keys are ``(round, client)`` pairs:
+    ``lost`` replies never arrive (the node died after training); ``fail`` replies are the error of a ClientApp
+    that raised; ``unavailable`` replies are the SuperLink's ``NODE_UNAVAILABLE`` error (a node it lost);
+    ``tamper[key](content)`` edits a reply's records before it arrives (a malformed reply). ``sent`` lists
+    ``(message type, key, record names, download rank or None)`` of every message; :meth:`add_node` adds a
+    node (one that joins mid-run).
     """
 
-    def __init__(self, n, *, lost=(), fail=(), ranks=None):
+    def __init__(self, n, *, lost=(), fail=(), unavailable=(), tamper=None, ranks=None, num_partitions=None):
         self.contexts = {}
         for i in range(n):
-            node_config = {"partition-id": i, "num-partitions": n}
+            node_config = {"partition-id": i, "num-partitions": n if num_partitions is None else num_partitions}
             if ranks is not None:
                 node_config["rank"] = ranks[i]
-            self.contexts[100 + i] = Context(run_id=1, node_id=100 + i, node_config=node_config, state=RecordDict(),
-                                             run_config={})
-        self.lost, self.fail, self.sent = set(lost), set(fail), []
+            self.add_node(100 + i, node_config)
+        self.lost, self.fail, self.unavailable, self.sent = set(lost), set(fail), set(unavailable), []
+        self.tamper = dict(tamper or {})
+
+    def add_node(self, node, node_config):
+        self.contexts[node] = Context(run_id=1, node_id=node, node_config=node_config, state=RecordDict(),
+                                      run_config={})
 
     def get_node_ids(self):
         return list(self.contexts)
@@ -64,14 +83,32 @@ class InlineGrid:
             msg.metadata.__dict__["_src_node_id"] = 1
             node = msg.metadata.dst_node_id
             key = (msg.metadata.group_id and int(msg.metadata.group_id), node - 100)
-            self.sent.append((msg.metadata.message_type, key, sorted(msg.content.keys())))
+            kind = msg.metadata.message_type
+            rank = from_records(msg.content, "msg").config["rank"] if kind == "train" else None
+            self.sent.append((kind, key, sorted(msg.content.keys()), rank))
             if key in self.fail:
-                replies.append(Message(Error(code=0, reason="ClientApp raised: boom"), reply_to=msg))
+                replies.append(Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+                                             reason="ClientApp raised: boom"), reply_to=msg))
                 continue
-            reply = client_app(msg, self.contexts[node])
+            if key in self.unavailable:
+                replies.append(Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason="Error: Node Unavailable"),
+                                       reply_to=msg))
+                continue
+            try:
+                reply = client_app(msg, self.contexts[node])
+            except Exception as err:  # what Flower's runtime sends back for a ClientApp that raised
+                replies.append(Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=repr(err)),
+                                       reply_to=msg))
+                continue
+            if key in self.tamper:
+                self.tamper[key](reply.content)
             if key not in self.lost:
                 replies.append(reply)
         return replies
+
+    def trains(self):
+        """``(round, client, rank)`` of every train message sent."""
+        return [(*key, rank) for kind, key, _, rank in self.sent if kind == "train"]
 
 
 @pytest.fixture(autouse=True)
@@ -152,6 +189,82 @@ def test_split_run_config_names_a_bad_flower_key():
         FlowerSettings(min_replies=0)
 
 
+def test_flower_environment_keeps_flowers_paths_and_caches_in_the_run_folder(tmp_path):
+    # Prepare: a run folder short enough for Ray's sockets, and a deep one
+    short_root = Path(tempfile.mkdtemp(prefix="lrf-t-"))  # /tmp/lrf-t-XXXXXXXX/.flower/ray: under 40 characters
+    deep = tmp_path / ("d" * 60)
+    try:
+        # Execute
+        with flower_environment(short_root) as env:
+            made = {k: Path(env[k]).is_dir() for k in ("FLWR_HOME", "RAY_TMPDIR", "MPLCONFIGDIR", "XDG_CACHE_HOME")}
+        with flower_environment(deep) as deep_env:
+            ray = Path(deep_env["RAY_TMPDIR"])
+            ray_made = ray.is_dir()
+        # Assert: every folder inside <run>/.flower and created; Ray's too-long path replaced, removed after
+        base = short_root.resolve() / ".flower"
+        assert env == {**ENV, "FLWR_HOME": str(base / "home"), "RAY_TMPDIR": str(base / "ray"),
+                       "MPLCONFIGDIR": str(base / "matplotlib"), "XDG_CACHE_HOME": str(base / "cache")}
+        assert all(made.values()), made
+        assert deep_env["XDG_CACHE_HOME"] == str(deep.resolve() / ".flower" / "cache")
+        assert deep_env["MPLCONFIGDIR"] == str(deep.resolve() / ".flower" / "matplotlib")
+        assert ray_made and len(str(ray)) <= 40 and not ray.exists()
+    finally:
+        shutil.rmtree(short_root)
+
+
+def _flower_up(argv):
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return deploy_main(parser.parse_args(["up", *argv]))
+
+
+def test_one_output_folder_rule_resume_same_config_overwrite_starts_afresh(tmp_path, monkeypatch, capsys):
+    # Prepare: a folder holding an interrupted run of the tiny config; `up` itself replaced by a recorder
+    settings = tiny_settings()
+    config = tmp_path / "tiny.toml"
+    config.write_text(tomli_w.dumps(settings))
+    cfg = RunConfig.from_dict(settings)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1, sort_keys=True))
+    (out / "metrics.jsonl").write_text("round 1 of the earlier run\n")
+    seen = []
+
+    def fake_up(cfg, out, supernodes, ranks, settings, *, timeout):
+        seen.append(sorted(p.name for p in Path(out).iterdir()))
+        (Path(out) / "summary.json").write_text("[]")
+        return 0
+
+    monkeypatch.setattr("lowrank_fed.llm.flower.deploy.up", fake_up)
+    # Execute / Assert: the same config resumes (flower up and the ServerApp agree) ...
+    assert output_folder(cfg, FlowerSettings(out=str(out))) == (out, True)
+    assert _flower_up([str(config), "--out", str(out)]) == 0
+    assert seen[-1] == ["config.json", "metrics.jsonl"] and "(resuming)" in capsys.readouterr().out
+    # ... --overwrite empties the folder first, so the ServerApp starts afresh
+    assert _flower_up([str(config), "--out", str(out), "--overwrite"]) == 0
+    assert seen[-1] == [] and "(resuming)" not in capsys.readouterr().out
+    assert check_output_folder(out, cfg, overwrite=True, hint="") == "clear"
+    # ... another config, or files that are no run, are refused (exit 2, nothing changed) by both
+    (out / "config.json").write_text(json.dumps(cfg.to_dict()))
+    assert _flower_up([str(config), "--out", str(out), "--set", "rounds=5"]) == 2
+    assert f"Output folder '{out}' holds a run of another config" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="holds a run of another config"):
+        output_folder(RunConfig.from_dict(tiny_settings(rounds=5)), FlowerSettings(out=str(out)))
+    (out / "config.json").unlink()
+    with pytest.raises(ValueError, match=r"already holds files \(summary.json\); nothing was changed. Set flower-out"):
+        output_folder(cfg, FlowerSettings(out=str(out)))
+    assert len(seen) == 2
+
+
+def test_flower_up_needs_one_supernode_per_client(tmp_path, capsys):
+    config = tmp_path / "tiny.toml"
+    config.write_text(tomli_w.dumps(tiny_settings()))
+    assert _flower_up([str(config), "--out", str(tmp_path / "run"), "--supernodes", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "--supernodes must equal clients = 3" in err and "Got 2." in err
+    assert not (tmp_path / "run").exists()
+
+
 # ----------------------------------------------------------------------------- strategy + ClientApp, in process
 
 
@@ -164,12 +277,38 @@ def test_every_method_through_the_strategy_and_clientapp_equals_the_runner(tmp_p
     sim = FlowerSimulation(cfg, tmp_path / "fl", progress=False)
     grid = InlineGrid(cfg.clients)
     sim.serve(grid)
-    # Assert: byte-identical adapters, metrics and checkpoints; one message per client per round, per-node ranks
+    # Assert: byte-identical adapters, metrics and checkpoints; one message per client per round, each carrying
+    # its own client's rank (ranks 2, 4, 8: one broadcast could not)
     assert _final(tmp_path / "fl", method) == _final(tmp_path / "ref", method)
     assert _metrics(tmp_path / "fl") == _metrics(tmp_path / "ref")
     assert sha_tree(tmp_path / "fl" / "checkpoints") == sha_tree(tmp_path / "ref" / "checkpoints")
-    trains = [key for kind, key, _ in grid.sent if kind == "train"]
-    assert sorted(trains) == [(t, k) for t in (1, 2) for k in range(cfg.clients)]
+    assert sorted(grid.trains()) == [(t, k, sim.ranks[k]) for t in (1, 2) for k in range(cfg.clients)]
+    assert len(set(sim.ranks)) == cfg.clients
+
+
+def _counting(sim, name):
+    """Wrap ``sim.<name>`` to record the client of each call."""
+    calls, original = [], getattr(sim, name)
+
+    def wrapped(method, server, k, reply):
+        calls.append(k)
+        return original(method, server, k, reply)
+
+    setattr(sim, name, wrapped)
+    return calls
+
+
+def test_each_upload_is_scored_once_per_scored_round_through_the_strategy(tmp_path):
+    # Prepare: 3 rounds, scored every 2nd and the last (rounds 2 and 3)
+    cfg = _cfg(methods=["fedit"], rounds=3, eval_every=2, score_uploads=True)
+    sim = FlowerSimulation(cfg, tmp_path, progress=False)
+    calls = _counting(sim, "score_upload")
+    # Execute
+    sim.serve(InlineGrid(cfg.clients))
+    # Assert: clients x scored rounds, each once; the scores are in the rows of the scored rounds only
+    assert sorted(calls) == sorted(list(range(cfg.clients)) * 2)
+    rows = [json.loads(line) for line in _metrics(tmp_path).splitlines()]
+    assert [all("upload_accuracy" in c for c in r["clients"]) for r in rows[1:]] == [False, True, True]
 
 
 def test_a_lost_reply_and_a_nan_reply_are_dropped_and_counted(tmp_path):
@@ -184,34 +323,167 @@ def test_a_lost_reply_and_a_nan_reply_are_dropped_and_counted(tmp_path):
     last = rows[-1]
     assert last["round"] == 2 and last["dropped"] == 2
     reasons = {r["client"]: r.get("reason", "") for r in last["clients"]}
-    assert "no reply from SuperNode 101" in reasons[1]
+    assert reasons[1].startswith("no reply from SuperNode 101 within the round's timeout")
     assert "non-finite" in reasons[2]
     assert not any(r["dropped"] for r in rows[1]["clients"])
     assert any("client 1: update dropped (no reply from SuperNode 101" in str(w.message) for w in caught)
     tensors = load_final(tmp_path / "adapters" / "hetlora.safetensors")
-    assert all(bool(torch.isfinite(t).all()) for t in tensors.values())
+    assert tensors and all(bool(torch.isfinite(t).all()) for t in tensors.values())
 
 
-def test_a_round_below_min_replies_keeps_the_global_state(tmp_path):
+def test_a_node_the_superlink_reports_unavailable_is_a_lost_node(tmp_path):
+    # Prepare: in round 2 the SuperLink answers client 2's message with NODE_UNAVAILABLE (its node was killed)
+    cfg = _cfg(methods=["fedit"])
+    sim = FlowerSimulation(cfg, tmp_path, progress=False)
+    # Execute
+    with pytest.warns(UpdateDroppedWarning, match="client 2: update dropped"):
+        sim.serve(InlineGrid(cfg.clients, unavailable={(2, 2)}))
+    # Assert: the same reason prefix as a timeout, the SuperLink's error quoted
+    last = json.loads(_metrics(tmp_path).splitlines()[-1])
+    reason = last["clients"][2]["reason"]
+    assert reason.startswith("no reply from SuperNode 102: the SuperLink reports it lost")
+    assert f"error {int(ErrorCode.NODE_UNAVAILABLE)}" in reason
+    assert [r["dropped"] for r in last["clients"]] == [False, False, True]
+
+
+def _bad_dtype(content):
+    dtypes = json.loads(content.config_records["msg.config"]["dtypes"])
+    content.config_records["msg.config"]["dtypes"] = json.dumps([[k, "complex64"] for k, _ in dtypes])
+
+
+def _no_arrays(content):
+    del content["msg.arrays"]
+
+
+def _bad_json(content):
+    content.config_records["msg.config"]["meta"] = "{not json"
+
+
+def _no_dtypes_key(content):
+    del content.config_records["msg.config"]["dtypes"]
+
+
+def _text_metric(content):
+    meta = json.loads(content.config_records["msg.config"]["meta"])
+    meta["metrics"]["train_loss"] = "low"
+    content.config_records["msg.config"]["meta"] = json.dumps(meta)
+
+
+@pytest.mark.parametrize("tamper, why", [
+    (_bad_dtype, "dtype 'complex64' is not one this protocol sends"),
+    (_no_arrays, "do not match the dtypes"),
+    (_bad_json, "JSONDecodeError"),
+    (_no_dtypes_key, "KeyError"),
+    (_text_metric, "reply metric 'train_loss' must be a number; got 'low'"),
+], ids=["dtype", "missing-part", "json", "missing-key", "metric"])
+def test_a_malformed_reply_is_dropped_not_a_crash(tmp_path, tamper, why):
+    # Prepare: client 1's round-2 reply is malformed on the wire
+    cfg = _cfg(methods=["fedit"], score_uploads=True)
+    sim = FlowerSimulation(cfg, tmp_path, progress=False)
+    scored = _counting(sim, "score_upload")
+    # Execute
+    with pytest.warns(UpdateDroppedWarning, match="client 1: update dropped"):
+        sim.serve(InlineGrid(cfg.clients, tamper={(2, 1): tamper}))
+    # Assert: the run finished; client 1 dropped in round 2 with the decoding error, never scored
+    last = json.loads(_metrics(tmp_path).splitlines()[-1])
+    reason = last["clients"][1]["reason"]
+    assert reason.startswith("SuperNode 101 sent a reply that cannot be decoded: ") and why in reason
+    assert [r["dropped"] for r in last["clients"]] == [False, True, False]
+    assert sorted(scored) == [0, 0, 1, 2, 2]
+
+
+def test_a_wrong_shape_reply_is_dropped_before_it_is_scored(tmp_path):
+    # Prepare: client 2's round-2 upload has one column of B too few (it decodes; the check must catch it)
+    def narrow(content):
+        arrays = content.array_records["msg.arrays"]
+        key = sorted(k for k in arrays.keys() if k.endswith("/B"))[0]
+        arrays[key] = Array(arrays[key].numpy()[:, :-1].copy())
+
+    cfg = _cfg(methods=["fedit"], score_uploads=True)
+    sim = FlowerSimulation(cfg, tmp_path, progress=False)
+    scored = _counting(sim, "score_upload")
+    # Execute
+    with pytest.warns(UpdateDroppedWarning, match="client 2: update dropped"):
+        sim.serve(InlineGrid(cfg.clients, tamper={(2, 2): narrow}))
+    # Assert: dropped with the shape named; scored in round 1 only
+    last = json.loads(_metrics(tmp_path).splitlines()[-1])
+    assert "has shape" in last["clients"][2]["reason"] and "expected" in last["clients"][2]["reason"]
+    assert "upload_accuracy" not in last["clients"][2]
+    assert sorted(scored) == [0, 0, 1, 1, 2]
+
+
+def test_a_round_below_min_replies_keeps_the_global_state_and_says_so(tmp_path):
     # Prepare: min_replies 3, and client 0's round-2 ClientApp raises
     cfg = _cfg(methods=["fedit"])
     sim = FlowerSimulation(cfg, tmp_path, progress=False, settings=FlowerSettings(min_replies=3))
-    states = []
-    sim.on_round_end = lambda name, r: states.append({m: p.B.clone() for m, p in sim.strategy.server.pairs.items()})
+    products = []
+    sim.on_round_end = lambda name, r: products.append(
+        {m: p.B.double() @ p.A.double() for m, p in sim.strategy.server.pairs.items()})
     # Execute
-    with pytest.warns(UpdateDroppedWarning, match="every update was dropped"):
+    with pytest.warns(UpdateDroppedWarning, match=r"round 2: 2 updates kept, fewer than min_replies = 3; the "
+                                                  r"global state is kept"):
         sim.serve(InlineGrid(cfg.clients, fail={(2, 0)}))
-    # Assert: round 2 kept round 1's adapter; the failing node's error is the drop reason
-    assert all(torch.equal(states[0][m], states[1][m]) for m in states[0])
-    last = json.loads(_metrics(tmp_path).splitlines()[-1])
-    assert last["clients"][0]["reason"].startswith("SuperNode 100 answered with error 0: ClientApp raised: boom")
+    # Assert: round 2 kept round 1's adapter (B @ A of every module); the rows say who was dropped and who was
+    # kept but not aggregated; round 1 (all aggregated) says nothing
+    assert products and products[0]
+    for m in products[0]:
+        torch.testing.assert_close(products[1][m], products[0][m], rtol=0, atol=0)
+    rows = [json.loads(line) for line in _metrics(tmp_path).splitlines()]
+    last = rows[-1]
+    assert last["clients"][0]["reason"].startswith(
+        f"SuperNode 100 answered with error {int(ErrorCode.CLIENT_APP_RAISED_EXCEPTION)}: ClientApp raised: boom")
+    assert [c.get("aggregated") for c in last["clients"]] == [None, False, False]
+    assert last["dropped"] == 1
+    assert all("aggregated" not in c for c in rows[1]["clients"])
+    assert sim.strategy.counts == {"replies": 2, "dropped": 1, "aggregated": 0}
 
 
-def test_a_node_whose_rank_budget_is_too_small_is_refused(tmp_path):
+def test_a_node_whose_rank_budget_is_too_small_is_refused_at_start(tmp_path):
     cfg = _cfg(methods=["fedit"])
     sim = FlowerSimulation(cfg, tmp_path, progress=False)
     with pytest.raises(ValueError, match=r"rank budget 2 is below the rank the run assigns client 2: 8"):
         sim.serve(InlineGrid(cfg.clients, ranks=[2, 4, 2]))
+    assert not any(tmp_path.iterdir())
+
+
+def test_fewer_nodes_than_clients_is_refused(tmp_path):
+    # Prepare / Execute / Assert: a federation of 2 nodes for 3 clients says so at once (num-partitions) ...
+    cfg = _cfg(methods=["fedit"])
+    with pytest.raises(ValueError, match=r"reports num-partitions = 2 \(the federation's node count\), but the run "
+                                         r"has clients = 3"):
+        FlowerSimulation(cfg, tmp_path, progress=False).serve(InlineGrid(2))
+    # ... and nodes that name no count are waited for, then refused naming what is there
+    grid = InlineGrid(2, num_partitions=-1)
+    sim = FlowerSimulation(cfg, tmp_path, progress=False, settings=FlowerSettings(start_timeout=0.0))
+    with pytest.raises(ValueError, match=r"clients = 3, one SuperNode each, but after flower-start-timeout = 0 s "
+                                         r"only 2 have one \(2 SuperNodes connected; clients without a node: \[2\]\)"):
+        sim.serve(grid)
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("node_config, why", [
+    ({"partition-id": 7, "num-partitions": 3}, "partition-id 7 is not a client of this run"),
+    ({"partition-id": 2, "num-partitions": 3, "rank": 1}, "rank budget 1 is below the rank the run assigns client 2"),
+    ({"partition-id": -1}, "answered the discovery query with error"),
+], ids=["partition-id", "rank", "bad-node-config"])
+def test_a_node_joining_mid_run_that_cannot_serve_is_ignored(tmp_path, caplog, node_config, why):
+    # Prepare: after round 1 a misconfigured node joins
+    cfg = _cfg(methods=["fedit"], rounds=3)
+    grid = InlineGrid(cfg.clients)
+    sim = FlowerSimulation(cfg, tmp_path, progress=False)
+    sim.on_round_end = lambda name, r: grid.add_node(200, node_config) if r == 1 else None
+    # Execute
+    with caplog.at_level(logging.WARNING, logger="lowrank_fed.llm.flower"):
+        sim.serve(grid)
+    # Assert: the run finished with every client; the node was asked once, refused and logged once
+    rows = [json.loads(line) for line in _metrics(tmp_path).splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2, 3] and all(r["dropped"] == 0 for r in rows)
+    to_new_node = [kind for kind, (_, client), _, _ in grid.sent if client == 200 - 100]  # node 200
+    assert to_new_node == ["query"]
+    assert list(sim.strategy.refused) == [200] and why in sim.strategy.refused[200]
+    assert sum(why in r.getMessage() and "ignored for the rest of the run" in r.getMessage()
+               for r in caplog.records) == 1
+    assert sim.strategy.nodes == {0: 100, 1: 101, 2: 102}
 
 
 def test_the_serverapp_resumes_and_resends_client_state_to_new_nodes(tmp_path):
@@ -233,7 +505,7 @@ def test_the_serverapp_resumes_and_resends_client_state_to_new_nodes(tmp_path):
     # Assert: the state went with each client's first download after the resume, not after
     assert _final(tmp_path / "fl", "fedsa") == _final(tmp_path / "ref", "fedsa")
     assert _metrics(tmp_path / "fl") == _metrics(tmp_path / "ref")
-    with_state = [key for kind, key, parts in grid.sent if kind == "train" and "state.config" in parts]
+    with_state = [key for kind, key, parts, _ in grid.sent if kind == "train" and "state.config" in parts]
     assert with_state == [(2, k) for k in range(cfg.clients)]
 
 
@@ -270,14 +542,14 @@ def test_flower_simulation_equals_the_runner(tmp_path):
     settings = tiny_settings(rounds=2, methods=ALL_METHODS, checkpoint=True,
                              faults=[{"round": 2, "client": 1, "kind": "nan", "method": "hetlora"}])
     config = tmp_path / "tiny.toml"
-    config.write_text("\n".join(f"{k} = {json.dumps(v) if not isinstance(v, bool) else str(v).lower()}"
-                                for k, v in settings.items() if k != "faults")
-                      + '\n\n[[faults]]\nround = 2\nclient = 1\nkind = "nan"\nmethod = "hetlora"\n')
+    config.write_text(tomli_w.dumps(settings))  # tomli-w comes with flwr
     run_experiment(RunConfig.from_dict(settings), tmp_path / "ref", progress=False)
     # Execute: `lowrank-fed run --engine flower`
     status = cli_main(["run", str(config), "--engine", "flower", "--out", str(tmp_path / "fl"), "--no-progress"])
     # Assert
     assert status == 0
+    assert json.loads((tmp_path / "fl" / "config.json").read_text()) == json.loads(
+        json.dumps(RunConfig.from_dict(settings).to_dict()))  # the TOML file said what the settings say
     for method in ALL_METHODS:
         assert _final(tmp_path / "fl", method) == _final(tmp_path / "ref", method), method
     assert _metrics(tmp_path / "fl") == _metrics(tmp_path / "ref")
