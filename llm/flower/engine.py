@@ -38,8 +38,11 @@ __all__ = ["FlowerSettings", "FlowerSimulation", "flower_environment", "flower_e
 log = logging.getLogger("lowrank_fed.llm.flower")
 
 #: Environment every Flower process of a run gets (no telemetry, no update check, no package installs).
+# RAY_worker_niceness: Ray starts its workers (the ClientApps) at nice 15, so any other busy process on the
+# machine (a second pytest worker, another run) starves them and the nodes miss the start-up timeout.
 ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-       "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+       "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "RAY_USAGE_STATS_ENABLED": "0",
+       "RAY_worker_niceness": "0"}
 _RAY_TMP_MAX = 40  # characters: Ray appends ~60 to this for its AF_UNIX sockets (limit 107)
 
 
