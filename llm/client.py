@@ -20,6 +20,7 @@ Nothing here reads or writes server state.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -129,6 +130,8 @@ def run_client(method: Method, message: Message, client_state: ClientState | Non
     probe with the plan's own learning rates and no hooks is the round's training without its hooks.
     """
     round_, k = int(message.config["round"]), int(context.client_id)
+    if method.options.lr is not None:  # the method's own learning rate (option lr)
+        context = dataclasses.replace(context, settings=dataclasses.replace(context.settings, lr=method.options.lr))
     state = client_state if client_state is not None else ClientState()
     generator = torch.Generator().manual_seed(derive_seed(context.seed, 19, round_, k))
     plan, state = method.client_plan(message, state, context, generator)

@@ -53,6 +53,8 @@ class Options(BaseModel):
     server: str | None = Field(None, description="another server rule for this client policy (composition)")
     freeze_head: bool = Field(False, description="the classifier head stays the shared initial one: never trained, "
                                                  "uploaded or averaged (LoRA-A2's setting, for any method)")
+    lr: float | None = Field(None, gt=0, description="this method's learning rate instead of the run's `lr` (so each "
+                                                  "method's can be chosen on validation data)")
 
     @field_validator("server")
     @classmethod

@@ -842,3 +842,22 @@ def test_freeze_head_keeps_the_initial_head_everywhere(tmp_path, monkeypatch, na
     for e, initial in sim.init_extras.items():
         assert torch.equal(log[-1].after.extras[e], initial)
     assert any(float(p.B.abs().sum()) > 0 for p in log[-1].after.pairs.values())
+
+
+def test_a_methods_own_lr_replaces_the_runs(tmp_path):
+    # Prepare: option lr on FedIT; the run's lr is 0.01 (tiny settings)
+    sim = _sim(tmp_path)
+    method = make_method("fedit", lr=0.003)
+    server = method.init_server(sim.init, sim.init_extras, dict(enumerate(sim.ranks)), init_seed=sim.init_seed)
+    seen = []
+    original = method.client_plan
+
+    def spy(message, state, context, generator):
+        seen.append(context.settings.lr)
+        return original(message, state, context, generator)
+
+    method.client_plan = spy
+    # Execute
+    run_client(method, method.configure(server, 0), None, sim.contexts[0])
+    # Assert: the plan was built with the method's lr, and the run's context is left as it was
+    assert seen == [0.003] and sim.contexts[0].settings.lr == 0.01

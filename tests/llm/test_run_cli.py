@@ -116,7 +116,7 @@ BAD = [
     ({"nope": {"x": 1}}, "nope", "a config key", "{'x': 1}"),
     ({"method_options": {"nope": {}}}, "nope", "a method table", "{}"),
     ({"hetlora": {"lam": "abc"}}, "hetlora.lam", "a number", "'abc'"),
-    ({"hetlora": {"nope": 1}}, "hetlora.nope", "an option of [hetlora] (server, freeze_head, lam, gamma, r_min)", "1"),
+    ({"hetlora": {"nope": 1}}, "hetlora.nope", "an option of [hetlora] (server, freeze_head, lr, lam, gamma, r_min)", "1"),
     ({"hetlora": {"gamma": 1.5}}, "hetlora.gamma", "a value < 1", "1.5"),
     ({"faults": [{"round": 5, "client": 0}]}, "faults[0].round", "[1, rounds] = [1, 4]", "5"),
     ({"faults": [{"round": 1, "client": 0}, {"round": 1, "client": 10}]}, "faults[1].client", "[0, 10)",
