@@ -123,7 +123,7 @@ def reproduce(name: str, *, seeds: int | None = None, quick: bool = False, out: 
             results.setdefault(stem, {})[seed] = load_run(folder)
     claims = experiment.analyse(results)
     report = {
-        "experiment": name, "title": experiment.title, "paper": experiment.paper, "quick": quick,
+        "experiment": name, "title": experiment.title, "paper": experiment.paper, "quick": quick, "out": str(out),
         "seeds": seed_list, "configs": list(experiment.configs), "differences": experiment.differences,
         "seconds_this_call": time.perf_counter() - start, "run_seconds": seconds,
         "run_seconds_total": _total_run_seconds(results),
@@ -255,10 +255,9 @@ def main(args: argparse.Namespace) -> int:
         for line in str(err).splitlines():
             print(f"error: {line}", file=sys.stderr)
         return 2
-    out = args.out or f"runs/reproduce/{args.name}{'-quick' if args.quick else ''}"
     if args.quick:
         print("QUICK RUN: a plumbing check on tiny random models; the numbers below say nothing about the claims.")
     for c in report["claims"]:
         print(f"- {c['claim']}: ours {c['ours']} (paper: {c['paper']}) -> {c['verdict']}")
-    print(f"report: {out}/report.md")
+    print(f"report: {report['out']}/report.md")
     return 0
