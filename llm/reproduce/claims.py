@@ -370,8 +370,8 @@ EXPERIMENTS: dict[str, Experiment] = {
         "Koo et al., LoRA-A2 (ACL 2025), Table 1: 20 Newsgroups",
         tuple(f"dir{a}_r{r}" for a in ("001", "05") for r in (1, 2, 8)),
         "MiniLM-L6 (22.7M) instead of RoBERTa-base; 10 clients instead of 30; 6 rounds of 8 local steps instead of "
-        "50 rounds of 5 local epochs; 2000 training examples, 32 tokens; one learning rate for all methods "
-        "(2e-2, B at 5x for LoRA-A2) chosen on validation data; r_G = 16.",
+        "50 rounds of 5 local epochs; 2000 training examples, 32 tokens; each method's learning rate chosen on "
+        "validation data (the baselines 2e-3, LoRA-A2 2e-2 with B at 5x); r_G = 16.",
         _lora_a2),
     "byun-lee": Experiment(
         "byun-lee", "Byun & Lee: zero-padding vs replication for a high-rank client",
