@@ -307,9 +307,10 @@ class Simulation:
         pairs = decode_pairs(reply.arrays)
         extras = decode_extras(reply.arrays) if method.head_shared else server.extras
         self._load(Model(pairs, dict(extras), None))
-        out = {f"upload_{self.metric}": summarise(self._score("test"))[self.metric]}
+        scores = self._score("test")  # one pass: the held-out rows are rows of the test set (as in evaluate)
+        out = {f"upload_{self.metric}": summarise(scores)[self.metric]}
         if len(self.holdout[k]):
-            out[f"upload_local_{self.metric}"] = summarise(self._score("test", self.holdout[k]))[self.metric]
+            out[f"upload_local_{self.metric}"] = summarise(scores, self.holdout[k])[self.metric]
         return out
 
     def score_detection(self, detection: dict, participants: list[int]) -> dict:
