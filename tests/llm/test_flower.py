@@ -369,6 +369,19 @@ def _text_metric(content):
     content.config_records["msg.config"]["meta"] = json.dumps(meta)
 
 
+def _serve_scored_with_tamper(tmp_path, *, client, tamper):
+    """Serve FedIT with upload scoring where ``client``'s round-2 reply is tampered with on the wire.
+
+    Returns the last ``metrics.jsonl`` row and the client indices ``score_upload`` was called for.
+    """
+    cfg = _cfg(methods=["fedit"], score_uploads=True)
+    sim = FlowerSimulation(cfg, tmp_path, progress=False)
+    scored = _counting(sim, "score_upload")
+    with pytest.warns(UpdateDroppedWarning, match=f"client {client}: update dropped"):
+        sim.serve(InlineGrid(cfg.clients, tamper={(2, client): tamper}))
+    return json.loads(_metrics(tmp_path).splitlines()[-1]), scored
+
+
 @pytest.mark.parametrize("tamper, why", [
     (_bad_dtype, "dtype 'complex64' is not one this protocol sends"),
     (_no_arrays, "do not match the dtypes"),
@@ -377,15 +390,9 @@ def _text_metric(content):
     (_text_metric, "reply metric 'train_loss' must be a number; got 'low'"),
 ], ids=["dtype", "missing-part", "json", "missing-key", "metric"])
 def test_a_malformed_reply_is_dropped_not_a_crash(tmp_path, tamper, why):
-    # Prepare: client 1's round-2 reply is malformed on the wire
-    cfg = _cfg(methods=["fedit"], score_uploads=True)
-    sim = FlowerSimulation(cfg, tmp_path, progress=False)
-    scored = _counting(sim, "score_upload")
-    # Execute
-    with pytest.warns(UpdateDroppedWarning, match="client 1: update dropped"):
-        sim.serve(InlineGrid(cfg.clients, tamper={(2, 1): tamper}))
+    # Prepare and execute: client 1's round-2 reply is malformed on the wire
+    last, scored = _serve_scored_with_tamper(tmp_path, client=1, tamper=tamper)
     # Assert: the run finished; client 1 dropped in round 2 with the decoding error, never scored
-    last = json.loads(_metrics(tmp_path).splitlines()[-1])
     reason = last["clients"][1]["reason"]
     assert reason.startswith("SuperNode 101 sent a reply that cannot be decoded: ") and why in reason
     assert [r["dropped"] for r in last["clients"]] == [False, True, False]
@@ -399,14 +406,9 @@ def test_a_wrong_shape_reply_is_dropped_before_it_is_scored(tmp_path):
         key = sorted(k for k in arrays.keys() if k.endswith("/B"))[0]
         arrays[key] = Array(arrays[key].numpy()[:, :-1].copy())
 
-    cfg = _cfg(methods=["fedit"], score_uploads=True)
-    sim = FlowerSimulation(cfg, tmp_path, progress=False)
-    scored = _counting(sim, "score_upload")
     # Execute
-    with pytest.warns(UpdateDroppedWarning, match="client 2: update dropped"):
-        sim.serve(InlineGrid(cfg.clients, tamper={(2, 2): narrow}))
+    last, scored = _serve_scored_with_tamper(tmp_path, client=2, tamper=narrow)
     # Assert: dropped with the shape named; scored in round 1 only
-    last = json.loads(_metrics(tmp_path).splitlines()[-1])
     assert "has shape" in last["clients"][2]["reason"] and "expected" in last["clients"][2]["reason"]
     assert "upload_accuracy" not in last["clients"][2]
     assert sorted(scored) == [0, 0, 1, 1, 2]
