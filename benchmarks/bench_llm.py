@@ -268,7 +268,7 @@ def main(argv=None) -> int:
     t3.add_row("PreLort sample vs FedIT (plain path), same rank", f"{sec['prelort']:.2f}", f"{sec['fedit']:.2f}",
                f"{seed['prelort_vs_plain']:.3f}x", ">= 0.95x " + ("pass" if seed["prelort_vs_plain"] >= 0.95 else "FAIL"))
     t3.add_row("HAFL freezing: importance hook on vs off", f"{sec['hafl_hook']:.2f}", f"{sec['hafl_nohook']:.2f}",
-               f"+{100 * seed['hafl_hook_overhead']:.1f}%",
+               f"{100 * seed['hafl_hook_overhead']:+.1f}%",
                "<= 5% " + ("pass" if seed["hafl_hook_overhead"] <= 0.05 else "FAIL"))
     t3.add_row("LoRA-A2 (probe + masked round) vs FedIT rank 16", f"{sec['lora_a2']:.2f}", f"{sec['fedit_r16']:.2f}",
                f"{seed['lora_a2_vs_fedit']:.3f}x", "<= 1.25x " + ("pass" if seed["lora_a2_vs_fedit"] <= 1.25 else "FAIL"))
