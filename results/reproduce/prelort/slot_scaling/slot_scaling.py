@@ -17,7 +17,6 @@ import json, sys, tempfile
 from pathlib import Path
 
 import numpy as np
-import torch
 from safetensors import safe_open
 
 from lowrank_fed import FactorPair
@@ -65,13 +64,10 @@ def score(model):
 results = []
 for name in methods:
     path = adapters / f"{name}.safetensors"
-    tensors = load_final(path)
+    tensors = {k: v.to(sim.device) for k, v in load_final(path).items()}
     with safe_open(str(path), "pt") as f:
         meta = json.loads(f.metadata()["lowrank_fed"])
     server, _ = state_from_flat(tensors, {"server": meta["state"], "clients": {}}, sim.ws.shapes)
-    server = type(server)(server.round, {k: FactorPair(v.B.to(sim.device), v.A.to(sim.device)) for k, v in server.pairs.items()},
-                          {k: v.to(sim.device) for k, v in server.extras.items()}, server.shapes, server.ranks,
-                          server.arrays, server.info)
     method = make_method(name, **cfg.method_options.get(name, {}))
     g = method.global_model(server)
     assert all(p.rank == 16 for p in g.pairs.values())
