@@ -24,6 +24,7 @@ alphas or rsLoRA are combined by the core's rules on ``Delta W`` itself:
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,6 +99,28 @@ def _check_tensors(state_dict: Mapping[str, torch.Tensor], where: str) -> None:
             _refuse(where, f"tensor {key!r} of shape {tuple(value.shape)} (convolution LoRA)")
 
 
+def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """The tensors of ``folder``'s weights file; a missing, truncated or corrupt file is an error naming it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = folder / WEIGHTS_FILE if (folder / WEIGHTS_FILE).is_file() else folder / WEIGHTS_BIN
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder}: no {WEIGHTS_FILE} or {WEIGHTS_BIN}.")
+    try:
+        if path.name == WEIGHTS_FILE:
+            state_dict = load_file(str(path))
+        else:
+            state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except (SafetensorError, RuntimeError, OSError, EOFError, ValueError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ValueError(f"{path}: cannot be read as a weights file ({reason}); expected a complete "
+                         f"{path.suffix[1:]} file as PEFT writes it.") from None
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise ValueError(f"{path}: expected a mapping of tensor names to tensors; got {type(state_dict).__name__}.")
+    return state_dict
+
+
 def load_peft_adapter(source, adapter_name: str | None = None) -> Adapter:
     r"""Read a PEFT LoRA adapter: a folder, or ``(state_dict, LoraConfig)``.
 
@@ -107,8 +130,9 @@ def load_peft_adapter(source, adapter_name: str | None = None) -> Adapter:
         A folder without ``adapter_config.json`` or weights.
     ValueError
         A feature the folding does not cover (DoRA, ``lora_bias``, embedding / convolution LoRA,
-        trainable tokens, aLoRA, ``target_parameters``), or a module with only one factor; the
-        message names the folder and the tensor or config key.
+        trainable tokens, aLoRA, ``target_parameters``), a module with only one factor, a rank the config
+        declares that its tensors do not have, a non-finite tensor, or a truncated or corrupt weights file;
+        the message names the folder (or file) and the tensor or config key.
     """
     if isinstance(source, tuple):
         state_dict, config = source
@@ -119,14 +143,11 @@ def load_peft_adapter(source, adapter_name: str | None = None) -> Adapter:
         if not (folder / CONFIG_FILE).is_file():
             raise FileNotFoundError(f"{folder}: no {CONFIG_FILE}; expected a PEFT adapter folder.")
         config = LoraConfig.from_pretrained(str(folder))
-        if (folder / WEIGHTS_FILE).is_file():
-            from safetensors.torch import load_file
-
-            state_dict = load_file(str(folder / WEIGHTS_FILE))
-        elif (folder / WEIGHTS_BIN).is_file():
-            state_dict = torch.load(folder / WEIGHTS_BIN, map_location="cpu", weights_only=True)
-        else:
-            raise FileNotFoundError(f"{folder}: no {WEIGHTS_FILE} or {WEIGHTS_BIN}.")
+        state_dict = _read_weights(folder)
+    for key, value in state_dict.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise ValueError(f"{where}: tensor {key!r} has {int((~torch.isfinite(value)).sum())} non-finite "
+                             "entries (NaN or Inf); expected finite weights. Nothing was read.")
     peft_type = getattr(config.peft_type, "value", config.peft_type)
     if peft_type not in (None, "LORA"):
         _refuse(where, f"peft_type {peft_type!r}")
@@ -153,6 +174,11 @@ def save_peft_adapter(folder, adapter: Adapter | Mapping[str, FactorPair], *, lo
     ``lora_B = B / s`` with ``s = lora_alpha / r_m`` (or ``/ sqrt(r_m)``); unset options come from the
     adapter's own config, else ``lora_alpha = 16``, no rsLoRA. Extras are saved under their names and
     their modules listed in ``modules_to_save``. Returns the folder.
+
+    Raises
+    ------
+    ValueError
+        No modules, an alpha that is not finite and positive, or a non-finite tensor: nothing is written.
     """
     from safetensors.torch import save_file
 
@@ -169,10 +195,17 @@ def save_peft_adapter(folder, adapter: Adapter | Mapping[str, FactorPair], *, lo
     config = adapter_config(adapter.ranks, target_modules=sorted(adapter.pairs), lora_alpha=float(alpha),
                             use_rslora=rslora, modules_to_save=saved or None, task_type=task,
                             base_model_name_or_path=base)
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    if not (math.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"The 'lora_alpha' parameter must be finite and positive (lora_B = B / s with s = alpha / "
+                         f"r). Got {alpha}.")
     state = {k: v.detach().to("cpu").contiguous() for k, v in
              pairs_to_state_dict(adapter.pairs, config, adapter.extras).items()}
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(f"The adapter has non-finite entries (NaN or Inf) in {len(bad)} tensors ({bad[0]!r}"
+                         f"{', ...' if len(bad) > 1 else ''}); nothing was written.")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
     save_file(state, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
     config_dict = config.to_dict()
     config_dict["target_modules"] = sorted(config_dict["target_modules"])

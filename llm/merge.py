@@ -24,7 +24,7 @@ Everything is read and checked before anything is written; a bad folder, weight 
 from __future__ import annotations
 
 import argparse
-import shutil
+import math
 import sys
 import time
 from pathlib import Path
@@ -54,9 +54,64 @@ def _fail(message: str) -> int:
     return 2
 
 
-def _check_out(folder: Path, overwrite: bool, flag: str) -> str | None:
-    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())) and not overwrite:
-        return f"{flag} {folder} exists and is not empty; give --overwrite to replace it."
+def _check_options(args: argparse.Namespace, n: int) -> str | None:
+    """The first problem with the options that need no adapter read (None if there is none)."""
+    from lowrank_fed import AGGREGATORS
+
+    if args.rule not in AGGREGATORS:
+        return f"--rule {args.rule!r} is unknown; expected one of {sorted(AGGREGATORS)}."
+    if args.rank is not None and (args.rule != "svd" or args.rank < 1):
+        return f"--rank {args.rank}: expected a positive rank, with --rule svd only (got --rule {args.rule})."
+    if args.weights is not None and (len(args.weights) != n or not all(math.isfinite(w) for w in args.weights)
+                                     or min(args.weights) < 0 or sum(args.weights) <= 0):
+        return (f"--weights: expected {n} finite non-negative numbers with a positive sum (one per client); "
+                f"got {args.weights}.")
+    if args.lora_alpha is not None and not (math.isfinite(args.lora_alpha) and args.lora_alpha > 0):
+        return f"--lora-alpha: expected a finite positive number (the scale is alpha / r); got {args.lora_alpha}."
+    if args.robust and n < 3:
+        return f"--robust needs at least 3 clients to tell a contaminated one from the rest; got {n}."
+    return None
+
+
+def _plan_outputs(args: argparse.Namespace, names: list[str]) -> tuple[Path, Path | None]:
+    """``--out`` and ``--per-client`` through the output guard; OutputFolderError when either is refused."""
+    from .outputs import OutputFolderError, plan_output
+
+    out = Path(args.out)
+    per_client = Path(args.per_client) if args.per_client is not None else None
+    signatures = {"--out": ("adapter_config.json",), "--per-client": tuple(names)}
+    for folder, flag in ((out, "--out"), (per_client, "--per-client")):
+        if folder is None:
+            continue
+        plan = plan_output(folder, signature=signatures[flag], overwrite=args.overwrite, inputs=args.clients,
+                           flag=flag, hint="Give --overwrite to replace an earlier output of merge, or choose "
+                                           "another folder.")
+        if plan == "existing":
+            raise OutputFolderError(f"{flag} '{folder}' holds an earlier output of merge; nothing was changed. "
+                                    f"Give --overwrite to replace it, or choose another folder.")
+    if per_client is not None and str(args.per_client).strip():
+        a, b = out.resolve(), per_client.resolve()
+        if a == b or a in b.parents or b in a.parents:
+            raise OutputFolderError(f"--out '{out}' and --per-client '{per_client}' overlap; expected two separate "
+                                    "folders.")
+    return out, per_client
+
+
+def _check_shapes(args: argparse.Namespace, adapters) -> str | None:
+    """The first disagreement between the adapters and the rule (None if there is none), naming the folders."""
+    for m in sorted({m for a in adapters for m in a.pairs}):
+        held = {args.clients[k]: a.pairs[m] for k, a in enumerate(adapters) if m in a.pairs}
+        shapes = {folder: tuple(p.shape) for folder, p in held.items()}
+        if len(set(shapes.values())) > 1:
+            return f"module {m!r}: the clients' updates have different shapes (d_out, d_in) {shapes}; expected one."
+        ranks = {folder: p.rank for folder, p in held.items()}
+        if args.rule == "fedavg" and len(set(ranks.values())) > 1:
+            return (f"--rule fedavg averages B and A factor by factor, so it needs equal ranks; module {m!r} has "
+                    f"ranks {ranks}. Use --rule svd (exact) or zero_pad for mixed ranks.")
+        d_out, d_in = next(iter(shapes.values()))
+        if args.rank is not None and args.rank > min(d_out, d_in):
+            return (f"--rank {args.rank}: expected at most min(d_out, d_in) = {min(d_out, d_in)} of module {m!r} "
+                    f"(shape {d_out} x {d_in}).")
     return None
 
 
@@ -65,35 +120,34 @@ def main(args: argparse.Namespace) -> int:
     from rich.table import Table
     from tqdm.auto import tqdm
 
-    from lowrank_fed import AGGREGATORS, aggregate
+    from lowrank_fed import aggregate, factored_svd
 
     from .adapters import Adapter, average_extras, load_peft_adapter, redistribute_adapter, save_peft_adapter
     from .methods.clair import flag_clients
+    from .outputs import OutputFolderError, atomic_folder
 
     # ---- everything checked before anything is written
-    if args.rule not in AGGREGATORS:
-        return _fail(f"--rule {args.rule!r} is unknown; expected one of {sorted(AGGREGATORS)}.")
-    if args.rank is not None and (args.rule != "svd" or args.rank < 1):
-        return _fail(f"--rank {args.rank}: expected a positive rank, with --rule svd only (got --rule {args.rule}).")
     n = len(args.clients)
-    if args.weights is not None and (len(args.weights) != n or min(args.weights) < 0 or sum(args.weights) <= 0):
-        return _fail(f"--weights: expected {n} non-negative numbers with a positive sum (one per client); "
-                     f"got {args.weights}.")
-    if args.robust and n < 3:
-        return _fail(f"--robust needs at least 3 clients to tell a contaminated one from the rest; got {n}.")
-    out, per_client = Path(args.out), Path(args.per_client) if args.per_client else None
-    for folder, flag in ((out, "--out"), (per_client, "--per-client")):
-        if folder is not None and (err := _check_out(folder, args.overwrite, flag)):
-            return _fail(err)
+    if problem := _check_options(args, n):
+        return _fail(problem)
     names = [Path(c).name or str(c) for c in args.clients]
-    if per_client is not None and len(set(names)) != n:
+    if args.per_client is not None and len(set(names)) != n:
         return _fail(f"--per-client writes DIR/<client folder name>/, but the client folder names repeat: {names}.")
+    try:
+        out, per_client = _plan_outputs(args, names)
+    except OutputFolderError as err:
+        return _fail(str(err))
     adapters: list[Adapter] = []
     for folder in args.clients:
+        if not Path(folder).is_dir():
+            return _fail(f"'{folder}' is not a folder; expected a PEFT adapter folder (adapter_config.json and "
+                         "adapter_model.safetensors).")
         try:
             adapters.append(load_peft_adapter(folder))
         except (OSError, ValueError) as err:
             return _fail(str(err))
+    if problem := _check_shapes(args, adapters):
+        return _fail(problem)
     weights = [1.0] * n if args.weights is None else list(args.weights)
     console = Console(stderr=False)
 
@@ -123,33 +177,47 @@ def main(args: argparse.Namespace) -> int:
     modules = sorted({m for a in chosen for m in a.pairs})
     summary = Table(title=f"merge --rule {args.rule}" + (f" --rank {args.rank}" if args.rank else "")
                     + f": {len(kept)} of {n} clients")
-    for col in ("module", "rank", "relative error of the truncation", "ms"):
+    for col in ("module", "rank", "relative error of the truncation ||S[N:]|| / ||S||", "ms"):
         summary.add_column(col, justify="right")
     pairs = {}
     for m in tqdm(modules, desc="modules", disable=args.no_progress, file=sys.stderr):
         holders = [k for k, a in enumerate(chosen) if m in a.pairs]
         t0 = time.perf_counter()
-        options = {"rank": args.rank} if args.rank else {}
-        pairs[m] = aggregate(args.rule, [chosen[k].pairs[m] for k in holders], [w[k] for k in holders], **options)
+        if sum(w[k] for k in holders) <= 0:
+            return _fail(f"module {m!r}: every client holding it ({[names[kept[k]] for k in holders]}) has weight 0; "
+                         "expected a positive weight on at least one holder.")
+        options, error = {}, "-"
+        if args.rank:  # Eckart-Young: the truncation's error is ||S[N:]|| / ||S|| of the exact sum's spectrum
+            S = factored_svd([chosen[k].pairs[m] for k in holders], [w[k] for k in holders])[1].double()
+            options["rank"] = min(args.rank, len(S))  # a sum of lower rank than N is kept exactly
+            error = f"{float(S[args.rank:].norm() / S.norm().clamp_min(1e-300)):.3e}"
+        try:
+            pairs[m] = aggregate(args.rule, [chosen[k].pairs[m] for k in holders], [w[k] for k in holders],
+                                 **options)
+        except ValueError as err:
+            held = [names[kept[k]] for k in holders]
+            return _fail(f"module {m!r} (held by {held}): {err}")
         ms = 1e3 * (time.perf_counter() - t0)
-        error = "-"
-        if args.rank:  # Eckart-Young: ||tail|| / ||all|| of the exact sum's singular values (B = U S)
-            exact = aggregate("svd", [chosen[k].pairs[m] for k in holders], [w[k] for k in holders])
-            s = exact.B.double().norm(dim=0)
-            error = f"{float(s[args.rank:].norm() / s.norm().clamp_min(1e-300)):.3e}"
         summary.add_row(m, str(pairs[m].rank), error, f"{ms:.1f}")
+    for name in sorted({e for a in chosen for e in a.extras}):
+        holders = [k for k, a in enumerate(chosen) if name in a.extras]
+        if sum(w[k] for k in holders) <= 0:
+            return _fail(f"tensor {name!r} (not LoRA, e.g. a head): every client holding it "
+                         f"({[names[kept[k]] for k in holders]}) has weight 0; expected a positive weight on one.")
     merged = Adapter(pairs, average_extras(chosen, w), adapters[0].config)
 
-    # ---- writing
-    if args.overwrite:
-        for folder in (out, per_client):
-            if folder is not None and folder.exists():
-                shutil.rmtree(folder)
-    save_peft_adapter(out, merged, lora_alpha=args.lora_alpha)
-    if per_client is not None:
-        for k in kept:
-            share = redistribute_adapter(merged, adapters[k].config or adapters[k].ranks, method="svd")
-            save_peft_adapter(per_client / names[k], share)
+    # ---- writing: each folder complete in a temporary sibling first, then renamed into place
+    shares = {names[k]: redistribute_adapter(merged, adapters[k].config or adapters[k].ranks, method="svd")
+              for k in kept} if per_client is not None else {}
+    try:
+        with atomic_folder(out) as tmp:
+            save_peft_adapter(tmp, merged, lora_alpha=args.lora_alpha)
+        if per_client is not None:
+            with atomic_folder(per_client) as tmp:
+                for name, share in shares.items():
+                    save_peft_adapter(tmp / name, share)
+    except ValueError as err:  # a non-finite result: never written
+        return _fail(str(err))
     console.print(summary)
     console.print(f"global adapter in {out}" + (f"; per-client shares in {per_client}" if per_client else ""))
     return 0

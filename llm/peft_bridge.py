@@ -54,6 +54,11 @@ _LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<facto
 _SAVED_KEY = re.compile(r"\.modules_to_save\.(?P<adapter>[^.]+)\.")
 
 
+def _declared_rank(config: LoraConfig, module: str) -> int:
+    """The rank ``config`` declares for ``module``: its ``rank_pattern`` entry (PEFT's matching rule), else ``r``."""
+    return int(config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), module), config.r))
+
+
 def lora_scale(config: LoraConfig, module: str) -> float:
     r"""PEFT's scale ``s`` of ``module`` under ``config``: ``alpha / r`` (or ``alpha / sqrt(r)``).
 
@@ -66,7 +71,7 @@ def lora_scale(config: LoraConfig, module: str) -> float:
     >>> lora_scale(cfg, "enc.layer.0.query"), lora_scale(cfg, "enc.layer.1.query")
     (2.0, 4.0)
     """
-    r = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), module), config.r)
+    r = _declared_rank(config, module)
     alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), module), config.lora_alpha)
     if r <= 0:
         raise ValueError(f"Module {module!r}: the LoRA rank must be positive. Got {r}.")
@@ -282,6 +287,11 @@ def state_dict_to_pairs(state_dict: Mapping[str, torch.Tensor], config: LoraConf
     for module, f in factors.items():
         if set(f) != {"A", "B"}:
             raise ValueError(f"Module {module!r}: the state dict has lora_{''.join(sorted(f))} only; expected both.")
+        declared, actual = _declared_rank(config, module), f["A"].shape[0]
+        if declared != actual or f["B"].shape[-1] != actual:
+            raise ValueError(f"Module {module!r}: the config declares rank {declared} (r / rank_pattern), but "
+                             f"lora_A has {actual} rows and lora_B {f['B'].shape[-1]} columns; expected all three "
+                             "equal (the scale alpha / r would be wrong).")
         pairs[module] = FactorPair(f["B"] * lora_scale(config, module), f["A"])
     return pairs, extras
 

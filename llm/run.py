@@ -31,9 +31,10 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
-import shutil
 import sys
 from pathlib import Path
+
+from .outputs import OutputFolderError, clear_folder, plan_output
 
 __all__ = ["add_arguments", "main", "check_output_folder"]
 
@@ -61,9 +62,8 @@ def _error(message: object) -> None:
         print(f"error: {line}", file=sys.stderr, flush=True)
 
 
-#: What a run folder may hold besides a run: Flower's home, logs and caches of the run (``lowrank-fed flower up``
-#: writes them before the ServerApp decides what to do with the folder).
-SCRATCH = ".flower"
+#: The names that mark a folder as a run's (``--overwrite`` replaces only such a folder).
+RUN_SIGNATURE = ("config.json",)
 
 
 def _stored_config(folder: Path) -> dict | None:
@@ -99,20 +99,18 @@ def _resumed_config(folder: Path):
                           err.errors) from None
 
 
-def _protected(folder: Path) -> bool:
-    """Whether ``folder`` is the current folder, one of its parents, or the home folder."""
-    resolved, cwd = folder.resolve(), Path.cwd().resolve()
-    return resolved == cwd or resolved in cwd.parents or resolved == Path.home().resolve()
-
-
-def check_output_folder(folder: Path, cfg=None, *, overwrite: bool = False, hint: str) -> str:
+def check_output_folder(folder: Path, cfg=None, *, overwrite: bool = False, hint: str, inputs=()) -> str:
     r"""What a run of ``cfg`` must do with its output folder before it writes: ``"new"``, ``"clear"`` or ``"resume"``.
 
-    The one rule of every entry point (``lowrank-fed run``, ``lowrank-fed flower up``, the Flower ServerApp):
+    The one rule of every entry point (``lowrank-fed run``, ``lowrank-fed flower up``, the Flower ServerApp), on
+    top of the guard every writing command shares (:func:`~lowrank_fed.llm.outputs.plan_output`: never the
+    current folder, its parents, home, a folder holding ``inputs``, an unwritable one):
 
-    - ``"new"``: the folder is absent, or holds nothing but Flower's scratch folder (:data:`SCRATCH`);
-    - ``"clear"``: ``overwrite`` is given and the folder holds files: empty it (:func:`_clear`) first, then start
-      afresh (even over a run of the same config). Never the current folder, one of its parents or the home folder;
+    - ``"new"``: the folder is absent, or holds nothing but Flower's scratch folder
+      (:data:`~lowrank_fed.llm.outputs.SCRATCH`);
+    - ``"clear"``: ``overwrite`` is given and the folder holds an earlier run (its ``config.json``): replace it by
+      an empty folder (:func:`_clear`) first, then start afresh (even over a run of the same config). A folder
+      holding anything else is refused;
     - ``"resume"``: ``cfg`` is given and the folder's ``config.json`` is ``cfg``'s: continue that run from its
       checkpoints. ``lowrank-fed run`` passes no ``cfg``: it resumes only when told to (``--resume DIR``).
 
@@ -122,28 +120,28 @@ def check_output_folder(folder: Path, cfg=None, *, overwrite: bool = False, hint
     cfg : RunConfig, optional
         The run about to start; given, a folder holding a run of the same config is resumed.
     overwrite : bool
-        Empty a folder that holds files (``--overwrite``).
+        Replace a folder that holds an earlier run (``--overwrite``).
     hint : str
         How the user goes on when the folder is refused (ends the error message).
+    inputs : iterable of paths
+        What the run reads (its config file, the model cache): the folder may not hold them.
 
     Raises
     ------
     ConfigError
-        A path component is not a folder; the folder holds files and ``overwrite`` is not given (naming them, or the
-        other config it holds); ``overwrite`` of a protected folder.
+        The guard refuses the folder; it holds files and ``overwrite`` is not given (naming them, or the other
+        config it holds); ``overwrite`` of a folder that holds no run.
     """
     from .config import ConfigError
+    from .models import cache_dir
 
-    for path in (folder, *folder.parents):
-        if path.exists() and not path.is_dir():
-            raise ConfigError(f"Output folder '{folder}': '{path}' exists and is not a folder.")
-    if not folder.is_dir() or not any(p.name != SCRATCH for p in folder.iterdir()):
-        return "new"
-    if overwrite:
-        if _protected(folder):
-            raise ConfigError(f"--overwrite: refusing to empty '{folder}': it is the current folder, one of its "
-                              f"parents or the home folder. Choose a dedicated --out folder.")
-        return "clear"
+    try:
+        plan = plan_output(folder, signature=RUN_SIGNATURE, overwrite=overwrite, inputs=[*inputs, cache_dir()],
+                           hint=hint)
+    except OutputFolderError as err:
+        raise ConfigError(str(err)) from None
+    if plan != "existing":
+        return plan
     stored = _stored_config(folder) if cfg is not None else None
     if stored is not None:
         if stored == json.loads(json.dumps(cfg.to_dict())):
@@ -152,16 +150,11 @@ def check_output_folder(folder: Path, cfg=None, *, overwrite: bool = False, hint
                           f"nothing was changed. {hint}")
     names = sorted(p.name for p in folder.iterdir())
     shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
-    raise ConfigError(f"Output folder '{folder}' already holds files ({shown}); nothing was changed. {hint}")
+    raise ConfigError(f"Output folder '{folder}' already holds files of a run ({shown}); nothing was changed. {hint}")
 
 
-def _clear(folder: Path) -> None:
-    """Remove everything inside ``folder`` (links themselves, never their targets); keep the folder."""
-    for entry in folder.iterdir():
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry)
-        else:
-            entry.unlink()
+#: Replace a run folder by an empty one (the old one moved aside, then deleted; Flower's scratch kept).
+_clear = clear_folder
 
 
 def _check_packages(cfg) -> None:
@@ -193,10 +186,13 @@ def main(args: argparse.Namespace) -> int:
             clear = False
         else:
             cfg = RunConfig.from_dict(apply_overrides(load_config(args.config), args.overrides))
-            out = Path(args.out) if args.out else Path("runs") / cfg.name
+            if args.out is not None and not args.out.strip():
+                raise ConfigError("--out is empty; expected a folder path (or leave --out out: runs/<name>).")
+            out = Path(args.out) if args.out is not None else Path("runs") / cfg.name
             clear = check_output_folder(
-                out, overwrite=args.overwrite, hint=f"Use --overwrite to replace them, --resume {out} to continue "
-                                                    f"the run in it, or --out to choose another folder.") == "clear"
+                out, overwrite=args.overwrite, inputs=[args.config] if args.config else [],
+                hint=f"Use --overwrite to replace it, --resume {out} to continue the run in it, or --out to "
+                     f"choose another folder.") == "clear"
     except ConfigError as err:
         _error(err)
         return 2
@@ -232,7 +228,7 @@ def main(args: argparse.Namespace) -> int:
         console = Console(width=max(console.width, 160))
     if clear:
         _clear(out)
-        console.print(f"--overwrite: emptied {escape(str(out))}")
+        console.print(f"--overwrite: replaced the earlier run in {escape(str(out))}")
     console.print(f"lowrank-fed run [bold]{cfg.name}[/bold]: {cfg.model} on {cfg.dataset}, "
                   f"methods {cfg.methods}, {cfg.clients} clients, {cfg.rounds} rounds -> {escape(str(out))}")
     try:

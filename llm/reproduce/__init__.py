@@ -9,7 +9,10 @@ An experiment (:data:`EXPERIMENTS`) is a set of run configs in ``configs/reprodu
 comparison it reports (:mod:`.claims`). Every config is run once per seed (``seed = 0 .. N-1``, through the
 same :class:`~lowrank_fed.llm.runner.simulation.Simulation` as ``lowrank-fed run``) into
 ``<out>/<config>/seed<s>/``; a run whose folder already holds a finished run of the same config is reused,
-so an interrupted reproduction continues where it stopped. Then ``report.md`` (the claims table: the paper's
+so an interrupted reproduction continues where it stopped (an unfinished one is run again). ``--out`` must be new
+or hold an earlier reproduction of the same experiment: a run's folder or any other non-empty folder is refused, as
+is a seed folder holding a finished run of another config (a finished result is never deleted), before anything is
+written (:func:`~lowrank_fed.llm.outputs.plan_output`). Then ``report.md`` (the claims table: the paper's
 number, ours as mean +- sample standard deviation over seeds, the verdict), ``report.json`` (every per-seed
 number) and ``claims.png`` are written to ``<out>`` (default ``runs/reproduce/<name>/``).
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import ConfigError, RunConfig, load_config
+from ..outputs import OutputFolderError, clear_folder, plan_output
 from ..runner.checkpoint import atomic_write_text
 from .claims import EXPERIMENTS, Claim, Experiment, Run, mean_sd
 
@@ -102,8 +102,21 @@ def reproduce(name: str, *, seeds: int | None = None, quick: bool = False, out: 
     if n_seeds < 1:
         raise ConfigError(f"--seeds must be at least 1; got {n_seeds}.")
     seed_list = list(range(n_seeds))
+    if out is not None and not str(out).strip():
+        raise ConfigError("--out is empty; expected a folder path (or leave --out out: runs/reproduce/NAME).")
     out = Path(out) if out is not None else Path("runs") / "reproduce" / (f"{name}-quick" if quick else name)
     configs = _configs(experiment, seed_list, quick)  # raises before anything is written
+    try:  # a new folder, or one holding this experiment's runs or report; never a run's folder or anything else
+        plan_output(out, signature=("report.json", *experiment.configs), inputs=[CONFIG_ROOT / name],
+                    hint=f"Expected a new folder or one holding an earlier 'reproduce {name}'; choose another --out.")
+    except OutputFolderError as err:
+        raise ConfigError(str(err)) from None
+    stale = [str(out / stem / f"seed{s}") for stem, by_seed in configs.items() for s, cfg in by_seed.items()
+             if (out / stem / f"seed{s}" / "summary.json").is_file() and not _finished(out / stem / f"seed{s}", cfg)]
+    if stale:  # a finished result is never deleted to make room
+        raise ConfigError(f"--out '{out}': {len(stale)} folders hold finished runs of other configs ({stale[0]}"
+                          f"{', ...' if len(stale) > 1 else ''}); nothing was changed. Move them away or choose "
+                          "another --out.")
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict[int, Run]] = {}
     seconds: dict[str, float] = {}
@@ -116,7 +129,7 @@ def reproduce(name: str, *, seeds: int | None = None, quick: bool = False, out: 
             else:
                 log(f"[{name}] {stem}, seed {seed}: running into {folder}")
                 if folder.exists():
-                    shutil.rmtree(folder)  # an unfinished run of this very config (or a stale one): redo it
+                    clear_folder(folder)  # an unfinished run (finished ones of other configs were refused above)
                 t0 = time.perf_counter()
                 run_experiment(cfg, folder, progress=progress)
                 seconds[f"{stem}/seed{seed}"] = time.perf_counter() - t0

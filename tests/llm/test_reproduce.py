@@ -53,7 +53,7 @@ def test_quick_runs_end_to_end_and_says_it_is_quick(tmp_path, name):
     assert (tmp_path / "claims.png").stat().st_size > 0
 
 
-def test_a_second_call_reuses_finished_runs_and_redoes_a_changed_one(tmp_path):
+def test_a_second_call_reuses_finished_runs_and_never_deletes_one_of_another_config(tmp_path):
     # Prepare
     logs: list[str] = []
     reproduce("byun-lee", quick=True, seeds=1, out=tmp_path, progress=False, log=lambda m: None)
@@ -64,11 +64,26 @@ def test_a_second_call_reuses_finished_runs_and_redoes_a_changed_one(tmp_path):
     reused = summary.read_bytes()
     stored = tmp_path / "top10_bbc" / "seed0" / "config.json"
     stored.write_text(stored.read_text().replace('"rounds": 2', '"rounds": 1'))
+    snapshot = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(ConfigError, match="hold finished runs of other configs .*top10_bbc/seed0"):
+        reproduce("byun-lee", quick=True, seeds=1, out=tmp_path, progress=False, log=logs.append)
+    # Assert: reused the first time; the finished run of another config is refused, every file as it was
+    assert "reusing" in logs[0] and len(logs) == 1
+    assert report["seeds"] == [0] and reused == before
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == snapshot
+
+
+def test_an_unfinished_run_is_run_again(tmp_path):
+    # Prepare: a seed folder with a run that never finished (no summary.json)
+    logs: list[str] = []
+    unfinished = tmp_path / "top10_bbc" / "seed0"
+    unfinished.mkdir(parents=True)
+    (unfinished / "metrics.jsonl").write_text("{}\n")
+    # Execute
     reproduce("byun-lee", quick=True, seeds=1, out=tmp_path, progress=False, log=logs.append)
     # Assert
-    assert "reusing" in logs[0] and "running" in logs[1]
-    assert report["seeds"] == [0] and reused == before
-    assert json.loads(stored.read_text())["rounds"] == 2
+    assert "running" in logs[0] and (unfinished / "summary.json").is_file()
+    assert (unfinished / "metrics.jsonl").read_text() != "{}\n"
 
 
 def test_a_missing_config_is_an_error_before_anything_is_written(tmp_path, monkeypatch):

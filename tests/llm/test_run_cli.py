@@ -376,7 +376,7 @@ def test_main_runs_and_resumes(tmp_path, capsys):
 
 def test_main_runs_overwrite_replaces_the_old_run(old_run, capsys):
     assert run.main(_parse([*TINY, "--out", str(old_run), "--overwrite"])) == 0
-    assert "emptied" in capsys.readouterr().out
+    assert "replaced the earlier run" in capsys.readouterr().out
     assert not (old_run / "checkpoints" / "fedit-round-0001.safetensors").exists()
     assert not (old_run / "adapters" / "fedit" / "adapter_model.safetensors").exists()
     assert RunConfig.from_dict(json.loads((old_run / "config.json").read_text())).model == "tiny-bert"

@@ -1,0 +1,230 @@
+r"""The one guard every command that writes goes through: where it may write, and replacing a folder safely.
+
+A command (``run``, ``merge``, ``reproduce``, ``flower up`` and the Flower ServerApp) decides what to do with its
+output folder with :func:`plan_output` before it writes anything, and replaces an earlier output with
+:func:`clear_folder` or :func:`replace_folder`. The rules, in the order they are checked:
+
+1. the path is not empty and no component of it is a file;
+2. never the current folder, one of its parents, the home folder or ``/`` (a process that runs inside the
+   output's own scratch folder :data:`SCRATCH`, as Flower's ServerApp does, is not the user's folder);
+3. never a folder that holds an input of the command (the config being run, an adapter being merged, the
+   packaged configs of a reproduction), nor an input itself;
+4. the folder (or the nearest folder above it that exists) must be writable: a probe file is created and removed;
+5. absent, or empty but for :data:`SCRATCH`: ``"new"``;
+6. ``overwrite``: only a folder that holds an earlier output of the same command (one of its ``signature`` names
+   at the top level: ``config.json`` for a run, ``adapter_config.json`` for an adapter, ``report.json`` for a
+   reproduction) is replaced (``"clear"``); a folder of anything else is refused, naming what it holds;
+7. without ``overwrite``: a folder holding an earlier output of the same command is ``"existing"`` (the caller
+   decides: ``run`` resumes only when told, ``reproduce`` reuses finished runs, ``merge`` refuses); anything
+   else is refused.
+
+A refusal raises :class:`OutputFolderError` (a ``ValueError``) and touches nothing.
+
+Replacing is atomic at the folder level: :func:`replace_folder` writes the new contents into a temporary sibling
+``.<name>.tmp-<id>`` and renames it into place after moving the old folder to ``.<name>.old-<id>``, which is then
+deleted; a crash leaves the old folder or the new one under ``<name>`` (and at worst a stray sibling, never a
+mixture). :func:`clear_folder` (a run that writes round by round into its folder) moves the old folder aside the same
+way and starts an empty one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Literal
+
+__all__ = ["OutputFolderError", "SCRATCH", "plan_output", "clear_folder", "replace_folder", "atomic_folder"]
+
+#: What an output folder may hold besides the output: Flower's home, logs and caches of a run (``lowrank-fed
+#: flower up`` writes them before the ServerApp decides what to do with the folder).
+SCRATCH = ".flower"
+
+Plan = Literal["new", "clear", "existing"]
+
+
+class OutputFolderError(ValueError):
+    """An output folder a command must not write to; the message says why and what to do instead."""
+
+
+def _resolved(path: Path) -> Path:
+    return Path(os.path.abspath(path.expanduser())).resolve()
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    """Whether ``path`` is ``folder`` or lies below it (both resolved)."""
+    return path == folder or folder in path.parents
+
+
+def _protected_reason(folder: Path) -> str | None:
+    """Why ``folder`` (resolved) is never an output folder: the current folder, a parent of it, home or root."""
+    cwd = Path.cwd().resolve()
+    if _inside(cwd, folder / SCRATCH):  # a process of this very output (Flower's ServerApp runs in its scratch)
+        return None
+    if folder == cwd:
+        return "it is the current folder"
+    if folder in cwd.parents:
+        return "it is a parent of the current folder"
+    if folder == Path.home().resolve():
+        return "it is the home folder"
+    if folder == Path(folder.anchor):
+        return "it is the root of the file system"
+    return None
+
+
+def _writable_probe(folder: Path) -> None:
+    """Create and remove a probe file in ``folder`` or the nearest existing folder above it; OSError if refused."""
+    target = folder
+    while not target.exists():
+        target = target.parent
+    fd, name = tempfile.mkstemp(prefix=".lowrank-fed-probe-", dir=target)
+    os.close(fd)
+    os.unlink(name)
+
+
+def _listing(names: Iterable[str]) -> str:
+    names = sorted(names)
+    return ", ".join(names[:5]) + (f", ... ({len(names)} entries)" if len(names) > 5 else "")
+
+
+def plan_output(folder, *, signature: Iterable[str], overwrite: bool = False, inputs: Iterable = (),
+                flag: str = "--out", hint: str = "") -> Plan:
+    r"""What a command must do with its output ``folder`` before it writes: ``"new"``, ``"clear"`` or ``"existing"``.
+
+    Parameters
+    ----------
+    folder : str or Path
+        The output folder as the user gave it.
+    signature : iterable of str
+        Top-level names that mark an earlier output of this command (any one of them suffices).
+    overwrite : bool
+        The user asked to replace an earlier output (``--overwrite``).
+    inputs : iterable of str or Path
+        What the command reads (files or folders); the output folder may neither hold nor be one of them.
+    flag : str
+        How the user named the folder (``--out``, ``--per-client``, ``flower-out``), for messages.
+    hint : str
+        How the user goes on when the folder is refused (ends the message).
+
+    Returns
+    -------
+    {"new", "clear", "existing"}
+        See the module docstring, rules 5-7.
+
+    Raises
+    ------
+    OutputFolderError
+        Rules 1-4 and 6-7 of the module docstring; nothing is touched.
+    """
+    if str(folder).strip() == "":
+        raise OutputFolderError(f"{flag} is empty; expected a folder path.")
+    folder = Path(folder)
+    tail = f" {hint}" if hint else ""
+    for path in (folder, *folder.parents):
+        if path.exists() and not path.is_dir():
+            raise OutputFolderError(f"{flag} '{folder}': '{path}' exists and is not a folder; nothing was written."
+                                    f"{tail}")
+    resolved = _resolved(folder)
+    if (reason := _protected_reason(resolved)) is not None:
+        raise OutputFolderError(f"{flag} '{folder}': refusing to empty or write into it: {reason}. Choose a dedicated folder, "
+                                f"e.g. {flag} runs/NAME.")
+    for item in inputs:
+        source = _resolved(Path(item))
+        if _inside(source, resolved):
+            what = "is" if source == resolved else f"holds '{item}', which"
+            raise OutputFolderError(f"{flag} '{folder}' {what} an input of this command; writing there could "
+                                    f"destroy it. Choose another folder.{tail}")
+    try:
+        _writable_probe(resolved)
+    except OSError as err:
+        raise OutputFolderError(f"{flag} '{folder}' cannot be written: {err.strerror or err} "
+                                f"({err.filename or resolved}).") from None
+    if not folder.is_dir():
+        return "new"
+    names = [p.name for p in folder.iterdir() if p.name != SCRATCH]
+    if not names:
+        return "new"
+    ours = set(signature) & set(names)
+    if overwrite:
+        if not ours:
+            raise OutputFolderError(f"--overwrite: refusing to empty {flag} '{folder}': it holds files this command "
+                                    f"did not write ({_listing(names)}); expected an earlier output (with "
+                                    f"{' or '.join(sorted(signature))}). Nothing was changed. Choose another folder.")
+        return "clear"
+    if ours:
+        return "existing"
+    raise OutputFolderError(f"{flag} '{folder}' already holds files ({_listing(names)}); nothing was changed.{tail}")
+
+
+def _sibling(folder: Path, tag: str) -> Path:
+    return folder.with_name(f".{folder.name}.{tag}-{uuid.uuid4().hex[:8]}")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def clear_folder(folder) -> None:
+    r"""Replace ``folder`` by an empty one: the old folder is renamed to a hidden sibling, then deleted.
+
+    A crash leaves either the old folder under its name or an empty one (and at worst the sibling). A folder that is
+    a symbolic link is emptied in place instead (renaming would move the link, not its contents). Flower's scratch
+    folder (:data:`SCRATCH`) is kept: the processes of a ``flower up`` run are already using it.
+    """
+    folder = Path(folder)
+    if folder.is_symlink():
+        for entry in folder.iterdir():
+            if entry.name != SCRATCH:
+                _remove(entry)
+        return
+    old = _sibling(folder, "old")
+    folder.rename(old)
+    folder.mkdir()
+    if (old / SCRATCH).exists():
+        (old / SCRATCH).rename(folder / SCRATCH)
+    _remove(old)
+
+
+def replace_folder(folder, new) -> None:
+    r"""Put the folder ``new`` (a sibling written completely) in place of ``folder``; delete the old one after.
+
+    ``folder`` -> ``.<name>.old-<id>``, ``new`` -> ``folder``, then the old one is removed: at every instant
+    ``folder`` holds the complete old or the complete new contents (or, between the two renames, is absent while
+    both exist as siblings).
+    """
+    folder, new = Path(folder), Path(new)
+    if folder.is_symlink() or not folder.exists():
+        if folder.is_symlink():
+            folder.unlink()
+        new.rename(folder)
+        return
+    old = _sibling(folder, "old")
+    folder.rename(old)
+    new.rename(folder)
+    _remove(old)
+
+
+@contextlib.contextmanager
+def atomic_folder(folder) -> Iterator[Path]:
+    r"""``with atomic_folder(out) as tmp:`` write everything into ``tmp``; on success it replaces ``out``.
+
+    ``tmp`` is a fresh sibling ``.<name>.tmp-<id>`` (same file system, so the final rename is atomic). On an
+    exception ``tmp`` is deleted and ``out`` is untouched.
+    """
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _sibling(folder, "tmp")
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        _remove(tmp)
+        raise
+    replace_folder(folder, tmp)
