@@ -77,10 +77,8 @@ def _plan_outputs(args: argparse.Namespace, names: list[str]) -> tuple[Path, Pat
     """``--out`` and ``--per-client`` through the output guard; OutputFolderError when either is refused."""
     from .outputs import OutputFolderError, plan_output
 
-    out = Path(args.out)
-    per_client = Path(args.per_client) if args.per_client is not None else None
     signatures = {"--out": ("adapter_config.json",), "--per-client": tuple(names)}
-    for folder, flag in ((out, "--out"), (per_client, "--per-client")):
+    for folder, flag in ((args.out, "--out"), (args.per_client, "--per-client")):
         if folder is None:
             continue
         plan = plan_output(folder, signature=signatures[flag], overwrite=args.overwrite, inputs=args.clients,
@@ -89,7 +87,9 @@ def _plan_outputs(args: argparse.Namespace, names: list[str]) -> tuple[Path, Pat
         if plan == "existing":
             raise OutputFolderError(f"{flag} '{folder}' holds an earlier output of merge; nothing was changed. "
                                     f"Give --overwrite to replace it, or choose another folder.")
-    if per_client is not None and str(args.per_client).strip():
+    out = Path(args.out)
+    per_client = Path(args.per_client) if args.per_client is not None else None
+    if per_client is not None:
         a, b = out.resolve(), per_client.resolve()
         if a == b or a in b.parents or b in a.parents:
             raise OutputFolderError(f"--out '{out}' and --per-client '{per_client}' overlap; expected two separate "
@@ -108,10 +108,12 @@ def _check_shapes(args: argparse.Namespace, adapters) -> str | None:
         if args.rule == "fedavg" and len(set(ranks.values())) > 1:
             return (f"--rule fedavg averages B and A factor by factor, so it needs equal ranks; module {m!r} has "
                     f"ranks {ranks}. Use --rule svd (exact) or zero_pad for mixed ranks.")
-        d_out, d_in = next(iter(shapes.values()))
-        if args.rank is not None and args.rank > min(d_out, d_in):
+    if args.rank is not None:  # the smallest module bounds every module's rank
+        m, (d_out, d_in) = min(((m, p.shape) for a in adapters for m, p in a.pairs.items()),
+                               key=lambda item: (min(item[1]), item[0]))
+        if args.rank > min(d_out, d_in):
             return (f"--rank {args.rank}: expected at most min(d_out, d_in) = {min(d_out, d_in)} of module {m!r} "
-                    f"(shape {d_out} x {d_in}).")
+                    f"(shape {d_out} x {d_in}), the smallest module.")
     return None
 
 
