@@ -18,7 +18,14 @@ writes each (kept) client's share, the global redistributed to its own per-modul
 own config (alpha, rsLoRA), as ``DIR/<client folder name>/``.
 
 Everything is read and checked before anything is written; a bad folder, weight or option is an error
-(exit status 2) naming it. An existing non-empty ``--out`` is refused unless ``--overwrite``.
+(exit status 2, one line) naming it: a missing, truncated or corrupt weights file, a non-finite tensor, a config
+whose declared rank differs from its tensors, weights that are not finite, an alpha that is not finite and
+positive, ``--rank`` above ``min(d_out, d_in)`` of the smallest module, ``fedavg`` over unequal ranks, a module or
+head whose holders all have weight 0. ``--out`` and ``--per-client`` go through the output guard
+(:func:`~lowrank_fed.llm.outputs.plan_output`): never the current folder, its parents, home, an input adapter's
+folder or a folder merge did not write; an earlier merge output is replaced only with ``--overwrite``. Each folder
+is written completely into a temporary sibling and then renamed into place, so a crash leaves the old output or the
+new one, and a non-finite result is never written.
 """
 
 from __future__ import annotations
