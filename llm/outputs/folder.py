@@ -127,7 +127,7 @@ def plan_output(folder, *, signature: Iterable[str], overwrite: bool = False, in
     for path in (folder, *folder.parents):
         if path.exists() and not path.is_dir():
             raise OutputFolderError(f"{flag} '{folder}': '{path}' exists and is not a folder; nothing was written."
-                                    f"{tail}")
+                                    f" Choose a folder path.")
     resolved = _resolved(folder)
     if (reason := _protected_reason(resolved)) is not None:
         raise OutputFolderError(f"{flag} '{folder}': refusing to empty or write into it: {reason}. Choose a dedicated folder, "
@@ -137,7 +137,7 @@ def plan_output(folder, *, signature: Iterable[str], overwrite: bool = False, in
         if _inside(source, resolved):
             what = "is" if source == resolved else f"holds '{item}', which"
             raise OutputFolderError(f"{flag} '{folder}' {what} an input of this command; writing there could "
-                                    f"destroy it. Choose another folder.{tail}")
+                                    f"destroy it. Choose another folder.")
     try:
         _writable_probe(resolved)
     except OSError as err:
