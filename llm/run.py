@@ -225,7 +225,7 @@ def main(args: argparse.Namespace) -> int:
     from rich.markup import escape
 
     from .runner.checkpoint import CheckpointError
-    from .runner.report import summary_table
+    from .runner.report import summary_table, verdict_lines
 
     console = Console()
     if not console.is_terminal:
@@ -248,6 +248,8 @@ def main(args: argparse.Namespace) -> int:
     if any(row["by_rank"] for row in summary):
         console.print(summary_table(summary, title="the model each client rank downloads (test set, final round)",
                                     by_rank=True))
+    for line in verdict_lines(summary):
+        console.print(escape(line))
     console.print(f"metrics, plots and adapters in {out}/")
     sys.stdout.flush()
     return 0

@@ -48,7 +48,7 @@ from ..models import MODELS, load_model
 from ..peft_bridge import AdapterWorkspace, init_pairs, pairs_to_state_dict
 from ..protocol import Message, decode_extras, decode_pairs, encode_extras, encode_pairs, from_flat, to_flat
 from .checkpoint import atomic_write_text, load_checkpoint, save_checkpoint, save_tensors
-from .report import summary_markdown, summary_row, write_plots
+from .report import add_verdict, summary_markdown, summary_row, write_plots
 
 __all__ = ["Simulation", "run_experiment", "UpdateDroppedWarning", "load_final"]
 
@@ -251,6 +251,8 @@ class Simulation:
         self._load(method.global_model(server))
         global_scores = self._score("test")
         out = summarise(global_scores)
+        if "correct" in global_scores:  # per test example, for the verdict's paired standard error (report.py)
+            out["test_correct"] = np.packbits(global_scores["correct"]).tobytes().hex()
         if len(self.val):
             out.update({f"val_{k}": v for k, v in summarise(self._score("val")).items()})
         if rouge and self.task == "generation" and self.cfg.rouge_size:
@@ -583,6 +585,7 @@ class Simulation:
             summary.append(summary_row(method, history, timings, self.metric, adapted_params=self.describe()["adapted_params"]))
         self._write_logs()
         self.ws.set_base(None)
+        add_verdict(summary, self.describe()["eval_size"])
         atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=1, sort_keys=True))
         atomic_write_text(self.out / "summary.md", summary_markdown(summary, self.describe()))
         facts = self.describe()

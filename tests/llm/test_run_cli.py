@@ -366,11 +366,20 @@ def test_main_runs_and_resumes(tmp_path, capsys):
     assert (out / "summary.md").exists() and (out / "accuracy.png").exists()
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 6
-    # resuming a finished run recomputes nothing and gives the same table
+    # the verdict: in the console, in summary.md, its facts in summary.json (paired over the 30 test examples)
     before = json.loads((out / "summary.json").read_text())
+    verdict = next(r["verdict"] for r in before if "verdict" in r)
+    assert verdict["n_test"] == 30 and verdict["paired"] is True and verdict["seeds"] == 1
+    assert {verdict["best"], verdict["runner_up"]} == {"fedit", "flexlora"}
+    assert all(r["standard_error"] is not None and "test_correct" not in r for r in before)
+    assert "Verdict: " in text and "one seed on 30 test examples" in " ".join(text.split())
+    summary_md = (out / "summary.md").read_text()
+    assert "Verdict: " in summary_md and "one seed on 30 test examples" in summary_md
+    # resuming a finished run recomputes nothing and gives the same table and verdict
     assert run.main(_parse(["--resume", str(out), "--no-progress"])) == 0
     after = json.loads((out / "summary.json").read_text())
     assert [r["final"] for r in before] == [r["final"] for r in after]
+    assert next(r["verdict"] for r in after if "verdict" in r) == verdict
     assert (out / "metrics.jsonl").read_text().splitlines() == lines
 
 
