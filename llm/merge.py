@@ -34,8 +34,10 @@ __all__ = ["add_arguments", "main"]
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``merge`` subcommand's arguments."""
+    from lowrank_fed import AGGREGATORS
+
     parser.add_argument("clients", nargs="+", metavar="CLIENT_DIR", help="PEFT adapter folders, one per client")
-    parser.add_argument("--rule", required=True, help="a core rule: svd, stack, zero_pad, replication, segment, fedavg")
+    parser.add_argument("--rule", required=True, help="a core rule: " + ", ".join(sorted(AGGREGATORS)))
     parser.add_argument("--out", required=True, metavar="DIR", help="folder of the global PEFT adapter")
     parser.add_argument("--weights", nargs="+", type=float, default=None, metavar="W",
                         help="one weight per client (e.g. example counts); uniform if absent")

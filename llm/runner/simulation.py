@@ -61,6 +61,14 @@ class UpdateDroppedWarning(UserWarning):
     """A client reply was rejected (NaN/Inf, wrong shape or rank) and left out of the aggregation."""
 
 
+def _warn_dropped(msg: str) -> None:
+    """Say ``msg`` once: an :class:`UpdateDroppedWarning`, and the same line in the log only where a handler shows
+    it (Flower's log stream in the ServerApp); without one, logging's last-resort handler would print it again."""
+    warnings.warn(msg, UpdateDroppedWarning, stacklevel=4)
+    if log.hasHandlers():
+        log.warning(msg)
+
+
 def _json(obj) -> str:
     return json.dumps(obj, sort_keys=True)
 
@@ -450,8 +458,7 @@ class Simulation:
             return reply, eval_s
         row["dropped"], row["reason"] = True, error
         msg = f"{method.title}, round {round_}, client {k}: update dropped ({error})"
-        warnings.warn(msg, UpdateDroppedWarning, stacklevel=3)
-        log.warning(msg)
+        _warn_dropped(msg)
         return None, eval_s
 
     def aggregate_round(self, method: Method, server: ServerState, replies: dict[int, Message], round_: int,
@@ -467,8 +474,7 @@ class Simulation:
         why = ("every update was dropped" if not replies else
                f"{len(replies)} update{'s' if len(replies) > 1 else ''} kept, fewer than min_replies = {min_replies}")
         msg = f"{method.title}, round {round_}: {why}; the global state is kept."
-        warnings.warn(msg, UpdateDroppedWarning, stacklevel=3)
-        log.warning(msg)
+        _warn_dropped(msg)
         return ServerState(server.round + 1, server.pairs, server.extras, server.shapes, server.ranks,
                            server.arrays, server.info)
 
