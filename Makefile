@@ -32,11 +32,21 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -n 2 -m "not slow and not e2e" -p no:cacheprovider
 
+# `make demo` writes a fresh folder each time: runs/default, then runs/default-2, runs/default-3, ...
+# `make demo OVERWRITE=1` replaces runs/default instead (lowrank-fed run --overwrite).
+DEMO_OUT := runs/default
 demo: setup
-	$(VENV)/bin/lowrank-fed run
+ifneq ($(filter 1 yes true,$(OVERWRITE)),)
+	$(VENV)/bin/lowrank-fed run --out $(DEMO_OUT) --overwrite
+else
+	@out=$(DEMO_OUT); i=1; while [ -e "$$out" ]; do i=$$((i + 1)); out=$(DEMO_OUT)-$$i; done; \
+	echo "$(VENV)/bin/lowrank-fed run --out $$out"; $(VENV)/bin/lowrank-fed run --out "$$out"
+endif
 
 bench: setup
 	$(PY) -m benchmarks
 
+# Your runs and the model cache are never removed here.
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
+	@echo "make clean: kept runs/ (your runs) and .cache/ (the dequantized models); remove them with: rm -rf runs .cache"

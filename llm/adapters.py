@@ -127,8 +127,10 @@ def load_peft_adapter(source, adapter_name: str | None = None) -> Adapter:
     Raises
     ------
     FileNotFoundError
-        A folder without ``adapter_config.json`` or weights.
+        A missing folder, a file, or a folder without ``adapter_config.json`` or weights (naming it).
     ValueError
+        An ``adapter_config.json`` that is not a JSON object (malformed JSON, undecodable text, a list),
+        naming the file and the parse error.
         A feature the folding does not cover (DoRA, ``lora_bias``, embedding / convolution LoRA,
         trainable tokens, aLoRA, ``target_parameters``), a module with only one factor, a rank the config
         declares that its tensors do not have, a non-finite tensor, or a truncated or corrupt weights file;
@@ -140,9 +142,16 @@ def load_peft_adapter(source, adapter_name: str | None = None) -> Adapter:
     else:
         folder = Path(source)
         where = str(folder)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{folder}: {'is not a folder' if folder.exists() else 'no such folder'}; "
+                                    f"expected a PEFT adapter folder.")
         if not (folder / CONFIG_FILE).is_file():
             raise FileNotFoundError(f"{folder}: no {CONFIG_FILE}; expected a PEFT adapter folder.")
-        config = LoraConfig.from_pretrained(str(folder))
+        try:
+            config = LoraConfig.from_pretrained(str(folder))
+        except (ValueError, TypeError) as err:  # malformed JSON (JSONDecodeError, UnicodeDecodeError), not an object
+            raise ValueError(f"{folder / CONFIG_FILE}: cannot be read as a PEFT config: "
+                             f"{type(err).__name__}: {err}") from None
         state_dict = _read_weights(folder)
     for key, value in state_dict.items():
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):

@@ -41,8 +41,10 @@ __all__ = ["add_arguments", "main"]
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``merge`` subcommand's arguments."""
+    from lowrank_fed import AGGREGATORS
+
     parser.add_argument("clients", nargs="+", metavar="CLIENT_DIR", help="PEFT adapter folders, one per client")
-    parser.add_argument("--rule", required=True, help="a core rule: svd, stack, zero_pad, replication, segment, fedavg")
+    parser.add_argument("--rule", required=True, help="a core rule: " + ", ".join(sorted(AGGREGATORS)))
     parser.add_argument("--out", required=True, metavar="DIR", help="folder of the global PEFT adapter")
     parser.add_argument("--weights", nargs="+", type=float, default=None, metavar="W",
                         help="one weight per client (e.g. example counts); uniform if absent")
@@ -148,9 +150,6 @@ def main(args: argparse.Namespace) -> int:
         return _fail(str(err))
     adapters: list[Adapter] = []
     for folder in args.clients:
-        if not Path(folder).is_dir():
-            return _fail(f"'{folder}' is not a folder; expected a PEFT adapter folder (adapter_config.json and "
-                         "adapter_model.safetensors).")
         try:
             adapters.append(load_peft_adapter(folder))
         except (OSError, ValueError) as err:

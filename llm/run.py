@@ -5,11 +5,13 @@ Usage::
     lowrank-fed run [CONFIG.toml] [--set key=value ...] [--out DIR] [--overwrite] [--no-progress] [--engine flower]
     lowrank-fed run --resume DIR [--no-progress] [--engine flower]
 
-With no config it runs the embedded default (:class:`~lowrank_fed.llm.config.RunConfig`): FedIT with
-zero-padding, HetLoRA, FLoRA and FlexLoRA on MiniLM / BBC News, 10 non-IID clients with FLoRA's
-ranks. Outputs go to ``runs/<name>/`` (or ``--out``): ``metrics.jsonl``, ``summary.md`` /
-``summary.json``, PNG plots, ``checkpoints/`` (every round) and ``adapters/`` (final states).
-Every config key is listed in ``docs/config.md``.
+With no config it runs the embedded default (:class:`~lowrank_fed.llm.config.RunConfig`, spelled out in
+``configs/default.toml``): the three seed methods (PreLort, HAFL, LoRA-A2) beside FedIT (zero-padding),
+FLoRA and FlexLoRA on MiniLM / BBC News, 10 non-IID clients (Dirichlet 0.5) with ranks 16, 8 and 4, 4 rounds.
+Outputs go to ``runs/<name>/`` (or ``--out``): ``metrics.jsonl``, ``summary.md`` / ``summary.json`` (the
+table and a verdict with its standard error), PNG plots, ``checkpoints/`` (per method the latest round and
+the previous one, the fallback) and ``adapters/`` (final states). Every config key is listed in
+``docs/config.md``.
 
 Runs never lose data:
 
@@ -221,7 +223,7 @@ def main(args: argparse.Namespace) -> int:
     from rich.markup import escape
 
     from .runner.checkpoint import CheckpointError
-    from .runner.report import summary_table
+    from .runner.report import summary_table, verdict_lines
 
     console = Console()
     if not console.is_terminal:
@@ -244,6 +246,8 @@ def main(args: argparse.Namespace) -> int:
     if any(row["by_rank"] for row in summary):
         console.print(summary_table(summary, title="the model each client rank downloads (test set, final round)",
                                     by_rank=True))
+    for line in verdict_lines(summary):
+        console.print(escape(line))
     console.print(f"metrics, plots and adapters in {out}/")
     sys.stdout.flush()
     return 0

@@ -23,6 +23,7 @@ import argparse
 import importlib
 import os
 import sys
+import warnings
 
 from threadpoolctl import threadpool_limits
 
@@ -36,9 +37,19 @@ SUBCOMMANDS = {
     "compare": ("lowrank_fed.experiments.compare_cli", "compare the aggregation rules on synthetic clients"),
     "recover": ("lowrank_fed.experiments.recover", "one synthetic CLAIR recovery experiment"),
     "bench": ("lowrank_fed.experiments.bench_cli", "run the benchmarks (ratios against named baselines)"),
-    "flower": ("lowrank_fed.llm.flower.deploy", "run on Flower: `flower up --supernodes N CONFIG` starts a "
+    "flower": ("lowrank_fed.llm.flower.deploy", "run on Flower: 'flower up --supernodes N CONFIG' starts a "
                "SuperLink and N SuperNodes on localhost, runs the config, shuts them down"),
 }
+
+#: What ``lowrank-fed --help`` says above the list of commands (plain text: argparse prints it as is).
+DESCRIPTION = """\
+Federated LoRA fine-tuning with heterogeneous client ranks: train and compare
+the methods on a real model (run), merge PEFT adapters trained anywhere
+(merge), test the seed papers' claims over several seeds (reproduce), run on
+Flower (flower), and synthetic checks of the aggregation rules (compare,
+recover, bench). 'lowrank-fed COMMAND --help' gives a command's options.
+
+BLAS runs on one thread (LOWRANK_FED_THREADS=N to change it)."""
 
 
 def _load(module: str):
@@ -54,7 +65,8 @@ def _load(module: str):
 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lowrank-fed", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="lowrank-fed", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     # Only the chosen subcommand's module is imported, so `compare` never pulls in torch.
     chosen = next((a for a in (argv or []) if a in SUBCOMMANDS), None)
@@ -67,13 +79,22 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    """A warning as the user reads it: ``warning: <message>``, one line, without our file name and source line."""
+    return f"warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(argv).parse_args(argv)
-    # One BLAS thread unless asked otherwise: the core's matrices are small or tall-skinny, and
-    # two BLAS threads on a busy 2-core machine were measured up to 25x slower.
-    with threadpool_limits(limits=int(os.environ.get("LOWRANK_FED_THREADS", "1"))):
-        return int(args._main(args) or 0)
+    previous, warnings.formatwarning = warnings.formatwarning, _format_warning
+    try:
+        # One BLAS thread unless asked otherwise: the core's matrices are small or tall-skinny, and
+        # two BLAS threads on a busy 2-core machine were measured up to 25x slower.
+        with threadpool_limits(limits=int(os.environ.get("LOWRANK_FED_THREADS", "1"))):
+            return int(args._main(args) or 0)
+    finally:
+        warnings.formatwarning = previous
 
 
 if __name__ == "__main__":

@@ -17,9 +17,10 @@ Columns, for a metric ``m`` (accuracy, or perplexity for generation):
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
-__all__ = ["summary_row", "summary_markdown", "summary_table", "write_plots"]
+__all__ = ["summary_row", "summary_markdown", "summary_table", "add_verdict", "verdict_lines", "write_plots"]
 
 _SHORT = {"accuracy": "acc", "perplexity": "ppl"}
 
@@ -49,6 +50,8 @@ def summary_row(method, history: list[dict], timings: list[dict], metric: str, *
         row.update(selected_round=pick["round"], selected=pick[metric], selected_val=pick[f"val_{metric}"])
     row["local" if not method.personalised else "personal"] = final.get(f"local_{metric}")
     row["by_rank"] = {r: v[metric] for r, v in final.get("by_rank", {}).items()}
+    if final.get("test_correct") is not None and method.scores_global:
+        row["test_correct"] = final["test_correct"]  # for the verdict's paired standard error (add_verdict)
     if f"benign_local_{metric}" in final:
         row["benign"] = final[f"benign_local_{metric}"]
     if "benign_local_token_accuracy" in final:
@@ -61,6 +64,112 @@ def summary_row(method, history: list[dict], timings: list[dict], metric: str, *
     if "rouge_l" in final:
         row["rouge_l"], row["rouge_l_initial"] = final["rouge_l"], history[0].get("rouge_l")
     return row
+
+
+def _correct(packed: str, n: int):
+    """Per-example correctness from ``packed`` (hex of ``np.packbits``), length ``n``; None if it does not fit."""
+    import numpy as np
+
+    try:
+        bits = np.unpackbits(np.frombuffer(bytes.fromhex(packed), dtype=np.uint8))
+    except ValueError:
+        return None
+    return bits[:n].astype(np.float64) if len(bits) >= n > len(bits) - 8 else None
+
+
+def add_verdict(summary: list[dict], n_test: int) -> dict | None:
+    r"""Rank the methods on the headline metric (the global model's final test score) and say if the lead is noise.
+
+    One run is one seed on ``n_test`` test examples. For accuracy each method's standard error is
+    ``sqrt(p (1 - p) / N)``. The best and the runner-up are scored on the same examples, so the margin's standard
+    error is the paired one, ``std(c_best - c_next, ddof=1) / sqrt(N)`` from the per-example correctness ``c``
+    (``test_correct`` in the rows; removed here); without it, the unpaired ``sqrt(se_best^2 + se_next^2)``, an
+    upper bound when the two models err on the same examples more often than by chance, and ``paired`` is False.
+    A margin of at most two such standard errors is a tie within noise (``tie``), never a win. For perplexity
+    no standard error is computed (``se_difference`` None) and ``tie`` is None unless the scores are equal.
+
+    Every row gets ``standard_error`` (None for perplexity or without a global score); the facts are returned and
+    stored in the best row as ``verdict``: ``metric``, ``higher_is_better``, ``best``, ``best_score``,
+    ``runner_up``, ``runner_up_score``, ``margin`` (>= 0, in the metric's units), ``se_difference``, ``paired``,
+    ``tie``, ``n_test``, ``seeds`` (1), ``not_ranked`` (methods without a global score). None when no method has
+    a global score; with one, only ``best`` and ``best_score`` (``runner_up`` None).
+    """
+    correct = {r["method"]: r.pop("test_correct", None) for r in summary}
+    if not summary:
+        return None
+    metric = summary[0]["metric"]
+    accuracy = metric == "accuracy"
+    for r in summary:
+        p = r.get("final")
+        r["standard_error"] = math.sqrt(p * (1 - p) / n_test) if accuracy and p is not None and n_test > 0 else None
+    scored = [r for r in summary if r.get("final") is not None]
+    if not scored:
+        return None
+    higher = metric != "perplexity"
+    ranked = sorted(scored, key=lambda r: -r["final"] if higher else r["final"])  # stable: config order on ties
+    best = ranked[0]
+    facts = {"metric": metric, "higher_is_better": higher, "best": best["method"], "best_title": best["title"],
+             "best_score": best["final"], "runner_up": None, "runner_up_title": None, "runner_up_score": None,
+             "margin": None, "se_difference": None, "paired": None, "tie": None, "n_test": n_test, "seeds": 1,
+             "not_ranked": [r["method"] for r in summary if r.get("final") is None]}
+    if len(ranked) > 1:
+        nxt = ranked[1]
+        margin = abs(best["final"] - nxt["final"])
+        facts.update(runner_up=nxt["method"], runner_up_title=nxt["title"], runner_up_score=nxt["final"],
+                     margin=margin)
+        if accuracy:
+            a, b = (_correct(correct[r["method"]], n_test) if correct[r["method"]] else None for r in (best, nxt))
+            if a is not None and b is not None and n_test > 1:
+                se = float((a - b).std(ddof=1) / math.sqrt(n_test))
+                facts["paired"] = True
+            else:
+                se = math.sqrt(best["standard_error"] ** 2 + nxt["standard_error"] ** 2)
+                facts["paired"] = False
+            facts["se_difference"] = se
+            facts["tie"] = bool(margin == 0 or margin <= 2 * se)
+        elif margin == 0:
+            facts["tie"] = True
+    best["verdict"] = facts
+    return facts
+
+
+def verdict_lines(summary: list[dict]) -> list[str]:
+    """The verdict of :func:`add_verdict` (stored in the best row) in words; ``[]`` when there is none."""
+    facts = next((r["verdict"] for r in summary if r.get("verdict")), None)
+    if facts is None:
+        return []
+    metric, n = facts["metric"], facts["n_test"]
+    word = ("best" if facts["higher_is_better"] else "lowest") + f" global {metric}"
+    lines = []
+    if facts["runner_up"] is None:
+        lines.append(f"Verdict: only {facts['best_title']} has a global {metric} ({facts['best_score']:.4f}); "
+                     f"nothing to compare it with.")
+    else:
+        above = "above" if facts["higher_is_better"] else "below"
+        lead = (f"{facts['best_title']} has the {word}, {facts['best_score']:.4f}, {facts['margin']:.4f} {above} "
+                f"the runner-up {facts['runner_up_title']} ({facts['runner_up_score']:.4f})")
+        se = facts["se_difference"]
+        how = ("paired over the same test examples" if facts["paired"] else
+               "unpaired bound: per-example results were not stored")
+        if facts["tie"] and facts["margin"] == 0:
+            lines.append(f"Verdict: a tie: {facts['best_title']} and {facts['runner_up_title']} have the same "
+                         f"global {metric}, {facts['best_score']:.4f}.")
+        elif se is None:
+            lines.append(f"Verdict: {lead}; no standard error is computed for {metric}, so whether this margin is "
+                         f"more than noise is not known.")
+        elif facts["tie"]:
+            lines.append(f"Verdict: a tie within noise: {lead}, within 2 standard errors of the difference "
+                         f"({se:.4f}, {how}); not a win.")
+        else:
+            lines.append(f"Verdict: {lead}, more than 2 standard errors of the difference ({se:.4f}, {how}).")
+    best_row_se = next((r["standard_error"] for r in summary if r.get("verdict")), None)
+    spread = (f"; each accuracy has a standard error of about {best_row_se:.3f} (sqrt(p(1-p)/N) at "
+              f"p = {facts['best_score']:.3f})" if best_row_se is not None else "")
+    lines.append(f"This is one seed on {n} test examples{spread}; other seeds can reorder close methods.")
+    if facts["not_ranked"]:
+        titles = ", ".join(r["title"] for r in summary if r["method"] in facts["not_ranked"])
+        lines.append(f"Not ranked (no global model to score): {titles}.")
+    return lines
 
 
 def _fmt(value, digits: int = 4) -> str:
@@ -129,6 +238,9 @@ def summary_markdown(summary: list[dict], facts: dict | None = None) -> str:
         if "majority_accuracy" in facts:
             text += f" Majority-class accuracy: {facts['majority_accuracy']:.4f}."
         lines.append(text)
+    verdict = verdict_lines(summary)
+    if verdict:
+        lines += ["", *verdict]
     return "\n".join(lines) + "\n"
 
 

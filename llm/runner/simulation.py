@@ -48,7 +48,7 @@ from ..models import MODELS, load_model
 from ..peft_bridge import AdapterWorkspace, init_pairs, pairs_to_state_dict
 from ..protocol import Message, decode_extras, decode_pairs, encode_extras, encode_pairs, from_flat, to_flat
 from .checkpoint import atomic_write_text, load_checkpoint, save_checkpoint, save_tensors
-from .report import summary_markdown, summary_row, write_plots
+from .report import add_verdict, summary_markdown, summary_row, write_plots
 
 __all__ = ["Simulation", "run_experiment", "UpdateDroppedWarning", "load_final"]
 
@@ -59,6 +59,14 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch
 
 class UpdateDroppedWarning(UserWarning):
     """A client reply was rejected (NaN/Inf, wrong shape or rank) and left out of the aggregation."""
+
+
+def _warn_dropped(msg: str) -> None:
+    """Say ``msg`` once: an :class:`UpdateDroppedWarning`, and the same line in the log only where a handler shows
+    it (Flower's log stream in the ServerApp); without one, logging's last-resort handler would print it again."""
+    warnings.warn(msg, UpdateDroppedWarning, stacklevel=4)
+    if log.hasHandlers():
+        log.warning(msg)
 
 
 def _json(obj) -> str:
@@ -251,6 +259,8 @@ class Simulation:
         self._load(method.global_model(server))
         global_scores = self._score("test")
         out = summarise(global_scores)
+        if "correct" in global_scores:  # per test example, for the verdict's paired standard error (report.py)
+            out["test_correct"] = np.packbits(global_scores["correct"]).tobytes().hex()
         if len(self.val):
             out.update({f"val_{k}": v for k, v in summarise(self._score("val")).items()})
         if rouge and self.task == "generation" and self.cfg.rouge_size:
@@ -448,8 +458,7 @@ class Simulation:
             return reply, eval_s
         row["dropped"], row["reason"] = True, error
         msg = f"{method.title}, round {round_}, client {k}: update dropped ({error})"
-        warnings.warn(msg, UpdateDroppedWarning, stacklevel=3)
-        log.warning(msg)
+        _warn_dropped(msg)
         return None, eval_s
 
     def aggregate_round(self, method: Method, server: ServerState, replies: dict[int, Message], round_: int,
@@ -465,8 +474,7 @@ class Simulation:
         why = ("every update was dropped" if not replies else
                f"{len(replies)} update{'s' if len(replies) > 1 else ''} kept, fewer than min_replies = {min_replies}")
         msg = f"{method.title}, round {round_}: {why}; the global state is kept."
-        warnings.warn(msg, UpdateDroppedWarning, stacklevel=3)
-        log.warning(msg)
+        _warn_dropped(msg)
         return ServerState(server.round + 1, server.pairs, server.extras, server.shapes, server.ranks,
                            server.arrays, server.info)
 
@@ -583,6 +591,7 @@ class Simulation:
             summary.append(summary_row(method, history, timings, self.metric, adapted_params=self.describe()["adapted_params"]))
         self._write_logs()
         self.ws.set_base(None)
+        add_verdict(summary, self.describe()["eval_size"])
         atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=1, sort_keys=True))
         atomic_write_text(self.out / "summary.md", summary_markdown(summary, self.describe()))
         facts = self.describe()

@@ -187,13 +187,51 @@ def test_merge_refuses_bad_input_before_writing(tmp_path, capsys):
     assert _merge(folder, folder, "--rule", "svd", "--weights", 1, "--out", out) == 2
     assert "expected 2 finite non-negative numbers" in capsys.readouterr().err
     assert _merge(folder, tmp_path / "nowhere", "--rule", "svd", "--out", out) == 2
-    assert "nowhere' is not a folder" in capsys.readouterr().err
+    assert "nowhere: no such folder; expected a PEFT adapter folder." in capsys.readouterr().err
     assert _merge(folder, folder, "--rule", "zero_pad", "--rank", "2", "--out", out) == 2
     assert not out.exists()
     out.mkdir()
     (out / "keep.txt").write_text("an earlier result")
     assert _merge(folder, folder, "--rule", "svd", "--out", out) == 2
     assert (out / "keep.txt").read_text() == "an earlier result"
+
+
+@pytest.mark.parametrize("text,why", [('{"r": 4,', "JSONDecodeError"), ("[1, 2]", "TypeError"),
+                                      (b"\xff\xfe", "UnicodeDecodeError")])
+def test_merge_names_the_adapter_config_it_cannot_read(tmp_path, capsys, text, why):
+    # Prepare: one good client, one whose adapter_config.json is not a JSON object
+    good, _ = _client(tmp_path, 0, CLIENTS[0])
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    config = bad / "adapter_config.json"
+    config.write_bytes(text if isinstance(text, bytes) else text.encode())
+
+    # Execute
+    status = _merge(good, bad, "--rule", "svd", "--out", tmp_path / "out")
+
+    # Assert: one line naming the file and the parse error; nothing written
+    err = capsys.readouterr().err
+    assert status == 2 and err.count("\n") == 1
+    assert f"{config}: cannot be read as a PEFT config: {why}" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_merge_of_a_missing_folder_or_a_file_says_so(tmp_path, capsys):
+    # Prepare
+    good, _ = _client(tmp_path, 0, CLIENTS[0])
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("not an adapter")
+
+    # Execute
+    missing = _merge(good, tmp_path / "gone", "--rule", "svd", "--out", tmp_path / "out")
+    missing_err = capsys.readouterr().err
+    not_folder = _merge(good, a_file, "--rule", "svd", "--out", tmp_path / "out")
+    not_folder_err = capsys.readouterr().err
+
+    # Assert
+    assert missing == 2 and f"{tmp_path / 'gone'}: no such folder" in missing_err
+    assert not_folder == 2 and f"{a_file}: is not a folder" in not_folder_err
+    assert not (tmp_path / "out").exists()
 
 
 def test_merge_robust_leaves_out_the_clients_trained_on_another_task(tmp_path, capsys):

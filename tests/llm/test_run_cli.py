@@ -366,11 +366,20 @@ def test_main_runs_and_resumes(tmp_path, capsys):
     assert (out / "summary.md").exists() and (out / "accuracy.png").exists()
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 6
-    # resuming a finished run recomputes nothing and gives the same table
+    # the verdict: in the console, in summary.md, its facts in summary.json (paired over the 30 test examples)
     before = json.loads((out / "summary.json").read_text())
+    verdict = next(r["verdict"] for r in before if "verdict" in r)
+    assert verdict["n_test"] == 30 and verdict["paired"] is True and verdict["seeds"] == 1
+    assert {verdict["best"], verdict["runner_up"]} == {"fedit", "flexlora"}
+    assert all(r["standard_error"] is not None and "test_correct" not in r for r in before)
+    assert "Verdict: " in text and "one seed on 30 test examples" in " ".join(text.split())
+    summary_md = (out / "summary.md").read_text()
+    assert "Verdict: " in summary_md and "one seed on 30 test examples" in summary_md
+    # resuming a finished run recomputes nothing and gives the same table and verdict
     assert run.main(_parse(["--resume", str(out), "--no-progress"])) == 0
     after = json.loads((out / "summary.json").read_text())
     assert [r["final"] for r in before] == [r["final"] for r in after]
+    assert next(r["verdict"] for r in after if "verdict" in r) == verdict
     assert (out / "metrics.jsonl").read_text().splitlines() == lines
 
 
@@ -422,3 +431,82 @@ def test_main_lora_a2_budgets_above_its_global_rank_exit_2_before_writing(tmp_pa
     err = capsys.readouterr().err
     assert "Config key 'ranks'" in err and "global_rank = 16" in err and "[32]" in err
     assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- the texts a user reads
+
+
+def test_top_level_help_describes_the_tool_and_every_command_without_markup(capsys):
+    # Prepare
+    from lowrank_fed.cli import SUBCOMMANDS, main
+
+    # Execute
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    text = capsys.readouterr().out
+
+    # Assert: a description above the list of commands that names each of them; no RST or markdown markup
+    description = text.split("positional arguments")[0]
+    assert done.value.code == 0 and "Federated LoRA fine-tuning with heterogeneous client ranks" in description
+    words = set(description.replace("(", " ").replace(")", " ").replace(",", " ").split())
+    assert set(SUBCOMMANDS) <= words, description
+    assert "`" not in text and ":mod:" not in text
+
+
+def test_merge_help_lists_every_rule_it_accepts(capsys):
+    # Prepare
+    from lowrank_fed import AGGREGATORS
+    from lowrank_fed.cli import main
+
+    # Execute
+    with pytest.raises(SystemExit):
+        main(["merge", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+
+    # Assert: the same names as its error for an unknown rule
+    assert "a core rule: " + ", ".join(sorted(AGGREGATORS)) in text
+
+
+def test_run_docstring_and_readme_describe_what_the_code_does():
+    # Prepare
+    doc = " ".join(run.__doc__.split())
+    readme = (ROOT / "README.md").read_text()
+    titles = {"fedit": "FedIT", "flora": "FLoRA", "flexlora": "FlexLoRA", "prelort": "PreLort", "hafl": "HAFL",
+              "lora_a2": "LoRA-A2", "hetlora": "HetLoRA"}
+
+    # Execute
+    default = RunConfig()
+
+    # Assert: the default's methods, and the checkpoints kept (the latest round and the previous one)
+    assert all(titles[m] in doc for m in default.methods)
+    assert all(t not in doc for m, t in titles.items() if m not in default.methods)
+    assert "every round" not in doc and "latest round and the previous one" in doc
+    assert "to come" not in readme
+    commands = readme.index("## Commands")
+    assert readme.index("(`lowrank-fed reproduce`)") < commands  # the reproduce section is above the table
+    assert "the papers' claims as experiments over seeds (above)" in readme[commands:]
+
+
+def test_a_dropped_update_is_one_warning_line_without_source(tmp_path):
+    # Prepare: a tiny run whose client 1 sends NaN in round 1, for both methods
+    import os
+    import subprocess
+    import sys
+
+    config = tmp_path / "fault.toml"
+    config.write_text('model = "tiny-bert"\ndataset = "synthetic"\nclients = 3\nranks = [2, 4, 4]\nrounds = 1\n'
+                      'local_steps = 1\neval_size = 20\nval_size = 20\nmax_length = 16\n'
+                      'methods = ["fedit", "flexlora"]\n[[faults]]\nround = 1\nclient = 1\nkind = "nan"\n')
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    # Execute
+    done = subprocess.run([sys.executable, "-m", "lowrank_fed.cli", "run", str(config), "--out", str(tmp_path / "o"),
+                           "--no-progress"], capture_output=True, text=True, env=env, timeout=300)
+
+    # Assert: one line per dropped update, "warning: ...", no file name or source line
+    assert done.returncode == 0, done.stderr
+    dropped = [line for line in done.stderr.splitlines() if "update dropped" in line]
+    assert len(dropped) == 2, done.stderr
+    assert all(line.startswith("warning: ") for line in dropped)
+    assert {line.split(",")[0] for line in dropped} == {"warning: FedIT (zero-pad)", "warning: FlexLoRA"}
+    assert ".py:" not in done.stderr and "warnings.warn" not in done.stderr and "run_round" not in done.stderr
