@@ -135,7 +135,7 @@ def plan_output(folder, *, signature: Iterable[str], overwrite: bool = False, in
     for item in inputs:
         source = _resolved(Path(item))
         if _inside(source, resolved):
-            what = "is" if source == resolved else f"holds '{item}', which"
+            what = "is" if source == resolved else f"holds '{item}', which is"
             raise OutputFolderError(f"{flag} '{folder}' {what} an input of this command; writing there could "
                                     f"destroy it. Choose another folder.")
     try:
