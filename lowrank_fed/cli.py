@@ -64,9 +64,15 @@ def _load(module: str):
         raise
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line usage error (``lowrank-fed merge: error: ... (see ... --help)``), exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lowrank-fed", description=DESCRIPTION,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog="lowrank-fed", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     # Only the chosen subcommand's module is imported, so `compare` never pulls in torch.
     chosen = next((a for a in (argv or []) if a in SUBCOMMANDS), None)
@@ -86,13 +92,25 @@ def _format_warning(message, category, filename, lineno, line=None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser(argv).parse_args(argv)
+    try:
+        args = build_parser(argv).parse_args(argv)
+    except SystemExit as stop:  # --help (0) or a usage error (2, one line on stderr): a status, as for any command
+        return int(stop.code or 0)
+    threads = os.environ.get("LOWRANK_FED_THREADS", "1")
+    if not threads.isdigit() or not 1 <= int(threads) <= (os.cpu_count() or 1):
+        print(f"lowrank-fed: LOWRANK_FED_THREADS must be a whole number from 1 to the {os.cpu_count()} cores. "
+              f"Got {threads!r}.", file=sys.stderr)
+        return 2
     previous, warnings.formatwarning = warnings.formatwarning, _format_warning
     try:
         # One BLAS thread unless asked otherwise: the core's matrices are small or tall-skinny, and
         # two BLAS threads on a busy 2-core machine were measured up to 25x slower.
-        with threadpool_limits(limits=int(os.environ.get("LOWRANK_FED_THREADS", "1"))):
+        with threadpool_limits(limits=int(threads)):
             return int(args._main(args) or 0)
+    except OSError as err:  # the disk or the system refused (full, read-only, permissions): no traceback
+        where = f" ({err.filename})" if err.filename else ""
+        print(f"lowrank-fed {args.command}: error: {err.strerror or err}{where}", file=sys.stderr)
+        return 2
     finally:
         warnings.formatwarning = previous
 

@@ -248,3 +248,26 @@ def test_atomic_folder_keeps_the_old_contents_on_error(tmp_path):
     with atomic_folder(tmp_path / "out") as tmp:
         (tmp / "f").write_text("new")
     assert (tmp_path / "out" / "f").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+# ----------------------------------------------------------------------------- the command line itself
+@pytest.mark.parametrize("argv,fragment", [
+    ([], "the following arguments are required: COMMAND"),
+    (["nope"], "invalid choice: 'nope'"),
+    (["merge", "a", "--rule", "svd"], "the following arguments are required: --out"),
+    (["merge", "a", "--rule", "svd", "--out", "g", "--weights", "abc"], "invalid float value: 'abc'"),
+])
+def test_usage_errors_are_one_line(workspace, refused, argv, fragment):
+    refused(argv, fragment)
+
+
+def test_an_os_error_is_one_line_not_a_traceback(workspace, refused, monkeypatch):
+    from lowrank_fed.llm import merge
+
+    def full(args):
+        raise OSError(28, "No space left on device", "g/adapter_model.safetensors")
+
+    monkeypatch.setattr(merge, "main", full)
+    refused(["merge", "a", "b", "--rule", "svd", "--out", "g"], "No space left on device (g/adapter_model")
+    monkeypatch.setenv("LOWRANK_FED_THREADS", "100000")
+    refused(["merge", "a", "b", "--rule", "svd", "--out", "g"], "LOWRANK_FED_THREADS must be a whole number")
