@@ -287,9 +287,10 @@ def write_plots(histories: dict[str, list[dict]], out_dir: str | Path, metric: s
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         fig.tight_layout()
-        path = out_dir / name
-        fig.savefig(path, dpi=110, metadata={"Software": None})
+        path, tmp = out_dir / name, out_dir / f"{name}.tmp.png"  # written whole, then renamed into place
+        fig.savefig(tmp, dpi=110, metadata={"Software": None})
         plt.close(fig)
+        tmp.replace(path)
         paths.append(path)
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
