@@ -19,6 +19,7 @@ __all__ = [
     "factored_svd",
     "sin_theta",
     "product_fro_norm",
+    "aggregation_error",
     "svd_flip",
     "stacked_factors",
     "balanced_pair",
@@ -210,6 +211,71 @@ def product_fro_norm(pair: FactorPair) -> float:
     gram_b = xp.permute_dims(B, (1, 0)) @ B
     gram_a = A @ xp.permute_dims(A, (1, 0))
     return float(np.sqrt(max(float(xp.sum(gram_b * gram_a)), 0.0)))
+
+
+def _stacked_fro_norm(xp, Bc, Ac) -> float:
+    """``||Bc Ac||_F`` as ``||Rb Ra^T||_F`` from thin QR of ``Bc`` and ``Ac^T`` (no squaring, no cancellation)."""
+    t = lambda X: xp.permute_dims(X, (1, 0))  # noqa: E731
+    if Bc.shape[1] == 0:
+        return 0.0
+    Rb = xp.linalg.qr(Bc, mode="reduced")[1]  # Bc = Qb Rb
+    Ra = xp.linalg.qr(t(Ac), mode="reduced")[1]  # Ac^T = Qa Ra
+    # Bc Ac = Qb (Rb Ra^T) Qa^T and Qb, Qa have orthonormal columns, so the norms are equal.
+    return float(xp.linalg.vector_norm(Rb @ t(Ra)))
+
+
+def aggregation_error(pairs: Sequence[FactorPair], weights, result: FactorPair) -> tuple[float, float]:
+    r"""How far an aggregate is from the exact weighted sum, without forming any ``d_out x d_in`` matrix.
+
+    .. math::
+
+        e = \frac{\lVert \sum_k p_k B_k A_k - \hat B \hat A \rVert_F}{\lVert \sum_k p_k B_k A_k \rVert_F}
+
+    where ``p_k = w_k / sum_j w_j`` and ``(B_hat, A_hat)`` is ``result``. The difference is the product of the
+    stacked factors ``[p_1 B_1 .. p_K B_K, -B_hat]`` and ``[A_1; ..; A_K; A_hat]``; its norm is that of the
+    small core ``Rb Ra^T`` of their thin QR factorisations (float64), so rounding stays at ``eps ||.||`` instead
+    of the ``sqrt(eps)`` a difference of Gram traces would give.
+
+    Parameters
+    ----------
+    pairs : list of FactorPair
+        The clients' updates, shapes ``(d_out, r_k)``, ``(r_k, d_in)``.
+    weights : array-like, shape (K,), or None
+        Non-negative client weights with a positive sum (uniform if None).
+    result : FactorPair
+        The aggregate, shapes ``(d_out, r)``, ``(r, d_in)``.
+
+    Returns
+    -------
+    (numerator, denominator) : tuple of float
+        ``||sum_k p_k B_k A_k - B_hat A_hat||_F`` and ``||sum_k p_k B_k A_k||_F``; ``e`` is their ratio (kept
+        apart so errors of several modules can be pooled: ``sqrt(sum num^2) / sqrt(sum den^2)``).
+
+    Notes
+    -----
+    Zero (to rounding) for the exact rules (``svd`` without ``rank``, ``stack``, FLoRA); ``svd`` with ``rank=t``
+    gives the Eckart-Young tail ``||S[t:]|| / ||S||``; ``zero_pad`` gives its dilution of the slots few clients
+    hold; ``fedavg`` the discordance of averaging factors (the cross terms ``p_j p_k B_j A_k``).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from lowrank_fed import aggregate
+    >>> rng = np.random.default_rng(0)
+    >>> pairs = [FactorPair(rng.normal(size=(6, r)), rng.normal(size=(r, 5))) for r in (1, 2)]
+    >>> num, den = aggregation_error(pairs, [1, 3], aggregate("stack", pairs, [1, 3]))
+    >>> bool(num / den < 1e-12)
+    True
+    """
+    xp, checked = check_pairs([*pairs, result])
+    *pairs, result = checked
+    p = as_weights(weights, len(pairs))
+    f64 = xp.float64
+    Bc, Ac = stacked_factors(xp, pairs, p)
+    Bc, Ac = xp.astype(Bc, f64), xp.astype(Ac, f64)
+    Bd = xp.concat([Bc, -xp.astype(result.B, f64)], axis=1)
+    Ad = xp.concat([Ac, xp.astype(result.A, f64)], axis=0)
+    return _stacked_fro_norm(xp, Bd, Ad), _stacked_fro_norm(xp, Bc, Ac)
 
 
 def sin_theta(U_hat, U) -> float:

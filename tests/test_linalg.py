@@ -8,8 +8,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from numpy.testing import assert_allclose
 
-from lowrank_fed import FactorPair, factored_svd, sin_theta
-from lowrank_fed.linalg import DENSE_FALLBACK_SHARE, product_fro_norm
+from lowrank_fed import FactorPair, aggregate, factored_svd, sin_theta
+from lowrank_fed.linalg import DENSE_FALLBACK_SHARE, aggregation_error, product_fro_norm
 
 from .strategies import client_pairs, dense_weighted_sum, matrix_of_rank
 
@@ -142,3 +142,44 @@ def test_float32_routes_are_accurate_and_orthonormal(case, xp):
     live = S > 1e-3 * S[0]
     assert_allclose(U[:, live].T @ U[:, live], np.eye(live.sum()), atol=1e-4)
     assert_allclose(Vh[live] @ Vh[live].T, np.eye(live.sum()), atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- aggregation_error
+FACTOR_RULES = ["zero_pad", "replication", "segment", "stack", "svd"]
+
+
+@given(client_pairs(), st.sampled_from(FACTOR_RULES))
+def test_aggregation_error_equals_the_dense_computation(case, rule):
+    pairs, weights = case
+    result = aggregate(rule, pairs, weights)
+    D = dense_weighted_sum(pairs, weights)
+    num, den = aggregation_error(pairs, weights, result)
+    scale = max(1.0, np.linalg.norm(D))
+    assert abs(num - np.linalg.norm(D - result.B @ result.A)) <= 1e-10 * scale
+    assert abs(den - np.linalg.norm(D)) <= 1e-10 * scale
+    if rule in ("stack", "svd"):  # the exact rules
+        assert num <= 1e-10 * scale
+
+
+@given(client_pairs(min_clients=2))
+def test_aggregation_error_of_a_truncation_is_the_eckart_young_tail(case):
+    pairs, weights = case
+    U, S, Vh = factored_svd(pairs, weights)
+    t = max(1, len(S) // 2)
+    num, den = aggregation_error(pairs, weights, aggregate("svd", pairs, weights, rank=t))
+    assert_allclose(num, np.linalg.norm(S[t:]), atol=1e-10 * max(1.0, S[0]))
+    # client order does not change it
+    order = list(range(len(pairs)))[::-1]
+    again = aggregation_error([pairs[k] for k in order], [weights[k] for k in order],
+                              aggregate("svd", pairs, weights, rank=t))
+    assert_allclose(again, (num, den), atol=1e-10 * max(1.0, S[0]))
+
+
+def test_aggregation_error_backends_agree(xp):
+    rng = np.random.default_rng(2)
+    raw = [(rng.normal(size=(12, r)), rng.normal(size=(r, 9))) for r in (1, 3, 2)]
+    pairs = [FactorPair(B, A) for B, A in raw]
+    ref = aggregation_error(pairs, [1, 2, 3], aggregate("zero_pad", pairs, [1, 2, 3]))
+    cast = [FactorPair(xp.asarray(B, "float32"), xp.asarray(A, "float32")) for B, A in raw]
+    got = aggregation_error(cast, [1, 2, 3], aggregate("zero_pad", cast, [1, 2, 3]))
+    assert_allclose(got, ref, rtol=1e-5)
