@@ -54,7 +54,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--robust", action="store_true", help="flag contaminated clients with CLAIR and leave them out")
     parser.add_argument("--lora-alpha", type=float, default=None, metavar="A",
                         help="alpha of the written global adapter (default: the first client's)")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    parser.add_argument("--missing", choices=("zero", "holders"), default="zero",
+                        help="a module some clients lack: 'zero' (default) counts it as a zero update with the "
+                             "client's weight, so the merge is the weighted average of the clients' models; "
+                             "'holders' averages it over the clients that hold it, weights renormalised")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier merge output in --out")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -131,7 +135,8 @@ def main(args: argparse.Namespace) -> int:
     from rich.table import Table
     from tqdm.auto import tqdm
 
-    from lowrank_fed import aggregate, factored_svd
+    from lowrank_fed import FactorPair, aggregate
+    from lowrank_fed.linalg import aggregation_error
 
     from .adapters import Adapter, average_extras, load_peft_adapter, redistribute_adapter, save_peft_adapter
     from .methods.clair import flag_clients
@@ -158,6 +163,8 @@ def main(args: argparse.Namespace) -> int:
         return _fail(problem)
     weights = [1.0] * n if args.weights is None else list(args.weights)
     console = Console(stderr=False)
+    if not console.is_terminal:  # a pipe or a file: wide enough that module names are never cut
+        console = Console(stderr=False, width=max(console.width, 200))
 
     # ---- robust: CLAIR on every module, one decision per client
     kept = list(range(n))
@@ -179,39 +186,50 @@ def main(args: argparse.Namespace) -> int:
         if not kept:
             return _fail("CLAIR flagged every client; nothing to merge (nothing was written).")
 
-    # ---- aggregation, module by module, with the truncation error
+    # ---- aggregation, module by module, with how far each is from the exact weighted sum
     chosen = [adapters[k] for k in kept]
     w = [weights[k] for k in kept]
     modules = sorted({m for a in chosen for m in a.pairs})
     summary = Table(title=f"merge --rule {args.rule}" + (f" --rank {args.rank}" if args.rank else "")
-                    + f": {len(kept)} of {n} clients")
-    for col in ("module", "rank", "relative error of the truncation ||S[N:]|| / ||S||", "ms"):
-        summary.add_column(col, justify="right")
-    pairs = {}
+                    + f" --missing {args.missing}: {len(kept)} of {n} clients")
+    summary.add_column("module", overflow="fold")
+    for col in ("held by", "rank", "aggregation_error", "ms"):
+        summary.add_column(col, justify="right", overflow="fold")
+    pairs, pooled = {}, [0.0, 0.0]
     for m in tqdm(modules, desc="modules", disable=args.no_progress, file=sys.stderr):
         holders = [k for k, a in enumerate(chosen) if m in a.pairs]
+        held, held_w = [chosen[k].pairs[m] for k in holders], [w[k] for k in holders]
         t0 = time.perf_counter()
-        if sum(w[k] for k in holders) <= 0:
+        if sum(held_w) <= 0:
             return _fail(f"module {m!r}: every client holding it ({[names[kept[k]] for k in holders]}) has weight 0; "
                          "expected a positive weight on at least one holder.")
-        options, error = {}, "-"
-        if args.rank:  # Eckart-Young: the truncation's error is ||S[N:]|| / ||S|| of the exact sum's spectrum
-            S = factored_svd([chosen[k].pairs[m] for k in holders], [w[k] for k in holders])[1].double()
-            options["rank"] = min(args.rank, len(S))  # a sum of lower rank than N is kept exactly
-            error = f"{float(S[args.rank:].norm() / S.norm().clamp_min(1e-300)):.3e}"
+        options = {}
+        if args.rank:  # a sum of lower rank than N is kept exactly
+            options["rank"] = min(args.rank, sum(p.rank for p in held), *held[0].shape)
         try:
-            pairs[m] = aggregate(args.rule, [chosen[k].pairs[m] for k in holders], [w[k] for k in holders],
-                                 **options)
+            pair = aggregate(args.rule, held, held_w, **options)
         except ValueError as err:
-            held = [names[kept[k]] for k in holders]
-            return _fail(f"module {m!r} (held by {held}): {err}")
+            return _fail(f"module {m!r} (held by {[names[kept[k]] for k in holders]}): {err}")
+        # --missing zero: a client without the module sent Delta W = 0 with its weight, so the holders' weighted
+        # average is scaled by their share of the weight; --missing holders: their average alone.
+        share = sum(held_w) / sum(w) if args.missing == "zero" else 1.0
+        pairs[m] = FactorPair(pair.B * share, pair.A)
         ms = 1e3 * (time.perf_counter() - t0)
-        summary.add_row(m, str(pairs[m].rank), error, f"{ms:.1f}")
+        num, den = aggregation_error(held, held_w, pair)
+        pooled = [pooled[0] + (share * num) ** 2, pooled[1] + (share * den) ** 2]
+        who = "all" if len(holders) == len(chosen) else f"{len(holders)} of {len(chosen)}: " + ", ".join(
+            names[kept[k]] for k in holders)
+        summary.add_row(m, who, str(pair.rank), f"{num / den:.3e}" if den > 0 else "-", f"{ms:.1f}")
+    overall = (pooled[0] ** 0.5 / pooled[1] ** 0.5) if pooled[1] > 0 else 0.0
+    summary.add_row("all modules", "", "", f"{overall:.3e}", "", style="bold")
     for name in sorted({e for a in chosen for e in a.extras}):
         holders = [k for k, a in enumerate(chosen) if name in a.extras]
         if sum(w[k] for k in holders) <= 0:
             return _fail(f"tensor {name!r} (not LoRA, e.g. a head): every client holding it "
                          f"({[names[kept[k]] for k in holders]}) has weight 0; expected a positive weight on one.")
+        who = "all" if len(holders) == len(chosen) else f"{len(holders)} of {len(chosen)}: " + ", ".join(
+            names[kept[k]] for k in holders)
+        summary.add_row(f"{name} (not LoRA: weighted average of its holders)", who, "", "", "")
     merged = Adapter(pairs, average_extras(chosen, w), adapters[0].config)
 
     # ---- writing: each folder complete in a temporary sibling first, then renamed into place
