@@ -22,7 +22,9 @@ Runs never lose data:
   ``--overwrite`` is given, which empties the folder only after the config was validated (and never
   the current folder, one of its parents or the home folder);
 - ``--resume DIR`` continues an interrupted run from its last checkpoints, with the configuration
-  stored in ``DIR``, to the same final adapters.
+  stored in ``DIR``, to the same final adapters. A ``config.json`` edited since the checkpoints were
+  written is refused (exit status 2, naming each key that differs); a method whose every checkpoint is
+  corrupt starts again from round 0 (a warning names the files); a bad ``LATEST`` is rewritten.
 
 Exit status: 0 done, 2 invalid config or output folder, 3 a packaged model or dataset is not
 installed, 130 interrupted (resume with ``--resume``).
@@ -209,6 +211,8 @@ def main(args: argparse.Namespace) -> int:
 
     sim = Simulation(cfg, out, progress=not args.no_progress)
     try:  # the data and the model: settings they cannot satisfy are config errors, found before any write
+        if args.resume:
+            sim.check_resume()  # config.json edited since the checkpoints were written
         _check_packages(cfg)
         sim.setup()
     except ConfigError as err:
@@ -222,7 +226,6 @@ def main(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.markup import escape
 
-    from .runner.checkpoint import CheckpointError
     from .runner.report import summary_table, verdict_lines
 
     console = Console()
@@ -235,9 +238,6 @@ def main(args: argparse.Namespace) -> int:
                   f"methods {cfg.methods}, {cfg.clients} clients, {cfg.rounds} rounds -> {escape(str(out))}")
     try:
         summary = sim.run(resume=bool(args.resume))
-    except CheckpointError as err:  # every checkpoint round of a method is corrupt; the message names the files
-        _error(err)
-        return 2
     except KeyboardInterrupt:
         print(f"interrupted; continue with: lowrank-fed run --resume {out}", file=sys.stderr, flush=True)
         return 130

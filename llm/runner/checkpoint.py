@@ -21,7 +21,11 @@ Guarantees
   is ever written (:func:`save_tensors`).
 * Verified: :func:`load_checkpoint` checks the size and sha256 of every file against the manifest.
   A bad round gives a :class:`CheckpointCorruptWarning` naming the file and the fault, and the
-  previous round is loaded instead; if no round verifies, :class:`CheckpointError` is raised.
+  previous round is loaded instead; if no round verifies, :class:`CheckpointError` is raised. With
+  ``repair=True`` a ``LATEST`` that is missing, garbage or names a bad round is rewritten (atomically) to
+  the round loaded, so later loads do not warn again.
+* Readable without the tensors: :func:`peek_state` returns the newest verified ``state.json`` (the
+  runner compares the run config stored there with the one it is asked to resume).
 
 Examples
 --------
@@ -50,7 +54,7 @@ from safetensors.torch import load as _load_bytes
 from safetensors.torch import save_file
 
 __all__ = ["CheckpointCorruptWarning", "CheckpointError", "Loaded", "atomic_write_text", "load_checkpoint",
-           "save_checkpoint", "save_tensors"]
+           "peek_state", "save_checkpoint", "save_tensors"]
 
 TENSORS, STATE, MANIFEST, LATEST = "tensors.safetensors", "state.json", "manifest.json", "LATEST"
 _ROUND = re.compile(r"round-(0|[1-9][0-9]*)")
@@ -199,12 +203,12 @@ def save_checkpoint(folder: Path, round_: int, tensors: dict[str, torch.Tensor],
     return final
 
 
-def _verify(path: Path, round_: int) -> tuple[list[str], dict[str, bytes]]:
+def _verify(path: Path, round_: int, names: tuple[str, ...] = (TENSORS, STATE)) -> tuple[list[str], dict[str, bytes]]:
     manifest_path, blobs = path / MANIFEST, {}
     try:
         manifest = json.loads(manifest_path.read_bytes())
         files = {name: (int(manifest["files"][name]["bytes"]), str(manifest["files"][name]["sha256"]))
-                 for name in (TENSORS, STATE)}
+                 for name in names}
     except FileNotFoundError:
         return [f"{manifest_path}: missing"], blobs
     except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -230,7 +234,47 @@ def _verify(path: Path, round_: int) -> tuple[list[str], dict[str, bytes]]:
     return problems, blobs
 
 
-def load_checkpoint(folder: Path, device: torch.device | str | None = None) -> Loaded | None:
+def _order(folder: Path) -> tuple[list[int], list[str], int | None]:
+    """Rounds to try, newest first (the one ``LATEST`` names before the others); ``LATEST``'s faults; its round."""
+    rounds, latest = _rounds(folder), folder / LATEST
+    failures, first = [], None
+    try:
+        text = latest.read_text(encoding="utf-8").strip()
+        match = _ROUND.fullmatch(text)
+        if match is None:
+            failures.append(f"{latest}: names {text!r}, expected 'round-<N>'")
+        else:
+            first = int(match.group(1))
+    except FileNotFoundError:
+        failures.append(f"{latest}: missing")
+    except (OSError, UnicodeDecodeError) as exc:
+        failures.append(f"{latest}: unreadable ({exc})")
+    order = ([first] if first is not None else []) + sorted((r for r in rounds if r != first), reverse=True)
+    return order, failures, first
+
+
+def peek_state(folder: Path) -> tuple[Path, dict] | None:
+    r"""The JSON state of the newest round whose ``state.json`` verifies, without reading the tensors.
+
+    Writes nothing and warns nothing. Returns ``(round folder, state)``, or None when no round's
+    ``state.json`` matches its manifest and parses (or there is no checkpoint at all).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    for round_ in _order(folder)[0]:
+        path = folder / f"round-{round_}"
+        problems, blobs = _verify(path, round_, (STATE,)) if path.is_dir() else (["missing"], {})
+        if not problems:
+            try:
+                return path, json.loads(blobs[STATE])
+            except ValueError:
+                continue
+    return None
+
+
+def load_checkpoint(folder: Path, device: torch.device | str | None = None, *,
+                    repair: bool = False) -> Loaded | None:
     r"""Load the round ``LATEST`` names, verified; fall back to the newest older round that verifies.
 
     Parameters
@@ -239,6 +283,10 @@ def load_checkpoint(folder: Path, device: torch.device | str | None = None) -> L
         Checkpoint folder written by :func:`save_checkpoint`.
     device : torch.device or str, optional
         Where to put the tensors (default: CPU).
+    repair : bool
+        When ``LATEST`` is missing, garbage or names a round that does not verify, rewrite it
+        (atomically) to name the round loaded, so that the next load finds it first and does not warn
+        again. Without it (the default) nothing is written.
 
     Returns
     -------
@@ -256,22 +304,9 @@ def load_checkpoint(folder: Path, device: torch.device | str | None = None) -> L
         When ``LATEST`` or the round it names is bad and an older round is loaded instead.
     """
     folder = Path(folder)
-    rounds, latest = _rounds(folder), folder / LATEST
-    if not rounds and not latest.exists():
+    if not _rounds(folder) and not (folder / LATEST).exists():
         return None
-    failures, first = [], None
-    try:
-        text = latest.read_text(encoding="utf-8").strip()
-        match = _ROUND.fullmatch(text)
-        if match is None:
-            failures.append(f"{latest}: names {text!r}, expected 'round-<N>'")
-        else:
-            first = int(match.group(1))
-    except FileNotFoundError:
-        failures.append(f"{latest}: missing")
-    except (OSError, UnicodeDecodeError) as exc:
-        failures.append(f"{latest}: unreadable ({exc})")
-    order = ([first] if first is not None else []) + sorted((r for r in rounds if r != first), reverse=True)
+    order, failures, first = _order(folder)
     for round_ in order:
         path = folder / f"round-{round_}"
         problems, blobs = _verify(path, round_) if path.is_dir() else ([f"{path}: missing"], {})
@@ -288,8 +323,12 @@ def load_checkpoint(folder: Path, device: torch.device | str | None = None) -> L
             failures += problems
             continue
         if failures:
+            repaired = ""
+            if repair and first != round_:
+                atomic_write_text(folder / LATEST, path.name + "\n")
+                repaired = f"; {folder / LATEST} now names {path.name}"
             warnings.warn(CheckpointCorruptWarning(
-                f"corrupt checkpoint: {'; '.join(failures)}; loading {path} instead"), stacklevel=2)
+                f"corrupt checkpoint: {'; '.join(failures)}; loading {path} instead{repaired}"), stacklevel=2)
         if device is not None:
             tensors = {name: t.to(device) for name, t in tensors.items()}
         return Loaded(round=round_, tensors=tensors, state=state, path=path)

@@ -14,7 +14,8 @@ For each method of the config, round ``t = 1..T``:
    the model each distinct rank downloads, and each client's model (the one it downloads, or its
    personalised one) on its own held-out set; one JSON line goes to ``metrics.jsonl``, timings to
    ``timings.jsonl``;
-6. a checkpoint (:mod:`.checkpoint`: atomic, checksummed, the previous round kept).
+6. a checkpoint (:mod:`.checkpoint`: atomic, checksummed, the previous round kept; its ``state.json``
+   holds the run config, so a resume can refuse a config that changed, :meth:`Simulation.check_resume`).
 
 All randomness is derived from ``(seed, purpose, round, client)``, so a resumed run writes the same
 bytes as an uninterrupted one (``metrics.jsonl``, ``adapters/``, checkpoints, plots); only ``timings.jsonl``
@@ -47,7 +48,8 @@ from ..methods import ClientState, Method, Model, ServerState, make_method
 from ..models import MODELS, load_model
 from ..peft_bridge import AdapterWorkspace, init_pairs, pairs_to_state_dict
 from ..protocol import Message, decode_extras, decode_pairs, encode_extras, encode_pairs, from_flat, to_flat
-from .checkpoint import atomic_write_text, load_checkpoint, save_checkpoint, save_tensors
+from .checkpoint import (CheckpointCorruptWarning, CheckpointError, atomic_write_text, load_checkpoint, peek_state,
+                         save_checkpoint, save_tensors)
 from .report import add_verdict, summary_markdown, summary_row, write_plots
 
 __all__ = ["Simulation", "run_experiment", "UpdateDroppedWarning", "load_final"]
@@ -71,6 +73,12 @@ def _warn_dropped(msg: str) -> None:
 
 def _json(obj) -> str:
     return json.dumps(obj, sort_keys=True)
+
+
+def _shown(value) -> str:
+    """A config value as it reads in TOML / JSON (``(absent)`` for a missing key), at most 100 characters."""
+    text = "(absent)" if not isinstance(value, (dict, list, str, int, float, bool, type(None))) else json.dumps(value)
+    return text if len(text) <= 100 else text[:97] + "..."
 
 
 def _mean(values) -> float | None:
@@ -509,11 +517,21 @@ class Simulation:
         return server, {}
 
     def run_method(self, name: str, *, resume: bool, round0: dict | None) -> tuple[Method, list[dict], list[dict]]:
-        """Run (or resume from its last good checkpoint) one method; returns it, its history and timings."""
+        r"""Run (or resume from its last good checkpoint) one method; returns it, its history and timings.
+
+        On resume, a bad ``LATEST`` is rewritten to the round loaded; when no checkpoint round of the method
+        verifies, a :class:`~.checkpoint.CheckpointCorruptWarning` names the corrupt files and the method starts
+        again from round 0 (to the same final state: all randomness comes from the seed, the round and the
+        client). Its history and timings then start afresh, so no row of the lost rounds stays in the logs.
+        """
         cfg = self.cfg
         method = make_method(name, **cfg.method_options.get(name, {}))
         folder = self.out / "checkpoints" / name
-        loaded = load_checkpoint(folder, device=self.device) if resume else None
+        try:
+            loaded = load_checkpoint(folder, device=self.device, repair=True) if resume else None
+        except CheckpointError as err:  # every round is corrupt: redo the method from round 0
+            warnings.warn(CheckpointCorruptWarning(f"{err}; restarting {method.title} from round 0"), stacklevel=2)
+            loaded = None
         timings = [t for t in self._timings if t["method"] == name]
         if loaded is not None:
             server, clients = state_from_flat(loaded.tensors, loaded.state["state"], self.ws.shapes)
@@ -558,13 +576,53 @@ class Simulation:
                     bar.set_postfix({self.metric: f"{row[self.metric]:.3f}"})
                 if cfg.checkpoint:
                     tensors, meta = state_to_flat(server, clients)
-                    save_checkpoint(folder, server.round, tensors, {"state": meta, "history": history})
+                    save_checkpoint(folder, server.round, tensors,
+                                    {"state": meta, "history": history, "config": self._config_json()})
                 self._histories[name], self._timings_by[name] = history, timings
                 self._write_logs()
                 if self.on_round_end is not None:
                     self.on_round_end(name, round_)
         self._save_final(method, server)
         return method, history, timings
+
+    def _config_json(self) -> dict:
+        """The run config as stored in ``config.json`` and in every checkpoint (JSON values)."""
+        return json.loads(json.dumps(self.cfg.to_dict()))
+
+    def check_resume(self) -> None:
+        r"""Refuse to resume a run whose config differs from the one its checkpoints were written with.
+
+        Every checkpoint stores the whole run config (``state.json``, key ``"config"``). Each method's
+        newest verified ``state.json`` (:func:`~.checkpoint.peek_state`) is compared with this run's config,
+        key by key. No key may differ: every one of them (ranks, rounds, seeds, data sizes, even ``threads``,
+        ``device`` and ``dtype``, which can change the floating-point results) is part of what the checkpoints
+        hold, and a resumed run must reach the bytes an uninterrupted run of one config reaches. Progress
+        bars are a command-line flag, not a config key. Checkpoints written before the config was stored in
+        them, and methods with no verified ``state.json``, are not checked. Reads only; writes nothing.
+
+        Raises
+        ------
+        ConfigError
+            One line naming the checkpoint, each key that differs, its checkpointed and its present value.
+        """
+        folder = self.out / "checkpoints"
+        if not folder.is_dir():
+            return
+        now = self._config_json()
+        for path in sorted(p for p in folder.iterdir() if p.is_dir()):
+            found = peek_state(path)
+            if found is None or not isinstance(found[1], dict) or not isinstance(found[1].get("config"), dict):
+                continue
+            where, stored = found[0], found[1]["config"]
+            if stored == now:
+                continue
+            missing = object()
+            diffs = [f"{key} checkpointed {_shown(stored.get(key, missing))}, now {_shown(now.get(key, missing))}"
+                     for key in sorted(set(stored) | set(now)) if stored.get(key, missing) != now.get(key, missing)]
+            raise ConfigError(f"Cannot resume the run in '{self.out}': its config ('{self.out / 'config.json'}') "
+                              f"differs from the one its checkpoints were written with ('{where / 'state.json'}'): "
+                              f"{'; '.join(diffs)}. Put the checkpointed values back, or start a new run in "
+                              f"another folder; nothing was changed.")
 
     def _write_logs(self) -> None:
         names = [m for m in self.cfg.methods if m in self._histories]
@@ -574,6 +632,8 @@ class Simulation:
 
     def run(self, *, resume: bool = False) -> list[dict]:
         """Run (or resume) every method; write outputs; return the summary rows."""
+        if resume:
+            self.check_resume()  # a config edited since the checkpoints: ConfigError, nothing written
         self.setup()  # raises ConfigError before anything is written
         self.out.mkdir(parents=True, exist_ok=True)
         self._timings = []

@@ -246,6 +246,35 @@ def test_bad_latest_pointer_falls_back_to_newest_round(tmp_path, latest):
     _assert_round(loaded, 2)
 
 
+@pytest.mark.parametrize("latest", [None, "garbage\n", "round-7\n"])
+def test_repair_rewrites_a_bad_latest_so_the_next_load_does_not_warn(tmp_path, latest):
+    # Prepare: rounds 1 and 2 (round 2 corrupt when LATEST names it); LATEST missing, garbage or naming round 7
+    for round_ in (1, 2):
+        save_checkpoint(tmp_path, round_, _tensors(round_), _state(round_))
+    if latest is None:
+        (tmp_path / "LATEST").unlink()
+    else:
+        (tmp_path / "LATEST").write_text(latest)
+    if latest == "round-7\n":
+        (tmp_path / "round-7").mkdir()
+
+    # Execute: a plain load writes nothing; a repairing one rewrites LATEST; the next load is silent
+    with pytest.warns(CheckpointCorruptWarning):
+        load_checkpoint(tmp_path)
+    unrepaired = (tmp_path / "LATEST").read_text() if latest is not None else None
+    with pytest.warns(CheckpointCorruptWarning, match="now names round-2"):
+        load_checkpoint(tmp_path, repair=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded = load_checkpoint(tmp_path)
+
+    # Assert
+    assert unrepaired == latest
+    assert (tmp_path / "LATEST").read_text() == "round-2\n"
+    assert not (tmp_path / "LATEST.tmp").exists()
+    _assert_round(loaded, 2)
+
+
 def test_all_rounds_corrupt_raises(tmp_path):
     # Prepare
     for round_ in (1, 2):

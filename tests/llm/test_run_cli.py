@@ -383,6 +383,27 @@ def test_main_runs_and_resumes(tmp_path, capsys):
     assert (out / "metrics.jsonl").read_text().splitlines() == lines
 
 
+def test_main_runs_resume_refuses_a_config_edited_since_the_checkpoints(tmp_path, capsys):
+    # Prepare: a finished one-round run, then its config.json edited (ranks and rounds)
+    out = tmp_path / "run"
+    assert run.main(_parse([*TINY, "--set", 'methods=["fedit"]', "--set", "rounds=1", "--out", str(out)])) == 0
+    stored = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**stored, "ranks": [4, 4, 4], "rounds": 2}))
+    before = _snapshot(out)
+    capsys.readouterr()
+
+    # Execute
+    status = run.main(_parse(["--resume", str(out), "--no-progress"]))
+
+    # Assert: exit 2, one line naming each key with its checkpointed and present value, nothing written
+    captured = capsys.readouterr()
+    assert status == 2 and captured.out == ""
+    assert captured.err.count("\n") == 1 and captured.err.startswith("error: ")
+    assert "ranks checkpointed [2, 4, 4], now [4, 4, 4]; rounds checkpointed 1, now 2" in captured.err
+    assert str(out / "checkpoints" / "fedit" / "round-1" / "state.json") in captured.err
+    assert _snapshot(out) == before
+
+
 def test_main_runs_overwrite_replaces_the_old_run(old_run, capsys):
     assert run.main(_parse([*TINY, "--out", str(old_run), "--overwrite"])) == 0
     assert "replaced the earlier run" in capsys.readouterr().out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 
@@ -70,6 +71,50 @@ def test_resume_from_a_corrupt_checkpoint_falls_back_to_the_previous_round(tmp_p
     # Assert
     assert _sha(full / "adapters") == _sha(cut / "adapters")
     assert _sha(_last_checkpoint(full, "fedit")) == _sha(_last_checkpoint(cut, "fedit"))
+
+
+def test_resume_restarts_a_method_whose_every_checkpoint_is_corrupt_from_round_0(tmp_path):
+    # Prepare: a full run, and one killed after round 2 of its second method, every checkpoint of which is damaged
+    methods = ["fedit", "flexlora"]
+    cfg = _cfg(methods=methods)
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    run_experiment(cfg, full, progress=False)
+    kill_after_round(cfg, cut, 2, method="flexlora")
+    bad = sorted((cut / "checkpoints" / "flexlora").glob("round-*/tensors.safetensors"))
+    for path in bad:
+        path.write_bytes(b"not a checkpoint")
+
+    # Execute
+    with pytest.warns(CheckpointCorruptWarning) as record:
+        run_experiment(cfg, cut, resume=True, progress=False)
+
+    # Assert: one warning naming the damaged files; the same adapters and metrics; no stale timing rows
+    assert len(bad) == 2 and len(record) == 1
+    message = str(record[0].message)
+    assert all(str(path) in message for path in bad) and "restarting FlexLoRA from round 0" in message
+    assert _sha(full / "adapters") == _sha(cut / "adapters") and _sha(full / "adapters")
+    assert _sha(_last_checkpoint(full, "flexlora")) == _sha(_last_checkpoint(cut, "flexlora"))
+    assert (full / "metrics.jsonl").read_bytes() == (cut / "metrics.jsonl").read_bytes()
+    timings = [json.loads(x) for x in (cut / "timings.jsonl").read_text().splitlines()]
+    assert [(t["method"], t["round"]) for t in timings] == [(m, r) for m in methods for r in range(4)]
+
+
+def test_resume_repairs_a_garbage_latest_so_the_next_resume_does_not_warn(tmp_path):
+    # Prepare: a finished run whose LATEST is garbage
+    cfg = _cfg(methods=["fedit"], rounds=1)
+    run_experiment(cfg, tmp_path, progress=False)
+    latest = tmp_path / "checkpoints" / "fedit" / "LATEST"
+    latest.write_text("garbage\n")
+
+    # Execute: resume twice
+    with pytest.warns(CheckpointCorruptWarning, match=str(latest)):
+        run_experiment(cfg, tmp_path, resume=True, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CheckpointCorruptWarning)
+        run_experiment(cfg, tmp_path, resume=True, progress=False)
+
+    # Assert
+    assert latest.read_text() == "round-1\n"
 
 
 def test_runs_are_byte_identical_given_a_seed(tmp_path):
