@@ -271,3 +271,39 @@ def test_an_os_error_is_one_line_not_a_traceback(workspace, refused, monkeypatch
     refused(["merge", "a", "b", "--rule", "svd", "--out", "g"], "No space left on device (g/adapter_model")
     monkeypatch.setenv("LOWRANK_FED_THREADS", "100000")
     refused(["merge", "a", "b", "--rule", "svd", "--out", "g"], "LOWRANK_FED_THREADS must be a whole number")
+
+
+# ----------------------------------------------------------------------------- what merge reports and decides
+def test_merge_missing_module_zero_or_holders(workspace, capsys):
+    # Prepare: client c adapts one more module than a, with a long name (never cut in the table)
+    long = "model.encoder.layers.11.self_attention.query_key_value_projection_with_a_very_long_name"
+    gen = torch.Generator().manual_seed(7)
+    extra = FactorPair(torch.randn(5, 2, generator=gen), torch.randn(2, 3, generator=gen))
+    pairs = dict(load_peft_adapter(workspace / "a").pairs)
+    save_peft_adapter(workspace / "c", Adapter({**pairs, long: extra}), lora_alpha=4)
+    # Execute: weights 1 (a) and 3 (c)
+    assert cli(["merge", "a", "c", "--rule", "svd", "--weights", "1", "3", "--out", "z", "--no-progress"]) == 0
+    shown = capsys.readouterr().out
+    assert cli(["merge", "a", "c", "--rule", "svd", "--weights", "1", "3", "--out", "h", "--missing", "holders",
+                "--no-progress"]) == 0
+    # Assert: zero -> 3/4 of c's update (the weighted average of the two models); holders -> c's update whole
+    want = extra.B @ extra.A
+    for folder, share in (("z", 0.75), ("h", 1.0)):
+        got = load_peft_adapter(workspace / folder).pairs[long]
+        torch.testing.assert_close(got.B @ got.A, share * want, rtol=1e-5, atol=1e-6)
+    assert long in shown and "1 of 2: c" in shown and "all modules" in shown
+
+
+def test_merge_reports_the_aggregation_error_of_each_module(workspace, capsys):
+    from lowrank_fed import aggregate
+    from lowrank_fed.linalg import aggregation_error
+
+    assert cli(["merge", "a", "b", "--rule", "zero_pad", "--out", "g", "--no-progress"]) == 0
+    shown = capsys.readouterr().out
+    held = [load_peft_adapter(workspace / c).pairs for c in "ab"]
+    for m in ("enc.q", "enc.v"):
+        num, den = aggregation_error([h[m] for h in held], None, aggregate("zero_pad", [h[m] for h in held]))
+        assert f"{num / den:.3e}" in shown and num / den > 0.01  # zero-padding dilutes the slot b alone holds
+    assert cli(["merge", "a", "b", "--rule", "stack", "--out", "s", "--no-progress"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if "enc." in line]
+    assert rows and all(float(line.split("│")[4]) < 1e-6 for line in rows)
