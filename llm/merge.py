@@ -58,6 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a module some clients lack: 'zero' (default) counts it as a zero update with the "
                              "client's weight, so the merge is the weighted average of the clients' models; "
                              "'holders' averages it over the clients that hold it, weights renormalised")
+    parser.add_argument("--allow-mixed-base", action="store_true",
+                        help="merge adapters whose base_model_name_or_path or task_type differ (refused otherwise)")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier merge output in --out")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -130,6 +132,17 @@ def _check_shapes(args: argparse.Namespace, adapters) -> str | None:
     return None
 
 
+def _check_bases(args: argparse.Namespace, adapters) -> str | None:
+    """Adapters of different base models or task types are refused unless ``--allow-mixed-base`` (naming them)."""
+    for key, what in (("base_model_name_or_path", "base models"), ("task_type", "task types")):
+        seen = {folder: getattr(a.config, key, None) for folder, a in zip(args.clients, adapters, strict=True)}
+        if len(set(seen.values())) > 1 and not args.allow_mixed_base:
+            return (f"the adapters were trained on different {what} ({key}: {seen}); a merge of them is meaningful "
+                    "only if the bases are the same weights under other names. Give --allow-mixed-base to merge "
+                    "anyway (the output then names no base model).")
+    return None
+
+
 def main(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -160,6 +173,8 @@ def main(args: argparse.Namespace) -> int:
         except (OSError, ValueError) as err:
             return _fail(str(err))
     if problem := _check_shapes(args, adapters):
+        return _fail(problem)
+    if problem := _check_bases(args, adapters):
         return _fail(problem)
     weights = [1.0] * n if args.weights is None else list(args.weights)
     console = Console(stderr=False)
@@ -237,7 +252,8 @@ def main(args: argparse.Namespace) -> int:
               for k in kept} if per_client is not None else {}
     try:
         with atomic_folder(out) as tmp:
-            save_peft_adapter(tmp, merged, lora_alpha=args.lora_alpha)
+            mixed = len({getattr(a.config, "base_model_name_or_path", None) for a in adapters}) > 1
+            save_peft_adapter(tmp, merged, lora_alpha=args.lora_alpha, base_model_name_or_path="" if mixed else None)
         if per_client is not None:
             with atomic_folder(per_client) as tmp:
                 for name, share in shares.items():

@@ -307,3 +307,14 @@ def test_merge_reports_the_aggregation_error_of_each_module(workspace, capsys):
     assert cli(["merge", "a", "b", "--rule", "stack", "--out", "s", "--no-progress"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if "enc." in line]
     assert rows and all(float(line.split("│")[4]) < 1e-6 for line in rows)
+
+
+def test_merge_refuses_adapters_of_different_bases_unless_allowed(workspace, refused):
+    pairs = load_peft_adapter(workspace / "a").pairs
+    save_peft_adapter(workspace / "x", Adapter(pairs), lora_alpha=4, base_model_name_or_path="org/model-7b")
+    save_peft_adapter(workspace / "y", Adapter(pairs), lora_alpha=4, base_model_name_or_path="org/model-13b")
+    line = refused(["merge", "x", "y", "--rule", "svd", "--out", "g"], "different base models")
+    assert "org/model-7b" in line and "org/model-13b" in line and "--allow-mixed-base" in line
+    assert not (workspace / "g").exists()
+    assert cli(["merge", "x", "y", "--rule", "svd", "--out", "g", "--allow-mixed-base", "--no-progress"]) == 0
+    assert not json.loads((workspace / "g" / "adapter_config.json").read_text())["base_model_name_or_path"]
