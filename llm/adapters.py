@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig
+from peft.utils.other import get_pattern_key
 
 from lowrank_fed import AGGREGATORS, FactorPair, redistribute
 from lowrank_fed.aggregation import aggregate_modules, weighted_average
@@ -180,8 +181,8 @@ def save_peft_adapter(folder, adapter: Adapter | Mapping[str, FactorPair], *, lo
     r"""Write ``adapter`` as a PEFT folder (``adapter_config.json``, ``adapter_model.safetensors``).
 
     ``r`` is the most common rank, ``rank_pattern`` gives the others (exact module names);
-    ``lora_B = B / s`` with ``s = lora_alpha / r_m`` (or ``/ sqrt(r_m)``); unset options come from the
-    adapter's own config, else ``lora_alpha = 16``, no rsLoRA. Extras are saved under their names and
+    ``lora_B = B / s`` with ``s = lora_alpha_m / r_m`` (or ``/ sqrt(r_m)``); unset options come from the
+    adapter's own config (its ``alpha_pattern`` too, per module, unless ``lora_alpha`` is given), else ``lora_alpha = 16``, no rsLoRA. Extras are saved under their names and
     their modules listed in ``modules_to_save``. Returns the folder.
 
     Raises
@@ -201,9 +202,12 @@ def save_peft_adapter(folder, adapter: Adapter | Mapping[str, FactorPair], *, lo
         (own.base_model_name_or_path if own is not None else None)
     task = task_type if task_type is not None else (own.task_type if own is not None else None)
     saved = sorted({name.rsplit(".", 1)[0] for name in adapter.extras})
+    # Per-module alphas of the adapter's own config (alpha_pattern) are kept, unless one alpha is imposed.
+    alphas = {m: float(own.alpha_pattern.get(get_pattern_key(own.alpha_pattern.keys(), m), own.lora_alpha))
+              for m in adapter.pairs} if lora_alpha is None and own is not None and own.alpha_pattern else None
     config = adapter_config(adapter.ranks, target_modules=sorted(adapter.pairs), lora_alpha=float(alpha),
                             use_rslora=rslora, modules_to_save=saved or None, task_type=task,
-                            base_model_name_or_path=base)
+                            base_model_name_or_path=base, alphas=alphas)
     if not (math.isfinite(alpha) and alpha > 0):
         raise ValueError(f"The 'lora_alpha' parameter must be finite and positive (lora_B = B / s with s = alpha / "
                          f"r). Got {alpha}.")
@@ -281,8 +285,6 @@ def _client_ranks(client_config, modules) -> dict[str, int]:
     if isinstance(client_config, int) and not isinstance(client_config, bool):
         return {m: client_config for m in modules}
     if isinstance(client_config, LoraConfig):
-        from peft.utils.other import get_pattern_key
-
         return {m: int(client_config.rank_pattern.get(get_pattern_key(client_config.rank_pattern.keys(), m),
                                                       client_config.r)) for m in modules}
     if isinstance(client_config, Mapping):

@@ -248,7 +248,10 @@ def main(args: argparse.Namespace) -> int:
     merged = Adapter(pairs, average_extras(chosen, w), adapters[0].config)
 
     # ---- writing: each folder complete in a temporary sibling first, then renamed into place
-    shares = {names[k]: redistribute_adapter(merged, adapters[k].config or adapters[k].ranks, method="svd")
+    # A client's share: the global at its own ranks, of the modules and head it trained, in its own config.
+    own = {k: Adapter({m: merged.pairs[m] for m in adapters[k].pairs},
+                      {e: merged.extras[e] for e in adapters[k].extras}, merged.config) for k in kept}
+    shares = {names[k]: redistribute_adapter(own[k], adapters[k].config or adapters[k].ranks, method="svd")
               for k in kept} if per_client is not None else {}
     try:
         with atomic_folder(out) as tmp:

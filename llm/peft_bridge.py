@@ -117,9 +117,11 @@ def client_lora_config(
 
 def adapter_config(ranks: Mapping[str, int], *, target_modules: Iterable[str], lora_alpha: float = 16.0,
                    use_rslora: bool = False, modules_to_save: Iterable[str] | None = None,
-                   task_type: str | None = None, base_model_name_or_path: str | None = None) -> LoraConfig:
+                   task_type: str | None = None, base_model_name_or_path: str | None = None,
+                   alphas: Mapping[str, float] | None = None) -> LoraConfig:
     r"""The PEFT config of an adapter with per-module ranks: ``r`` = the most common rank (the larger on a
-    tie), ``rank_pattern`` = the other modules by exact (escaped) name.
+    tie), ``rank_pattern`` = the other modules by exact (escaped) name; ``alphas`` (per module) that differ
+    from ``lora_alpha`` go to ``alpha_pattern`` the same way.
 
     Examples
     --------
@@ -132,7 +134,8 @@ def adapter_config(ranks: Mapping[str, int], *, target_modules: Iterable[str], l
     config = client_lora_config(
         default, target_modules=target_modules, lora_alpha=lora_alpha,
         rank_pattern={re.escape(name): r for name, r in ranks.items() if r != default},
-        use_rslora=use_rslora, modules_to_save=modules_to_save, task_type=task_type)
+        use_rslora=use_rslora, modules_to_save=modules_to_save, task_type=task_type,
+        alpha_pattern={re.escape(name): a for name, a in (alphas or {}).items() if a != lora_alpha} or None)
     config.base_model_name_or_path = base_model_name_or_path
     return config
 

@@ -261,3 +261,29 @@ def test_merge_robust_leaves_out_the_clients_trained_on_another_task(tmp_path, c
     for m in shapes:  # the benign mean only
         benign = sum((load_peft_adapter(folders[k]).pairs[m].B @ load_peft_adapter(folders[k]).pairs[m].A) for k in range(6)) / 6
         torch.testing.assert_close(merged.pairs[m].B @ merged.pairs[m].A, benign, rtol=1e-4, atol=1e-5)
+
+
+def test_merge_per_client_shares_stay_in_each_clients_own_config(tmp_path):
+    # Prepare: client 0 adapts query only, with an alpha_pattern; client 1 adapts query and value, with a head
+    from lowrank_fed.llm.peft_bridge import lora_scale
+
+    spec0 = dict(r=4, lora_alpha=8, alpha_pattern={"layer.1.attention.self.query": 2})
+    model0 = get_peft_model(_base(), LoraConfig(target_modules=["query"], **spec0))
+    model1 = get_peft_model(_base(), LoraConfig(target_modules=TARGETS, r=2, lora_alpha=4,
+                                                modules_to_save=["classifier"]))
+    gen = torch.Generator().manual_seed(3)
+    for k, model in enumerate((model0, model1)):
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_" in name:
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+        model.save_pretrained(tmp_path / f"c{k}")
+    # Execute
+    assert _merge(tmp_path / "c0", tmp_path / "c1", "--rule", "svd", "--out", tmp_path / "g",
+                  "--per-client", tmp_path / "shares") == 0
+    # Assert: client 0's share holds its own modules only, no head, and its own per-module alphas
+    share, own = load_peft_adapter(tmp_path / "shares" / "c0"), load_peft_adapter(tmp_path / "c0")
+    assert set(share.pairs) == set(own.pairs) and not share.extras
+    assert {m: lora_scale(share.config, m) for m in own.pairs} == {m: lora_scale(own.config, m) for m in own.pairs}
+    assert len(set(lora_scale(share.config, m) for m in own.pairs)) == 2  # the alpha_pattern survived
+    assert set(load_peft_adapter(tmp_path / "shares" / "c1").extras) == set(load_peft_adapter(tmp_path / "c1").extras)
