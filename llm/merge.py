@@ -58,6 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a module some clients lack: 'zero' (default) counts it as a zero update with the "
                              "client's weight, so the merge is the weighted average of the clients' models; "
                              "'holders' averages it over the clients that hold it, weights renormalised")
+    parser.add_argument("--allow-negative", action="store_true",
+                        help="task arithmetic with --rule svd or stack: the weights are coefficients, any sign, not "
+                             "normalised (Delta W = sum_k w_k Delta W_k; subtracting an adapter is exact)")
     parser.add_argument("--allow-mixed-base", action="store_true",
                         help="merge adapters whose base_model_name_or_path or task_type differ (refused otherwise)")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier merge output in --out")
@@ -77,8 +80,15 @@ def _check_options(args: argparse.Namespace, n: int) -> str | None:
         return f"--rule {args.rule!r} is unknown; expected one of {sorted(AGGREGATORS)}."
     if args.rank is not None and (args.rule != "svd" or args.rank < 1):
         return f"--rank {args.rank}: expected a positive rank, with --rule svd only (got --rule {args.rule})."
-    if args.weights is not None and (len(args.weights) != n or not all(math.isfinite(w) for w in args.weights)
-                                     or min(args.weights) < 0 or sum(args.weights) <= 0):
+    if args.allow_negative:
+        if args.rule not in ("svd", "stack") or args.weights is None or args.robust:
+            return ("--allow-negative (task arithmetic, Delta W = sum_k w_k Delta W_k) needs --weights and an exact "
+                    f"rule, --rule svd or stack, without --robust; got --rule {args.rule}"
+                    f"{'' if args.weights is not None else ', no --weights'}{', --robust' if args.robust else ''}.")
+        if len(args.weights) != n or not all(math.isfinite(w) for w in args.weights) or not any(args.weights):
+            return f"--weights: expected {n} finite numbers, not all zero (one per client); got {args.weights}."
+    elif args.weights is not None and (len(args.weights) != n or not all(math.isfinite(w) for w in args.weights)
+                                       or min(args.weights) < 0 or sum(args.weights) <= 0):
         return (f"--weights: expected {n} finite non-negative numbers with a positive sum (one per client); "
                 f"got {args.weights}.")
     if args.lora_alpha is not None and not (math.isfinite(args.lora_alpha) and args.lora_alpha > 0):
@@ -215,7 +225,9 @@ def main(args: argparse.Namespace) -> int:
         holders = [k for k, a in enumerate(chosen) if m in a.pairs]
         held, held_w = [chosen[k].pairs[m] for k in holders], [w[k] for k in holders]
         t0 = time.perf_counter()
-        if sum(held_w) <= 0:
+        if args.allow_negative:  # coefficients: sum_k w_k B_k A_k = K * (1/K) sum_k (w_k B_k) A_k, exactly
+            held, held_w = [FactorPair(p.B * wk, p.A) for p, wk in zip(held, held_w, strict=True)], None
+        elif sum(held_w) <= 0:
             return _fail(f"module {m!r}: every client holding it ({[names[kept[k]] for k in holders]}) has weight 0; "
                          "expected a positive weight on at least one holder.")
         options = {}
@@ -227,7 +239,7 @@ def main(args: argparse.Namespace) -> int:
             return _fail(f"module {m!r} (held by {[names[kept[k]] for k in holders]}): {err}")
         # --missing zero: a client without the module sent Delta W = 0 with its weight, so the holders' weighted
         # average is scaled by their share of the weight; --missing holders: their average alone.
-        share = sum(held_w) / sum(w) if args.missing == "zero" else 1.0
+        share = (len(held) if args.allow_negative else sum(held_w) / sum(w) if args.missing == "zero" else 1.0)
         pairs[m] = FactorPair(pair.B * share, pair.A)
         ms = 1e3 * (time.perf_counter() - t0)
         num, den = aggregation_error(held, held_w, pair)
@@ -237,7 +249,11 @@ def main(args: argparse.Namespace) -> int:
         summary.add_row(m, who, str(pair.rank), f"{num / den:.3e}" if den > 0 else "-", f"{ms:.1f}")
     overall = (pooled[0] ** 0.5 / pooled[1] ** 0.5) if pooled[1] > 0 else 0.0
     summary.add_row("all modules", "", "", f"{overall:.3e}", "", style="bold")
-    for name in sorted({e for a in chosen for e in a.extras}):
+    heads = sorted({e for a in chosen for e in a.extras})
+    if heads and args.allow_negative:
+        return _fail(f"--allow-negative combines LoRA updates; these adapters also hold other trained weights "
+                     f"({heads[0]!r}{', ...' if len(heads) > 1 else ''}, e.g. a head), which are weights, not updates.")
+    for name in heads:
         holders = [k for k, a in enumerate(chosen) if name in a.extras]
         if sum(w[k] for k in holders) <= 0:
             return _fail(f"tensor {name!r} (not LoRA, e.g. a head): every client holding it "

@@ -318,3 +318,18 @@ def test_merge_refuses_adapters_of_different_bases_unless_allowed(workspace, ref
     assert not (workspace / "g").exists()
     assert cli(["merge", "x", "y", "--rule", "svd", "--out", "g", "--allow-mixed-base", "--no-progress"]) == 0
     assert not json.loads((workspace / "g" / "adapter_config.json").read_text())["base_model_name_or_path"]
+
+
+@pytest.mark.parametrize("rule", ["svd", "stack"])
+def test_merge_task_arithmetic_subtracts_exactly(workspace, refused, rule):
+    # Execute: a - 0.5 b
+    assert cli(["merge", "a", "b", "--rule", rule, "--weights", "1", "-0.5", "--allow-negative", "--out", "g",
+                "--no-progress"]) == 0
+    # Assert
+    a, b, g = (load_peft_adapter(workspace / c).pairs for c in ("a", "b", "g"))
+    for m in a:
+        want = (a[m].B @ a[m].A - 0.5 * b[m].B @ b[m].A).double()
+        torch.testing.assert_close((g[m].B @ g[m].A).double(), want, rtol=0, atol=1e-5 * float(want.abs().max()))
+    refused(["merge", "a", "b", "--rule", "zero_pad", "--weights", "1", "-1", "--allow-negative", "--out", "h"],
+            "--allow-negative (task arithmetic")
+    refused(["merge", "a", "b", "--rule", rule, "--weights", "1", "-1", "--out", "h"], "non-negative")
