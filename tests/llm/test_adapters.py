@@ -287,3 +287,34 @@ def test_merge_per_client_shares_stay_in_each_clients_own_config(tmp_path):
     assert {m: lora_scale(share.config, m) for m in own.pairs} == {m: lora_scale(own.config, m) for m in own.pairs}
     assert len(set(lora_scale(share.config, m) for m in own.pairs)) == 2  # the alpha_pattern survived
     assert set(load_peft_adapter(tmp_path / "shares" / "c1").extras) == set(load_peft_adapter(tmp_path / "c1").extras)
+
+
+# ----------------------------------------------------------------------------- PEFT's known merge failures
+def test_merge_with_an_rslora_adapter_first_is_exact(tmp_path):
+    # PEFT's add_weighted_adapter takes the first adapter's use_rslora for all of them (3-6x off when it is rsLoRA)
+    folders, models = _clients(tmp_path)
+    order = [1, 0, 3, 2]  # CLIENTS[1] is the rsLoRA one
+    assert CLIENTS[order[0]].get("use_rslora")
+    weights = [10, 20, 30, 40]
+    assert _merge(*[folders[k] for k in order], "--rule", "svd", "--weights", *weights, "--out", tmp_path / "g") == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        merged = PeftModel.from_pretrained(_base(), tmp_path / "g").merge_and_unload()
+    got = {k: v.detach() for k, v in merged.named_parameters()}
+    for key, want in _reference([models[k] for k in order], weights).items():
+        torch.testing.assert_close(got[key].double(), want, rtol=0, atol=2e-5 * float(want.abs().max()))
+
+
+def test_convolution_lora_is_refused_by_name(tmp_path):
+    class Conv(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            return self.conv(x)
+
+    model = get_peft_model(Conv(), LoraConfig(target_modules=["conv"], r=2))
+    model.save_pretrained(tmp_path / "conv")
+    with pytest.raises(ValueError, match="convolution LoRA"):
+        load_peft_adapter(tmp_path / "conv")
