@@ -174,8 +174,9 @@ class RunConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True, validate_default=True)
 
-    name: str = Field("default", pattern=r"^\w[\w.-]*$",
-                      description="run name; the output folder is `runs/<name>` unless `--out` is given")
+    name: str = Field("default", pattern=r"^\w[\w.-]*$", max_length=64, description=(
+        "run name, at most 64 characters (a folder name); the output folder is `runs/<name>` unless `--out` "
+        "is given"))
     model: Literal[tuple(MODELS)] = Field("minilm", description="packaged model: " + ", ".join(
         f"`{m}` ({s.task})" for m, s in MODELS.items()))
     dataset: Literal[tuple(DATASETS)] = Field("bbc_news", description="packaged dataset of the model's task: "
@@ -198,8 +199,8 @@ class RunConfig(BaseModel):
     local_epochs: int = Field(0, ge=0, le=MAX_LOCAL_EPOCHS, description=(
         "> 0: passes over the client's data, not local_steps"))
     batch_size: int = Field(8, ge=1, description=(
-        "local batch size, at most the largest client's examples (a client with fewer repeats examples "
-        "within a batch); a local round must fit in memory (see Upper bounds)"))
+        "local batch size, at most the training examples of all the clients (a client with fewer examples "
+        "repeats them within a batch); a local round must fit in memory (see Upper bounds)"))
     lr: float = Field(5e-3, gt=0, allow_inf_nan=False, description="local learning rate")
     optimizer: Literal["adamw", "sgd"] = Field("adamw", description="local optimiser")
     weight_decay: float = Field(0.0, ge=0, allow_inf_nan=False, description="optimiser weight decay")
@@ -207,7 +208,9 @@ class RunConfig(BaseModel):
         "dirichlet", description="how the training data is split among clients")
     alpha: float = Field(0.5, gt=0, allow_inf_nan=False, description="Dirichlet concentration (`dirichlet`)")
     classes_per_client: int = Field(2, ge=1, description="classes per client (`pathological` split)")
-    seed: int = Field(0, ge=0, description="seed of every random choice (split, ranks, init, batches)")
+    seed: int = Field(0, ge=0, le=2**63 - 1, description=(
+        "seed of every random choice (split, ranks, init, batches); at most 2^63 - 1, TOML's and Flower's "
+        "largest integer"))
     max_length: int = Field(64, ge=1, description=(
         "tokens per example (truncation / padding), at most the model's max_position_embeddings"))
     lora_alpha: float = Field(16.0, gt=0, allow_inf_nan=False, description="LoRA alpha (scale alpha / r)")
@@ -463,6 +466,7 @@ _EXPECTED = {
     "less_than_equal": "a value <= {le}", "literal_error": "one of {expected}",
     "too_short": "at least {min_length} item(s)", "too_long": "at most {max_length} item(s)",
     "string_pattern_mismatch": "a string matching {pattern}",
+    "string_too_long": "a string of at most {max_length} characters",
 }
 
 

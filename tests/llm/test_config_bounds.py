@@ -39,13 +39,15 @@ CASES = [
     # (--set values, key, value shown, a fragment of the expected bound)
     (["local_steps=1000000000"], "local_steps", "1000000000", "<= 10000"),
     (["local_epochs=1000000000"], "local_epochs", "1000000000", "<= 100"),
-    (["batch_size=1000000000"], "batch_size", "1000000000", "at most the examples of the largest client"),
+    (["batch_size=1000000000"], "batch_size", "1000000000", "at most the training examples of all the clients"),
     (["ranks=[2,4,100000]"], "ranks[2]", "100000", "a rank <= 32 = min(d_out, d_in) of module"),
     (["ranks=100"], "ranks", "100", "a rank <= 32 = min(d_out, d_in)"),
     (["ranks=flora"], "ranks", "'flora'", "'flora' assigns [64]"),
     (["ranks=uniform", "rank_set=[100,2,4,8,16,32]"], "rank_set[0]", "100", "(ranks = 'uniform' assigns it)"),
     (['methods=["lora_a2"]', "ranks=4", "lora_a2.global_rank=64"], "lora_a2.global_rank", "64", "a rank <= 32"),
     (["threads=100000"], "threads", "100000", "the CPU cores this process may use"),
+    (["seed=100000000000000000000000"], "seed", "100000000000000000000000", "<= 9223372036854775807"),
+    (["name=" + "a" * 300], "name", repr("a" * 300)[:97] + "...", "at most 64 characters"),
     (["max_length=100000"], "max_length", "100000", "at most max_position_embeddings = 512 of model 'tiny-bert'"),
     (['model="tiny-llama"', "dataset=copy", "max_new_tokens=500"], "max_new_tokens", "500",
      "max_position_embeddings - max_length = 512 - 32 = 480"),
@@ -91,7 +93,7 @@ def test_memory_estimate_counts_batches_and_one_steps_activations():
 def test_check_limits_lists_every_violated_bound():
     # Prepare: a model whose smallest adapted module is 8 x 16, 64 positions, clients of 5, 9 and 3 examples
     cfg = RunConfig.from_dict({"model": "tiny-bert", "dataset": "synthetic", "clients": 3, "ranks": [2, 9, 12],
-                               "max_length": 65, "batch_size": 10})
+                               "max_length": 65, "batch_size": 18})
     config = type("C", (), {"max_position_embeddings": 64})()
     # Execute
     with pytest.raises(ConfigError) as caught:
@@ -99,5 +101,20 @@ def test_check_limits_lists_every_violated_bound():
                             task="classification", n_k=[5, 9, 3], device=torch.device("cpu"))
     # Assert: one line per problem, each naming its key and value
     assert [key for key, _, _ in caught.value.errors] == ["ranks[1]", "ranks[2]", "max_length", "batch_size"]
-    assert "module 'b' (8 x 16)" in str(caught.value) and "largest client, 9" in str(caught.value)
+    assert "module 'b' (8 x 16)" in str(caught.value) and "of all the clients, 17" in str(caught.value)
     assert len(str(caught.value).splitlines()) == 4
+
+
+def test_check_limits_accepts_a_batch_larger_than_a_client_but_not_the_data():
+    # Prepare: clients of 6 examples each (CLAIR's copy-task configs: batches of 8 on 6 examples)
+    cfg = RunConfig.from_dict({"model": "tiny-bert", "dataset": "synthetic", "clients": 3, "ranks": 4,
+                               "batch_size": 8})
+    config = type("C", (), {"max_position_embeddings": 512})()
+    shapes = {"a": (32, 32)}
+    # Execute / Assert: accepted (its batches repeat examples, as documented); a batch over all 18 examples is not
+    limits.check_limits(cfg, ranks=[4] * 3, shapes=shapes, model_config=config, task="classification",
+                        n_k=[6, 6, 6], device=torch.device("cpu"))
+    with pytest.raises(ConfigError, match="'batch_size': expected at most the training examples of all the "
+                                          "clients, 18 .*; got 19."):
+        limits.check_limits(cfg.model_copy(update={"batch_size": 19}), ranks=[4] * 3, shapes=shapes,
+                            model_config=config, task="classification", n_k=[6, 6, 6], device=torch.device("cpu"))
