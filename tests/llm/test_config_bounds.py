@@ -118,3 +118,21 @@ def test_check_limits_accepts_a_batch_larger_than_a_client_but_not_the_data():
                                           "clients, 18 .*; got 19."):
         limits.check_limits(cfg.model_copy(update={"batch_size": 19}), ranks=[4] * 3, shapes=shapes,
                             model_config=config, task="classification", n_k=[6, 6, 6], device=torch.device("cpu"))
+
+
+@pytest.mark.parametrize("command", [["flower", "up"], ["run", "--engine", "flower"]], ids=["flower-up", "run-flower"])
+def test_flower_commands_inherit_the_bounds(tmp_path, capsys, monkeypatch, command):
+    # Prepare: the rank of the issue in a config file; Flower must be installed for these commands to exist
+    pytest.importorskip("flwr")
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "bad.toml"
+    config.write_text('model = "tiny-bert"\ndataset = "synthetic"\nclients = 4\nranks = [2, 4, 4, 100000]\n'
+                      'rounds = 2\nlocal_steps = 2\nmax_length = 32\nval_size = 20\nmethods = ["fedit"]\n')
+    out = tmp_path / "out"
+    # Execute
+    status = cli_main([*command, str(config), "--out", str(out)])
+    # Assert: refused at set-up, before any Flower process starts or anything is written
+    err = capsys.readouterr().err.strip()
+    assert status == 2, err
+    assert err.startswith("error: Config key 'ranks[3]': expected a rank <= 32") and "\n" not in err
+    assert not out.exists()
