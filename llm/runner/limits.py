@@ -39,7 +39,7 @@ __all__ = ["check_limits", "memory_estimate", "memory_bytes", "MEMORY_SHARE"]
 #: The share of the device's memory that one local round may take (:func:`memory_estimate`).
 MEMORY_SHARE = 0.5
 
-#: The defaults the memory error compares with to name the key that grew the most.
+#: Typical values (the defaults; one epoch): the memory error names the key furthest above its own.
 _TYPICAL = {"local_steps": 5, "local_epochs": 1, "batch_size": 8, "max_length": 64}
 
 
@@ -106,7 +106,7 @@ def _rank_errors(cfg: RunConfig, ranks: Sequence[int], shapes: Mapping[str, tupl
 
 
 def check_limits(cfg: RunConfig, *, ranks: Sequence[int], shapes: Mapping[str, tuple[int, int]], model_config,
-                 task: str, n_k: Sequence[int], device: torch.device, global_ranks: Mapping[str, int] = {},
+                 task: str, n_k: Sequence[int], device: torch.device, global_ranks: Mapping[str, int] | None = None,
                  memory: int | None = None) -> None:
     r"""Raise :class:`ConfigError` (every violated bound, one line each) if the run exceeds the model or the machine.
 
@@ -123,7 +123,7 @@ def check_limits(cfg: RunConfig, *, ranks: Sequence[int], shapes: Mapping[str, t
     global_ranks : ``{key: rank}`` of method options that set a rank every client holds (``lora_a2.global_rank``)
     memory : bytes of the device; default :func:`memory_bytes` (None: the memory check is skipped)
     """
-    errors = _rank_errors(cfg, ranks, shapes, global_ranks)
+    errors = _rank_errors(cfg, ranks, shapes, global_ranks or {})
     positions = getattr(model_config, "max_position_embeddings", None)
     if positions is not None:
         if cfg.max_length > positions:
