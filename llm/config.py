@@ -28,6 +28,7 @@ Config key 'hetlora.lam': expected a number; got 'abc'.
 from __future__ import annotations
 
 import json
+import os
 import re
 import tomllib
 from collections.abc import Mapping
@@ -48,6 +49,21 @@ __all__ = ["RunConfig", "Fault", "Attack", "ConfigError", "load_config", "apply_
            "config_reference"]
 
 RANK_NAMES = ("flora", "top10", *RANK_DISTRIBUTIONS)
+
+#: Documented caps on the keys that set a run's length: far above any shipped config (at most 8 rounds of
+#: 10 steps), low enough that a mistyped extra digit or three is refused instead of running for weeks.
+#: The bounds that need the data, the model or the machine are checked at set-up (``runner/limits.py``).
+MAX_ROUNDS = 10_000
+MAX_LOCAL_STEPS = 10_000
+MAX_LOCAL_EPOCHS = 100
+
+
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask where the OS has one, else ``os.cpu_count()``)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 class ConfigError(ValueError):
@@ -158,8 +174,9 @@ class RunConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True, validate_default=True)
 
-    name: str = Field("default", pattern=r"^\w[\w.-]*$",
-                      description="run name; the output folder is `runs/<name>` unless `--out` is given")
+    name: str = Field("default", pattern=r"^\w[\w.-]*$", max_length=64, description=(
+        "run name, at most 64 characters (a folder name); the output folder is `runs/<name>` unless `--out` "
+        "is given"))
     model: Literal[tuple(MODELS)] = Field("minilm", description="packaged model: " + ", ".join(
         f"`{m}` ({s.task})" for m, s in MODELS.items()))
     dataset: Literal[tuple(DATASETS)] = Field("bbc_news", description="packaged dataset of the model's task: "
@@ -170,15 +187,20 @@ class RunConfig(BaseModel):
     clients: int = Field(10, ge=1, description="number of clients")
     clients_per_round: int = Field(0, ge=0, description="clients sampled per round, <= clients; 0: all")
     ranks: RankSpec = Field([16, 16, 16, 16, 8, 8, 4, 4, 4, 4], description=(
-        "LoRA rank per client: a list of `clients` ranks, one rank for all, or an assignment: `flora` "
+        "LoRA rank per client, each at most min(d_out, d_in) of the model's smallest adapted module: "
+        "a list of `clients` ranks, one rank for all, or an assignment: `flora` "
         "(64, 32, 16, 16, 8, 8, 4, 4, 4, 4, cycled), `uniform`, `heavy_tail`, `normal` (LoRA-A2's mixes over "
         "`rank_set`), `top10` (Byun & Lee: rank 20 for the largest 10% of clients, 5 for the others)"))
     rank_set: list[PositiveInt] = Field([1, 2, 4, 8, 16, 32], min_length=1,
                                         description="the ranks of `uniform`, `heavy_tail`, `normal` (6)")
-    rounds: int = Field(4, ge=1, description="federated rounds")
-    local_steps: int = Field(5, ge=0, description="local optimiser steps per round (when local_epochs = 0)")
-    local_epochs: int = Field(0, ge=0, description="> 0: passes over the client's data, not local_steps")
-    batch_size: int = Field(8, ge=1, description="local batch size")
+    rounds: int = Field(4, ge=1, le=MAX_ROUNDS, description="federated rounds")
+    local_steps: int = Field(5, ge=0, le=MAX_LOCAL_STEPS, description=(
+        "local optimiser steps per round (when local_epochs = 0); a local round must fit in memory (see Upper bounds)"))
+    local_epochs: int = Field(0, ge=0, le=MAX_LOCAL_EPOCHS, description=(
+        "> 0: passes over the client's data, not local_steps"))
+    batch_size: int = Field(8, ge=1, description=(
+        "local batch size, at most the training examples of all the clients (a client with fewer examples "
+        "repeats them within a batch); a local round must fit in memory (see Upper bounds)"))
     lr: float = Field(5e-3, gt=0, allow_inf_nan=False, description="local learning rate")
     optimizer: Literal["adamw", "sgd"] = Field("adamw", description="local optimiser")
     weight_decay: float = Field(0.0, ge=0, allow_inf_nan=False, description="optimiser weight decay")
@@ -186,8 +208,11 @@ class RunConfig(BaseModel):
         "dirichlet", description="how the training data is split among clients")
     alpha: float = Field(0.5, gt=0, allow_inf_nan=False, description="Dirichlet concentration (`dirichlet`)")
     classes_per_client: int = Field(2, ge=1, description="classes per client (`pathological` split)")
-    seed: int = Field(0, ge=0, description="seed of every random choice (split, ranks, init, batches)")
-    max_length: int = Field(64, ge=1, description="tokens per example (truncation / padding)")
+    seed: int = Field(0, ge=0, le=2**63 - 1, description=(
+        "seed of every random choice (split, ranks, init, batches); at most 2^63 - 1, TOML's and Flower's "
+        "largest integer"))
+    max_length: int = Field(64, ge=1, description=(
+        "tokens per example (truncation / padding), at most the model's max_position_embeddings"))
     lora_alpha: float = Field(16.0, gt=0, allow_inf_nan=False, description="LoRA alpha (scale alpha / r)")
     use_rslora: bool = Field(False, description="rank-stabilised scale alpha / sqrt(r)")
     target_modules: list[str] = Field([], description="modules that get LoRA adapters; empty: the model's")
@@ -201,8 +226,10 @@ class RunConfig(BaseModel):
     score_uploads: bool = Field(False, description=(
         "also score each client's own trained model (its upload, before aggregation) in evaluated rounds: "
         "client rows get upload_<metric> (test set) and upload_local_<metric> (its held-out set)"))
-    max_new_tokens: int = Field(24, ge=1, description="generation: tokens generated per example for ROUGE-L")
-    threads: int = Field(1, ge=1, description="torch threads")
+    max_new_tokens: int = Field(24, ge=1, description=(
+        "generation: tokens generated per example for ROUGE-L; max_length + max_new_tokens at most the "
+        "model's max_position_embeddings"))
+    threads: int = Field(1, ge=1, description="torch threads, at most the CPU cores this process may use")
     device: str = Field("auto", description="`auto` (CUDA if available), `cpu`, `cuda`, `cuda:N` (existing)")
     dtype: Literal["float32", "bfloat16", "float64"] = Field("float32", description="model weights' dtype")
     checkpoint: bool = Field(True, description="checkpoint every round (needed for `--resume`)")
@@ -275,6 +302,14 @@ class RunConfig(BaseModel):
             _fail(((), f"fewer than train_size = {train} examples (the validation set is drawn from them)",
                    size))
         return size
+
+    @field_validator("threads")
+    @classmethod
+    def _threads_exist(cls, threads: int) -> int:
+        cores = available_cores()
+        if threads > cores:
+            _fail(((), f"an integer in [1, {cores}] (the CPU cores this process may use here)", threads))
+        return threads
 
     @field_validator("device")
     @classmethod
@@ -431,6 +466,7 @@ _EXPECTED = {
     "less_than_equal": "a value <= {le}", "literal_error": "one of {expected}",
     "too_short": "at least {min_length} item(s)", "too_long": "at most {max_length} item(s)",
     "string_pattern_mismatch": "a string matching {pattern}",
+    "string_too_long": "a string of at most {max_length} characters",
 }
 
 

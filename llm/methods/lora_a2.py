@@ -90,7 +90,8 @@ __all__ = ["LoRAA2", "factor_of", "slot_scores"]
 
 
 class LoRAA2Options(Options):
-    global_rank: int = Field(16, ge=1, description="r_G, the rank every client holds; budgets r_k <= r_G")
+    global_rank: int = Field(16, ge=1, description=(
+        "r_G, the rank every client holds; budgets r_k <= r_G; at most min(d_out, d_in) of the smallest adapted module"))
     lr_ratio: float = Field(5.0, gt=0.0, description="eta_B / eta_A (eta_A = the run's lr)")
     probe: Literal["round", "epoch"] = Field(
         "epoch", description="probe batches: `epoch` (one pass over the client's data) or `round` (the local round's)")

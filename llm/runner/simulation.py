@@ -50,6 +50,7 @@ from ..peft_bridge import AdapterWorkspace, init_pairs, pairs_to_state_dict
 from ..protocol import Message, decode_extras, decode_pairs, encode_extras, encode_pairs, from_flat, to_flat
 from .checkpoint import (CheckpointCorruptWarning, CheckpointError, atomic_write_text, load_checkpoint, peek_state,
                          save_checkpoint, save_tensors)
+from .limits import check_limits
 from .report import add_verdict, summary_markdown, summary_row, write_plots
 
 __all__ = ["Simulation", "run_experiment", "UpdateDroppedWarning", "load_final"]
@@ -167,7 +168,8 @@ class Simulation:
         r"""Load the data and the model, split and partition the data, build the clients' contexts.
 
         Writes nothing. A setting that the data or the model cannot satisfy (``val_size`` above the
-        training examples, more clients than examples, ``target_modules`` the model lacks, ...) raises
+        training examples, more clients than examples, ``target_modules`` the model lacks, a bound of
+        :mod:`.limits`: ranks, ``max_length``, ``batch_size``, a local round's memory, ...) raises
         :class:`~lowrank_fed.llm.config.ConfigError` naming the key, so ``lowrank-fed run`` can refuse it
         with exit status 2 before anything is written.
         """
@@ -212,6 +214,11 @@ class Simulation:
                 model.to(self.device), target_modules=sorted(cfg.target_modules or spec.target_modules),
                 lora_alpha=cfg.lora_alpha, use_rslora=cfg.use_rslora, task_type="SEQ_CLS" if labelled else "CAUSAL_LM",
             )
+        held = {f"{name}.global_rank": make_method(name, **cfg.method_options.get(name, {})).options
+                for name in cfg.methods}  # ranks that every client holds (LoRA-A2's r_G)
+        check_limits(cfg, ranks=self.ranks, shapes=self.ws.shapes, model_config=model.config, task=self.task,
+                     n_k=self.n_k, device=self.device,
+                     global_ranks={k: o.global_rank for k, o in held.items() if hasattr(o, "global_rank")})
         encode = encode_classification if labelled else encode_generation
         # the clients train on ``trained`` (the data attackers' rows changed); validation and test are clean
         # (an empty split, val_size = 0, is never scored, so it is not encoded: tokenizers reject empty lists)
