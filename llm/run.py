@@ -240,9 +240,11 @@ def main(args: argparse.Namespace) -> int:
     except CheckpointError as err:  # every checkpoint round of a method is corrupt; the message names the files
         _error(err)
         return 2
-    except KeyboardInterrupt:
-        print(f"interrupted; continue with: lowrank-fed run --resume {out}", file=sys.stderr, flush=True)
-        return 130
+    except KeyboardInterrupt as err:  # Ctrl-C; with --engine flower also SIGTERM/SIGHUP (flower.processes.Terminated)
+        status = getattr(err, "status", 130)
+        print(f"{'interrupted' if status == 130 else f'stopped by signal {status - 128}'}; continue with: "
+              f"lowrank-fed run --resume {out}", file=sys.stderr, flush=True)
+        return status
     console.print(f"clients' ranks {sim.ranks}, examples {sim.n_k}")
     console.print(summary_table(summary, title=f"{cfg.name}: {cfg.model} / {cfg.dataset}"))
     if any(row["by_rank"] for row in summary):
