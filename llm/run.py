@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -244,6 +245,9 @@ def main(args: argparse.Namespace) -> int:
         status = getattr(err, "status", 130)
         print(f"{'interrupted' if status == 130 else f'stopped by signal {status - 128}'}; continue with: "
               f"lowrank-fed run --resume {out}", file=sys.stderr, flush=True)
+        if getattr(err, "hard_exit", False):  # every process stopped, every file closed; see flower/engine.py
+            sys.stdout.flush()
+            os._exit(status)
         return status
     console.print(f"clients' ranks {sim.ranks}, examples {sim.n_k}")
     console.print(summary_table(summary, title=f"{cfg.name}: {cfg.model} / {cfg.dataset}"))

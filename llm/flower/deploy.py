@@ -17,7 +17,9 @@ authentication for real sites):
    this run's flat config) and submits it with ``flwr run <app> lowrank-fed --stream``; the ServerApp
    (:mod:`.server_app`) writes ``metrics.jsonl``, ``checkpoints/``, ``adapters/``, ``summary.*`` into ``<out>``
    (``runs/<name>`` by default) as any run;
-5. stops every process of the run, also on errors, on Ctrl-C and when the run exceeds ``--timeout``.
+5. stops every process of the run, however the command ends: normally, on errors, on Ctrl-C, SIGTERM or SIGHUP
+   (exit status 130 / 128 + signal), when the run exceeds ``--timeout``, and, through a watchdog process, when
+   this command is killed with SIGKILL (:mod:`.processes`).
 
 Processes are found by a marker in their environment, not by a list of ids taken earlier (an id can be reused
 once its process exited): every process started here gets ``LOWRANK_FED_FLOWER=<out>/.flower`` and
@@ -31,7 +33,8 @@ Logs: ``<out>/.flower/superlink.log``, ``supernode-<i>.log``, ``flwr-run.log``. 
 and the caches (:func:`~.engine.flower_environment`). A folder that holds an earlier (interrupted) run of the same
 config is resumed from its checkpoints; ``--overwrite`` empties the folder and starts afresh.
 
-Exit status: 0 done, 2 invalid config or folder, 3 a package is missing, 1 the run did not finish.
+Exit status: 0 done, 2 invalid config, setting or folder (one line on stderr, before anything is written), 3 a
+package is missing, 1 the run did not finish, 130 Ctrl-C, 128 + N stopped by signal N.
 """
 
 from __future__ import annotations

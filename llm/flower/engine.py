@@ -187,17 +187,20 @@ class FlowerSimulation(Simulation):
     config, out_dir, progress, on_round_end
         As :class:`~lowrank_fed.llm.runner.simulation.Simulation`.
     settings : FlowerSettings, optional
+    stop : threading.Event, optional
+        Once set, :meth:`serve` raises :class:`RunStopped` at its next exchange with the nodes (it writes nothing
+        more). :meth:`run` sets its own when the command ends; the ServerApp sets one when its SuperExec is gone.
     """
 
     def __init__(self, config, out_dir, *, progress: bool = True, on_round_end=None,
-                 settings: FlowerSettings | None = None):
+                 settings: FlowerSettings | None = None, stop=None):
         super().__init__(config, out_dir, progress=progress, on_round_end=on_round_end)
         self.settings = settings or FlowerSettings()
         self.grid = None
         self.strategy = None
         self.startup_seconds = None  # Flower's start-up: from run() to the ServerApp's first line
         self._rounds_run = 0  # rounds this ServerApp ran (the first one waits longer: cold ClientApps)
-        self._stop = None  # run(): set when the command ends; the ServerApp thread then stops (RunStopped)
+        self._stop = stop  # once set, serve() stops at its next exchange with the nodes (RunStopped)
 
     # ------------------------------------------------------------------ one round on Flower
     def round_timeout(self) -> float:
@@ -316,7 +319,11 @@ class FlowerSimulation(Simulation):
                                backend_config=backend)
             except SystemExit as err:  # Ray's driver turns SIGTERM into sys.exit(SIGTERM)
                 if err.code == signal.SIGTERM:
-                    raise Terminated(signal.SIGTERM) from None
+                    # Ray's core worker saw the SIGTERM too (its C++ handler) and aborts the interpreter's
+                    # shutdown (exit -6): once the clean-up below is done, the command ends with os._exit.
+                    terminated = Terminated(signal.SIGTERM)
+                    terminated.hard_exit = True
+                    raise terminated from None
                 raise
             finally:
                 self._stop.set()  # the ServerApp thread stops at its next exchange with the nodes

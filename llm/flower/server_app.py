@@ -16,6 +16,8 @@ the ServerApp starts, so the run starts afresh).
 from __future__ import annotations
 
 import logging
+import os
+import threading
 from pathlib import Path
 
 from flwr.app import Context
@@ -59,4 +61,25 @@ def main(grid: Grid, context: Context) -> None:
     out, resume = output_folder(cfg, settings)
     log.info("lowrank-fed on Flower: %s, methods %s, %d clients, %d rounds -> %s%s", cfg.name, cfg.methods,
              cfg.clients, cfg.rounds, out, " (resumed)" if resume else "")
-    FlowerSimulation(cfg, out, progress=False, settings=settings).serve(grid, resume=resume)
+    FlowerSimulation(cfg, out, progress=False, settings=settings, stop=_parent_watch()).serve(grid, resume=resume)
+
+
+def _parent_watch(poll: float = 0.2) -> threading.Event:
+    r"""An event set once this process is re-parented: the Flower process that started the ServerApp (the
+    SuperExec) is gone, so the run was stopped (``flwr run .``'s local SuperLink stopped, ``flower up`` killed).
+
+    In Flower's simulation the ServerApp is a thread of ``flwr-simulation``, and a thread that does not return
+    keeps that process, its Ray workers and its writes into the run folder alive after the SuperLink is gone;
+    with the event the ServerApp stops at its next exchange with the nodes (:class:`~.engine.RunStopped`).
+    """
+    stop, parent = threading.Event(), os.getppid()
+
+    def watch():
+        while not stop.wait(poll):
+            if os.getppid() != parent:
+                log.warning("lowrank-fed: the process that started this ServerApp (pid %d) is gone; stopping "
+                            "the run (the same run config resumes it from its checkpoints)", parent)
+                stop.set()
+
+    threading.Thread(target=watch, daemon=True, name="lowrank-fed-parent-watch").start()
+    return stop
