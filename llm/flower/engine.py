@@ -26,6 +26,7 @@ import logging
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -326,11 +327,17 @@ class FlowerSimulation(Simulation):
                     raise terminated from None
                 raise
             finally:
+                flwr_log = logging.getLogger("flwr")
+                quiet = sys.exc_info()[0] is not None and not flwr_log.disabled
+                if quiet:  # stopped early: Flower's workers log a traceback for each ClientApp cut off mid-round
+                    flwr_log.disabled = True
                 self._stop.set()  # the ServerApp thread stops at its next exchange with the nodes
                 for thread in servers:
                     thread.join(timeout=_SERVER_JOIN)
                 _ray_shutdown()
                 stop_marked(folder)
+                if quiet:
+                    flwr_log.disabled = False
                 if saved is None:
                     os.environ.pop(MARK, None)
                 else:

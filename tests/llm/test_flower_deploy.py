@@ -208,13 +208,18 @@ def _command_with_helper(tmp_path, body: str) -> tuple:
     script = tmp_path / "command.py"
     script.write_text(
         "import os, subprocess, sys, time\n"
-        "from lowrank_fed.llm.flower.processes import MARK, signals_raise, watchdog\n"
+        "from lowrank_fed.llm.flower.processes import MARK, Terminated, signals_raise, watchdog\n"
         "from lowrank_fed.llm.flower.deploy import LocalFederation\n"
         f"folder = {str(folder)!r}\n"
-        f"{body}\n"
-        "    helper = fed._spawn('helper', ['sleep', '300'])\n"
-        f"    open({str(tmp_path / 'helper.pid')!r}, 'w').write(str(helper.pid))\n"
-        "    time.sleep(300)\n")
+        "def main():\n"
+        f"    {body}\n"
+        "        helper = fed._spawn('helper', ['sleep', '300'])\n"
+        f"        open({str(tmp_path / 'helper.pid')!r}, 'w').write(str(helper.pid))\n"
+        "        time.sleep(300)\n"
+        "try:\n"
+        "    main()\n"
+        "except Terminated as err:\n"
+        "    sys.exit(err.status)\n")
     proc = subprocess.Popen([sys.executable, str(script)], cwd=Path(__file__).resolve().parents[2])
     return proc, _helper(tmp_path), folder
 
@@ -229,7 +234,7 @@ def test_sigterm_runs_the_clean_up_of_every_process(tmp_path):
     proc.send_signal(signal.SIGTERM)
     status = proc.wait(timeout=30)
     # Assert: the command ended through its clean-up (Terminated, not the default kill), the helper is gone
-    assert status == 1  # the uncaught Terminated of this bare script; `flower up` turns it into 143
+    assert status == 143
     assert _wait_gone([helper], 5) == []
     assert deploy.marked_processes(folder) == []
 
