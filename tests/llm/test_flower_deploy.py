@@ -386,7 +386,7 @@ def test_flwr_run_launcher_sigterm_then_its_local_superlink_stopped_leaves_no_pr
             os.kill(superlinks[0], signal.SIGTERM)
             # Assert: the SuperExec, flwr-simulation (with the ServerApp) and Ray's processes all end; nothing
             # writes into the run folder any more
-            assert _wait_gone(left, 45) == [], [Path(f"/proc/{p}/cmdline").read_bytes()[:80] for p in left
+            assert _wait_gone(left, 60) == [], [Path(f"/proc/{p}/cmdline").read_bytes()[:80] for p in left
                                                 if _alive(p)]
             size = metrics.stat().st_size
             time.sleep(2)
