@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -238,9 +239,14 @@ def main(args: argparse.Namespace) -> int:
                   f"methods {cfg.methods}, {cfg.clients} clients, {cfg.rounds} rounds -> {escape(str(out))}")
     try:
         summary = sim.run(resume=bool(args.resume))
-    except KeyboardInterrupt:
-        print(f"interrupted; continue with: lowrank-fed run --resume {out}", file=sys.stderr, flush=True)
-        return 130
+    except KeyboardInterrupt as err:  # Ctrl-C; with --engine flower also SIGTERM/SIGHUP (flower.processes.Terminated)
+        status = getattr(err, "status", 130)
+        print(f"{'interrupted' if status == 130 else f'stopped by signal {status - 128}'}; continue with: "
+              f"lowrank-fed run --resume {out}", file=sys.stderr, flush=True)
+        if getattr(err, "hard_exit", False):  # every process stopped, every file closed; see flower/engine.py
+            sys.stdout.flush()
+            os._exit(status)
+        return status
     console.print(f"clients' ranks {sim.ranks}, examples {sim.n_k}")
     console.print(summary_table(summary, title=f"{cfg.name}: {cfg.model} / {cfg.dataset}"))
     if any(row["by_rank"] for row in summary):

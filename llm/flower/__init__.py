@@ -5,5 +5,6 @@ Submodules (each needs ``flwr``, the ``flower`` extra; importing this package do
 per-node downloads, the runner's reply checks, the method's server rule), :mod:`.client_app` (the ``ClientApp``:
 ``run_client`` with the node's persistent ``context.state``), :mod:`.server_app` (the ``ServerApp`` of
 ``flwr run .``), :mod:`.engine` (``FlowerSimulation``: ``lowrank-fed run --engine flower``; settings and
-environment) and :mod:`.deploy` (``lowrank-fed flower up``: a SuperLink and SuperNodes as local processes).
+environment) and :mod:`.deploy` (``lowrank-fed flower up``: a SuperLink and SuperNodes as local processes), :mod:`.processes`
+(every process of a run found by a marker and stopped however the command ends; standard library only).
 """

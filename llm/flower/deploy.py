@@ -17,7 +17,9 @@ authentication for real sites):
    this run's flat config) and submits it with ``flwr run <app> lowrank-fed --stream``; the ServerApp
    (:mod:`.server_app`) writes ``metrics.jsonl``, ``checkpoints/``, ``adapters/``, ``summary.*`` into ``<out>``
    (``runs/<name>`` by default) as any run;
-5. stops every process of the run, also on errors, on Ctrl-C and when the run exceeds ``--timeout``.
+5. stops every process of the run, however the command ends: normally, on errors, on Ctrl-C, SIGTERM or SIGHUP
+   (exit status 130 / 128 + signal), when the run exceeds ``--timeout``, and, through a watchdog process, when
+   this command is killed with SIGKILL (:mod:`.processes`).
 
 Processes are found by a marker in their environment, not by a list of ids taken earlier (an id can be reused
 once its process exited): every process started here gets ``LOWRANK_FED_FLOWER=<out>/.flower`` and
@@ -31,7 +33,8 @@ Logs: ``<out>/.flower/superlink.log``, ``supernode-<i>.log``, ``flwr-run.log``. 
 and the caches (:func:`~.engine.flower_environment`). A folder that holds an earlier (interrupted) run of the same
 config is resumed from its checkpoints; ``--overwrite`` empties the folder and starts afresh.
 
-Exit status: 0 done, 2 invalid config or folder, 3 a package is missing, 1 the run did not finish.
+Exit status: 0 done, 2 invalid config, setting or folder (one line on stderr, before anything is written), 3 a
+package is missing, 1 the run did not finish, 130 Ctrl-C, 128 + N stopped by signal N.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import math
 import os
 import shutil
 import signal
@@ -51,13 +55,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .processes import MARK, MARK_PROCESS, Terminated, marked_processes, signals_raise, stop_marked, watchdog
+
 __all__ = ["add_arguments", "main", "up", "LocalFederation", "free_port", "write_app", "marked_processes", "MARK",
            "RUN_TIMEOUT"]
 
-#: Environment variable naming the run's ``.flower`` folder in every process of a local federation.
-MARK = "LOWRANK_FED_FLOWER"
-#: Environment variable naming the process (``superlink``, ``supernode-<i>``, ``flwr-run``) it and its helpers serve.
-MARK_PROCESS = "LOWRANK_FED_FLOWER_PROCESS"
 #: Default of ``--timeout``: seconds a whole ``flower up`` run may take before it is stopped (one day).
 RUN_TIMEOUT = 24 * 3600.0
 _PORT_TRIES = 5
@@ -105,27 +107,6 @@ def _listens(pids: list[int], port: int) -> bool:
                     if os.readlink(fd) in sockets:
                         return True
     return False
-
-
-def marked_processes(folder: str | Path, name: str | None = None) -> list[int]:
-    r"""Ids of the living processes of the local federation in ``folder`` (``name``: only that process's).
-
-    A process belongs to it when its environment (``/proc/<pid>/environ``) holds ``LOWRANK_FED_FLOWER=<folder>``
-    (and ``LOWRANK_FED_FLOWER_PROCESS=<name>``). Zombies (no environment left) and other users' processes are not
-    listed; this process never is. Empty where ``/proc`` does not exist.
-    """
-    wanted = {f"{MARK}={Path(folder).resolve()}".encode()}
-    if name is not None:
-        wanted.add(f"{MARK_PROCESS}={name}".encode())
-    out = []
-    for entry in Path("/proc").glob("[0-9]*/environ"):
-        pid = int(entry.parent.name)
-        if pid == os.getpid():
-            continue
-        with contextlib.suppress(OSError):
-            if wanted <= set(entry.read_bytes().split(b"\0")):
-                out.append(pid)
-    return sorted(out)
 
 
 def _bin(name: str) -> str:
@@ -284,14 +265,6 @@ class LocalFederation:
             reader.join(timeout=5)
         return status
 
-    def _signal(self, pids, sig: int) -> list[int]:
-        done = []
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, sig)
-                done.append(pid)
-        return done
-
     def _alive(self, name: str | None = None) -> list[int]:
         """The marked processes (of ``name``), and any process started here that is still running."""
         pids = set(marked_processes(self.folder, name))
@@ -306,18 +279,16 @@ class LocalFederation:
         Flower's processes start helpers in sessions of their own (SuperExec, a ClientApp or ServerApp
         process) that outlive their parent, so neither a process group nor the parent's children suffice.
         """
-        return self._signal(self._alive(name), sig)
+        done = []
+        for pid in self._alive(name):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+                done.append(pid)
+        return done
 
     def stop(self, *, grace: float = 10.0) -> None:
         """Stop every process of the federation: SIGTERM, SIGKILL after ``grace`` s to what is left; reap them."""
-        self._signal(self._alive(), signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        while self._alive() and time.monotonic() < deadline:
-            time.sleep(0.2)
-        for _ in range(50):  # what did not stop on SIGTERM; found again each time, so no stale id is signalled
-            if not self._signal(self._alive(), signal.SIGKILL):
-                break
-            time.sleep(0.2)
+        stop_marked(self.folder, grace=grace, alive=self._alive)
         for proc in self.procs.values():
             proc.wait(timeout=10)
 
@@ -328,11 +299,30 @@ class LocalFederation:
         self.stop()
 
 
+class _Parser(argparse.ArgumentParser):
+    """A parser whose usage errors are one line on stderr (exit status 2), naming the command."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _one_line_errors(parser: argparse.ArgumentParser) -> None:
+    parser.error = lambda message: _Parser.error(parser, message)
+
+
+DESCRIPTION = ("Start a Flower SuperLink and one SuperNode per client on this machine (127.0.0.1, insecure), run "
+               "the config on them, then stop every process of the run: also on errors, Ctrl-C, SIGTERM and "
+               "--timeout (a watchdog stops them if this command is killed). Results go to --out (runs/<name> by "
+               "default), logs to <out>/.flower/. Exit status: 0 done, 2 invalid config or folder, 3 a package "
+               "is missing, 1 the run did not finish, 128+N stopped by signal N. See docs/flower.md.")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """``lowrank-fed flower up ...``."""
-    sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    """``lowrank-fed flower up ...``; usage errors are one line on stderr, exit status 2."""
+    _one_line_errors(parser)
+    sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION", parser_class=_Parser)
     up = sub.add_parser("up", help="SuperLink + one SuperNode per client on localhost, run the config, shut down",
-                        description=__doc__.split("\n\n")[0])
+                        description=DESCRIPTION)
     up.add_argument("config", nargs="?", default=None, metavar="CONFIG.toml", help="TOML run config (default: the demo)")
     up.add_argument("--supernodes", type=int, default=None, metavar="N",
                     help="SuperNodes to start; must equal clients (node i serves client i; default: clients)")
@@ -376,16 +366,25 @@ def main(args: argparse.Namespace) -> int:
         if supernodes != cfg.clients:
             raise ConfigError(f"--supernodes must equal clients = {cfg.clients} (node i serves client i; a client "
                               f"without a node would be dropped every round). Got {supernodes}.")
-        if not args.timeout > 0:
-            raise ConfigError(f"--timeout must be positive. Got {args.timeout}.")
+        for flag, value in (("--timeout", args.timeout), ("--round-timeout", args.round_timeout),
+                            ("--start-timeout", args.start_timeout)):
+            if not (math.isfinite(value) and (value >= 0 if flag == "--start-timeout" else value > 0)):
+                raise ConfigError(f"{flag} must be a finite number of seconds, "
+                                  f"{'>= 0' if flag == '--start-timeout' else '> 0'}. Got {value}.")
         settings = FlowerSettings(round_timeout=float(args.round_timeout), min_replies=int(args.min_replies),
                                   start_timeout=float(args.start_timeout))
+        settings.check(cfg)
         out = Path(args.out) if args.out else Path("runs") / cfg.name
         plan = check_output_folder(out, cfg, overwrite=args.overwrite,
                                    hint="Use --overwrite to replace them or --out to choose another folder.")
         _check_packages(cfg)
         sim = Simulation(cfg, out, progress=False)
         sim.setup()  # ranks; every data/model problem found before anything is written
+        try:  # last: Flower's scratch folder (an unwritable --out is refused here, with nothing else written)
+            (out / ".flower").mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ConfigError(f"Output folder '{out}' cannot be written: {err.strerror or err} "
+                              f"({err.filename or out}).") from None
     except (ConfigError, ValueError) as err:
         _error(err)
         return 2
@@ -397,11 +396,14 @@ def main(args: argparse.Namespace) -> int:
     print(f"lowrank-fed flower up {cfg.name}: SuperLink + {supernodes} SuperNodes on 127.0.0.1, methods "
           f"{cfg.methods}, {cfg.rounds} rounds -> {out}{' (resuming)' if plan == 'resume' else ''}", flush=True)
     try:
-        status = up(cfg, out, supernodes, sim.ranks, settings, timeout=args.timeout)
-    except KeyboardInterrupt:
-        print(f"interrupted; the same command resumes the run from {out}/checkpoints", file=sys.stderr, flush=True)
-        return 130
-    except RuntimeError as err:
+        with signals_raise():  # SIGTERM/SIGHUP: the same clean-up as Ctrl-C (every process of the run stopped)
+            status = up(cfg, out, supernodes, sim.ranks, settings, timeout=args.timeout)
+    except KeyboardInterrupt as err:
+        how = f"stopped by {signal.Signals(err.signum).name}" if isinstance(err, Terminated) else "interrupted"
+        print(f"{how}; every process of the run was stopped; the same command resumes the run from "
+              f"{out}/checkpoints", file=sys.stderr, flush=True)
+        return err.status if isinstance(err, Terminated) else 130
+    except (RuntimeError, OSError) as err:
         _error(err)
         return 1
     if status != 0 or not (out / "summary.json").is_file():
@@ -445,7 +447,7 @@ def up(cfg, out: Path, supernodes: int, ranks, settings, *, watch=None, timeout:
         env = {**flower, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
         flat = {**cfg.to_flat(), **dataclasses.replace(settings, out=str(out)).to_flat()}
         app = write_app(folder / "app", flat)
-        with LocalFederation(folder, env) as fed:
+        with watchdog(folder), LocalFederation(folder, env) as fed:  # the watchdog: if this process is killed
             fed.start_superlink()
             (Path(env["FLWR_HOME"]) / "config.toml").write_text(fed.connection_toml(), encoding="utf-8")
             fed.start_supernodes([f"partition-id={i} num-partitions={supernodes} rank={ranks[i]}"

@@ -25,6 +25,8 @@ import contextlib
 import logging
 import os
 import shutil
+import signal
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -44,6 +46,7 @@ ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "RAY_USAGE_STATS_ENABLED": "0",
        "RAY_worker_niceness": "0"}
 _RAY_TMP_MAX = 40  # characters: Ray appends ~60 to this for its AF_UNIX sockets (limit 107)
+_SERVER_JOIN = 60.0  # seconds the end of run() waits for the ServerApp thread (it may be evaluating)
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,23 @@ class FlowerSettings:
                 raise ValueError(f"Flower setting 'flower-{name.replace('_', '-')}' must be "
                                  f"{'>= 1' if name == 'min_replies' else 'positive' if name == 'round_timeout' else '>= 0'}. "
                                  f"Got {getattr(self, name)!r}.")
+
+    def check(self, cfg) -> None:
+        r"""Refuse settings the run ``cfg`` cannot satisfy: ``min_replies`` above the clients a round samples
+        (``clients_per_round``, or ``clients``) would keep the global state every round.
+
+        Raises
+        ------
+        ValueError
+            Naming the setting, its bound and the value.
+        """
+        per_round = cfg.clients_per_round or cfg.clients
+        if self.min_replies > per_round:
+            where = (f"clients_per_round = {cfg.clients_per_round}" if cfg.clients_per_round else
+                     f"clients = {cfg.clients}")
+            raise ValueError(f"Flower setting 'flower-min-replies' (flower up --min-replies) must be at most the "
+                             f"clients a round samples ({where}): with more, no round is ever aggregated. Got "
+                             f"{self.min_replies}.")
 
     def to_flat(self) -> dict:
         """``{"flower-<name>": value}``: Flower's run-config form."""
@@ -168,16 +188,20 @@ class FlowerSimulation(Simulation):
     config, out_dir, progress, on_round_end
         As :class:`~lowrank_fed.llm.runner.simulation.Simulation`.
     settings : FlowerSettings, optional
+    stop : threading.Event, optional
+        Once set, :meth:`serve` raises :class:`RunStopped` at its next exchange with the nodes (it writes nothing
+        more). :meth:`run` sets its own when the command ends; the ServerApp sets one when its SuperExec is gone.
     """
 
     def __init__(self, config, out_dir, *, progress: bool = True, on_round_end=None,
-                 settings: FlowerSettings | None = None):
+                 settings: FlowerSettings | None = None, stop=None):
         super().__init__(config, out_dir, progress=progress, on_round_end=on_round_end)
         self.settings = settings or FlowerSettings()
         self.grid = None
         self.strategy = None
         self.startup_seconds = None  # Flower's start-up: from run() to the ServerApp's first line
         self._rounds_run = 0  # rounds this ServerApp ran (the first one waits longer: cold ClientApps)
+        self._stop = stop  # once set, serve() stops at its next exchange with the nodes (RunStopped)
 
     # ------------------------------------------------------------------ one round on Flower
     def round_timeout(self) -> float:
@@ -207,14 +231,17 @@ class FlowerSimulation(Simulation):
         Raises
         ------
         ValueError
-            Before anything is written: a node that cannot serve the run answered the discovery (its partition-id,
+            Before anything is written: the settings do not fit the config (:meth:`FlowerSettings.check`), a node
+            that cannot serve the run answered the discovery (its partition-id,
             node count or rank budget does not fit the config), or some client has no SuperNode after
             ``start_timeout`` seconds (the message names the node count and ``clients``).
         """
         from .strategy import LowRankStrategy
 
+        self.settings.check(self.cfg)
         self.setup()
-        self.grid = grid
+        self.grid = grid if self._stop is None else _StoppableGrid(grid, self._stop)
+        grid = self.grid
         settings = self.settings
         st = self.strategy = LowRankStrategy(self, min_replies=settings.min_replies,
                                              query_timeout=settings.round_timeout)
@@ -244,23 +271,34 @@ class FlowerSimulation(Simulation):
 
         ``clients`` virtual SuperNodes (``partition-id`` = client id), each ClientApp with ``threads`` CPUs and
         ``settings.num_gpus`` GPUs; the ServerApp (:meth:`serve`) in a thread of this process.
+
+        Every process it starts (Ray's GCS, raylet and workers: they inherit ``LOWRANK_FED_FLOWER=<out>/.flower``)
+        is stopped when it returns, however it ends (:mod:`.processes`): an exception, Ctrl-C, SIGTERM or SIGHUP
+        (raised as :class:`~.processes.Terminated`; the ServerApp thread stops at its next exchange with the
+        nodes and writes nothing more), and, through a watchdog process, SIGKILL of this process.
         """
+        import threading
         import warnings
 
         from flwr.serverapp import ServerApp
         from flwr.simulation import run_simulation
 
         from .client_app import app as client_app
+        from .processes import MARK, Terminated, signals_raise, stop_marked, watchdog
 
         self.setup()
+        self.settings.check(self.cfg)
         self.out.mkdir(parents=True, exist_ok=True)
         server_app = ServerApp()
         t0 = time.perf_counter()
 
         errors: list[BaseException] = []
+        servers: list[threading.Thread] = []
+        self._stop = threading.Event()
 
         @server_app.main()
         def main(grid, context):
+            servers.append(threading.current_thread())
             self.startup_seconds = time.perf_counter() - t0
             try:
                 self.serve(grid, resume=resume)
@@ -272,13 +310,38 @@ class FlowerSimulation(Simulation):
         backend = {"client_resources": {"num_cpus": self.cfg.threads, "num_gpus": self.settings.num_gpus},
                    "init_args": {"include_dashboard": False, "num_cpus": max(os.cpu_count() or 1, self.cfg.threads),
                                  "configure_logging": False}}
-        with flower_env(self.out), warnings.catch_warnings():
+        folder = (self.out / ".flower").resolve()
+        saved = os.environ.get(MARK)
+        with signals_raise(), flower_env(self.out), watchdog(folder), warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=DeprecationWarning)
+            os.environ[MARK] = str(folder)  # inherited by Ray's processes: the clean-up finds them by it
             try:
                 run_simulation(server_app=server_app, client_app=client_app, num_supernodes=self.cfg.clients,
                                backend_config=backend)
+            except SystemExit as err:  # Ray's driver turns SIGTERM into sys.exit(SIGTERM)
+                if err.code == signal.SIGTERM:
+                    # Ray's core worker saw the SIGTERM too (its C++ handler) and aborts the interpreter's
+                    # shutdown (exit -6): once the clean-up below is done, the command ends with os._exit.
+                    terminated = Terminated(signal.SIGTERM)
+                    terminated.hard_exit = True
+                    raise terminated from None
+                raise
             finally:
+                flwr_log = logging.getLogger("flwr")
+                quiet = sys.exc_info()[0] is not None and not flwr_log.disabled
+                if quiet:  # stopped early: Flower's workers log a traceback for each ClientApp cut off mid-round
+                    flwr_log.disabled = True
+                self._stop.set()  # the ServerApp thread stops at its next exchange with the nodes
+                for thread in servers:
+                    thread.join(timeout=_SERVER_JOIN)
                 _ray_shutdown()
+                stop_marked(folder)
+                if quiet:
+                    flwr_log.disabled = False
+                if saved is None:
+                    os.environ.pop(MARK, None)
+                else:
+                    os.environ[MARK] = saved
         if errors:
             raise RuntimeError(f"The Flower simulation of {self.cfg.name!r} stopped: {type(errors[0]).__name__}: "
                                f"{errors[0]}") from errors[0]
@@ -286,6 +349,35 @@ class FlowerSimulation(Simulation):
             raise RuntimeError(f"The Flower simulation of {self.cfg.name!r} ended without finishing its run; "
                                f"see the log above (resume it with --resume {self.out}).")
         return self.summary
+
+
+class RunStopped(RuntimeError):
+    """The command running the ServerApp thread ended (:meth:`FlowerSimulation.run`); nothing more is written."""
+
+
+class _StoppableGrid:
+    r"""``grid`` whose :meth:`send_and_receive` polls (as Flower's does) and raises :class:`RunStopped` once
+    ``stop`` is set, so the ServerApp thread ends with its command instead of waiting out a round's timeout."""
+
+    def __init__(self, grid, stop):
+        self._grid, self._stop = grid, stop
+
+    def __getattr__(self, name):
+        return getattr(self._grid, name)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        pending = set(self._grid.push_messages(messages))
+        end = time.monotonic() + (timeout or 0.0)
+        replies = []
+        while True:
+            if self._stop.is_set():
+                raise RunStopped("the command ended; the ServerApp stops")
+            got = list(self._grid.pull_messages(pending))
+            replies += got
+            pending -= {m.metadata.reply_to_message_id for m in got}
+            if not pending or (timeout is not None and time.monotonic() >= end):
+                return replies
+            time.sleep(0.05)
 
 
 def _ray_shutdown() -> None:

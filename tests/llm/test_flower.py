@@ -231,7 +231,7 @@ def test_one_output_folder_rule_resume_same_config_overwrite_starts_afresh(tmp_p
     seen = []
 
     def fake_up(cfg, out, supernodes, ranks, settings, *, timeout):
-        seen.append(sorted(p.name for p in Path(out).iterdir()))
+        seen.append(sorted(p.name for p in Path(out).iterdir() if p.name != ".flower"))  # .flower: Flower's scratch
         (Path(out) / "summary.json").write_text("[]")
         return 0
 
@@ -262,6 +262,69 @@ def test_flower_up_needs_one_supernode_per_client(tmp_path, capsys):
     assert _flower_up([str(config), "--out", str(tmp_path / "run"), "--supernodes", "2"]) == 2
     err = capsys.readouterr().err
     assert "--supernodes must equal clients = 3" in err and "Got 2." in err
+    assert not (tmp_path / "run").exists()
+
+
+def _cli(argv, monkeypatch):
+    """``lowrank-fed ARGV`` in this process with ``deploy.up`` replaced (a case it reaches was accepted): its
+    exit status."""
+    from lowrank_fed.cli import main as cli_main
+
+    def started(*args, **kwargs):
+        raise AssertionError("the run was started")
+
+    monkeypatch.setattr("lowrank_fed.llm.flower.deploy.up", started)
+    try:
+        return cli_main(argv)
+    except SystemExit as exit_:
+        return exit_.code
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--min-replies", "99"], "'flower-min-replies' (flower up --min-replies) must be at most the clients a round "
+                              "samples (clients = 3): with more, no round is ever aggregated. Got 99."),
+    (["--min-replies", "3", "--set", "clients_per_round=2"], "at most the clients a round samples "
+                                                            "(clients_per_round = 2)"),
+    (["--supernodes", "abc"], "lowrank-fed flower up: error: argument --supernodes: invalid int value: 'abc'"),
+    (["--min-replies", "x"], "argument --min-replies: invalid int value: 'x'"),
+    (["--timeout", "inf"], "--timeout must be a finite number of seconds, > 0. Got inf."),
+    (["--round-timeout", "inf"], "--round-timeout must be a finite number of seconds, > 0. Got inf."),
+    (["--start-timeout", "inf"], "--start-timeout must be a finite number of seconds, >= 0. Got inf."),
+    (["--out", "/proc/lowrank-fed-test/run"], "Output folder '/proc/lowrank-fed-test/run' cannot be written"),
+])
+def test_flower_up_refuses_each_bad_value_in_one_line_before_writing(tmp_path, monkeypatch, capsys, args, message):
+    # Prepare
+    config = tmp_path / "tiny.toml"
+    config.write_text(tomli_w.dumps(tiny_settings()))
+    argv = ["flower", "up", str(config), "--out", str(tmp_path / "run"), *args]
+    # Execute
+    status = _cli(argv, monkeypatch)
+    # Assert: exit 2, one line on stderr naming the value, nothing written
+    err = capsys.readouterr().err
+    assert status == 2
+    assert message in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_flower_without_an_action_is_one_line_and_up_help_is_plain_text(monkeypatch, capsys):
+    assert _cli(["flower"], monkeypatch) == 2
+    err = capsys.readouterr().err
+    assert err == "lowrank-fed flower: error: the following arguments are required: ACTION (see lowrank-fed " \
+                  "flower --help)\n"
+    assert _cli(["flower", "up", "--help"], monkeypatch) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "``" not in out and ":mod:" not in out
+    assert "stop every process of the run" in out and "SIGTERM" in out
+
+
+def test_the_serverapp_refuses_min_replies_above_the_clients_before_writing(tmp_path):
+    # Prepare: 3 clients, min_replies 4 (flwr run . --run-config "flower-min-replies=4")
+    cfg = _cfg(methods=["fedit"])
+    sim = FlowerSimulation(cfg, tmp_path / "run", progress=False, settings=FlowerSettings(min_replies=4))
+    # Execute / Assert
+    with pytest.raises(ValueError, match=r"'flower-min-replies' .* must be at most the clients a round samples "
+                                         r"\(clients = 3\).* Got 4\."):
+        sim.serve(InlineGrid(cfg.clients))
     assert not (tmp_path / "run").exists()
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -181,3 +182,217 @@ def test_a_port_taken_before_flower_binds_it_is_retried(tmp_path, monkeypatch):
             assert deploy.marked_processes(fed.folder) == []
     finally:
         thief.close()
+
+
+# ----------------------------------------------------------------------------- no process left, however it ends
+
+
+def _watchdogs(folder) -> list[int]:
+    from lowrank_fed.llm.flower.processes import WATCHDOG
+
+    return deploy.marked_processes(folder, mark=WATCHDOG)
+
+
+def _wait_gone(pids, seconds: float) -> list[int]:
+    deadline = time.monotonic() + seconds
+    while [p for p in pids if _alive(p)] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return [p for p in pids if _alive(p)]
+
+
+def _command_with_helper(tmp_path, body: str) -> tuple:
+    """A Python process that starts a marked helper (``sleep``, in a session of its own, as Flower's are) under
+    ``body`` (a ``with`` line using ``folder``), then waits; returns ``(process, helper pid, folder)``."""
+    folder = tmp_path / "run" / ".flower"
+    folder.mkdir(parents=True)
+    script = tmp_path / "command.py"
+    script.write_text(
+        "import os, subprocess, sys, time\n"
+        "from lowrank_fed.llm.flower.processes import MARK, Terminated, signals_raise, watchdog\n"
+        "from lowrank_fed.llm.flower.deploy import LocalFederation\n"
+        f"folder = {str(folder)!r}\n"
+        "def main():\n"
+        f"    {body}\n"
+        "        helper = fed._spawn('helper', ['sleep', '300'])\n"
+        f"        open({str(tmp_path / 'helper.pid')!r}, 'w').write(str(helper.pid))\n"
+        "        time.sleep(300)\n"
+        "try:\n"
+        "    main()\n"
+        "except Terminated as err:\n"
+        "    sys.exit(err.status)\n")
+    proc = subprocess.Popen([sys.executable, str(script)], cwd=Path(__file__).resolve().parents[2])
+    return proc, _helper(tmp_path), folder
+
+
+
+def test_sigterm_runs_the_clean_up_of_every_process(tmp_path):
+    # Prepare: a command holding a local federation with a helper, SIGTERM turned into the clean-up path
+    proc, helper, folder = _command_with_helper(
+        tmp_path, "with signals_raise(), LocalFederation(folder, {}) as fed:")
+    assert deploy.marked_processes(folder) == [helper]
+    # Execute
+    proc.send_signal(signal.SIGTERM)
+    status = proc.wait(timeout=30)
+    # Assert: the command ended through its clean-up (Terminated, not the default kill), the helper is gone
+    assert status == 143
+    assert _wait_gone([helper], 5) == []
+    assert deploy.marked_processes(folder) == []
+
+
+def test_the_watchdog_stops_every_process_when_its_command_is_killed(tmp_path):
+    # Prepare: a command with a watchdog and a helper; SIGKILL leaves the command no chance to clean up
+    proc, helper, folder = _command_with_helper(
+        tmp_path, "with watchdog(folder), LocalFederation(folder, {}) as fed:")
+    watchdogs = _watchdogs(folder)
+    assert len(watchdogs) == 1
+    # Execute
+    t0 = time.monotonic()
+    proc.kill()
+    proc.wait(timeout=30)
+    # Assert: the watchdog noticed (its pipe closed), stopped the helper and exited, well within a node timeout
+    assert _wait_gone([helper, *watchdogs], 20) == []
+    assert time.monotonic() - t0 < 20
+    assert deploy.marked_processes(folder) == [] and _watchdogs(folder) == []
+
+
+def test_a_watchdog_whose_command_ends_normally_stops_nothing_and_exits(tmp_path):
+    # Prepare
+    from lowrank_fed.llm.flower.processes import MARK, watchdog
+
+    folder = tmp_path / ".flower"
+    folder.mkdir()
+    helper = subprocess.Popen(["sleep", "300"], env={**os.environ, MARK: str(folder.resolve())})
+    try:
+        # Execute
+        with watchdog(folder) as dog:
+            pass
+        # Assert: told "done", it exited at once and left the marked process alone
+        assert dog.poll() == 0
+        assert _alive(helper.pid)
+    finally:
+        helper.kill()
+        helper.wait()
+
+
+def _tiny_config(tmp_path, **overrides) -> Path:
+    import tomli_w
+
+    config = tmp_path / "tiny.toml"
+    config.write_text(tomli_w.dumps(tiny_settings(**{"rounds": 1000, "checkpoint": True, **overrides})))
+    return config
+
+
+def _sigterm_mid_run(argv: list[str], out: Path, *, start: float = 240.0) -> tuple[int, list[int], str]:
+    """Start ``python -m lowrank_fed.cli ARGV``, SIGTERM it once round 1 is in ``out/metrics.jsonl``; returns
+    its status, the marked processes seen while it ran, and its stderr."""
+    proc = subprocess.Popen([sys.executable, "-m", "lowrank_fed.cli", *argv], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, cwd=out.parent, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    metrics, seen = out / "metrics.jsonl", set()
+    try:
+        deadline = time.monotonic() + start
+        while not (metrics.exists() and any(json.loads(x)["round"] >= 1 for x in metrics.read_text().splitlines())):
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "round 1 never finished"
+            seen.update(deploy.marked_processes(out / ".flower"))
+            time.sleep(0.2)
+        seen.update(deploy.marked_processes(out / ".flower"))
+        proc.send_signal(signal.SIGTERM)
+        status = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return status, sorted(seen), proc.stderr.read().decode()
+
+
+@pytest.mark.slow
+def test_sigterm_to_flower_up_mid_run_leaves_no_process(tmp_path):
+    # Prepare: a run far longer than the test
+    config, out = _tiny_config(tmp_path), tmp_path / "run"
+    # Execute: `lowrank-fed flower up` killed with SIGTERM after round 1
+    status, seen, err = _sigterm_mid_run(["flower", "up", str(config), "--out", str(out), "--timeout", "600",
+                                          "--start-timeout", "105", "--round-timeout", "45"], out)
+    # Assert: it said so and exited 128 + 15; the SuperLink, the SuperNodes, the ServerApp, the ClientApps and
+    # the watchdog are all gone, and nothing writes into the run folder any more
+    assert status == 143, err[-3000:]
+    assert "stopped by SIGTERM; every process of the run was stopped" in err and "Traceback" not in err
+    assert len(seen) >= 5, seen  # SuperLink, 3 SuperNodes, flwr run (and Flower's helpers)
+    assert _wait_gone(seen, 5) == []
+    assert deploy.marked_processes(out / ".flower") == [] and _watchdogs(out / ".flower") == []
+    size = (out / "metrics.jsonl").stat().st_size
+    time.sleep(2)
+    assert (out / "metrics.jsonl").stat().st_size == size
+
+
+@pytest.mark.slow
+def test_sigterm_to_run_engine_flower_mid_run_leaves_no_process(tmp_path):
+    # Prepare: a run far longer than the test
+    config, out = _tiny_config(tmp_path), tmp_path / "run"
+    # Execute: `lowrank-fed run --engine flower` (Flower's simulation: Ray) killed with SIGTERM after round 1
+    status, seen, err = _sigterm_mid_run(["run", str(config), "--engine", "flower", "--out", str(out),
+                                          "--no-progress"], out)
+    # Assert: it exited 128 + 15 at once (the ServerApp thread did not wait out its round), Ray's processes
+    # (GCS, raylet, workers: marked) and the watchdog are gone, and nothing writes into the run folder any more
+    assert status == 143, err[-3000:]
+    assert f"continue with: lowrank-fed run --resume {out}" in err and "Traceback" not in err
+    assert len(seen) >= 3, seen
+    assert _wait_gone(seen, 5) == []
+    assert deploy.marked_processes(out / ".flower") == [] and _watchdogs(out / ".flower") == []
+    size = (out / "metrics.jsonl").stat().st_size
+    time.sleep(2)
+    assert (out / "metrics.jsonl").stat().st_size == size
+
+
+@pytest.mark.slow
+def test_flwr_run_launcher_sigterm_then_its_local_superlink_stopped_leaves_no_process(tmp_path):
+    """`flwr run .` hands the run to a local SuperLink that Flower starts detached and keeps after `flwr run`
+    ends (Flower's design: a submitted run belongs to the SuperLink). Killing the launcher leaves the run going;
+    stopping that SuperLink (SIGTERM, as docs/flower.md says) must then stop everything, the ServerApp included
+    (it runs as a thread of `flwr-simulation`, which outlived the SuperLink before it watched its parent)."""
+    import tomli_w
+
+    from lowrank_fed.llm.flower.processes import MARK, stop_marked
+
+    # Prepare: Flower's home, caches and ports of this test only; every process carries the run's marker
+    out = tmp_path / "run"
+    folder = (out / ".flower").resolve()
+    override = tmp_path / "override.toml"
+    override.write_text(tomli_w.dumps({**RunConfig.from_dict(tiny_settings(rounds=1000)).to_flat(),
+                                       "flower-out": str(out), "flower-start-timeout": 105.0}))
+    with flower_environment(out) as env:
+        home = Path(env["FLWR_HOME"])
+        (home / "config.toml").write_text(
+            '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n'
+            "options.num-supernodes = 3\noptions.backend.client-resources.num-cpus = 1\n")
+        env = {**os.environ, **env, MARK: str(folder), "OMP_NUM_THREADS": "1",
+               "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(deploy.free_port()),
+               "FLWR_LOCAL_CONTROL_API_PORT": str(deploy.free_port()),
+               "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+        launcher = subprocess.Popen([deploy._bin("flwr"), "run", ".", "--stream", "--run-config", str(override)],
+                                    cwd=Path(__file__).resolve().parents[2], env=env, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.STDOUT)
+        try:
+            metrics, deadline = out / "metrics.jsonl", time.monotonic() + 240
+            while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+                assert launcher.poll() is None and time.monotonic() < deadline, "round 1 never finished"
+                time.sleep(0.2)
+            # Execute: SIGTERM the launcher; then stop the local SuperLink it left
+            launcher.send_signal(signal.SIGTERM)
+            launcher.wait(timeout=30)
+            superlinks = [p for p in deploy.marked_processes(folder)
+                          if b"flower-superlink" in Path(f"/proc/{p}/cmdline").read_bytes()]
+            assert len(superlinks) == 1, "Flower's local SuperLink outlives `flwr run` (by design)"
+            left = deploy.marked_processes(folder)
+            os.kill(superlinks[0], signal.SIGTERM)
+            # Assert: the SuperExec, flwr-simulation (with the ServerApp) and Ray's processes all end; nothing
+            # writes into the run folder any more
+            assert _wait_gone(left, 60) == [], [Path(f"/proc/{p}/cmdline").read_bytes()[:80] for p in left
+                                                if _alive(p)]
+            size = metrics.stat().st_size
+            time.sleep(2)
+            assert metrics.stat().st_size == size
+        finally:
+            if launcher.poll() is None:
+                launcher.kill()
+                launcher.wait()
+            stop_marked(folder, grace=2)
