@@ -374,8 +374,10 @@ def main(args: argparse.Namespace) -> int:
         settings = FlowerSettings(round_timeout=float(args.round_timeout), min_replies=int(args.min_replies),
                                   start_timeout=float(args.start_timeout))
         settings.check(cfg)
-        out = Path(args.out) if args.out else Path("runs") / cfg.name
-        plan = check_output_folder(out, cfg, overwrite=args.overwrite,
+        if args.out is not None and not args.out.strip():
+            raise ConfigError("--out is empty; expected a folder path (or leave --out out: runs/<name>).")
+        out = Path(args.out) if args.out is not None else Path("runs") / cfg.name
+        plan = check_output_folder(out, cfg, overwrite=args.overwrite, inputs=[args.config] if args.config else [],
                                    hint="Use --overwrite to replace them or --out to choose another folder.")
         _check_packages(cfg)
         sim = Simulation(cfg, out, progress=False)

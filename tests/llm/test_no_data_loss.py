@@ -333,3 +333,15 @@ def test_merge_task_arithmetic_subtracts_exactly(workspace, refused, rule):
     refused(["merge", "a", "b", "--rule", "zero_pad", "--weights", "1", "-1", "--allow-negative", "--out", "h"],
             "--allow-negative (task arithmetic")
     refused(["merge", "a", "b", "--rule", rule, "--weights", "1", "-1", "--out", "h"], "non-negative")
+
+
+def test_flower_up_never_empties_the_folder_of_its_config(workspace, refused):
+    pytest.importorskip("flwr")
+    d = workspace / "d"
+    d.mkdir()
+    (workspace / "ok.toml").rename(d / "ok.toml")
+    before = snapshot(workspace)
+    refused(["flower", "up", "d/ok.toml", "--out", "d", "--overwrite"], "input of this command")
+    refused(["flower", "up", "d/ok.toml", "--out", "."], "current folder")
+    refused(["flower", "up", "d/ok.toml", "--out", ""], "--out is empty")
+    assert snapshot(workspace) == before
