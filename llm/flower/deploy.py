@@ -340,6 +340,53 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                          "also gets them on top of --round-timeout (120)")
     up.add_argument("--timeout", type=float, default=RUN_TIMEOUT, metavar="S",
                     help=f"seconds the whole run may take before it is stopped ({RUN_TIMEOUT:.0f}: one day)")
+    _add_config_action(sub)
+
+
+def _add_config_action(sub) -> None:
+    """``lowrank-fed flower config CONFIG.toml``: the flat run config ``flwr run . --run-config`` takes."""
+    config = sub.add_parser("config", help="print a config as the TOML 'flwr run . --run-config FILE' takes",
+                            description="Print the run config CONFIG.toml (with --set overrides) flattened as Flower's "
+                                        "run config: a TOML file for 'flwr run . --run-config FILE', so nobody "
+                                        "writes it by hand. Validated first (exit 2 on an error).")
+    config.add_argument("config", nargs="?", default=None, metavar="CONFIG.toml", help="TOML run config (default: "
+                        "the demo)")
+    config.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key (as lowrank-fed run --set)")
+    config.add_argument("--out", default=None, metavar="DIR", help="flower-out: the output folder, made absolute "
+                        "(default: runs/<name> under the folder flwr runs in)")
+    config.add_argument("--round-timeout", type=float, default=600.0, metavar="S", help="flower-round-timeout (600)")
+    config.add_argument("--min-replies", type=int, default=1, metavar="M", help="flower-min-replies (1)")
+    config.add_argument("--start-timeout", type=float, default=120.0, metavar="S", help="flower-start-timeout (120)")
+
+
+def flat_run_config(args: argparse.Namespace) -> str:
+    r"""The TOML text of ``RunConfig.to_flat()`` plus the ``flower-*`` settings, as ``--run-config`` reads it.
+
+    Raises
+    ------
+    ConfigError, ValueError
+        An invalid config or setting (naming the key).
+    """
+    import tomli_w
+
+    from ..config import ConfigError, RunConfig, apply_overrides, load_config
+    from .engine import FlowerSettings
+
+    cfg = RunConfig.from_dict(apply_overrides(load_config(args.config), args.overrides))
+    if args.out is not None and not args.out.strip():
+        raise ConfigError("--out is empty; expected a folder path (or leave --out out: runs/<name>).")
+    for flag, value in (("--round-timeout", args.round_timeout), ("--start-timeout", args.start_timeout)):
+        if not math.isfinite(value):
+            raise ConfigError(f"{flag} must be a finite number of seconds. Got {value}.")
+    settings = FlowerSettings(out=str(Path(args.out).resolve()) if args.out is not None else "",
+                              round_timeout=float(args.round_timeout), min_replies=int(args.min_replies),
+                              start_timeout=float(args.start_timeout))
+    settings.check(cfg)
+    head = (f"# lowrank-fed flower config: {cfg.name}, {cfg.clients} clients. Run it from the repository with:\n"
+            f"#   flwr run . --stream --run-config THIS_FILE.toml --federation-config "
+            f"\"num-supernodes={cfg.clients} client-resources-num-cpus={cfg.threads}\"\n")
+    return head + tomli_w.dumps({**cfg.to_flat(), **settings.to_flat()})
 
 
 def _error(message: object) -> None:
@@ -348,8 +395,16 @@ def _error(message: object) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    """``lowrank-fed flower up``: returns the exit status."""
+    """``lowrank-fed flower up`` / ``flower config``: returns the exit status."""
     from ..config import ConfigError, RunConfig, apply_overrides, load_config
+
+    if args.action == "config":
+        try:
+            print(flat_run_config(args), end="")
+        except (ConfigError, ValueError) as err:
+            _error(err)
+            return 2
+        return 0
     from ..models import PackageMissingError
     from ..run import _check_packages, _clear, check_output_folder
 

@@ -623,3 +623,23 @@ def test_flower_simulation_equals_the_runner(tmp_path):
     assert all(r["dropped"] == (1 if (r["round"], r["method"]) == (2, "hetlora") else 0) for r in rows)
     timings = [json.loads(line) for line in (tmp_path / "fl" / "timings.jsonl").read_text().splitlines()]
     assert all(math.isfinite(t["flower_round_seconds"]) for t in timings if t["round"] > 0)
+
+
+def test_flower_config_prints_the_run_config_flwr_reads_back(tmp_path, capsys):
+    # Prepare
+    from lowrank_fed.cli import main
+    from lowrank_fed.llm.config import load_config
+    from lowrank_fed.llm.flower.engine import split_run_config
+
+    config = Path(__file__).resolve().parents[2] / "configs" / "tiny_smoke.toml"
+    # Execute
+    status = main(["flower", "config", str(config), "--set", "rounds=2", "--out", str(tmp_path / "o"),
+                   "--min-replies", "2"])
+    text = capsys.readouterr().out
+    # Assert: the TOML Flower reads (--run-config FILE) gives back the same config and settings
+    settings, cfg = split_run_config(tomllib.loads(text))
+    assert status == 0 and "flwr run . --stream --run-config" in text
+    assert cfg == RunConfig.from_dict({**load_config(config), "rounds": 2})
+    assert settings.out == str(tmp_path / "o") and settings.min_replies == 2
+    assert main(["flower", "config", str(config), "--set", "rounds=0"]) == 2
+    assert "Config key 'rounds'" in capsys.readouterr().err
