@@ -243,9 +243,9 @@ def test_one_output_folder_rule_resume_same_config_overwrite_starts_afresh(tmp_p
     # ... --overwrite empties the folder first, so the ServerApp starts afresh
     assert _flower_up([str(config), "--out", str(out), "--overwrite"]) == 0
     assert seen[-1] == [] and "(resuming)" not in capsys.readouterr().out
-    assert check_output_folder(out, cfg, overwrite=True, hint="") == "clear"
     # ... another config, or files that are no run, are refused (exit 2, nothing changed) by both
     (out / "config.json").write_text(json.dumps(cfg.to_dict()))
+    assert check_output_folder(out, cfg, overwrite=True, hint="") == "clear"
     assert _flower_up([str(config), "--out", str(out), "--set", "rounds=5"]) == 2
     assert f"Output folder '{out}' holds a run of another config" in capsys.readouterr().err
     with pytest.raises(ValueError, match="holds a run of another config"):
@@ -290,7 +290,7 @@ def _cli(argv, monkeypatch):
     (["--timeout", "inf"], "--timeout must be a finite number of seconds, > 0. Got inf."),
     (["--round-timeout", "inf"], "--round-timeout must be a finite number of seconds, > 0. Got inf."),
     (["--start-timeout", "inf"], "--start-timeout must be a finite number of seconds, >= 0. Got inf."),
-    (["--out", "/proc/lowrank-fed-test/run"], "Output folder '/proc/lowrank-fed-test/run' cannot be written"),
+    (["--out", "/proc/lowrank-fed-test/run"], "'/proc/lowrank-fed-test/run' cannot be written"),
 ])
 def test_flower_up_refuses_each_bad_value_in_one_line_before_writing(tmp_path, monkeypatch, capsys, args, message):
     # Prepare
