@@ -96,7 +96,7 @@ def _resumed_config(folder: Path):
         raise ConfigError(f"--resume: {err}") from None
     if data is None:
         raise ConfigError(f"--resume: '{folder}' has no config.json, so it holds no run to resume; "
-                          f"start a new run instead (with --out and, to replace what it holds, --overwrite).")
+                          f"start a new run instead (with --out NEW_FOLDER).")
     try:
         return RunConfig.from_dict(data)
     except ConfigError as err:
