@@ -103,10 +103,12 @@ def _plan_outputs(args: argparse.Namespace, names: list[str]) -> tuple[Path, Pat
     from .outputs import OutputFolderError, plan_output
 
     signatures = {"--out": ("adapter_config.json",), "--per-client": tuple(names)}
+    layouts = {"--out": ("adapter_model.safetensors", "adapter_model.bin", "README.md"), "--per-client": ()}
     for folder, flag in ((args.out, "--out"), (args.per_client, "--per-client")):
         if folder is None:
             continue
-        plan = plan_output(folder, signature=signatures[flag], overwrite=args.overwrite, inputs=args.clients,
+        plan = plan_output(folder, signature=signatures[flag], layout=layouts[flag], overwrite=args.overwrite,
+                           inputs=args.clients,
                            flag=flag, hint="Give --overwrite to replace an earlier output of merge, or choose "
                                            "another folder.")
         if plan == "existing":
@@ -169,6 +171,10 @@ def main(args: argparse.Namespace) -> int:
     n = len(args.clients)
     if problem := _check_options(args, n):
         return _fail(problem)
+    resolved = [Path(c).resolve() for c in args.clients]
+    if len(set(resolved)) != n:
+        twice = next(c for c, r in zip(args.clients, resolved, strict=True) if resolved.count(r) > 1)
+        return _fail(f"'{twice}' is given twice (or through a link); each client once, its weight in --weights.")
     names = [Path(c).name or str(c) for c in args.clients]
     if args.per_client is not None and len(set(names)) != n:
         return _fail(f"--per-client writes DIR/<client folder name>/, but the client folder names repeat: {names}.")
@@ -227,6 +233,9 @@ def main(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         if args.allow_negative:  # coefficients: sum_k w_k B_k A_k = K * (1/K) sum_k (w_k B_k) A_k, exactly
             held, held_w = [FactorPair(p.B * wk, p.A) for p, wk in zip(held, held_w, strict=True)], None
+            if not all(bool(p.B.isfinite().all()) for p in held):
+                return _fail(f"module {m!r}: --weights times the clients' B overflow to Inf; expected coefficients "
+                             "of a sensible size.")
         elif sum(held_w) <= 0:
             return _fail(f"module {m!r}: every client holding it ({[names[kept[k]] for k in holders]}) has weight 0; "
                          "expected a positive weight on at least one holder.")

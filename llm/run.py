@@ -39,7 +39,8 @@ import os
 import sys
 from pathlib import Path
 
-from .outputs import OutputFolderError, clear_folder, plan_output
+from .flower.processes import signals_raise
+from .outputs import OutputFolderError, clear_folder, hold_lock, lock_holder, plan_output
 
 __all__ = ["add_arguments", "main", "check_output_folder"]
 
@@ -69,6 +70,9 @@ def _error(message: object) -> None:
 
 #: The names that mark a folder as a run's (``--overwrite`` replaces only such a folder).
 RUN_SIGNATURE = ("config.json",)
+#: Everything else a run writes at the top of its folder (a folder holding anything more is no earlier run).
+RUN_LAYOUT = ("setup.json", "metrics.jsonl", "timings.jsonl", "summary.md", "summary.json", "*.png", "checkpoints",
+              "adapters")
 
 
 def _stored_config(folder: Path) -> dict | None:
@@ -100,7 +104,8 @@ def _resumed_config(folder: Path):
     try:
         return RunConfig.from_dict(data)
     except ConfigError as err:
-        raise ConfigError(f"--resume: the stored config '{folder / 'config.json'}' is invalid here:\n{err}",
+        problems = "; ".join(str(err).splitlines())
+        raise ConfigError(f"--resume: the stored config '{folder / 'config.json'}' is invalid here: {problems}",
                           err.errors) from None
 
 
@@ -141,8 +146,8 @@ def check_output_folder(folder: Path, cfg=None, *, overwrite: bool = False, hint
     from .models import cache_dir
 
     try:
-        plan = plan_output(folder, signature=RUN_SIGNATURE, overwrite=overwrite, inputs=[*inputs, cache_dir()],
-                           hint=hint)
+        plan = plan_output(folder, signature=RUN_SIGNATURE, layout=RUN_LAYOUT, overwrite=overwrite,
+                           inputs=[*inputs, cache_dir()], hint=hint)
     except OutputFolderError as err:
         raise ConfigError(str(err)) from None
     if plan != "existing":
@@ -188,6 +193,9 @@ def main(args: argparse.Namespace) -> int:
                                   "drop CONFIG, --set, --out and --overwrite.")
             out = Path(args.resume)
             cfg = _resumed_config(out)
+            if (holder := lock_holder(out)) is not None:
+                raise ConfigError(f"--resume: '{out}' is in use: process {holder} is writing into it; nothing was "
+                                  "changed. Wait for it to end.")
             clear = False
         else:
             cfg = RunConfig.from_dict(apply_overrides(load_config(args.config), args.overrides))
@@ -237,8 +245,12 @@ def main(args: argparse.Namespace) -> int:
         console.print(f"--overwrite: replaced the earlier run in {escape(str(out))}")
     console.print(f"lowrank-fed run [bold]{cfg.name}[/bold]: {cfg.model} on {cfg.dataset}, "
                   f"methods {cfg.methods}, {cfg.clients} clients, {cfg.rounds} rounds -> {escape(str(out))}")
-    try:
-        summary = sim.run(resume=bool(args.resume))
+    try:  # the folder locked while the run writes (a second command refuses it); SIGTERM/SIGHUP as Ctrl-C
+        with hold_lock(out), signals_raise():
+            summary = sim.run(resume=bool(args.resume))
+    except BlockingIOError:
+        _error(f"'{out}' is in use: another process started writing into it; nothing more was written here.")
+        return 2
     except KeyboardInterrupt as err:  # Ctrl-C; with --engine flower also SIGTERM/SIGHUP (flower.processes.Terminated)
         status = getattr(err, "status", 130)
         print(f"{'interrupted' if status == 130 else f'stopped by signal {status - 128}'}; continue with: "

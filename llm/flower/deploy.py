@@ -55,6 +55,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..outputs import hold_lock
 from .processes import MARK, MARK_PROCESS, Terminated, marked_processes, signals_raise, stop_marked, watchdog
 
 __all__ = ["add_arguments", "main", "up", "LocalFederation", "free_port", "write_app", "marked_processes", "MARK",
@@ -453,12 +454,17 @@ def main(args: argparse.Namespace) -> int:
     print(f"lowrank-fed flower up {cfg.name}: SuperLink + {supernodes} SuperNodes on 127.0.0.1, methods "
           f"{cfg.methods}, {cfg.rounds} rounds -> {out}{' (resuming)' if plan == 'resume' else ''}", flush=True)
     try:
-        with signals_raise():  # SIGTERM/SIGHUP: the same clean-up as Ctrl-C (every process of the run stopped)
+        # SIGTERM/SIGHUP: the same clean-up as Ctrl-C (every process of the run stopped); the folder locked meanwhile
+        with hold_lock(out), signals_raise():
             status = up(cfg, out, supernodes, sim.ranks, settings, timeout=args.timeout)
+    except BlockingIOError:
+        _error(f"'{out}' is in use: another process started writing into it; nothing more was written here.")
+        return 2
     except KeyboardInterrupt as err:
         how = f"stopped by {signal.Signals(err.signum).name}" if isinstance(err, Terminated) else "interrupted"
-        print(f"{how}; every process of the run was stopped; the same command resumes the run from "
-              f"{out}/checkpoints", file=sys.stderr, flush=True)
+        same = "the same command without --overwrite" if args.overwrite else "the same command"
+        print(f"{how}; every process of the run was stopped; {same} resumes the run from {out}/checkpoints",
+              file=sys.stderr, flush=True)
         return err.status if isinstance(err, Terminated) else 130
     except (RuntimeError, OSError) as err:
         _error(err)

@@ -48,7 +48,7 @@ class Options(BaseModel):
     PreLort) accept one of :data:`PAIR_RULES`; the others need their own rule and refuse any other.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # every float option finite
     pairs_with: ClassVar[tuple[str, ...]] = ()
     server: str | None = Field(None, description="another server rule for this client policy (composition)")
     freeze_head: bool = Field(False, description="the classifier head stays the shared initial one: never trained, "

@@ -30,6 +30,8 @@ way and starts an empty one.
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import fnmatch
 import os
 import shutil
 import tempfile
@@ -38,11 +40,15 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Literal
 
-__all__ = ["OutputFolderError", "SCRATCH", "plan_output", "clear_folder", "replace_folder", "atomic_folder"]
+__all__ = ["OutputFolderError", "SCRATCH", "LOCK", "plan_output", "clear_folder", "replace_folder", "atomic_folder",
+           "hold_lock", "lock_holder"]
 
 #: What an output folder may hold besides the output: Flower's home, logs and caches of a run (``lowrank-fed
 #: flower up`` writes them before the ServerApp decides what to do with the folder).
 SCRATCH = ".flower"
+
+#: The lock file of an output a process is writing (:func:`hold_lock`); a second command refuses the folder.
+LOCK = ".lowrank-fed.lock"
 
 Plan = Literal["new", "clear", "existing"]
 
@@ -91,8 +97,14 @@ def _listing(names: Iterable[str]) -> str:
     return ", ".join(names[:5]) + (f", ... ({len(names)} entries)" if len(names) > 5 else "")
 
 
-def plan_output(folder, *, signature: Iterable[str], overwrite: bool = False, inputs: Iterable = (),
-                flag: str = "--out", hint: str = "") -> Plan:
+def _unknown(names: Iterable[str], layout: Iterable[str]) -> list[str]:
+    """The names that match none of the ``layout`` patterns (``fnmatch``)."""
+    patterns = list(layout)
+    return sorted(n for n in names if not any(fnmatch.fnmatchcase(n, p) for p in patterns))
+
+
+def plan_output(folder, *, signature: Iterable[str], layout: Iterable[str] = (), overwrite: bool = False,
+                inputs: Iterable = (), flag: str = "--out", hint: str = "") -> Plan:
     r"""What a command must do with its output ``folder`` before it writes: ``"new"``, ``"clear"`` or ``"existing"``.
 
     Parameters
@@ -100,7 +112,11 @@ def plan_output(folder, *, signature: Iterable[str], overwrite: bool = False, in
     folder : str or Path
         The output folder as the user gave it.
     signature : iterable of str
-        Top-level names that mark an earlier output of this command (any one of them suffices).
+        Top-level names that mark an earlier output of this command (at least one must be there).
+    layout : iterable of str
+        Patterns (``fnmatch``) of every top-level name such an output may hold besides ``signature``: a folder with
+        anything else (a model's ``model.safetensors``, a project's ``src/``) is not an earlier output, whatever
+        else it holds.
     overwrite : bool
         The user asked to replace an earlier output (``--overwrite``).
     inputs : iterable of str or Path
@@ -138,6 +154,12 @@ def plan_output(folder, *, signature: Iterable[str], overwrite: bool = False, in
             what = "is" if source == resolved else f"holds '{item}', which is"
             raise OutputFolderError(f"{flag} '{folder}' {what} an input of this command; writing there could "
                                     f"destroy it. Choose another folder.")
+        if source.is_dir() and _inside(resolved, source):
+            raise OutputFolderError(f"{flag} '{folder}' lies inside '{item}', an input folder of this command; "
+                                    "writing there could destroy it. Choose another folder.")
+    if (holder := lock_holder(resolved)) is not None:
+        raise OutputFolderError(f"{flag} '{folder}' is in use: process {holder} is writing into it; nothing was "
+                                "changed. Wait for it to end, or choose another folder.")
     try:
         _writable_probe(resolved)
     except OSError as err:
@@ -148,12 +170,15 @@ def plan_output(folder, *, signature: Iterable[str], overwrite: bool = False, in
     names = [p.name for p in folder.iterdir() if p.name != SCRATCH]
     if not names:
         return "new"
-    ours = set(signature) & set(names)
+    signature = list(signature)
+    foreign = _unknown(names, [*signature, *layout, LOCK, "*.tmp", "*.tmp.*"])
+    ours = bool(set(signature) & set(names)) and not foreign
     if overwrite:
         if not ours:
             raise OutputFolderError(f"--overwrite: refusing to empty {flag} '{folder}': it holds files this command "
-                                    f"did not write ({_listing(names)}); expected an earlier output (with "
-                                    f"{' or '.join(sorted(signature))}). Nothing was changed. Choose another folder.")
+                                    f"did not write ({_listing(foreign or names)}); expected an earlier output (with "
+                                    f"{' or '.join(sorted(signature))} and nothing else of its own). Nothing was "
+                                    "changed. Choose another folder.")
         return "clear"
     if ours:
         return "existing"
@@ -200,9 +225,9 @@ def replace_folder(folder, new) -> None:
     both exist as siblings).
     """
     folder, new = Path(folder), Path(new)
-    if folder.is_symlink() or not folder.exists():
-        if folder.is_symlink():
-            folder.unlink()
+    if folder.is_symlink():  # the link stays; what it points to is replaced
+        folder = folder.resolve()
+    if not folder.exists():
         new.rename(folder)
         return
     old = _sibling(folder, "old")
@@ -219,6 +244,8 @@ def atomic_folder(folder) -> Iterator[Path]:
     exception ``tmp`` is deleted and ``out`` is untouched.
     """
     folder = Path(folder)
+    if folder.is_symlink():  # the link stays; what it points to is replaced
+        folder = folder.resolve()
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = _sibling(folder, "tmp")
     tmp.mkdir()
@@ -228,3 +255,45 @@ def atomic_folder(folder) -> Iterator[Path]:
         _remove(tmp)
         raise
     replace_folder(folder, tmp)
+
+
+def lock_holder(folder) -> int | None:
+    r"""The process id holding ``folder``'s :data:`LOCK` (an ``flock`` on it), or None if nobody holds it.
+
+    A process that runs inside the output's own scratch folder (Flower's ServerApp under ``flower up``, whose parent
+    holds the lock) is not refused: it writes the very output its parent guards.
+    """
+    path = Path(folder) / LOCK
+    if not path.is_file() or _inside(Path.cwd().resolve(), Path(folder).resolve() / SCRATCH):
+        return None
+    try:
+        with open(path, "r+") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                text = f.read().strip()
+                return int(text) if text.isdigit() else -1
+            fcntl.flock(f, fcntl.LOCK_UN)
+    except OSError:
+        return None
+    return None
+
+
+@contextlib.contextmanager
+def hold_lock(folder) -> Iterator[None]:
+    r"""Hold ``folder``'s :data:`LOCK` while a command writes into it: the file holds the process id and is removed
+    at the end; the kernel releases an ``flock`` when its process dies, so a killed command leaves no lock held."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / LOCK, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                (folder / LOCK).unlink()
+            fcntl.flock(f, fcntl.LOCK_UN)

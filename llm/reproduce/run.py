@@ -22,6 +22,8 @@ CONFIG_ROOT = Path(__file__).resolve().parents[2] / "configs" / "reproduce"
 # --quick: the packaged models swapped for tiny random ones of the same task.
 QUICK_MODELS = {"minilm": "tiny-bert", "smollm2": "tiny-llama"}
 QUICK_SEEDS = 2
+#: The most seeds a reproduction takes (each is a full run of every config: hours each on this machine).
+MAX_SEEDS = 100
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -99,15 +101,16 @@ def reproduce(name: str, *, seeds: int | None = None, quick: bool = False, out: 
 
     experiment = EXPERIMENTS[name]
     n_seeds = seeds if seeds is not None else (QUICK_SEEDS if quick else 3)
-    if n_seeds < 1:
-        raise ConfigError(f"--seeds must be at least 1; got {n_seeds}.")
+    if not 1 <= n_seeds <= MAX_SEEDS:
+        raise ConfigError(f"--seeds must be from 1 to {MAX_SEEDS}; got {n_seeds}.")
     seed_list = list(range(n_seeds))
     if out is not None and not str(out).strip():
         raise ConfigError("--out is empty; expected a folder path (or leave --out out: runs/reproduce/NAME).")
     out = Path(out) if out is not None else Path("runs") / "reproduce" / (f"{name}-quick" if quick else name)
     configs = _configs(experiment, seed_list, quick)  # raises before anything is written
     try:  # a new folder, or one holding this experiment's runs or report; never a run's folder or anything else
-        plan_output(out, signature=("report.json", *experiment.configs), inputs=[CONFIG_ROOT / name],
+        plan_output(out, signature=("report.json", *experiment.configs), layout=("report.md", "claims.png"),
+                    inputs=[CONFIG_ROOT / name],
                     hint=f"Expected a new folder or one holding an earlier 'reproduce {name}'; choose another --out.")
     except OutputFolderError as err:
         raise ConfigError(str(err)) from None

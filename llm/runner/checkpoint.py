@@ -319,6 +319,11 @@ def load_checkpoint(folder: Path, device: torch.device | str | None = None, *,
                 tensors = _load_bytes(blobs[TENSORS])
             except (SafetensorError, ValueError) as exc:
                 problems.append(f"{path / TENSORS}: unreadable safetensors ({exc})")
+            else:  # a run never saves a non-finite state, so one here was edited or damaged: never resumed from
+                bad = [n for n, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+                if bad:
+                    problems.append(f"{path / TENSORS}: non-finite entries (NaN or Inf) in {len(bad)} tensors "
+                                    f"({bad[0]!r}{', ...' if len(bad) > 1 else ''})")
         if problems:
             failures += problems
             continue

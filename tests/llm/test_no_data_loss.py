@@ -345,3 +345,72 @@ def test_flower_up_never_empties_the_folder_of_its_config(workspace, refused):
     refused(["flower", "up", "d/ok.toml", "--out", "."], "current folder")
     refused(["flower", "up", "d/ok.toml", "--out", ""], "--out is empty")
     assert snapshot(workspace) == before
+
+
+# ----------------------------------------------------------------------------- found by a review from outside
+@pytest.mark.parametrize("extra", [["src/main.py"], ["model.safetensors", "README.md"]], ids=["project", "hf-model"])
+def test_overwrite_refuses_a_folder_that_only_happens_to_hold_a_config_json(workspace, refused, extra):
+    # A Hugging Face model folder or a project also has a top-level config.json: it is no earlier run
+    folder = workspace / "theirs"
+    (folder / "src").mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    for name in extra:
+        (folder / name).write_text("precious")
+    before = snapshot(workspace)
+    refused(["run", *TINY_RUN, "--out", "theirs", "--overwrite"], "did not write")
+    (folder / "adapter_config.json").write_text("{}")
+    refused(["merge", "a", "b", "--rule", "svd", "--out", "theirs", "--overwrite"], "did not write")
+    after = snapshot(workspace)
+    assert after == {**before, "theirs/adapter_config.json": after["theirs/adapter_config.json"]}
+
+
+def test_the_model_cache_is_an_input(workspace, refused, monkeypatch):
+    cache = workspace / "cache"
+    (cache / "some-model").mkdir(parents=True)
+    (cache / "some-model" / "config.json").write_text("{}")
+    monkeypatch.setenv("LOWRANK_FED_CACHE", str(cache))
+    before = snapshot(workspace)
+    refused(["run", *TINY_RUN, "--out", "cache/some-model", "--overwrite"], "input folder of this command")
+    refused(["run", *TINY_RUN, "--out", "cache", "--overwrite"], "input of this command")
+    assert snapshot(workspace) == before
+
+
+def test_a_folder_a_running_command_holds_is_refused(workspace, refused):
+    from lowrank_fed.llm.outputs import hold_lock
+
+    (workspace / "live").mkdir()
+    (workspace / "live" / "config.json").write_text(json.dumps(RunConfig().to_dict()))
+    with hold_lock(workspace / "live"):
+        refused(["run", *TINY_RUN, "--out", "live", "--overwrite"], "is in use: process")
+        refused(["run", "--resume", "live", "--no-progress"], "is in use: process")
+    assert not (workspace / "live" / ".lowrank-fed.lock").exists()
+
+
+def test_merge_overwrite_through_a_link_replaces_what_it_points_to(workspace):
+    assert cli(["merge", "a", "b", "--rule", "svd", "--out", "m1", "--no-progress"]) == 0
+    (workspace / "link").symlink_to(workspace / "m1")
+    assert cli(["merge", "a", "b", "--rule", "stack", "--out", "link", "--overwrite", "--no-progress"]) == 0
+    assert (workspace / "link").is_symlink()
+    assert load_peft_adapter(workspace / "m1").ranks == {"enc.q": 5, "enc.v": 5}
+
+
+def test_merge_refuses_a_client_given_twice(workspace, refused):
+    refused(["merge", "a", "a", "--rule", "svd", "--out", "g"], "'a' is given twice")
+    (workspace / "a-again").symlink_to(workspace / "a")
+    refused(["merge", "a", "a-again", "--rule", "svd", "--out", "g"], "given twice (or through a link)")
+
+
+def test_merge_coefficients_that_overflow_are_named(workspace, refused):
+    refused(["merge", "a", "b", "--rule", "svd", "--weights", "1e308", "1e308", "--allow-negative", "--out", "g",
+             "--no-progress"], "overflow")
+
+
+def test_an_invalid_stored_config_is_one_line_on_resume(workspace, refused):
+    (workspace / "r").mkdir()
+    (workspace / "r" / "config.json").write_text(json.dumps({**RunConfig().to_dict(), "lr": float("nan"),
+                                                             "bogus": 1}))
+    refused(["run", "--resume", "r", "--no-progress"], "is invalid here")
+
+
+def test_reproduce_seeds_are_bounded(workspace, refused):
+    refused(["reproduce", "clair", "--quick", "--seeds", "1000000", "--out", "rp"], "--seeds must be from 1 to 100")
