@@ -7,13 +7,15 @@ output folder with :func:`plan_output` before it writes anything, and replaces a
 1. the path is not empty and no component of it is a file;
 2. never the current folder, one of its parents, the home folder or ``/`` (a process that runs inside the
    output's own scratch folder :data:`SCRATCH`, as Flower's ServerApp does, is not the user's folder);
-3. never a folder that holds an input of the command (the config being run, an adapter being merged, the
-   packaged configs of a reproduction), nor an input itself;
-4. the folder (or the nearest folder above it that exists) must be writable: a probe file is created and removed;
+3. never a folder that holds an input of the command (the config being run, an adapter being merged, the model
+   cache, the packaged configs of a reproduction), an input itself, or a folder inside an input folder;
+4. never a folder another command is writing into (its :data:`LOCK` held: :func:`lock_holder`);
+   the folder (or the nearest folder above it that exists) must be writable: a probe file is created and removed;
 5. absent, or empty but for :data:`SCRATCH`: ``"new"``;
-6. ``overwrite``: only a folder that holds an earlier output of the same command (one of its ``signature`` names
-   at the top level: ``config.json`` for a run, ``adapter_config.json`` for an adapter, ``report.json`` for a
-   reproduction) is replaced (``"clear"``); a folder of anything else is refused, naming what it holds;
+6. ``overwrite``: only a folder that holds an earlier output of the same command is replaced (``"clear"``): one of
+   its ``signature`` names at the top level (``config.json`` for a run, ``adapter_config.json`` for an adapter,
+   ``report.json`` or a config's folder for a reproduction) and nothing but the names of its ``layout`` beside it,
+   so a model folder or a project that happens to hold a ``config.json`` is refused, naming what it holds;
 7. without ``overwrite``: a folder holding an earlier output of the same command is ``"existing"`` (the caller
    decides: ``run`` resumes only when told, ``reproduce`` reuses finished runs, ``merge`` refuses); anything
    else is refused.
