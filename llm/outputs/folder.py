@@ -169,7 +169,7 @@ def plan_output(folder, *, signature: Iterable[str], layout: Iterable[str] = (),
                                 f"({err.filename or resolved}).") from None
     if not folder.is_dir():
         return "new"
-    names = [p.name for p in folder.iterdir() if p.name != SCRATCH]
+    names = [p.name for p in folder.iterdir() if p.name not in (SCRATCH, LOCK)]  # a lock nobody holds is no output
     if not names:
         return "new"
     signature = list(signature)

@@ -231,7 +231,8 @@ def test_one_output_folder_rule_resume_same_config_overwrite_starts_afresh(tmp_p
     seen = []
 
     def fake_up(cfg, out, supernodes, ranks, settings, *, timeout):
-        seen.append(sorted(p.name for p in Path(out).iterdir() if p.name != ".flower"))  # .flower: Flower's scratch
+        # .flower: Flower's scratch; the lock flower up holds while the run writes
+        seen.append(sorted(p.name for p in Path(out).iterdir() if p.name not in (".flower", ".lowrank-fed.lock")))
         (Path(out) / "summary.json").write_text("[]")
         return 0
 
