@@ -227,6 +227,12 @@ def main(args: argparse.Namespace) -> int:
     for col in ("held by", "rank", "aggregation_error", "ms"):
         summary.add_column(col, justify="right", overflow="fold")
     pairs, pooled = {}, [0.0, 0.0]
+
+    def held_by(holders: list[int]) -> str:  # "all", or which of the (kept) clients hold a module
+        if len(holders) == len(chosen):
+            return "all"
+        return f"{len(holders)} of {len(chosen)}: " + ", ".join(names[kept[k]] for k in holders)
+
     for m in tqdm(modules, desc="modules", disable=args.no_progress, file=sys.stderr):
         holders = [k for k, a in enumerate(chosen) if m in a.pairs]
         held, held_w = [chosen[k].pairs[m] for k in holders], [w[k] for k in holders]
@@ -253,9 +259,7 @@ def main(args: argparse.Namespace) -> int:
         ms = 1e3 * (time.perf_counter() - t0)
         num, den = aggregation_error(held, held_w, pair)
         pooled = [pooled[0] + (share * num) ** 2, pooled[1] + (share * den) ** 2]
-        who = "all" if len(holders) == len(chosen) else f"{len(holders)} of {len(chosen)}: " + ", ".join(
-            names[kept[k]] for k in holders)
-        summary.add_row(m, who, str(pair.rank), f"{num / den:.3e}" if den > 0 else "-", f"{ms:.1f}")
+        summary.add_row(m, held_by(holders), str(pair.rank), f"{num / den:.3e}" if den > 0 else "-", f"{ms:.1f}")
     overall = (pooled[0] ** 0.5 / pooled[1] ** 0.5) if pooled[1] > 0 else 0.0
     summary.add_row("all modules", "", "", f"{overall:.3e}", "", style="bold")
     heads = sorted({e for a in chosen for e in a.extras})
@@ -267,9 +271,7 @@ def main(args: argparse.Namespace) -> int:
         if sum(w[k] for k in holders) <= 0:
             return _fail(f"tensor {name!r} (not LoRA, e.g. a head): every client holding it "
                          f"({[names[kept[k]] for k in holders]}) has weight 0; expected a positive weight on one.")
-        who = "all" if len(holders) == len(chosen) else f"{len(holders)} of {len(chosen)}: " + ", ".join(
-            names[kept[k]] for k in holders)
-        summary.add_row(f"{name} (not LoRA: weighted average of its holders)", who, "", "", "")
+        summary.add_row(f"{name} (not LoRA: weighted average of its holders)", held_by(holders), "", "", "")
     merged = Adapter(pairs, average_extras(chosen, w), adapters[0].config)
 
     # ---- writing: each folder complete in a temporary sibling first, then renamed into place
