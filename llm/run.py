@@ -40,7 +40,7 @@ import sys
 from pathlib import Path
 
 from .flower.processes import signals_raise
-from .outputs import OutputFolderError, clear_folder, hold_lock, lock_holder, plan_output
+from .outputs import OutputFolderError, clear_folder, hold_lock, lock_holder, output_path, plan_output
 
 __all__ = ["add_arguments", "main", "check_output_folder"]
 
@@ -199,9 +199,10 @@ def main(args: argparse.Namespace) -> int:
             clear = False
         else:
             cfg = RunConfig.from_dict(apply_overrides(load_config(args.config), args.overrides))
-            if args.out is not None and not args.out.strip():
-                raise ConfigError("--out is empty; expected a folder path (or leave --out out: runs/<name>).")
-            out = Path(args.out) if args.out is not None else Path("runs") / cfg.name
+            try:
+                out = output_path(args.out, Path("runs") / cfg.name)
+            except OutputFolderError as err:
+                raise ConfigError(str(err)) from None
             clear = check_output_folder(
                 out, overwrite=args.overwrite, inputs=[args.config] if args.config else [],
                 hint=f"Use --overwrite to replace it, --resume {out} to continue the run in it, or --out to "

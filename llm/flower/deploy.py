@@ -55,7 +55,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..outputs import hold_lock
+from ..outputs import hold_lock, output_path
 from .processes import MARK, MARK_PROCESS, Terminated, marked_processes, signals_raise, stop_marked, watchdog
 
 __all__ = ["add_arguments", "main", "up", "LocalFederation", "free_port", "write_app", "marked_processes", "MARK",
@@ -375,12 +375,11 @@ def flat_run_config(args: argparse.Namespace) -> str:
     from .engine import FlowerSettings
 
     cfg = RunConfig.from_dict(apply_overrides(load_config(args.config), args.overrides))
-    if args.out is not None and not args.out.strip():
-        raise ConfigError("--out is empty; expected a folder path (or leave --out out: runs/<name>).")
+    out = output_path(args.out, Path("runs") / cfg.name)  # OutputFolderError is a ValueError
     for flag, value in (("--round-timeout", args.round_timeout), ("--start-timeout", args.start_timeout)):
         if not math.isfinite(value):
             raise ConfigError(f"{flag} must be a finite number of seconds. Got {value}.")
-    settings = FlowerSettings(out=str(Path(args.out).resolve()) if args.out is not None else "",
+    settings = FlowerSettings(out=str(out.resolve()) if args.out is not None else "",
                               round_timeout=float(args.round_timeout), min_replies=int(args.min_replies),
                               start_timeout=float(args.start_timeout))
     settings.check(cfg)
@@ -430,9 +429,7 @@ def main(args: argparse.Namespace) -> int:
         settings = FlowerSettings(round_timeout=float(args.round_timeout), min_replies=int(args.min_replies),
                                   start_timeout=float(args.start_timeout))
         settings.check(cfg)
-        if args.out is not None and not args.out.strip():
-            raise ConfigError("--out is empty; expected a folder path (or leave --out out: runs/<name>).")
-        out = Path(args.out) if args.out is not None else Path("runs") / cfg.name
+        out = output_path(args.out, Path("runs") / cfg.name)  # OutputFolderError is a ValueError
         plan = check_output_folder(out, cfg, overwrite=args.overwrite, inputs=[args.config] if args.config else [],
                                    hint="Use --overwrite to replace them or --out to choose another folder.")
         _check_packages(cfg)

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Literal
 
 __all__ = ["OutputFolderError", "SCRATCH", "LOCK", "plan_output", "clear_folder", "replace_folder", "atomic_folder",
-           "hold_lock", "lock_holder"]
+           "hold_lock", "lock_holder", "output_path"]
 
 #: What an output folder may hold besides the output: Flower's home, logs and caches of a run (``lowrank-fed
 #: flower up`` writes them before the ServerApp decides what to do with the folder).
@@ -97,6 +97,21 @@ def _writable_probe(folder: Path) -> None:
 def _listing(names: Iterable[str]) -> str:
     names = sorted(names)
     return ", ".join(names[:5]) + (f", ... ({len(names)} entries)" if len(names) > 5 else "")
+
+
+def output_path(value: str | None, default: Path, flag: str = "--out") -> Path:
+    r"""The output folder a user named (``value``), or ``default`` when none was given; an empty path is an error.
+
+    Raises
+    ------
+    OutputFolderError
+        ``value`` is empty or blank (``Path("")`` would silently be the current folder).
+    """
+    if value is None:
+        return Path(default)
+    if not str(value).strip():
+        raise OutputFolderError(f"{flag} is empty; expected a folder path (or leave {flag} out: {default}).")
+    return Path(value)
 
 
 def _unknown(names: Iterable[str], layout: Iterable[str]) -> list[str]:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import ConfigError, RunConfig, load_config
-from ..outputs import OutputFolderError, clear_folder, plan_output
+from ..outputs import OutputFolderError, clear_folder, output_path, plan_output
 from ..runner.checkpoint import atomic_write_text
 from .claims import EXPERIMENTS, Claim, Experiment, Run, mean_sd
 
@@ -104,9 +104,10 @@ def reproduce(name: str, *, seeds: int | None = None, quick: bool = False, out: 
     if not 1 <= n_seeds <= MAX_SEEDS:
         raise ConfigError(f"--seeds must be from 1 to {MAX_SEEDS}; got {n_seeds}.")
     seed_list = list(range(n_seeds))
-    if out is not None and not str(out).strip():
-        raise ConfigError("--out is empty; expected a folder path (or leave --out out: runs/reproduce/NAME).")
-    out = Path(out) if out is not None else Path("runs") / "reproduce" / (f"{name}-quick" if quick else name)
+    try:
+        out = output_path(out, Path("runs") / "reproduce" / (f"{name}-quick" if quick else name))
+    except OutputFolderError as err:
+        raise ConfigError(str(err)) from None
     configs = _configs(experiment, seed_list, quick)  # raises before anything is written
     try:  # a new folder, or one holding this experiment's runs or report; never a run's folder or anything else
         plan_output(out, signature=("report.json", *experiment.configs), layout=("report.md", "claims.png"),
