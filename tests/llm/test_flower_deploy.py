@@ -37,12 +37,19 @@ pytestmark = pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason=
 
 
 def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie is dead; so is a process that ends while ``/proc`` is read)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
         return False
-    with open(f"/proc/{pid}/stat") as f:  # a zombie is dead
-        return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _cmdline(pid: int) -> bytes:
+    """The command line of ``pid`` (empty once it has ended)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 def _environ(pid: int) -> dict[str, str]:
@@ -380,13 +387,13 @@ def test_flwr_run_launcher_sigterm_then_its_local_superlink_stopped_leaves_no_pr
             launcher.send_signal(signal.SIGTERM)
             launcher.wait(timeout=30)
             superlinks = [p for p in deploy.marked_processes(folder)
-                          if b"flower-superlink" in Path(f"/proc/{p}/cmdline").read_bytes()]
+                          if b"flower-superlink" in _cmdline(p)]
             assert len(superlinks) == 1, "Flower's local SuperLink outlives `flwr run` (by design)"
             left = deploy.marked_processes(folder)
             os.kill(superlinks[0], signal.SIGTERM)
             # Assert: the SuperExec, flwr-simulation (with the ServerApp) and Ray's processes all end; nothing
             # writes into the run folder any more
-            assert _wait_gone(left, 60) == [], [Path(f"/proc/{p}/cmdline").read_bytes()[:80] for p in left
+            assert _wait_gone(left, 60) == [], [_cmdline(p)[:80] for p in left
                                                 if _alive(p)]
             size = metrics.stat().st_size
             time.sleep(2)
