@@ -124,8 +124,11 @@ def _numeric_field(name: str) -> bool:
     return annotation in (int, float)
 
 
-def resolve_param(param: str, methods: list[str]) -> tuple[Target, list[str]]:
-    r"""The :class:`Target` of ``--param`` and the methods it is tuned for (``methods``: the requested ones).
+def resolve_param(param: str, requested: list[str] | None, default: list[str]) -> tuple[Target, list[str]]:
+    r"""The :class:`Target` of ``--param`` and the methods it is tuned for.
+
+    ``requested`` are the methods ``--methods`` names (None: not given), ``default`` the config's; a
+    ``METHOD.OPTION`` parameter is tuned for ``METHOD`` alone.
 
     Raises
     ------
@@ -142,10 +145,11 @@ def resolve_param(param: str, methods: list[str]) -> tuple[Target, list[str]]:
         if option not in options:
             raise ConfigError(f"--param '{param}': [{method}] has no option '{option}'; its options: "
                               f"{', '.join(options) or 'none'}.")
-        if methods and methods != [method]:
-            raise ConfigError(f"--param '{param}' is an option of [{method}] only; got --methods {' '.join(methods)} "
+        if requested and requested != [method]:
+            raise ConfigError(f"--param '{param}' is an option of [{method}] only; got --methods {' '.join(requested)} "
                               f"(leave --methods out, or give --methods {method}).")
         return Target(param, option, method=method), [method]
+    methods = list(requested or default)
     having = [m for m in methods if param in METHODS[m].Options.model_fields]
     if having and len(having) == len(methods):
         return Target(param, param), methods
@@ -379,8 +383,9 @@ def tune(config: str | Path, *, param: str = "lr", grid: list[Any] | None = None
         raise ConfigError(f"--score: expected one of {', '.join(SCORES)}; got {score!r}.")
     if not 0 <= max_extensions <= 20:
         raise ConfigError(f"--max-extensions: expected an integer from 0 to 20; got {max_extensions}.")
-    target, methods = resolve_param(param, list(methods or base.methods))
-    _validated({**data, "methods": methods}, "--methods")
+    if methods:
+        _validated({**data, "methods": list(methods)}, "--methods")
+    target, methods = resolve_param(param, list(methods) if methods else None, list(base.methods))
     for m in methods:
         if not METHODS[m].scores_global:
             raise ConfigError(f"method '{m}' has no global model (each client keeps its own), and validation scores "
