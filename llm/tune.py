@@ -9,7 +9,7 @@ already computes for the global model after the last round:
 
     y(m, v, s) = val_accuracy (higher is better), or val_perplexity / val_loss (lower is better).
 
-The test split is never read here (the trials score it, as every run does, and nothing reads that score).
+No test score is used here (the trials score the test split, as every run does, and nothing looks at it).
 
 - **Choice**: ``v* = argbest_v ybar(v)``, ``ybar(v) = (1/|S|) sum_s y(m, v, s)``; equal means: the smaller value
   (the first in grid order for a grid that is not numeric).
@@ -20,10 +20,11 @@ The test split is never read here (the trials score it, as every run does, and n
   ``max_extensions`` values were added, or the next value would leave :data:`LR_BOUNDS` (for ``lr``) or is refused
   by the config (a rank of 0); the report says which.
 - **Separation**: for each neighbour ``u`` of ``v*`` (the adjacent values of a numeric grid; every other value
-  otherwise) the paired per-seed differences ``d_s = +-(y(v*, s) - y(u, s))`` (positive when ``v*`` is better)
-  give ``dbar`` and ``se = sd(d, ddof=1) / sqrt(|S|)``; with one seed, for accuracy only, the binomial
-  ``sqrt(p (1 - p) / N + q (1 - q) / N)`` over the ``N`` validation examples (none otherwise). ``v*`` is separated
-  from ``u`` when ``dbar > se``; otherwise (or with no ``se``) the two are tied, and the report marks the tie.
+  otherwise) the per-seed differences ``d_s = +-(y(v*, s) - y(u, s))`` (positive when ``v*`` is better) give
+  ``dbar`` and a standard error ``se``, the larger of ``sd(d, ddof=1) / sqrt(|S|)`` (paired over seeds) and, for
+  accuracy, ``sqrt(p (1 - p) / (|S| N) + q (1 - q) / (|S| N))`` (binomial over seeds x the ``N`` validation
+  examples; :func:`separation`). ``v*`` is separated from ``u`` when ``dbar > se``; otherwise (or with no ``se``:
+  one seed, not accuracy) the two are tied, and the report marks the tie.
 
 Plain loop, not Optuna: the grids are small (3-6 values), every trial is a run folder that a rerun reuses, and the
 reports must be byte-identical on a rerun; a pruner would stop trials from per-round scores on other seeds' noise,
@@ -280,7 +281,7 @@ def run_trial(cfg: RunConfig, folder: Path, *, progress: bool = False, log: Call
 
     Returns the last round's ``val_*`` metrics of the global model (``val_accuracy``, ``val_loss``; generation:
     ``val_perplexity``, ...), with ``val_size`` and ``round``, read back from the run's ``metrics.jsonl`` and
-    ``setup.json`` (:func:`~lowrank_fed.llm.reproduce.run.load_run`). Nothing of the test split is read.
+    ``setup.json`` (:func:`~lowrank_fed.llm.reproduce.run.load_run`). No test score is used.
     """
     from .runner.simulation import run_experiment
 
@@ -317,6 +318,12 @@ def _validated(data: dict, where: str) -> RunConfig:
         return RunConfig.from_dict(data)
     except ConfigError as err:
         raise ConfigError(f"{where}: " + "; ".join(str(err).splitlines()), err.errors) from None
+
+
+def _integer_key(target: Target, method: str) -> bool:
+    """Whether the key holds integers only (its type names no float): an extension is rounded to an integer."""
+    fields = RunConfig.model_fields if target.run_wide else METHODS[method].Options.model_fields
+    return "float" not in str(fields[target.option].annotation)
 
 
 def _default_grid(target: Target, data: dict, method: str) -> list[Any]:
@@ -400,7 +407,7 @@ def tune(config: str | Path, *, param: str = "lr", grid: list[Any] | None = None
         for v in values:
             _validated(target.apply({**data, "methods": [m], "seed": seeds[0]}, m, v),
                        f"--grid value {label(v)} for --param {param} ({target.where(m)})")
-        integer = numeric and all(isinstance(v, int) for v in values)
+        integer = numeric and all(isinstance(v, int) for v in values) and _integer_key(target, m)
         plans[m] = _MethodTune(m, values, sorted(values) if numeric else values, numeric, integer)
     try:
         out = output_path(None if out is None else str(out), Path("runs") / "tune" / f"{base.name}-{param}")
@@ -576,7 +583,7 @@ def _how(report: dict) -> list[str]:
         f"Setting: {s['config']} ({s['name']}: {s['model']} / {s['dataset']}, {s['clients']} clients, ranks "
         f"{s['ranks']}, {s['partition']} alpha {s['alpha']}, {s['rounds']} rounds).",
         f"Score: {report['score']} of the global model after the last round ({direction} is better), on the "
-        f"validation split: {report['val_size']} examples held out of the training data (no test score was read).",
+        f"validation split: {report['val_size']} examples held out of the training data (no test score was used).",
         f"Seeds: {', '.join(map(str, report['seeds']))} (reproductions report seeds 0..{MAX_SEEDS - 1}).",
         f"Choice: {r['choice']}.",
         f"Separation: {r['separation']}.",
@@ -635,7 +642,7 @@ def tuned_toml(report: dict) -> str:
     lines = [f"# Chosen by lowrank-fed tune --param {report['param']} on validation data only.",
              *(f"# {line}" for line in _how(report)), "#"]
     lines += [f"# {row['method']}: {_verdict(row)}" for row in report["methods"]]
-    lines.append(f"# Merge into a run config with: tuned = \"<path to this file>\" (relative to the config).")
+    lines.append("# Merge into a run config with: tuned = \"<path to this file>\" (relative to the config).")
     lines = [line.replace("\n", " ") for line in lines]
     body: dict[str, Any] = {}
     if report["run_wide"]:
