@@ -618,7 +618,7 @@ def tune_markdown(report: dict) -> str:
         lines += ["", f"## {row['title']} (`{row['method']}`)", "",
                   f"Config's value: {label(row['config_value'])}. Grid asked: {', '.join(row['grid'])}.", "",
                   f"| {row['where']} | " + " | ".join(f"seed {s}" for s in seeds)
-                  + " | mean | SE of mean | choice minus value (paired SE) | |",
+                  + " | mean | SE of mean | choice minus value ± SE | |",
                   "|---|" + "---|" * len(seeds) + "---|---|---|---|"]
         for v in row["values"]:
             vs = v.get("vs_choice")
@@ -685,7 +685,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    """``lowrank-fed tune``: exit status 0 done, 2 bad arguments or config, 3 a packaged model missing."""
+    """``lowrank-fed tune``: exit status 0 done, 2 bad arguments or config, 3 a packaged model missing, 130 interrupted."""
     from .models import PackageMissingError
 
     try:
@@ -701,6 +701,9 @@ def main(args: argparse.Namespace) -> int:
     except PackageMissingError as err:
         print(f"error: {err}", file=sys.stderr)
         return 3
+    except KeyboardInterrupt:
+        print("interrupted; the same command continues the tune (its finished trials are reused)", file=sys.stderr)
+        return 130
     for row in report["methods"]:
         print(f"{row['method']}: {_verdict(row)}")
     print(f"choices: {report['out']}/tuned.toml; scores: {report['out']}/tune.md")

@@ -262,6 +262,27 @@ def test_the_output_guard_refuses_other_folders_and_other_tunes(config, tmp_path
     assert rows(report, "fedit")["choice"] == 0.1
 
 
+def test_an_interrupted_tune_is_continued_by_the_same_request_only(config, tmp_path):
+    # Prepare: a tune stopped in its third trial
+    out = tmp_path / "out"
+    seen = []
+
+    def stopping(cfg, folder):
+        seen.append(cfg.seed)
+        if len(seen) == 3:
+            raise KeyboardInterrupt
+        return peaked(0.01)(cfg, folder)
+
+    with pytest.raises(KeyboardInterrupt):
+        tune(config, grid=[1e-3, 1e-2, 1e-1], seeds=[100, 101], out=out, trial=stopping, log=lambda m: None)
+    stopped = json.loads((out / "tune.json").read_text())
+    # Execute / Assert: another request is refused, the same one finishes
+    with pytest.raises(ConfigError, match="another request .*seeds"):
+        tune(config, grid=[1e-3, 1e-2, 1e-1], seeds=[100], out=out, trial=peaked(0.01), log=lambda m: None)
+    report = tune(config, grid=[1e-3, 1e-2, 1e-1], seeds=[100, 101], out=out, trial=peaked(0.01), log=lambda m: None)
+    assert stopped["finished"] is False and report["finished"] and rows(report, "fedit")["choice"] == 0.01
+
+
 # ----------------------------------------------------------------------------- end to end on the tiny model
 
 
@@ -296,6 +317,13 @@ def test_a_real_tune_reuses_its_trials_and_never_reads_the_test_split(config, tm
     assert cli_main([*args, "--out", str(tmp_path / "corrupt")]) == 0
     # Assert: the rerun ran nothing and wrote the same bytes
     assert "running" not in logs and logs.count("reusing the finished trial") >= 4
+    assert (tmp_path / "clean" / "tune.json").read_bytes() == first
+    # a trial that never finished (its summary missing) is run again, alone, to the same scores
+    (tmp_path / "clean" / "trials" / "fedit" / "lr=0.01" / "seed101" / "summary.json").unlink()
+    capsys.readouterr()
+    assert cli_main([*args, "--out", str(tmp_path / "clean")]) == 0
+    logs = capsys.readouterr().err
+    assert logs.count("running") == 1 and "lr=0.01/seed101" in logs.split("running")[1].splitlines()[0]
     assert (tmp_path / "clean" / "tune.json").read_bytes() == first
     clean = json.loads(first)
     corrupt = json.loads((tmp_path / "corrupt" / "tune.json").read_bytes())
