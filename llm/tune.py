@@ -430,8 +430,8 @@ def tune(config: str | Path, *, param: str = "lr", grid: list[Any] | None = None
         if earlier is None and (out / "tune.json").exists():
             raise ConfigError(f"--out '{out}': its tune.json cannot be read; nothing was changed. Use --overwrite "
                               "to replace it, or choose another --out.")
-        if earlier is not None and earlier != request:
-            keys = [k for k in request if earlier.get(k) != request[k]]
+        keys = [k for k in request if k != "config" and (earlier or {}).get(k) != request[k]]
+        if earlier is not None and keys:  # the config's path may be spelled otherwise; its contents may not differ
             raise ConfigError(f"--out '{out}' holds a tune of another request (it differs in: {', '.join(keys)}); "
                               "nothing was changed. Use --overwrite to replace it, or choose another --out.")
     if plan == "clear":
