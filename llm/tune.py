@@ -622,7 +622,8 @@ def tune_markdown(report: dict) -> str:
                   "|---|" + "---|" * len(seeds) + "---|---|---|---|"]
         for v in row["values"]:
             vs = v.get("vs_choice")
-            diff = "-" if vs is None else (f"{vs['difference']:+.4f} ± {_num(vs['se'])}"
+            se = "(no SE)" if vs is None or vs["se"] is None else f"± {_num(vs['se'])}"
+            diff = "-" if vs is None else (f"{vs['difference']:+.4f} {se}"
                                            f" {'separated' if vs['separated'] else '**tie**'}")
             mark = ("**chosen**" if v["chosen"] else "") + (" added" if v["added"] else "")
             lines.append(f"| {v['label']} | " + " | ".join(_num(y) for y in v["per_seed"])
