@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from .models import package_path
+from .streams import DATA, DATA_SPLIT
 
 __all__ = [
     "TextDataset",
@@ -162,7 +163,7 @@ def make_synthetic(n: int = 400, *, n_classes: int = 4, length: int = 24, seed: 
     Word ``w{j}`` filler from a 200-word vocabulary; class ``c`` contributes 4 of its 5 keywords
     ``c{c}k{i}``. Deterministic in ``seed``.
     """
-    rng = np.random.default_rng(seed)
+    rng = DATA.rng(seed)
     labels = rng.integers(0, n_classes, size=n)
     texts = []
     for y in labels:
@@ -178,7 +179,7 @@ def make_copy_task(n: int = 200, *, n_groups: int = 4, length: int = 16, copy: i
 
     Group ``g`` draws its words from its own 50-word range, which gives ``labels`` for non-IID splits.
     """
-    rng = np.random.default_rng(seed)
+    rng = DATA.rng(seed)
     labels = rng.integers(0, n_groups, size=n)
     texts, targets = [], []
     for g in labels:
@@ -241,7 +242,7 @@ def make_copy_substitution(n: int = 4000, *, n_groups: int = 4, length: int = 12
         raise ValueError(f"The 'n_groups' parameter must be in [1, {n_free}]. Got {n_groups}.")
     if not (0 <= p_sub and 0 <= p_mix and p_sub + p_mix <= 1):
         raise ValueError(f"Need p_sub, p_mix >= 0 with p_sub + p_mix <= 1. Got {p_sub}, {p_mix}.")
-    rng = np.random.default_rng(seed)
+    rng = DATA.rng(seed)
     shared = np.arange(_COPY_SHARED)
     free = np.arange(_COPY_SHARED, len(COPY_SUB_WORDS))
     slices = np.array_split(free, n_groups)
@@ -373,7 +374,7 @@ def load_dataset(name: str, *, seed: int = 0, test_fraction: float = 0.2) -> tup
         "copy": lambda: make_copy_task(seed=seed),
         "copy_sub": lambda: make_copy_substitution(seed=seed),
     }[name]()
-    train, test = stratified_split(full.labels, test_fraction, np.random.default_rng([seed, 1]))
+    train, test = stratified_split(full.labels, test_fraction, DATA_SPLIT.rng(seed))
     return full.subset(train), full.subset(test)
 
 
