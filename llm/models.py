@@ -343,12 +343,12 @@ def pretrain_copy(model, tokenizer, *, length: int, steps: int, batch_size: int,
     r"""Train ``model`` (all weights) to copy: target = the text, in ``encode_generation``'s format.
 
     Every step draws ``batch_size`` fresh texts of ``length`` words uniform over ``COPY_SUB_WORDS``
-    (NumPy, stream ``COPY_PRETRAIN_BATCHES``: ``default_rng([seed, 1])``), the loss is the target tokens' cross-entropy; AdamW
-    (``betas = (0.9, 0.98)``) with ``lr`` warmed up linearly over ``warmup`` steps, then a cosine
-    decay to ``lr / 10``. No dropout and no torch randomness (the data come from NumPy), one CPU
+    (NumPy, stream ``COPY_PRETRAIN_BATCHES``: ``default_rng([seed, 1])``), the loss is the target tokens'
+    cross-entropy; AdamW (``betas = (0.9, 0.98)``) with ``lr`` warmed up linearly over ``warmup`` steps, then a
+    cosine decay to ``lr / 10``. No dropout and no torch randomness (the data come from NumPy), one CPU
     thread (restored afterwards): the result depends on the initial weights, ``seed`` and the
-    hyper-parameters only. Returns the held-out identity-copy ``accuracy`` and
-    ``exact`` match over ``n_eval`` texts from ``COPY_PRETRAIN_EVAL`` (``default_rng([seed, 2])``), the final ``loss`` and
+    hyper-parameters only. Returns the held-out identity-copy ``accuracy`` and ``exact`` match over
+    ``n_eval`` texts from ``COPY_PRETRAIN_EVAL`` (``default_rng([seed, 2])``), the final ``loss`` and
     the ``seconds`` taken.
     """
     from .data import COPY_SUB_WORDS

@@ -92,7 +92,7 @@ class Stream:
         return np.random.default_rng(entropy[0] if self.purpose is None else entropy)
 
     def seed(self, root: int, *key: int) -> int:
-        """A 32-bit seed for a torch ``Generator``: :func:`derive_seed` of the entropy (the root itself without a purpose)."""
+        """A 32-bit seed for a torch ``Generator``: :func:`derive_seed` of the entropy (no purpose: the root itself)."""
         entropy = self.entropy(root, *key)
         return int(entropy[0]) if self.purpose is None else derive_seed(*entropy)
 
@@ -108,7 +108,7 @@ DATA = _s("DATA", None, (), "the synthetic data sets' examples (data.make_synthe
 MODEL_INIT = _s("MODEL_INIT", None, (), "the tiny models' weights and MiniLM's classifier head (models.load_model)",
                 kind="torch")
 #: Train/test split of a data set without an official one (data.load_dataset).
-DATA_SPLIT = _s("DATA_SPLIT", 1, (), "the stratified train/test split of sets with no official one (data.load_dataset)")
+DATA_SPLIT = _s("DATA_SPLIT", 1, (), "the train/test split of sets with no official one (data.load_dataset)")
 #: Which client holds which training example (data.partition).
 PARTITION = _s("PARTITION", 2, (), "the client partition of the training rows (federation.plan_rows)")
 #: The ``train_size`` training rows kept.
@@ -116,8 +116,8 @@ TRAIN_SUBSET = _s("TRAIN_SUBSET", 3, (), "the train_size training rows kept (fed
 #: The ``eval_size`` test rows kept.
 EVAL_SUBSET = _s("EVAL_SUBSET", 4, (), "the eval_size test rows kept (federation.DataSource)")
 #: ``init_seed``: the global adapter's initial factors, and the root of :data:`GLOBAL_RANK_PAD` and FFA's frozen A.
-ADAPTER_INIT = _s("ADAPTER_INIT", 5, (), "init_seed: the initial global adapter (peft_bridge.init_pairs), FFA's frozen A, "
-                  "root of GLOBAL_RANK_PAD", kind="torch")
+ADAPTER_INIT = _s("ADAPTER_INIT", 5, (), "init_seed: the initial global adapter (peft_bridge.init_pairs), "
+                  "FFA's frozen A, root of GLOBAL_RANK_PAD", kind="torch")
 #: The shuffle of the rank distributions ``uniform``, ``heavy_tail``, ``normal`` (data.assign_ranks).
 RANKS = _s("RANKS", 6, (), "the shuffled rank distributions (data.assign_ranks)")
 #: The validation rows held out of the training set (data.split_validation).
@@ -128,7 +128,7 @@ HOLDOUT = _s("HOLDOUT", 8, (), "each client's held-out test rows (data.holdout_s
 SAMPLING = _s("SAMPLING", 11, ("round",), "the clients sampled in a round (federation.sample_clients)")
 #: Which clients a ``fraction`` attack entry contaminates (attacks.choose_attackers).
 ATTACKERS = _s("ATTACKERS", 13, (), "the contaminated clients of fraction entries (attacks.choose_attackers)")
-#: A client's batch order in a round (client.run_client). Shares purpose 13 with :data:`ATTACKERS`; see the module note.
+#: A client's batch order in a round (client.run_client). Shares 13 with :data:`ATTACKERS`: see the module note.
 BATCHES = _s("BATCHES", 13, ("round", "client"), "a client's batch order in a round (client.run_client)")
 #: ``shuffle_targets``: the permutation of an attacker's labels or targets (attacks.poison_examples).
 SHUFFLE_TARGETS = _s("SHUFFLE_TARGETS", 14, ("client",), "shuffle_targets' permutation (attacks.poison_examples)")

@@ -219,7 +219,8 @@ class Simulation:
     def describe(self) -> dict:
         """The run's set-up facts (``setup.json``; the plots' titles)."""
         info = {"ranks": self.ranks, "n_k": self.n_k, "task": self.task, "modules": list(self.ws.shapes),
-                "label_names": list(self.federation.source.label_names), "eval_size": len(self.test), "val_size": len(self.val),
+                "label_names": list(self.federation.source.label_names), "eval_size": len(self.test),
+                "val_size": len(self.val),
                 "holdout_sizes": [int(len(h)) for h in self.holdout], "metric": self.metric,
                 "adapted_params": int(sum(d_out * d_in for d_out, d_in in self.ws.shapes.values()))}
         if self.attackers:
