@@ -36,7 +36,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .streams import COPY_PRETRAIN_BATCHES, COPY_PRETRAIN_EVAL, COPY_PRETRAIN_INIT, MODEL_INIT

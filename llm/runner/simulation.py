@@ -42,11 +42,11 @@ from ..attacks import attack_reply
 from ..client import ClientContext, run_client
 from ..config import ConfigError, RunConfig
 from ..evaluate import greedy_generate, rouge_l, score_classification, score_lm, summarise
-from ..federation import DTYPES, build_client, build_federation, build_model, encode_examples, sample_clients
+from ..federation import build_client, build_federation, build_model, encode_examples, sample_clients
 from ..federation import config_key as _config_key
 from ..methods import ClientState, Method, Model, ServerState, make_method
 from ..models import MODELS
-from ..peft_bridge import AdapterWorkspace, init_pairs, pairs_to_state_dict
+from ..peft_bridge import init_pairs, pairs_to_state_dict
 from ..protocol import Message, decode_extras, decode_pairs, encode_extras, encode_pairs, from_flat, to_flat
 from ..streams import ADAPTER_INIT
 from .checkpoint import (CheckpointCorruptWarning, CheckpointError, atomic_write_text, load_checkpoint, peek_state,

@@ -16,7 +16,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
 from lowrank_fed.llm import streams  # noqa: E402
-from lowrank_fed.llm.attacks import choose_attackers, poison_dataset  # noqa: E402
+from lowrank_fed.llm.attacks import poison_dataset  # noqa: E402
 from lowrank_fed.llm.config import ConfigError, RunConfig  # noqa: E402
 from lowrank_fed.llm.data import make_batch  # noqa: E402
 from lowrank_fed.llm.federation import (DataSource, Shared, build_client, build_federation, build_model,  # noqa: E402
@@ -69,6 +69,7 @@ def test_build_client_reads_only_its_own_rows_and_gives_the_whole_sets_batches(s
         assert len(source.reads) == 1
         np.testing.assert_array_equal(source.reads[0], fed.client_rows(k))
         assert ctx.client_id == k and len(ctx.indices) == fed.n_k[k]
+        assert all(len(t) == fed.n_k[k] for t in ctx.data.values())  # it holds its own rows and nothing else
         mine = make_batch(ctx.data, ctx.indices)
         ref = make_batch(whole, fed.client_idx[k])
         assert mine.keys() == ref.keys()
