@@ -77,6 +77,22 @@ def test_build_client_reads_only_its_own_rows_and_gives_the_whole_sets_batches(s
             assert torch.equal(mine[key], ref[key]), (k, key)
 
 
+def test_a_bbc_news_node_opens_its_own_article_files_and_no_other(monkeypatch):
+    # Prepare: the server's view (it reads every training article once, for the tiny model's vocabulary)
+    from lowrank_fed.llm import data
+
+    cfg = _cfg(dataset="bbc_news", clients=4, ranks=[2, 4, 8, 4], eval_size=40)
+    fed = build_federation(cfg)
+    paths = fed.source._train.texts.paths  # one file per training row of the source
+    opened, read = [], data._read
+    monkeypatch.setattr(data, "_read", lambda path: opened.append(path) or read(path))
+    # Execute: node 2 opens its own data source and builds its client
+    ctx = build_client(cfg, 2, shared=Shared.from_json(fed.shared.to_json()))
+    # Assert: exactly client 2's article files were opened, once each
+    assert sorted(opened) == sorted(paths[i] for i in fed.client_rows(2))
+    assert len(ctx.indices) == fed.n_k[2] == len(opened) > 0
+
+
 def test_the_attacks_change_only_the_attackers_rows_as_on_the_whole_set():
     # Prepare
     cfg = _cfg(**ATTACKED)
