@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import ConfigError, RunConfig, load_config
+from ..config import ConfigError, RunConfig, load_config, same_run_keys
 from ..outputs import OutputFolderError, clear_folder, output_path, plan_output
 from ..runner.checkpoint import atomic_write_text
 from .claims import EXPERIMENTS, Claim, Experiment, Run, mean_sd
@@ -91,7 +91,7 @@ def _finished(folder: Path, cfg: RunConfig) -> bool:
         stored = json.loads((folder / "config.json").read_text())
     except (OSError, json.JSONDecodeError):
         return False
-    return (folder / "summary.json").is_file() and stored == json.loads(json.dumps(cfg.to_dict()))
+    return (folder / "summary.json").is_file() and isinstance(stored, dict) and same_run_keys(stored) == cfg.definition()
 
 
 def reproduce(name: str, *, seeds: int | None = None, quick: bool = False, out: str | Path | None = None,
