@@ -7,6 +7,7 @@ checkpoints as ``workers = 1``, for every method, with attacks, faults and clien
 
 from __future__ import annotations
 
+import collections
 import json
 
 import pytest
@@ -15,8 +16,9 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
 from lowrank_fed.llm.config import ConfigError, RunConfig, available_cores  # noqa: E402
+from lowrank_fed.llm.federation import sample_clients  # noqa: E402
 from lowrank_fed.llm.methods import METHODS  # noqa: E402
-from lowrank_fed.llm.runner.pool import WORKER_EXIT_ENV  # noqa: E402
+from lowrank_fed.llm.runner.pool import WORKER_EXIT_ENV, ClientPool  # noqa: E402
 from lowrank_fed.llm.runner.simulation import UpdateDroppedWarning, run_experiment  # noqa: E402
 from tests.llm.helpers import kill_after_round, sha_tree, tiny_settings  # noqa: E402
 
@@ -24,6 +26,19 @@ TIMED = ("timings.jsonl", "summary.json", "summary.md")  # wall times; compared 
 TIME_KEYS = ("seconds", "wall", "time")
 
 needs_two_cores = pytest.mark.skipif(available_cores() < 2, reason="workers = 2 needs two CPU cores")
+
+
+def _count_pool_tasks(monkeypatch):
+    """Count the tasks handed to worker pools, by kind (``train``, ``score``)."""
+    kinds = collections.Counter()
+    run = ClientPool.run
+
+    def counting(self, tasks, on_result=None):
+        kinds.update(kind for kind, _ in tasks)
+        return run(self, tasks, on_result)
+
+    monkeypatch.setattr(ClientPool, "run", counting)
+    return kinds
 
 
 def _untimed_summary(folder):
@@ -39,18 +54,21 @@ def _outputs(folder):
 
 @pytest.mark.slow
 @needs_two_cores
-def test_every_method_on_two_workers_writes_the_bytes_of_one(tmp_path):
+def test_every_method_on_two_workers_writes_the_bytes_of_one(tmp_path, monkeypatch):
     # Prepare: every method of the registry, an update attack and a data attack, a fault, 3 of 4 clients a round
     settings = tiny_settings(methods=sorted(METHODS), clients=4, ranks=[2, 4, 4, 8], rounds=2, checkpoint=True,
                              clients_per_round=3, score_uploads=True,
-                             attacks=[{"kind": "sign_flip", "clients": [1]}, {"kind": "label_flip", "clients": [2]}],
-                             faults=[{"round": 2, "client": 3, "kind": "nan"}])
+                             attacks=[{"kind": "sign_flip", "clients": [1]}, {"kind": "label_flip", "clients": [2]}])
+    settings["faults"] = [{"round": 2, "client": sample_clients(RunConfig.from_dict(settings), 2)[-1], "kind": "nan"}]
+    kinds = _count_pool_tasks(monkeypatch)
     # Execute
     for workers in (1, 2):
         with pytest.warns(UpdateDroppedWarning):
             run_experiment(RunConfig.from_dict({**settings, "workers": workers}), tmp_path / f"w{workers}",
                            progress=False)
-    # Assert: metrics, adapters, checkpoints, plots identical; the runs did drop and did checkpoint
+    # Assert: the workers trained every client and scored models; metrics, adapters, checkpoints, plots identical;
+    # the runs did drop and did checkpoint
+    assert kinds["train"] == len(METHODS) * 2 * 3 and kinds["score"] > 0
     one, two = _outputs(tmp_path / "w1"), _outputs(tmp_path / "w2")
     assert one == two
     assert any(p.startswith("checkpoints/lora_a2/") for p in one[0]) and "adapters/clair.safetensors" in one[0]
@@ -60,14 +78,16 @@ def test_every_method_on_two_workers_writes_the_bytes_of_one(tmp_path):
 
 
 @needs_two_cores
-def test_two_workers_write_the_bytes_of_one_and_resume_across_worker_counts(tmp_path):
+def test_two_workers_write_the_bytes_of_one_and_resume_across_worker_counts(tmp_path, monkeypatch):
     # Prepare: two methods whose distinct ranks download distinct models (scored on the workers)
     settings = tiny_settings(methods=["flexlora", "hetlora"], clients=4, ranks=[2, 4, 4, 8], rounds=2,
                              checkpoint=True)
     one, two = RunConfig.from_dict({**settings, "workers": 1}), RunConfig.from_dict({**settings, "workers": 2})
+    kinds = _count_pool_tasks(monkeypatch)
     # Execute: one worker; two workers killed after round 1 and resumed with one (checkpoints hold no `workers`)
     run_experiment(one, tmp_path / "one", progress=False)
     kill_after_round(two, tmp_path / "mixed", 1)
+    assert kinds["train"] == 4 and kinds["score"] > 0  # round 1 of flexlora on the workers
     run_experiment(one, tmp_path / "mixed", resume=True, progress=False)
     # Assert
     assert _outputs(tmp_path / "one") == _outputs(tmp_path / "mixed")
@@ -93,7 +113,7 @@ def test_a_worker_killed_mid_round_is_a_dropped_update_and_the_run_goes_on(tmp_p
 
 
 @needs_two_cores
-def test_a_client_that_raises_in_a_worker_is_dropped_as_in_process(tmp_path):
+def test_a_corrupt_reply_from_a_worker_is_dropped_as_in_process(tmp_path):
     # Prepare: a fault that corrupts client 0's update, one worker and two
     settings = tiny_settings(methods=["fedsa"], clients=3, faults=[{"round": 1, "client": 0, "kind": "shape"}])
     # Execute
