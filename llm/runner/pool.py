@@ -35,6 +35,7 @@ from __future__ import annotations
 import collections
 import multiprocessing
 import os
+import pickle
 import signal
 import time
 import weakref
@@ -133,6 +134,16 @@ class _Worker:
         return score_encoded(ws.peft, self.split(split), rows, self.source.task)
 
 
+def _send(conn, obj) -> None:
+    """``obj`` down the pipe as plain pickle bytes: tensors are copied, as on a wire (``Connection.send`` would
+    move them to shared memory, torch's reduction for multiprocessing, which the receiver could then write)."""
+    conn.send_bytes(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def _recv(conn):
+    return pickle.loads(conn.recv_bytes())
+
+
 def _serve(conn, setup: dict) -> None:
     """A worker's main: build the model, then answer tasks until told to stop (None) or the pipe closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the runner's to handle; it stops the workers
@@ -141,7 +152,7 @@ def _serve(conn, setup: dict) -> None:
     worker = _Worker(setup)
     while True:
         try:
-            task = conn.recv()
+            task = _recv(conn)
         except (EOFError, OSError):
             return
         if task is None:
@@ -151,7 +162,7 @@ def _serve(conn, setup: dict) -> None:
             result = ("ok", getattr(worker, kind)(*args))
         except Exception as err:  # a failing task is the client's failure, not the worker's (MemoryError included)
             result = ("error", f"{type(err).__name__}: {err}")
-        conn.send(result)
+        _send(conn, result)
 
 
 def _stop(procs: list, conns: list) -> None:
@@ -159,7 +170,7 @@ def _stop(procs: list, conns: list) -> None:
     for conn in conns:
         if conn is not None:
             try:
-                conn.send(None)
+                _send(conn, None)
             except OSError:
                 pass
     for proc in procs:
@@ -235,10 +246,10 @@ class ClientPool:
                     self._start(i)
                 j = todo.popleft()
                 try:
-                    self._conns[i].send(tasks[j])
+                    _send(self._conns[i], tasks[j])
                 except OSError:  # died between tasks: start another and hand it the task
                     self._start(i)
-                    self._conns[i].send(tasks[j])
+                    _send(self._conns[i], tasks[j])
                 busy[i] = j
             ready = wait([self._conns[i] for i in busy] + [self._procs[i].sentinel for i in busy])
             for i, j in list(busy.items()):
@@ -246,7 +257,7 @@ class ClientPool:
                 if conn not in ready and proc.sentinel not in ready:
                     continue
                 try:
-                    results[j] = conn.recv() if conn.poll() else None
+                    results[j] = _recv(conn) if conn.poll() else None
                 except (EOFError, OSError):
                     results[j] = None
                 if results[j] is None:
