@@ -45,7 +45,7 @@ from ..data import (assign_ranks, encode_classification, encode_generation, hold
                     split_validation)
 from ..evaluate import greedy_generate, rouge_l, score_classification, score_lm, summarise
 from ..methods import ClientState, Method, Model, ServerState, make_method
-from ..models import MODELS, load_model
+from ..models import MODELS, count_parameters, load_model
 from ..peft_bridge import AdapterWorkspace, init_pairs, pairs_to_state_dict
 from ..protocol import Message, decode_extras, decode_pairs, encode_extras, encode_pairs, from_flat, to_flat
 from .checkpoint import (CheckpointCorruptWarning, CheckpointError, atomic_write_text, load_checkpoint, peek_state,
@@ -207,6 +207,7 @@ class Simulation:
                                     n_test=len(self.test))
         model, tokenizer, spec = load_model(cfg.model, num_labels=len(train.label_names), texts=self.train.texts,
                                             seed=cfg.seed, dtype=DTYPES[cfg.dtype])
+        self.model_params = count_parameters(model)  # base and head, before the LoRA layers are added
         self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
         self.tokenizer = tokenizer
         with _config_key("target_modules", cfg.target_modules):
@@ -241,7 +242,8 @@ class Simulation:
         info = {"ranks": self.ranks, "n_k": self.n_k, "task": self.task, "modules": list(self.ws.shapes),
                 "label_names": list(self.train.label_names), "eval_size": len(self.test), "val_size": len(self.val),
                 "holdout_sizes": [int(len(h)) for h in self.holdout], "metric": self.metric,
-                "adapted_params": int(sum(d_out * d_in for d_out, d_in in self.ws.shapes.values()))}
+                "adapted_params": int(sum(d_out * d_in for d_out, d_in in self.ws.shapes.values())),
+                "model_params": self.model_params}
         if self.attackers:
             info["attackers"] = {str(k): a.kind for k, a in self.attackers.items()}
         if self.task == "classification":
@@ -269,7 +271,9 @@ class Simulation:
         - ``by_rank``: ``{rank: {<metric>, loss}}`` for the model each distinct client rank downloads;
         - ``local_<metric>``: the mean over clients of each client's model on its own held-out set
           (``per_client`` lists them, None for a client whose held-out set is empty): its download, or
-          its personalised model (``personal`` methods).
+          its personalised model (``personal`` methods);
+        - ``per_client_global`` (methods that are not personalised): the global model on each client's own
+          held-out set, so ``per_client_global[k] - per_client[k]`` is client ``k``'s drop at distribution.
         """
         self._load(method.global_model(server))
         global_scores = self._score("test")
@@ -306,6 +310,9 @@ class Simulation:
             out["by_rank"] = {str(r): summarise(s) for r, s in scores.items()}
             sums = [summarise(scores[server.ranks[k]], self.holdout[k]) if len(self.holdout[k]) else None
                     for k in range(self.cfg.clients)]
+            # the global model on each client's own held-out set: minus per_client, the drop at distribution
+            out["per_client_global"] = [summarise(global_scores, self.holdout[k])[self.metric]
+                                        if len(self.holdout[k]) else None for k in range(self.cfg.clients)]
         out["per_client"] = [s[self.metric] if s else None for s in sums]
         for key in (self.metric, *(("token_accuracy", "exact_match") if self.task == "generation" else ())):
             values = [s[key] if s else None for s in sums]
