@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .verdicts import ADD_SEEDS, ADVISE_BELOW, combine, example_se, mean_sd, paired, verdict
+from .verdicts import advice, combine, example_se, mean_sd, paired, verdict
 
 __all__ = ["EXPERIMENTS", "Experiment", "Claim", "Run", "mean_sd", "verdict", "model_params"]
 
@@ -79,11 +79,9 @@ def _decide(claim: str, paper: str, ours: str, comparisons: list[dict], note: st
             values: dict[str, list] | None = None, *, untestable: str = "") -> Claim:
     """The claim with the combined verdict of its comparisons (``untestable``: the reason it is not testable here)."""
     word = "not testable here" if untestable else combine(c["verdict"] for c in comparisons)
-    advice = ADD_SEEDS if word == "tie" and any(c["verdict"] == "tie" and c["n"] < ADVISE_BELOW
-                                                for c in comparisons) else ""
     if untestable:
         note = f"not testable here: {untestable}" + (f"; {note}" if note else "")
-    return Claim(claim, paper, ours, word, note, values or {}, comparisons, advice)
+    return Claim(claim, paper, ours, word, note, values or {}, comparisons, "" if untestable else advice(comparisons))
 
 
 def _not_run(claim: str, paper: str, missing: str, note: str = "") -> Claim:
@@ -148,6 +146,23 @@ def _example_se(run: Run, a: str, b: str) -> float | None:
     return None if ca is None or cb is None else example_se(ca, cb)
 
 
+def _near_chance(by_seed: dict[int, Run], methods: Sequence[str]) -> str:
+    r"""Why a claim on these methods' global accuracy is not testable here, or ``""``.
+
+    It is not when, in every seed, every method's accuracy is within 2 standard errors of always answering the
+    majority class, ``|acc - p| <= 2 sqrt(p (1 - p) / N)``, with ``p`` that class's share of the ``N`` test examples
+    (``majority_accuracy`` and ``eval_size`` in ``setup.json``): then no method has learnt anything measurable.
+    """
+    for run in by_seed.values():
+        p, n = run.setup.get("majority_accuracy"), int(run.setup.get("eval_size") or 0)
+        if p is None or n < 1:
+            return ""
+        if any(abs(run.summary[m]["final"] - p) > 2 * math.sqrt(p * (1 - p) / n) for m in methods):
+            return ""
+    return ("every method's accuracy within 2 standard errors of the majority class's share of the test set, in "
+            "every seed: within noise of chance")
+
+
 def _vs(comparisons: list[dict], digits: int = 3) -> str:
     """``vs X +0.091 [+0.050, +0.132]; ...``: each comparison's mean and interval."""
     def one(c):
@@ -200,7 +215,7 @@ def _lora_a2(results: Results) -> list[Claim]:
         "54.84 vs 36.58 / 34.44 / 35.54",
         f"{_ms(acc['lora_a2'])} vs " + " / ".join(_ms(acc[b]) for b in baselines) + f"; {_vs(comps)}",
         comps, "global test accuracy after the last round; LoRA-A2 minus each baseline per seed",
-        {titles[m]: v for m, v in acc.items()}))
+        {titles[m]: v for m, v in acc.items()}, untestable=_near_chance(r1, (*baselines, "lora_a2"))))
     # The paper's rank-8 numbers put FlexLoRA above LoRA-A2: its advantage is a low-budget one.
     r8 = results["dir001_r8"]
     acc8 = {m: _per_seed(r8, _final(m)) for m in (*baselines, "lora_a2")}
@@ -212,11 +227,13 @@ def _lora_a2(results: Results) -> list[Claim]:
         "margin at 8: " + ", ".join(f"{titles[b]} {_ms(_diff(acc8['lora_a2'], acc8[b]))}" for b in baselines)
         + f"; margin at 1 minus margin at 8: {_vs(comps)}",
         comps, "per baseline: (LoRA-A2 - it at budget 1) - (LoRA-A2 - it at budget 8), same seed",
-        {f"margin(1) - margin(8), {titles[b]}": gains[b] for b in baselines}))
-    comps, texts, values = [], [], {}
+        {f"margin(1) - margin(8), {titles[b]}": gains[b] for b in baselines},
+        untestable=_near_chance(r1, (*baselines, "lora_a2")) and _near_chance(r8, (*baselines, "lora_a2"))))
+    comps, texts, values, chance = [], [], {}, []
     for r in (1, 2, 8):
         runs = results[f"dir05_r{r}"]
         a = {m: _per_seed(runs, _final(m)) for m in (*baselines, "lora_a2")}
+        chance.append(_near_chance(runs, (*baselines, "lora_a2")))
         for b in baselines:
             d = _diff(a["lora_a2"], a[b])
             values[f"LoRA-A2 - {titles[b]}, budget {r}"] = d
@@ -227,7 +244,7 @@ def _lora_a2(results: Results) -> list[Claim]:
         "Dir 0.5: LoRA-A2 within about 1 point of each baseline",
         "within ~1 point", "; ".join(texts), comps,
         f"holds if every interval of LoRA-A2 minus a baseline lies within ±{LORA_A2_BAND:g} (2 points, at budgets "
-        "1, 2 and 8)", values))
+        "1, 2 and 8)", values, untestable=chance[0] if all(chance) else ""))
     whole = _per_seed(r1, lambda run: 1.0 - run.summary["lora_a2"]["upload_vs_full"] * run.setup["adapted_params"]
                       / model_params(run))
     adapted = _per_seed(r1, lambda run: 1.0 - run.summary["lora_a2"]["upload_vs_full"])
@@ -293,7 +310,8 @@ def _byun_lee(results: Results) -> list[Claim]:
         "implied (replication is proposed as the fix)",
         f"replication {_ms(g_rep)} vs zero-padding {_ms(g_zp)}; {_vs(comps)}",
         comps, "global test accuracy (rank 20) after the last round; holds if the interval lies above -0.01 "
-        "(a 1-point tolerance)", {"replication": g_rep, "zero-padding": g_zp}))
+        "(a 1-point tolerance)", {"replication": g_rep, "zero-padding": g_zp},
+        untestable=_near_chance(runs, ("fedit", "replication"))))
     return claims
 
 
@@ -428,7 +446,7 @@ def _prelort(results: Results) -> list[Claim]:
         f"PreLort {_ms(acc['prelort'])}; " + ", ".join(f"{titles[b]} {_ms(acc[b])}" for b in _PRELORT_BASELINES)
         + f"; PreLort minus {_vs(comps)}",
         comps, "PreLort minus each of FedIT, HetLoRA, replication, FLoRA, FlexLoRA per seed; holds only against each",
-        acc))
+        acc, untestable=_near_chance(cls, (*_PRELORT_BASELINES, "prelort"))))
 
     prefix = ("fedit", "hetlora", "replication")
     lows = {m: _per_seed(cls, lambda r, m=m: min(_by_rank(r, m, "accuracy").items())[1]) for m in (*prefix, "prelort")}

@@ -208,7 +208,7 @@ def report_markdown(report: dict) -> str:
               f"How this differs from the paper: {report['differences']}", "",
               "## Claims", "", "| claim | paper | ours | verdict | note |", "|---|---|---|---|---|"]
     for c in report["claims"]:
-        advice = f" ({c['advice']})" if c.get("advice") else ""
+        advice = f"; {c['advice']}" if c.get("advice") else ""
         lines.append(f"| {c['claim']} | {c['paper']} | {c['ours']} | **{c['verdict']}**{advice} | {c['note']} |")
     lines += ["", "Per-seed values of every claim are in `report.json` (`claims[*].values`, `claims[*].comparisons`).",
               "", "## Paired comparisons", "",
@@ -295,7 +295,7 @@ def main(args: argparse.Namespace) -> int:
     if args.quick:
         print("QUICK RUN: a plumbing check on tiny random models; the numbers below say nothing about the claims.")
     for c in report["claims"]:
-        advice = f" ({c['advice']})" if c.get("advice") else ""
+        advice = f"; {c['advice']}" if c.get("advice") else ""
         print(f"- {c['claim']}: ours {c['ours']} (paper: {c['paper']}) -> {c['verdict']}{advice}")
     print(f"report: {report['out']}/report.md")
     return 0

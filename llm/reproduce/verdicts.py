@@ -32,7 +32,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 __all__ = ["VERDICTS", "MIN_SEEDS", "ADVISE_BELOW", "ADD_SEEDS", "LEVEL", "mean_sd", "paired", "verdict",
-           "combine", "example_se"]
+           "combine", "advice", "example_se"]
 
 #: Every verdict a claim can carry. "not testable here" is set by a claim's analysis, which states why;
 #: "not run yet" by a claim whose runs do not exist (or predate what it needs).
@@ -119,6 +119,15 @@ def combine(verdicts: Iterable[str]) -> str:
         if word in words:
             return word
     return "holds" if all(w == "holds" for w in words) else "tie"
+
+
+def advice(comparisons: Iterable[dict]) -> str:
+    """:data:`ADD_SEEDS` when the claim is a tie and one of its tied comparisons has fewer than 5 seeds; else ``""``."""
+    comparisons = list(comparisons)
+    tied = [c for c in comparisons if c["verdict"] == "tie"]
+    if combine(c["verdict"] for c in comparisons) == "tie" and any(c["n"] < ADVISE_BELOW for c in tied):
+        return ADD_SEEDS
+    return ""
 
 
 def example_se(correct_a, correct_b) -> float:
