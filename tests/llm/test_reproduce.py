@@ -58,6 +58,9 @@ def test_quick_runs_end_to_end_and_says_it_is_quick(tmp_path, name):
     assert (tmp_path / "claims.png").stat().st_size > 0
     if name == "lora-a2":
         _assert_saving_is_counted_on_the_whole_model(report, tmp_path)
+        # global accuracy against each baseline: each seed's paired standard error over the test examples too
+        first = report["claims"][0]["comparisons"]
+        assert len(first) == 3 and all(len(c["example_se"]) == 2 and min(c["example_se"]) >= 0 for c in first)
 
 
 def _assert_saving_is_counted_on_the_whole_model(report, folder):
