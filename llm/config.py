@@ -44,6 +44,7 @@ from .attacks import DATA_ATTACKS, UPDATE_ATTACKS, attack_counts
 from .data import DATASETS, RANK_DISTRIBUTIONS
 from .methods import METHODS
 from .models import MODELS
+from .peft_bridge import LORA_SCALINGS
 
 __all__ = ["RunConfig", "Fault", "Attack", "ConfigError", "load_config", "apply_overrides", "parse_value",
            "config_reference"]
@@ -213,8 +214,16 @@ class RunConfig(BaseModel):
         "largest integer"))
     max_length: int = Field(64, ge=1, description=(
         "tokens per example (truncation / padding), at most the model's max_position_embeddings"))
-    lora_alpha: float = Field(16.0, gt=0, allow_inf_nan=False, description="LoRA alpha (scale alpha / r)")
-    use_rslora: bool = Field(False, description="rank-stabilised scale alpha / sqrt(r)")
+    lora_alpha: float = Field(16.0, gt=0, allow_inf_nan=False, description=(
+        "LoRA alpha: the scale s is alpha / r, alpha / sqrt(r) or alpha / r_ref, see `lora_scaling`"))
+    use_rslora: bool = Field(False, description=(
+        "rank-stabilised scale alpha / sqrt(r): the older spelling of `lora_scaling = \"rslora\"` (setting "
+        "one sets the other; contradicting it is an error)"))
+    lora_scaling: Literal[LORA_SCALINGS] = Field("alpha_over_r", description=(
+        "the LoRA scale s of an adapter of rank r, the same rule for every client, method, download and export: "
+        "`alpha_over_r` (s = lora_alpha / r, PEFT's default), `rslora` (s = lora_alpha / sqrt(r)), `constant` "
+        "(s = lora_alpha / r_ref at every rank, r_ref = the run's largest client rank, after `ranks` is "
+        "assigned; docs/methods.md, Scale convention)"))
     target_modules: list[str] = Field([], description="modules that get LoRA adapters; empty: the model's")
     train_size: int = Field(0, ge=0, description="training examples drawn from the training split; 0: all")
     val_size: int = Field(50, ge=0, description=(
@@ -286,6 +295,29 @@ class RunConfig(BaseModel):
             n = len(counts)
             _fail(((), f"{n} ranks for ranks = {spec!r} (its client counts are over {n} ranks)", rank_set))
         return rank_set
+
+    @model_validator(mode="before")
+    @classmethod
+    def _scaling_from_rslora(cls, data: Any) -> Any:
+        """``use_rslora = true`` alone means ``lora_scaling = "rslora"`` and the reverse, so the two keys always agree
+        after validation (and ``to_dict`` round-trips); both given and disagreeing: :meth:`_one_scaling` names them."""
+        if isinstance(data, Mapping):
+            if data.get("use_rslora") is True and "lora_scaling" not in data:
+                data = {**data, "lora_scaling": "rslora"}
+            elif data.get("lora_scaling") == "rslora" and "use_rslora" not in data:
+                data = {**data, "use_rslora": True}
+        return data
+
+    @field_validator("lora_scaling")
+    @classmethod
+    def _one_scaling(cls, scaling: str, info: ValidationInfo) -> str:
+        rslora = info.data.get("use_rslora")
+        if isinstance(rslora, bool) and rslora != (scaling == "rslora"):
+            expected = ("'rslora' when use_rslora = true (its older spelling; set one of the two keys)" if rslora
+                        else "'alpha_over_r' or 'constant' when use_rslora = false (remove use_rslora, or set "
+                             "use_rslora = true)")
+            _fail(((), expected, scaling))
+        return scaling
 
     @field_validator("local_epochs")
     @classmethod

@@ -212,7 +212,8 @@ class Simulation:
         with _config_key("target_modules", cfg.target_modules):
             self.ws = AdapterWorkspace(
                 model.to(self.device), target_modules=sorted(cfg.target_modules or spec.target_modules),
-                lora_alpha=cfg.lora_alpha, use_rslora=cfg.use_rslora, task_type="SEQ_CLS" if labelled else "CAUSAL_LM",
+                lora_alpha=cfg.lora_alpha, task_type="SEQ_CLS" if labelled else "CAUSAL_LM",
+                scaling=cfg.lora_scaling, reference_rank=max(self.ranks),  # constant: s = lora_alpha / r_max
             )
         held = {f"{name}.global_rank": make_method(name, **cfg.method_options.get(name, {})).options
                 for name in cfg.methods}  # ranks that every client holds (LoRA-A2's r_G)
