@@ -5,8 +5,8 @@ An :class:`Adapter` is one client's (or the global) LoRA adapter with the scale 
 .. math:: \Delta W_m = s_m B^{peft}_m A^{peft}_m = B_m A_m \quad\text{for every adapted module } m,
 
 (``s_m = alpha_m / r_m``, or ``alpha_m / sqrt(r_m)`` with rsLoRA, from ``rank_pattern`` /
-``alpha_pattern``, whichever scale convention wrote them; :mod:`~lowrank_fed.llm.peft_bridge`), so adapters trained with different ranks,
-alphas or rsLoRA are combined by the core's rules on ``Delta W`` itself:
+``alpha_pattern``, whichever scale convention wrote them; :mod:`~lowrank_fed.llm.peft_bridge`), so adapters
+trained with different ranks, alphas or rsLoRA are combined by the core's rules on ``Delta W`` itself:
 
 - :func:`load_peft_adapter` reads a PEFT folder (``adapter_config.json`` + ``adapter_model.safetensors``)
   or a ``(state_dict, LoraConfig)``; tensors that are not LoRA factors (a classifier head in

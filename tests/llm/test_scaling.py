@@ -104,7 +104,8 @@ def test_constant_with_ranks_that_are_not_powers_of_two_is_within_one_rounding()
     (dict(scaling="constant"), r"'reference_rank' parameter must be a positive int .*Got None"),
     (dict(scaling="constant", reference_rank=0), r"'reference_rank' .* Got 0"),
     (dict(scaling="constant", use_rslora=True), r"'use_rslora' and 'scaling' parameters disagree"),
-    (dict(scaling="constant", reference_rank=4, alpha_pattern={"q": 2.0}), r"'alpha_pattern' parameter must be empty"),
+    (dict(scaling="constant", reference_rank=4, alpha_pattern={"q": 2.0}),
+     r"'alpha_pattern' parameter must be empty"),
 ])
 def test_bad_conventions_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -163,7 +164,8 @@ def test_bad_or_contradicting_scaling_is_a_config_error(given, expected, value):
     with pytest.raises(ConfigError) as err:
         RunConfig.from_dict(given)
     message = str(err.value)
-    assert message.startswith(f"Config key 'lora_scaling': expected {expected}") and message.endswith(f"; got {value}.")
+    assert message.startswith(f"Config key 'lora_scaling': expected {expected}")
+    assert message.endswith(f"; got {value}.")
     assert "\n" not in message  # one problem, one line; a contradiction names both keys
     assert [e[0] for e in err.value.errors] == ["lora_scaling"]
 
@@ -294,3 +296,20 @@ def test_each_method_folds_the_delta_w_its_clients_trained(tmp_path, monkeypatch
         got = _delta_after(method, solo, k, new_state, sim.ws.shapes)
         assert any(float(d.abs().max()) > 0 for d in trained.values())  # the client did move Delta W
         _assert_products(got, trained, rtol=2e-4 if method.rule in ("svd", "clair") else 1e-5)
+
+
+# ----------------------------------------------------------------------------- the step-size measurement
+
+
+def test_step_size_benchmark_constant_equals_alpha_over_r_at_the_reference_rank():
+    # Prepare / Execute: the docs' measurement, small (tiny-bert, two ranks, one client, two steps)
+    from benchmarks.bench_scaling import step_sizes
+
+    got = step_sizes("tiny-bert", ranks=(2, 8), clients=1, local_steps=2)
+    # Assert: every step moved Delta W; constant holds s at alpha / r_ref; at r = r_ref it is alpha_over_r's
+    # adapter, so the same start, batches and optimiser give the same step
+    for conv in LORA_SCALINGS:
+        assert all(d > 0 for d in got[conv]["delta"].values())
+    assert got["constant"]["s"] == {2: 2.0, 8: 2.0} and got["alpha_over_r"]["s"] == {2: 8.0, 8: 2.0}
+    assert got["constant"]["delta"][8] == got["alpha_over_r"]["delta"][8]
+    assert got["constant"]["delta"][2] < got["alpha_over_r"]["delta"][2]  # s is 4x smaller at rank 2
