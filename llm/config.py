@@ -217,8 +217,8 @@ class RunConfig(BaseModel):
     lora_alpha: float = Field(16.0, gt=0, allow_inf_nan=False, description=(
         "LoRA alpha: the scale s is alpha / r, alpha / sqrt(r) or alpha / r_ref, see `lora_scaling`"))
     use_rslora: bool = Field(False, description=(
-        "rank-stabilised scale alpha / sqrt(r): the older spelling of `lora_scaling = \"rslora\"` (setting "
-        "one sets the other; contradicting it is an error)"))
+        "rank-stabilised scale alpha / sqrt(r): the older spelling of `lora_scaling = \"rslora\"` (either one "
+        "sets the other; `true` with `lora_scaling = \"constant\"` is an error)"))
     lora_scaling: Literal[LORA_SCALINGS] = Field("alpha_over_r", description=(
         "the LoRA scale s of an adapter of rank r, the same rule for every client, method, download and export: "
         "`alpha_over_r` (s = lora_alpha / r, PEFT's default), `rslora` (s = lora_alpha / sqrt(r)), `constant` "
@@ -299,24 +299,24 @@ class RunConfig(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _scaling_from_rslora(cls, data: Any) -> Any:
-        """``use_rslora = true`` alone means ``lora_scaling = "rslora"`` and the reverse, so the two keys always agree
-        after validation (and ``to_dict`` round-trips); both given and disagreeing: :meth:`_one_scaling` names them."""
+        """``use_rslora = true`` is the older spelling of ``lora_scaling = "rslora"``: either one, the other absent or
+        at its default (Flower's run config always holds both), selects rsLoRA, and both are set to say so, so
+        ``to_dict`` round-trips. ``use_rslora = true`` with ``lora_scaling = "constant"`` is left for
+        :meth:`_one_scaling` to refuse."""
         if isinstance(data, Mapping):
-            if data.get("use_rslora") is True and "lora_scaling" not in data:
+            rslora, scaling = data.get("use_rslora"), data.get("lora_scaling")
+            if rslora is True and scaling in (None, "alpha_over_r"):
                 data = {**data, "lora_scaling": "rslora"}
-            elif data.get("lora_scaling") == "rslora" and "use_rslora" not in data:
+            elif scaling == "rslora" and (rslora is None or rslora is False):
                 data = {**data, "use_rslora": True}
         return data
 
     @field_validator("lora_scaling")
     @classmethod
     def _one_scaling(cls, scaling: str, info: ValidationInfo) -> str:
-        rslora = info.data.get("use_rslora")
-        if isinstance(rslora, bool) and rslora != (scaling == "rslora"):
-            expected = ("'rslora' when use_rslora = true (its older spelling; set one of the two keys)" if rslora
-                        else "'alpha_over_r' or 'constant' when use_rslora = false (remove use_rslora, or set "
-                             "use_rslora = true)")
-            _fail(((), expected, scaling))
+        if info.data.get("use_rslora") is True and scaling != "rslora":
+            _fail(((), "'rslora' when use_rslora = true (its older spelling: remove use_rslora, or set lora_scaling "
+                       "= 'rslora')", scaling))
         return scaling
 
     @field_validator("local_epochs")

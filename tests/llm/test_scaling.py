@@ -137,16 +137,25 @@ def test_use_rslora_keeps_meaning_rslora():
 # ----------------------------------------------------------------------------- the config key
 
 
+def _validate(given):
+    """A config dict, or Flower's flat run config (every key, lists as JSON) when it holds every key."""
+    return RunConfig.from_flat(given) if set(given) >= set(RunConfig().to_flat()) else RunConfig.from_dict(given)
+
+
 @pytest.mark.parametrize(("given", "scaling", "rslora"), [
     ({}, "alpha_over_r", False),
     ({"use_rslora": True}, "rslora", True),
     ({"lora_scaling": "rslora"}, "rslora", True),
     ({"lora_scaling": "rslora", "use_rslora": True}, "rslora", True),
+    ({"lora_scaling": "alpha_over_r", "use_rslora": True}, "rslora", True),  # the default: as if absent
+    ({"lora_scaling": "rslora", "use_rslora": False}, "rslora", True),
+    ({**RunConfig().to_flat(), "use_rslora": True}, "rslora", True),  # Flower's run config holds every key
+    ({**RunConfig().to_flat(), "lora_scaling": "rslora"}, "rslora", True),
     ({"lora_scaling": "constant"}, "constant", False),
     ({"lora_scaling": "constant", "use_rslora": False}, "constant", False),
 ])
 def test_the_two_keys_agree_after_validation_and_round_trip(given, scaling, rslora):
-    cfg = RunConfig.from_dict(given)
+    cfg = _validate(given)
     assert (cfg.lora_scaling, cfg.use_rslora) == (scaling, rslora)
     assert RunConfig.from_dict(cfg.to_dict()) == cfg
     assert RunConfig.from_flat(cfg.to_flat()) == cfg
@@ -156,13 +165,12 @@ def test_the_two_keys_agree_after_validation_and_round_trip(given, scaling, rslo
     ({"lora_scaling": "alpha_over_sqrt_r"}, "one of 'alpha_over_r', 'rslora' or 'constant'", "'alpha_over_sqrt_r'"),
     ({"lora_scaling": 2}, "one of 'alpha_over_r', 'rslora' or 'constant'", "2"),
     ({"lora_scaling": "constant", "use_rslora": True}, "'rslora' when use_rslora = true", "'constant'"),
-    ({"lora_scaling": "alpha_over_r", "use_rslora": True}, "'rslora' when use_rslora = true", "'alpha_over_r'"),
-    ({"lora_scaling": "rslora", "use_rslora": False}, "'alpha_over_r' or 'constant' when use_rslora = false",
-     "'rslora'"),
+    ({**RunConfig().to_flat(), "lora_scaling": "constant", "use_rslora": True}, "'rslora' when use_rslora = true",
+     "'constant'"),
 ])
 def test_bad_or_contradicting_scaling_is_a_config_error(given, expected, value):
     with pytest.raises(ConfigError) as err:
-        RunConfig.from_dict(given)
+        _validate(given)
     message = str(err.value)
     assert message.startswith(f"Config key 'lora_scaling': expected {expected}")
     assert message.endswith(f"; got {value}.")
