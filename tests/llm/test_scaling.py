@@ -321,3 +321,39 @@ def test_step_size_benchmark_constant_equals_alpha_over_r_at_the_reference_rank(
     assert got["constant"]["s"] == {2: 2.0, 8: 2.0} and got["alpha_over_r"]["s"] == {2: 8.0, 8: 2.0}
     assert got["constant"]["delta"][8] == got["alpha_over_r"]["delta"][8]
     assert got["constant"]["delta"][2] < got["alpha_over_r"]["delta"][2]  # s is 4x smaller at rank 2
+
+
+# ----------------------------------------------------------------------------- resuming a run from before the key
+
+
+def _drop_key_from_checkpoints(out, key):
+    """Rewrite every checkpoint's state.json (and config.json) as a version without ``key`` wrote it."""
+    import hashlib
+    import json
+
+    for state in out.glob("checkpoints/*/round-*/state.json"):
+        data = json.loads(state.read_text())
+        data["config"].pop(key)
+        state.write_text(json.dumps(data, sort_keys=True))
+        manifest = json.loads((state.parent / "manifest.json").read_text())
+        raw = state.read_bytes()
+        manifest["files"]["state.json"] = {"bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
+        (state.parent / "manifest.json").write_text(json.dumps(manifest))
+    config = json.loads((out / "config.json").read_text())
+    config.pop(key)
+    (out / "config.json").write_text(json.dumps(config))
+
+
+def test_a_run_checkpointed_before_lora_scaling_existed_resumes_and_a_changed_one_is_refused(tmp_path):
+    from lowrank_fed.llm.runner.simulation import Simulation, run_experiment
+
+    # Prepare: a finished one-round run whose checkpoints and config.json do not know lora_scaling
+    settings = tiny_settings(checkpoint=True)
+    run_experiment(RunConfig.from_dict(settings), tmp_path / "run", progress=False)
+    _drop_key_from_checkpoints(tmp_path / "run", "lora_scaling")
+    # Execute / Assert: the missing key is its default, so the same config resumes ...
+    Simulation(RunConfig.from_dict(settings), tmp_path / "run", progress=False).check_resume()
+    # ... and another convention is refused, naming the key and both values
+    with pytest.raises(ConfigError, match='lora_scaling checkpointed "alpha_over_r", now "constant"'):
+        Simulation(RunConfig.from_dict({**settings, "lora_scaling": "constant"}), tmp_path / "run",
+                   progress=False).check_resume()
