@@ -177,7 +177,7 @@ class Simulation:
                 make_method(name, **cfg.method_options.get(name, {})).check_ranks(self.ranks)
         self.holdout = fed.holdout
         with _config_key("target_modules", cfg.target_modules):
-            self.model = build_model(cfg, fed.shared, len(fed.source.label_names))
+            self.model = build_model(cfg, fed.shared, len(fed.source.label_names), max(self.ranks))
         self.device, self.tokenizer, self.ws = self.model.device, self.model.tokenizer, self.model.workspace
         held = {f"{name}.global_rank": make_method(name, **cfg.method_options.get(name, {})).options
                 for name in cfg.methods}  # ranks that every client holds (LoRA-A2's r_G)
@@ -589,7 +589,9 @@ class Simulation:
         ``device`` and ``dtype``, which can change the floating-point results) is part of what the checkpoints
         hold, and a resumed run must reach the bytes an uninterrupted run of one config reaches. Progress
         bars are a command-line flag, not a config key. Checkpoints written before the config was stored in
-        them, and methods with no verified ``state.json``, are not checked. Reads only; writes nothing.
+        them, and methods with no verified ``state.json``, are not checked. A key a checkpoint does not hold
+        (added to the config since it was written, such as ``lora_scaling``) counts as its default, the
+        behaviour from before the key existed. Reads only; writes nothing.
 
         Raises
         ------
@@ -600,11 +602,13 @@ class Simulation:
         if not folder.is_dir():
             return
         now = self._config_json()
+        defaults = json.loads(json.dumps(RunConfig().to_dict()))
         for path in sorted(p for p in folder.iterdir() if p.is_dir()):
             found = peek_state(path)
             if found is None or not isinstance(found[1], dict) or not isinstance(found[1].get("config"), dict):
                 continue
             where, stored = found[0], found[1]["config"]
+            stored = {**{k: v for k, v in defaults.items() if k not in stored}, **stored}
             if stored == now:
                 continue
             missing = object()
