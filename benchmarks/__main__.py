@@ -12,6 +12,7 @@ BENCHMARKS = {
     "aggregation": "benchmarks.bench_aggregation",
     "clair": "benchmarks.bench_clair",
     "llm": "benchmarks.bench_llm",
+    "prelort": "benchmarks.bench_prelort",
 }
 
 

@@ -45,7 +45,7 @@ steps but is bias-corrected with ``t``: its step is scaled by
 (``c = 1`` for the slots ``i < min T``, trained at every step; for ``b2 = 0.999`` and ``10 < n <= t << 1000``,
 ``c ~ sqrt(t / n)``, so a slot trained on a third of the steps takes steps about 1.7 times larger). We keep it:
 without the hold, plain AdamW has the same counter *and* moves the held slots, so the hold removes the
-movement without changing how any trained step is normalised; a per-slot counter would need an optimiser
+movement and leaves the bias correction as torch applies it; a per-slot counter would need an optimiser
 of our own in place of torch's (noted in ``docs/methods.md#prelort``). ``"all"`` trains every slot at
 every step (``tau`` is unset at the step), so nothing is held.
 

@@ -443,3 +443,66 @@ def test_the_hold_covers_sgd_momentum(tmp_path):
     assert all(bool(s["momentum_buffer"].abs().sum() > 0) for _, before, _ in probe.log[1:2]
                for m in before for _, s, _ in before[m])
     _assert_held(probe.log, 8)
+
+
+# ----------------------------------------------------------------------------- the prefix share of the update
+
+
+@pytest.mark.parametrize("name", ["prelort", "fedit", "replication"])
+def test_each_client_row_carries_the_prefix_share_of_its_update(tmp_path, monkeypatch, name):
+    # Prepare: record every run_client call; a server whose adapter is non-zero (so the start matters)
+    sim = _sim(tmp_path)
+    method = make_method(name)
+    calls = {}
+
+    def recording(method_, message, state, context):
+        reply, new_state, stats = run_client(method_, message, state, context)
+        calls[context.client_id] = (message, reply)
+        return reply, new_state, stats
+
+    monkeypatch.setattr(simulation, "run_client", recording)
+    # Execute
+    _, _, rows, _ = sim.run_round(method, _server(sim, method), {}, 1)
+    # Assert: share_t = sum_m ||Delta W_{m,:t}||^2 / sum_m ||Delta W_m||^2 from the download and the upload, densely
+    levels = {2: [], 4: ["2"], 8: ["2", "4"]}
+    for row in rows:
+        message, reply = calls[row["client"]]
+        down, up = decode_pairs(message.arrays), decode_pairs(reply.arrays)
+
+        def energy(t):
+            return sum(float(torch.linalg.matrix_norm((up[m].B[:, :t] @ up[m].A[:t] - down[m].B[:, :t] @ down[m].A[:t])
+                                                      .double()) ** 2) for m in down)
+
+        r = row["rank"]
+        assert list(row["prefix_share"]) == levels[r]
+        for t, share in row["prefix_share"].items():
+            assert share == pytest.approx(energy(int(t)) / energy(r), rel=1e-4)
+            assert 0.0 < share < 1.5
+        assert reply.metrics["prefix_energy"][-1] == pytest.approx(energy(r), rel=1e-4)
+
+
+def test_the_round_row_averages_the_clients_prefix_shares(tmp_path):
+    # Prepare / Execute: one round of the tiny run, written to metrics.jsonl
+    cfg = RunConfig.from_dict({**SETTINGS, "rounds": 1, "methods": ["prelort", "fedit"]})
+    run_experiment(cfg, tmp_path / "run", progress=False)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    # Assert
+    for row in (r for r in rows if r["round"] == 1):
+        clients = row["clients"]
+        assert set(row["prefix_share"]) == {"2", "4"}
+        for t in ("2", "4"):
+            values = [c["prefix_share"][t] for c in clients if t in c["prefix_share"]]
+            assert row["prefix_share"][t] == pytest.approx(float(np.mean(values)))
+        assert len([c for c in clients if "2" in c["prefix_share"]]) == 2
+
+
+def test_the_toy_benchmark_shows_nesting_putting_the_update_into_the_prefix():
+    # benchmarks/bench_prelort.py's toy regression (rank 16, T = {4, 8, 16}), 100 steps, one seed
+    from benchmarks.bench_prelort import run_mode
+
+    off, sample, all_ = (run_mode(mode, 0, checkpoints=(20, 100)) for mode in ("off", "sample", "all"))
+    # the prefix carries more of the update, and truncated to 4 slots it is a much better rank-4 model
+    assert sample[100]["share4"] > off[100]["share4"] + 0.2 and all_[100]["share4"] > off[100]["share4"] + 0.2
+    assert sample[100]["err4"] < off[100]["err4"] - 0.2 and all_[100]["err4"] < off[100]["err4"] - 0.2
+    # the whole adapter still fits, if more slowly; after 20 steps the prefix is no better than without nesting
+    assert sample[100]["err16"] < 0.2 and sample[20]["err4"] > 0.7
