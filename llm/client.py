@@ -3,7 +3,8 @@ r"""The client step: ``run_client(method, message, client_state, context) -> (re
 One function does everything a client does in a round, so the in-process runner and a Flower
 ``ClientApp`` (a function of ``(Message, Context)``) run the same code:
 
-1. seeds from ``(seed, round, client id)``: the batch order, the fresh factors a method draws, dropout;
+1. seeds from ``(seed, round, client id)``: the batch order, the fresh factors a method draws, dropout
+   (the streams ``BATCHES``, ``CLIENT_FACTORS``, ``DROPOUT`` of :mod:`.streams`);
 2. the method's local plan from the download and the client's own state (:meth:`Method.client_plan`);
 3. an optional probe (:meth:`Method.client_probe`; LoRA-A2): a first training pass on the round's
    batches, from the same start, whose result the method reads (:meth:`Method.client_after_probe`)
@@ -34,14 +35,10 @@ from lowrank_fed.linalg import prefix_update_energy
 from .data import make_batch
 from .methods.base import ClientState, Method
 from .protocol import Message
+from .streams import BATCHES, CLIENT_FACTORS, DROPOUT, derive_seed
 from .training import TrainStats, client_batches, train_local
 
 __all__ = ["TrainSettings", "ClientContext", "run_client", "derive_seed", "update_prefix_energy"]
-
-
-def derive_seed(*parts: int) -> int:
-    """A 32-bit seed derived from integers (``numpy.random.SeedSequence``), e.g. ``(seed, purpose, round, client)``."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
 
 
 @dataclass(frozen=True)
@@ -64,6 +61,9 @@ class TrainSettings:
 class ClientContext:
     r"""What a client has that no message carries: its id, data, model and settings.
 
+    Built by :func:`~lowrank_fed.llm.federation.build_client` from the client's own examples only (``data`` holds
+    exactly the client's rows, ``indices`` is ``0 .. n_k - 1``).
+
     Attributes
     ----------
     client_id : int
@@ -74,7 +74,7 @@ class ClientContext:
     data : dict of tensors
         Encoded training examples (``input_ids``, ``attention_mask``, ``labels``, ...).
     indices : int array
-        This client's rows of ``data``.
+        This client's rows of ``data`` (all of them when ``data`` is the client's own).
     settings : TrainSettings
     device : torch.device
     """
@@ -164,17 +164,17 @@ def run_client(method: Method, message: Message, client_state: ClientState | Non
     if method.options.lr is not None:  # the method's own learning rate (option lr)
         context = dataclasses.replace(context, settings=dataclasses.replace(context.settings, lr=method.options.lr))
     state = client_state if client_state is not None else ClientState()
-    generator = torch.Generator().manual_seed(derive_seed(context.seed, 19, round_, k))
+    generator = torch.Generator().manual_seed(CLIENT_FACTORS.seed(context.seed, round_, k))
     plan, state = method.client_plan(message, state, context, generator)
     if method.head_frozen:  # option freeze_head: the head is never trained (nor uploaded: client_reply)
         plan.lrs.pop("extras", None)
 
     idx = context.indices
     steps = context.settings.steps(len(idx))
-    rng = np.random.default_rng([context.seed, 13, round_, k])
+    rng = BATCHES.rng(context.seed, round_, k)
     batches = [make_batch(context.data, idx[b], context.device)
                for b in client_batches(len(idx), steps, context.settings.batch_size, rng)]
-    dropout_seed = derive_seed(context.seed, 17, round_, k)
+    dropout_seed = DROPOUT.seed(context.seed, round_, k)
     probe_seconds = 0.0
     probe = method.client_probe(plan, message, state, context)
     if probe is not None:

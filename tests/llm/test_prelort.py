@@ -48,9 +48,9 @@ def _random_pairs(shapes, rank, seed, scale=0.5):
 
 
 def _batches(sim, client, steps, seed=0):
-    idx = sim.client_idx[client]
-    order = client_batches(len(idx), steps, 8, np.random.default_rng(seed))
-    return [make_batch(sim.enc["train"], idx[b]) for b in order]
+    ctx = sim.contexts[client]  # the client's own rows
+    order = client_batches(len(ctx.indices), steps, 8, np.random.default_rng(seed))
+    return [make_batch(ctx.data, ctx.indices[b]) for b in order]
 
 
 def _server(sim, method, seed=1):
