@@ -48,7 +48,7 @@ MODES = ("off", "sample", "sample-nohold", "all")
 
 
 def _toy(seed: int):
-    """The target ``W^*`` (rank 16, ``sigma_i = 2 * 0.8^i``), the base ``W_0``, and the workspace on it."""
+    """The target ``W^*`` (rank 16, ``sigma_i = 2 * 0.8^i``), the base ``W_0`` and the workspace on it."""
     import torch
 
     from lowrank_fed.llm.peft_bridge import AdapterWorkspace
@@ -73,7 +73,7 @@ def _toy(seed: int):
     model = Linear()
     W0 = model.proj.weight.detach().clone()
     ws = AdapterWorkspace(model, target_modules=["proj"], lora_alpha=16.0)
-    return target, W0, ws, sigma
+    return target, W0, ws
 
 
 def _batches(seed: int, W: "torch.Tensor", steps: int):
@@ -93,9 +93,9 @@ def run_mode(mode: str, seed: int, checkpoints=CHECKPOINTS) -> dict[int, dict]:
 
     from lowrank_fed.linalg import prefix_update_energy
     from lowrank_fed.llm.peft_bridge import init_pairs
-    from lowrank_fed.llm.training import AllTruncations, Hook, SampledTruncation, train_local
+    from lowrank_fed.llm.training import AllTruncations, Hook, SampledTruncation, prefix_shares, train_local
 
-    target, W0, ws, _ = _toy(seed)
+    target, W0, ws = _toy(seed)
     start = init_pairs(ws.shapes, RANK, torch.Generator().manual_seed(seed))
     ws.load(start)
     groups = ws.param_groups({"A": LR, "B": LR})
@@ -124,8 +124,9 @@ def run_mode(mode: str, seed: int, checkpoints=CHECKPOINTS) -> dict[int, dict]:
             def err(k):
                 return float(torch.linalg.matrix_norm(W - B[:, :k] @ A[:k]) ** 2 / torch.linalg.matrix_norm(W) ** 2)
 
-            results[n] = {"share4": float(e[3] / e[-1]), "share8": float(e[7] / e[-1]), "err4": err(4),
-                          "err16": err(16), "ms_per_step": 1e3 * (t - self.t0 - self.excluded) / n}
+            shares = prefix_shares(list(e), LADDER)
+            results[n] = {"share4": shares["4"], "share8": shares["8"], "err4": err(4), "err16": err(16),
+                          "ms_per_step": 1e3 * (t - self.t0 - self.excluded) / n}
             self.excluded += time.perf_counter() - t
 
     train_local(ws.peft, batches, groups, hooks=[*hooks, Measure()])
