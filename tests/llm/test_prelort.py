@@ -506,3 +506,16 @@ def test_the_toy_benchmark_shows_nesting_putting_the_update_into_the_prefix():
     assert sample[100]["err4"] < off[100]["err4"] - 0.2 and all_[100]["err4"] < off[100]["err4"] - 0.2
     # the whole adapter still fits, if more slowly; after 20 steps the prefix is no better than without nesting
     assert sample[100]["err16"] < 0.2 and sample[20]["err4"] > 0.7
+
+
+def test_update_prefix_energy_sums_modules_and_counts_a_lower_rank_module_whole():
+    from lowrank_fed.linalg import prefix_update_energy
+    from lowrank_fed.llm.client import update_prefix_energy
+
+    start = {"a": _random_pairs({"a": (5, 6)}, 2, 1)["a"], "b": _random_pairs({"b": (4, 3)}, 4, 2)["b"]}
+    end = {"a": _random_pairs({"a": (5, 6)}, 2, 3)["a"], "b": _random_pairs({"b": (4, 3)}, 4, 4)["b"]}
+    ea, eb = prefix_update_energy(start["a"], end["a"]), prefix_update_energy(start["b"], end["b"])
+    got = update_prefix_energy(start, end)
+    assert got == pytest.approx([ea[0] + eb[0], ea[1] + eb[1], ea[1] + eb[2], ea[1] + eb[3]])
+    assert update_prefix_energy(start, {"a": end["a"]}) is None  # not the same modules: no energy
+    assert update_prefix_energy(start, {"a": end["a"], "b": _random_pairs({"b": (4, 3)}, 3, 4)["b"]}) is None
