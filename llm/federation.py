@@ -41,7 +41,7 @@ from .client import ClientContext, TrainSettings
 from .config import ConfigError, RunConfig
 from .data import (TextDataset, assign_ranks, encode_classification, encode_generation, holdout_sets, load_dataset,
                    partition, split_validation)
-from .models import load_model, needs_vocabulary, word_vocabulary
+from .models import count_parameters, load_model, needs_vocabulary, word_vocabulary
 from .peft_bridge import AdapterWorkspace
 from .streams import EVAL_SUBSET, HOLDOUT, PARTITION, RANKS, SAMPLING, TRAIN_SUBSET, VALIDATION
 
@@ -195,13 +195,16 @@ def encode_examples(tokenizer, examples: TextDataset, max_length: int) -> dict[s
 
 @dataclass
 class ModelSetup:
-    """The model with its PEFT adapters (``workspace``), its tokenizer, spec and ``transformers`` config, the device."""
+    """The model with its PEFT adapters (``workspace``), its tokenizer, spec and ``transformers`` config, the device;
+    ``model_params``: every parameter of the base model and head (:func:`~lowrank_fed.llm.models.count_parameters`,
+    counted before the LoRA layers are added)."""
 
     workspace: AdapterWorkspace
     tokenizer: object
     spec: object
     model_config: object
     device: torch.device
+    model_params: int
 
 
 def build_model(cfg: RunConfig, shared: Shared, num_labels: int) -> ModelSetup:
@@ -218,12 +221,13 @@ def build_model(cfg: RunConfig, shared: Shared, num_labels: int) -> ModelSetup:
     model, tokenizer, spec = load_model(cfg.model, num_labels=num_labels, seed=cfg.seed, dtype=DTYPES[cfg.dtype],
                                         vocabulary=shared.vocabulary if needs_vocabulary(cfg.model) else None)
     device = run_device(cfg)
+    params = count_parameters(model)  # before AdapterWorkspace adds the LoRA layers to the model
     workspace = AdapterWorkspace(
         model.to(device), target_modules=sorted(cfg.target_modules or spec.target_modules),
         lora_alpha=cfg.lora_alpha, use_rslora=cfg.use_rslora,
         task_type="SEQ_CLS" if spec.task == "classification" else "CAUSAL_LM",
     )
-    return ModelSetup(workspace, tokenizer, spec, model.config, device)
+    return ModelSetup(workspace, tokenizer, spec, model.config, device, params)
 
 
 @dataclass

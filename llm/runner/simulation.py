@@ -232,7 +232,8 @@ class Simulation:
                 "label_names": list(self.federation.source.label_names), "eval_size": len(self.test),
                 "val_size": len(self.val),
                 "holdout_sizes": [int(len(h)) for h in self.holdout], "metric": self.metric,
-                "adapted_params": int(sum(d_out * d_in for d_out, d_in in self.ws.shapes.values()))}
+                "adapted_params": int(sum(d_out * d_in for d_out, d_in in self.ws.shapes.values())),
+                "model_params": self.model.model_params}
         if self.attackers:
             info["attackers"] = {str(k): a.kind for k, a in self.attackers.items()}
         if self.task == "classification":
@@ -260,7 +261,9 @@ class Simulation:
         - ``by_rank``: ``{rank: {<metric>, loss}}`` for the model each distinct client rank downloads;
         - ``local_<metric>``: the mean over clients of each client's model on its own held-out set
           (``per_client`` lists them, None for a client whose held-out set is empty): its download, or
-          its personalised model (``personal`` methods).
+          its personalised model (``personal`` methods);
+        - ``per_client_global`` (methods that are not personalised): the global model on each client's own
+          held-out set, so ``per_client_global[k] - per_client[k]`` is client ``k``'s drop at distribution.
         """
         self._load(method.global_model(server))
         global_scores = self._score("test")
@@ -297,6 +300,9 @@ class Simulation:
             out["by_rank"] = {str(r): summarise(s) for r, s in scores.items()}
             sums = [summarise(scores[server.ranks[k]], self.holdout[k]) if len(self.holdout[k]) else None
                     for k in range(self.cfg.clients)]
+            # the global model on each client's own held-out set: minus per_client, the drop at distribution
+            out["per_client_global"] = [summarise(global_scores, self.holdout[k])[self.metric]
+                                        if len(self.holdout[k]) else None for k in range(self.cfg.clients)]
         out["per_client"] = [s[self.metric] if s else None for s in sums]
         for key in (self.metric, *(("token_accuracy", "exact_match") if self.task == "generation" else ())):
             values = [s[key] if s else None for s in sums]
