@@ -13,6 +13,7 @@ BENCHMARKS = {
     "clair": "benchmarks.bench_clair",
     "llm": "benchmarks.bench_llm",
     "scaling": "benchmarks.bench_scaling",
+    "prelort": "benchmarks.bench_prelort",
 }
 
 

@@ -570,8 +570,10 @@ EXPERIMENTS: dict[str, Experiment] = {
         "prelort", "PreLort: prefix-nested LoRA against heterogeneous-rank baselines",
         "PreLort (2025): accuracy, ROUGE-L and perplexity across base models",
         ("minilm_bbc", "smollm2_headlines"),
-        "MiniLM on BBC News (the main job's setting, 4 rounds) and SmolLM2-135M on BBC headlines (4 clients, "
-        "2 rounds of 3 steps, 24 test examples, 12 for ROUGE-L): far smaller than the paper's models and budgets.",
+        "MiniLM on BBC News (the main job's clients and ranks, 4 rounds of 50 local steps) and SmolLM2-135M on BBC "
+        "headlines (4 clients, 2 rounds of 50 steps, 24 test examples, 12 for ROUGE-L): far smaller than the "
+        "paper's models and budgets; 50 local steps so that prefix-nested training has room to act "
+        "(docs/methods.md#prelort).",
         _prelort),
     "clair": Experiment(
         "clair", "CLAIR: contaminated clients in a federated LoRA run",

@@ -49,6 +49,7 @@ from ..models import MODELS
 from ..peft_bridge import init_pairs, pairs_to_state_dict
 from ..protocol import Message, decode_extras, decode_pairs, encode_extras, encode_pairs, from_flat, to_flat
 from ..streams import ADAPTER_INIT
+from ..training import prefix_shares
 from .checkpoint import (CheckpointCorruptWarning, CheckpointError, atomic_write_text, load_checkpoint, peek_state,
                          save_checkpoint, save_tensors)
 from .limits import check_limits
@@ -84,6 +85,15 @@ def _mean(values) -> float | None:
     """Mean of the values that are not None (None if there are none)."""
     kept = [v for v in values if v is not None]
     return float(np.mean(kept)) if kept else None
+
+
+def _mean_shares(shares) -> dict[str, float | None]:
+    """Per level ``t``: the mean of the clients' prefix shares at ``t`` (those that have the level and a share)."""
+    by_level: dict[str, list] = {}
+    for share in shares:
+        for t, value in (share or {}).items():
+            by_level.setdefault(t, []).append(value)
+    return {t: _mean(by_level[t]) for t in sorted(by_level, key=int)}
 
 
 # ----------------------------------------------------------------------------- state <-> flat tensors
@@ -446,11 +456,13 @@ class Simulation:
             m = reply.metrics
             row.update(n=reply.config.get("num_examples"), train_loss=m.get("train_loss"),
                        train_accuracy=m.get("train_accuracy"), bytes_up=reply.nbytes,
-                       params_up=m.get("params_up"), steps=m.get("steps"))
+                       params_up=m.get("params_up"), steps=m.get("steps"),
+                       prefix_share=prefix_shares(m.get("prefix_energy"), self.ranks))
             if error is None and reply is not sent:
                 error = complaint(reply)
         else:
-            row.update(n=None, train_loss=None, train_accuracy=None, bytes_up=0, params_up=0, steps=0)
+            row.update(n=None, train_loss=None, train_accuracy=None, bytes_up=0, params_up=0, steps=0,
+                       prefix_share=None)
         if error is None:
             if reply.config["rank"] != row["rank"]:
                 row["new_rank"] = int(reply.config["rank"])
@@ -555,6 +567,7 @@ class Simulation:
                            params_up=sum(r["params_up"] or 0 for r in rows),
                            dropped=sum(r["dropped"] for r in rows),
                            train_loss=_mean(r["train_loss"] for r in rows),
+                           prefix_share=_mean_shares(r["prefix_share"] for r in rows),
                            ranks=[server.ranks[k] for k in range(cfg.clients)], clients=rows)
                 detection = server.info.get("detection")
                 if detection is not None and detection.get("round") == round_:
