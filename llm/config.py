@@ -44,6 +44,7 @@ from .attacks import DATA_ATTACKS, UPDATE_ATTACKS, attack_counts
 from .data import DATASETS, RANK_DISTRIBUTIONS
 from .methods import METHODS
 from .models import MODELS
+from .peft_bridge import LORA_SCALINGS
 
 __all__ = ["RunConfig", "Fault", "Attack", "ConfigError", "load_config", "apply_overrides", "parse_value", "TUNED_KEY",
            "tuned_paths", "config_reference", "EXECUTION_KEYS", "same_run_keys", "WORKERS_ENV"]
@@ -226,8 +227,16 @@ class RunConfig(BaseModel):
         "largest integer"))
     max_length: int = Field(64, ge=1, description=(
         "tokens per example (truncation / padding), at most the model's max_position_embeddings"))
-    lora_alpha: float = Field(16.0, gt=0, allow_inf_nan=False, description="LoRA alpha (scale alpha / r)")
-    use_rslora: bool = Field(False, description="rank-stabilised scale alpha / sqrt(r)")
+    lora_alpha: float = Field(16.0, gt=0, allow_inf_nan=False, description=(
+        "LoRA alpha: the scale s is alpha / r, alpha / sqrt(r) or alpha / r_ref, see `lora_scaling`"))
+    use_rslora: bool = Field(False, description=(
+        "rank-stabilised scale alpha / sqrt(r): the older spelling of `lora_scaling = \"rslora\"` (either one "
+        "sets the other; `true` with `lora_scaling = \"constant\"` is an error)"))
+    lora_scaling: Literal[LORA_SCALINGS] = Field("alpha_over_r", description=(
+        "the LoRA scale s of an adapter of rank r, the same rule for every client, method, download and export: "
+        "`alpha_over_r` (s = lora_alpha / r, PEFT's default), `rslora` (s = lora_alpha / sqrt(r)), `constant` "
+        "(s = lora_alpha / r_ref at every rank, r_ref = the run's largest client rank, after `ranks` is "
+        "assigned; docs/methods.md, Scale convention)"))
     target_modules: list[str] = Field([], description="modules that get LoRA adapters; empty: the model's")
     train_size: int = Field(0, ge=0, description="training examples drawn from the training split; 0: all")
     val_size: int = Field(50, ge=0, description=(
@@ -304,6 +313,29 @@ class RunConfig(BaseModel):
             n = len(counts)
             _fail(((), f"{n} ranks for ranks = {spec!r} (its client counts are over {n} ranks)", rank_set))
         return rank_set
+
+    @model_validator(mode="before")
+    @classmethod
+    def _scaling_from_rslora(cls, data: Any) -> Any:
+        """``use_rslora = true`` is the older spelling of ``lora_scaling = "rslora"``: either one, the other absent or
+        at its default (Flower's run config always holds both), selects rsLoRA, and both are set to say so, so
+        ``to_dict`` round-trips. ``use_rslora = true`` with ``lora_scaling = "constant"`` is left for
+        :meth:`_one_scaling` to refuse."""
+        if isinstance(data, Mapping):
+            rslora, scaling = data.get("use_rslora"), data.get("lora_scaling")
+            if rslora is True and scaling in (None, "alpha_over_r"):
+                data = {**data, "lora_scaling": "rslora"}
+            elif scaling == "rslora" and (rslora is None or rslora is False):
+                data = {**data, "use_rslora": True}
+        return data
+
+    @field_validator("lora_scaling")
+    @classmethod
+    def _one_scaling(cls, scaling: str, info: ValidationInfo) -> str:
+        if info.data.get("use_rslora") is True and scaling != "rslora":
+            _fail(((), "'rslora' when use_rslora = true (its older spelling: remove use_rslora, or set lora_scaling "
+                       "= 'rslora')", scaling))
+        return scaling
 
     @field_validator("local_epochs")
     @classmethod

@@ -41,12 +41,12 @@ from .client import ClientContext, TrainSettings
 from .config import ConfigError, RunConfig
 from .data import (TextDataset, assign_ranks, encode_classification, encode_generation, holdout_sets, load_dataset,
                    partition, split_validation)
-from .models import load_model, needs_vocabulary, word_vocabulary
+from .models import count_parameters, load_model, needs_vocabulary, word_vocabulary
 from .peft_bridge import AdapterWorkspace
 from .streams import EVAL_SUBSET, HOLDOUT, PARTITION, RANKS, SAMPLING, TRAIN_SUBSET, VALIDATION
 
 __all__ = ["DataSource", "Shared", "Federation", "ModelSetup", "build_federation", "build_client", "build_model",
-           "plan_rows", "sample_clients", "train_settings", "run_device", "encode_examples", "DTYPES"]
+           "client_ranks", "plan_rows", "sample_clients", "train_settings", "run_device", "encode_examples", "DTYPES"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -195,17 +195,23 @@ def encode_examples(tokenizer, examples: TextDataset, max_length: int) -> dict[s
 
 @dataclass
 class ModelSetup:
-    """The model with its PEFT adapters (``workspace``), its tokenizer, spec and ``transformers`` config, the device."""
+    """The model with its PEFT adapters (``workspace``), its tokenizer, spec and ``transformers`` config, the device;
+    ``model_params``: every parameter of the base model and head (:func:`~lowrank_fed.llm.models.count_parameters`,
+    counted before the LoRA layers are added)."""
 
     workspace: AdapterWorkspace
     tokenizer: object
     spec: object
     model_config: object
     device: torch.device
+    model_params: int
 
 
-def build_model(cfg: RunConfig, shared: Shared, num_labels: int) -> ModelSetup:
+def build_model(cfg: RunConfig, shared: Shared, num_labels: int, reference_rank: int) -> ModelSetup:
     r"""The run's model on its device, wrapped for LoRA: the same weights on the server and on every node.
+
+    ``reference_rank`` is the largest client rank of the run (:func:`client_ranks`): the ``r_ref`` of
+    ``lora_scaling = "constant"`` (``s = lora_alpha / r_ref`` at every rank), the same on the server and every node.
 
     Raises
     ------
@@ -218,12 +224,13 @@ def build_model(cfg: RunConfig, shared: Shared, num_labels: int) -> ModelSetup:
     model, tokenizer, spec = load_model(cfg.model, num_labels=num_labels, seed=cfg.seed, dtype=DTYPES[cfg.dtype],
                                         vocabulary=shared.vocabulary if needs_vocabulary(cfg.model) else None)
     device = run_device(cfg)
+    params = count_parameters(model)  # before AdapterWorkspace adds the LoRA layers to the model
     workspace = AdapterWorkspace(
         model.to(device), target_modules=sorted(cfg.target_modules or spec.target_modules),
-        lora_alpha=cfg.lora_alpha, use_rslora=cfg.use_rslora,
-        task_type="SEQ_CLS" if spec.task == "classification" else "CAUSAL_LM",
+        lora_alpha=cfg.lora_alpha, task_type="SEQ_CLS" if spec.task == "classification" else "CAUSAL_LM",
+        scaling=cfg.lora_scaling, reference_rank=reference_rank,
     )
-    return ModelSetup(workspace, tokenizer, spec, model.config, device)
+    return ModelSetup(workspace, tokenizer, spec, model.config, device, params)
 
 
 @dataclass
@@ -296,9 +303,7 @@ def build_federation(cfg: RunConfig, source: DataSource | None = None) -> Federa
         for a in attackers.values():
             if a.kind in DATA_ATTACKS:
                 check_data_attack(a.kind, source.task, source.has_other_targets)
-    with config_key("ranks", cfg.ranks):
-        ranks = assign_ranks(list(cfg.ranks) if isinstance(cfg.ranks, list) else cfg.ranks, cfg.clients,
-                             rng=RANKS.rng(cfg.seed), rank_set=cfg.rank_set, scores=n_k)
+    ranks = client_ranks(cfg, n_k)
     train_labels = source.labels[train_rows]
     holdout = holdout_sets(train_labels if labelled else None, client_idx,
                            source.test.labels if labelled else None, HOLDOUT.rng(cfg.seed), n_test=len(source.test))
@@ -310,6 +315,20 @@ def build_federation(cfg: RunConfig, source: DataSource | None = None) -> Federa
         shared = Shared(tuple(word_vocabulary(train.texts)) if vocab else None,
                         tuple(float(e) for e in length_edges(train.texts, len(train.label_names))) if edges else None)
     return Federation(cfg, source, train_rows, val_rows, client_idx, n_k, ranks, attackers, holdout, shared)
+
+
+def client_ranks(cfg: RunConfig, n_k: list[int]) -> list[int]:
+    r"""Every client's LoRA rank (``cfg.ranks`` through :func:`~lowrank_fed.llm.data.assign_ranks`; ``n_k``, the
+    clients' example counts, ranks them for ``"top10"``). A node computes it from the catalogue's labels alone.
+
+    Raises
+    ------
+    ConfigError
+        ``ranks`` that do not fit the clients.
+    """
+    with config_key("ranks", cfg.ranks):
+        return assign_ranks(list(cfg.ranks) if isinstance(cfg.ranks, list) else cfg.ranks, cfg.clients,
+                            rng=RANKS.rng(cfg.seed), rank_set=cfg.rank_set, scores=n_k)
 
 
 def build_client(cfg: RunConfig, partition_id: int, *, shared: Shared | None = None, source: DataSource | None = None,
@@ -355,7 +374,9 @@ def build_client(cfg: RunConfig, partition_id: int, *, shared: Shared | None = N
     attack = choose_attackers(cfg.attacks, cfg.clients, cfg.seed).get(k)
     if attack is not None:
         examples = poison_examples(examples, attack, client=k, seed=cfg.seed, edges=shared.length_edges)
-    model = build_model(cfg, shared, len(source.label_names)) if model is None else model
+    if model is None:
+        reference_rank = max(client_ranks(cfg, [len(i) for i in client_idx]))
+        model = build_model(cfg, shared, len(source.label_names), reference_rank)
     data = encode_examples(model.tokenizer, examples, cfg.max_length)
     return ClientContext(k, cfg.seed, model.workspace, data, np.arange(len(rows), dtype=np.int64),
                          train_settings(cfg), model.device)

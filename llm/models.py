@@ -23,6 +23,7 @@ vocabulary (:func:`copy_llama`).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -61,6 +62,8 @@ __all__ = [
     "pretrain_copy",
     "copy_examples",
     "load_model",
+    "count_parameters",
+    "parameter_count",
 ]
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -511,3 +514,27 @@ def load_model(name: str, *, num_labels: int | None = None, texts: Iterable[str]
             model = tiny_llama(vocab_size=len(tokenizer), seed=seed)
         model = model.to(dtype)
     return model, tokenizer, spec
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    r"""Every parameter of ``model``, each shared tensor once: what fine-tuning the whole model would train and send.
+
+    .. math:: P = \sum_{W \in \text{parameters}} \operatorname{numel}(W)
+
+    over the base model and its head (call it before LoRA layers are added).
+    """
+    return int(sum(p.numel() for p in model.parameters()))
+
+
+@functools.lru_cache(maxsize=8)
+def parameter_count(name: str, *, num_labels: int | None = None) -> int:
+    r""":func:`count_parameters` of the packaged model ``name`` (with a ``num_labels`` head for classifiers).
+
+    For runs that did not record ``model_params``. Only the packaged models (``minilm``, ``smollm2``,
+    ``copy-llama``): the tiny models' vocabulary, and so their size, depends on the training texts.
+    """
+    if needs_vocabulary(name):
+        raise ValueError(f"parameter_count: model {name!r} builds its vocabulary from the training texts; expected "
+                         f"one of ['copy-llama', 'minilm', 'smollm2'] (a run of it records model_params itself).")
+    model, _, _ = load_model(name, num_labels=num_labels)
+    return count_parameters(model)

@@ -83,7 +83,7 @@ def client_context(config_json: str, client: int, shared_json: str | None = None
     import torch
 
     from ..config import RunConfig
-    from ..federation import DataSource, Shared, build_client, build_model
+    from ..federation import DataSource, Shared, build_client, build_model, client_ranks, plan_rows
 
     key = (config_json, shared_json)
     if _NODE.get("key") != key:
@@ -91,9 +91,11 @@ def client_context(config_json: str, client: int, shared_json: str | None = None
         torch.set_num_threads(cfg.threads)
         shared = Shared() if shared_json is None else Shared.from_json(shared_json)
         source = DataSource(cfg)
+        _, _, client_idx = plan_rows(cfg, source.labels, source.task)
+        reference_rank = max(client_ranks(cfg, [len(i) for i in client_idx]))
         _NODE.clear()  # one run at a time per process
-        _NODE.update(key=key, cfg=cfg, shared=shared, source=source,
-                     model=build_model(cfg, shared, len(source.label_names)), contexts={})
+        _NODE.update(key=key, cfg=cfg, shared=shared, source=source, contexts={},
+                     model=build_model(cfg, shared, len(source.label_names), reference_rank))
     cfg, contexts = _NODE["cfg"], _NODE["contexts"]
     if not 0 <= client < cfg.clients:
         raise ValueError(f"Client id {client} is outside the run's clients [0, {cfg.clients}).")

@@ -49,6 +49,7 @@ from ..models import MODELS
 from ..peft_bridge import init_pairs, pairs_to_state_dict
 from ..protocol import Message, decode_extras, decode_pairs, encode_extras, encode_pairs, from_flat, to_flat
 from ..streams import ADAPTER_INIT
+from ..training import prefix_shares
 from .checkpoint import (CheckpointCorruptWarning, CheckpointError, atomic_write_text, load_checkpoint, peek_state,
                          save_checkpoint, save_tensors)
 from .limits import check_limits
@@ -92,6 +93,15 @@ def score_encoded(model, enc: dict[str, torch.Tensor], rows, task: str) -> dict[
         enc = {k: v[torch.as_tensor(rows, dtype=torch.long)] for k, v in enc.items()}
     score = score_classification if task == "classification" else score_lm
     return score(model, enc)
+
+
+def _mean_shares(shares) -> dict[str, float | None]:
+    """Per level ``t``: the mean of the clients' prefix shares at ``t`` (those that have the level and a share)."""
+    by_level: dict[str, list] = {}
+    for share in shares:
+        for t, value in (share or {}).items():
+            by_level.setdefault(t, []).append(value)
+    return {t: _mean(by_level[t]) for t in sorted(by_level, key=int)}
 
 
 # ----------------------------------------------------------------------------- state <-> flat tensors
@@ -190,7 +200,7 @@ class Simulation:
                 make_method(name, **cfg.method_options.get(name, {})).check_ranks(self.ranks)
         self.holdout = fed.holdout
         with _config_key("target_modules", cfg.target_modules):
-            self.model = build_model(cfg, fed.shared, len(fed.source.label_names))
+            self.model = build_model(cfg, fed.shared, len(fed.source.label_names), max(self.ranks))
         self.device, self.tokenizer, self.ws = self.model.device, self.model.tokenizer, self.model.workspace
         held = {f"{name}.global_rank": make_method(name, **cfg.method_options.get(name, {})).options
                 for name in cfg.methods}  # ranks that every client holds (LoRA-A2's r_G)
@@ -236,7 +246,8 @@ class Simulation:
                 "label_names": list(self.federation.source.label_names), "eval_size": len(self.test),
                 "val_size": len(self.val),
                 "holdout_sizes": [int(len(h)) for h in self.holdout], "metric": self.metric,
-                "adapted_params": int(sum(d_out * d_in for d_out, d_in in self.ws.shapes.values()))}
+                "adapted_params": int(sum(d_out * d_in for d_out, d_in in self.ws.shapes.values())),
+                "model_params": self.model.model_params}
         if self.attackers:
             info["attackers"] = {str(k): a.kind for k, a in self.attackers.items()}
         if self.task == "classification":
@@ -291,7 +302,9 @@ class Simulation:
         - ``by_rank``: ``{rank: {<metric>, loss}}`` for the model each distinct client rank downloads;
         - ``local_<metric>``: the mean over clients of each client's model on its own held-out set
           (``per_client`` lists them, None for a client whose held-out set is empty): its download, or
-          its personalised model (``personal`` methods).
+          its personalised model (``personal`` methods);
+        - ``per_client_global`` (methods that are not personalised): the global model on each client's own
+          held-out set, so ``per_client_global[k] - per_client[k]`` is client ``k``'s drop at distribution.
         """
         glob = method.global_model(server)
         jobs = [(glob, "test", None)] + ([(glob, "val", None)] if len(self.val) else [])
@@ -329,6 +342,9 @@ class Simulation:
             out["by_rank"] = {str(r): summarise(s) for r, s in scores.items()}
             sums = [summarise(scores[server.ranks[k]], self.holdout[k]) if len(self.holdout[k]) else None
                     for k in range(self.cfg.clients)]
+            # the global model on each client's own held-out set: minus per_client, the drop at distribution
+            out["per_client_global"] = [summarise(global_scores, self.holdout[k])[self.metric]
+                                        if len(self.holdout[k]) else None for k in range(self.cfg.clients)]
         out["per_client"] = [s[self.metric] if s else None for s in sums]
         for key in (self.metric, *(("token_accuracy", "exact_match") if self.task == "generation" else ())):
             values = [s[key] if s else None for s in sums]
@@ -532,11 +548,13 @@ class Simulation:
             m = reply.metrics
             row.update(n=reply.config.get("num_examples"), train_loss=m.get("train_loss"),
                        train_accuracy=m.get("train_accuracy"), bytes_up=reply.nbytes,
-                       params_up=m.get("params_up"), steps=m.get("steps"))
+                       params_up=m.get("params_up"), steps=m.get("steps"),
+                       prefix_share=prefix_shares(m.get("prefix_energy"), self.ranks))
             if error is None and reply is not sent:
                 error = complaint(reply)
         else:
-            row.update(n=None, train_loss=None, train_accuracy=None, bytes_up=0, params_up=0, steps=0)
+            row.update(n=None, train_loss=None, train_accuracy=None, bytes_up=0, params_up=0, steps=0,
+                       prefix_share=None)
         if error is None:
             if reply.config["rank"] != row["rank"]:
                 row["new_rank"] = int(reply.config["rank"])
@@ -641,6 +659,7 @@ class Simulation:
                            params_up=sum(r["params_up"] or 0 for r in rows),
                            dropped=sum(r["dropped"] for r in rows),
                            train_loss=_mean(r["train_loss"] for r in rows),
+                           prefix_share=_mean_shares(r["prefix_share"] for r in rows),
                            ranks=[server.ranks[k] for k in range(cfg.clients)], clients=rows)
                 detection = server.info.get("detection")
                 if detection is not None and detection.get("round") == round_:
@@ -675,9 +694,12 @@ class Simulation:
         key by key. No key may differ: every one of them (ranks, rounds, seeds, data sizes, even ``threads``,
         ``device`` and ``dtype``, which can change the floating-point results) is part of what the checkpoints
         hold, and a resumed run must reach the bytes an uninterrupted run of one config reaches. Progress
-        bars are a command-line flag, not a config key; ``workers`` (:data:`~lowrank_fed.llm.config.EXECUTION_KEYS`) is neither
-        stored in checkpoints nor compared: any number of workers gives the same bytes. Checkpoints written before the config was stored in
-        them, and methods with no verified ``state.json``, are not checked. Reads only; writes nothing.
+        bars are a command-line flag, not a config key; ``workers`` (:data:`~lowrank_fed.llm.config.EXECUTION_KEYS`)
+        is neither stored in checkpoints nor compared: any number of workers gives the same bytes. Checkpoints
+        written before the config was stored in them, and methods with no verified ``state.json``, are not
+        checked. A key a checkpoint does not hold (added to the config since it was written, such as
+        ``lora_scaling``) counts as its default, the behaviour from before the key existed. Reads only; writes
+        nothing.
 
         Raises
         ------
@@ -688,11 +710,13 @@ class Simulation:
         if not folder.is_dir():
             return
         now = self._config_json()
+        defaults = RunConfig().definition()
         for path in sorted(p for p in folder.iterdir() if p.is_dir()):
             found = peek_state(path)
             if found is None or not isinstance(found[1], dict) or not isinstance(found[1].get("config"), dict):
                 continue
             where, stored = found[0], same_run_keys(found[1]["config"])
+            stored = {**{k: v for k, v in defaults.items() if k not in stored}, **stored}
             if stored == now:
                 continue
             missing = object()

@@ -57,7 +57,7 @@ def test_build_client_reads_only_its_own_rows_and_gives_the_whole_sets_batches(s
     # Prepare: the server's view, and the whole training set poisoned and encoded as one (the reference)
     cfg = _cfg(**settings)
     fed = build_federation(cfg)
-    model = build_model(cfg, fed.shared, len(fed.source.label_names))
+    model = build_model(cfg, fed.shared, len(fed.source.label_names), max(fed.ranks))
     train = fed.source.examples(fed.train_rows)
     whole = encode_examples(model.tokenizer, poison_dataset(train, fed.client_idx, fed.attackers, cfg.seed),
                             cfg.max_length)
@@ -117,7 +117,7 @@ def test_a_node_builds_the_servers_model_from_the_shared_vocabulary_alone():
     # Prepare
     cfg = _cfg()
     fed = build_federation(cfg)
-    server = build_model(cfg, fed.shared, len(fed.source.label_names))
+    server = build_model(cfg, fed.shared, len(fed.source.label_names), max(fed.ranks))
     # Execute: the node's own model, from the facts the server sends (JSON) and its own rows
     ctx = build_client(cfg, 1, shared=Shared.from_json(fed.shared.to_json()), source=CountingSource(cfg))
     # Assert: the same base weights and head (the live LoRA factors are loaded from each download) and token ids
@@ -130,7 +130,8 @@ def test_a_node_builds_the_servers_model_from_the_shared_vocabulary_alone():
 
 
 def ctx_tokenizer_ids(cfg, fed, text):
-    return build_model(cfg, Shared.from_json(fed.shared.to_json()), len(fed.source.label_names)).tokenizer(text)[
+    return build_model(cfg, Shared.from_json(fed.shared.to_json()), len(fed.source.label_names),
+                       max(fed.ranks)).tokenizer(text)[
         "input_ids"]
 
 
