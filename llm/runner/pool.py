@@ -82,7 +82,7 @@ class _Worker:
         self.exit_at = setup["exit_at"]
         self.shared = Shared.from_json(setup["shared"])
         self.source = DataSource(cfg)
-        self.model = build_model(cfg, self.shared, len(self.source.label_names))
+        self.model = build_model(cfg, self.shared, len(self.source.label_names), setup["reference_rank"])
         self.contexts: dict[int, object] = {}
         self.methods: dict[str, object] = {}
         self.encoded: dict[str, dict] = {}
@@ -149,7 +149,12 @@ def _serve(conn, setup: dict) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the runner's to handle; it stops the workers
     os.environ.clear()
     os.environ.update(setup["env"])  # the runner's, not the forkserver's (started earlier, perhaps elsewhere)
-    worker = _Worker(setup)
+    try:
+        worker = _Worker(setup)
+    except Exception as err:  # the runner built the same model and data: a bug or the machine, not a client
+        _send(conn, ("failed", f"{type(err).__name__}: {err}"))
+        return
+    _send(conn, ("ready", None))
     while True:
         try:
             task = _recv(conn)
@@ -195,18 +200,20 @@ class ClientPool:
         What every client needs from the server (:class:`~lowrank_fed.llm.federation.Shared`).
     workers : int
         Processes, at least 1. They start on the first :meth:`run`.
+    reference_rank : int
+        The run's largest client rank (``build_model``'s ``reference_rank``), as the server's model has it.
 
     Tasks are ``("train", (method_name, message, client_state, k))`` and ``("score", (model, split, rows))``;
     :meth:`run` returns, in the order of the tasks, ``("ok", value)``, ``("error", "Type: message")`` or
     ``("died", why)``.
     """
 
-    def __init__(self, config, shared, workers: int):
+    def __init__(self, config, shared, workers: int, reference_rank: int):
         if workers < 1:
             raise ValueError(f"A client pool needs at least 1 worker. Got workers = {workers}.")
         self.workers = workers
         self._setup = {"config": config.to_dict(), "shared": shared.to_json(), "env": dict(os.environ),
-                       "exit_at": os.environ.get(WORKER_EXIT_ENV)}
+                       "exit_at": os.environ.get(WORKER_EXIT_ENV), "reference_rank": int(reference_rank)}
         self._ctx = multiprocessing.get_context(START_METHOD)
         # imported once in the forkserver (before it has any thread), not again in each worker; ignored once it runs
         self._ctx.set_forkserver_preload(["torch", "lowrank_fed.llm.federation", "lowrank_fed.llm.client",
@@ -228,12 +235,26 @@ class ClientPool:
         child.close()
         self._procs[i], self._conns[i] = proc, parent
 
+    def _check_start(self, i: int) -> None:
+        """Raise the error a worker sent if it could not start (it then exits)."""
+        try:
+            message = _recv(self._conns[i]) if self._conns[i].poll() else None
+        except (EOFError, OSError):
+            return
+        if message is not None and message[0] == "failed":
+            raise RuntimeError(f"A worker process could not start: {message[1]}")
+
     def run(self, tasks: list[tuple[str, tuple]], on_result=None) -> list[tuple[str, object]]:
         r"""Run ``tasks`` on the workers; their results in the order of ``tasks``.
 
         ``on_result(index)`` is called as each task finishes (in finishing order: progress bars). A worker that
         dies takes its task with it (``("died", "worker process died (signal 9 (SIGKILL))")``) and is replaced
         before the next task goes to it.
+
+        Raises
+        ------
+        RuntimeError
+            A worker could not build its model or data (it says why); the run cannot go on without it.
         """
         results: list = [None] * len(tasks)
         todo = collections.deque(range(len(tasks)))
@@ -247,9 +268,15 @@ class ClientPool:
                 j = todo.popleft()
                 try:
                     _send(self._conns[i], tasks[j])
-                except OSError:  # died between tasks: start another and hand it the task
+                except OSError:  # it failed to start (it says why), or died between tasks: start another
+                    self._check_start(i)
                     self._start(i)
-                    _send(self._conns[i], tasks[j])
+                    try:
+                        _send(self._conns[i], tasks[j])
+                    except OSError:
+                        self._check_start(i)
+                        raise RuntimeError(f"A worker process exited as it started "
+                                           f"({_exit_text(self._procs[i].exitcode)}).") from None
                 busy[i] = j
             ready = wait([self._conns[i] for i in busy] + [self._procs[i].sentinel for i in busy])
             for i, j in list(busy.items()):
@@ -260,6 +287,11 @@ class ClientPool:
                     results[j] = _recv(conn) if conn.poll() else None
                 except (EOFError, OSError):
                     results[j] = None
+                if results[j] is not None and results[j][0] == "ready":  # started; its task's result comes next
+                    results[j] = None
+                    continue
+                if results[j] is not None and results[j][0] == "failed":
+                    raise RuntimeError(f"A worker process could not start: {results[j][1]}")
                 if results[j] is None:
                     if proc.is_alive() and proc.sentinel not in ready:
                         continue

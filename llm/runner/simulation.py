@@ -285,7 +285,7 @@ class Simulation:
         if self._pool is None:
             from .pool import ClientPool
 
-            self._pool = ClientPool(self.cfg, self.federation.shared, self.workers)
+            self._pool = ClientPool(self.cfg, self.federation.shared, self.workers, max(self.ranks))
         return self._pool
 
     def close(self) -> None:

@@ -155,3 +155,17 @@ def test_workers_is_not_part_of_the_runs_definition():
     cfg = RunConfig.from_dict({"workers": 1})
     assert "workers" in cfg.to_dict() and "workers" not in cfg.definition()
     assert cfg.definition() == RunConfig.from_dict({}).definition()
+
+
+def test_a_worker_that_cannot_build_its_model_fails_the_run_and_says_why():
+    # Prepare: tiny-bert builds its tokenizer from Shared.vocabulary, which this pool is not given
+    from lowrank_fed.llm.federation import Shared
+
+    pool = ClientPool(RunConfig.from_dict(tiny_settings()), Shared(), 1, reference_rank=8)
+    # Execute / Assert
+    try:
+        with pytest.raises(RuntimeError, match="A worker process could not start: ValueError: Model 'tiny-bert' "
+                                               "builds its tokenizer from the vocabulary"):
+            pool.run([("score", (None, "test", None))])
+    finally:
+        pool.close()
