@@ -7,7 +7,9 @@ load on a shared machine. Reported per setting, summed over the methods: the rou
 (``timings.jsonl``'s ``wall_seconds`` of rounds >= 1: training, aggregation and the round's evaluation), the
 whole runs' wall time (set-up, the workers' start, round 0's evaluation, outputs), and whether ``metrics.jsonl``
 and the adapters are byte-identical. Target: round wall time ratio <= 0.6x (two workers on two cores; the ideal
-is 0.5x). On a machine shared with other work the ratio is noisy: run it twice.
+is 0.5x). On a machine shared with other work the ratio is noisy: run it twice. Beside it, what the machine gave two
+processes at that time: the wall time of a fixed pure-Python loop run in two processes at once over its wall time
+alone, before and after (1.0x: two free cores; 2.0x: the two processes shared one core's worth).
 
 Usage: ``python -m benchmarks --only workers [--quick]`` (``--quick``: FedIT alone, one round).
 """
@@ -32,6 +34,24 @@ def _digest(folder: Path) -> str:
         if p.is_file():
             h.update(p.read_bytes())
     return h.hexdigest()
+
+
+def _spin(_=None) -> float:
+    """Seconds of wall time for a fixed CPU-bound loop (no memory traffic, no BLAS)."""
+    start, x = time.perf_counter(), 0
+    for i in range(20_000_000):
+        x += i
+    return time.perf_counter() - start
+
+
+def machine_share() -> float:
+    """Wall time of :func:`_spin` in two processes at once over its wall time alone (1.0: two free cores)."""
+    import multiprocessing
+
+    alone = _spin()
+    with multiprocessing.get_context("forkserver").Pool(2) as pool:
+        both = max(pool.map(_spin, [0, 1]))
+    return both / alone
 
 
 def _run(workers: int, methods, rounds: int) -> dict:
@@ -72,12 +92,14 @@ def main(argv=None) -> int:
     if available_cores() < 2:
         console.print(f"workers row skipped: this process may use {available_cores()} CPU core (2 needed)")
         return 0
+    share_before = machine_share()
     runs = {1: [], 2: []}
     for name in methods:  # both settings of a method one after the other: about the same load on a shared machine
         for workers in (1, 2):
             runs[workers].append(_run(workers, [name], rounds))
     one, two = ({"workers": w, **{k: sum(r[k] for r in runs[w]) for k in ("total_s", "rounds_s", "rounds_eval_s")},
                  "digest": [r["digest"] for r in runs[w]], "per_method": runs[w]} for w in (1, 2))
+    share_after = machine_share()
     ratio = two["rounds_s"] / one["rounds_s"]
     same = one["digest"] == two["digest"]
     table = Table(title=f"Clients in parallel: the demo (MiniLM, BBC News, 10 clients), {len(methods)} method(s), "
@@ -90,10 +112,12 @@ def main(argv=None) -> int:
                       "" if r is one else f"<= {TARGET}x " + ("pass" if ratio <= TARGET else "FAIL"))
     console.print(table)
     console.print(f"metrics.jsonl and adapters byte-identical across workers: {'yes' if same else 'NO'}")
+    console.print(f"two CPU-bound processes at once took {share_before:.2f}x / {share_after:.2f}x the time of one "
+                  "(before / after; 1.0x: two free cores, 2.0x: one core's worth for both)")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"methods": methods, "rounds": rounds, "runs": [one, two], "ratio": ratio,
-                               "identical": same}, indent=1))
+                               "identical": same, "two_process_slowdown": [share_before, share_after]}, indent=1))
     sys.stdout.flush()
     return 0 if same else 1
 
