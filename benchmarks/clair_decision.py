@@ -162,7 +162,7 @@ def report_synthetic(seeds: int) -> dict:
                     continue
                 rounds = [synthetic_round(i, gamma, modules, scale) for i in range(seeds)]
                 aucs = [a for s, t in rounds if (a := auc(s, t)) is not None]
-                line = f"  attack size {scale:.1f} gamma {gamma:.1f} AUC {np.mean(aucs) if aucs else float('nan'):.2f}"
+                line = f"  attack size {scale:.2f} gamma {gamma:.1f} AUC {np.mean(aucs) if aucs else float('nan'):.2f}"
                 for label, rule in rules(tau).items():
                     r = rates(rounds, rule)
                     result[f"synthetic/M{modules}/a{scale}/{gamma}/{label}"] = r

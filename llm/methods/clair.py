@@ -268,16 +268,22 @@ class Oracle(CLAIR):
         return False
 
 
+class ClairNoDetectOptions(Options):
+    rank: Union[int, None] = CLAIROptions.model_fields["rank"]
+    refine: bool = CLAIROptions.model_fields["refine"]
+
+
 class ClairNoDetect(CLAIR):
     """CLAIR's refinement with nobody flagged: the reference that separates detection from personalisation.
 
     Every participant is in ``G``: ``U_m`` = the top-``r`` left singular vectors of the whole stack
     (:func:`stack_subspace`), the global is everyone's mean, and each client downloads
-    ``P_m Theta_k + (I - P_m) sum_j pi_j Theta_j`` at its rank. ``threshold``, ``gap_level``,
-    ``z_threshold``, ``lam`` and ``gamma_bar`` are unused (no CLAIR program is solved).
+    ``P_m Theta_k + (I - P_m) sum_j pi_j Theta_j`` at its rank (no CLAIR program is solved, so it has
+    only CLAIR's ``rank`` and ``refine`` options).
     """
 
     name, title, rule = "clair_nodetect", "CLAIR refinement, no detection", "clair"
+    Options = ClairNoDetectOptions
 
     def _detect(self, server, decoded, ids, weights):
         rank = self.options.rank or min(server.ranks[k] for k in ids)
