@@ -17,8 +17,8 @@ rest, is beyond what ``K`` benign (i.i.d. Gaussian) scores give in all but ``gap
 a number ``z*`` flags ``zbar_k > z*``: a threshold calibrated on uncontaminated validation runs, or the
 former fixed cut 3 (``z_threshold``, still accepted). A mean over ``M`` modules of robust z-scores is not
 itself a z-score: averaging shrinks the benign spread (MiniLM, 12 modules: benign scores within about
-+-1.4), so the fixed cut 3 was out of reach for attackers that rank first. Flagged clients are left out of everything shared: the subspace, the
-benign mean, the refinement and the head. The subspace is then refitted on ``G`` alone: ``U_m`` = the
++-1.4), so the fixed cut 3 was out of reach for attackers that rank first. Flagged clients are left out of
+everything shared: the subspace, the benign mean, the refinement and the head. The subspace is then refitted on ``G`` alone: ``U_m`` = the
 top-``r`` left singular vectors of the benign stack ``[Theta_j]_{j in G}``, which is the subspace of
 CLAIR's ``L`` on that stack (with no outlier left, ``S = 0`` and ``L`` is a singular value threshold of
 the stack, which keeps its singular vectors) [ours: one decision for all modules, then the refit].

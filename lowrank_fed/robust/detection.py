@@ -155,7 +155,7 @@ THRESHOLD_RULES = ("gap",)
 
 
 def _gap_ratios(sorted_desc: np.ndarray) -> np.ndarray:
-    r"""``t_j = (s_(j) - s_(j+1)) / (s_(j+1) - s_(K))`` for ``j = 1 .. J`` along the last axis (descending input).
+    r"""``t_j = (s_(j) - s_(j+1)) / (s_(j+1) - s_(K))``, ``j = 1 .. J``, along the last axis (sorted descending).
 
     ``J = ceil(K / 2) - 1``: the flagged top ``j`` stay a strict minority. ``0/0 = 0`` (no gap, no
     spread) and ``g/0 = inf`` for ``g > 0`` (every other score equal, one apart).
@@ -231,11 +231,11 @@ def gap_flags(scores: np.ndarray, *, level: float = GAP_LEVEL) -> np.ndarray:
 
 
 def threshold_flags(scores: np.ndarray, threshold="gap", *, level: float = GAP_LEVEL) -> np.ndarray:
-    r"""CLAIR's decision from per-client scores: ``"gap"`` (:func:`gap_flags`) or a number ``z*`` (``s_k > z*``).
+    r"""CLAIR's decision from per-client scores: ``"gap"`` (:func:`gap_flags`) or a number ``z*``.
 
-    A number is either a fixed cut (``3``: the former default of the federated method) or one
-    calibrated on uncontaminated validation runs (for example the ``(1 - q)`` quantile of benign scores
-    pooled over seeds and rounds, which then false-flags a benign client with rate about ``q``).
+    A number flags ``s_k > z*``; it is either a fixed cut (``3``: the former default of the federated
+    method) or one calibrated on uncontaminated validation runs (for example the ``(1 - q)`` quantile
+    of benign scores pooled over seeds and rounds, which then false-flags a benign client at rate ``q``).
 
     Examples
     --------
@@ -245,7 +245,8 @@ def threshold_flags(scores: np.ndarray, threshold="gap", *, level: float = GAP_L
     """
     if isinstance(threshold, str):
         if threshold not in THRESHOLD_RULES:
-            raise ValueError(f"The 'threshold' must be one of {THRESHOLD_RULES} or a number. Got {threshold!r}.")
+            raise ValueError(
+                f"The 'threshold' must be one of {THRESHOLD_RULES} or a number. Got {threshold!r}.")
         return gap_flags(scores, level=level)
     if isinstance(threshold, bool) or not np.isfinite(float(threshold)):
         raise ValueError(f"The 'threshold' must be a finite number or 'gap'. Got {threshold!r}.")
