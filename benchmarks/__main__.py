@@ -12,6 +12,8 @@ BENCHMARKS = {
     "aggregation": "benchmarks.bench_aggregation",
     "clair": "benchmarks.bench_clair",
     "llm": "benchmarks.bench_llm",
+    "scaling": "benchmarks.bench_scaling",
+    "prelort": "benchmarks.bench_prelort",
 }
 
 

@@ -81,13 +81,15 @@ def _throughput(sim, steps, repeats, rank=8):
     import dataclasses
 
     from lowrank_fed.llm.client import run_client
+    from lowrank_fed.llm.streams import BATCHES
 
     cfg = sim.cfg
     k = int(np.argmax(sim.n_k))
-    idx = sim.client_idx[k]
+    own = sim.contexts[k]  # client k's own rows
+    idx = own.indices
     # run_client draws the batches of (seed, round 1, client k); the plain loop gets the very same ones
-    batches = [make_batch(sim.enc["train"], idx[b]) for b in
-               client_batches(len(idx), steps, cfg.batch_size, np.random.default_rng([cfg.seed, 13, 1, k]))]
+    batches = [make_batch(own.data, idx[b]) for b in
+               client_batches(len(idx), steps, cfg.batch_size, BATCHES.rng(cfg.seed, 1, k))]
     context = dataclasses.replace(sim.contexts[k], settings=dataclasses.replace(sim.contexts[k].settings,
                                                                                  local_steps=steps, local_epochs=0))
 

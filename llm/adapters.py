@@ -5,8 +5,8 @@ An :class:`Adapter` is one client's (or the global) LoRA adapter with the scale 
 .. math:: \Delta W_m = s_m B^{peft}_m A^{peft}_m = B_m A_m \quad\text{for every adapted module } m,
 
 (``s_m = alpha_m / r_m``, or ``alpha_m / sqrt(r_m)`` with rsLoRA, from ``rank_pattern`` /
-``alpha_pattern``; :mod:`~lowrank_fed.llm.peft_bridge`), so adapters trained with different ranks,
-alphas or rsLoRA are combined by the core's rules on ``Delta W`` itself:
+``alpha_pattern``, whichever scale convention wrote them; :mod:`~lowrank_fed.llm.peft_bridge`), so adapters
+trained with different ranks, alphas or rsLoRA are combined by the core's rules on ``Delta W`` itself:
 
 - :func:`load_peft_adapter` reads a PEFT folder (``adapter_config.json`` + ``adapter_model.safetensors``)
   or a ``(state_dict, LoraConfig)``; tensors that are not LoRA factors (a classifier head in
@@ -36,7 +36,7 @@ from peft.utils.other import get_pattern_key
 from lowrank_fed import AGGREGATORS, FactorPair, redistribute
 from lowrank_fed.aggregation import aggregate_modules, weighted_average
 
-from .peft_bridge import adapter_config, pairs_to_state_dict, state_dict_to_pairs
+from .peft_bridge import adapter_config, pairs_to_state_dict, resolve_scaling, state_dict_to_pairs
 
 __all__ = ["Adapter", "load_peft_adapter", "save_peft_adapter", "aggregate_adapters", "redistribute_adapter",
            "average_extras"]
@@ -177,18 +177,26 @@ def load_peft_adapter(source, adapter_name: str | None = None) -> Adapter:
 # ----------------------------------------------------------------------------- writing
 def save_peft_adapter(folder, adapter: Adapter | Mapping[str, FactorPair], *, lora_alpha: float | None = None,
                       use_rslora: bool | None = None, base_model_name_or_path: str | None = None,
-                      task_type: str | None = None) -> Path:
+                      task_type: str | None = None, scaling: str | None = None,
+                      reference_rank: int | None = None) -> Path:
     r"""Write ``adapter`` as a PEFT folder (``adapter_config.json``, ``adapter_model.safetensors``).
 
     ``r`` is the most common rank, ``rank_pattern`` gives the others (exact module names);
-    ``lora_B = B / s`` with ``s = lora_alpha_m / r_m`` (or ``/ sqrt(r_m)``); unset options come from the
-    adapter's own config (its ``alpha_pattern`` too, per module, unless ``lora_alpha`` is given), else ``lora_alpha = 16``, no rsLoRA. Extras are saved under their names and
+    ``lora_B = B / s_m`` with ``s_m`` the scale convention's at the module's rank ``r_m``
+    (:func:`~lowrank_fed.llm.peft_bridge.convention_scale`): ``scaling = "alpha_over_r"`` (``lora_alpha / r_m``),
+    ``"rslora"`` (``lora_alpha / sqrt(r_m)``, the same as ``use_rslora = True``) or ``"constant"``
+    (``lora_alpha / reference_rank`` for every module, written as per-module alphas). PEFT loads the folder
+    with the same ``s_m``, so ``s_m lora_B lora_A = B A = Delta W`` whatever the convention. Unset options
+    come from the adapter's own config (its ``alpha_pattern`` too, per module, unless ``lora_alpha`` or
+    ``scaling`` is given), else ``lora_alpha = 16``, ``alpha_over_r``. Extras are saved under their names and
     their modules listed in ``modules_to_save``. Returns the folder.
 
     Raises
     ------
     ValueError
-        No modules, an alpha that is not finite and positive, or a non-finite tensor: nothing is written.
+        No modules, an alpha that is not finite and positive, an unknown ``scaling`` or one that disagrees with
+        ``use_rslora``, ``constant`` without a positive ``reference_rank``, or a non-finite tensor: nothing is
+        written.
     """
     from safetensors.torch import save_file
 
@@ -197,20 +205,25 @@ def save_peft_adapter(folder, adapter: Adapter | Mapping[str, FactorPair], *, lo
         raise ValueError("The adapter has no modules; expected at least one factor pair.")
     own = adapter.config
     alpha = lora_alpha if lora_alpha is not None else (own.lora_alpha if own is not None else 16.0)
-    rslora = use_rslora if use_rslora is not None else bool(own is not None and own.use_rslora)
+    if scaling is None:  # the older options: use_rslora given, else the adapter's own config
+        rslora = use_rslora if use_rslora is not None else bool(own is not None and own.use_rslora)
+    else:
+        rslora = bool(use_rslora)
+    scaling = resolve_scaling(scaling, rslora)
     base = base_model_name_or_path if base_model_name_or_path is not None else \
         (own.base_model_name_or_path if own is not None else None)
     task = task_type if task_type is not None else (own.task_type if own is not None else None)
     saved = sorted({name.rsplit(".", 1)[0] for name in adapter.extras})
     # Per-module alphas of the adapter's own config (alpha_pattern) are kept, unless one alpha is imposed.
+    keep_own = lora_alpha is None and scaling != "constant" and own is not None and own.alpha_pattern
     alphas = {m: float(own.alpha_pattern.get(get_pattern_key(own.alpha_pattern.keys(), m), own.lora_alpha))
-              for m in adapter.pairs} if lora_alpha is None and own is not None and own.alpha_pattern else None
-    config = adapter_config(adapter.ranks, target_modules=sorted(adapter.pairs), lora_alpha=float(alpha),
-                            use_rslora=rslora, modules_to_save=saved or None, task_type=task,
-                            base_model_name_or_path=base, alphas=alphas)
+              for m in adapter.pairs} if keep_own else None
     if not (math.isfinite(alpha) and alpha > 0):
         raise ValueError(f"The 'lora_alpha' parameter must be finite and positive (lora_B = B / s with s = alpha / "
                          f"r). Got {alpha}.")
+    config = adapter_config(adapter.ranks, target_modules=sorted(adapter.pairs), lora_alpha=float(alpha),
+                            modules_to_save=saved or None, task_type=task, base_model_name_or_path=base,
+                            alphas=alphas, scaling=scaling, reference_rank=reference_rank)
     state = {k: v.detach().to("cpu").contiguous() for k, v in
              pairs_to_state_dict(adapter.pairs, config, adapter.extras).items()}
     bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]

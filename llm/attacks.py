@@ -2,14 +2,18 @@ r"""Contaminated clients: who they are (``[[attacks]]`` of a run config) and wha
 
 A contaminated client is contaminated for the whole run and for every method, so methods face the
 same federation. Which clients: the ids an entry names, then ``round(fraction * K)`` (at least one)
-of the remaining clients per ``fraction`` entry, drawn from ``(seed, 13)``.
+of the remaining clients per ``fraction`` entry, drawn from the stream ``ATTACKERS`` (``(seed, 13)``,
+:mod:`.streams`): a function of the ids and the seed only, so a node knows whether it is contaminated without
+reading anyone's data.
 
-Data attacks: the client trains honestly on wrong data (its rows of the training set change):
+Data attacks: the client trains honestly on wrong data (its own rows change, :func:`poison_examples`):
 
 - ``label_flip``: ``y -> (y + 1) mod C`` (classification);
 - ``shuffle_targets``: the client's labels (or generation targets) permuted among its own examples;
 - ``other_task``: another task on the same inputs. Classification: the length class of the text,
-  ``y = #{quantiles q_1..q_{C-1} of the training texts' word counts below its word count}``;
+  ``y = #{quantiles q_1..q_{C-1} of the training texts' word counts below its word count}`` (the quantiles,
+  :func:`length_edges`, are a statistic of every client's texts: in a federation the server computes them and
+  sends them to the nodes);
   generation: the data set's ``other_targets`` (the copy task's other transformation).
 
 Update attacks: the reply is replaced after honest training (the head stays honest). For each module,
@@ -36,8 +40,10 @@ import torch
 
 from .data import TextDataset
 from .protocol import Message
+from .streams import ATTACK_DIRECTION, ATTACKERS, SHARED_ATTACK_DIRECTION, SHUFFLE_TARGETS
 
-__all__ = ["DATA_ATTACKS", "UPDATE_ATTACKS", "attack_counts", "choose_attackers", "poison_dataset", "attack_reply"]
+__all__ = ["DATA_ATTACKS", "UPDATE_ATTACKS", "attack_counts", "choose_attackers", "check_data_attack", "length_edges",
+           "poison_examples", "poison_dataset", "attack_reply"]
 
 DATA_ATTACKS = ("label_flip", "shuffle_targets", "other_task")
 UPDATE_ATTACKS = ("random", "scaled", "sign_flip", "coordinated")
@@ -62,7 +68,7 @@ def choose_attackers(attacks: Sequence, n_clients: int, seed: int) -> dict[int, 
             if k in chosen or not 0 <= k < n_clients:
                 raise ValueError(f"Attack client {k}: expected a distinct id in [0, {n_clients}).")
             chosen[int(k)] = a
-    rest = [int(k) for k in np.random.default_rng([seed, 13]).permutation(n_clients) if int(k) not in chosen]
+    rest = [int(k) for k in ATTACKERS.rng(seed).permutation(n_clients) if int(k) not in chosen]
     for a, count in zip(attacks, attack_counts(attacks, n_clients), strict=True):
         if a.clients is None:
             take, rest = rest[:count], rest[count:]
@@ -72,16 +78,78 @@ def choose_attackers(attacks: Sequence, n_clients: int, seed: int) -> dict[int, 
     return dict(sorted(chosen.items()))
 
 
-def _length_classes(texts: Sequence[str], reference: Sequence[str], n_classes: int) -> np.ndarray:
-    """The length class of each text: how many of the reference's word-count quantiles lie below it."""
+def length_edges(reference: Sequence[str], n_classes: int) -> np.ndarray:
+    """The ``n_classes - 1`` word-count quantiles of ``reference`` that cut texts into ``other_task``'s length classes."""
     counts = np.array([len(t.split()) for t in reference], dtype=np.float64)
-    edges = np.quantile(counts, np.arange(1, n_classes) / n_classes)
-    return np.searchsorted(edges, np.array([len(t.split()) for t in texts]), side="right").astype(np.int64)
+    return np.quantile(counts, np.arange(1, n_classes) / n_classes)
+
+
+def _length_classes(texts: Sequence[str], edges) -> np.ndarray:
+    """The length class of each text: how many of the quantiles ``edges`` lie below its word count."""
+    return np.searchsorted(np.asarray(edges, dtype=np.float64), np.array([len(t.split()) for t in texts]),
+                           side="right").astype(np.int64)
+
+
+def check_data_attack(kind: str, task: str, has_other_targets: bool) -> None:
+    r"""Refuse a data attack the task cannot have.
+
+    Raises
+    ------
+    ValueError
+        ``label_flip`` on generation, or ``other_task`` on a generation data set without ``other_targets``.
+    """
+    if kind == "label_flip" and task == "generation":
+        raise ValueError("Attack 'label_flip' needs a classification task; use 'shuffle_targets' or "
+                         "'other_task' for generation.")
+    if kind == "other_task" and task == "generation" and not has_other_targets:
+        raise ValueError("Attack 'other_task' on a generation data set needs its 'other_targets' "
+                         "(the copy task has them); this data set has none.")
+
+
+def poison_examples(examples: TextDataset, attack, *, client: int, seed: int, edges=None) -> TextDataset:
+    r"""Client ``client``'s own training examples as its data attack changes them (a copy; other attacks: as given).
+
+    ``examples`` are the client's rows in order; ``shuffle_targets`` permutes them with the stream
+    ``SHUFFLE_TARGETS`` of ``(seed, client)``. ``other_task`` on classification needs ``edges``
+    (:func:`length_edges` of the whole training set's texts, which the server sends).
+
+    Raises
+    ------
+    ValueError
+        An attack the task cannot have (:func:`check_data_attack`), or ``other_task`` on classification without
+        ``edges``.
+    """
+    if attack.kind not in DATA_ATTACKS:
+        return examples
+    generation = examples.task == "generation"
+    check_data_attack(attack.kind, examples.task, getattr(examples, "other_targets", None) is not None)
+    labels = examples.labels.copy()
+    targets = None if examples.targets is None else list(examples.targets)
+    if attack.kind == "label_flip":
+        labels = (labels + 1) % len(examples.label_names)
+    elif attack.kind == "shuffle_targets":
+        perm = SHUFFLE_TARGETS.rng(seed, client).permutation(len(examples))
+        if generation:
+            targets = [examples.targets[j] for j in perm]
+        else:
+            labels = examples.labels[perm]
+    elif generation:
+        targets = list(examples.other_targets)
+    else:
+        if edges is None:
+            raise ValueError(f"Attack 'other_task' of client {client} needs the length-class edges of the whole "
+                             "training set (attacks.length_edges, sent by the server); none were given.")
+        labels = _length_classes(examples.texts, edges)
+    out = examples.subset(np.arange(len(examples)))
+    out.labels, out.targets = labels, targets
+    return out
 
 
 def poison_dataset(train: TextDataset, client_idx: Sequence[np.ndarray], attackers: Mapping[int, object],
                    seed: int) -> TextDataset:
     r"""The training set with each data attacker's rows changed (labels, or targets for generation).
+
+    Each attacker's rows change as :func:`poison_examples` changes them on its own examples.
 
     Raises
     ------
@@ -91,32 +159,18 @@ def poison_dataset(train: TextDataset, client_idx: Sequence[np.ndarray], attacke
     """
     labels = train.labels.copy()
     targets = None if train.targets is None else list(train.targets)
-    generation = train.task == "generation"
+    edges = None
     for k, attack in attackers.items():
         if attack.kind not in DATA_ATTACKS:
             continue
         rows = np.asarray(client_idx[k], dtype=np.int64)
-        if attack.kind == "label_flip":
-            if generation:
-                raise ValueError("Attack 'label_flip' needs a classification task; use 'shuffle_targets' or "
-                                 "'other_task' for generation.")
-            labels[rows] = (labels[rows] + 1) % len(train.label_names)
-        elif attack.kind == "shuffle_targets":
-            perm = rows[np.random.default_rng([seed, 14, k]).permutation(len(rows))]
-            if generation:
-                for i, j in zip(rows, perm, strict=True):
-                    targets[i] = train.targets[j]
-            else:
-                labels[rows] = train.labels[perm]
-        elif generation:
-            other = getattr(train, "other_targets", None)
-            if other is None:
-                raise ValueError("Attack 'other_task' on a generation data set needs its 'other_targets' "
-                                 "(the copy task has them); this data set has none.")
-            for i in rows:
-                targets[i] = other[i]
-        else:
-            labels[rows] = _length_classes([train.texts[i] for i in rows], train.texts, len(train.label_names))
+        if attack.kind == "other_task" and train.task != "generation" and edges is None:
+            edges = length_edges(train.texts, len(train.label_names))
+        own = poison_examples(train.subset(rows), attack, client=k, seed=seed, edges=edges)
+        labels[rows] = own.labels
+        if targets is not None:
+            for i, t in zip(rows, own.targets, strict=True):
+                targets[i] = t
     out = train.subset(np.arange(len(train)))
     out.labels, out.targets = labels, targets
     return out
@@ -142,13 +196,13 @@ def attack_reply(reply: Message, attack, *, seed: int, round_: int, client: int)
         parts = key.split("/")
         if parts[0] in ("lora", "delta") and t.is_floating_point():
             modules.setdefault("/".join(parts[:-1]), {})[parts[-1]] = key
-    shared = [seed, 15, round_] if kind == "coordinated" else [seed, 15, round_, client]
     for i, (module, keys) in enumerate(sorted(modules.items())):
         main = keys.get("B", next(iter(keys.values())))  # the factor that carries the attack
         if kind in ("scaled", "sign_flip"):
             arrays[main] = arrays[main] * (s if kind == "scaled" else -1.0)
             continue
-        gen = torch.Generator().manual_seed(int(np.random.SeedSequence([*shared, i]).generate_state(1)[0]))
+        gen = torch.Generator().manual_seed(SHARED_ATTACK_DIRECTION.seed(seed, round_, i) if kind == "coordinated"
+                                            else ATTACK_DIRECTION.seed(seed, round_, client, i))
         if "B" in keys and "A" in keys:
             B, A = arrays[keys["B"]].double(), arrays[keys["A"]].double()
             GB, GA = _gaussian_like(B, gen).double(), _gaussian_like(A, gen).double()

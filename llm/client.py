@@ -3,7 +3,8 @@ r"""The client step: ``run_client(method, message, client_state, context) -> (re
 One function does everything a client does in a round, so the in-process runner and a Flower
 ``ClientApp`` (a function of ``(Message, Context)``) run the same code:
 
-1. seeds from ``(seed, round, client id)``: the batch order, the fresh factors a method draws, dropout;
+1. seeds from ``(seed, round, client id)``: the batch order, the fresh factors a method draws, dropout
+   (the streams ``BATCHES``, ``CLIENT_FACTORS``, ``DROPOUT`` of :mod:`.streams`);
 2. the method's local plan from the download and the client's own state (:meth:`Method.client_plan`);
 3. an optional probe (:meth:`Method.client_probe`; LoRA-A2): a first training pass on the round's
    batches, from the same start, whose result the method reads (:meth:`Method.client_after_probe`)
@@ -13,7 +14,8 @@ One function does everything a client does in a round, so the in-process runner 
 5. training (:func:`~lowrank_fed.llm.training.train_local`);
 6. the upload extracted from the adapter (:meth:`Method.client_reply`); the reply's config carries
    ``num_examples``, ``rank`` and ``client``, its metrics the training loss, accuracy and time
-   (probe included), the probe's time and the number of parameters uploaded.
+   (probe included), the probe's time, the number of parameters uploaded and the update's energy per
+   prefix of slots (``prefix_energy``, :func:`update_prefix_energy`).
 
 Nothing here reads or writes server state.
 """
@@ -28,17 +30,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from lowrank_fed.linalg import prefix_update_energy
+
 from .data import make_batch
 from .methods.base import ClientState, Method
 from .protocol import Message
+from .streams import BATCHES, CLIENT_FACTORS, DROPOUT, derive_seed
 from .training import TrainStats, client_batches, train_local
 
-__all__ = ["TrainSettings", "ClientContext", "run_client", "derive_seed"]
-
-
-def derive_seed(*parts: int) -> int:
-    """A 32-bit seed derived from integers (``numpy.random.SeedSequence``), e.g. ``(seed, purpose, round, client)``."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+__all__ = ["TrainSettings", "ClientContext", "run_client", "derive_seed", "update_prefix_energy"]
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,9 @@ class TrainSettings:
 class ClientContext:
     r"""What a client has that no message carries: its id, data, model and settings.
 
+    Built by :func:`~lowrank_fed.llm.federation.build_client` from the client's own examples only (``data`` holds
+    exactly the client's rows, ``indices`` is ``0 .. n_k - 1``).
+
     Attributes
     ----------
     client_id : int
@@ -71,7 +74,7 @@ class ClientContext:
     data : dict of tensors
         Encoded training examples (``input_ids``, ``attention_mask``, ``labels``, ...).
     indices : int array
-        This client's rows of ``data``.
+        This client's rows of ``data`` (all of them when ``data`` is the client's own).
     settings : TrainSettings
     device : torch.device
     """
@@ -83,6 +86,32 @@ class ClientContext:
     indices: np.ndarray
     settings: TrainSettings
     device: torch.device
+
+
+def update_prefix_energy(start, end) -> list[float] | None:
+    r"""The local update's energy per prefix of slots, summed over modules: ``[e_1, .., e_R]``.
+
+    .. math:: e_t = \sum_m \lVert \Delta W_{m, :t} \rVert_F^2,\qquad
+              \Delta W_{m, :t} = B'_{m, :, :t} A'_{m, :t, :} - B_{m, :, :t} A_{m, :t, :}
+
+    with ``(B_m, A_m)`` the folded adapter the client started the round from (``start``, the plan's) and
+    ``(B'_m, A'_m)`` the one it trained (``end``); a module of rank ``r_m < t`` counts whole
+    (:func:`lowrank_fed.linalg.prefix_update_energy` per module, ``R`` the largest rank). ``e_R`` is the
+    whole update's ``sum_m ||Delta W_m||_F^2`` and ``e_t / e_R`` the share of it in slots ``0..t-1``
+    (:func:`~lowrank_fed.llm.training.prefix_shares`). From the factors alone: two ``2r x 2r`` Gram
+    matrices per module, no forward pass. None when ``start`` and ``end`` differ in modules or shapes.
+    """
+    if set(start) != set(end) or not start:
+        return None
+    if any(tuple(start[m].B.shape) != tuple(end[m].B.shape) or tuple(start[m].A.shape) != tuple(end[m].A.shape)
+           for m in start):
+        return None
+    per_module = [prefix_update_energy(start[m], end[m]) for m in sorted(start)]
+    rank = max(len(e) for e in per_module)
+    total = np.zeros(rank)
+    for e in per_module:
+        total += np.concatenate([e, np.full(rank - len(e), e[-1])])
+    return [float(v) for v in total]
 
 
 def _train(plan, batches, context: ClientContext, dropout_seed: int):
@@ -118,8 +147,10 @@ def run_client(method: Method, message: Message, client_state: ClientState | Non
         Arrays to upload; config ``num_examples``, ``rank``, ``client``, ``round`` and the method's
         own keys; metrics ``train_loss``, ``train_accuracy``, ``steps`` (of the local training),
         ``train_seconds`` (local compute: the probe's seconds plus the training's), ``probe_seconds``
-        (0.0 without a probe) and ``params_up`` (floating-point entries uploaded: factors, deltas and
-        head; integer slot indices are bytes, not parameters).
+        (0.0 without a probe), ``params_up`` (floating-point entries uploaded: factors, deltas and
+        head; integer slot indices are bytes, not parameters) and ``prefix_energy`` (the local update's
+        energy per prefix of slots, :func:`update_prefix_energy`; None when the trained adapter is not
+        shaped like the start).
     client_state : ClientState
     stats : TrainStats
         Of the local training (the probe excluded).
@@ -133,17 +164,17 @@ def run_client(method: Method, message: Message, client_state: ClientState | Non
     if method.options.lr is not None:  # the method's own learning rate (option lr)
         context = dataclasses.replace(context, settings=dataclasses.replace(context.settings, lr=method.options.lr))
     state = client_state if client_state is not None else ClientState()
-    generator = torch.Generator().manual_seed(derive_seed(context.seed, 19, round_, k))
+    generator = torch.Generator().manual_seed(CLIENT_FACTORS.seed(context.seed, round_, k))
     plan, state = method.client_plan(message, state, context, generator)
     if method.head_frozen:  # option freeze_head: the head is never trained (nor uploaded: client_reply)
         plan.lrs.pop("extras", None)
 
     idx = context.indices
     steps = context.settings.steps(len(idx))
-    rng = np.random.default_rng([context.seed, 13, round_, k])
+    rng = BATCHES.rng(context.seed, round_, k)
     batches = [make_batch(context.data, idx[b], context.device)
                for b in client_batches(len(idx), steps, context.settings.batch_size, rng)]
-    dropout_seed = derive_seed(context.seed, 17, round_, k)
+    dropout_seed = DROPOUT.seed(context.seed, round_, k)
     probe_seconds = 0.0
     probe = method.client_probe(plan, message, state, context)
     if probe is not None:
@@ -154,10 +185,11 @@ def run_client(method: Method, message: Message, client_state: ClientState | Non
         probe_seconds = time.perf_counter() - start
     pairs, extras, stats = _train(plan, batches, context, dropout_seed)
 
+    energy = update_prefix_energy(plan.pairs, pairs)
     reply, state = method.client_reply(plan, pairs, extras, state, message)
     reply.config.update(num_examples=int(len(idx)), client=k, round=round_)
     params_up = sum(t.numel() for t in reply.arrays.values() if t.is_floating_point())
     reply.metrics.update(train_loss=stats.loss, train_accuracy=stats.accuracy,
                          train_seconds=stats.seconds + probe_seconds, probe_seconds=probe_seconds,
-                         params_up=int(params_up), steps=stats.steps)
+                         params_up=int(params_up), steps=stats.steps, prefix_energy=energy)
     return reply, state, stats

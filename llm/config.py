@@ -44,9 +44,10 @@ from .attacks import DATA_ATTACKS, UPDATE_ATTACKS, attack_counts
 from .data import DATASETS, RANK_DISTRIBUTIONS
 from .methods import METHODS
 from .models import MODELS
+from .peft_bridge import LORA_SCALINGS
 
-__all__ = ["RunConfig", "Fault", "Attack", "ConfigError", "load_config", "apply_overrides", "parse_value",
-           "config_reference"]
+__all__ = ["RunConfig", "Fault", "Attack", "ConfigError", "load_config", "apply_overrides", "parse_value", "TUNED_KEY",
+           "tuned_paths", "config_reference"]
 
 RANK_NAMES = ("flora", "top10", *RANK_DISTRIBUTIONS)
 
@@ -213,8 +214,16 @@ class RunConfig(BaseModel):
         "largest integer"))
     max_length: int = Field(64, ge=1, description=(
         "tokens per example (truncation / padding), at most the model's max_position_embeddings"))
-    lora_alpha: float = Field(16.0, gt=0, allow_inf_nan=False, description="LoRA alpha (scale alpha / r)")
-    use_rslora: bool = Field(False, description="rank-stabilised scale alpha / sqrt(r)")
+    lora_alpha: float = Field(16.0, gt=0, allow_inf_nan=False, description=(
+        "LoRA alpha: the scale s is alpha / r, alpha / sqrt(r) or alpha / r_ref, see `lora_scaling`"))
+    use_rslora: bool = Field(False, description=(
+        "rank-stabilised scale alpha / sqrt(r): the older spelling of `lora_scaling = \"rslora\"` (either one "
+        "sets the other; `true` with `lora_scaling = \"constant\"` is an error)"))
+    lora_scaling: Literal[LORA_SCALINGS] = Field("alpha_over_r", description=(
+        "the LoRA scale s of an adapter of rank r, the same rule for every client, method, download and export: "
+        "`alpha_over_r` (s = lora_alpha / r, PEFT's default), `rslora` (s = lora_alpha / sqrt(r)), `constant` "
+        "(s = lora_alpha / r_ref at every rank, r_ref = the run's largest client rank, after `ranks` is "
+        "assigned; docs/methods.md, Scale convention)"))
     target_modules: list[str] = Field([], description="modules that get LoRA adapters; empty: the model's")
     train_size: int = Field(0, ge=0, description="training examples drawn from the training split; 0: all")
     val_size: int = Field(50, ge=0, description=(
@@ -286,6 +295,29 @@ class RunConfig(BaseModel):
             n = len(counts)
             _fail(((), f"{n} ranks for ranks = {spec!r} (its client counts are over {n} ranks)", rank_set))
         return rank_set
+
+    @model_validator(mode="before")
+    @classmethod
+    def _scaling_from_rslora(cls, data: Any) -> Any:
+        """``use_rslora = true`` is the older spelling of ``lora_scaling = "rslora"``: either one, the other absent or
+        at its default (Flower's run config always holds both), selects rsLoRA, and both are set to say so, so
+        ``to_dict`` round-trips. ``use_rslora = true`` with ``lora_scaling = "constant"`` is left for
+        :meth:`_one_scaling` to refuse."""
+        if isinstance(data, Mapping):
+            rslora, scaling = data.get("use_rslora"), data.get("lora_scaling")
+            if rslora is True and scaling in (None, "alpha_over_r"):
+                data = {**data, "lora_scaling": "rslora"}
+            elif scaling == "rslora" and (rslora is None or rslora is False):
+                data = {**data, "use_rslora": True}
+        return data
+
+    @field_validator("lora_scaling")
+    @classmethod
+    def _one_scaling(cls, scaling: str, info: ValidationInfo) -> str:
+        if info.data.get("use_rslora") is True and scaling != "rslora":
+            _fail(((), "'rslora' when use_rslora = true (its older spelling: remove use_rslora, or set lora_scaling "
+                       "= 'rslora')", scaling))
+        return scaling
 
     @field_validator("local_epochs")
     @classmethod
@@ -555,18 +587,8 @@ def parse_value(text: str) -> Any:
         return text
 
 
-def load_config(path: str | Path | None = None) -> dict:
-    r"""The TOML file as a dict (``{}`` for no file).
-
-    Raises
-    ------
-    ConfigError
-        The file is missing or unreadable (naming the path), or not valid TOML (naming the file and
-        the line).
-    """
-    if path is None:
-        return {}
-    path = Path(path)
+def _read_toml(path: Path) -> dict:
+    """One TOML file as a dict; ConfigError naming the file (missing, unreadable) or the line (not TOML)."""
     try:
         text = path.read_bytes().decode("utf-8")
     except FileNotFoundError:
@@ -579,6 +601,86 @@ def load_config(path: str | Path | None = None) -> dict:
         found = re.search(r"at line (\d+)", str(err))
         line = int(found.group(1)) if found else max(1, len(text.splitlines()))
         raise ConfigError(f"Config file '{path}', line {line}: not valid TOML: {err}.") from None
+
+
+#: The config key naming files of chosen hyper-parameters (``lowrank-fed tune``'s ``tuned.toml``) to merge in.
+TUNED_KEY = "tuned"
+
+
+def _tuned_entries(path: Path, data: dict) -> list[Path]:
+    """The files ``data``'s ``tuned`` key names, resolved against the config file's folder."""
+    raw = data[TUNED_KEY]
+    files = [raw] if isinstance(raw, str) else raw
+    if not isinstance(files, list) or not files or not all(isinstance(f, str) and f.strip() for f in files):
+        raise ConfigError(f"Config key '{TUNED_KEY}' in '{path}': expected a path to a tuned.toml (relative to the "
+                          f"config's folder) or a list of such paths; got {_show(raw)}.")
+    return [Path(f) if Path(f).is_absolute() else path.parent / f for f in files]
+
+
+def tuned_paths(path: str | Path | None) -> list[Path]:
+    """The tuned files a config file's ``tuned`` key names (``[]`` for none); what :func:`load_config` merges."""
+    if path is None:
+        return []
+    data = _read_toml(Path(path))
+    return _tuned_entries(Path(path), data) if TUNED_KEY in data else []
+
+
+def load_config(path: str | Path | None = None) -> dict:
+    r"""The TOML file as a dict (``{}`` for no file), with the files its ``tuned`` key names merged in.
+
+    ``tuned = "path/to/tuned.toml"`` (or a list of such paths), relative to the config file's folder, names
+    files of chosen values (``lowrank-fed tune`` writes them): their ``[method]`` tables (and any top-level key)
+    are merged into the config, and the ``tuned`` key itself is dropped, so a run stores the values it used. A
+    value given in two places (the config and a tuned file, or two tuned files) is an error naming both.
+
+    Raises
+    ------
+    ConfigError
+        The file is missing or unreadable (naming the path), or not valid TOML (naming the file and
+        the line); a ``tuned`` entry that is not a path, a tuned file that is missing, not TOML, names
+        ``tuned`` itself or a key that is no config key or method table, or a value given twice.
+    """
+    if path is None:
+        return {}
+    path = Path(path)
+    data = _read_toml(path)
+    if TUNED_KEY not in data:
+        return data
+    files = _tuned_entries(path, data)
+    del data[TUNED_KEY]
+    where: dict[tuple[str, ...], Path] = {}  # each key set, and the file that set it
+
+    def note(keys: tuple[str, ...], source: Path) -> None:
+        if keys in where:
+            shown = ".".join(keys)
+            raise ConfigError(f"Config key '{shown}' is given both in '{where[keys]}' and in '{source}' (merged "
+                              f"through '{TUNED_KEY}' of '{path}'); keep one of them.")
+        where[keys] = source
+
+    for key, value in data.items():
+        if isinstance(value, Mapping) and key in METHODS:
+            for option in value:
+                note((key, option), path)
+        else:
+            note((key,), path)
+    merged = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in data.items()}
+    for tuned in files:
+        chosen = _read_toml(tuned)
+        for key, value in chosen.items():
+            if key == TUNED_KEY:
+                raise ConfigError(f"Tuned file '{tuned}' (named by '{TUNED_KEY}' in '{path}') names '{TUNED_KEY}' "
+                                  "itself; a tuned file holds chosen values only.")
+            if key in METHODS and isinstance(value, Mapping):
+                for option, v in value.items():
+                    note((key, option), tuned)
+                    merged.setdefault(key, {})[option] = v
+            elif key in RunConfig.model_fields and key != "method_options":
+                note((key,), tuned)
+                merged[key] = value
+            else:
+                raise ConfigError(f"Tuned file '{tuned}' (named by '{TUNED_KEY}' in '{path}'): key '{key}' is "
+                                  f"neither a config key nor a method table ({_method_tables()}).")
+    return merged
 
 
 def apply_overrides(data: dict, overrides: list[str] | None) -> dict:

@@ -18,15 +18,18 @@ Partitioners return one index array per client; rank assignments return one rank
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from .models import package_path
+from .streams import DATA, DATA_SPLIT
 
 __all__ = [
     "TextDataset",
+    "LazyTexts",
     "DATASETS",
     "load_dataset",
     "load_bbc_news",
@@ -66,13 +69,48 @@ RANK_DISTRIBUTIONS = {
 }
 
 
+class LazyTexts(Sequence):
+    r"""Texts read from their files only when asked for (BBC News: one article per file).
+
+    A subset (:meth:`take`, what :meth:`TextDataset.subset` does) keeps the paths only, so the rows a client
+    never asks for are never opened. Equal to another ``LazyTexts`` of the same files, or to the list of its texts.
+    """
+
+    def __init__(self, paths, read: Callable[[object], str]):
+        self._paths, self._read = list(paths), read
+
+    def __len__(self) -> int:
+        return len(self._paths)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self._read(p) for p in self._paths[i]]
+        return self._read(self._paths[i])
+
+    @property
+    def paths(self) -> list:
+        """The files, in order."""
+        return list(self._paths)
+
+    def take(self, idx) -> "LazyTexts":
+        """The texts of positions ``idx``, still unread."""
+        return LazyTexts([self._paths[int(i)] for i in idx], self._read)
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, LazyTexts):
+            return self._paths == other._paths and self._read is other._read
+        return isinstance(other, list) and list(self) == other
+
+    __hash__ = None
+
+
 @dataclass
 class TextDataset:
     r"""Texts with integer labels; for generation, ``targets`` holds the text to produce.
 
     Attributes
     ----------
-    texts : list of str
+    texts : list of str, or LazyTexts (read from their files on access)
     labels : int64 array, shape (n,)
         Class (classification) or topic used to partition clients (generation).
     label_names : list of str
@@ -94,8 +132,9 @@ class TextDataset:
 
     def subset(self, idx) -> "TextDataset":
         idx = np.asarray(idx, dtype=np.int64)
+        texts = self.texts.take(idx) if isinstance(self.texts, LazyTexts) else [self.texts[i] for i in idx]
         return TextDataset(
-            [self.texts[i] for i in idx], self.labels[idx], list(self.label_names),
+            texts, self.labels[idx], list(self.label_names),
             None if self.targets is None else [self.targets[i] for i in idx], self.task, dict(self.meta),
             None if self.other_targets is None else [self.other_targets[i] for i in idx],
         )
@@ -116,11 +155,20 @@ def _read(path) -> str:
     return path.read_bytes().decode("utf-8", errors="replace")
 
 
+def _article(path) -> str:
+    """One BBC article as one line: its words joined by single spaces."""
+    return " ".join(_read(path).split())
+
+
 def load_bbc_news() -> TextDataset:
-    """BBC News topic classification: 2,225 articles (headline + body), 5 topics."""
+    """BBC News topic classification: 2,225 articles (headline + body), 5 topics.
+
+    The topics come from the folder names; an article's file is read only when its text is asked for
+    (:class:`LazyTexts`), so a client reads its own articles and no other.
+    """
     files = _bbc_files()
-    texts = [" ".join(_read(p).split()) for p, _ in files]
-    return TextDataset(texts, np.array([y for _, y in files], dtype=np.int64), list(BBC_TOPICS))
+    return TextDataset(LazyTexts([p for p, _ in files], _article), np.array([y for _, y in files], dtype=np.int64),
+                       list(BBC_TOPICS))
 
 
 def load_bbc_headlines() -> TextDataset:
@@ -162,7 +210,7 @@ def make_synthetic(n: int = 400, *, n_classes: int = 4, length: int = 24, seed: 
     Word ``w{j}`` filler from a 200-word vocabulary; class ``c`` contributes 4 of its 5 keywords
     ``c{c}k{i}``. Deterministic in ``seed``.
     """
-    rng = np.random.default_rng(seed)
+    rng = DATA.rng(seed)
     labels = rng.integers(0, n_classes, size=n)
     texts = []
     for y in labels:
@@ -178,7 +226,7 @@ def make_copy_task(n: int = 200, *, n_groups: int = 4, length: int = 16, copy: i
 
     Group ``g`` draws its words from its own 50-word range, which gives ``labels`` for non-IID splits.
     """
-    rng = np.random.default_rng(seed)
+    rng = DATA.rng(seed)
     labels = rng.integers(0, n_groups, size=n)
     texts, targets = [], []
     for g in labels:
@@ -241,7 +289,7 @@ def make_copy_substitution(n: int = 4000, *, n_groups: int = 4, length: int = 12
         raise ValueError(f"The 'n_groups' parameter must be in [1, {n_free}]. Got {n_groups}.")
     if not (0 <= p_sub and 0 <= p_mix and p_sub + p_mix <= 1):
         raise ValueError(f"Need p_sub, p_mix >= 0 with p_sub + p_mix <= 1. Got {p_sub}, {p_mix}.")
-    rng = np.random.default_rng(seed)
+    rng = DATA.rng(seed)
     shared = np.arange(_COPY_SHARED)
     free = np.arange(_COPY_SHARED, len(COPY_SUB_WORDS))
     slices = np.array_split(free, n_groups)
@@ -373,7 +421,7 @@ def load_dataset(name: str, *, seed: int = 0, test_fraction: float = 0.2) -> tup
         "copy": lambda: make_copy_task(seed=seed),
         "copy_sub": lambda: make_copy_substitution(seed=seed),
     }[name]()
-    train, test = stratified_split(full.labels, test_fraction, np.random.default_rng([seed, 1]))
+    train, test = stratified_split(full.labels, test_fraction, DATA_SPLIT.rng(seed))
     return full.subset(train), full.subset(test)
 
 

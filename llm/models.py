@@ -23,6 +23,7 @@ vocabulary (:func:`copy_llama`).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -36,8 +37,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
+
+from .streams import COPY_PRETRAIN_BATCHES, COPY_PRETRAIN_EVAL, COPY_PRETRAIN_INIT, MODEL_INIT
 
 __all__ = [
     "PackageMissingError",
@@ -52,12 +54,16 @@ __all__ = [
     "tiny_bert",
     "tiny_llama",
     "word_tokenizer",
+    "word_vocabulary",
+    "needs_vocabulary",
     "COPY_LLAMA",
     "copy_tokenizer",
     "copy_llama",
     "pretrain_copy",
     "copy_examples",
     "load_model",
+    "count_parameters",
+    "parameter_count",
 ]
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -206,21 +212,40 @@ def load_smollm2(*, dtype: torch.dtype = torch.float32, cache: Path | None = Non
     return model, tokenizer
 
 
-def word_tokenizer(texts: Iterable[str], *, vocab_size: int = 2000, causal: bool = False):
-    r"""A lower-cased word-level fast tokenizer over the ``vocab_size`` most frequent words of ``texts``.
+_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[EOS]")  # word_tokenizer's special tokens, ids 0..4
 
-    Special tokens ``[PAD]`` (0), ``[UNK]``, ``[CLS]``, ``[SEP]``, ``[EOS]``; BERT-style
-    ``[CLS] x [SEP]`` unless ``causal``. Deterministic: ties in frequency go to the earlier word.
+
+def word_vocabulary(texts: Iterable[str], *, vocab_size: int = 2000) -> list[str]:
+    r"""The ``vocab_size - 5`` most frequent lower-cased words of ``texts``, most frequent first (ties: earlier word).
+
+    The words of :func:`word_tokenizer` after its 5 special tokens. A function of every text, so in a federation
+    the server computes it once and sends it to the nodes (:class:`~lowrank_fed.llm.federation.Shared`).
     """
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import pre_tokenizers
 
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[EOS]"]
     counts: Counter = Counter()
     pre = pre_tokenizers.Whitespace()
     for text in texts:
         counts.update(w for w, _ in pre.pre_tokenize_str(text.lower()))
-    words = [w for w, _ in sorted(counts.items(), key=lambda kv: -kv[1])[: max(vocab_size - len(specials), 0)]]
+    return [w for w, _ in sorted(counts.items(), key=lambda kv: -kv[1])[: max(vocab_size - len(_SPECIALS), 0)]]
+
+
+def word_tokenizer(texts: Iterable[str] | None = None, *, vocab_size: int = 2000, causal: bool = False,
+                   words: Iterable[str] | None = None):
+    r"""A lower-cased word-level fast tokenizer over the ``vocab_size`` most frequent words of ``texts``.
+
+    Special tokens ``[PAD]`` (0), ``[UNK]``, ``[CLS]``, ``[SEP]``, ``[EOS]``; BERT-style
+    ``[CLS] x [SEP]`` unless ``causal``. Deterministic: ties in frequency go to the earlier word.
+    ``words`` (instead of ``texts``): the vocabulary itself, as :func:`word_vocabulary` returns it.
+    """
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    if (texts is None) == (words is None):
+        raise ValueError("word_tokenizer needs exactly one of 'texts' (to count words in) and 'words' (the vocabulary).")
+    specials = list(_SPECIALS)
+    words = word_vocabulary(texts, vocab_size=vocab_size) if words is None else list(words)
+    pre = pre_tokenizers.Whitespace()
     vocab = {tok: i for i, tok in enumerate(specials + words)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
     tok.normalizer = normalizers.Lowercase()
@@ -245,7 +270,7 @@ def tiny_bert(num_labels: int, *, vocab_size: int, seed: int = 0, hidden: int = 
         hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1,
     )
     with torch.random.fork_rng():
-        torch.manual_seed(seed)
+        torch.manual_seed(MODEL_INIT.seed(seed))
         return BertForSequenceClassification(config)
 
 
@@ -259,7 +284,7 @@ def tiny_llama(*, vocab_size: int, seed: int = 0, hidden: int = 32, layers: int 
         bos_token_id=None, eos_token_id=4, tie_word_embeddings=True,
     )
     with torch.random.fork_rng():
-        torch.manual_seed(seed)
+        torch.manual_seed(MODEL_INIT.seed(seed))
         return LlamaForCausalLM(config)
 
 
@@ -320,12 +345,12 @@ def pretrain_copy(model, tokenizer, *, length: int, steps: int, batch_size: int,
     r"""Train ``model`` (all weights) to copy: target = the text, in ``encode_generation``'s format.
 
     Every step draws ``batch_size`` fresh texts of ``length`` words uniform over ``COPY_SUB_WORDS``
-    (NumPy ``default_rng([seed, 1])``), the loss is the target tokens' cross-entropy; AdamW
-    (``betas = (0.9, 0.98)``) with ``lr`` warmed up linearly over ``warmup`` steps, then a cosine
-    decay to ``lr / 10``. No dropout and no torch randomness (the data come from NumPy), one CPU
+    (NumPy, stream ``COPY_PRETRAIN_BATCHES``: ``default_rng([seed, 1])``), the loss is the target tokens'
+    cross-entropy; AdamW (``betas = (0.9, 0.98)``) with ``lr`` warmed up linearly over ``warmup`` steps, then a
+    cosine decay to ``lr / 10``. No dropout and no torch randomness (the data come from NumPy), one CPU
     thread (restored afterwards): the result depends on the initial weights, ``seed`` and the
-    hyper-parameters only. Returns the held-out identity-copy ``accuracy`` and
-    ``exact`` match over ``n_eval`` texts from ``default_rng([seed, 2])``, the final ``loss`` and
+    hyper-parameters only. Returns the held-out identity-copy ``accuracy`` and ``exact`` match over
+    ``n_eval`` texts from ``COPY_PRETRAIN_EVAL`` (``default_rng([seed, 2])``), the final ``loss`` and
     the ``seconds`` taken.
     """
     from .data import COPY_SUB_WORDS
@@ -335,7 +360,7 @@ def pretrain_copy(model, tokenizer, *, length: int, steps: int, batch_size: int,
     torch.set_num_threads(1)
     start = time.perf_counter()
     try:
-        rng = np.random.default_rng([seed, 1])
+        rng = COPY_PRETRAIN_BATCHES.rng(seed)
         decay = [p for p in model.parameters() if p.ndim >= 2]
         other = [p for p in model.parameters() if p.ndim < 2]
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}]
@@ -360,7 +385,7 @@ def pretrain_copy(model, tokenizer, *, length: int, steps: int, batch_size: int,
             sched.step()
             loss = float(out.loss.detach())
         held = copy_examples(tokenizer, torch.from_numpy(
-            np.random.default_rng([seed, 2]).integers(0, n_words, size=(n_eval, length))))
+            COPY_PRETRAIN_EVAL.rng(seed).integers(0, n_words, size=(n_eval, length))))
         from .evaluate import score_lm, summarise  # evaluate imports data, which imports this module
 
         scores = summarise(score_lm(model, held, batch_size=256))
@@ -411,7 +436,7 @@ def copy_llama(*, seed: int = 0, cache: Path | None = None, dtype: torch.dtype =
     target = (cache or cache_dir()) / f"copy-llama-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
     if not (target / "pretrain.json").exists():
         with torch.random.fork_rng():
-            torch.manual_seed(seed)
+            torch.manual_seed(COPY_PRETRAIN_INIT.seed(seed))
             model = LlamaForCausalLM(_copy_config(len(tokenizer), hp))
             stats = pretrain_copy(model, tokenizer, seed=seed, **{k: hp[k] for k in (
                 "length", "steps", "batch_size", "lr", "warmup", "weight_decay")})
@@ -435,8 +460,13 @@ def copy_llama(*, seed: int = 0, cache: Path | None = None, dtype: torch.dtype =
     return model, tokenizer, info
 
 
+def needs_vocabulary(name: str) -> bool:
+    """Whether model ``name`` builds its tokenizer from the training texts (the tiny models: :func:`word_vocabulary`)."""
+    return name in MODELS and name not in ("minilm", "smollm2", "copy-llama")
+
+
 def load_model(name: str, *, num_labels: int | None = None, texts: Iterable[str] | None = None, seed: int = 0,
-               dtype: torch.dtype = torch.float32):
+               dtype: torch.dtype = torch.float32, vocabulary: Iterable[str] | None = None):
     r"""Model and tokenizer by name (see the module table).
 
     Parameters
@@ -450,6 +480,9 @@ def load_model(name: str, *, num_labels: int | None = None, texts: Iterable[str]
     seed : int
         Seeds the new head (packaged models) or the whole model (tiny models). ``copy-llama`` is a
         pretrained base like ``smollm2``: always the one of ``copy_llama(seed=0)``, whatever ``seed``.
+    vocabulary : iterable of str, optional
+        Instead of ``texts``: the tiny models' words themselves (:func:`word_vocabulary` of the training texts),
+        as a node of a federation gets them from the server.
 
     Returns
     -------
@@ -462,19 +495,46 @@ def load_model(name: str, *, num_labels: int | None = None, texts: Iterable[str]
         raise ValueError(f"Model {name!r} is a classifier: pass num_labels (got {num_labels!r}).")
     if name == "minilm":
         with torch.random.fork_rng():
-            torch.manual_seed(seed)
+            torch.manual_seed(MODEL_INIT.seed(seed))
             model, tokenizer = load_minilm(num_labels, dtype=dtype)
     elif name == "smollm2":
         model, tokenizer = load_smollm2(dtype=dtype)
     elif name == "copy-llama":
         model, tokenizer, _ = copy_llama(dtype=dtype)
     else:
-        if texts is None:
-            raise ValueError(f"Model {name!r} builds its tokenizer from the training texts: pass texts.")
-        tokenizer = word_tokenizer(texts, causal=spec.task == "generation")
+        if texts is None and vocabulary is None:
+            raise ValueError(f"Model {name!r} builds its tokenizer from the training texts: pass texts (or their "
+                             f"vocabulary).")
+        causal = spec.task == "generation"
+        tokenizer = (word_tokenizer(words=vocabulary, causal=causal) if vocabulary is not None
+                     else word_tokenizer(texts, causal=causal))
         if name == "tiny-bert":
             model = tiny_bert(num_labels, vocab_size=len(tokenizer), seed=seed)
         else:
             model = tiny_llama(vocab_size=len(tokenizer), seed=seed)
         model = model.to(dtype)
     return model, tokenizer, spec
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    r"""Every parameter of ``model``, each shared tensor once: what fine-tuning the whole model would train and send.
+
+    .. math:: P = \sum_{W \in \text{parameters}} \operatorname{numel}(W)
+
+    over the base model and its head (call it before LoRA layers are added).
+    """
+    return int(sum(p.numel() for p in model.parameters()))
+
+
+@functools.lru_cache(maxsize=8)
+def parameter_count(name: str, *, num_labels: int | None = None) -> int:
+    r""":func:`count_parameters` of the packaged model ``name`` (with a ``num_labels`` head for classifiers).
+
+    For runs that did not record ``model_params``. Only the packaged models (``minilm``, ``smollm2``,
+    ``copy-llama``): the tiny models' vocabulary, and so their size, depends on the training texts.
+    """
+    if needs_vocabulary(name):
+        raise ValueError(f"parameter_count: model {name!r} builds its vocabulary from the training texts; expected "
+                         f"one of ['copy-llama', 'minilm', 'smollm2'] (a run of it records model_params itself).")
+    model, _, _ = load_model(name, num_labels=num_labels)
+    return count_parameters(model)

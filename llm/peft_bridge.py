@@ -10,6 +10,12 @@ where
 - ``alpha`` and ``r`` are the module's ``lora_alpha`` and rank (``alpha_pattern`` / ``rank_pattern``
   may set them per module).
 
+Which ``s`` an adapter of rank ``r`` gets is the run's *scale convention* (:data:`LORA_SCALINGS`,
+:func:`convention_scale`): ``alpha_over_r`` (PEFT's default, ``s = alpha / r``), ``rslora``
+(``s = alpha / sqrt(r)``) or ``constant`` (``s = alpha / r_ref`` for every rank, ``r_ref`` a reference rank
+the caller fixes). All three are written as plain PEFT options (:func:`client_lora_config`), so PEFT itself
+applies them and an exported adapter reloads with the same ``s``.
+
 The core never sees ``s`` (docs/methods.md, "Notation and the scale folding"): on the way in, ``FactorPair(s B_peft, A_peft)``,
 so ``pair.B @ pair.A`` is the update ``Delta W`` itself and a rank slot means the same thing for
 every client whatever its rank; on the way out ``lora_B = B / s``. The round trip is exact when
@@ -24,6 +30,7 @@ the name PEFT's ``rank_pattern`` matches against. Non-LoRA trainable weights (cl
 from __future__ import annotations
 
 import math
+import numbers
 import re
 import warnings
 from collections.abc import Iterable, Mapping
@@ -36,6 +43,9 @@ from peft.utils.other import ModulesToSaveWrapper, get_pattern_key
 from lowrank_fed import FactorPair
 
 __all__ = [
+    "LORA_SCALINGS",
+    "convention_scale",
+    "resolve_scaling",
     "lora_scale",
     "client_lora_config",
     "adapter_config",
@@ -78,6 +88,66 @@ def lora_scale(config: LoraConfig, module: str) -> float:
     return float(alpha / math.sqrt(r)) if config.use_rslora else float(alpha / r)
 
 
+#: The scale conventions: ``s(r)`` of an adapter of rank ``r`` with ``alpha = lora_alpha`` (docs/methods.md,
+#: "Scale convention").
+LORA_SCALINGS = ("alpha_over_r", "rslora", "constant")
+
+
+def resolve_scaling(scaling: str | None, use_rslora: bool = False) -> str:
+    r"""The scale convention named by ``scaling`` and PEFT's older flag ``use_rslora``.
+
+    ``use_rslora = True`` is the older spelling of ``scaling = "rslora"``; ``scaling = None`` means "from
+    ``use_rslora``" (``"rslora"`` or ``"alpha_over_r"``).
+
+    Raises
+    ------
+    ValueError
+        An unknown convention, or ``use_rslora = True`` with another convention (the message names both).
+
+    Examples
+    --------
+    >>> resolve_scaling(None, True), resolve_scaling("constant")
+    ('rslora', 'constant')
+    """
+    if scaling is None:
+        return "rslora" if use_rslora else "alpha_over_r"
+    if scaling not in LORA_SCALINGS:
+        raise ValueError(f"The 'scaling' parameter must be one of {list(LORA_SCALINGS)}. Got {scaling!r}.")
+    if use_rslora and scaling != "rslora":
+        raise ValueError(f"The 'use_rslora' and 'scaling' parameters disagree: use_rslora = True means scaling = "
+                         f"'rslora'. Got scaling = {scaling!r}.")
+    return scaling
+
+
+def convention_scale(scaling: str, lora_alpha: float, rank: int, reference_rank: int | None = None) -> float:
+    r"""The scale ``s(r)`` of a rank-``rank`` adapter under a convention:
+
+    .. math:: s(r) = \frac{\alpha}{r}\ (\texttt{alpha\_over\_r}),\qquad \frac{\alpha}{\sqrt r}\ (\texttt{rslora}),
+              \qquad \frac{\alpha}{r_{ref}}\ (\texttt{constant}, \text{ the same for every } r),
+
+    where ``alpha = lora_alpha`` and ``r_ref = reference_rank`` (required by ``constant`` only).
+
+    Examples
+    --------
+    >>> [convention_scale("constant", 16, r, reference_rank=16) for r in (2, 4, 8)]
+    [1.0, 1.0, 1.0]
+    >>> convention_scale("alpha_over_r", 16, 4), convention_scale("rslora", 16, 4)
+    (4.0, 8.0)
+    """
+    scaling = resolve_scaling(scaling)
+    _check_rank("rank", rank)
+    if scaling == "constant":
+        _check_rank("reference_rank", reference_rank, " (scaling = 'constant' needs it)")
+    if scaling == "rslora":
+        return float(lora_alpha / math.sqrt(rank))
+    return float(lora_alpha / (reference_rank if scaling == "constant" else rank))
+
+
+def _check_rank(name: str, value, why: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"The '{name}' parameter must be a positive int{why}. Got {value!r}.")
+
+
 def client_lora_config(
     rank: int,
     *,
@@ -89,26 +159,56 @@ def client_lora_config(
     modules_to_save: Iterable[str] | None = None,
     task_type: str | None = None,
     lora_dropout: float = 0.0,
+    scaling: str | None = None,
+    reference_rank: int | None = None,
 ) -> LoraConfig:
     r"""The PEFT config of one client: rank ``rank`` (per-module ranks through ``rank_pattern``).
 
-    ``lora_alpha`` is shared by all clients, so ``s_k = lora_alpha / r_k`` differs by client; the
-    bridge folds each client's own ``s_k`` (module docstring).
+    ``scaling`` (:data:`LORA_SCALINGS`; ``None``: from ``use_rslora``) fixes the scale of each module,
+    :func:`convention_scale` at its rank, written as PEFT options:
+
+    - ``alpha_over_r``: ``lora_alpha``, ``alpha_pattern`` as given (``s = alpha / r``);
+    - ``rslora``: the same with ``use_rslora = True`` (``s = alpha / sqrt(r)``);
+    - ``constant``: ``s = lora_alpha / reference_rank`` for every module, written as PEFT's ``alpha / r`` with
+      the config's ``lora_alpha = s * rank`` and ``alpha_pattern[key] = s * rank_pattern[key]`` (the same keys,
+      so PEFT matches both patterns alike); PEFT's ``alpha / r`` gives ``s`` back exactly when ``r`` is a power
+      of two (and in most other cases), else within one rounding (no ``alpha`` does better then).
+
+    With ``alpha_over_r`` and one ``lora_alpha`` shared by all clients, ``s_k = lora_alpha / r_k`` differs
+    by client; the bridge folds each client's own ``s_k`` (module docstring).
+
+    Raises
+    ------
+    ValueError
+        A rank that is not a positive int; an unknown ``scaling`` or one that disagrees with ``use_rslora``;
+        ``constant`` without a positive ``reference_rank``, or with an ``alpha_pattern`` (the convention sets it).
 
     Examples
     --------
     >>> client_lora_config(4, target_modules=["query"]).r
     4
+    >>> cfg = client_lora_config(4, target_modules=["q"], rank_pattern={"l1.q": 8}, scaling="constant",
+    ...                          reference_rank=16)
+    >>> cfg.lora_alpha, cfg.alpha_pattern, lora_scale(cfg, "l0.q"), lora_scale(cfg, "l1.q")
+    (4.0, {'l1.q': 8.0}, 1.0, 1.0)
     """
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ValueError(f"The 'rank' parameter must be a positive int. Got {rank!r}.")
+    scaling = resolve_scaling(scaling, bool(use_rslora))
+    if scaling == "constant":
+        if alpha_pattern:
+            raise ValueError("The 'alpha_pattern' parameter must be empty with scaling = 'constant' (the convention "
+                             f"sets every module's alpha). Got {dict(alpha_pattern)!r}.")
+        s = convention_scale(scaling, lora_alpha, rank, reference_rank)
+        lora_alpha = s * rank  # PEFT computes s back as alpha / r: exactly when the division rounds back
+        alpha_pattern = {key: s * int(r) for key, r in (rank_pattern or {}).items()}
     return LoraConfig(
         r=rank,
         lora_alpha=lora_alpha,
         target_modules=list(target_modules),
         rank_pattern=dict(rank_pattern or {}),
         alpha_pattern=dict(alpha_pattern or {}),
-        use_rslora=use_rslora,
+        use_rslora=scaling == "rslora",
         modules_to_save=list(modules_to_save) if modules_to_save else None,
         task_type=task_type,
         lora_dropout=lora_dropout,
@@ -118,10 +218,12 @@ def client_lora_config(
 def adapter_config(ranks: Mapping[str, int], *, target_modules: Iterable[str], lora_alpha: float = 16.0,
                    use_rslora: bool = False, modules_to_save: Iterable[str] | None = None,
                    task_type: str | None = None, base_model_name_or_path: str | None = None,
-                   alphas: Mapping[str, float] | None = None) -> LoraConfig:
+                   alphas: Mapping[str, float] | None = None, scaling: str | None = None,
+                   reference_rank: int | None = None) -> LoraConfig:
     r"""The PEFT config of an adapter with per-module ranks: ``r`` = the most common rank (the larger on a
     tie), ``rank_pattern`` = the other modules by exact (escaped) name; ``alphas`` (per module) that differ
-    from ``lora_alpha`` go to ``alpha_pattern`` the same way.
+    from ``lora_alpha`` go to ``alpha_pattern`` the same way. ``scaling``, ``reference_rank``: the scale
+    convention (:func:`client_lora_config`; ``constant`` sets the alphas itself, so it takes no ``alphas``).
 
     Examples
     --------
@@ -135,7 +237,8 @@ def adapter_config(ranks: Mapping[str, int], *, target_modules: Iterable[str], l
         default, target_modules=target_modules, lora_alpha=lora_alpha,
         rank_pattern={re.escape(name): r for name, r in ranks.items() if r != default},
         use_rslora=use_rslora, modules_to_save=modules_to_save, task_type=task_type,
-        alpha_pattern={re.escape(name): a for name, a in (alphas or {}).items() if a != lora_alpha} or None)
+        alpha_pattern={re.escape(name): a for name, a in (alphas or {}).items() if a != lora_alpha} or None,
+        scaling=scaling, reference_rank=reference_rank)
     config.base_model_name_or_path = base_model_name_or_path
     return config
 
@@ -359,6 +462,8 @@ class AdapterWorkspace:
     model : transformers model (not yet wrapped by PEFT)
     target_modules : list of str
     lora_alpha, use_rslora, modules_to_save, task_type : see :func:`client_lora_config`
+    scaling, reference_rank : the scale convention of every adapter it makes (:func:`client_lora_config`;
+        ``scaling = None``: from ``use_rslora``); ``constant`` needs ``reference_rank``.
     """
 
     def __init__(
@@ -370,10 +475,15 @@ class AdapterWorkspace:
         use_rslora: bool = False,
         modules_to_save: Iterable[str] | None = None,
         task_type: str | None = None,
+        scaling: str | None = None,
+        reference_rank: int | None = None,
     ):
         self.target_modules = list(target_modules)
         self.lora_alpha = float(lora_alpha)
-        self.use_rslora = bool(use_rslora)
+        self.scaling = resolve_scaling(scaling, bool(use_rslora))
+        self.use_rslora = self.scaling == "rslora"
+        self.reference_rank = reference_rank
+        convention_scale(self.scaling, self.lora_alpha, 1, reference_rank)  # a bad reference_rank fails here
         self.modules_to_save = list(modules_to_save) if modules_to_save else None
         self.task_type = task_type
         with warnings.catch_warnings():
@@ -393,8 +503,8 @@ class AdapterWorkspace:
     def config_for(self, ranks: Mapping[str, int]) -> LoraConfig:
         """The PEFT config of an adapter with these per-module ranks (:func:`adapter_config`)."""
         return adapter_config(ranks, target_modules=self.target_modules, lora_alpha=self.lora_alpha,
-                              use_rslora=self.use_rslora, modules_to_save=self.modules_to_save,
-                              task_type=self.task_type)
+                              modules_to_save=self.modules_to_save, task_type=self.task_type,
+                              scaling=self.scaling, reference_rank=self.reference_rank)
 
     def activate(self, ranks: Mapping[str, int]) -> str:
         """Activate (creating if needed) the adapter with these per-module ranks; return its name."""

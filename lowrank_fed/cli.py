@@ -8,6 +8,9 @@ Subcommands:
   core rule, optionally leaving out the clients CLAIR flags (:mod:`lowrank_fed.llm.merge`).
 - ``reproduce``: the seed papers' claims (LoRA-A2, Byun & Lee, HAFL, PreLort, CLAIR) as experiments over
   several seeds, with a report of what holds (:mod:`lowrank_fed.llm.reproduce`).
+- ``tune``: choose each method's learning rate (or any option) per setting on the validation split only, on
+  seeds disjoint from the reported ones; writes ``tuned.toml`` that a config's ``tuned`` key reads
+  (:mod:`lowrank_fed.llm.tune`).
 - ``compare``: every aggregation rule side by side on synthetic heterogeneous clients.
 - ``recover``: one synthetic CLAIR recovery experiment.
 - ``bench``: the performance ratios of ``benchmarks/``.
@@ -34,6 +37,7 @@ SUBCOMMANDS = {
     "run": ("lowrank_fed.llm.run", "federated heterogeneous-rank LoRA fine-tuning of a real model (main job)"),
     "merge": ("lowrank_fed.llm.merge", "aggregate PEFT LoRA adapter folders into one global adapter"),
     "reproduce": ("lowrank_fed.llm.reproduce", "the seed papers' claims as experiments over several seeds"),
+    "tune": ("lowrank_fed.llm.tune", "choose each method's hyper-parameter (lr, an option) on validation data only"),
     "compare": ("lowrank_fed.experiments.compare_cli", "compare the aggregation rules on synthetic clients"),
     "recover": ("lowrank_fed.experiments.recover", "one synthetic CLAIR recovery experiment"),
     "bench": ("lowrank_fed.experiments.bench_cli", "run the benchmarks (ratios against named baselines)"),
@@ -45,7 +49,8 @@ SUBCOMMANDS = {
 DESCRIPTION = """\
 Federated LoRA fine-tuning with heterogeneous client ranks: train and compare
 the methods on a real model (run), merge PEFT adapters trained anywhere
-(merge), test the seed papers' claims over several seeds (reproduce), run on
+(merge), test the seed papers' claims over several seeds (reproduce), choose
+hyper-parameters on validation data only (tune), run on
 Flower (flower), and synthetic checks of the aggregation rules (compare,
 recover, bench). 'lowrank-fed COMMAND --help' gives a command's options.
 

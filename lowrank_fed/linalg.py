@@ -12,13 +12,14 @@ from collections.abc import Sequence
 import numpy as np
 from array_api_compat import device, is_torch_namespace
 
-from ._validation import as_weights, check_pairs, compute_dtype, namespace
+from ._validation import as_weights, check_pairs, compute_dtype, namespace, to_numpy
 from .factors import FactorPair, pad
 
 __all__ = [
     "factored_svd",
     "sin_theta",
     "product_fro_norm",
+    "prefix_update_energy",
     "aggregation_error",
     "svd_flip",
     "stacked_factors",
@@ -211,6 +212,59 @@ def product_fro_norm(pair: FactorPair) -> float:
     gram_b = xp.permute_dims(B, (1, 0)) @ B
     gram_a = A @ xp.permute_dims(A, (1, 0))
     return float(np.sqrt(max(float(xp.sum(gram_b * gram_a)), 0.0)))
+
+
+def prefix_update_energy(before: FactorPair, after: FactorPair) -> np.ndarray:
+    r"""How much of an update ``after - before`` each prefix of slots carries, for every prefix length.
+
+    .. math:: e_t = \lVert \Delta W_{:t} \rVert_F^2,\qquad
+              \Delta W_{:t} = B'_{:, :t} A'_{:t, :} - B_{:, :t} A_{:t, :},\qquad t = 1, .., r
+
+    where ``(B, A) = before`` and ``(B', A') = after`` (same shapes, rank ``r``), so ``e_r`` is
+    ``||B'A' - BA||_F^2`` and ``e_t / e_r`` is the share of the update carried by the first ``t`` slots
+    (``docs/methods.md#prelort``). The share is not bounded by 1: when the prefix's and the tail's
+    updates partly cancel, ``||Delta W_{:t}||`` may exceed ``||Delta W||``.
+
+    Computed without any ``d_out x d_in`` matrix and without cancellation between the two products:
+    ``Delta W_{:t} = X_{:t} Y_{:t}`` with ``X = [B' - B, B]`` (columns ``i`` and ``r + i`` belong to
+    slot ``i``) and ``Y = [A'; A' - A]``, and ``||X Y||_F^2 = sum((X^T X) * (Y Y^T))`` over the slots
+    ``< t``: one pair of ``2r x 2r`` Gram matrices, in float64, for every ``t`` at once
+    (``O((d_out + d_in) r^2)``). Values below zero from rounding are clipped to zero.
+
+    Parameters
+    ----------
+    before, after : FactorPair
+        The adapter at the start and the end of the update, folded (``B @ A = Delta W``).
+
+    Returns
+    -------
+    numpy.ndarray, shape (r,), float64
+        ``e_1, .., e_r``.
+
+    Raises
+    ------
+    ValueError
+        Shapes that differ between ``before`` and ``after``.
+
+    Examples
+    --------
+    >>> before = FactorPair(np.zeros((2, 2)), np.eye(2))
+    >>> after = FactorPair(np.array([[1.0, 0.0], [0.0, 2.0]]), np.eye(2))
+    >>> prefix_update_energy(before, after).tolist()
+    [1.0, 5.0]
+    """
+    xp = namespace(before.B, before.A, after.B, after.A)
+    if tuple(before.B.shape) != tuple(after.B.shape) or tuple(before.A.shape) != tuple(after.A.shape):
+        raise ValueError(f"prefix_update_energy: before has B {tuple(before.B.shape)}, A {tuple(before.A.shape)} and "
+                         f"after has B {tuple(after.B.shape)}, A {tuple(after.A.shape)}; expected the same shapes.")
+    r = int(before.B.shape[1])
+    B0, A0 = xp.astype(before.B, xp.float64), xp.astype(before.A, xp.float64)
+    B1, A1 = xp.astype(after.B, xp.float64), xp.astype(after.A, xp.float64)
+    X = xp.concat([B1 - B0, B0], axis=1)
+    Y = xp.concat([A1, A1 - A0], axis=0)
+    G = np.asarray(to_numpy((xp.permute_dims(X, (1, 0)) @ X) * (Y @ xp.permute_dims(Y, (1, 0)))), dtype=np.float64)
+    S = G[:r, :r] + G[:r, r:] + G[r:, :r] + G[r:, r:]  # slot i's two columns / rows folded together
+    return np.maximum(np.diagonal(np.cumsum(np.cumsum(S, axis=0), axis=1)).copy(), 0.0)
 
 
 def _stacked_fro_norm(xp, Bc, Ac) -> float:

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from numpy.testing import assert_allclose
 
 from lowrank_fed import FactorPair, aggregate, factored_svd, sin_theta
-from lowrank_fed.linalg import DENSE_FALLBACK_SHARE, aggregation_error, product_fro_norm
+from lowrank_fed.linalg import DENSE_FALLBACK_SHARE, aggregation_error, prefix_update_energy, product_fro_norm
 
 from .strategies import client_pairs, dense_weighted_sum, matrix_of_rank
 
@@ -183,3 +183,35 @@ def test_aggregation_error_backends_agree(xp):
     cast = [FactorPair(xp.asarray(B, "float32"), xp.asarray(A, "float32")) for B, A in raw]
     got = aggregation_error(cast, [1, 2, 3], aggregate("zero_pad", cast, [1, 2, 3]))
     assert_allclose(got, ref, rtol=1e-5)
+
+
+@given(client_pairs(max_dim=10))
+def test_prefix_update_energy_is_the_dense_norm_of_every_prefix_update(case):
+    # Prepare: two adapters of the same shapes (the first two clients' pairs, or one pair against a shifted copy)
+    pairs, _ = case
+    before = pairs[0]
+    after = FactorPair(before.B + 0.5 * np.roll(before.B, 1, axis=0) + 0.1, before.A - 0.3 * np.roll(before.A, 1, axis=1))
+    # Execute
+    e = prefix_update_energy(before, after)
+    # Assert: e_t = ||B'_{:t} A'_{:t} - B_{:t} A_{:t}||_F^2 for every t; e_r is the whole update's
+    dense = [np.linalg.norm(after.B[:, :t] @ after.A[:t] - before.B[:, :t] @ before.A[:t]) ** 2
+             for t in range(1, before.rank + 1)]
+    scale = max(1.0, max(dense))
+    assert e.shape == (before.rank,) and e.dtype == np.float64
+    assert_allclose(e, dense, atol=1e-9 * scale, rtol=1e-9)
+
+
+def test_prefix_update_energy_of_an_update_in_the_tail_is_zero_on_the_prefix():
+    # Prepare: only slots 2.. move
+    rng = np.random.default_rng(0)
+    before = FactorPair(rng.normal(size=(6, 4)), rng.normal(size=(4, 5)))
+    B, A = before.B.copy(), before.A.copy()
+    B[:, 2:] += 1.0
+    A[3] -= 2.0
+    # Execute
+    e = prefix_update_energy(before, FactorPair(B, A))
+    # Assert
+    assert e[0] == 0.0 and e[1] == 0.0 and e[3] > 0
+    with pytest.raises(ValueError, match=r"before has B \(6, 4\), A \(4, 5\) and after has B \(6, 3\), A \(3, 5\); "
+                                         r"expected the same shapes"):
+        prefix_update_energy(before, FactorPair(B[:, :3], A[:3]))

@@ -7,10 +7,13 @@ itself). Two message types reach it:
   node's LoRA rank budget ``rank`` and the federation's node count ``num-partitions`` (``-1`` when the node
   names none);
 - ``train``: the download (records ``"msg"``, see :mod:`.records`), the run's config (``ConfigRecord`` ``"run"``:
-  the :class:`~lowrank_fed.llm.config.RunConfig` as JSON, the method, ``state-round``) and, when the server cannot
-  know that the node holds it, the client's state (records ``"state"``). The app builds the client's
-  :class:`~lowrank_fed.llm.client.ClientContext` from the config (the same data split, model and seeds as the
-  in-process runner: :meth:`Simulation.setup`, cached per process), runs
+  the :class:`~lowrank_fed.llm.config.RunConfig` as JSON, the method, ``state-round``, and ``shared``: the
+  :class:`~lowrank_fed.llm.federation.Shared` facts the server computed from every client's texts, such as a tiny
+  model's vocabulary) and, when the server cannot know that the node holds it, the client's state (records
+  ``"state"``). The app builds **only its own** :class:`~lowrank_fed.llm.client.ClientContext` with
+  :func:`~lowrank_fed.llm.federation.build_client`: its rows from the catalogue's labels and the seed, then its own
+  examples read, attacked (if the seed makes it a contaminated client), encoded; the model built as the server
+  builds it. No other client's example is read, and no ``Simulation`` is built. It then runs
   ``run_client(method, download, client_state, context)`` and replies with the upload (``"msg"``) and the client's
   new state (``"state"``).
 
@@ -27,7 +30,6 @@ from __future__ import annotations
 
 import json
 import logging
-import tempfile
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
@@ -42,7 +44,7 @@ log = logging.getLogger("lowrank_fed.llm.flower")
 
 app = ClientApp()
 
-_SIMULATIONS: dict[str, object] = {}  # config JSON -> set-up Simulation (one per process)
+_NODE: dict = {}  # this process's set-up: {"key": (config JSON, shared JSON), "source", "model", "contexts"}
 
 
 def node_identity(node_config) -> tuple[int, int, int]:
@@ -70,21 +72,37 @@ def node_identity(node_config) -> tuple[int, int, int]:
     return out[0], out[1], out[2]
 
 
-def client_context(config_json: str, client: int):
-    """Client ``client``'s :class:`ClientContext` for the run config ``config_json`` (set up once per process)."""
-    from ..config import RunConfig
-    from ..runner.simulation import Simulation
+def client_context(config_json: str, client: int, shared_json: str | None = None):
+    r"""Client ``client``'s :class:`ClientContext` for the run config ``config_json``, from its own examples only.
 
-    sim = _SIMULATIONS.get(config_json)
-    if sim is None:
+    :func:`~lowrank_fed.llm.federation.build_client` with the server's ``shared_json``
+    (:meth:`~lowrank_fed.llm.federation.Shared.to_json`; None: nothing shared). Kept per process: the data source
+    and the model are opened once per run config (several virtual nodes of Flower's simulation can share a
+    process; each reads its own rows, and they train one at a time on the one model, as in-process clients do).
+    """
+    import torch
+
+    from ..config import RunConfig
+    from ..federation import DataSource, Shared, build_client, build_model, client_ranks, plan_rows
+
+    key = (config_json, shared_json)
+    if _NODE.get("key") != key:
         cfg = RunConfig.from_dict(json.loads(config_json))
-        sim = Simulation(cfg, tempfile.gettempdir(), progress=False)  # setup() writes nothing
-        sim.setup()
-        _SIMULATIONS.clear()  # one run at a time per process
-        _SIMULATIONS[config_json] = sim
-    if not 0 <= client < len(sim.contexts):
-        raise ValueError(f"Client id {client} is outside the run's clients [0, {len(sim.contexts)}).")
-    return sim.contexts[client]
+        torch.set_num_threads(cfg.threads)
+        shared = Shared() if shared_json is None else Shared.from_json(shared_json)
+        source = DataSource(cfg)
+        _, _, client_idx = plan_rows(cfg, source.labels, source.task)
+        reference_rank = max(client_ranks(cfg, [len(i) for i in client_idx]))
+        _NODE.clear()  # one run at a time per process
+        _NODE.update(key=key, cfg=cfg, shared=shared, source=source, contexts={},
+                     model=build_model(cfg, shared, len(source.label_names), reference_rank))
+    cfg, contexts = _NODE["cfg"], _NODE["contexts"]
+    if not 0 <= client < cfg.clients:
+        raise ValueError(f"Client id {client} is outside the run's clients [0, {cfg.clients}).")
+    if client not in contexts:
+        contexts[client] = build_client(cfg, client, shared=_NODE["shared"], source=_NODE["source"],
+                                        model=_NODE["model"])
+    return contexts[client]
 
 
 @app.query()
@@ -126,7 +144,8 @@ def train(msg: Message, context: Context) -> Message:
     else:
         state = _stored_state(context, name, state_round)
     method = make_method(name, **options)
-    reply, new_state, _ = run_client(method, download, state, client_context(config_json, pid))
+    shared = str(run["shared"]) if "shared" in run else None
+    reply, new_state, _ = run_client(method, download, state, client_context(config_json, pid, shared))
     round_ = int(download.config["round"])
     to_records(LFMessage(new_state.arrays, new_state.info), f"state/{name}", context.state)
     context.state[f"state-tag/{name}"] = ConfigRecord({"round": round_})

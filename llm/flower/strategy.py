@@ -87,7 +87,7 @@ class LowRankStrategy(Strategy):
     ----------
     sim : Simulation
         The server's set-up run (:class:`~lowrank_fed.llm.runner.simulation.Simulation`): sampling, the reply
-        checks, evaluation, checkpoints. Its ``contexts`` are not used: the clients train on their nodes.
+        checks, evaluation, checkpoints. Its ``contexts`` are never built: each node builds its own.
     min_replies : int
         Replies a round needs (after the checks) to be aggregated; below it the global state is kept.
     query_timeout : float
@@ -221,7 +221,8 @@ class LowRankStrategy(Strategy):
         self.discover(grid)  # nodes that joined since the last round
         self._sent, self._pending, self.rows, self._t0 = {}, [], [], time.perf_counter()
         run = {"config": json.dumps(cfg.to_dict(), sort_keys=True), "method": method.name,
-               "options": json.dumps(cfg.method_options.get(method.name, {}), sort_keys=True)}
+               "options": json.dumps(cfg.method_options.get(method.name, {}), sort_keys=True),
+               "shared": self.sim.federation.shared.to_json()}  # what no node can compute from its own examples
         out = []
         for k in self.sim.sampled(server_round):
             download = method.configure(server, k)

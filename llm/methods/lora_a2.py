@@ -75,7 +75,6 @@ import math
 from collections.abc import Mapping
 from typing import Literal
 
-import numpy as np
 import torch
 from pydantic import Field
 
@@ -83,6 +82,7 @@ from lowrank_fed import FactorPair, alternating_update, select_slots, truncate
 
 from ..peft_bridge import init_pairs
 from ..protocol import Message, decode_extras, decode_pairs, encode_extras
+from ..streams import GLOBAL_RANK_PAD
 from ..training import SlotMask
 from .base import ClientState, LocalPlan, Method, Options, weights_of
 
@@ -140,8 +140,7 @@ def slot_scores(start: Mapping[str, FactorPair], probe: Mapping[str, FactorPair]
 
 def _to_global_rank(init: Mapping[str, FactorPair], rank: int, init_seed: int) -> dict[str, FactorPair]:
     """``truncate(init, rank)``, or pad: zero columns of ``B``, fresh PEFT rows of ``A`` from ``(init_seed, rank)``."""
-    seed = int(np.random.SeedSequence([int(init_seed), 29, int(rank)]).generate_state(1)[0])
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(GLOBAL_RANK_PAD.seed(init_seed, rank))
     out = {}
     for m, pair in init.items():
         if pair.rank >= rank:

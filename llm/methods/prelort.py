@@ -25,12 +25,18 @@ Options
 -------
 nested : {"sample", "all", "off"}
     ``"sample"`` (default): one ``tau ~ Uniform(T_k)`` per batch from the client's round generator
-    (seeded by ``(seed, round, client)``), one forward pass per batch. ``"all"``: the mean of the
+    (seeded by ``(seed, round, client)``), one forward pass per batch; the optimiser step of that batch
+    leaves the slots ``i >= tau`` untouched, parameters and optimiser state
+    (:mod:`~lowrank_fed.llm.training.truncation`). ``"all"``: the mean of the
     ``|T_k|`` truncated losses per batch (``|T_k|`` forward passes). ``"off"``: plain training of the
     whole adapter (PreLort's aggregation alone).
 
 The reply's metrics carry ``nested_truncations`` (``T_k``), ``nested_counts`` (how many batches used
-each ``tau``, in that order) and, for ``"sample"``, ``nested_taus`` (the ``tau`` of every step).
+each ``tau``, in that order) and, for ``"sample"``, ``nested_taus`` (the ``tau`` of every step). Whether
+nesting acted is read off ``prefix_share`` in ``metrics.jsonl`` (every method's clients report it): the
+share of the round's update ``||Delta W_{:t}||_F^2 / ||Delta W||_F^2`` carried by the first ``t`` slots, at
+each federation rank ``t < r_k`` (:func:`~lowrank_fed.llm.training.prefix_shares`). It needs local
+rounds long enough (``docs/methods.md#prelort``: about 50-100 steps on a toy regression).
 """
 
 from __future__ import annotations

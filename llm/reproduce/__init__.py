@@ -13,8 +13,9 @@ so an interrupted reproduction continues where it stopped (an unfinished one is 
 or hold an earlier reproduction of the same experiment: a run's folder or any other non-empty folder is refused, as
 is a seed folder holding a finished run of another config (a finished result is never deleted), before anything is
 written (:func:`~lowrank_fed.llm.outputs.plan_output`). Then ``report.md`` (the claims table: the paper's
-number, ours as mean +- sample standard deviation over seeds, the verdict), ``report.json`` (every per-seed
-number) and ``claims.png`` are written to ``<out>`` (default ``runs/reproduce/<name>/``).
+number, ours as mean +- sample standard deviation over seeds, the verdict; then every paired comparison with its
+95% interval over seeds, :mod:`.verdicts`), ``report.json`` (every per-seed number) and ``claims.png`` are written
+to ``<out>`` (default ``runs/reproduce/<name>/``).
 
 ``--quick`` is a plumbing check: tiny random models (``tiny-bert``, ``tiny-llama``) and a few steps, 2 seeds
 by default, written to ``runs/reproduce/<name>-quick/``; its report says so and its numbers mean nothing.

@@ -14,6 +14,7 @@ from ..config import ConfigError, RunConfig, load_config
 from ..outputs import OutputFolderError, clear_folder, output_path, plan_output
 from ..runner.checkpoint import atomic_write_text
 from .claims import EXPERIMENTS, Claim, Experiment, Run, mean_sd
+from .verdicts import MIN_SEEDS
 
 __all__ = ["CONFIG_ROOT", "add_arguments", "main", "reproduce", "quick_config", "load_run"]
 
@@ -59,14 +60,16 @@ def quick_config(data: dict) -> dict:
 
 
 def load_run(folder: Path) -> Run:
-    """A finished run's summary rows, per-round history and set-up, by method."""
+    """A finished run's summary rows, per-round history and set-up, by method, and its config."""
     summary = {row["method"]: row for row in json.loads((folder / "summary.json").read_text())}
     history: dict[str, list[dict]] = {}
     for line in (folder / "metrics.jsonl").read_text().splitlines():
         if line.strip():
             row = json.loads(line)
             history.setdefault(row["method"], []).append(row)
-    return Run(summary, history, json.loads((folder / "setup.json").read_text()))
+    config = folder / "config.json"
+    return Run(summary, history, json.loads((folder / "setup.json").read_text()),
+               json.loads(config.read_text()) if config.is_file() else {})
 
 
 def _configs(experiment: Experiment, seeds: list[int], quick: bool) -> dict[str, dict[int, RunConfig]]:
@@ -198,11 +201,28 @@ def report_markdown(report: dict) -> str:
     lines += [f"Paper: {report['paper']}", "",
               f"Seeds: {', '.join(map(str, seeds))} ({len(seeds)}); spreads are sample standard deviations over "
               f"seeds. Total run time of the runs: {report['run_seconds_total'] / 60:.1f} min.", "",
+              "Verdicts: each claim is compared with each baseline on the same seed (a paired difference per seed) "
+              "and gets a 95% Student-t interval over the seeds: **holds** if it lies above the claim's threshold, "
+              "**tie** if it covers it, **does not hold** if it lies below; a claim against several baselines holds "
+              f"only if it holds against each; fewer than {MIN_SEEDS} seeds: no verdict (**too few seeds**).", "",
               f"How this differs from the paper: {report['differences']}", "",
               "## Claims", "", "| claim | paper | ours | verdict | note |", "|---|---|---|---|---|"]
     for c in report["claims"]:
-        lines.append(f"| {c['claim']} | {c['paper']} | {c['ours']} | **{c['verdict']}** | {c['note']} |")
-    lines += ["", "Per-seed values of every claim are in `report.json` (`claims[*].values`).", ""]
+        advice = f"; {c['advice']}" if c.get("advice") else ""
+        lines.append(f"| {c['claim']} | {c['paper']} | {c['ours']} | **{c['verdict']}**{advice} | {c['note']} |")
+    lines += ["", "Per-seed values of every claim are in `report.json` (`claims[*].values`, `claims[*].comparisons`).",
+              "", "## Paired comparisons", "",
+              "| claim | against | per seed | mean | 95% interval (t, n - 1 df) | threshold | verdict |",
+              "|---|---|---|---|---|---|---|"]
+    for c in report["claims"]:
+        for comp in c.get("comparisons", []):
+            per_seed = ", ".join(f"{d:+.3f}" for d in comp["differences"])
+            if comp.get("example_se"):
+                per_seed += " (se over test examples " + ", ".join(f"{se:.3f}" for se in comp["example_se"]) + ")"
+            interval = "-" if comp["low"] is None else f"[{comp['low']:+.3f}, {comp['high']:+.3f}]"
+            lines.append(f"| {c['claim']} | {comp['against']} | {per_seed} | {comp['mean']:+.3f} | {interval} | "
+                         f"{comp['tol']:+.3f} | {comp['verdict']} |")
+    lines.append("")
     for stem, rows in report["methods"].items():
         metric = rows[0]["metric"] if rows else "accuracy"
         lines += [f"## `{stem}`", "",
@@ -275,6 +295,7 @@ def main(args: argparse.Namespace) -> int:
     if args.quick:
         print("QUICK RUN: a plumbing check on tiny random models; the numbers below say nothing about the claims.")
     for c in report["claims"]:
-        print(f"- {c['claim']}: ours {c['ours']} (paper: {c['paper']}) -> {c['verdict']}")
+        advice = f"; {c['advice']}" if c.get("advice") else ""
+        print(f"- {c['claim']}: ours {c['ours']} (paper: {c['paper']}) -> {c['verdict']}{advice}")
     print(f"report: {report['out']}/report.md")
     return 0

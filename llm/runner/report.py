@@ -20,7 +20,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-__all__ = ["summary_row", "summary_markdown", "summary_table", "add_verdict", "verdict_lines", "write_plots"]
+__all__ = ["summary_row", "summary_markdown", "summary_table", "add_verdict", "verdict_lines", "write_plots",
+           "per_example_correct"]
 
 _SHORT = {"accuracy": "acc", "perplexity": "ppl"}
 
@@ -66,7 +67,7 @@ def summary_row(method, history: list[dict], timings: list[dict], metric: str, *
     return row
 
 
-def _correct(packed: str, n: int):
+def per_example_correct(packed: str, n: int):
     """Per-example correctness from ``packed`` (hex of ``np.packbits``), length ``n``; None if it does not fit."""
     import numpy as np
 
@@ -118,7 +119,7 @@ def add_verdict(summary: list[dict], n_test: int) -> dict | None:
         facts.update(runner_up=nxt["method"], runner_up_title=nxt["title"], runner_up_score=nxt["final"],
                      margin=margin)
         if accuracy:
-            a, b = (_correct(correct[r["method"]], n_test) if correct[r["method"]] else None for r in (best, nxt))
+            a, b = (per_example_correct(correct[r["method"]], n_test) if correct[r["method"]] else None for r in (best, nxt))
             if a is not None and b is not None and n_test > 1:
                 se = float((a - b).std(ddof=1) / math.sqrt(n_test))
                 facts["paired"] = True

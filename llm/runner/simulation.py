@@ -17,14 +17,14 @@ For each method of the config, round ``t = 1..T``:
 6. a checkpoint (:mod:`.checkpoint`: atomic, checksummed, the previous round kept; its ``state.json``
    holds the run config, so a resume can refuse a config that changed, :meth:`Simulation.check_resume`).
 
-All randomness is derived from ``(seed, purpose, round, client)``, so a resumed run writes the same
+All randomness is derived from ``(seed, purpose, round, client)`` (the named streams of
+:mod:`~lowrank_fed.llm.streams`), so a resumed run writes the same
 bytes as an uninterrupted one (``metrics.jsonl``, ``adapters/``, checkpoints, plots); only ``timings.jsonl``
 and the time columns of ``summary.*`` differ.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import sys
@@ -38,16 +38,18 @@ import torch
 
 from lowrank_fed import FactorPair
 
-from ..attacks import attack_reply, choose_attackers, poison_dataset
-from ..client import ClientContext, TrainSettings, derive_seed, run_client
+from ..attacks import attack_reply
+from ..client import ClientContext, run_client
 from ..config import ConfigError, RunConfig
-from ..data import (assign_ranks, encode_classification, encode_generation, holdout_sets, load_dataset, partition,
-                    split_validation)
 from ..evaluate import greedy_generate, rouge_l, score_classification, score_lm, summarise
+from ..federation import build_client, build_federation, build_model, encode_examples, sample_clients
+from ..federation import config_key as _config_key
 from ..methods import ClientState, Method, Model, ServerState, make_method
-from ..models import MODELS, load_model
-from ..peft_bridge import AdapterWorkspace, init_pairs, pairs_to_state_dict
+from ..models import MODELS
+from ..peft_bridge import init_pairs, pairs_to_state_dict
 from ..protocol import Message, decode_extras, decode_pairs, encode_extras, encode_pairs, from_flat, to_flat
+from ..streams import ADAPTER_INIT
+from ..training import prefix_shares
 from .checkpoint import (CheckpointCorruptWarning, CheckpointError, atomic_write_text, load_checkpoint, peek_state,
                          save_checkpoint, save_tensors)
 from .limits import check_limits
@@ -56,9 +58,6 @@ from .report import add_verdict, summary_markdown, summary_row, write_plots
 __all__ = ["Simulation", "run_experiment", "UpdateDroppedWarning", "load_final"]
 
 log = logging.getLogger("lowrank_fed.llm")
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
-
 
 class UpdateDroppedWarning(UserWarning):
     """A client reply was rejected (NaN/Inf, wrong shape or rank) and left out of the aggregation."""
@@ -105,15 +104,13 @@ def _mean(values) -> float | None:
     return float(np.mean(kept)) if kept else None
 
 
-@contextlib.contextmanager
-def _config_key(key: str, value):
-    """Turn a ``ValueError`` of the data or model set-up into a :class:`ConfigError` naming ``key``."""
-    try:
-        yield
-    except ConfigError:
-        raise
-    except ValueError as err:
-        raise ConfigError.from_errors([(key, f"a value this data and model allow ({err})", value)]) from err
+def _mean_shares(shares) -> dict[str, float | None]:
+    """Per level ``t``: the mean of the clients' prefix shares at ``t`` (those that have the level and a share)."""
+    by_level: dict[str, list] = {}
+    for share in shares:
+        for t, value in (share or {}).items():
+            by_level.setdefault(t, []).append(value)
+    return {t: _mean(by_level[t]) for t in sorted(by_level, key=int)}
 
 
 # ----------------------------------------------------------------------------- state <-> flat tensors
@@ -182,7 +179,9 @@ class Simulation:
 
     # ------------------------------------------------------------------ set-up
     def setup(self) -> None:
-        r"""Load the data and the model, split and partition the data, build the clients' contexts.
+        r"""The federation (:func:`~lowrank_fed.llm.federation.build_federation`: rows, ranks, attackers, held-out
+        sets), the model, the server's validation and test sets. Each client's context is built from its own rows
+        on first use (:attr:`contexts`).
 
         Writes nothing. A setting that the data or the model cannot satisfy (``val_size`` above the
         training examples, more clients than examples, ``target_modules`` the model lacks, a bound of
@@ -194,75 +193,68 @@ class Simulation:
             return
         cfg = self.cfg
         torch.set_num_threads(cfg.threads)
-        train, test = load_dataset(cfg.dataset, seed=cfg.seed)
-        if cfg.train_size and cfg.train_size < len(train):
-            train = train.subset(np.sort(np.random.default_rng([cfg.seed, 3]).permutation(len(train))[: cfg.train_size]))
-        if cfg.eval_size < len(test):
-            test = test.subset(np.sort(np.random.default_rng([cfg.seed, 4]).permutation(len(test))[: cfg.eval_size]))
-        self.task = train.task
+        fed = build_federation(cfg)  # ConfigError: val_size, clients, attacks, ranks
+        self.federation = fed
+        self.task = fed.task
         labelled = self.task == "classification"
-        with _config_key("val_size", cfg.val_size):
-            keep, val_rows = split_validation(train.labels if labelled else len(train), cfg.val_size,
-                                              np.random.default_rng([cfg.seed, 7]))
-        self.train, self.val, self.test = train.subset(keep), train.subset(val_rows), test
-        with _config_key("clients", cfg.clients):
-            self.client_idx = partition(cfg.partition, self.train.labels, cfg.clients,
-                                        np.random.default_rng([cfg.seed, 2]), alpha=cfg.alpha,
-                                        classes_per_client=cfg.classes_per_client)
-        self.n_k = [int(len(idx)) for idx in self.client_idx]
-        self.attackers = choose_attackers(cfg.attacks, cfg.clients, cfg.seed)
-        with _config_key("attacks", [a.kind for a in cfg.attacks]):
-            trained = poison_dataset(self.train, self.client_idx, self.attackers, cfg.seed)
-        with _config_key("ranks", cfg.ranks):
-            self.ranks = assign_ranks(list(cfg.ranks) if isinstance(cfg.ranks, list) else cfg.ranks, cfg.clients,
-                                      rng=np.random.default_rng([cfg.seed, 6]), rank_set=cfg.rank_set, scores=self.n_k)
+        self.val, self.test = fed.source.examples(fed.val_rows), fed.source.test
+        self.client_idx, self.n_k, self.attackers, self.ranks = fed.client_idx, fed.n_k, fed.attackers, fed.ranks
         for name in cfg.methods:
             with _config_key("ranks", self.ranks):
                 make_method(name, **cfg.method_options.get(name, {})).check_ranks(self.ranks)
-        self.holdout = holdout_sets(self.train.labels if labelled else None, self.client_idx,
-                                    self.test.labels if labelled else None, np.random.default_rng([cfg.seed, 8]),
-                                    n_test=len(self.test))
-        model, tokenizer, spec = load_model(cfg.model, num_labels=len(train.label_names), texts=self.train.texts,
-                                            seed=cfg.seed, dtype=DTYPES[cfg.dtype])
-        self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
-        self.tokenizer = tokenizer
+        self.holdout = fed.holdout
         with _config_key("target_modules", cfg.target_modules):
-            self.ws = AdapterWorkspace(
-                model.to(self.device), target_modules=sorted(cfg.target_modules or spec.target_modules),
-                lora_alpha=cfg.lora_alpha, use_rslora=cfg.use_rslora, task_type="SEQ_CLS" if labelled else "CAUSAL_LM",
-            )
+            self.model = build_model(cfg, fed.shared, len(fed.source.label_names), max(self.ranks))
+        self.device, self.tokenizer, self.ws = self.model.device, self.model.tokenizer, self.model.workspace
         held = {f"{name}.global_rank": make_method(name, **cfg.method_options.get(name, {})).options
                 for name in cfg.methods}  # ranks that every client holds (LoRA-A2's r_G)
-        check_limits(cfg, ranks=self.ranks, shapes=self.ws.shapes, model_config=model.config, task=self.task,
-                     n_k=self.n_k, device=self.device,
+        check_limits(cfg, ranks=self.ranks, shapes=self.ws.shapes, model_config=self.model.model_config,
+                     task=self.task, n_k=self.n_k, device=self.device,
                      global_ranks={k: o.global_rank for k, o in held.items() if hasattr(o, "global_rank")})
-        encode = encode_classification if labelled else encode_generation
-        # the clients train on ``trained`` (the data attackers' rows changed); validation and test are clean
-        # (an empty split, val_size = 0, is never scored, so it is not encoded: tokenizers reject empty lists)
-        self.enc = {name: encode(tokenizer, d.texts, d.labels if labelled else d.targets, cfg.max_length)
-                    for name, d in (("train", trained), ("val", self.val), ("test", self.test)) if len(d)}
+        # validation and test are the server's, clean (an empty split, val_size = 0, is never scored, so it is not
+        # encoded: tokenizers reject empty lists); each client encodes its own training rows (build_client)
+        self.enc = {name: encode_examples(self.tokenizer, d, cfg.max_length)
+                    for name, d in (("val", self.val), ("test", self.test)) if len(d)}
         self.r_max = max(self.ranks)
-        self.init_seed = derive_seed(cfg.seed, 5)
+        self.init_seed = ADAPTER_INIT.seed(cfg.seed)
         self.init = init_pairs(self.ws.shapes, self.r_max, torch.Generator().manual_seed(self.init_seed),
                                device=self.device)
         self.init_extras = self.ws.extras_template()
         self.metric = "accuracy" if labelled else "perplexity"
-        settings = TrainSettings(lr=cfg.lr, batch_size=cfg.batch_size, local_steps=cfg.local_steps,
-                                 local_epochs=cfg.local_epochs, optimizer=cfg.optimizer, weight_decay=cfg.weight_decay)
-        self.contexts = [ClientContext(k, cfg.seed, self.ws, self.enc["train"], self.client_idx[k], settings, self.device)
-                         for k in range(cfg.clients)]
+        self._contexts = None
+        self._train = None
         self._ready = True
+
+    @property
+    def contexts(self) -> list[ClientContext]:
+        r"""Each client's context, built on first use by :func:`~lowrank_fed.llm.federation.build_client` from that
+        client's own rows (all sharing the one workspace: in-process clients train one at a time). A run on Flower
+        never builds them: its clients are built on their nodes."""
+        if self._contexts is None:
+            fed = self.federation
+            self._contexts = [build_client(self.cfg, k, shared=fed.shared, source=fed.source, model=self.model)
+                              for k in range(self.cfg.clients)]
+        return self._contexts
+
+    @property
+    def train(self):
+        """The training examples (without the validation rows), as the data source holds them (read on first use)."""
+        if self._train is None:
+            self._train = self.federation.source.examples(self.federation.train_rows)
+        return self._train
 
     def describe(self) -> dict:
         """The run's set-up facts (``setup.json``; the plots' titles)."""
         info = {"ranks": self.ranks, "n_k": self.n_k, "task": self.task, "modules": list(self.ws.shapes),
-                "label_names": list(self.train.label_names), "eval_size": len(self.test), "val_size": len(self.val),
+                "label_names": list(self.federation.source.label_names), "eval_size": len(self.test),
+                "val_size": len(self.val),
                 "holdout_sizes": [int(len(h)) for h in self.holdout], "metric": self.metric,
-                "adapted_params": int(sum(d_out * d_in for d_out, d_in in self.ws.shapes.values()))}
+                "adapted_params": int(sum(d_out * d_in for d_out, d_in in self.ws.shapes.values())),
+                "model_params": self.model.model_params}
         if self.attackers:
             info["attackers"] = {str(k): a.kind for k, a in self.attackers.items()}
         if self.task == "classification":
-            counts = np.bincount(self.test.labels, minlength=len(self.train.label_names))
+            counts = np.bincount(self.test.labels, minlength=len(self.federation.source.label_names))
             info["majority_accuracy"] = float(counts.max() / counts.sum())
         return info
 
@@ -286,7 +278,9 @@ class Simulation:
         - ``by_rank``: ``{rank: {<metric>, loss}}`` for the model each distinct client rank downloads;
         - ``local_<metric>``: the mean over clients of each client's model on its own held-out set
           (``per_client`` lists them, None for a client whose held-out set is empty): its download, or
-          its personalised model (``personal`` methods).
+          its personalised model (``personal`` methods);
+        - ``per_client_global`` (methods that are not personalised): the global model on each client's own
+          held-out set, so ``per_client_global[k] - per_client[k]`` is client ``k``'s drop at distribution.
         """
         self._load(method.global_model(server))
         global_scores = self._score("test")
@@ -323,6 +317,9 @@ class Simulation:
             out["by_rank"] = {str(r): summarise(s) for r, s in scores.items()}
             sums = [summarise(scores[server.ranks[k]], self.holdout[k]) if len(self.holdout[k]) else None
                     for k in range(self.cfg.clients)]
+            # the global model on each client's own held-out set: minus per_client, the drop at distribution
+            out["per_client_global"] = [summarise(global_scores, self.holdout[k])[self.metric]
+                                        if len(self.holdout[k]) else None for k in range(self.cfg.clients)]
         out["per_client"] = [s[self.metric] if s else None for s in sums]
         for key in (self.metric, *(("token_accuracy", "exact_match") if self.task == "generation" else ())):
             values = [s[key] if s else None for s in sums]
@@ -404,11 +401,8 @@ class Simulation:
         return Message(arrays, dict(reply.config), dict(reply.metrics))
 
     def sampled(self, round_: int) -> list[int]:
-        cfg = self.cfg
-        if not cfg.clients_per_round:
-            return list(range(cfg.clients))
-        rng = np.random.default_rng([cfg.seed, 11, round_])
-        return np.sort(rng.choice(cfg.clients, cfg.clients_per_round, replace=False)).tolist()
+        """The clients of round ``round_`` (:func:`~lowrank_fed.llm.federation.sample_clients`)."""
+        return sample_clients(self.cfg, round_)
 
     def run_round(self, method: Method, server: ServerState, clients: dict[int, ClientState], round_: int, bar=None):
         """One round: configure, run_client, check, aggregate. Returns ``(server, clients, rows, times)``."""
@@ -489,11 +483,13 @@ class Simulation:
             m = reply.metrics
             row.update(n=reply.config.get("num_examples"), train_loss=m.get("train_loss"),
                        train_accuracy=m.get("train_accuracy"), bytes_up=reply.nbytes,
-                       params_up=m.get("params_up"), steps=m.get("steps"))
+                       params_up=m.get("params_up"), steps=m.get("steps"),
+                       prefix_share=prefix_shares(m.get("prefix_energy"), self.ranks))
             if error is None and reply is not sent:
                 error = complaint(reply)
         else:
-            row.update(n=None, train_loss=None, train_accuracy=None, bytes_up=0, params_up=0, steps=0)
+            row.update(n=None, train_loss=None, train_accuracy=None, bytes_up=0, params_up=0, steps=0,
+                       prefix_share=None)
         if error is None:
             if reply.config["rank"] != row["rank"]:
                 row["new_rank"] = int(reply.config["rank"])
@@ -598,6 +594,7 @@ class Simulation:
                            params_up=sum(r["params_up"] or 0 for r in rows),
                            dropped=sum(r["dropped"] for r in rows),
                            train_loss=_mean(r["train_loss"] for r in rows),
+                           prefix_share=_mean_shares(r["prefix_share"] for r in rows),
                            ranks=[server.ranks[k] for k in range(cfg.clients)], clients=rows)
                 detection = server.info.get("detection")
                 if detection is not None and detection.get("round") == round_:
@@ -632,7 +629,9 @@ class Simulation:
         ``device`` and ``dtype``, which can change the floating-point results) is part of what the checkpoints
         hold, and a resumed run must reach the bytes an uninterrupted run of one config reaches. Progress
         bars are a command-line flag, not a config key. Checkpoints written before the config was stored in
-        them, and methods with no verified ``state.json``, are not checked. Reads only; writes nothing.
+        them, and methods with no verified ``state.json``, are not checked. A key a checkpoint does not hold
+        (added to the config since it was written, such as ``lora_scaling``) counts as its default, the
+        behaviour from before the key existed. Reads only; writes nothing.
 
         Raises
         ------
@@ -643,11 +642,13 @@ class Simulation:
         if not folder.is_dir():
             return
         now = self._config_json()
+        defaults = json.loads(json.dumps(RunConfig().to_dict()))
         for path in sorted(p for p in folder.iterdir() if p.is_dir()):
             found = peek_state(path)
             if found is None or not isinstance(found[1], dict) or not isinstance(found[1].get("config"), dict):
                 continue
             where, stored = found[0], found[1]["config"]
+            stored = {**{k: v for k, v in defaults.items() if k not in stored}, **stored}
             if stored == now:
                 continue
             missing = object()

@@ -4,8 +4,8 @@ from .hooks import Hook, TailRegulariser, tail_norm_product
 from .importance import SlotImportance, slot_scores
 from .loop import TrainStats, client_batches, make_optimizer, train_local
 from .masks import SlotMask
-from .truncation import AllTruncations, PrefixMask, SampledTruncation, truncation_set
+from .truncation import AllTruncations, PrefixMask, SampledTruncation, prefix_shares, truncation_set
 
 __all__ = ["AllTruncations", "Hook", "PrefixMask", "SampledTruncation", "SlotImportance", "SlotMask",
-           "TailRegulariser", "TrainStats", "client_batches", "make_optimizer", "slot_scores", "tail_norm_product",
-           "train_local", "truncation_set"]
+           "TailRegulariser", "TrainStats", "client_batches", "make_optimizer", "prefix_shares", "slot_scores",
+           "tail_norm_product", "train_local", "truncation_set"]

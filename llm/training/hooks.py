@@ -9,6 +9,9 @@ A hook is called around each optimiser step of :func:`~lowrank_fed.llm.training.
   model's own forward pass. At most one hook of a loop may override it;
 - ``penalty(step) -> tensor | None``: a term added to the loss (HetLoRA's tail regulariser);
 - ``after_backward(step)``: e.g. masking the gradients of frozen slots, accumulating importance;
+- ``before_step(step, optimizer)``: just before ``optimizer.step()`` (after gradient clipping), with the
+  optimiser, whose state a hook may read or save (PreLort's sampled truncation saves the slots outside
+  ``tau``, parameters and optimiser state, to put them back after the step);
 - ``after_step(step)``: e.g. restoring slots that must not move;
 - ``close()``: once after the last step (undo anything the hook changed on the model).
 
@@ -42,6 +45,9 @@ class Hook:
         return None
 
     def after_backward(self, step: int) -> None:
+        return None
+
+    def before_step(self, step: int, optimizer: torch.optim.Optimizer) -> None:
         return None
 
     def after_step(self, step: int) -> None:

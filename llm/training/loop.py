@@ -7,8 +7,9 @@ Per batch ``x`` the step is
 
 where ``theta`` are the parameter groups a method trains (``A``, ``B``, the head) each with its own
 learning rate (LoRA-A2 trains ``B`` at ``5 eta_A``), and each hook may add a penalty (HetLoRA's tail
-regulariser) or act before the forward pass, after the backward pass or after the optimiser step
-(truncation masks, frozen slots, importance scores); one hook may replace the forward pass itself
+regulariser) or act before the forward pass, after the backward pass, or before and after the optimiser
+step (truncation masks, frozen slots, importance scores; PreLort's sampled truncation leaves the slots
+outside ``tau`` untouched by the step, optimiser state included); one hook may replace the forward pass itself
 (PreLort's mean of the truncated losses, ``(1/|T|) sum_tau l(W_0 + s B_{:tau} A_{:tau}; x)``, from
 several passes per batch). With no hooks the loop is a plain PEFT loop,
 nothing else per step, so its throughput is that of PEFT itself (``make bench``).
@@ -126,6 +127,8 @@ def train_local(
             h.after_backward(step)
         if max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        for h in hooks:
+            h.before_step(step, opt)
         opt.step()
         opt.zero_grad(set_to_none=True)
         for h in hooks:

@@ -18,6 +18,7 @@ import tomllib
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -594,6 +595,61 @@ def test_the_clientapp_refuses_a_state_it_does_not_hold(tmp_path):
     grid = InlineGrid(cfg.clients)
     with pytest.raises(ValueError, match=r"state of 'fedsa' from round 1 expected; this node holds none"):
         client_app(msg, grid.contexts[100])
+
+
+def test_each_node_reads_only_its_own_examples_and_the_federation_equals_the_runner(tmp_path, monkeypatch):
+    """Every node's data loader is instrumented: a node reads its own rows, once, and nobody else's; no node builds a
+    Simulation; the run (with a data attacker) equals the in-process runner byte for byte."""
+    # Prepare
+    import lowrank_fed.llm.flower.client_app as client_app_module
+    from lowrank_fed.llm.federation import DataSource
+    from lowrank_fed.llm.runner.simulation import Simulation
+
+    cfg = _cfg(methods=["fedit", "fedsa"], clients=4, ranks=[2, 4, 8, 4], checkpoint=True,
+               attacks=[{"kind": "label_flip", "clients": [2]}])
+    run_experiment(cfg, tmp_path / "ref", progress=False)
+    monkeypatch.setattr(client_app_module, "_NODE", {})  # no set-up left by an earlier test in this process
+    serving, reads = [None], []  # the client whose node is running; (client, rows) of every example read by a node
+    examples = DataSource.examples
+
+    def recorded(self, rows):
+        if serving[0] is not None:
+            reads.append((serving[0], np.array(rows, dtype=np.int64)))
+        return examples(self, rows)
+
+    def no_simulation(self):
+        if serving[0] is not None:
+            raise AssertionError(f"the node of client {serving[0]} set up a whole Simulation")
+        return setup(self)
+
+    setup = Simulation.setup
+    monkeypatch.setattr(DataSource, "examples", recorded)
+    monkeypatch.setattr(Simulation, "setup", no_simulation)
+
+    class NodeGrid(InlineGrid):
+        def send_and_receive(self, messages, *, timeout=None):
+            out = []
+            for msg in messages:  # one at a time, so each read is the serving node's
+                serving[0] = self.contexts[msg.metadata.dst_node_id].node_config["partition-id"]
+                try:
+                    out += super().send_and_receive([msg], timeout=timeout)
+                finally:
+                    serving[0] = None
+            return out
+
+    # Execute
+    sim = FlowerSimulation(cfg, tmp_path / "fl", progress=False)
+    sim.serve(NodeGrid(cfg.clients))
+    # Assert: each node read exactly its own rows, once (its context is kept across rounds and methods)
+    fed = sim.federation
+    assert sorted(k for k, _ in reads) == list(range(cfg.clients))
+    for k, rows in reads:
+        np.testing.assert_array_equal(rows, fed.client_rows(k))
+    assert sim._contexts is None  # the server never built a client
+    assert _metrics(tmp_path / "fl") == _metrics(tmp_path / "ref")
+    for method in cfg.methods:
+        assert _final(tmp_path / "fl", method) == _final(tmp_path / "ref", method)
+    assert sha_tree(tmp_path / "fl" / "checkpoints") == sha_tree(tmp_path / "ref" / "checkpoints")
 
 
 # ----------------------------------------------------------------------------- Flower's Simulation Runtime

@@ -462,6 +462,12 @@ def test_evaluate_copes_with_a_client_without_held_out_examples(tmp_path, name):
     # Assert: that client has no score; the mean is over the others
     assert len(res["per_client"]) == 3 and res["per_client"][0] is None
     assert res[f"local_{sim.metric}"] == pytest.approx(np.mean(res["per_client"][1:]))
+    # the global model on each client's held-out set (not for personalised methods: no client holds it)
+    if method.personalised:
+        assert "per_client_global" not in res
+    else:
+        assert res["per_client_global"][0] is None and len(res["per_client_global"]) == 3
+        assert res["per_client_global"][1:] == res["per_client"][1:]  # FedIT's round-0 download is the global
 
 
 # ----------------------------------------------------------------------------- FFA

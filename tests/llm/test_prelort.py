@@ -48,9 +48,9 @@ def _random_pairs(shapes, rank, seed, scale=0.5):
 
 
 def _batches(sim, client, steps, seed=0):
-    idx = sim.client_idx[client]
-    order = client_batches(len(idx), steps, 8, np.random.default_rng(seed))
-    return [make_batch(sim.enc["train"], idx[b]) for b in order]
+    ctx = sim.contexts[client]  # the client's own rows
+    order = client_batches(len(ctx.indices), steps, 8, np.random.default_rng(seed))
+    return [make_batch(ctx.data, ctx.indices[b]) for b in order]
 
 
 def _server(sim, method, seed=1):
@@ -337,3 +337,185 @@ def test_run_experiment_runs_resumes_and_evaluates(tmp_path, nested):
     assert set(summary[0]["by_rank"]) == {"2", "4", "8"}  # each rank's own download, scored
     assert _sha(full / "adapters") == _sha(cut / "adapters") and _sha(full / "adapters")
     assert (full / "metrics.jsonl").read_bytes() == (cut / "metrics.jsonl").read_bytes()
+
+
+# ----------------------------------------------------------------------------- the step leaves the held slots
+
+
+class StepProbe(Hook):
+    """Around each optimiser step: the truncation in force, and every LoRA factor with its optimiser state, before and after."""
+
+    def __init__(self, ws, truncation):
+        self.params, self.truncation, self.log, self.opt = ws.lora_parameters(), truncation, [], None
+
+    def _snapshot(self):
+        def state(p):
+            return {k: v.clone() for k, v in self.opt.state.get(p, {}).items() if torch.is_tensor(v) and v.shape == p.shape}
+
+        return {m: [(p.detach().clone(), state(p), axis) for p, axis in ((B, 1), (A, 0))] for m, (B, A) in self.params.items()}
+
+    def before_step(self, step, optimizer):
+        self.opt = optimizer
+        self.before = self._snapshot()
+
+    def after_step(self, step):  # listed after the truncation, so this sees the slots it wrote back
+        self.log.append((self.truncation.tau, self.before, self._snapshot()))
+
+
+def _assert_held(log, rank, *, held=True):
+    """Slots >= tau bit-identical (parameter and state) across each step where tau < rank; slots < tau moved."""
+    checked = 0
+    for tau, before, after in log:
+        for m in before:
+            for (p0, s0, axis), (p1, s1, _) in zip(before[m], after[m]):
+                tail0, tail1 = p0.narrow(axis, tau, rank - tau), p1.narrow(axis, tau, rank - tau)
+                assert bool((p0.narrow(axis, 0, tau) != p1.narrow(axis, 0, tau)).any()), (m, tau)  # the prefix moved
+                if tau == rank:
+                    continue
+                checked += 1
+                if not held:
+                    assert not torch.equal(tail0, tail1), (m, tau)
+                    continue
+                assert torch.equal(tail0, tail1), (m, tau)
+                assert set(s1) >= set(s0)
+                for key, value in s1.items():
+                    want = s0[key].narrow(axis, tau, rank - tau) if key in s0 else torch.zeros_like(value.narrow(axis, tau, rank - tau))
+                    assert torch.equal(value.narrow(axis, tau, rank - tau), want), (m, tau, key)
+    assert checked > 0
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_a_sampled_step_leaves_the_slots_past_tau_and_their_optimiser_state_untouched(tmp_path, optimizer):
+    # Prepare: a rank-8 adapter, T = {2, 4, 8}, weight decay on (so the plain step would move every slot)
+    sim = _sim(tmp_path)
+    ws = sim.ws
+    ws.load(_random_pairs(ws.shapes, 8, 4), sim.init_extras)
+    groups = ws.param_groups({"A": 0.01, "B": 0.01, "extras": 0.01})
+    truncation = SampledTruncation(ws, (2, 4, 8), torch.Generator().manual_seed(0))
+    probe = StepProbe(ws, truncation)
+    # Execute
+    train_local(ws.peft, _batches(sim, 2, 12), groups, hooks=[truncation, probe], optimizer=optimizer,
+                weight_decay=0.1)
+    # Assert: every truncation was drawn; the held slots and their Adam moments did not change
+    assert {2, 4, 8} <= set(truncation.taus)
+    if optimizer == "adamw":
+        assert all(set(s) == {"exp_avg", "exp_avg_sq"} for _, _, after in probe.log for m in after for _, s, _ in after[m])
+    _assert_held(probe.log, 8)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_without_the_hold_the_optimiser_moves_the_slots_past_tau(tmp_path, optimizer):
+    # the same run with hold=False: momentum and weight decay move the slots outside tau (what the hold prevents)
+    sim = _sim(tmp_path)
+    ws = sim.ws
+    ws.load(_random_pairs(ws.shapes, 8, 4), sim.init_extras)
+    groups = ws.param_groups({"A": 0.01, "B": 0.01, "extras": 0.01})
+    truncation = SampledTruncation(ws, (2, 4, 8), torch.Generator().manual_seed(0), hold=False)
+    probe = StepProbe(ws, truncation)
+    train_local(ws.peft, _batches(sim, 2, 12), groups, hooks=[truncation, probe], optimizer=optimizer,
+                weight_decay=0.1)
+    _assert_held(probe.log, 8, held=False)
+
+
+def test_the_hold_covers_sgd_momentum(tmp_path):
+    # Prepare: SGD with momentum and weight decay (not what make_optimizer builds, any torch optimiser works)
+    sim = _sim(tmp_path)
+    ws = sim.ws
+    ws.load(_random_pairs(ws.shapes, 8, 5), sim.init_extras)
+    params = [p for g in ws.param_groups({"A": 0.01, "B": 0.01}) for p in g["params"]]
+    opt = torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=0.1)
+    mask = PrefixMask(ws, (2, 4, 8))
+    probe = StepProbe(ws, mask)
+    ws.peft.train()
+    # Execute: the full rank first (a momentum buffer in every slot), then truncations 2 and 4
+    for step, (tau, batch) in enumerate(zip((8, 2, 4, 2), _batches(sim, 2, 4))):
+        mask.tau = tau
+        ws.peft(**batch).loss.backward()
+        for hook in (mask, probe):
+            hook.before_step(step, opt)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        for hook in (mask, probe):
+            hook.after_step(step)
+    mask.close()
+    # Assert: the buffers of the held slots kept the values the first step gave them
+    assert all(set(s) == {"momentum_buffer"} for _, before, _ in probe.log[1:] for m in before for _, s, _ in before[m])
+    assert all(bool(s["momentum_buffer"].abs().sum() > 0) for _, before, _ in probe.log[1:2]
+               for m in before for _, s, _ in before[m])
+    _assert_held(probe.log, 8)
+
+
+# ----------------------------------------------------------------------------- the prefix share of the update
+
+
+@pytest.mark.parametrize("name", ["prelort", "fedit", "replication"])
+def test_each_client_row_carries_the_prefix_share_of_its_update(tmp_path, monkeypatch, name):
+    # Prepare: record every run_client call; a server whose adapter is non-zero (so the start matters)
+    sim = _sim(tmp_path)
+    method = make_method(name)
+    calls = {}
+
+    def recording(method_, message, state, context):
+        reply, new_state, stats = run_client(method_, message, state, context)
+        calls[context.client_id] = (message, reply)
+        return reply, new_state, stats
+
+    monkeypatch.setattr(simulation, "run_client", recording)
+    # Execute
+    _, _, rows, _ = sim.run_round(method, _server(sim, method), {}, 1)
+    # Assert: share_t = sum_m ||Delta W_{m,:t}||^2 / sum_m ||Delta W_m||^2 from the download and the upload, densely
+    levels = {2: [], 4: ["2"], 8: ["2", "4"]}
+    for row in rows:
+        message, reply = calls[row["client"]]
+        down, up = decode_pairs(message.arrays), decode_pairs(reply.arrays)
+
+        def energy(t):
+            return sum(float(torch.linalg.matrix_norm((up[m].B[:, :t] @ up[m].A[:t] - down[m].B[:, :t] @ down[m].A[:t])
+                                                      .double()) ** 2) for m in down)
+
+        r = row["rank"]
+        assert list(row["prefix_share"]) == levels[r]
+        for t, share in row["prefix_share"].items():
+            assert share == pytest.approx(energy(int(t)) / energy(r), rel=1e-4)
+            assert 0.0 < share < 1.5
+        assert reply.metrics["prefix_energy"][-1] == pytest.approx(energy(r), rel=1e-4)
+
+
+def test_the_round_row_averages_the_clients_prefix_shares(tmp_path):
+    # Prepare / Execute: one round of the tiny run, written to metrics.jsonl
+    cfg = RunConfig.from_dict({**SETTINGS, "rounds": 1, "methods": ["prelort", "fedit"]})
+    run_experiment(cfg, tmp_path / "run", progress=False)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    # Assert
+    for row in (r for r in rows if r["round"] == 1):
+        clients = row["clients"]
+        assert set(row["prefix_share"]) == {"2", "4"}
+        for t in ("2", "4"):
+            values = [c["prefix_share"][t] for c in clients if t in c["prefix_share"]]
+            assert row["prefix_share"][t] == pytest.approx(float(np.mean(values)))
+        assert len([c for c in clients if "2" in c["prefix_share"]]) == 2
+
+
+def test_the_toy_benchmark_shows_nesting_putting_the_update_into_the_prefix():
+    # benchmarks/bench_prelort.py's toy regression (rank 16, T = {4, 8, 16}), 100 steps, one seed
+    from benchmarks.bench_prelort import run_mode
+
+    off, sample, all_ = (run_mode(mode, 0, checkpoints=(20, 100)) for mode in ("off", "sample", "all"))
+    # the prefix carries more of the update, and truncated to 4 slots it is a much better rank-4 model
+    assert sample[100]["share4"] > off[100]["share4"] + 0.2 and all_[100]["share4"] > off[100]["share4"] + 0.2
+    assert sample[100]["err4"] < off[100]["err4"] - 0.2 and all_[100]["err4"] < off[100]["err4"] - 0.2
+    # the whole adapter still fits, if more slowly; after 20 steps the prefix is no better than without nesting
+    assert sample[100]["err16"] < 0.2 and sample[20]["err4"] > 0.7
+
+
+def test_update_prefix_energy_sums_modules_and_counts_a_lower_rank_module_whole():
+    from lowrank_fed.linalg import prefix_update_energy
+    from lowrank_fed.llm.client import update_prefix_energy
+
+    start = {"a": _random_pairs({"a": (5, 6)}, 2, 1)["a"], "b": _random_pairs({"b": (4, 3)}, 4, 2)["b"]}
+    end = {"a": _random_pairs({"a": (5, 6)}, 2, 3)["a"], "b": _random_pairs({"b": (4, 3)}, 4, 4)["b"]}
+    ea, eb = prefix_update_energy(start["a"], end["a"]), prefix_update_energy(start["b"], end["b"])
+    got = update_prefix_energy(start, end)
+    assert got == pytest.approx([ea[0] + eb[0], ea[1] + eb[1], ea[1] + eb[2], ea[1] + eb[3]])
+    assert update_prefix_energy(start, {"a": end["a"]}) is None  # not the same modules: no energy
+    assert update_prefix_energy(start, {"a": end["a"], "b": _random_pairs({"b": (4, 3)}, 3, 4)["b"]}) is None

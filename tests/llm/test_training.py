@@ -118,9 +118,9 @@ def test_workspace_groups_train_only_what_the_plan_names(tmp_path):
              for m, (d_out, d_in) in ws.shapes.items()}
     ws.load(start, sim.init_extras)
     groups = ws.param_groups({"A": 0.05, "B": 0.0})
-    idx = sim.client_idx[2]
-    order = client_batches(len(idx), 3, 8, np.random.default_rng(0))
-    batches = [make_batch(sim.enc["train"], idx[b]) for b in order]
+    ctx = sim.contexts[2]  # client 2's own rows
+    order = client_batches(len(ctx.indices), 3, 8, np.random.default_rng(0))
+    batches = [make_batch(ctx.data, ctx.indices[b]) for b in order]
     # Execute
     train_local(ws.peft, batches, groups)
     # Assert

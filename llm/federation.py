@@ -1,0 +1,382 @@
+r"""The federation as data: what the server knows, and what each client builds from its own examples alone.
+
+A run of ``lowrank-fed run`` splits one data source among ``clients`` clients. Three things are computed from
+the config, each by one function:
+
+- :func:`plan_rows` (anyone): which training rows are validation rows and which client holds each other row,
+  from the seed and the rows' **labels** only (:attr:`DataSource.labels`, the catalogue). No text, target or
+  token of any example is needed, so a node computes its own rows itself: the partition is a deterministic
+  function of ``(seed, labels)``, the very one the server computes.
+- :func:`build_federation` (the server): the rows of every client, their sizes (the data weights), the
+  ranks, the clients sampled each round (:func:`sample_clients`), the held-out test rows that score each client,
+  the truth about contaminated clients (for reporting), and :class:`Shared`: what the server sends every node
+  because it is a statistic of every client's texts (the tiny models' vocabulary, ``other_task``'s length
+  classes).
+- :func:`build_client` (a node): client ``k``'s :class:`~lowrank_fed.llm.client.ClientContext` from its
+  partition id, the run config, the server's :class:`Shared` and its own data source. It reads exactly its
+  own rows (:meth:`DataSource.examples`), applies its own data attack, tokenises them and builds the model.
+
+Why the node computes its rows instead of receiving them: the partition depends on the labels and the seed
+only, every node already holds the catalogue of a packaged data set, and computing it needs no message
+before the first round (a node restarted mid-run rebuilds the same context); the server's copy
+(:attr:`Federation.client_idx`) and the node's are one function's output, so they cannot disagree. What a node
+cannot compute without reading other clients' examples (:class:`Shared`) comes from the server with each
+download. The in-process runner (:class:`~lowrank_fed.llm.runner.simulation.Simulation`) and the Flower
+``ClientApp`` both build their clients with :func:`build_client`, so both train on the same bytes.
+
+All randomness comes from the run's seed through the named streams of :mod:`.streams`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .attacks import DATA_ATTACKS, check_data_attack, choose_attackers, length_edges, poison_examples
+from .client import ClientContext, TrainSettings
+from .config import ConfigError, RunConfig
+from .data import (TextDataset, assign_ranks, encode_classification, encode_generation, holdout_sets, load_dataset,
+                   partition, split_validation)
+from .models import count_parameters, load_model, needs_vocabulary, word_vocabulary
+from .peft_bridge import AdapterWorkspace
+from .streams import EVAL_SUBSET, HOLDOUT, PARTITION, RANKS, SAMPLING, TRAIN_SUBSET, VALIDATION
+
+__all__ = ["DataSource", "Shared", "Federation", "ModelSetup", "build_federation", "build_client", "build_model",
+           "client_ranks", "plan_rows", "sample_clients", "train_settings", "run_device", "encode_examples", "DTYPES"]
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+@contextlib.contextmanager
+def config_key(key: str, value):
+    """Turn a ``ValueError`` of the data or model set-up into a :class:`ConfigError` naming ``key``."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except ValueError as err:
+        raise ConfigError.from_errors([(key, f"a value this data and model allow ({err})", value)]) from err
+
+
+class DataSource:
+    r"""A run's data set, row by row: the label of every training row for anyone, an example only on request.
+
+    The training rows are those of ``load_dataset(cfg.dataset, seed=cfg.seed)``'s training split, after the
+    ``train_size`` draw (stream ``TRAIN_SUBSET``); the test rows are the test split after the ``eval_size`` draw
+    (``EVAL_SUBSET``). :attr:`labels` (the catalogue: a class, or a topic for generation) is what the partition
+    needs; :meth:`examples` is the one way the set-up reads a training example's text, label and target. A client
+    calls it once, with its own rows; tests count the rows it hands out.
+
+    BBC News is one file per article, and only the files of the rows asked for are opened (``bbc_news``: a node
+    opens its own articles, no other). The other packaged sets are single files (20 Newsgroups' ``.tab``) or
+    generated from the seed, which the loader parses or generates whole; the rows a node does not hold are
+    never handed out, encoded or trained on.
+    """
+
+    def __init__(self, cfg: RunConfig):
+        train, test = load_dataset(cfg.dataset, seed=cfg.seed)
+        if cfg.train_size and cfg.train_size < len(train):
+            train = train.subset(np.sort(TRAIN_SUBSET.rng(cfg.seed).permutation(len(train))[: cfg.train_size]))
+        if cfg.eval_size < len(test):
+            test = test.subset(np.sort(EVAL_SUBSET.rng(cfg.seed).permutation(len(test))[: cfg.eval_size]))
+        self._train, self.test = train, test
+        self.labels = train.labels.copy()
+        self.label_names = tuple(train.label_names)
+        self.task = train.task
+        self.has_other_targets = train.other_targets is not None
+
+    def __len__(self) -> int:
+        return len(self._train)
+
+    def examples(self, rows) -> TextDataset:
+        """The training examples of ``rows`` (positions in ``0 .. len(self) - 1``), in that order, read now."""
+        out = self._train.subset(rows)
+        out.texts = list(out.texts)  # BBC News: only these articles' files are opened
+        return out
+
+
+@dataclass(frozen=True)
+class Shared:
+    r"""What the server sends every node because no node can compute it from its own examples.
+
+    Attributes
+    ----------
+    vocabulary : tuple of str or None
+        The tiny models' words (:func:`~lowrank_fed.llm.models.word_vocabulary` of the training texts, most
+        frequent first); None for models with their own tokenizer.
+    length_edges : tuple of float or None
+        ``other_task``'s length-class quantiles of the training texts' word counts
+        (:func:`~lowrank_fed.llm.attacks.length_edges`); None unless an ``other_task`` attack runs on a
+        classification task.
+
+    Both are statistics of every client's texts (a word list and ``C - 1`` numbers), never an example.
+    """
+
+    vocabulary: tuple[str, ...] | None = None
+    length_edges: tuple[float, ...] | None = None
+
+    def to_json(self) -> str:
+        """The JSON a Flower download carries (floats round-trip exactly)."""
+        return json.dumps({"vocabulary": None if self.vocabulary is None else list(self.vocabulary),
+                           "length_edges": None if self.length_edges is None else list(self.length_edges)},
+                          sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Shared":
+        """Inverse of :meth:`to_json`.
+
+        Raises
+        ------
+        ValueError
+            Not a JSON object with (only) the keys ``vocabulary`` and ``length_edges``.
+        """
+        data = json.loads(text)
+        if not isinstance(data, dict) or not set(data) <= {"vocabulary", "length_edges"}:
+            raise ValueError(f"Shared set-up must be a JSON object with keys 'vocabulary' and 'length_edges'. "
+                             f"Got {text[:100]!r}.")
+        vocab, edges = data.get("vocabulary"), data.get("length_edges")
+        return cls(None if vocab is None else tuple(str(w) for w in vocab),
+                   None if edges is None else tuple(float(e) for e in edges))
+
+
+def plan_rows(cfg: RunConfig, labels, task: str) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    r"""``(train_rows, val_rows, client_idx)`` from the catalogue's ``labels`` and the seed alone.
+
+    ``val_rows`` are the ``val_size`` validation rows (:func:`~lowrank_fed.llm.data.split_validation`, stream
+    ``VALIDATION``; stratified by label for classification), ``train_rows`` the others (sorted), and
+    ``client_idx[k]`` client ``k``'s positions in ``train_rows`` (:func:`~lowrank_fed.llm.data.partition`, stream
+    ``PARTITION``), so client ``k``'s rows of the source are ``train_rows[client_idx[k]]``.
+
+    Raises
+    ------
+    ConfigError
+        ``val_size`` or ``clients`` that the data cannot satisfy (named).
+    """
+    labels = np.asarray(labels)
+    labelled = task == "classification"
+    with config_key("val_size", cfg.val_size):
+        train_rows, val_rows = split_validation(labels if labelled else len(labels), cfg.val_size,
+                                                VALIDATION.rng(cfg.seed))
+    with config_key("clients", cfg.clients):
+        client_idx = partition(cfg.partition, labels[train_rows], cfg.clients, PARTITION.rng(cfg.seed),
+                               alpha=cfg.alpha, classes_per_client=cfg.classes_per_client)
+    return train_rows, val_rows, client_idx
+
+
+def sample_clients(cfg: RunConfig, round_: int) -> list[int]:
+    """The clients of round ``round_``: all, or ``clients_per_round`` of them from the stream ``SAMPLING``."""
+    if not cfg.clients_per_round:
+        return list(range(cfg.clients))
+    rng = SAMPLING.rng(cfg.seed, round_)
+    return np.sort(rng.choice(cfg.clients, cfg.clients_per_round, replace=False)).tolist()
+
+
+def train_settings(cfg: RunConfig) -> TrainSettings:
+    """Every client's local training settings."""
+    return TrainSettings(lr=cfg.lr, batch_size=cfg.batch_size, local_steps=cfg.local_steps,
+                         local_epochs=cfg.local_epochs, optimizer=cfg.optimizer, weight_decay=cfg.weight_decay)
+
+
+def run_device(cfg: RunConfig) -> torch.device:
+    """``cfg.device``, with ``"auto"`` the GPU when torch has one."""
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+
+
+def encode_examples(tokenizer, examples: TextDataset, max_length: int) -> dict[str, torch.Tensor]:
+    """``examples`` as model inputs: labels (classification) or targets (generation). Rows encode independently."""
+    if examples.task == "classification":
+        return encode_classification(tokenizer, examples.texts, examples.labels, max_length)
+    return encode_generation(tokenizer, examples.texts, examples.targets, max_length)
+
+
+@dataclass
+class ModelSetup:
+    """The model with its PEFT adapters (``workspace``), its tokenizer, spec and ``transformers`` config, the device;
+    ``model_params``: every parameter of the base model and head (:func:`~lowrank_fed.llm.models.count_parameters`,
+    counted before the LoRA layers are added)."""
+
+    workspace: AdapterWorkspace
+    tokenizer: object
+    spec: object
+    model_config: object
+    device: torch.device
+    model_params: int
+
+
+def build_model(cfg: RunConfig, shared: Shared, num_labels: int, reference_rank: int) -> ModelSetup:
+    r"""The run's model on its device, wrapped for LoRA: the same weights on the server and on every node.
+
+    ``reference_rank`` is the largest client rank of the run (:func:`client_ranks`): the ``r_ref`` of
+    ``lora_scaling = "constant"`` (``s = lora_alpha / r_ref`` at every rank), the same on the server and every node.
+
+    Raises
+    ------
+    ValueError
+        A tiny model without ``shared.vocabulary``, or ``target_modules`` the model lacks.
+    """
+    if needs_vocabulary(cfg.model) and shared.vocabulary is None:
+        raise ValueError(f"Model {cfg.model!r} builds its tokenizer from the vocabulary of the whole training set, "
+                         "which the server computes and sends (Shared.vocabulary); none was given.")
+    model, tokenizer, spec = load_model(cfg.model, num_labels=num_labels, seed=cfg.seed, dtype=DTYPES[cfg.dtype],
+                                        vocabulary=shared.vocabulary if needs_vocabulary(cfg.model) else None)
+    device = run_device(cfg)
+    params = count_parameters(model)  # before AdapterWorkspace adds the LoRA layers to the model
+    workspace = AdapterWorkspace(
+        model.to(device), target_modules=sorted(cfg.target_modules or spec.target_modules),
+        lora_alpha=cfg.lora_alpha, task_type="SEQ_CLS" if spec.task == "classification" else "CAUSAL_LM",
+        scaling=cfg.lora_scaling, reference_rank=reference_rank,
+    )
+    return ModelSetup(workspace, tokenizer, spec, model.config, device, params)
+
+
+@dataclass
+class Federation:
+    r"""What the server knows about a run's federation (:func:`build_federation`).
+
+    Attributes
+    ----------
+    cfg : RunConfig
+    source : DataSource
+        The server's handle on the data (its validation and test rows; the catalogue).
+    train_rows, val_rows : int arrays
+        Rows of ``source`` for training and for validation (:func:`plan_rows`).
+    client_idx : list of int arrays
+        Client ``k``'s positions in ``train_rows``.
+    n_k : list of int
+        Each client's number of training examples (the data weights).
+    ranks : list of int
+        Each client's LoRA rank.
+    attackers : dict client id -> attack entry
+        The truth about contaminated clients (for reports and the ``needs_truth`` oracle).
+    holdout : list of int arrays
+        Each client's held-out rows of the test set (its local score).
+    shared : Shared
+        What every node gets from the server.
+    """
+
+    cfg: RunConfig
+    source: DataSource
+    train_rows: np.ndarray
+    val_rows: np.ndarray
+    client_idx: list[np.ndarray]
+    n_k: list[int]
+    ranks: list[int]
+    attackers: dict
+    holdout: list[np.ndarray]
+    shared: Shared = field(default_factory=Shared)
+
+    @property
+    def task(self) -> str:
+        return self.source.task
+
+    def client_rows(self, k: int) -> np.ndarray:
+        """Client ``k``'s rows of the data source (what :func:`build_client` reads for it)."""
+        return self.train_rows[self.client_idx[k]]
+
+    def sampled(self, round_: int) -> list[int]:
+        """The clients of round ``round_`` (:func:`sample_clients`)."""
+        return sample_clients(self.cfg, round_)
+
+
+def build_federation(cfg: RunConfig, source: DataSource | None = None) -> Federation:
+    r"""The server's view of the run: rows, sizes, ranks, attackers, held-out sets and :class:`Shared`.
+
+    Reads the training examples only where :class:`Shared` needs them (a tiny model's vocabulary, ``other_task``'s
+    length classes); never loads a model.
+
+    Raises
+    ------
+    ConfigError
+        A value the data cannot satisfy, named: ``val_size``, ``clients`` (the partition), ``attacks`` (an attack
+        the task cannot have), ``ranks``.
+    """
+    source = DataSource(cfg) if source is None else source
+    labelled = source.task == "classification"
+    train_rows, val_rows, client_idx = plan_rows(cfg, source.labels, source.task)
+    n_k = [int(len(idx)) for idx in client_idx]
+    attackers = choose_attackers(cfg.attacks, cfg.clients, cfg.seed)
+    with config_key("attacks", [a.kind for a in cfg.attacks]):
+        for a in attackers.values():
+            if a.kind in DATA_ATTACKS:
+                check_data_attack(a.kind, source.task, source.has_other_targets)
+    ranks = client_ranks(cfg, n_k)
+    train_labels = source.labels[train_rows]
+    holdout = holdout_sets(train_labels if labelled else None, client_idx,
+                           source.test.labels if labelled else None, HOLDOUT.rng(cfg.seed), n_test=len(source.test))
+    vocab = needs_vocabulary(cfg.model)
+    edges = labelled and any(a.kind == "other_task" for a in attackers.values())
+    shared = Shared()
+    if vocab or edges:
+        train = source.examples(train_rows)  # the server's statistics of the training texts
+        shared = Shared(tuple(word_vocabulary(train.texts)) if vocab else None,
+                        tuple(float(e) for e in length_edges(train.texts, len(train.label_names))) if edges else None)
+    return Federation(cfg, source, train_rows, val_rows, client_idx, n_k, ranks, attackers, holdout, shared)
+
+
+def client_ranks(cfg: RunConfig, n_k: list[int]) -> list[int]:
+    r"""Every client's LoRA rank (``cfg.ranks`` through :func:`~lowrank_fed.llm.data.assign_ranks`; ``n_k``, the
+    clients' example counts, ranks them for ``"top10"``). A node computes it from the catalogue's labels alone.
+
+    Raises
+    ------
+    ConfigError
+        ``ranks`` that do not fit the clients.
+    """
+    with config_key("ranks", cfg.ranks):
+        return assign_ranks(list(cfg.ranks) if isinstance(cfg.ranks, list) else cfg.ranks, cfg.clients,
+                            rng=RANKS.rng(cfg.seed), rank_set=cfg.rank_set, scores=n_k)
+
+
+def build_client(cfg: RunConfig, partition_id: int, *, shared: Shared | None = None, source: DataSource | None = None,
+                 model: ModelSetup | None = None) -> ClientContext:
+    r"""Client ``partition_id``'s context, from its own examples only.
+
+    1. its rows: :func:`plan_rows` on the catalogue's labels (no example read);
+    2. its examples: ``source.examples(rows)``, the only read;
+    3. its data attack, if the seed makes it a contaminated client (:func:`~lowrank_fed.llm.attacks.choose_attackers`
+       on the ids; :func:`~lowrank_fed.llm.attacks.poison_examples` on its own rows);
+    4. the model (``model``, or :func:`build_model` with ``shared``) and its own rows encoded.
+
+    The context's ``data`` holds exactly the client's rows (``indices`` = ``0 .. n_k - 1``), so batches, and every
+    result, equal those of a context over the whole training set.
+
+    Parameters
+    ----------
+    cfg : RunConfig
+    partition_id : int
+        The client, ``0 <= partition_id < cfg.clients``.
+    shared : Shared, optional
+        From the server; needed by tiny models (their vocabulary) and by an ``other_task`` attacker on
+        classification. Default: ``Shared()`` (nothing).
+    source : DataSource, optional
+        The node's data source (default: opened from ``cfg``).
+    model : ModelSetup, optional
+        A model already built (the in-process runner's one workspace, which its clients share one at a time).
+
+    Raises
+    ------
+    ValueError
+        ``partition_id`` out of range, or ``shared`` lacks what the model or the client's attack needs.
+    """
+    if isinstance(partition_id, bool) or not isinstance(partition_id, (int, np.integer)) \
+            or not 0 <= partition_id < cfg.clients:
+        raise ValueError(f"Client id {partition_id!r} is outside the run's clients [0, {cfg.clients}).")
+    k = int(partition_id)
+    shared = Shared() if shared is None else shared
+    source = DataSource(cfg) if source is None else source
+    train_rows, _, client_idx = plan_rows(cfg, source.labels, source.task)
+    rows = train_rows[client_idx[k]]
+    examples = source.examples(rows)
+    attack = choose_attackers(cfg.attacks, cfg.clients, cfg.seed).get(k)
+    if attack is not None:
+        examples = poison_examples(examples, attack, client=k, seed=cfg.seed, edges=shared.length_edges)
+    if model is None:
+        reference_rank = max(client_ranks(cfg, [len(i) for i in client_idx]))
+        model = build_model(cfg, shared, len(source.label_names), reference_rank)
+    data = encode_examples(model.tokenizer, examples, cfg.max_length)
+    return ClientContext(k, cfg.seed, model.workspace, data, np.arange(len(rows), dtype=np.int64),
+                         train_settings(cfg), model.device)

@@ -1,0 +1,207 @@
+"""The reproductions' verdicts (``llm/reproduce/verdicts.py``) and the claims counted as the papers count them:
+the paired rule on constructed differences, pairwise against each baseline (simulated), LoRA-A2's whole-model
+count, HAFL's per-client drop at distribution, claims whose runs do not exist yet."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("peft")
+
+from lowrank_fed.llm.config import RunConfig  # noqa: E402
+from lowrank_fed.llm.methods.hafl import HAFL  # noqa: E402
+from lowrank_fed.llm.models import count_parameters, tiny_bert  # noqa: E402
+from lowrank_fed.llm.reproduce import EXPERIMENTS, reproduce  # noqa: E402
+from lowrank_fed.llm.reproduce.claims import Run, model_params  # noqa: E402
+from lowrank_fed.llm.reproduce.run import load_run  # noqa: E402
+from lowrank_fed.llm.reproduce.verdicts import (  # noqa: E402
+    ADD_SEEDS,
+    VERDICTS,
+    advice,
+    combine,
+    example_se,
+    paired,
+    verdict,
+)
+from lowrank_fed.llm.runner.simulation import Simulation, run_experiment  # noqa: E402
+
+T_975_2DF = 4.302652729911275  # Student t, 97.5% quantile, 2 degrees of freedom (tables)
+
+
+# ----------------------------------------------------------------------------- the rule
+
+
+def test_the_interval_is_students_t_over_seeds_computed_by_hand():
+    # Execute
+    c = paired([0.10, 0.12, 0.11], against="B")
+    # Assert: mean 0.11, sd 0.01, half-width t_{0.975,2} * 0.01 / sqrt(3)
+    half = T_975_2DF * 0.01 / math.sqrt(3)
+    assert c["mean"] == pytest.approx(0.11) and c["sd"] == pytest.approx(0.01) and c["n"] == 3
+    assert c["low"] == pytest.approx(0.11 - half) and c["high"] == pytest.approx(0.11 + half)
+    assert c["verdict"] == "holds" and c["against"] == "B" and c["level"] == 0.95
+
+
+@pytest.mark.parametrize(("differences", "tol", "expected"), [
+    ([0.10, 0.12, 0.11], 0.0, "holds"),                    # interval [0.085, 0.135] above 0
+    ([0.10, -0.05, 0.02], 0.0, "tie"),                     # covers 0
+    ([-0.10, -0.12, -0.11], 0.0, "does not hold"),         # below 0
+    ([0.5, 0.6], 0.0, "too few seeds"),                    # 2 seeds: no verdict, however clear
+    ([0.3], 0.0, "too few seeds"),
+    ([-0.005, -0.004, -0.006], -0.01, "holds"),            # at least as good within 1 point
+    ([-0.05, -0.04, -0.06], -0.01, "does not hold"),
+    ([0.0, 0.0, 0.0], 0.0, "tie"),                         # exactly equal: a tie, not a win or a loss
+    ([0.0018] * 3, 0.0, "holds"),                          # a count: the same every seed, a zero-width interval
+])
+def test_verdict_on_constructed_differences(differences, tol, expected):
+    assert verdict(differences, tol) == expected
+    assert paired(differences, tol)["verdict"] == expected
+
+
+def test_a_tie_on_fewer_than_five_seeds_asks_for_more_seeds():
+    three, five = paired([0.10, -0.05, 0.02]), paired([0.10, -0.05, 0.02, 0.04, -0.03])
+    assert three["verdict"] == five["verdict"] == "tie"
+    assert advice([three]) == ADD_SEEDS == "add seeds (interval straddles zero)"
+    assert advice([five]) == ""
+    assert advice([paired([0.10, 0.12, 0.11])]) == ""  # holds: nothing to add
+    assert advice([three, paired([-0.1, -0.12, -0.11])]) == ""  # does not hold against one: decided
+
+
+def test_combine_holds_only_against_each_baseline():
+    assert combine(["holds", "holds"]) == "holds"
+    assert combine(["holds", "tie"]) == "tie"
+    assert combine(["holds", "tie", "does not hold"]) == "does not hold"
+    assert combine(["holds", "too few seeds"]) == "too few seeds"
+    assert combine(["holds", "not run yet"]) == "not run yet"
+    assert "partly" not in VERDICTS
+    with pytest.raises(ValueError, match=r"The 'verdicts' must be a non-empty list of .*got \['partly'\]"):
+        combine(["partly"])
+
+
+def test_non_finite_differences_are_refused_with_the_numbers():
+    with pytest.raises(ValueError, match=r"against FedIT must be finite .*got \[0.1, inf\]"):
+        paired([0.1, math.inf], against="FedIT")
+
+
+def test_example_se_is_the_paired_standard_error_over_test_examples():
+    a, b = np.array([1, 1, 0, 1, 0, 1]), np.array([1, 0, 0, 1, 1, 0])
+    assert example_se(a, b) == pytest.approx(np.std(a - b, ddof=1) / math.sqrt(6))
+    with pytest.raises(ValueError, match="two vectors of one length"):
+        example_se(a, b[:3])
+
+
+def test_equal_methods_tie_pairwise_where_the_best_of_five_loses():
+    r"""A method equal in expectation to each of 5 baselines: per seed a shared seed effect plus independent noise of
+    sd 0.025 (200 test examples). Against the best of the five per seed it loses by about 0.03 and, over 10 seeds,
+    mostly reads "does not hold"; pairwise it reads "tie", and "does not hold" at most about 1 - 0.975^5 of the
+    time (any one of five intervals falling below zero)."""
+    # Prepare
+    rng = np.random.default_rng(20261205)
+    new, old = [], []
+    # Execute: 300 synthetic experiments of 10 seeds each
+    for _ in range(300):
+        acc = rng.normal(0.80, 0.05, size=10)[None, :] + rng.normal(0.0, 0.025, size=(6, 10))  # row 0: the claim
+        new.append(combine(paired(acc[0] - acc[b])["verdict"] for b in range(1, 6)))
+        old.append(paired(acc[0] - acc[1:].max(axis=0))["verdict"])
+    # Assert
+    assert set(new) <= {"tie", "does not hold"} and "holds" not in old
+    assert new.count("tie") / 300 >= 0.85 and new.count("does not hold") / 300 <= 0.15
+    assert old.count("does not hold") / 300 >= 0.6
+
+
+# ----------------------------------------------------------------------------- counted as the papers count
+
+
+def _tiny_bert_params(vocab: int, labels: int, hidden: int = 32, layers: int = 2, positions: int = 512,
+                      types: int = 2) -> int:
+    """tiny-bert's parameters by hand: embeddings, encoder layers, pooler, classifier head."""
+    inner = 2 * hidden
+    embeddings = (vocab + positions + types) * hidden + 2 * hidden
+    layer = 4 * (hidden * hidden + hidden) + 2 * hidden + (hidden * inner + inner) + (inner * hidden + hidden) + 2 * hidden
+    return embeddings + layers * layer + (hidden * hidden + hidden) + (hidden * labels + labels)
+
+
+def test_whole_model_parameters_of_tiny_bert_by_hand(tmp_path):
+    # Prepare
+    cfg = RunConfig.from_dict(dict(name="t", model="tiny-bert", dataset="synthetic", methods=["fedit"], clients=3,
+                                   ranks=[2, 4, 8], rounds=1, local_steps=1, eval_size=40, max_length=32,
+                                   checkpoint=False))
+    sim = Simulation(cfg, tmp_path, progress=False)
+    # Execute
+    sim.setup()
+    # Assert: the runner's model_params is every parameter of the base and head, LoRA layers not counted
+    labels = len(sim.train.label_names)
+    assert count_parameters(tiny_bert(labels, vocab_size=50)) == _tiny_bert_params(50, labels)
+    assert sim.describe()["model_params"] == _tiny_bert_params(len(sim.tokenizer), labels)
+    assert model_params(Run({}, {}, sim.describe())) == sim.describe()["model_params"]
+
+
+def test_a_run_without_model_params_or_config_is_refused_by_name():
+    with pytest.raises(ValueError, match="no 'model_params' and its config.json was not loaded"):
+        model_params(Run({}, {}, {"task": "classification"}))
+
+
+def _tiny_hafl(tmp_path, variant):
+    cfg = RunConfig.from_dict(dict(name="t", model="tiny-bert", dataset="synthetic", methods=["hafl"], clients=3,
+                                   ranks=[2, 4, 8], rounds=1, local_steps=5, batch_size=8, lr=0.05, eval_size=120,
+                                   max_length=32, checkpoint=False, hafl={"variant": variant}))
+    run_experiment(cfg, tmp_path / variant, progress=False)
+    rows = [json.loads(x) for x in (tmp_path / variant / "metrics.jsonl").read_text().splitlines()]
+    return rows[-1]
+
+
+def test_hafl_drop_at_distribution_is_scored_per_client_on_its_own_held_out_data(tmp_path, monkeypatch):
+    # Execute: one round of each variant; then freezing again with its download loaded and scored, not reused
+    trn, frz = _tiny_hafl(tmp_path, "truncation"), _tiny_hafl(tmp_path, "freezing")
+    monkeypatch.setattr(HAFL, "download_is_global", lambda self, server, rank: False)
+    measured = _tiny_hafl(tmp_path / "measured", "freezing")
+    # Assert: truncation's low-rank clients lose something; the rank-R client downloads the global itself
+    drops = [g - c for g, c in zip(trn["per_client_global"], trn["per_client"], strict=True)]
+    assert any(d != 0 for d in drops[:2]) and drops[2] == 0
+    # freezing's drop is 0 because every client downloads the global adapter: scored from the download it is the
+    # same, client by client
+    assert frz["per_client_global"] == frz["per_client"] == measured["per_client"]
+    assert measured["per_client_global"] == frz["per_client_global"]
+
+
+@pytest.mark.slow
+def test_hafl_claims_without_their_runs_say_not_run_yet(tmp_path):
+    # Prepare: a quick hafl reproduction, then its results without the homogeneous runs and without the per-client
+    # global scores (as in runs written before the runner recorded them)
+    reproduce("hafl", quick=True, seeds=1, out=tmp_path, progress=False, log=lambda m: None)
+    results = {stem: {0: load_run(tmp_path / stem / "seed0")} for stem in ("freezing", "truncation")}
+    for by_seed in results.values():
+        for row in by_seed[0].history["hafl"]:
+            row.pop("per_client_global", None)
+    # Execute
+    claims = {c.claim: c for c in EXPERIMENTS["hafl"].analyse(results)}
+    # Assert
+    drop = claims["Freezing: no accuracy drop at distribution (truncation has one)"]
+    bytes_ = claims["HAFL (freezing) moves fewer bytes than the homogeneous rank-R federation it replaces"]
+    assert drop.verdict == bytes_.verdict == "not run yet"
+    assert "per_client_global" in drop.ours and "homogeneous.toml" in bytes_.ours
+    assert not drop.comparisons and not bytes_.comparisons
+
+
+def _run(finals: dict[str, float], majority: float = 0.25, n: int = 200) -> Run:
+    return Run({m: {"final": v} for m, v in finals.items()}, {}, {"majority_accuracy": majority, "eval_size": n})
+
+
+def test_a_claim_among_methods_all_at_chance_is_not_testable_here():
+    from lowrank_fed.llm.reproduce.claims import _decide, _near_chance
+
+    # Prepare: 200 test examples, majority class 0.25: 2 standard errors are 0.061
+    at_chance = {s: _run({"a": 0.25 + 0.01 * s, "b": 0.22}) for s in range(3)}
+    one_learns = {s: _run({"a": 0.25 + 0.1 * (s == 2), "b": 0.22}) for s in range(3)}
+    comps = [paired([0.03, 0.02, 0.05], against="b")]
+    # Execute
+    reason = _near_chance(at_chance, ("a", "b"))
+    claim = _decide("a above b", "higher", "", comps, untestable=reason)
+    # Assert: the reason is stated, the comparisons are kept, no advice to add seeds
+    assert "within noise of chance" in reason and _near_chance(one_learns, ("a", "b")) == ""
+    assert claim.verdict == "not testable here" and claim.note.startswith("not testable here: every method")
+    assert claim.comparisons == comps and claim.advice == ""

@@ -1,0 +1,341 @@
+"""``lowrank-fed tune``: choices on validation data only, edge extensions, ties, the tuned.toml round trip, errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import tomllib
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("peft")
+
+from lowrank_fed.cli import main as cli_main  # noqa: E402
+from lowrank_fed.llm.config import ConfigError, RunConfig, load_config  # noqa: E402
+from lowrank_fed.llm.tune import extend_value, separation, tune  # noqa: E402
+
+TINY = """\
+name = "tiny-tune"
+model = "tiny-bert"
+dataset = "synthetic"
+methods = ["fedit", "flexlora"]
+clients = 3
+ranks = [2, 4, 4]
+rounds = 2
+local_steps = 4
+batch_size = 8
+lr = 1e-2
+max_length = 32
+val_size = 30
+eval_size = 30
+"""
+
+
+@pytest.fixture
+def config(tmp_path):
+    path = tmp_path / "setting" / "tiny.toml"
+    path.parent.mkdir()
+    path.write_text(TINY)
+    return path
+
+
+def peaked(peak: float, *, option: str = "lr", flat: bool = False):
+    """A trial scorer (the seam): validation accuracy peaked at ``peak`` in log scale, a small offset per seed."""
+    calls = []
+
+    def trial(cfg: RunConfig, folder):
+        (method,) = cfg.methods
+        value = cfg.method_options[method][option]
+        calls.append((method, value, cfg.seed))
+        acc = 0.5 if flat else 0.9 - 0.1 * math.log10(value / peak) ** 2 + 0.01 * (cfg.seed - 100)
+        return {"val_accuracy": acc, "val_loss": 1 - acc, "val_size": 10**6, "round": cfg.rounds}
+
+    trial.calls = calls
+    return trial
+
+
+def rows(report, method):
+    (row,) = [r for r in report["methods"] if r["method"] == method]
+    return row
+
+
+# ----------------------------------------------------------------------------- the rules, through the seam
+
+
+def test_a_best_value_at_an_edge_is_extended_until_it_is_interior(config, tmp_path):
+    # Prepare: the best lr (0.05) lies above the grid 1e-3, 3e-3, 1e-2
+    trial = peaked(0.05)
+    # Execute
+    report = tune(config, grid=[1e-3, 3e-3, 1e-2], seeds=[100, 101, 102], methods=["fedit"], out=tmp_path / "out",
+                  trial=trial, log=lambda m: None)
+    # Assert: 1e-2 * (1e-2 / 3e-3) = 0.0333333 added, then 0.111111; 0.0333333 is interior and chosen
+    row = rows(report, "fedit")
+    assert [e["value"] for e in row["extensions"]] == [0.0333333, 0.111111]
+    assert [e["edge"] for e in row["extensions"]] == ["high", "high"]
+    assert row["choice"] == 0.0333333 and not row["at_edge"] and row["stopped"] is None
+    assert [v["value"] for v in row["values"]] == [1e-3, 3e-3, 1e-2, 0.0333333, 0.111111]
+    assert {(v, s) for _, v, s in trial.calls} == {(v, s) for v in [1e-3, 3e-3, 1e-2, 0.0333333, 0.111111]
+                                                  for s in (100, 101, 102)}
+    assert len(trial.calls) == 15  # each trial once
+    # the neighbours 0.01 and 0.111 are worse by more than a standard error: no tie
+    assert not row["tie"] and {v["label"] for v in row["values"] if "vs_choice" in v} == {"0.01", "0.111111"}
+    text = (tmp_path / "out" / "tune.md").read_text()
+    assert "| 0.0333333 | " in text and "**chosen**" in text and "added 0.111111: the best mean was 0.0333333, at the high edge" in text
+    assert tomllib.loads((tmp_path / "out" / "tuned.toml").read_text()) == {"fedit": {"lr": 0.0333333}}
+
+
+def test_the_low_edge_extends_with_the_same_ratio_and_the_limit_is_reported(config, tmp_path):
+    # Execute: the best lr (1e-6) is far below; at most 2 extensions
+    report = tune(config, grid=[1e-3, 1e-2], seeds=[100], methods=["fedit"], max_extensions=2,
+                  out=tmp_path / "out", trial=peaked(1e-6), log=lambda m: None)
+    # Assert: 1e-4 and 1e-5 added, the best still at the low edge, and the report says so
+    row = rows(report, "fedit")
+    assert [e["value"] for e in row["extensions"]] == [1e-4, 1e-5] and row["choice"] == 1e-5
+    assert row["at_edge"] and "limit of 2 extensions" in row["stopped"]
+    assert "STILL AT AN EDGE" in (tmp_path / "out" / "tune.md").read_text()
+    assert "STILL AT AN EDGE" in (tmp_path / "out" / "tuned.toml").read_text()
+
+
+def test_the_lr_bounds_stop_an_extension(config, tmp_path):
+    report = tune(config, grid=[0.1, 0.5], seeds=[100], methods=["fedit"], out=tmp_path / "out",
+                  trial=peaked(50.0), log=lambda m: None)
+    row = rows(report, "fedit")
+    assert row["choice"] == 0.5 and row["extensions"] == [] and "would leave the lr bounds" in row["stopped"]
+
+
+def test_equal_scores_are_a_marked_tie_and_the_smaller_value_is_chosen(config, tmp_path):
+    report = tune(config, grid=[1e-3, 1e-2, 1e-1], seeds=[100, 101], methods=["fedit"], max_extensions=0,
+                  out=tmp_path / "out", trial=peaked(1.0, flat=True), log=lambda m: None)
+    row = rows(report, "fedit")
+    # the smallest value is chosen; it is at the low edge, and no extension was allowed
+    assert row["choice"] == 1e-3 and row["tie"] and row["tied_with"] == ["0.01"]
+    assert "limit of 0 extensions" in row["stopped"]
+    assert "**tie**" in (tmp_path / "out" / "tune.md").read_text()
+    assert "TIE" in (tmp_path / "out" / "tuned.toml").read_text()
+
+
+def test_an_integer_option_and_a_categorical_option(config, tmp_path):
+    # Prepare: an integer option of one method, through METHOD.OPTION
+    def by_rank(cfg, folder):
+        g = cfg.method_options["lora_a2"]["global_rank"]
+        return {"val_accuracy": 0.5 + 0.01 * g, "val_loss": 1.0, "val_size": 40, "round": 2}
+
+    def by_variant(cfg, folder):
+        return {"val_accuracy": {"freezing": 0.6, "truncation": 0.4}[cfg.method_options["hafl"]["variant"]],
+                "val_loss": 1.0, "val_size": 40, "round": 2}
+
+    # Execute
+    ranks = tune(config, param="lora_a2.global_rank", grid=[2, 4], seeds=[100], max_extensions=1,
+                 out=tmp_path / "a", trial=by_rank, log=lambda m: None)
+    variant = tune(config, param="hafl.variant", grid=["truncation", "freezing"], seeds=[100],
+                   out=tmp_path / "b", trial=by_variant, log=lambda m: None)
+    # Assert: 8 = 4 * (4 / 2) added (an integer), the limit reported; a categorical grid is never extended
+    row = rows(ranks, "lora_a2")
+    assert [e["value"] for e in row["extensions"]] == [8] and row["choice"] == 8 and "limit of 1" in row["stopped"]
+    assert tomllib.loads((tmp_path / "a" / "tuned.toml").read_text()) == {"lora_a2": {"global_rank": 8}}
+    row = rows(variant, "hafl")
+    assert row["choice"] == "freezing" and row["extensions"] == [] and row["stopped"] is None
+    assert tomllib.loads((tmp_path / "b" / "tuned.toml").read_text()) == {"hafl": {"variant": "freezing"}}
+
+
+def test_extend_value_and_separation():
+    assert extend_value(0.01, 0.003, geometric=True, integer=False) == 0.0333333
+    assert extend_value(1, 2, geometric=False, integer=True) == 0
+    assert extend_value(3, 3.2, geometric=True, integer=True) == 2  # at least one step away
+    # paired over seeds: a consistent difference is separated, a noisy one is not
+    assert separation([0.8, 0.81, 0.82], [0.7, 0.7, 0.71], higher_is_better=True, accuracy=False,
+                      n_val=None)["separated"]
+    s = separation([0.6, 0.4], [0.5, 0.5], higher_is_better=True, accuracy=False, n_val=None)
+    assert s["difference"] == 0 and not s["separated"]
+    # lower is better (loss): the sign turns; one seed and not accuracy: no standard error, a tie
+    s = separation([1.0], [2.0], higher_is_better=False, accuracy=False, n_val=None)
+    assert s["difference"] == 1.0 and s["se"] is None and not s["separated"]
+    # accuracy: the larger of the paired and the binomial standard error (seeds x examples)
+    s = separation([0.5, 0.5], [0.4, 0.4], higher_is_better=True, accuracy=True, n_val=50)
+    assert s["se_seeds"] == 0 and s["se"] == pytest.approx(math.sqrt(0.25 / 100 + 0.24 / 100))
+    assert s["se_from"] == "seeds x validation examples" and s["separated"] is (0.1 > s["se"])
+
+
+# ----------------------------------------------------------------------------- tuned.toml into a run
+
+
+def test_tuned_toml_round_trips_into_a_run_config(config, tmp_path):
+    # Prepare: a tune through the seam, then a config that names its tuned.toml (relative to the config)
+    tune(config, grid=[1e-3, 1e-2, 1e-1], seeds=[100], out=tmp_path / "setting" / "lr", trial=peaked(0.01),
+         log=lambda m: None)
+    run_config = config.with_name("run.toml")
+    run_config.write_text(TINY + 'tuned = "lr/tuned.toml"\n\n[flexlora]\nfreeze_head = true\n')
+    # Execute
+    cfg = RunConfig.from_dict(load_config(run_config))
+    # Assert: the chosen lrs are the methods' options, beside the config's own; the tuned key itself is gone
+    assert cfg.method_options == {"fedit": {"lr": 0.01}, "flexlora": {"freeze_head": True, "lr": 0.01}}
+    assert "tuned" not in load_config(run_config)
+
+
+def test_a_value_in_the_config_and_in_a_tuned_file_is_an_error_naming_both(tmp_path):
+    (tmp_path / "a.toml").write_text("[fedit]\nlr = 0.01\n")
+    (tmp_path / "b.toml").write_text("[fedit]\nlr = 0.02\n")
+    path = tmp_path / "run.toml"
+    path.write_text('tuned = "a.toml"\n[fedit]\nlr = 0.03\n')
+    with pytest.raises(ConfigError, match=r"'fedit.lr' is given both in '.*run.toml' and in '.*a.toml'"):
+        load_config(path)
+    path.write_text('tuned = ["a.toml", "b.toml"]\n')
+    with pytest.raises(ConfigError, match=r"'fedit.lr' is given both in '.*a.toml' and in '.*b.toml'"):
+        load_config(path)
+    path.write_text('tuned = "missing.toml"\n')
+    with pytest.raises(ConfigError, match=r"missing.toml' not found"):
+        load_config(path)
+    path.write_text("tuned = 3\n")
+    with pytest.raises(ConfigError, match=r"Config key 'tuned' in '.*run.toml': expected a path"):
+        load_config(path)
+    (tmp_path / "c.toml").write_text("nonsense = 1\n")
+    path.write_text('tuned = "c.toml"\n')
+    with pytest.raises(ConfigError, match=r"c.toml'.*key 'nonsense' is neither a config key nor a method table"):
+        load_config(path)
+    # a run-wide key from a tuned file; the run's lr and a method's lr are different keys
+    (tmp_path / "d.toml").write_text("local_steps = 7\n[fedit]\nlr = 0.5\n")
+    path.write_text('tuned = "d.toml"\nlr = 0.1\n')
+    assert load_config(path) == {"lr": 0.1, "local_steps": 7, "fedit": {"lr": 0.5}}
+
+
+def test_a_run_reads_the_choices(config, tmp_path, capsys):
+    # Prepare
+    (config.parent / "tuned.toml").write_text("[fedit]\nlr = 0.02\n")
+    run_config = config.with_name("run.toml")
+    run_config.write_text(TINY.replace('["fedit", "flexlora"]', '["fedit"]').replace("rounds = 2", "rounds = 1")
+                          + 'tuned = "tuned.toml"\n')
+    # Execute
+    status = cli_main(["run", str(run_config), "--out", str(tmp_path / "run"), "--no-progress"])
+    # Assert: the run used the chosen lr, and its config.json says so
+    assert status == 0
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["method_options"] == {"fedit": {"lr": 0.02}}
+
+
+# ----------------------------------------------------------------------------- errors: exit 2, nothing written
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--param", "nonsense"], "--param 'nonsense': unknown; expected a method option"),
+    (["--param", "fedit.nonsense"], "--param 'fedit.nonsense': [fedit] has no option 'nonsense'"),
+    (["--param", "nomethod.lr"], "--param 'nomethod.lr': unknown method 'nomethod'"),
+    (["--param", "local_steps", "--grid", "2", "4"], "--param 'local_steps' is a run-wide key: tune it for one method"),
+    (["--param", "seed", "--grid", "1", "2"], "--param 'seed': cannot be tuned"),
+    (["--param", "global_rank", "--grid", "2", "4", "--methods", "fedit", "lora_a2"],
+     "--param 'global_rank' is an option of [lora_a2] but not of [fedit]"),
+    (["--grid", "-1", "0.01"], "--grid value -1 for --param lr ([fedit] lr)"),
+    (["--grid", "abc", "0.01"], "--grid value \"abc\" for --param lr"),
+    (["--grid", "0.01"], "--grid: expected at least two distinct values"),
+    (["--param", "hafl.beta1"], "give --grid"),
+    (["--seeds", "0", "1"], "--seeds: expected distinct seeds >= 100"),
+    (["--set", "val_size=0"], "has val_size = 0: no validation split to choose on"),
+    (["--methods", "fedsa"], "method 'fedsa' has no global model"),
+    (["--methods", "nomethod"], "'methods[0]'"),
+])
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(config, tmp_path, capsys, args, message):
+    out = tmp_path / "out"
+    status = cli_main(["tune", str(config), "--out", str(out), "--no-progress", *args])
+    err = capsys.readouterr().err
+    assert status == 2 and message in err, err
+    assert all(line.startswith("error: ") for line in err.strip().splitlines())
+    assert not out.exists()
+
+
+def test_the_output_guard_refuses_other_folders_and_other_tunes(config, tmp_path, capsys):
+    # a folder of other files, and the config's own folder: refused
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    assert cli_main(["tune", str(config), "--out", str(other), "--grid", "0.01", "0.1"]) == 2
+    assert "already holds files" in capsys.readouterr().err and (other / "notes.txt").read_text() == "mine"
+    assert cli_main(["tune", str(config), "--out", str(config.parent), "--grid", "0.01", "0.1"]) == 2
+    assert "an input of this command" in capsys.readouterr().err
+    # an earlier tune of another request: refused without --overwrite, replaced with it
+    out = tmp_path / "out"
+    tune(config, grid=[1e-3, 1e-2, 1e-1], seeds=[100], out=out, trial=peaked(0.01), log=lambda m: None)
+    before = (out / "tune.json").read_bytes()
+    with pytest.raises(ConfigError, match="holds a tune of another request .*grid"):
+        tune(config, grid=[1e-2, 1e-1, 1.0], seeds=[100], out=out, trial=peaked(0.01), log=lambda m: None)
+    assert (out / "tune.json").read_bytes() == before
+    report = tune(config, grid=[1e-2, 1e-1, 1.0], seeds=[100], out=out, overwrite=True, trial=peaked(0.1),
+                  log=lambda m: None)
+    assert rows(report, "fedit")["choice"] == 0.1
+
+
+def test_an_interrupted_tune_is_continued_by_the_same_request_only(config, tmp_path):
+    # Prepare: a tune stopped in its third trial
+    out = tmp_path / "out"
+    seen = []
+
+    def stopping(cfg, folder):
+        seen.append(cfg.seed)
+        if len(seen) == 3:
+            raise KeyboardInterrupt
+        return peaked(0.01)(cfg, folder)
+
+    with pytest.raises(KeyboardInterrupt):
+        tune(config, grid=[1e-3, 1e-2, 1e-1], seeds=[100, 101], out=out, trial=stopping, log=lambda m: None)
+    stopped = json.loads((out / "tune.json").read_text())
+    # Execute / Assert: another request is refused, the same one finishes
+    with pytest.raises(ConfigError, match="another request .*seeds"):
+        tune(config, grid=[1e-3, 1e-2, 1e-1], seeds=[100], out=out, trial=peaked(0.01), log=lambda m: None)
+    report = tune(config, grid=[1e-3, 1e-2, 1e-1], seeds=[100, 101], out=out, trial=peaked(0.01), log=lambda m: None)
+    assert stopped["finished"] is False and report["finished"] and rows(report, "fedit")["choice"] == 0.01
+
+
+# ----------------------------------------------------------------------------- end to end on the tiny model
+
+
+def _corrupt_test_split(monkeypatch):
+    """Every test example's label shifted and its text replaced: only the test split changes."""
+    from lowrank_fed.llm.runner import simulation
+
+    real = simulation.load_dataset
+
+    def corrupted(name, **kw):
+        train, test = real(name, **kw)
+        test.labels = (test.labels + 1) % len(test.label_names)
+        test.texts = ["corrupted " + t[::-1] for t in test.texts]
+        return train, test
+
+    monkeypatch.setattr(simulation, "load_dataset", corrupted)
+
+
+@pytest.mark.slow
+def test_a_real_tune_reuses_its_trials_and_never_reads_the_test_split(config, tmp_path, monkeypatch, capsys):
+    # Prepare
+    config.write_text(TINY.replace('["fedit", "flexlora"]', '["fedit"]'))
+    args = ["tune", str(config), "--grid", "1e-3", "1e-2", "--seeds", "100", "101", "--max-extensions", "1",
+            "--no-progress"]
+    # Execute: a tune; the same tune again (every trial reused); a tune with the test split corrupted
+    assert cli_main([*args, "--out", str(tmp_path / "clean")]) == 0
+    first = (tmp_path / "clean" / "tune.json").read_bytes()
+    capsys.readouterr()
+    assert cli_main([*args, "--out", str(tmp_path / "clean")]) == 0
+    logs = capsys.readouterr().err
+    _corrupt_test_split(monkeypatch)
+    assert cli_main([*args, "--out", str(tmp_path / "corrupt")]) == 0
+    # Assert: the rerun ran nothing and wrote the same bytes
+    assert "running" not in logs and logs.count("reusing the finished trial") >= 4
+    assert (tmp_path / "clean" / "tune.json").read_bytes() == first
+    # a trial that never finished (its summary missing) is run again, alone, to the same scores
+    (tmp_path / "clean" / "trials" / "fedit" / "lr=0.01" / "seed101" / "summary.json").unlink()
+    capsys.readouterr()
+    assert cli_main([*args, "--out", str(tmp_path / "clean")]) == 0
+    logs = capsys.readouterr().err
+    assert logs.count("running") == 1 and "lr=0.01/seed101" in logs.split("running")[1].splitlines()[0]
+    assert (tmp_path / "clean" / "tune.json").read_bytes() == first
+    clean = json.loads(first)
+    corrupt = json.loads((tmp_path / "corrupt" / "tune.json").read_bytes())
+    # every trial is an ordinary run folder
+    trial = tmp_path / "clean" / "trials" / "fedit" / "lr=0.001" / "seed100"
+    assert RunConfig.from_dict(json.loads((trial / "config.json").read_text())).method_options == {"fedit": {"lr": 0.001}}
+    # the corrupted test split moved the test scores, and not one validation score or choice
+    test_scores = [json.loads((tmp_path / d / "trials/fedit/lr=0.001/seed100/summary.json").read_text())[0]["final"]
+                   for d in ("clean", "corrupt")]
+    assert test_scores[0] != test_scores[1]
+    assert clean["methods"][0]["values"] == corrupt["methods"][0]["values"] and clean == corrupt
+    for name in ("tune.json", "tune.md", "tuned.toml"):
+        assert (tmp_path / "clean" / name).read_bytes() == (tmp_path / "corrupt" / name).read_bytes()
+    chosen = tomllib.loads((tmp_path / "clean" / "tuned.toml").read_text())
+    assert chosen == {"fedit": {"lr": clean["methods"][0]["choice"]}}
