@@ -3,7 +3,7 @@ r"""``lowrank-fed merge``: aggregate PEFT LoRA adapters trained anywhere into on
 .. code-block:: text
 
     lowrank-fed merge CLIENT_DIR... --rule RULE --out DIR [--weights W...] [--rank N] [--per-client DIR]
-                      [--robust] [--lora-alpha A] [--overwrite]
+                      [--robust [--threshold gap|Z]] [--lora-alpha A] [--overwrite]
 
 Each ``CLIENT_DIR`` is a PEFT adapter folder (any ranks, alphas, rsLoRA, ``rank_pattern``); the scale is
 folded in on reading (:mod:`~lowrank_fed.llm.adapters`), so every rule acts on ``Delta W_k = s_k B_k A_k``:
@@ -13,7 +13,9 @@ approximation, ``zero_pad``, ``replication``, ``segment``, ``fedavg`` the papers
 
 ``--robust`` first runs CLAIR on the clients' deltas of every module and leaves out the clients it
 flags (:func:`~lowrank_fed.llm.methods.clair.flag_clients`: the mean over modules of the robust
-z-scores of the off-subspace residuals above 3), printing each client's score. ``--per-client DIR``
+z-scores of the off-subspace residuals, decided by ``--threshold``: ``gap``, the default, flags the clients
+above the largest significant gap of the sorted scores, :func:`lowrank_fed.robust.gap_flags`; a number
+``Z`` flags scores above it, 3 being the former fixed cut), printing each client's score. ``--per-client DIR``
 writes each (kept) client's share, the global redistributed to its own per-module ranks by SVD, in its
 own config (alpha, rsLoRA), as ``DIR/<client folder name>/``.
 
@@ -52,6 +54,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--per-client", default=None, metavar="DIR",
                         help="also write each client's share at its own ranks under DIR/<client>/")
     parser.add_argument("--robust", action="store_true", help="flag contaminated clients with CLAIR and leave them out")
+    parser.add_argument("--threshold", default="gap", metavar="gap|Z",
+                        help="--robust's decision on the clients' mean z-scores: 'gap' (default: the largest "
+                             "significant gap of the sorted scores) or a number Z (flag scores above Z; 3 was the "
+                             "former fixed cut)")
     parser.add_argument("--lora-alpha", type=float, default=None, metavar="A",
                         help="alpha of the written global adapter (default: the first client's)")
     parser.add_argument("--missing", choices=("zero", "holders"), default="zero",
@@ -95,6 +101,15 @@ def _check_options(args: argparse.Namespace, n: int) -> str | None:
         return f"--lora-alpha: expected a finite positive number (the scale is alpha / r); got {args.lora_alpha}."
     if args.robust and n < 3:
         return f"--robust needs at least 3 clients to tell a contaminated one from the rest; got {n}."
+    if args.threshold != "gap":
+        try:
+            z = float(args.threshold)
+        except ValueError:
+            z = float("nan")
+        if not (math.isfinite(z) and z > 0):
+            return f"--threshold: expected 'gap' or a finite positive z-score cut; got {args.threshold!r}."
+        if not args.robust:
+            return f"--threshold {args.threshold} is --robust's decision; give --robust too."
     return None
 
 
@@ -205,9 +220,12 @@ def main(args: argparse.Namespace) -> int:
             return _fail("--robust needs modules every client adapted; these adapters share none.")
         rank = min(min(a.pairs[m].rank for a in adapters) for m in modules)
         t0 = time.perf_counter()
-        found = flag_clients([{m: a.pairs[m] for m in modules} for a in adapters], rank=rank, weights=weights)
+        threshold = args.threshold if args.threshold == "gap" else float(args.threshold)
+        found = flag_clients([{m: a.pairs[m] for m in modules} for a in adapters], rank=rank, weights=weights,
+                             threshold=threshold)
+        rule = "flagged above the largest significant gap" if threshold == "gap" else f"flagged above {threshold:g}"
         table = Table(title=f"CLAIR on {len(modules)} modules (rank {rank}, {time.perf_counter() - t0:.2f} s): "
-                            "mean z-score of the off-subspace residual; flagged above 3")
+                            f"mean z-score of the off-subspace residual; {rule}")
         for col in ("client", "mean z-score", "flagged"):
             table.add_column(col, justify="right")
         for name, score, ok in zip(names, found.scores, found.benign, strict=True):

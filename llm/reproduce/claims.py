@@ -508,13 +508,22 @@ def _clair(results: Results) -> list[Claim]:
     claims = []
     for task, key, label in (("copy", "exact_match", "exact match"), ("minilm", "accuracy", "accuracy")):
         gain_comps, detect_comps, values_gain, values_det, texts, texts_det = [], [], {}, {}, [], []
+        ref_comps, values_ref = [], {}
         for tag, gamma in _GAMMAS:
             runs = results[f"{task}_g{tag}"]
-            v = {m: _per_seed(runs, lambda r, m=m: _benign(r, m, key)) for m in ("fedit", "clair", "oracle", "local")}
+            with_ref = all("clair_nodetect" in r.history for r in runs.values())  # older results lack the reference
+            methods = ("fedit", "clair", "oracle", "local") + (("clair_nodetect",) if with_ref else ())
+            v = {m: _per_seed(runs, lambda r, m=m: _benign(r, m, key)) for m in methods}
             texts.append(f"γ {gamma}: CLAIR {_ms(v['clair'])}, FedIT {_ms(v['fedit'])}, oracle {_ms(v['oracle'])}, "
-                         f"local {_ms(v['local'])}")
+                         f"local {_ms(v['local'])}"
+                         + (f", refinement without detection {_ms(v['clair_nodetect'])}" if with_ref else ""))
             values_gain[f"CLAIR - FedIT, γ {gamma}"] = _diff(v["clair"], v["fedit"])
             values_gain[f"oracle - CLAIR, γ {gamma}"] = _diff(v["oracle"], v["clair"])
+            if with_ref:
+                values_ref[f"CLAIR - no detection, γ {gamma}"] = _diff(v["clair"], v["clair_nodetect"])
+            if gamma > 0 and with_ref:  # CLAIR against its own refinement with nobody flagged: detection alone
+                ref_comps.append(paired(_diff(v["clair"], v["clair_nodetect"]),
+                                        against=f"the refinement without detection at γ {gamma}"))
             if gamma > 0:
                 gain_comps.append(paired(_diff(v["clair"], v["fedit"]), against=f"FedIT at γ {gamma}"))
                 prec = _per_seed(runs, lambda r: r.summary["clair"].get("precision") or 0.0)
@@ -539,6 +548,13 @@ def _clair(results: Results) -> list[Claim]:
             "benign clients' " + label + ": " + "; ".join(texts) + f"; CLAIR minus {_vs(gain_comps)}",
             gain_comps, "CLAIR minus FedIT per seed, at each γ > 0 (holds only at each); oracle = FedAvg of the "
             "benign clients only, told who they are", values_gain))
+        if ref_comps:  # FedIT's model is global, CLAIR's personal: this one compares two personal downloads
+            claims.append(_decide(
+                f"{name}: detection helps benign clients beyond the refinement (γ > 0)",
+                "robustness, not only personalisation",
+                "benign clients' " + label + ": " + "; ".join(texts) + f"; CLAIR minus {_vs(ref_comps)}",
+                ref_comps, "CLAIR minus its refinement without detection (clair_nodetect) per seed, at each γ > 0; "
+                "CLAIR minus FedIT mixes detection with personalisation", values_ref))
     return claims
 
 
