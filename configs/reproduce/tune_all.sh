@@ -79,7 +79,7 @@ tune() {
     local cmd=("$LOWRANK_FED" tune "$config" --param lr --seeds "${SEEDS[@]}" --out "$out" --no-progress "$@")
     case $mode in
         print) printf '%q ' "${cmd[@]}"; echo ;;
-        link) link "$config" "$tuned" ;;
+        link) links+=("$config" "$tuned") ;;
         run)
             if grep -q '^tuned *=' "$config"; then
                 echo "[tune_all] $config already names its tuned file (tune_all.sh --link was run); skipped" >&2
@@ -93,10 +93,11 @@ tune() {
     esac
 }
 
-# link CONFIG TUNED: add `tuned = "tuned/CONFIG.toml"` to the config (after its name) and drop the [method] lr lines
-# the tuned file now sets (a value given in two places is an error); then check the config loads with those values.
+# link CONFIG TUNED [CONFIG TUNED ...]: check that every tuned file exists (else nothing is changed); then add
+# `tuned = "tuned/CONFIG.toml"` to each config (after its name), drop the [method] lr lines the tuned file now sets
+# (a value given in two places is an error), and check that the config loads with the tuned values.
 link() {
-    "${PYTHON:-.venv/bin/python}" - "$1" "$2" <<'EOF'
+    "${PYTHON:-.venv/bin/python}" - "$@" <<'EOF'
 import re
 import sys
 import tomllib
@@ -104,45 +105,54 @@ from pathlib import Path
 
 from lowrank_fed.llm.config import RunConfig, load_config
 
-config, tuned = Path(sys.argv[1]), Path(sys.argv[2])
-text = config.read_text()
-if re.search(r"^tuned\s*=", text, flags=re.M):
-    print(f"[tune_all] {config} already names its tuned file; unchanged", file=sys.stderr)
-    raise SystemExit(0)
-if not tuned.is_file():
-    print(f"error: {tuned} does not exist: run configs/reproduce/tune_all.sh first; {config} unchanged",
-          file=sys.stderr)
+pairs = [(Path(c), Path(t)) for c, t in zip(sys.argv[1::2], sys.argv[2::2], strict=True)]
+todo = []
+for config, tuned in pairs:
+    if re.search(r"^tuned\s*=", config.read_text(), flags=re.M):
+        print(f"[tune_all] {config} already names its tuned file; unchanged", file=sys.stderr)
+    else:
+        todo.append((config, tuned))
+missing = [str(t) for _, t in todo if not t.is_file()]
+if missing:
+    print(f"error: {len(missing)} tuned files do not exist yet ({', '.join(missing)}): run "
+          "configs/reproduce/tune_all.sh for them first; no config was changed", file=sys.stderr)
     raise SystemExit(2)
-chosen = tomllib.loads(tuned.read_text())
-lines, table, kept = text.splitlines(keepends=True), None, []
-for line in lines:
-    header = re.match(r"^\[([^\[\]]+)\]\s*$", line)
-    if header or line.startswith("[["):  # an array of tables ([[attacks]]) is no method table
-        table = header.group(1).strip() if header else "[[]]"
-    key = re.match(r"^([A-Za-z_]+)\s*=", line)
-    if key and table in chosen and key.group(1) in chosen[table]:
-        continue  # the tuned file sets it now
-    if key and table is None and key.group(1) in chosen and not isinstance(chosen[key.group(1)], dict):
-        continue
-    kept.append(line)
-    if table is None and line.startswith("name ="):
-        kept.append(f'tuned = "{tuned.relative_to(config.parent).as_posix()}"\n')
-new = "".join(kept)
-if new.count("\ntuned = ") != 1:
-    print(f"error: {config} has no top-level name line to put tuned after; unchanged", file=sys.stderr)
-    raise SystemExit(2)
-config.write_text(new)
-merged = RunConfig.from_dict(load_config(config))
-for method, values in chosen.items():
-    for option, value in (values.items() if isinstance(values, dict) else [(method, values)]):
-        got = merged.method_options[method][option] if isinstance(values, dict) else getattr(merged, option)
-        if got != value:
-            config.write_text(text)
-            print(f"error: {config}: {method}.{option} reads {got}, not the tuned {value}; restored", file=sys.stderr)
-            raise SystemExit(1)
-print(f"[tune_all] {config} now reads {tuned}", file=sys.stderr)
+for config, tuned in todo:
+    text = config.read_text()
+    chosen = tomllib.loads(tuned.read_text())
+    table, kept = None, []
+    for line in text.splitlines(keepends=True):
+        header = re.match(r"^\[([^\[\]]+)\]\s*$", line)
+        if header or line.startswith("[["):  # an array of tables ([[attacks]]) is no method table
+            table = header.group(1).strip() if header else "[[]]"
+        key = re.match(r"^([A-Za-z_]+)\s*=", line)
+        if key and table in chosen and key.group(1) in chosen[table]:
+            continue  # the tuned file sets it now
+        if key and table is None and key.group(1) in chosen and not isinstance(chosen[key.group(1)], dict):
+            continue
+        kept.append(line)
+        if table is None and line.startswith("name ="):
+            kept.append(f'tuned = "{tuned.relative_to(config.parent).as_posix()}"\n')
+    new = "".join(kept)
+    if new.count("\ntuned = ") != 1:
+        print(f"error: {config} has no top-level name line to put tuned after; it and the rest unchanged",
+              file=sys.stderr)
+        raise SystemExit(2)
+    config.write_text(new)
+    merged = RunConfig.from_dict(load_config(config))
+    for method, values in chosen.items():
+        for option, value in (values.items() if isinstance(values, dict) else [(method, values)]):
+            got = merged.method_options[method][option] if isinstance(values, dict) else getattr(merged, option)
+            if got != value:
+                config.write_text(text)
+                print(f"error: {config}: {method}.{option} reads {got}, not the tuned {value}; it and the rest "
+                      "unchanged", file=sys.stderr)
+                raise SystemExit(1)
+    print(f"[tune_all] {config} now reads {tuned}", file=sys.stderr)
 EOF
 }
+
+links=()
 
 # ---- CLAIR: equal ranks; `local` cannot be tuned (no global model). Copy task: 200 validation texts drawn on top
 # of the config's 60 training texts.
@@ -177,3 +187,7 @@ done
 for stem in smollm2_headlines smollm2_headlines_constant; do
     tune prelort "$stem" --set val_size=200 --grid 0.000333333 0.001 0.003
 done
+
+if [ "$mode" = link ] && [ ${#links[@]} -gt 0 ]; then
+    link "${links[@]}"
+fi

@@ -70,8 +70,16 @@ def test_the_homogeneous_hafl_config_needs_no_twin_its_scale_is_the_same_under_b
 # ----------------------------------------------------------------------------- committed runs stay reusable
 
 
+def _names_tuned(name: str, stem: str) -> bool:
+    return "tuned" in tomllib.loads((CONFIG_ROOT / name / f"{stem}.toml").read_text())
+
+
 def _committed_runs():
+    """The committed runs of configs that do not name a tuned file yet (tune_all.sh --link changes their rates,
+    after which the committed runs are runs of other configs)."""
     for name, stem in ALL_CONFIGS:
+        if _names_tuned(name, stem):
+            continue
         for folder in sorted((RESULTS / name / stem).glob("seed*")):
             yield name, stem, folder
 
@@ -86,7 +94,9 @@ def test_committed_runs_made_before_lora_scaling_existed_are_still_finished():
         cfg = RunConfig.from_dict({**load_config(CONFIG_ROOT / name / f"{stem}.toml"), "seed": stored["seed"]})
         assert _finished(folder, cfg) is (name != "prelort"), folder
         counted += name != "prelort"
-    assert counted == 3 * (6 + 1 + 2 + 8)
+    with_runs = [(n, c) for n, c in ALL_CONFIGS if n != "prelort" and (RESULTS / n / c).is_dir()]
+    assert len(with_runs) == 6 + 1 + 2 + 8  # lora-a2, byun-lee, hafl freezing and truncation, clair
+    assert counted == 3 * len([1 for n, c in with_runs if not _names_tuned(n, c)])
 
 
 def test_a_stored_config_without_a_newer_key_is_that_keys_default_and_nothing_else(tmp_path):
@@ -114,8 +124,9 @@ def test_a_config_naming_a_tuned_file_that_does_not_exist_fails_clearly(tmp_path
     with pytest.raises(ConfigError, match=r"Tuned file '.*tuned/freezing.toml' not found \(named by 'tuned' in "
                                           r"'.*hafl.toml'\): write it first .*tune_all.sh"):
         load_config(path)
-    for name, stem in ALL_CONFIGS:  # none names one yet: the tunes have not run
-        assert "tuned" not in tomllib.loads((CONFIG_ROOT / name / f"{stem}.toml").read_text())
+    for name, stem in ALL_CONFIGS:  # a config names a tuned file only once it exists (none does before the tunes)
+        raw = tomllib.loads((CONFIG_ROOT / name / f"{stem}.toml").read_text())
+        assert "tuned" not in raw or (CONFIG_ROOT / name / raw["tuned"]).is_file()
 
 
 # ----------------------------------------------------------------------------- tune_all.sh
@@ -177,27 +188,34 @@ def test_every_tune_command_is_accepted_and_writes_a_tuned_file_the_config_can_r
     assert len(seen) >= 9 * len(ALL_CONFIGS)
 
 
-def test_link_points_a_config_at_its_tuned_file_and_refuses_one_that_is_missing(tmp_path):
+def test_link_points_each_config_at_its_tuned_file_only_once_every_one_exists(tmp_path):
     # Prepare: a copy of the LoRA-A2 configs (their [method] lr lines are what a tuned file replaces), one tuned file
     configs = tmp_path / "configs"
     shutil.copytree(CONFIG_ROOT / "lora-a2", configs / "lora-a2")
-    (configs / "lora-a2" / "tuned").mkdir()
-    (configs / "lora-a2" / "tuned" / "dir001_r1.toml").write_text(
+    tuned = configs / "lora-a2" / "tuned"
+    tuned.mkdir()
+    (tuned / "dir001_r1.toml").write_text(
         "# chosen\n[fedit]\nlr = 0.006\n\n[ffa]\nlr = 0.002\n\n[flexlora]\nlr = 0.000666667\n\n[lora_a2]\nlr = 0.06\n")
+    before = {p.name: p.read_text() for p in (configs / "lora-a2").glob("*.toml")}
     env = {**os.environ, "REPRODUCE_CONFIGS": str(configs), "PYTHON": sys.executable}
-    # Execute
+    # Execute: five tuned files missing, then all there
+    refused = subprocess.run(["bash", str(TUNE_ALL), "--link", "lora-a2"], capture_output=True, text=True, env=env)
+    unchanged = {p.name: p.read_text() for p in (configs / "lora-a2").glob("*.toml")}
+    for stem in ("dir001_r2", "dir001_r8", "dir05_r1", "dir05_r2", "dir05_r8"):
+        shutil.copy(tuned / "dir001_r1.toml", tuned / f"{stem}.toml")
     done = subprocess.run(["bash", str(TUNE_ALL), "--link", "lora-a2"], capture_output=True, text=True, env=env)
-    # Assert: the first config reads its choices; the second has no tuned file yet: refused, unchanged
-    assert done.returncode == 2 and "dir001_r2.toml does not exist" in done.stderr
-    cfg = RunConfig.from_dict(load_config(configs / "lora-a2" / "dir001_r1.toml"))
-    assert {m: cfg.method_options[m]["lr"] for m in ("fedit", "ffa", "flexlora", "lora_a2")} == {
-        "fedit": 0.006, "ffa": 0.002, "flexlora": 0.000666667, "lora_a2": 0.06}
-    assert cfg.lr == 2e-2 and cfg.method_options["lora_a2"]["global_rank"] == 16
-    text = (configs / "lora-a2" / "dir001_r1.toml").read_text()
-    assert 'tuned = "tuned/dir001_r1.toml"' in text and text.count("lr = ") == 1  # the run-wide lr only
-    assert (configs / "lora-a2" / "dir001_r2.toml").read_text() == (CONFIG_ROOT / "lora-a2" / "dir001_r2.toml").read_text()
-    again = subprocess.run(["bash", str(TUNE_ALL), "--link", "lora-a2"], capture_output=True, text=True, env=env)
-    assert "already names its tuned file" in again.stderr and (configs / "lora-a2" / "dir001_r1.toml").read_text() == text
+    # Assert: refused with nothing changed; then every config reads its choices, the run-wide lr kept
+    assert refused.returncode == 2 and "5 tuned files do not exist yet" in refused.stderr
+    assert "dir05_r8.toml" in refused.stderr and unchanged == before
+    assert done.returncode == 0, done.stderr
+    for stem in ("dir001_r1", "dir001_r2", "dir001_r8", "dir05_r1", "dir05_r2", "dir05_r8"):
+        cfg = RunConfig.from_dict(load_config(configs / "lora-a2" / f"{stem}.toml"))
+        assert {m: cfg.method_options[m]["lr"] for m in ("fedit", "ffa", "flexlora", "lora_a2")} == {
+            "fedit": 0.006, "ffa": 0.002, "flexlora": 0.000666667, "lora_a2": 0.06}
+        assert cfg.lr == 2e-2 and cfg.method_options["lora_a2"]["global_rank"] == 16
+        assert cfg.method_options["fedit"]["freeze_head"] is True
+        text = (configs / "lora-a2" / f"{stem}.toml").read_text()
+        assert f'tuned = "tuned/{stem}.toml"' in text and text.count("lr = ") == 1  # the run-wide lr only
 
 
 # ----------------------------------------------------------------------------- bench_prelort --real
