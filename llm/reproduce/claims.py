@@ -577,7 +577,7 @@ EXPERIMENTS: dict[str, Experiment] = {
     "hafl": Experiment(
         "hafl", "HAFL: importance-based freezing and rank-1 aggregation",
         "HAFL (2025, abstract): 20 Newsgroups; details are our reconstruction",
-        ("freezing", "truncation", "homogeneous"),
+        ("freezing", "truncation", "homogeneous", "freezing_constant", "truncation_constant"),
         "MiniLM, 10 clients at ranks 4..32, Dirichlet 0.5, 6 rounds of 5 local steps, 2000 training examples; "
         "the bytes are compared with FedIT with every client at rank R = 32 (the homogeneous federation freezing "
         "replaces); the paper's sizes are not given in its abstract.",
@@ -585,7 +585,7 @@ EXPERIMENTS: dict[str, Experiment] = {
     "prelort": Experiment(
         "prelort", "PreLort: prefix-nested LoRA against heterogeneous-rank baselines",
         "PreLort (2025): accuracy, ROUGE-L and perplexity across base models",
-        ("minilm_bbc", "smollm2_headlines"),
+        ("minilm_bbc", "smollm2_headlines", "minilm_bbc_constant", "smollm2_headlines_constant"),
         "MiniLM on BBC News (the main job's clients and ranks, 4 rounds of 50 local steps) and SmolLM2-135M on BBC "
         "headlines (4 clients, 2 rounds of 50 steps, 24 test examples, 12 for ROUGE-L): far smaller than the "
         "paper's models and budgets; 50 local steps so that prefix-nested training has room to act "

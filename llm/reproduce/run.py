@@ -89,12 +89,24 @@ def _configs(experiment: Experiment, seeds: list[int], quick: bool) -> dict[str,
 
 
 def _finished(folder: Path, cfg: RunConfig) -> bool:
-    """Whether ``folder`` holds a finished run of exactly ``cfg``."""
+    r"""Whether ``folder`` holds a finished run of exactly ``cfg``.
+
+    The stored ``config.json`` is read back through :meth:`RunConfig.from_dict` before it is compared, so a key
+    added to the config after the run was made (absent from its ``config.json``) takes its default, which by the
+    project's rule leaves an existing config's behaviour unchanged (``lora_scaling``'s ``alpha_over_r`` is the
+    scale every earlier run used): a config that now spells that default out still finds the run. Any value that
+    differs, or a stored config that no longer validates, is not the same run.
+    """
     try:
-        stored = json.loads((folder / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
+        stored = RunConfig.from_dict(json.loads((folder / "config.json").read_text()))
+    except (OSError, json.JSONDecodeError, ConfigError):
         return False
-    return (folder / "summary.json").is_file() and stored == json.loads(json.dumps(cfg.to_dict()))
+    return (folder / "summary.json").is_file() and _as_json(stored) == _as_json(cfg)
+
+
+def _as_json(cfg: RunConfig) -> dict:
+    """``cfg`` as its ``config.json`` holds it (JSON types: lists, not tuples)."""
+    return json.loads(json.dumps(cfg.to_dict()))
 
 
 def reproduce(name: str, *, seeds: int | None = None, quick: bool = False, out: str | Path | None = None,
