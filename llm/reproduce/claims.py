@@ -514,7 +514,8 @@ def _hafl(results: Results) -> list[Claim]:
                                configs=("freezing", "truncation")))
     else:
         frz, trn = both["freezing"], both["truncation"]
-        drops = {name: _per_seed(runs, lambda r: _client_drop(r, "hafl")) for name, runs in (("frz", frz), ("trn", trn))}
+        drops = {name: _per_seed(runs, lambda r: _client_drop(r, "hafl"))
+                 for name, runs in (("frz", frz), ("trn", trn))}
         where = ("own held-out data" if all("per_client_global" in _last(r, "hafl") for r in (*frz.values(),
                                                                                                  *trn.values()))
                  else "test set, global minus the download of the client's rank")
@@ -760,7 +761,7 @@ def _clair(results: Results) -> list[Claim]:
             runs = taken[f"{task}_g{tag}"]
             hits = [sorted(d.get("flagged") or []) == sorted(d.get("contaminated") or [])
                     for s in _seeds(runs) for d in _detections(runs[s])]
-            det_comps.append(proportion(hits, DETECTION_SHARE, against=f"exact flags at γ {gamma}"))
+            det_comps.append(proportion(hits, DETECTION_SHARE, seeds=len(runs), against=f"exact flags at γ {gamma}"))
             values_det[f"exact, γ {gamma}"] = [float(h) for h in hits]
             texts_det.append(f"γ {gamma}: {sum(hits)}/{len(hits)} rounds exact "
                              f"[{det_comps[-1]['low']:.2f}, {det_comps[-1]['high']:.2f}]")
@@ -774,7 +775,7 @@ def _clair(results: Results) -> list[Claim]:
         quiet = [not d.get("flagged") for d in rounds0]
         false_flags = sum(len(d.get("flagged") or []) for d in rounds0)
         clients = len(runs0[_seeds(runs0)[0]].setup.get("ranks") or []) or None
-        comp = proportion(quiet, DETECTION_SHARE, against="rounds with no client flagged at γ 0")
+        comp = proportion(quiet, DETECTION_SHARE, seeds=len(runs0), against="rounds with no client flagged at γ 0")
         claims.append(_decide(
             *clean, f"{sum(quiet)}/{len(quiet)} rounds with nobody flagged [{comp['low']:.2f}, {comp['high']:.2f}]; "
             f"{false_flags} false flags in {len(rounds0)} rounds" + (f" x {clients} clients" if clients else ""),

@@ -208,7 +208,7 @@ def _describe(experiment: Experiment, results: dict[str, dict[int, Run]]) -> str
 
 def _write_report(experiment: Experiment, results: dict[str, dict[int, Run]], out: Path, *, quick: bool,
                   timing: dict | None) -> dict:
-    """Analyse ``results`` and write ``report.json``, ``report.md`` and ``claims.png`` into ``out``; return the report."""
+    """Analyse ``results``, write ``report.json``, ``report.md`` and ``claims.png`` into ``out``; return the report."""
     claims = experiment.claims(results, CONFIG_ROOT)
     seeds = sorted({s for by_seed in results.values() for s in by_seed})
     report = {

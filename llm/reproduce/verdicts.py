@@ -146,15 +146,15 @@ def example_se(correct_a, correct_b) -> float:
     return float((a - b).std(ddof=1) / math.sqrt(a.size))
 
 
-def proportion(successes: Sequence[bool], threshold: float, *, against: str = "") -> dict:
+def proportion(successes: Sequence[bool], threshold: float, *, seeds: int, against: str = "") -> dict:
     r"""A 0/1 outcome (one per seed and round): the count ``k`` of ``n`` and its Clopper-Pearson 95% interval.
 
     .. math:: [p_-, p_+]:\quad P(\mathrm{Bin}(n, p_-) \ge k) = 0.025,\quad P(\mathrm{Bin}(n, p_+) \le k) = 0.025
 
     (``scipy.stats.binomtest(k, n).proportion_ci(0.95, "exact")``; exact for any ``n``, never outside [0, 1]).
-    **holds** if the interval lies above ``threshold``, **does not hold** if below, **tie** if it covers it.
-    The trials are counted as independent (rounds of one run are not quite: the count is a description, the
-    interval a guide).
+    **holds** if the interval lies above ``threshold``, **does not hold** if below, **tie** if it covers it;
+    **too few seeds** when the outcomes come from fewer than :data:`MIN_SEEDS` seeds (``seeds``). The trials are
+    counted as independent (rounds of one run are not quite: the count is a description, the interval a guide).
 
     Returns
     -------
@@ -170,7 +170,8 @@ def proportion(successes: Sequence[bool], threshold: float, *, against: str = ""
     k, n = sum(x), len(x)
     ci = binomtest(k, n).proportion_ci(confidence_level=LEVEL, method="exact")
     low, high = float(ci.low), float(ci.high)
-    word = "holds" if low > threshold else "does not hold" if high < threshold else "tie"
+    word = ("too few seeds" if seeds < MIN_SEEDS else "holds" if low > threshold
+            else "does not hold" if high < threshold else "tie")
     return {"against": against, "kind": "proportion", "differences": [float(v) for v in x], "k": k, "n": n,
             "mean": k / n, "sd": None, "low": low, "high": high, "level": LEVEL, "tol": float(threshold),
             "verdict": word}
