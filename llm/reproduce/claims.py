@@ -460,7 +460,8 @@ def _byun_lee(results: Results) -> list[Claim]:
                  "after (test)": rep["after_test"]}, configs=("top10_bbc",)),
     ]
     g_zp, g_rep = _per_seed(runs, _final("fedit")), _per_seed(runs, _final("replication"))
-    comps = [paired(_diff(g_rep, g_zp), tol=-0.01, against="zero-padding")]
+    comps = _against({"replication": g_rep, "fedit": g_zp}, "replication", ("fedit",), {"fedit": "zero-padding"},
+                     tol=-0.01, by_seed=runs)
     claims.append(_decide(
         "Replication's global model is at least as good as zero-padding's",
         "implied (replication is proposed as the fix)",

@@ -62,6 +62,8 @@ def test_quick_runs_end_to_end_and_says_it_is_quick(tmp_path, name):
     assert "## Paired comparisons" in text and "95% Student-t interval" in text
     assert json.loads((tmp_path / "report.json").read_text())["claims"] == report["claims"]
     assert (tmp_path / "claims.png").stat().st_size > 0
+    if name == "byun-lee":  # the global models' comparison: each seed's paired standard error over test examples
+        assert len(report["claims"][-1]["comparisons"][0]["example_se"]) == 2
     if name == "lora-a2":
         _assert_saving_is_counted_on_the_whole_model(report, tmp_path)
         # global accuracy against each baseline: each seed's paired standard error over the test examples too

@@ -257,3 +257,4 @@ def test_the_readme_rows_are_read_as_a_table():
     rows = _readme_rows()
     assert len(rows) >= 18 and all(len(r) == 6 for r in rows)
     assert reproduce_run.CONFIG_ROOT == CONFIG_ROOT
+
