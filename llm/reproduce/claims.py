@@ -61,7 +61,8 @@ class Claim:
     why: str = ""
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The claim as JSON would read it back (``configs`` a list)."""
+        return {**asdict(self), "configs": list(self.configs)}
 
 
 #: The verdict cell's reason for a claim whose runs used a learning rate chosen for another setting.
