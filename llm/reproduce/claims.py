@@ -863,7 +863,7 @@ EXPERIMENTS: dict[str, Experiment] = {
         "{freezing.rounds} rounds of {freezing.local_steps} local steps, {freezing.train_size} training examples, "
         "lr {freezing.lr}; the bytes are compared with truncation (HAFL's truncation variant and HetLoRA), FedIT "
         "with every client at rank R = 32 beside; the paper's sizes are not given in its abstract.",
-        _hafl),
+        _hafl, tuned=()),  # lr 5e-3 came from an early lora-a2 choice, never from HAFL's setting
     "prelort": Experiment(
         "prelort", "PreLort: prefix-nested LoRA against heterogeneous-rank baselines",
         "PreLort (2025): accuracy, ROUGE-L and perplexity across base models",
@@ -874,7 +874,7 @@ EXPERIMENTS: dict[str, Experiment] = {
         "{smollm2_headlines.eval_size} test examples, {smollm2_headlines.rouge_size} for ROUGE-L): far smaller than "
         "the paper's models and budgets; prefix-nested training needs many local steps to act "
         "(docs/methods.md#prelort).",
-        _prelort),
+        _prelort, tuned=()),  # lr never tuned for PreLort's settings
     "clair": Experiment(
         "clair", "CLAIR: contaminated clients in a federated LoRA run",
         "CLAIR (2025): a small Transformer on a text-copying task; our MiniLM run as a second setting",
