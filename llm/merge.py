@@ -171,15 +171,17 @@ def _check_bases(args: argparse.Namespace, adapters) -> str | None:
 
 
 def main(args: argparse.Namespace) -> int:
+    import numpy as np
     from rich.console import Console
     from rich.table import Table
     from tqdm.auto import tqdm
 
     from lowrank_fed import FactorPair, aggregate
     from lowrank_fed.linalg import aggregation_error
+    from lowrank_fed.robust import screening_scores, threshold_flags
+    from lowrank_fed.robust.screening import TESTS
 
     from .adapters import Adapter, average_extras, load_peft_adapter, redistribute_adapter, save_peft_adapter
-    from .methods.clair import flag_clients
     from .outputs import OutputFolderError, atomic_folder
 
     # ---- everything checked before anything is written
@@ -212,28 +214,39 @@ def main(args: argparse.Namespace) -> int:
     if not console.is_terminal:  # a pipe or a file: wide enough that module names are never cut
         console = Console(stderr=False, width=max(console.width, 200))
 
-    # ---- robust: CLAIR on every module, one decision per client
+    # ---- robust: a subspace test and a norm test on every module a client holds, one decision per client
     kept = list(range(n))
     if args.robust:
-        modules = sorted(set.intersection(*(set(a.pairs) for a in adapters)))
-        if not modules:
-            return _fail("--robust needs modules every client adapted; these adapters share none.")
-        rank = min(min(a.pairs[m].rank for a in adapters) for m in modules)
         t0 = time.perf_counter()
         threshold = args.threshold if args.threshold == "gap" else float(args.threshold)
-        found = flag_clients([{m: a.pairs[m] for m in modules} for a in adapters], rank=rank, weights=weights,
-                             threshold=threshold)
+        try:
+            found = screening_scores([{m: (p.B.double().numpy(), p.A.double().numpy()) for m, p in a.pairs.items()}
+                                      for a in adapters])
+        except ValueError as err:
+            return _fail(f"--robust: {err}")
+        scored = np.flatnonzero(np.isfinite(found.scores))
+        flagged = np.zeros(n, dtype=bool)
+        flagged[scored] = threshold_flags(found.scores[scored], threshold)
         rule = "flagged above the largest significant gap" if threshold == "gap" else f"flagged above {threshold:g}"
-        table = Table(title=f"CLAIR on {len(modules)} modules (rank {rank}, {time.perf_counter() - t0:.2f} s): "
-                            f"mean z-score of the off-subspace residual; {rule}")
-        for col in ("client", "mean z-score", "flagged"):
+        table = Table(title=f"--robust on {len(found.modules)} modules ({time.perf_counter() - t0:.2f} s): score = "
+                            "root-mean-square excess z of the subspace and norm tests over the modules each client "
+                            f"holds; {rule}")
+        table.add_column("client", justify="right")
+        for col in ("score", *TESTS, "modules"):
             table.add_column(col, justify="right")
-        for name, score, ok in zip(names, found.scores, found.benign, strict=True):
-            table.add_row(name, f"{score:.2f}", "" if ok else "FLAGGED")
+        table.add_column("flagged")
+        table.add_column("reason: worse test, highest z", overflow="fold")
+        for k, name in enumerate(names):
+            held = int(np.isfinite(found.module_z[0, k]).sum())
+            if not np.isfinite(found.scores[k]):
+                table.add_row(name, "-", "-", "-", "0", "", found.reason(k))
+                continue
+            table.add_row(name, f"{found.scores[k]:.2f}", *(f"{c:.2f}" for c in found.test_scores[:, k]), str(held),
+                          "FLAGGED" if flagged[k] else "", found.reason(k) if flagged[k] else "")
         console.print(table)
-        kept = [k for k in range(n) if found.benign[k]]
+        kept = [k for k in range(n) if not flagged[k]]
         if not kept:
-            return _fail("CLAIR flagged every client; nothing to merge (nothing was written).")
+            return _fail("--robust flagged every client; nothing to merge (nothing was written).")
 
     # ---- aggregation, module by module, with how far each is from the exact weighted sum
     chosen = [adapters[k] for k in kept]
