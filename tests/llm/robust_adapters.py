@@ -43,7 +43,7 @@ def _base():
 
 
 def _data(seed: int, n: int, task: str):
-    """Inputs: random tokens 5..49; targets: the input's token mod 5 moved to 5..9 (benign) or 30..34 (the other task)."""
+    """Inputs: random tokens 5..49; targets: each token mod 5, moved to 5..9 (benign) or 30..34 (the other task)."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randint(5, VOCAB, (n, LENGTH), generator=gen)
     return x, x % 5 + (5 if task == "benign" else 30)
