@@ -11,11 +11,14 @@ folded in on reading (:mod:`~lowrank_fed.llm.adapters`), so every rule acts on `
 approximation, ``zero_pad``, ``replication``, ``segment``, ``fedavg`` the papers' rules. ``p_k`` are
 ``--weights`` (for example example counts), normalised; uniform without them.
 
-``--robust`` first runs CLAIR on the clients' deltas of every module and leaves out the clients it
-flags (:func:`~lowrank_fed.llm.methods.clair.flag_clients`: the mean over modules of the robust
-z-scores of the off-subspace residuals, decided by ``--threshold``: ``gap``, the default, flags the clients
-above the largest significant gap of the sorted scores, :func:`lowrank_fed.robust.gap_flags`; a number
-``Z`` flags scores above it, 3 being the former fixed cut), printing each client's score. ``--per-client DIR``
+``--robust`` first screens the clients (:func:`lowrank_fed.robust.screening_scores`): on every module a client
+holds (held by at least 3 clients), a subspace test (one minus the median cosine of its column space, weighted by
+its singular values, with the other holders') and a norm test (``log ||Delta W||_F``), each a robust z-score over the
+module's holders; a client's score is the root-mean-square of its positive z-scores over its modules, both tests
+combined. One decision on the scores, ``--threshold``: ``gap``, the default, flags the clients above the largest
+significant gap of the sorted scores (:func:`lowrank_fed.robust.threshold_flags`); a number ``Z`` flags scores above
+it. It prints each client's score, both tests, its number of scored modules and, when flagged, the reason (the test
+and the modules where its z is highest), and leaves the flagged clients out. ``--per-client DIR``
 writes each (kept) client's share, the global redistributed to its own per-module ranks by SVD, in its
 own config (alpha, rsLoRA), as ``DIR/<client folder name>/``.
 
@@ -53,11 +56,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rank", type=int, default=None, metavar="N", help="svd: truncate to rank N (Eckart-Young)")
     parser.add_argument("--per-client", default=None, metavar="DIR",
                         help="also write each client's share at its own ranks under DIR/<client>/")
-    parser.add_argument("--robust", action="store_true", help="flag contaminated clients with CLAIR and leave them out")
+    parser.add_argument("--robust", action="store_true", help="screen the clients (subspace and norm tests on every module they hold) and leave the "
+                             "flagged ones out")
     parser.add_argument("--threshold", default="gap", metavar="gap|Z",
-                        help="--robust's decision on the clients' mean z-scores: 'gap' (default: the largest "
-                             "significant gap of the sorted scores) or a number Z (flag scores above Z; 3 was the "
-                             "former fixed cut)")
+                        help="--robust's decision on the clients' scores: 'gap' (default: the largest "
+                             "significant gap of the sorted scores) or a number Z (flag scores above Z)")
     parser.add_argument("--lora-alpha", type=float, default=None, metavar="A",
                         help="alpha of the written global adapter (default: the first client's)")
     parser.add_argument("--missing", choices=("zero", "holders"), default="zero",
