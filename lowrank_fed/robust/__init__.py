@@ -45,6 +45,7 @@ from .problem import (
     noisy_gap,
     noisy_objective,
 )
+from .screening import ScreeningScores, screening_scores
 from .refinement import RefinedPairs, collaborative_weights, refactor, refine_dense, refine_pairs
 
 __all__ = [
@@ -84,6 +85,8 @@ __all__ = [
     "gap_flags",
     "gap_critical",
     "GAP_LEVEL",
+    "screening_scores",
+    "ScreeningScores",
     "collaborative_weights",
     "refine_dense",
     "refine_pairs",
