@@ -820,14 +820,17 @@ def _clair(results: Results) -> list[Claim]:
             *specific, f"(CLAIR minus baseline at γ) minus (at γ 0), paired by seed: {_vs(spec_comps)}", spec_comps,
             "the part of CLAIR's gain that contamination adds, against each required baseline, at each γ > 0",
             values_spec, configs=stems))
-        if all(score.get(("clair_nodetect", g)) is not None for _, g in _GAMMAS[1:]):
+        beyond = (f"{name}: detection helps benign clients beyond the refinement (γ > 0)",
+                  "robustness, not only personalisation")
+        if not all(score.get(("clair_nodetect", g)) is not None for _, g in _GAMMAS[1:]):
+            claims.append(_not_run(*beyond, "no 'clair_nodetect' (the refinement without detection) in the runs' "
+                                   "methods", configs=stems))
+        else:
             # FedIT's model is global, CLAIR's personal: this compares two personal downloads, detection alone
             ref_comps = [paired(_diff(score[("clair", g)], score[("clair_nodetect", g)]),
                                 against=f"the refinement without detection at γ {g}") for _, g in _GAMMAS[1:]]
             claims.append(_decide(
-                f"{name}: detection helps benign clients beyond the refinement (γ > 0)",
-                "robustness, not only personalisation",
-                f"benign clients' {label}: CLAIR minus {_vs(ref_comps)}", ref_comps,
+                *beyond, f"benign clients' {label}: CLAIR minus {_vs(ref_comps)}", ref_comps,
                 "CLAIR minus its refinement without detection (clair_nodetect) per seed, at each γ > 0; CLAIR minus "
                 "FedIT mixes detection with personalisation",
                 {f"CLAIR - no detection, γ {g}": _diff(score[("clair", g)], score[("clair_nodetect", g)])
