@@ -26,8 +26,12 @@ so the state at step ``n`` is that of an ``n``-step round) it reports
   relative); ``err4`` of the best rank-4 matrix (Eckart-Young) is printed as ``opt4``;
 - ``ms/step``: local training time per step (1 thread).
 
-Means over seeds 0, 1, 2. Usage: ``python benchmarks/bench_prelort.py [--quick] [--out FILE.json]`` or
-``python -m benchmarks --only prelort``; a few seconds of CPU (``--quick``: one seed).
+Means over seeds 0, 1, 2 (of the toy: it reads no real data). Usage: ``python benchmarks/bench_prelort.py [--quick]
+[--out FILE.json]`` or ``python -m benchmarks --only prelort``; a few seconds of CPU (``--quick``: one seed).
+
+``--real CONFIG.toml`` trains one client of a real run config instead and scores its truncated models on the
+config's **validation** split (``--val-size``, default 200, held out of the training data), with ``--seed``
+(default 100): a seed a reproduction reports (0..99) is refused, and the test split is never scored.
 """
 
 from __future__ import annotations
@@ -133,18 +137,37 @@ def run_mode(mode: str, seed: int, checkpoints=CHECKPOINTS) -> dict[int, dict]:
     return results
 
 
+#: The seed of ``--real``: the first tuning seed; a seed a reproduction reports (0..MAX_SEEDS-1) is refused.
+REAL_SEED = 100
+#: Validation examples ``--real`` scores (held out of the training data; never the test split).
+REAL_VAL_SIZE = 200
+
+
+def check_real_seed(seed: int) -> int:
+    """``seed`` if it is no seed a reproduction reports (``seed >= MAX_SEEDS``); else ``ValueError``, naming it."""
+    from lowrank_fed.llm.reproduce.run import MAX_SEEDS
+
+    if seed < MAX_SEEDS:
+        raise ValueError(f"--seed {seed}: a reproduction reports seeds 0..{MAX_SEEDS - 1}, so a choice made with "
+                         f"this benchmark must not read them; use a seed >= {MAX_SEEDS} (default {REAL_SEED}).")
+    return seed
+
+
 def run_real(config: Path, modes=("off", "sample", "all"), checkpoints=(5, 20, 50, 100), client: int = 0,
-             eval_size: int = 200) -> dict:
+             seed: int = REAL_SEED, val_size: int = REAL_VAL_SIZE) -> dict:
     r"""One client of a real config, round 1, trained ``max(checkpoints)`` local steps under each ``nested`` mode.
 
-    The client (default 0, rank 16 in the PreLort MiniLM config) starts from the round-1 download and trains
-    through :func:`~lowrank_fed.llm.client.run_client`, as in a run; a hook added to PreLort's plan reads the
-    live adapter after each checkpoint step (the batches and the truncations of an ``n``-step round are the
-    first ``n`` of the longer one, so this is an ``n``-step round): the prefix shares at the federation's
-    ranks (:func:`~lowrank_fed.llm.training.prefix_shares`) and the test accuracy (``eval_size`` examples)
-    of the client's model truncated to each federation rank up to its own, through a
+    The config runs with ``seed`` (at least ``MAX_SEEDS`` = 100: never a seed a reproduction reports; a lower
+    one is refused before anything is loaded) and ``val_size`` validation examples held out of its training
+    data. The client (default 0, rank 16 in the PreLort MiniLM config) starts from the round-1 download and
+    trains through :func:`~lowrank_fed.llm.client.run_client`, as in a run; a hook added to PreLort's plan
+    reads the live adapter after each checkpoint step (the batches and the truncations of an ``n``-step round
+    are the first ``n`` of the longer one, so this is an ``n``-step round): the prefix shares at the
+    federation's ranks (:func:`~lowrank_fed.llm.training.prefix_shares`) and the **validation** accuracy of the
+    client's model truncated to each federation rank up to its own, through a
     :class:`~lowrank_fed.llm.training.PrefixMask` of its own (no dropout in evaluation, so the training's
-    random draws are unchanged; the evaluation time is not counted in ``seconds``).
+    random draws are unchanged; the evaluation time is not counted in ``seconds``). The test split is never
+    scored.
     """
     from lowrank_fed.llm.client import run_client, update_prefix_energy
     from lowrank_fed.llm.config import RunConfig, load_config
@@ -152,14 +175,19 @@ def run_real(config: Path, modes=("off", "sample", "all"), checkpoints=(5, 20, 5
     from lowrank_fed.llm.runner.simulation import Simulation
     from lowrank_fed.llm.training import Hook, PrefixMask, prefix_shares
 
-    cfg = RunConfig.from_dict({**load_config(config), "local_steps": max(checkpoints), "eval_size": eval_size,
+    check_real_seed(seed)
+    if val_size < 1:
+        raise ValueError(f"val_size {val_size}: the benchmark scores the validation split; give at least 1.")
+    cfg = RunConfig.from_dict({**load_config(config), "local_steps": max(checkpoints), "seed": seed,
+                               "val_size": val_size, "eval_size": 1,  # the test split is never scored
                                "checkpoint": False, "methods": ["prelort"]})
     sim = Simulation(cfg, Path("bench-results") / "tmp", progress=False)
     sim.setup()
     ladder = sorted(set(sim.ranks))
     levels = [t for t in ladder if t <= sim.ranks[client]]
-    out = {"config": str(config), "client": client, "rank": sim.ranks[client], "ladder": ladder,
-           "examples": int(len(sim.client_idx[client])), "modes": {}}
+    out = {"config": str(config), "client": client, "rank": sim.ranks[client], "ladder": ladder, "seed": seed,
+           "split": "validation", "val_size": len(sim.val), "examples": int(len(sim.client_idx[client])),
+           "modes": {}}
     for mode in modes:
         method = make_method("prelort", nested=mode)
         server = method.init_server(sim.init, sim.init_extras, dict(enumerate(sim.ranks)), init_seed=sim.init_seed)
@@ -186,7 +214,7 @@ def run_real(config: Path, modes=("off", "sample", "all"), checkpoints=(5, 20, 5
                     self.ws.peft.eval()
                     for t in levels:
                         self.mask.tau = t
-                        accuracy[str(t)] = float(np.mean(sim._score("test")["correct"]))
+                        accuracy[str(t)] = float(np.mean(sim._score("val")["correct"]))
                     self.mask.tau = None
                     self.ws.peft.train()
                     if sampler is not None:
@@ -217,11 +245,21 @@ def main(argv=None) -> int:
     parser.add_argument("--modes", nargs="+", default=["off", "sample", "all"], choices=["off", "sample", "all"],
                         help="with --real: the nested modes")
     parser.add_argument("--steps", nargs="+", type=int, default=[5, 20, 50, 100], help="with --real: the checkpoints")
+    parser.add_argument("--seed", type=int, default=REAL_SEED,
+                        help=f"with --real: the config's seed, at least 100 (default {REAL_SEED}; reported seeds "
+                             "0..99 are refused)")
+    parser.add_argument("--val-size", type=int, default=REAL_VAL_SIZE,
+                        help=f"with --real: validation examples scored (default {REAL_VAL_SIZE})")
     args = parser.parse_args(argv)
     if args.real:
-        real = run_real(args.real, modes=tuple(args.modes), checkpoints=tuple(args.steps))
-        print(f"{args.real}: client {real['client']} (rank {real['rank']}, {real['examples']} examples), "
-              f"ladder {real['ladder']}, round 1")
+        try:
+            check_real_seed(args.seed)
+        except ValueError as err:
+            parser.error(str(err))
+        real = run_real(args.real, modes=tuple(args.modes), checkpoints=tuple(args.steps), seed=args.seed,
+                        val_size=args.val_size)
+        print(f"{args.real}: seed {real['seed']}, client {real['client']} (rank {real['rank']}, {real['examples']} "
+              f"examples), ladder {real['ladder']}, round 1; accuracy on {real['val_size']} validation examples")
         for mode, r in real["modes"].items():
             for n, row in sorted(r["steps"].items()):
                 shares = " ".join(f"share{t}={v:.3f}" for t, v in row["prefix_share"].items())

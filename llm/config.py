@@ -702,6 +702,11 @@ def load_config(path: str | Path | None = None) -> dict:
     if TUNED_KEY not in data:
         return data
     files = _tuned_entries(path, data)
+    for tuned in files:  # every named file exists before any is read: a config is never half-tuned
+        if not tuned.is_file():
+            raise ConfigError(f"Tuned file '{tuned}' not found (named by '{TUNED_KEY}' in '{path}'): write it first "
+                              "with lowrank-fed tune (for configs/reproduce/: configs/reproduce/tune_all.sh, then "
+                              "tune_all.sh --link), or remove the key.")
     del data[TUNED_KEY]
     where: dict[tuple[str, ...], Path] = {}  # each key set, and the file that set it
 

@@ -3,7 +3,7 @@ r"""``lowrank-fed merge``: aggregate PEFT LoRA adapters trained anywhere into on
 .. code-block:: text
 
     lowrank-fed merge CLIENT_DIR... --rule RULE --out DIR [--weights W...] [--rank N] [--per-client DIR]
-                      [--robust] [--lora-alpha A] [--overwrite]
+                      [--robust [--threshold gap|Z]] [--lora-alpha A] [--overwrite]
 
 Each ``CLIENT_DIR`` is a PEFT adapter folder (any ranks, alphas, rsLoRA, ``rank_pattern``); the scale is
 folded in on reading (:mod:`~lowrank_fed.llm.adapters`), so every rule acts on ``Delta W_k = s_k B_k A_k``:
@@ -11,9 +11,14 @@ folded in on reading (:mod:`~lowrank_fed.llm.adapters`), so every rule acts on `
 approximation, ``zero_pad``, ``replication``, ``segment``, ``fedavg`` the papers' rules. ``p_k`` are
 ``--weights`` (for example example counts), normalised; uniform without them.
 
-``--robust`` first runs CLAIR on the clients' deltas of every module and leaves out the clients it
-flags (:func:`~lowrank_fed.llm.methods.clair.flag_clients`: the mean over modules of the robust
-z-scores of the off-subspace residuals above 3), printing each client's score. ``--per-client DIR``
+``--robust`` first screens the clients (:func:`lowrank_fed.robust.screening_scores`): on every module a client
+holds (held by at least 3 clients), a subspace test (one minus the median cosine of its column space, weighted by
+its singular values, with the other holders') and a norm test (``log ||Delta W||_F``), each a robust z-score over the
+module's holders; a client's score is the root-mean-square of its positive z-scores over its modules, both tests
+combined. One decision on the scores, ``--threshold``: ``gap``, the default, flags the clients above the largest
+significant gap of the sorted scores (:func:`lowrank_fed.robust.threshold_flags`); a number ``Z`` flags scores above
+it. It prints each client's score, both tests, its number of scored modules and, when flagged, the reason (the test
+and the modules where its z is highest), and leaves the flagged clients out. ``--per-client DIR``
 writes each (kept) client's share, the global redistributed to its own per-module ranks by SVD, in its
 own config (alpha, rsLoRA), as ``DIR/<client folder name>/``.
 
@@ -51,7 +56,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rank", type=int, default=None, metavar="N", help="svd: truncate to rank N (Eckart-Young)")
     parser.add_argument("--per-client", default=None, metavar="DIR",
                         help="also write each client's share at its own ranks under DIR/<client>/")
-    parser.add_argument("--robust", action="store_true", help="flag contaminated clients with CLAIR and leave them out")
+    parser.add_argument("--robust", action="store_true", help="screen the clients (subspace and norm tests on every module they hold) and leave the "
+                             "flagged ones out")
+    parser.add_argument("--threshold", default="gap", metavar="gap|Z",
+                        help="--robust's decision on the clients' scores: 'gap' (default: the largest "
+                             "significant gap of the sorted scores) or a number Z (flag scores above Z)")
     parser.add_argument("--lora-alpha", type=float, default=None, metavar="A",
                         help="alpha of the written global adapter (default: the first client's)")
     parser.add_argument("--missing", choices=("zero", "holders"), default="zero",
@@ -95,6 +104,15 @@ def _check_options(args: argparse.Namespace, n: int) -> str | None:
         return f"--lora-alpha: expected a finite positive number (the scale is alpha / r); got {args.lora_alpha}."
     if args.robust and n < 3:
         return f"--robust needs at least 3 clients to tell a contaminated one from the rest; got {n}."
+    if args.threshold != "gap":
+        try:
+            z = float(args.threshold)
+        except ValueError:
+            z = float("nan")
+        if not (math.isfinite(z) and z > 0):
+            return f"--threshold: expected 'gap' or a finite positive z-score cut; got {args.threshold!r}."
+        if not args.robust:
+            return f"--threshold {args.threshold} is --robust's decision; give --robust too."
     return None
 
 
@@ -156,15 +174,17 @@ def _check_bases(args: argparse.Namespace, adapters) -> str | None:
 
 
 def main(args: argparse.Namespace) -> int:
+    import numpy as np
     from rich.console import Console
     from rich.table import Table
     from tqdm.auto import tqdm
 
     from lowrank_fed import FactorPair, aggregate
     from lowrank_fed.linalg import aggregation_error
+    from lowrank_fed.robust import screening_scores, threshold_flags
+    from lowrank_fed.robust.screening import TESTS
 
     from .adapters import Adapter, average_extras, load_peft_adapter, redistribute_adapter, save_peft_adapter
-    from .methods.clair import flag_clients
     from .outputs import OutputFolderError, atomic_folder
 
     # ---- everything checked before anything is written
@@ -197,25 +217,39 @@ def main(args: argparse.Namespace) -> int:
     if not console.is_terminal:  # a pipe or a file: wide enough that module names are never cut
         console = Console(stderr=False, width=max(console.width, 200))
 
-    # ---- robust: CLAIR on every module, one decision per client
+    # ---- robust: a subspace test and a norm test on every module a client holds, one decision per client
     kept = list(range(n))
     if args.robust:
-        modules = sorted(set.intersection(*(set(a.pairs) for a in adapters)))
-        if not modules:
-            return _fail("--robust needs modules every client adapted; these adapters share none.")
-        rank = min(min(a.pairs[m].rank for a in adapters) for m in modules)
         t0 = time.perf_counter()
-        found = flag_clients([{m: a.pairs[m] for m in modules} for a in adapters], rank=rank, weights=weights)
-        table = Table(title=f"CLAIR on {len(modules)} modules (rank {rank}, {time.perf_counter() - t0:.2f} s): "
-                            "mean z-score of the off-subspace residual; flagged above 3")
-        for col in ("client", "mean z-score", "flagged"):
+        threshold = args.threshold if args.threshold == "gap" else float(args.threshold)
+        try:
+            found = screening_scores([{m: (p.B.double().numpy(), p.A.double().numpy()) for m, p in a.pairs.items()}
+                                      for a in adapters])
+        except ValueError as err:
+            return _fail(f"--robust: {err}")
+        scored = np.flatnonzero(np.isfinite(found.scores))
+        flagged = np.zeros(n, dtype=bool)
+        flagged[scored] = threshold_flags(found.scores[scored], threshold)
+        rule = "flagged above the largest significant gap" if threshold == "gap" else f"flagged above {threshold:g}"
+        table = Table(title=f"--robust on {len(found.modules)} modules ({time.perf_counter() - t0:.2f} s): score = "
+                            "root-mean-square excess z of the subspace and norm tests over the modules each client "
+                            f"holds; {rule}")
+        table.add_column("client", justify="right")
+        for col in ("score", *TESTS, "modules"):
             table.add_column(col, justify="right")
-        for name, score, ok in zip(names, found.scores, found.benign, strict=True):
-            table.add_row(name, f"{score:.2f}", "" if ok else "FLAGGED")
+        table.add_column("flagged")
+        table.add_column("reason: worse test, highest z", overflow="fold")
+        for k, name in enumerate(names):
+            held = int(np.isfinite(found.module_z[0, k]).sum())
+            if not np.isfinite(found.scores[k]):
+                table.add_row(name, "-", "-", "-", "0", "", found.reason(k))
+                continue
+            table.add_row(name, f"{found.scores[k]:.2f}", *(f"{c:.2f}" for c in found.test_scores[:, k]), str(held),
+                          "FLAGGED" if flagged[k] else "", found.reason(k) if flagged[k] else "")
         console.print(table)
-        kept = [k for k in range(n) if found.benign[k]]
+        kept = [k for k in range(n) if not flagged[k]]
         if not kept:
-            return _fail("CLAIR flagged every client; nothing to merge (nothing was written).")
+            return _fail("--robust flagged every client; nothing to merge (nothing was written).")
 
     # ---- aggregation, module by module, with how far each is from the exact weighted sum
     chosen = [adapters[k] for k in kept]

@@ -17,6 +17,8 @@ lora_a2        ``alternating_update``           rank-r_G download; one factor a 
 clair          CLAIR per module (robust)        FedIT's client; downloads its refined adapter (flagged
                                                 clients and new ones: the benign mean)
 oracle         benign FedAvg (told the truth)   FedIT's client; an upper bound for contaminated runs
+clair_nodetect CLAIR's refinement, nobody        as clair; the reference separating detection from the
+               flagged                          refinement's personalisation
 local          none                             trains its own adapter and head; uploads nothing
 =============  ===============================  ============================================================
 
@@ -30,7 +32,7 @@ Shared pieces (state, plan, base class) are in :mod:`.base`; messages in :mod:`l
 from __future__ import annotations
 
 from .base import PAIR_RULES, ClientState, LocalPlan, Method, Model, Options, PairOptions, ServerState, weights_of
-from .clair import CLAIR, Oracle
+from .clair import CLAIR, ClairNoDetect, Oracle
 from .fedit import FedIT
 from .fedsa import FedSALoRA
 from .ffa import FFALoRA
@@ -67,12 +69,13 @@ __all__ = [
     "LoRAA2",
     "CLAIR",
     "Oracle",
+    "ClairNoDetect",
     "Local",
 ]
 
 METHODS: dict[str, type[Method]] = {
     cls.name: cls for cls in (FedIT, FFALoRA, FedSALoRA, HetLoRA, Replication, FLoRA, FlexLoRA, PreLort, HAFL, LoRAA2,
-                              CLAIR, Oracle, Local)
+                              CLAIR, Oracle, ClairNoDetect, Local)
 }
 
 

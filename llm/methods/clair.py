@@ -9,10 +9,16 @@ giving the shared subspace ``U_m`` (rank ``r``) and, per client, the robust z-sc
 off-subspace residual. A client is contaminated or not as a whole, so the decision combines modules
 [ours]:
 
-.. math:: \bar z_k = \frac{1}{M} \sum_m z_{k,m},\qquad \hat G = \{k : \bar z_k \le z^*\}
+.. math:: \bar z_k = \frac{1}{M} \sum_m z_{k,m},\qquad \hat O = \mathrm{decide}(\bar z),\qquad \hat G = \{k \notin \hat O\},
 
-(``z_threshold``, 3 by default). Flagged clients are left out of everything shared: the subspace, the
-benign mean, the refinement and the head. The subspace is then refitted on ``G`` alone: ``U_m`` = the
+with the decision ``threshold`` (:func:`lowrank_fed.robust.threshold_flags`): ``"gap"`` (the default) flags
+the clients above the largest gap of the sorted scores when that gap, relative to the spread of the
+rest, is beyond what ``K`` benign (i.i.d. Gaussian) scores give in all but ``gap_level`` (5%) of rounds;
+a number ``z*`` flags ``zbar_k > z*``: a threshold calibrated on uncontaminated validation runs, or the
+former fixed cut 3 (``z_threshold``, still accepted). A mean over ``M`` modules of robust z-scores is not
+itself a z-score: averaging shrinks the benign spread (MiniLM, 12 modules: benign scores within about
++-1.4), so the fixed cut 3 was out of reach for attackers that rank first. Flagged clients are left out of
+everything shared: the subspace, the benign mean, the refinement and the head. The subspace is then refitted on ``G`` alone: ``U_m`` = the
 top-``r`` left singular vectors of the benign stack ``[Theta_j]_{j in G}``, which is the subspace of
 CLAIR's ``L`` on that stack (with no outlier left, ``S = 0`` and ``L`` is a singular value threshold of
 the stack, which keeps its singular vectors) [ours: one decision for all modules, then the refit].
@@ -23,7 +29,8 @@ when the rank allows, else the best rank-``r_k`` approximation):
           \qquad P_m = U_m U_m^\top,\quad \pi_j \propto n_j,
 
 and a flagged client (not told it was flagged) or a new one the benign mean ``sum_G pi_j Theta_j`` at its
-rank; the global model is that mean at rank ``r_max``. ``refine = false`` sends everyone the benign mean
+rank; the global model is that mean at rank ``r_max``. The head (``extras``, when shared) is averaged over
+``G`` only, so nothing a flagged client uploads enters the global state. ``refine = false`` sends everyone the benign mean
 (robust FedAvg). ``rank``: the shared subspace's rank per module, by default the smallest participant
 rank (a subspace every benign client can hold) [ours]. ``lam``: by default the formula
 ``2 sqrt(r / ((1 - gamma_bar) K))`` with ``gamma_bar = 0.3``, one solve per module. CLAIR's data-driven
@@ -34,7 +41,9 @@ residual z-scores of planted attackers stay near 2 (a tiny-BERT merge with 2 ran
 
 :class:`Oracle` is the upper bound the comparison needs: the server is told which clients are
 contaminated (by the runner, from the attack truth) and averages the others; it is not a method a
-real server could run.
+real server could run. :class:`ClairNoDetect` is CLAIR's refinement with nobody flagged (``G`` = every
+participant): the reference that separates what detection buys (robustness) from what the refinement
+buys (personalisation).
 
 Source: CLAIR (paper abstract) [formulation ours, docs/methods.md#clair-in-a-federated-run].
 """
@@ -48,17 +57,18 @@ from typing import ClassVar, Literal, NamedTuple, Union
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from lowrank_fed import FactorPair, aggregate, redistribute
 from lowrank_fed.aggregation import weighted_average
 from lowrank_fed.robust import ClairWarning, clair
+from lowrank_fed.robust.detection import GAP_LEVEL, threshold_flags
 from lowrank_fed.robust.refinement import collaborative_weights, refine_pairs
 
 from ..protocol import decode_extras, decode_pairs
 from .base import Method, Model, Options, weights_of
 
-__all__ = ["CLAIR", "Oracle", "CLAIROptions", "flag_clients", "stack_subspace"]
+__all__ = ["CLAIR", "Oracle", "ClairNoDetect", "CLAIROptions", "flag_clients", "stack_subspace"]
 
 
 class CLAIROptions(Options):
@@ -68,8 +78,31 @@ class CLAIROptions(Options):
         "block penalty: `default` (2 sqrt(rank / ((1 - gamma_bar) K))), a number, or `path` / `auto` (chosen "
         "from the data by CLAIR's path; on noisy LoRA updates it was measured to end at S = 0, flagging nobody)"))
     gamma_bar: float = Field(0.3, ge=0.0, lt=1.0, description="upper bound on the contaminated share (`default` lam)")
-    z_threshold: float = Field(3.0, gt=0.0, description="flag a client whose mean z-score over modules exceeds this")
+    threshold: Union[Literal["gap"], float] = Field("gap", description=(
+        "the decision on the clients' mean z-scores: `gap` (flag those above the largest significant gap of the "
+        "sorted scores, false alarm `gap_level` per round under a Gaussian null) or a number z* (flag scores above "
+        "it: one calibrated on uncontaminated validation runs, or the former fixed cut 3)"))
+    gap_level: float = Field(GAP_LEVEL, gt=0.0, lt=1.0, description=(
+        "the gap rule's false-alarm probability per round when no client is contaminated (Gaussian scores)"))
+    z_threshold: Union[float, None] = Field(None, gt=0.0, description=(
+        "the former fixed cut (3): flag a mean z-score above it; when set, it is the threshold (same as "
+        "`threshold = z`), so configs that set it keep their decision"))
     refine: bool = Field(True, description="benign clients download their refined adapter; false: the benign mean")
+
+    @model_validator(mode="after")
+    def _one_threshold(self):
+        if self.z_threshold is not None and "threshold" in self.model_fields_set \
+                and self.threshold != self.z_threshold:
+            raise ValueError(f"set `threshold` or the older `z_threshold`, not both "
+                             f"(got threshold = {self.threshold!r}, z_threshold = {self.z_threshold!r})")
+        if not isinstance(self.threshold, str) and not self.threshold > 0:
+            raise ValueError(f"a numeric `threshold` must be > 0 (a z-score cut); got {self.threshold!r}")
+        return self
+
+    @property
+    def decision(self):
+        """The threshold in force: ``z_threshold`` when set, else ``threshold``."""
+        return self.threshold if self.z_threshold is None else self.z_threshold
 
 
 def _client_key(client: int, module: str, factor: str) -> str:
@@ -91,7 +124,8 @@ def stack_subspace(pairs: list[FactorPair], rank: int) -> np.ndarray:
 
 
 class Flags(NamedTuple):
-    """:func:`flag_clients`' outcome: the benign mask, mean z-scores, refitted subspaces, per-module ``lam`` and gaps."""
+    """:func:`flag_clients`' outcome: the benign mask, mean z-scores, refitted subspaces, per-module ``lam`` and
+    duality gaps, and the decision ``threshold`` that was applied."""
 
     benign: np.ndarray
     scores: np.ndarray
@@ -99,17 +133,23 @@ class Flags(NamedTuple):
     lams: list
     gaps: list
     converged: bool
+    threshold: object = "gap"
 
 
 def flag_clients(updates: list[Mapping[str, FactorPair]], *, rank: int, lam="default", gamma_bar: float = 0.3,
-                 z_threshold: float = 3.0, weights=None) -> Flags:
+                 threshold="gap", gap_level: float = GAP_LEVEL, z_threshold: float | None = None,
+                 weights=None) -> Flags:
     r"""One decision per client from CLAIR on every module, then the subspace refitted on the benign ones.
 
     ``updates[k][m]`` is client ``k``'s folded pair of module ``m`` (every client has every module).
     Module ``m``: ``clair(pairs, rank=min(rank, ...), lam=lam)`` gives the z-scores ``z_{k,m}`` of the
-    off-subspace residuals; ``zbar_k = mean_m z_{k,m}``; benign ``G = {k : zbar_k <= z_threshold}``;
+    off-subspace residuals; ``zbar_k = mean_m z_{k,m}``; flagged ``O = threshold_flags(zbar, threshold)``
+    (:func:`lowrank_fed.robust.threshold_flags`: ``"gap"`` or a number), benign ``G`` the others
+    (``z_threshold``, when given, is a numeric ``threshold``: the former call);
     ``U_m = stack_subspace([updates[j][m] for j in G], r_m)`` (none when every client is flagged).
     """
+    if z_threshold is not None:
+        threshold = z_threshold
     modules = list(updates[0])
     z, ranks, lams, gaps, converged = [], {}, [], [], True
     for m in modules:
@@ -123,11 +163,11 @@ def flag_clients(updates: list[Mapping[str, FactorPair]], *, rank: int, lam="def
         gaps.append(res.gap / max(res.objective, 1e-300))
         converged &= res.converged
     scores = np.mean(np.stack(z), axis=0)
-    benign = scores <= z_threshold
+    benign = ~threshold_flags(scores, threshold, level=gap_level)
     members = np.flatnonzero(benign)
     subspaces = {m: stack_subspace([updates[i][m] for i in members], r_m) for m, r_m in ranks.items()} \
         if len(members) else {}
-    return Flags(benign, scores, subspaces, lams, gaps, bool(converged))
+    return Flags(benign, scores, subspaces, lams, gaps, bool(converged), threshold)
 
 
 class CLAIR(Method):
@@ -148,8 +188,8 @@ class CLAIR(Method):
         opts = self.options
         rank = opts.rank or min(server.ranks[k] for k in ids)
         found = flag_clients(decoded, rank=rank, lam=opts.lam, gamma_bar=opts.gamma_bar,
-                             z_threshold=opts.z_threshold, weights=weights)
-        info = {"flagged": [ids[i] for i in np.flatnonzero(~found.benign)],
+                             threshold=opts.decision, gap_level=opts.gap_level, weights=weights)
+        info = {"flagged": [ids[i] for i in np.flatnonzero(~found.benign)], "threshold": found.threshold,
                 "scores": {str(k): round(float(s), 6) for k, s in zip(ids, found.scores, strict=True)},
                 "lam": [round(float(min(found.lams)), 6), round(float(max(found.lams)), 6)], "rank": int(rank),
                 "max_relative_gap": float(max(found.gaps)), "converged": bool(found.converged)}
@@ -226,3 +266,29 @@ class Oracle(CLAIR):
     @property
     def refines(self) -> bool:
         return False
+
+
+class ClairNoDetectOptions(Options):
+    rank: Union[int, None] = CLAIROptions.model_fields["rank"]
+    refine: bool = CLAIROptions.model_fields["refine"]
+
+
+class ClairNoDetect(CLAIR):
+    """CLAIR's refinement with nobody flagged: the reference that separates detection from personalisation.
+
+    Every participant is in ``G``: ``U_m`` = the top-``r`` left singular vectors of the whole stack
+    (:func:`stack_subspace`), the global is everyone's mean, and each client downloads
+    ``P_m Theta_k + (I - P_m) sum_j pi_j Theta_j`` at its rank (no CLAIR program is solved, so it has
+    only CLAIR's ``rank`` and ``refine`` options).
+    """
+
+    name, title, rule = "clair_nodetect", "CLAIR refinement, no detection", "clair"
+    Options = ClairNoDetectOptions
+
+    def _detect(self, server, decoded, ids, weights):
+        rank = self.options.rank or min(server.ranks[k] for k in ids)
+        subspaces = {}
+        for m in decoded[0]:
+            pairs = [d[m] for d in decoded]
+            subspaces[m] = stack_subspace(pairs, min(rank, sum(p.rank for p in pairs), *pairs[0].shape))
+        return np.ones(len(ids), dtype=bool), subspaces, {"flagged": [], "rank": int(rank)}

@@ -4,6 +4,7 @@ Usage::
 
     lowrank-fed reproduce --list
     lowrank-fed reproduce NAME [--seeds N] [--quick] [--out DIR] [--no-progress]
+    lowrank-fed reproduce NAME --analyse-only [--out DIR]
 
 An experiment (:data:`EXPERIMENTS`) is a set of run configs in ``configs/reproduce/<name>/`` plus the
 comparison it reports (:mod:`.claims`). Every config is run once per seed (``seed = 0 .. N-1``, through the
@@ -17,6 +18,9 @@ number, ours as mean +- sample standard deviation over seeds, the verdict; then 
 95% interval over seeds, :mod:`.verdicts`), ``report.json`` (every per-seed number) and ``claims.png`` are written
 to ``<out>`` (default ``runs/reproduce/<name>/``).
 
+``--analyse-only`` (:func:`~.run.analyse`) runs nothing: it rewrites the report from the finished runs in ``--out``
+(configs without runs give "not run yet"), describing the setting the runs' own ``config.json`` used.
+
 ``--quick`` is a plumbing check: tiny random models (``tiny-bert``, ``tiny-llama``) and a few steps, 2 seeds
 by default, written to ``runs/reproduce/<name>-quick/``; its report says so and its numbers mean nothing.
 """
@@ -24,6 +28,6 @@ by default, written to ``runs/reproduce/<name>-quick/``; its report says so and 
 from __future__ import annotations
 
 from .claims import EXPERIMENTS, Experiment
-from .run import CONFIG_ROOT, add_arguments, main, reproduce
+from .run import CONFIG_ROOT, add_arguments, analyse, main, reproduce
 
-__all__ = ["EXPERIMENTS", "Experiment", "CONFIG_ROOT", "add_arguments", "main", "reproduce"]
+__all__ = ["EXPERIMENTS", "Experiment", "CONFIG_ROOT", "add_arguments", "analyse", "main", "reproduce"]

@@ -13,10 +13,11 @@ import numpy as np
 from ..config import ConfigError, RunConfig, load_config, same_run_keys
 from ..outputs import OutputFolderError, clear_folder, output_path, plan_output
 from ..runner.checkpoint import atomic_write_text
-from .claims import EXPERIMENTS, Claim, Experiment, Run, mean_sd
+from .claims import EXPERIMENTS, Claim, Experiment, Run, describe, mean_sd
 from .verdicts import MIN_SEEDS
 
-__all__ = ["CONFIG_ROOT", "add_arguments", "main", "reproduce", "quick_config", "load_run"]
+__all__ = ["CONFIG_ROOT", "add_arguments", "main", "reproduce", "analyse", "quick_config", "load_run", "find_runs",
+           "SETTING_KEYS"]
 
 # configs/reproduce/ of the checkout (llm/ sits beside configs/).
 CONFIG_ROOT = Path(__file__).resolve().parents[2] / "configs" / "reproduce"
@@ -39,6 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, metavar="DIR",
                         help="output folder (default runs/reproduce/NAME, or NAME-quick with --quick)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--analyse-only", action="store_true",
+                        help="run nothing: rewrite report.md, report.json and claims.png from the finished runs "
+                             "already in --out (configs without runs: 'not run yet')")
 
 
 def quick_config(data: dict) -> dict:
@@ -89,12 +93,22 @@ def _configs(experiment: Experiment, seeds: list[int], quick: bool) -> dict[str,
 
 
 def _finished(folder: Path, cfg: RunConfig) -> bool:
-    """Whether ``folder`` holds a finished run of exactly ``cfg``."""
+    r"""Whether ``folder`` holds a finished run of exactly ``cfg``.
+
+    The stored ``config.json`` is read back through :meth:`RunConfig.from_dict` before it is compared, so a key
+    added to the config after the run was made (absent from its ``config.json``) takes its default, which by the
+    project's rule leaves an existing config's behaviour unchanged (``lora_scaling``'s ``alpha_over_r`` is the
+    scale every earlier run used): a config that now spells that default out still finds the run. Any value that
+    differs, or a stored config that no longer validates, is not the same run; ``workers`` is not compared
+    (:data:`~lowrank_fed.llm.config.EXECUTION_KEYS`).
+    """
     try:
         stored = json.loads((folder / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
+        # `workers` (how the run was computed) is not compared, nor validated against this machine's cores
+        stored = RunConfig.from_dict(same_run_keys(stored) if isinstance(stored, dict) else stored)
+    except (OSError, json.JSONDecodeError, ConfigError):
         return False
-    return (folder / "summary.json").is_file() and isinstance(stored, dict) and same_run_keys(stored) == cfg.definition()
+    return (folder / "summary.json").is_file() and stored.definition() == cfg.definition()
 
 
 def reproduce(name: str, *, seeds: int | None = None, quick: bool = False, out: str | Path | None = None,
@@ -141,19 +155,128 @@ def reproduce(name: str, *, seeds: int | None = None, quick: bool = False, out: 
                 run_experiment(cfg, folder, progress=progress)
                 seconds[f"{stem}/seed{seed}"] = time.perf_counter() - t0
             results.setdefault(stem, {})[seed] = load_run(folder)
-    claims = experiment.analyse(results)
+    return _write_report(experiment, results, out, quick=quick,
+                         timing={"seconds_this_call": time.perf_counter() - start, "run_seconds": seconds})
+
+
+#: The settings every report states per config, read from its runs' own ``config.json``.
+SETTING_KEYS = ("model", "clients", "rounds", "local_steps", "batch_size", "lr", "lora_alpha", "lora_scaling",
+                "eval_size", "train_size")
+#: ``lora_scaling`` of a run whose config.json predates the key (the config default).
+DEFAULT_SCALING = "alpha_over_r"
+
+
+def _run_setting(config: dict) -> dict:
+    """A run's config with ``lora_scaling`` filled in where it predates the key (it then used the default)."""
+    return {**config, "lora_scaling": config.get("lora_scaling") or DEFAULT_SCALING}
+
+
+def _settings(experiment: Experiment, results: dict[str, dict[int, Run]]) -> dict[str, dict]:
+    r"""Per config: its runs' settings (:data:`SETTING_KEYS` and each method's own ``lr``, per seed) and every key in
+    which the runs differ from the config file as it is now (``"differs"``: key -> [runs' value, file's value])."""
+    out = {}
+    for stem in experiment.configs:
+        path = CONFIG_ROOT / experiment.name / f"{stem}.toml"
+        now = json.loads(json.dumps(RunConfig.from_dict(load_config(path)).to_dict())) if path.is_file() else None
+        by_seed = results.get(stem) or {}
+        runs = [_run_setting(by_seed[s].config) for s in sorted(by_seed)]
+        entry: dict = {"seeds": sorted(by_seed), "source": "runs" if runs else "config file (no runs)"}
+        configs = runs or ([_run_setting(now)] if now else [])
+        for key in SETTING_KEYS:
+            values = []
+            for c in configs:
+                if c.get(key) not in values:
+                    values.append(c.get(key))
+            entry[key] = values[0] if len(values) == 1 else values
+        entry["method_lr"] = {m: o["lr"] for m, o in sorted((configs[0].get("method_options") or {}).items())
+                              if "lr" in o} if configs else {}
+        if runs and now:
+            differs = {}
+            for key in sorted(set(now) | set(runs[0])):
+                if key in ("seed",):
+                    continue
+                ran = [c.get(key) for c in runs]
+                want = _run_setting(now).get(key)
+                if any(v != want for v in ran):
+                    differs[key] = [ran[0] if all(v == ran[0] for v in ran) else ran, want]
+            entry["differs"] = differs
+        out[stem] = entry
+    return out
+
+
+def _describe(experiment: Experiment, results: dict[str, dict[int, Run]]) -> str:
+    """``Experiment.differences`` filled from the runs' own config.json (the config file's values where none ran)."""
+    settings = {}
+    for stem in experiment.configs:
+        if results.get(stem):
+            settings[stem] = [_run_setting(results[stem][s].config) for s in sorted(results[stem])]
+        elif (CONFIG_ROOT / experiment.name / f"{stem}.toml").is_file():
+            settings[stem] = [_run_setting(RunConfig.from_dict(
+                load_config(CONFIG_ROOT / experiment.name / f"{stem}.toml")).to_dict())]
+    return describe(experiment.differences, settings)
+
+
+def _write_report(experiment: Experiment, results: dict[str, dict[int, Run]], out: Path, *, quick: bool,
+                  timing: dict | None) -> dict:
+    """Analyse ``results``, write ``report.json``, ``report.md`` and ``claims.png`` into ``out``; return the report."""
+    claims = experiment.claims(results, CONFIG_ROOT)
+    seeds = sorted({s for by_seed in results.values() for s in by_seed})
     report = {
-        "experiment": name, "title": experiment.title, "paper": experiment.paper, "quick": quick, "out": str(out),
-        "seeds": seed_list, "configs": list(experiment.configs), "differences": experiment.differences,
-        "seconds_this_call": time.perf_counter() - start, "run_seconds": seconds,
+        "experiment": experiment.name, "title": experiment.title, "paper": experiment.paper, "quick": quick,
+        "out": str(out), "seeds": seeds, "configs": list(experiment.configs),
+        "differences": _describe(experiment, results), "settings": _settings(experiment, results),
+        "analysis_only": timing is None, **(timing or {}),
         "run_seconds_total": _total_run_seconds(results),
         "claims": [c.to_dict() for c in claims],
-        "methods": {stem: _method_table(by_seed) for stem, by_seed in results.items()},
+        "methods": {stem: _method_table(by_seed) for stem, by_seed in results.items() if by_seed},
     }
     atomic_write_text(out / "report.json", json.dumps(report, indent=1, sort_keys=True, default=_json_default))
     atomic_write_text(out / "report.md", report_markdown(report))
     _plot(report, out / "claims.png")
     return report
+
+
+def find_runs(experiment: Experiment, out: Path) -> dict[str, dict[int, Run]]:
+    """Every finished run (a ``summary.json``) in ``out/<config>/seed<s>/``, whatever config it ran."""
+    results: dict[str, dict[int, Run]] = {}
+    for stem in experiment.configs:
+        folder = out / stem
+        if not folder.is_dir():
+            continue
+        for seed_dir in sorted(folder.iterdir()):
+            name = seed_dir.name
+            if name.startswith("seed") and name[4:].isdigit() and (seed_dir / "summary.json").is_file():
+                results.setdefault(stem, {})[int(name[4:])] = load_run(seed_dir)
+    return {stem: dict(sorted(by_seed.items())) for stem, by_seed in results.items()}
+
+
+def analyse(name: str, *, out: str | Path | None = None, log=print) -> dict:
+    r"""Rewrite experiment ``name``'s report from the finished runs in ``out``; run nothing.
+
+    ``out`` is new (every claim "not run yet") or holds this experiment's runs or report, and may hold anything
+    else the experiment made beside them (prelort's ``slot_scaling/``): only ``report.md``, ``report.json`` and
+    ``claims.png`` are written. A run's own folder (a ``summary.json`` at its top) is refused. The report's setting
+    is read from the runs' own ``config.json``; keys where they differ from the config file now are listed.
+    """
+    experiment = EXPERIMENTS[name]
+    try:
+        out = output_path(out, Path("runs") / "reproduce" / name)
+        plan_output(out, signature=("report.json", *experiment.configs), layout=("*",),
+                    inputs=[CONFIG_ROOT / name],
+                    hint=f"Expected a folder holding an earlier 'reproduce {name}' (its report.json or a config's "
+                         "runs); choose another --out.")
+    except OutputFolderError as err:
+        raise ConfigError(str(err)) from None
+    if (out / "summary.json").is_file():
+        raise ConfigError(f"--out '{out}' is a run's folder (it holds summary.json); expected the folder of a "
+                          f"'reproduce {name}', which holds one folder per config. Nothing was written.")
+    results = find_runs(experiment, out)
+    quick = bool(results) and all(run.config.get("model") in QUICK_MODELS.values()
+                                  for by_seed in results.values() for run in by_seed.values())
+    for stem in experiment.configs:
+        log(f"[{name}] {stem}: " + (f"seeds {sorted(results[stem])}" if stem in results else "no finished runs"))
+    out.mkdir(parents=True, exist_ok=True)
+    return _write_report(experiment, results, out, quick=quick, timing=None)
 
 
 def _json_default(obj):
@@ -205,23 +328,27 @@ def report_markdown(report: dict) -> str:
               "and gets a 95% Student-t interval over the seeds: **holds** if it lies above the claim's threshold, "
               "**tie** if it covers it, **does not hold** if it lies below; a claim against several baselines holds "
               f"only if it holds against each; fewer than {MIN_SEEDS} seeds: no verdict (**too few seeds**).", "",
-              f"How this differs from the paper: {report['differences']}", "",
-              "## Claims", "", "| claim | paper | ours | verdict | note |", "|---|---|---|---|---|"]
+              "Other outcomes: a 0/1 outcome per seed and round (CLAIR's detection) is counted, k/n, with a "
+              "Clopper-Pearson 95% interval; a count (bytes, parameters) is exact, no interval; rounds to a target "
+              "(an integer capped at the last round + 1) get a sign count over seeds. **not testable here**: no "
+              "method above the majority class, or learning rates chosen for another setting.", "",
+              f"How this differs from the paper: {report['differences']}", ""]
+    if report.get("analysis_only"):
+        lines += ["Analysis only (`--analyse-only`): this report was rewritten from the finished runs in this "
+                  "folder; nothing was run.", ""]
+    lines += _settings_markdown(report.get("settings") or {})
+    lines += ["## Claims", "", "| claim | paper | ours | verdict | note |", "|---|---|---|---|---|"]
     for c in report["claims"]:
         advice = f"; {c['advice']}" if c.get("advice") else ""
-        lines.append(f"| {c['claim']} | {c['paper']} | {c['ours']} | **{c['verdict']}**{advice} | {c['note']} |")
+        why = f" ({c['why']})" if c.get("why") else ""
+        lines.append(f"| {c['claim']} | {c['paper']} | {c['ours']} | **{c['verdict']}**{why}{advice} | {c['note']} |")
     lines += ["", "Per-seed values of every claim are in `report.json` (`claims[*].values`, `claims[*].comparisons`).",
               "", "## Paired comparisons", "",
-              "| claim | against | per seed | mean | 95% interval (t, n - 1 df) | threshold | verdict |",
+              "| claim | against | per seed | mean | 95% interval | threshold | verdict |",
               "|---|---|---|---|---|---|---|"]
     for c in report["claims"]:
         for comp in c.get("comparisons", []):
-            per_seed = ", ".join(f"{d:+.3f}" for d in comp["differences"])
-            if comp.get("example_se"):
-                per_seed += " (se over test examples " + ", ".join(f"{se:.3f}" for se in comp["example_se"]) + ")"
-            interval = "-" if comp["low"] is None else f"[{comp['low']:+.3f}, {comp['high']:+.3f}]"
-            lines.append(f"| {c['claim']} | {comp['against']} | {per_seed} | {comp['mean']:+.3f} | {interval} | "
-                         f"{comp['tol']:+.3f} | {comp['verdict']} |")
+            lines.append(f"| {c['claim']} | {comp['against']} | " + " | ".join(_comparison_cells(comp)) + " |")
     lines.append("")
     for stem, rows in report["methods"].items():
         metric = rows[0]["metric"] if rows else "accuracy"
@@ -235,6 +362,50 @@ def report_markdown(report: dict) -> str:
             lines.append(f"| {r['title']} | {_fmt(r.get('final'))} | {_fmt(local)} | {per_seed} | {mb} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _comparison_cells(comp: dict) -> list[str]:
+    """The per-seed, mean, interval, threshold and verdict cells of one comparison, by its kind."""
+    kind = comp.get("kind", "t")
+    if kind == "not run":
+        return [f"not run yet: {comp.get('missing', '')}", "-", "-", "-", comp["verdict"]]
+    if kind == "proportion":
+        return [f"{comp['k']}/{comp['n']} (seeds x rounds)", f"{comp['mean']:.3f}",
+                f"[{comp['low']:.3f}, {comp['high']:.3f}] (Clopper-Pearson)", f"{comp['tol']:.3f}", comp["verdict"]]
+    per_seed = ", ".join(f"{d:+.3f}" for d in comp["differences"])
+    if comp.get("example_se"):
+        per_seed += " (se over test examples " + ", ".join(f"{se:.3f}" for se in comp["example_se"]) + ")"
+    if kind == "exact":
+        interval = "exact (a count, no interval)"
+    elif kind == "sign":
+        interval = f"sign count {comp['k_plus']} for, {comp['k_minus']} against, p = {comp['p_value']:.2f}"
+    else:
+        interval = "-" if comp["low"] is None else f"[{comp['low']:+.3f}, {comp['high']:+.3f}] (t, n - 1 df)"
+    return [per_seed, f"{comp['mean']:+.3f}", interval, f"{comp['tol']:+.3f}", comp["verdict"]]
+
+
+def _settings_markdown(settings: dict) -> list[str]:
+    """The runs' settings per config, from their own config.json, and where they differ from the config file now."""
+    if not settings:
+        return []
+    def cell(v):
+        return " / ".join(map(str, v)) if isinstance(v, list) else str(v)
+    lines = ["## Settings of the runs (their own config.json)", "",
+             "| config | seeds | " + " | ".join(SETTING_KEYS) + " | methods' own lr |",
+             "|---|---|" + "---|" * len(SETTING_KEYS) + "---|"]
+    notes = []
+    for stem, e in settings.items():
+        seeds = ", ".join(map(str, e["seeds"])) if e["seeds"] else "none (config file)"
+        lrs = ", ".join(f"{m} {v:g}" for m, v in e.get("method_lr", {}).items()) or "-"
+        lines.append(f"| `{stem}` | {seeds} | " + " | ".join(cell(e.get(k)) for k in SETTING_KEYS) + f" | {lrs} |")
+        if e.get("differs"):
+            notes.append(f"- `{stem}`: the runs used " + "; ".join(
+                f"{k} = {cell(ran)} (the config file now says {cell(now)})" for k, (ran, now) in e["differs"].items()))
+    lines.append("")
+    if notes:
+        lines += ["These runs differ from the config files as they are now (the report describes the runs):", "",
+                  *notes, ""]
+    return lines
 
 
 def _plot(report: dict, path: Path) -> None:
@@ -285,9 +456,16 @@ def main(args: argparse.Namespace) -> int:
     if args.name is None:
         print("error: give an experiment NAME or --list; experiments: " + ", ".join(EXPERIMENTS), file=sys.stderr)
         return 2
+    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     try:
-        report = reproduce(args.name, seeds=args.seeds, quick=args.quick, out=args.out,
-                           progress=not args.no_progress, log=lambda m: print(m, file=sys.stderr, flush=True))
+        if getattr(args, "analyse_only", False):
+            if args.seeds is not None or args.quick:
+                raise ConfigError("--analyse-only runs nothing: it takes neither --seeds nor --quick (it reads "
+                                  "every finished run in --out).")
+            report = analyse(args.name, out=args.out, log=log)
+        else:
+            report = reproduce(args.name, seeds=args.seeds, quick=args.quick, out=args.out,
+                               progress=not args.no_progress, log=log)
     except ConfigError as err:
         for line in str(err).splitlines():
             print(f"error: {line}", file=sys.stderr)
@@ -296,6 +474,7 @@ def main(args: argparse.Namespace) -> int:
         print("QUICK RUN: a plumbing check on tiny random models; the numbers below say nothing about the claims.")
     for c in report["claims"]:
         advice = f"; {c['advice']}" if c.get("advice") else ""
-        print(f"- {c['claim']}: ours {c['ours']} (paper: {c['paper']}) -> {c['verdict']}{advice}")
+        why = f" ({c['why']})" if c.get("why") else ""
+        print(f"- {c['claim']}: ours {c['ours']} (paper: {c['paper']}) -> {c['verdict']}{why}{advice}")
     print(f"report: {report['out']}/report.md")
     return 0

@@ -32,7 +32,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 __all__ = ["VERDICTS", "MIN_SEEDS", "ADVISE_BELOW", "ADD_SEEDS", "LEVEL", "mean_sd", "paired", "verdict",
-           "combine", "advice", "example_se"]
+           "combine", "advice", "example_se", "proportion", "exact", "sign_count", "not_run"]
 
 #: Every verdict a claim can carry. "not testable here" is set by a claim's analysis, which states why;
 #: "not run yet" by a claim whose runs do not exist (or predate what it needs).
@@ -144,3 +144,79 @@ def example_se(correct_a, correct_b) -> float:
         raise ValueError(f"The per-example correctness must be two vectors of one length >= 2; got shapes "
                          f"{a.shape} and {b.shape}.")
     return float((a - b).std(ddof=1) / math.sqrt(a.size))
+
+
+def proportion(successes: Sequence[bool], threshold: float, *, seeds: int, against: str = "") -> dict:
+    r"""A 0/1 outcome (one per seed and round): the count ``k`` of ``n`` and its Clopper-Pearson 95% interval.
+
+    .. math:: [p_-, p_+]:\quad P(\mathrm{Bin}(n, p_-) \ge k) = 0.025,\quad P(\mathrm{Bin}(n, p_+) \le k) = 0.025
+
+    (``scipy.stats.binomtest(k, n).proportion_ci(0.95, "exact")``; exact for any ``n``, never outside [0, 1]).
+    **holds** if the interval lies above ``threshold``, **does not hold** if below, **tie** if it covers it;
+    **too few seeds** when the outcomes come from fewer than :data:`MIN_SEEDS` seeds (``seeds``). The trials are
+    counted as independent (rounds of one run are not quite: the count is a description, the interval a guide).
+
+    Returns
+    -------
+    dict
+        As :func:`paired` (``differences`` are the 0/1 outcomes, ``mean`` the share ``k / n``) with ``kind``
+        ``"proportion"``, ``k`` and ``n``.
+    """
+    x = [bool(v) for v in successes]
+    if not x:
+        raise ValueError(f"The outcomes counted against {against or 'the threshold'} must be at least one; got none.")
+    from scipy.stats import binomtest
+
+    k, n = sum(x), len(x)
+    ci = binomtest(k, n).proportion_ci(confidence_level=LEVEL, method="exact")
+    low, high = float(ci.low), float(ci.high)
+    word = ("too few seeds" if seeds < MIN_SEEDS else "holds" if low > threshold
+            else "does not hold" if high < threshold else "tie")
+    return {"against": against, "kind": "proportion", "differences": [float(v) for v in x], "k": k, "n": n,
+            "mean": k / n, "sd": None, "low": low, "high": high, "level": LEVEL, "tol": float(threshold),
+            "verdict": word}
+
+
+def exact(values: Sequence[float], tol: float = 0.0, *, against: str = "") -> dict:
+    r"""A deterministic quantity (bytes, upload fractions) per seed: no interval, the numbers themselves.
+
+    **holds** if every seed's value is above ``tol``, **does not hold** if any is below, **tie** (equal) otherwise.
+    A zero-width t interval over seeds would suggest a precision that is really an identity.
+    """
+    d = np.asarray([float(v) for v in values], dtype=float)
+    if d.size == 0 or not np.all(np.isfinite(d)):
+        raise ValueError(f"The exact values against {against or 'the threshold'} must be finite and at least one; "
+                         f"got {d.tolist()}.")
+    word = "does not hold" if np.any(d < tol) else "holds" if np.all(d > tol) else "tie"
+    return {"against": against, "kind": "exact", "differences": d.tolist(), "mean": float(d.mean()), "sd": None,
+            "n": int(d.size), "low": None, "high": None, "level": None, "tol": float(tol), "verdict": word}
+
+
+def sign_count(differences: Sequence[float], *, against: str = "") -> dict:
+    r"""Integer outcomes per seed (rounds to a target, capped at ``rounds + 1``): a sign count, no t interval.
+
+    The seeds with ``d_s > 0`` (``k_+``) and ``d_s < 0`` (``k_-``) are counted, ties dropped; under "no
+    difference" ``k_+ ~ Bin(k_+ + k_-, 1/2)``. **holds** if the two-sided sign test's p-value is below 0.05 with
+    ``k_+ > k_-``, **does not hold** if below with ``k_+ < k_-``, **tie** otherwise (fewer than 6 untied seeds can
+    never decide: ``2 / 2^5 > 0.05``). A capped integer with a few values is neither normal nor continuous, which a
+    t interval assumes.
+    """
+    d = [float(v) for v in differences]
+    if not d or not all(math.isfinite(v) for v in d):
+        raise ValueError(f"The differences against {against or 'the baseline'} must be finite and at least one; "
+                         f"got {d}.")
+    from scipy.stats import binomtest
+
+    up, down = sum(v > 0 for v in d), sum(v < 0 for v in d)
+    p = float(binomtest(up, up + down, 0.5).pvalue) if up + down else 1.0
+    word = ("too few seeds" if len(d) < MIN_SEEDS else "holds" if p < 1 - LEVEL and up > down
+            else "does not hold" if p < 1 - LEVEL else "tie")
+    return {"against": against, "kind": "sign", "differences": d, "mean": float(np.mean(d)), "sd": None,
+            "n": len(d), "low": None, "high": None, "level": LEVEL, "tol": 0.0, "k_plus": up, "k_minus": down,
+            "p_value": p, "verdict": word}
+
+
+def not_run(against: str, missing: str) -> dict:
+    """A comparison whose baseline has no runs: no numbers, verdict "not run yet"."""
+    return {"against": against, "kind": "not run", "differences": [], "mean": None, "sd": None, "n": 0,
+            "low": None, "high": None, "level": None, "tol": 0.0, "verdict": "not run yet", "missing": missing}

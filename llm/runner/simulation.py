@@ -81,6 +81,23 @@ def _shown(value) -> str:
     return text if len(text) <= 100 else text[:97] + "..."
 
 
+def detection_auc(scores, contaminated, benign) -> float | None:
+    r"""``P(s_i > s_j) + P(s_i = s_j) / 2`` over contaminated ``i`` and benign ``j`` (``scores`` keyed by client id).
+
+    None when there are no scores or one of the two groups is empty.
+
+    >>> detection_auc({"0": 0.1, "1": 2.0, "2": 0.1}, [1], [0, 2])
+    1.0
+    >>> detection_auc({"0": 0.1, "1": 0.1}, [1], [0])
+    0.5
+    """
+    if not scores or not contaminated or not benign:
+        return None
+    bad = np.array([float(scores[str(k)]) for k in contaminated])
+    good = np.array([float(scores[str(k)]) for k in benign])
+    return float(np.mean((bad[:, None] > good[None, :]) + 0.5 * (bad[:, None] == good[None, :])))
+
+
 def _mean(values) -> float | None:
     """Mean of the values that are not None (None if there are none)."""
     kept = [v for v in values if v is not None]
@@ -378,18 +395,28 @@ class Simulation:
         return out
 
     def score_detection(self, detection: dict, participants: list[int]) -> dict:
-        r"""A round's flagged set against the truth among its participants.
+        r"""A round's flagged set and scores against the truth among its participants (reporting only).
 
+        With ``F`` the flagged, ``T`` the contaminated and ``N`` the benign participants:
         ``precision = |F & T| / |F|`` (None when nothing is flagged), ``recall = |F & T| / |T|`` (None
-        when no participant is contaminated), with ``F`` the flagged and ``T`` the contaminated
-        participants. The method's other keys (``lam``, per-client scores, ...) are kept.
+        when no participant is contaminated), ``false_flag_rate = |F & N| / |N|`` (None when every
+        participant is contaminated) and, when the method reports per-client ``scores``,
+
+        .. math:: \mathrm{AUC} = \frac{1}{|T| |N|} \sum_{i \in T} \sum_{j \in N}
+                  \big(1[s_i > s_j] + \tfrac12 1[s_i = s_j]\big)
+
+        (None without scores or when ``T`` or ``N`` is empty). The truth is read here, after the
+        method's decision, and never reaches the method. The method's other keys are kept.
         """
         flagged = {int(k) for k in detection["flagged"]}
         truth = {k for k in participants if k in self.attackers}
+        benign = [k for k in participants if k not in self.attackers]
         hits = len(flagged & truth)
         out = {k: v for k, v in detection.items() if k != "round"}
         out.update(flagged=sorted(flagged), contaminated=sorted(truth),
-                   precision=hits / len(flagged) if flagged else None, recall=hits / len(truth) if truth else None)
+                   precision=hits / len(flagged) if flagged else None, recall=hits / len(truth) if truth else None,
+                   false_flag_rate=len(flagged - truth) / len(benign) if benign else None,
+                   auc=detection_auc(detection.get("scores"), truth, benign))
         return out
 
     # ------------------------------------------------------------------ one round

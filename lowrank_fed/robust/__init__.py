@@ -25,7 +25,16 @@ from .api import (
 )
 from .compress import compress_dense, compress_pairs, stack_dense
 from .cvx import CVXPY_SOLVERS, solve_cvxpy
-from .detection import offsubspace_residuals, residual_flags, robust_zscores, support_flags
+from .detection import (
+    GAP_LEVEL,
+    gap_critical,
+    gap_flags,
+    offsubspace_residuals,
+    residual_flags,
+    robust_zscores,
+    support_flags,
+    threshold_flags,
+)
 from .lam import LamPath, default_lam, lam_path, lam_window, select_plateau
 from .problem import (
     Blocks,
@@ -36,6 +45,7 @@ from .problem import (
     noisy_gap,
     noisy_objective,
 )
+from .screening import ScreeningScores, screening_scores
 from .refinement import RefinedPairs, collaborative_weights, refactor, refine_dense, refine_pairs
 
 __all__ = [
@@ -71,6 +81,12 @@ __all__ = [
     "offsubspace_residuals",
     "robust_zscores",
     "residual_flags",
+    "threshold_flags",
+    "gap_flags",
+    "gap_critical",
+    "GAP_LEVEL",
+    "screening_scores",
+    "ScreeningScores",
     "collaborative_weights",
     "refine_dense",
     "refine_pairs",

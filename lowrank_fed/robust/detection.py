@@ -39,6 +39,8 @@ is identifiable; in-subspace attacks (sign flip, scaling) are not detected by de
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from .problem import ClairProblem
@@ -50,6 +52,10 @@ __all__ = [
     "residual_flags",
     "MAD_SCALE",
     "Z_THRESHOLD",
+    "GAP_LEVEL",
+    "gap_critical",
+    "gap_flags",
+    "threshold_flags",
 ]
 
 MAD_SCALE = 1.4826
@@ -137,3 +143,111 @@ def residual_flags(
     [False, False, False, False, True]
     """
     return robust_zscores(residuals, floor=floor) > threshold
+
+
+# ---------------------------------------------------------------------------- one decision from scores
+
+#: Per-round false-alarm level of the gap rule under an i.i.d. Gaussian null (see :func:`gap_critical`).
+GAP_LEVEL = 0.05
+#: Monte Carlo draws behind :func:`gap_critical` (seeded: the critical values are deterministic).
+GAP_DRAWS = 20000
+THRESHOLD_RULES = ("gap",)
+
+
+def _gap_ratios(sorted_desc: np.ndarray) -> np.ndarray:
+    r"""``t_j = (s_(j) - s_(j+1)) / (s_(j+1) - s_(K))``, ``j = 1 .. J``, along the last axis (sorted descending).
+
+    ``J = ceil(K / 2) - 1``: the flagged top ``j`` stay a strict minority. ``0/0 = 0`` (no gap, no
+    spread) and ``g/0 = inf`` for ``g > 0`` (every other score equal, one apart).
+    """
+    s = sorted_desc
+    K = s.shape[-1]
+    J = max((K + 1) // 2 - 1, 0)
+    gaps = s[..., :J] - s[..., 1:J + 1]
+    spread = s[..., 1:J + 1] - s[..., -1:]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = np.where(gaps > 0, gaps / spread, 0.0)
+    return np.where((gaps > 0) & (spread <= 0), np.inf, t)
+
+
+@functools.lru_cache(maxsize=64)
+def gap_critical(n: int, level: float = GAP_LEVEL) -> float:
+    r"""The critical ratio ``c(n, level)`` of :func:`gap_flags`: ``P(max_j t_j > c) = level`` under the null.
+
+    Null: ``n`` i.i.d. N(0, 1) scores (every client benign). The ratio ``t_j`` is invariant to shifting
+    and scaling the scores, so ``c`` depends on ``n`` and ``level`` only; it is the ``(1 - level)``
+    quantile of ``max_j t_j`` over :data:`GAP_DRAWS` seeded draws (Monte Carlo error about
+    ``sqrt(level (1 - level) / GAP_DRAWS)``, 0.0015 at 0.05). ``inf`` when ``n < 3`` (no minority to flag).
+
+    Examples
+    --------
+    >>> round(gap_critical(10), 2) > 0.5
+    True
+    """
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"The gap rule's 'level' must lie in (0, 1). Got {level!r}.")
+    n = int(n)
+    if n < 3:
+        return float("inf")
+    rng = np.random.default_rng(20260 + n)
+    draws = -np.sort(-rng.standard_normal((GAP_DRAWS, n)), axis=1)
+    return float(np.quantile(_gap_ratios(draws).max(axis=1), 1.0 - level))
+
+
+def gap_flags(scores: np.ndarray, *, level: float = GAP_LEVEL) -> np.ndarray:
+    r"""Flag the clients above the largest relative gap of the sorted scores, when it is significant.
+
+    .. math::
+
+        s_{(1)} \ge \dots \ge s_{(K)},\qquad
+        t_j = \frac{s_{(j)} - s_{(j+1)}}{s_{(j+1)} - s_{(K)}}\ \ (1 \le j < K/2),\qquad
+        j^* = \arg\max_j t_j,\qquad
+        \hat O = \{k : s_k \ge s_{(j^*)}\}\ \text{if}\ t_{j^*} > c(K, \text{level}),\ \text{else}\ \emptyset,
+
+    where ``t_j`` is the gap under the top ``j`` relative to the spread of the rest (a Dixon-type ratio),
+    and ``c`` is :func:`gap_critical`: with ``K`` i.i.d. Gaussian scores (no contamination) a round flags
+    anyone with probability ``level``. The rule is invariant to ``s -> a s + b`` (``a > 0``) and
+    permutation-equivariant; equal scores flag nobody; at most ``ceil(K/2) - 1`` clients are flagged.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> gap_flags(np.array([0.1, -0.3, 0.2, 6.0, 0.0, -0.1, 0.3, -0.2, 0.05, -0.05])).tolist()
+    [False, False, False, True, False, False, False, False, False, False]
+    >>> gap_flags(np.zeros(5)).any()
+    np.False_
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    if s.ndim != 1 or not np.all(np.isfinite(s)):
+        raise ValueError(f"The gap rule needs a finite 1-d array of scores. Got shape {s.shape}.")
+    flagged = np.zeros(s.shape, dtype=bool)
+    t = _gap_ratios(-np.sort(-s))
+    if t.size == 0:
+        return flagged
+    j = int(np.argmax(t))  # j* - 1
+    if t[j] > gap_critical(s.size, level):
+        flagged = s >= -np.sort(-s)[j]
+    return flagged
+
+
+def threshold_flags(scores: np.ndarray, threshold="gap", *, level: float = GAP_LEVEL) -> np.ndarray:
+    r"""CLAIR's decision from per-client scores: ``"gap"`` (:func:`gap_flags`) or a number ``z*``.
+
+    A number flags ``s_k > z*``; it is either a fixed cut (``3``: the former default of the federated
+    method) or one calibrated on uncontaminated validation runs (for example the ``(1 - q)`` quantile
+    of benign scores pooled over seeds and rounds, which then false-flags a benign client at rate ``q``).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> threshold_flags(np.array([0.0, 1.0, 4.0]), 3.0).tolist()
+    [False, False, True]
+    """
+    if isinstance(threshold, str):
+        if threshold not in THRESHOLD_RULES:
+            raise ValueError(
+                f"The 'threshold' must be one of {THRESHOLD_RULES} or a number. Got {threshold!r}.")
+        return gap_flags(scores, level=level)
+    if isinstance(threshold, bool) or not np.isfinite(float(threshold)):
+        raise ValueError(f"The 'threshold' must be a finite number or 'gap'. Got {threshold!r}.")
+    return np.asarray(scores, dtype=np.float64) > float(threshold)

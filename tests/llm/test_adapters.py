@@ -234,7 +234,8 @@ def test_merge_of_a_missing_folder_or_a_file_says_so(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_merge_robust_leaves_out_the_clients_trained_on_another_task(tmp_path, capsys):
+@pytest.mark.parametrize("threshold", [None, "gap", "3"])
+def test_merge_robust_leaves_out_the_clients_trained_on_another_task(tmp_path, capsys, threshold):
     # Benign clients: updates in one shared column space (plus small noise); contaminated: other directions.
     gen = torch.Generator().manual_seed(0)
     base = _base()
@@ -252,8 +253,10 @@ def test_merge_robust_leaves_out_the_clients_trained_on_another_task(tmp_path, c
             pairs[m] = FactorPair(B, torch.randn(2, d_in, generator=gen))
         folders.append(save_peft_adapter(tmp_path / f"c{k}", Adapter(pairs), lora_alpha=4))
     out = tmp_path / "global"
-    assert _merge(*folders, "--rule", "svd", "--robust", "--out", out, "--per-client", tmp_path / "shares") == 0
+    decision = [] if threshold is None else ["--threshold", threshold]  # the default (the gap rule) or a number
+    assert _merge(*folders, "--rule", "svd", "--robust", *decision, "--out", out, "--per-client", tmp_path / "shares") == 0
     text = capsys.readouterr().out
+    assert ("largest significant gap" if threshold != "3" else "flagged above 3") in " ".join(text.split())
     flagged = [line.split()[1] for line in text.splitlines() if "FLAGGED" in line]
     assert flagged == ["c6", "c7"], text
     assert sorted(p.name for p in (tmp_path / "shares").iterdir()) == [f"c{k}" for k in range(6)]
@@ -261,6 +264,18 @@ def test_merge_robust_leaves_out_the_clients_trained_on_another_task(tmp_path, c
     for m in shapes:  # the benign mean only
         benign = sum((load_peft_adapter(folders[k]).pairs[m].B @ load_peft_adapter(folders[k]).pairs[m].A) for k in range(6)) / 6
         torch.testing.assert_close(merged.pairs[m].B @ merged.pairs[m].A, benign, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--robust", "--threshold", "median"], "--threshold: expected 'gap' or a finite positive z-score cut; got 'median'"),
+    (["--robust", "--threshold", "-1"], "--threshold: expected 'gap' or a finite positive z-score cut; got '-1'"),
+    (["--threshold", "3"], "--threshold 3 is --robust's decision; give --robust too"),
+])
+def test_merge_refuses_a_bad_threshold_before_reading_anything(tmp_path, capsys, argv, expected):
+    missing = [tmp_path / f"c{k}" for k in range(3)]  # never read: the options are checked first
+    assert _merge(*missing, "--rule", "svd", *argv, "--out", tmp_path / "out") == 2
+    assert expected in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_merge_per_client_shares_stay_in_each_clients_own_config(tmp_path):

@@ -332,7 +332,7 @@ def _check_download_values(name, sim, before, message, t, r):
     arrays = message.arrays
     for e, v in decode_extras(arrays).items():
         assert torch.equal(v, before.extras[e]), e
-    if name in PREFIX_METHODS or (name in ("flexlora", "clair", "oracle", "local") and t == 1):
+    if name in PREFIX_METHODS or (name in ("flexlora", "clair", "oracle", "clair_nodetect", "local") and t == 1):
         prefix = {m: redistribute(p, r, method="prefix") for m, p in before.pairs.items()}
         _assert_pairs_equal(decode_pairs(arrays), prefix)
     elif name == "flexlora":  # the best rank-r approximation, A with orthonormal rows
@@ -348,7 +348,7 @@ def _check_download_values(name, sim, before, message, t, r):
     elif name == "fedsa":
         for m, p in before.pairs.items():
             assert torch.equal(arrays[f"lora/{m}/A"], p.A[:r])
-    elif name in ("clair", "oracle"):  # the client's own download, kept by the server after aggregating
+    elif name in ("clair", "oracle", "clair_nodetect"):  # the client's own download, kept by the server after aggregating
         k = message.config["client"]
         for m in before.pairs:
             assert torch.equal(arrays[f"lora/{m}/B"], before.arrays[f"client/{k}/{m}/B"])

@@ -1,0 +1,263 @@
+"""The reproductions' analysis after the fairness review: statistics per kind of outcome (counts with
+Clopper-Pearson intervals, exact counts, sign counts), chance as the majority class and one-sided, CLAIR's and
+HAFL's claims, untuned learning rates, ``--analyse-only`` on the committed runs, and the committed reports and
+README against a re-analysis."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("peft")
+
+from lowrank_fed.cli import main as cli_main  # noqa: E402
+from lowrank_fed.llm.config import ConfigError  # noqa: E402
+from lowrank_fed.llm.reproduce import EXPERIMENTS  # noqa: E402
+from lowrank_fed.llm.reproduce import run as reproduce_run  # noqa: E402
+from lowrank_fed.llm.reproduce.claims import UNTUNED, Run, _near_chance, describe  # noqa: E402
+from lowrank_fed.llm.reproduce.run import CONFIG_ROOT, analyse, find_runs  # noqa: E402
+from lowrank_fed.llm.reproduce.verdicts import exact, proportion, sign_count  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS = ROOT / "results" / "reproduce"
+NAMES = list(EXPERIMENTS)
+
+
+def _claims(name: str) -> dict:
+    """The committed runs of ``name`` analysed in memory: claim text -> Claim."""
+    experiment = EXPERIMENTS[name]
+    return {c.claim: c for c in experiment.claims(find_runs(experiment, RESULTS / name), CONFIG_ROOT)}
+
+
+# ----------------------------------------------------------------------------- statistics per kind of outcome
+
+
+def test_proportion_is_clopper_pearson_by_hand():
+    # k = n: the lower end solves p^n = 0.025; k = 0: the upper end solves (1 - p)^n = 0.025
+    all_right = proportion([True] * 12, 0.5, seeds=3)
+    none_right = proportion([False] * 9, 0.5, seeds=3)
+    assert all_right["k"] == 12 and all_right["n"] == 12 and all_right["high"] == pytest.approx(1.0)
+    assert all_right["low"] == pytest.approx(0.025 ** (1 / 12), abs=1e-9) and all_right["verdict"] == "holds"
+    assert none_right["high"] == pytest.approx(1 - 0.025 ** (1 / 9), abs=1e-9)
+    assert none_right["verdict"] == "does not hold" and none_right["low"] == pytest.approx(0.0)
+    # 8 of 12 covers one half; 2 seeds give no verdict whatever the count
+    assert proportion([True] * 8 + [False] * 4, 0.5, seeds=3)["verdict"] == "tie"
+    assert proportion([True] * 12, 0.5, seeds=2)["verdict"] == "too few seeds"
+
+
+def test_exact_counts_have_no_interval():
+    saved = exact([0.1, 0.1, 0.1], against="x")
+    assert saved["verdict"] == "holds" and saved["low"] is None and saved["high"] is None and saved["kind"] == "exact"
+    assert exact([0.0, 0.0, 0.0])["verdict"] == "tie"  # equal bytes save nothing
+    assert exact([-1.0, 1.0, 1.0])["verdict"] == "does not hold"  # one seed below is a fact, not noise
+
+
+def test_rounds_to_target_are_a_sign_count():
+    few = sign_count([-1.0, 0.0, -1.0], against="FedIT")
+    assert few["k_plus"] == 0 and few["k_minus"] == 2 and few["p_value"] == pytest.approx(0.5)
+    assert few["verdict"] == "tie" and few["low"] is None  # 3 seeds can never decide a sign test at 5%
+    assert sign_count([1.0] * 6)["verdict"] == "holds"  # 2 / 2^6 = 0.031
+    assert sign_count([-2.0] * 6)["verdict"] == "does not hold"
+    assert sign_count([1.0] * 5)["verdict"] == "tie"  # 2 / 2^5 = 0.0625
+
+
+def _run(finals: dict[str, float], majority: float, n: int) -> Run:
+    return Run({m: {"final": v} for m, v in finals.items()}, {}, {"majority_accuracy": majority, "eval_size": n})
+
+
+def test_a_method_below_the_majority_class_has_not_learnt():
+    # lora-a2 dir05_r1 seed 0: FedIT 0.037 against a majority share of 0.09 on 400 examples (2 se = 0.029)
+    below = {s: _run({"fedit": 0.037, "lora_a2": 0.10}, 0.09, 400) for s in range(3)}
+    above = {s: _run({"fedit": 0.037, "lora_a2": 0.09 + 0.03 * (s == 1)}, 0.09, 400) for s in range(3)}
+    assert "majority class" in _near_chance(below, ("fedit", "lora_a2"))
+    assert _near_chance(above, ("fedit", "lora_a2")) == ""
+
+
+# ----------------------------------------------------------------------------- the committed runs, re-read
+
+
+def test_clair_detection_is_counted_over_seeds_and_rounds_and_specificity_apart():
+    claims = _claims("clair")
+    detect = claims["copy task (copy-llama): CLAIR flags exactly the contaminated clients (γ = 0.1, 0.2, 0.3)"]
+    clean = claims["copy task (copy-llama): CLAIR flags nobody when no client is contaminated (γ = 0)"]
+    assert [(c["k"], c["n"]) for c in detect.comparisons] == [(12, 12), (10, 12), (8, 12)]
+    assert detect.verdict == "tie" and "12/12 rounds exact" in detect.ours
+    assert (clean.comparisons[0]["k"], clean.comparisons[0]["n"]) == (8, 12) and "5 false flags" in clean.ours
+    minilm = claims["MiniLM / BBC News: CLAIR flags exactly the contaminated clients (γ = 0.1, 0.2, 0.3)"]
+    assert minilm.verdict == "does not hold" and all(c["k"] == 0 for c in minilm.comparisons)
+
+
+def test_clair_gain_is_against_local_and_exact_product_fedavg_with_fedit_beside():
+    claims = _claims("clair")
+    gain = claims["copy task (copy-llama): benign clients do better under CLAIR than under local training and than "
+                  "exact-product FedAvg of everyone (γ > 0)"]
+    specific = claims["copy task (copy-llama): CLAIR's gain grows with contamination (gain at γ minus gain at γ = 0)"]
+    # the committed runs have no FlexLoRA: not run yet, the local comparisons shown all the same
+    assert gain.verdict == specific.verdict == "not run yet"
+    against = [c["against"] for c in gain.comparisons]
+    assert sum("local training" in a for a in against) == 3 and sum("FlexLoRA" in a for a in against) == 3
+    assert all("FedIT" not in a for a in against) and "fedit 0.628" in gain.ours  # FedIT beside, not decisive
+    # CLAIR - FedIT at γ 0 is the reviewer's -0.015, +0.620, +0.149: reported, never a baseline
+    assert gain.values["CLAIR - FedIT (beside), γ 0.0"] == pytest.approx([-0.015, 0.620, 0.149], abs=2e-3)
+    # the contamination-specific gain is (CLAIR - local at γ) - (CLAIR - local at γ 0), paired by seed
+    d01 = gain.values["CLAIR - local, γ 0.1"]
+    spec = specific.values["(CLAIR - local) at γ 0.1 minus at γ 0"]
+    runs = find_runs(EXPERIMENTS["clair"], RESULTS / "clair")
+    last = {m: [runs["copy_g0"][s].history[m][-1] for s in (0, 1, 2)] for m in ("clair", "local")}
+    # at γ 0 every client is benign: their score is every client's
+    d0 = [c["local_exact_match"] - lo["local_exact_match"] for c, lo in zip(last["clair"], last["local"], strict=True)]
+    assert spec == pytest.approx([a - b for a, b in zip(d01, d0, strict=True)])
+
+
+def test_clair_configs_run_flexlora_for_the_next_rerun():
+    for stem in EXPERIMENTS["clair"].configs:
+        text = (CONFIG_ROOT / "clair" / f"{stem}.toml").read_text()
+        assert re.search(r'^methods = \[.*"flexlora".*\]$', text, re.M), stem
+
+
+def test_hafl_bytes_are_exact_against_truncation_up_and_down_apart():
+    claims = _claims("hafl")
+    claim = claims["HAFL (freezing) moves fewer bytes than truncation-based schemes (HAFL's truncation variant, "
+                   "HetLoRA)"]
+    assert claim.verdict == "does not hold" and not claim.trained
+    assert [c["against"] for c in claim.comparisons] == [
+        "HAFL truncation, MB up saved", "HAFL truncation, MB down saved", "HetLoRA, MB up saved",
+        "HetLoRA, MB down saved"]
+    assert all(c["kind"] == "exact" and c["low"] is None for c in claim.comparisons)
+    down = claim.comparisons[1]["differences"]
+    assert down == pytest.approx([-47.8] * 3, abs=0.05)  # freezing downloads all R = 32 slots
+    assert "homogeneous FedIT at rank R: not run yet" in claim.ours
+
+
+def test_hafl_drop_is_signed_per_client_and_the_verdict_compares_what_clients_receive():
+    claims = _claims("hafl")
+    drop = claims["Freezing: no accuracy drop at distribution (truncation has one)"]
+    values = drop.values
+    # truncation's downloads beat its global model in seeds 0 and 1: a negative drop (the old floor was 0)
+    assert values["drop, truncation"][0] < 0 and values["drop, truncation"][1] < 0
+    assert values["drop, freezing"] == [0.0, 0.0, 0.0]
+    assert drop.comparisons[0]["differences"] == pytest.approx(
+        [f - t for f, t in zip(values["local, freezing"], values["local, truncation"], strict=True)])
+
+
+def test_claims_on_untuned_learning_rates_are_not_testable_here(tmp_path, monkeypatch):
+    claims = list(_claims("lora-a2").values())
+    assert [c.verdict == "not testable here" and c.why == UNTUNED for c in claims] == [False, True, True, False]
+    assert "dir001_r8" in claims[1].note and "dir05_r1" in claims[2].note
+    assert claims[3].verdict == "holds" and claims[3].comparisons[0]["kind"] == "exact"  # a count: lr-free
+    # a config that reads a tuned file (lowrank-fed tune's choice for it) counts as tuned
+    root = tmp_path / "configs"
+    shutil.copytree(CONFIG_ROOT / "lora-a2", root / "lora-a2")
+    for stem in ("dir001_r8",):
+        path = root / "lora-a2" / f"{stem}.toml"
+        path.write_text('tuned = "tuned.toml"\n' + path.read_text())
+    assert EXPERIMENTS["lora-a2"].untuned(root) == {"dir001_r2", "dir05_r1", "dir05_r2", "dir05_r8"}
+    assert EXPERIMENTS["lora-a2"].untuned(CONFIG_ROOT) == {"dir001_r2", "dir001_r8", "dir05_r1", "dir05_r2",
+                                                           "dir05_r8"}
+    # PreLort's and HAFL's rates were never chosen for their own settings: every config counts as untuned
+    assert EXPERIMENTS["prelort"].untuned(CONFIG_ROOT) == set(EXPERIMENTS["prelort"].configs)
+    assert EXPERIMENTS["hafl"].untuned(CONFIG_ROOT) == set(EXPERIMENTS["hafl"].configs)
+    assert EXPERIMENTS["clair"].untuned(CONFIG_ROOT) == set()  # chosen on validation seeds 100-104 (headers)
+
+
+def test_the_setting_is_read_from_the_runs_own_config():
+    settings = {"a": [{"rounds": 4, "local_steps": 5, "m": {"lr": 0.002}}, {"rounds": 4, "local_steps": 6}]}
+    with pytest.raises(KeyError, match="has no 'm.lr'"):
+        describe("{a.m.lr}", settings)
+    assert describe("{a.rounds} rounds of {a.local_steps} steps", settings) == "4 rounds of 5 / 6 steps"
+    with pytest.raises(KeyError, match="no settings of config 'b'"):
+        describe("{b.rounds}", settings)
+
+
+# ----------------------------------------------------------------------------- --analyse-only
+
+
+def test_analyse_only_rewrites_prelort_from_its_runs_beside_other_files(tmp_path):
+    # Prepare: the committed prelort folder, with its slot_scaling/ study beside the runs
+    out = tmp_path / "prelort"
+    shutil.copytree(RESULTS / "prelort", out)
+    (out / "report.md").unlink()
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.parent != out}
+    # Execute
+    assert cli_main(["reproduce", "prelort", "--analyse-only", "--out", str(out)]) == 0
+    # Assert: the report describes what the runs ran (5 local steps), not the config file now (50)
+    text = (out / "report.md").read_text()
+    assert "4 rounds of 5 local steps" in text and "50 local steps" not in text.split("## Settings")[0]
+    assert "local_steps = 5 (the config file now says 50)" in text
+    assert "| alpha_over_r |" in text  # each run's lora_scaling, the default where config.json predates it
+    report = json.loads((out / "report.json").read_text())
+    assert report["analysis_only"] and report["settings"]["minilm_bbc"]["local_steps"] == 5
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.parent != out} == before  # ran nothing
+
+
+def test_analyse_only_without_runs_says_not_run_yet_and_refuses_a_run_folder(tmp_path):
+    report = analyse("hafl", out=tmp_path / "new", log=lambda m: None)
+    assert {c["verdict"] for c in report["claims"]} == {"not run yet"}
+    assert "6 rounds of 5 local steps" in report["differences"]  # from the config files, said so per config
+    assert report["settings"]["freezing"]["source"] == "config file (no runs)"
+    with pytest.raises(ConfigError, match="is a run's folder"):
+        run = tmp_path / "hafl" / "freezing"
+        shutil.copytree(RESULTS / "hafl" / "freezing" / "seed0", run / "seed0")
+        (run / "seed0" / "report.json").write_text("{}")
+        analyse("hafl", out=run / "seed0", log=lambda m: None)
+    with pytest.raises(ConfigError, match="already holds files"):
+        (tmp_path / "other").mkdir()
+        (tmp_path / "other" / "notes.txt").write_text("mine")
+        analyse("hafl", out=tmp_path / "other", log=lambda m: None)
+    assert cli_main(["reproduce", "hafl", "--analyse-only", "--seeds", "3", "--out", str(tmp_path / "x")]) == 2
+
+
+# ----------------------------------------------------------------------------- the committed reports
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_committed_reports_equal_a_reanalysis_of_the_committed_runs(tmp_path, name):
+    out = tmp_path / name
+    shutil.copytree(RESULTS / name, out)
+    report = analyse(name, out=out, log=lambda m: None)
+    committed = json.loads((RESULTS / name / "report.json").read_text())
+    fresh = json.loads((out / "report.json").read_text())
+    assert {k: v for k, v in committed.items() if k != "out"} == {k: v for k, v in fresh.items() if k != "out"}
+    assert (RESULTS / name / "report.md").read_text() == (out / "report.md").read_text()
+    assert [c["verdict"] for c in committed["claims"]] == [c["verdict"] for c in report["claims"]]
+
+
+def _readme_rows() -> list[list[str]]:
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Do the papers' claims hold?", 1)[1].split("\n## ", 1)[0]
+    rows = [line.strip().strip("|").split("|") for line in section.splitlines() if line.startswith("| `")]
+    return [[cell.strip() for cell in row] for row in rows]
+
+
+@pytest.mark.xfail(strict=True, reason="README table not yet rewritten")
+def test_the_readme_table_states_the_committed_verdicts():
+    # every claim of every committed report has a README row with its exact claim text and its verdict first
+    rows = _readme_rows()
+    header = "| experiment | claim | paper | ours (3 seeds) | verdict | why, where it does not hold |"
+    assert header in (ROOT / "README.md").read_text()
+    by_claim = {}
+    for row in rows:
+        by_claim.setdefault(row[1], []).append(row)
+    missing, wrong = [], []
+    for name in NAMES:
+        for claim in json.loads((RESULTS / name / "report.json").read_text())["claims"]:
+            found = by_claim.get(claim["claim"])
+            if not found:
+                missing.append(claim["claim"])
+            elif not all(r[4].startswith(claim["verdict"]) for r in found):
+                wrong.append((claim["claim"], [r[4] for r in found], claim["verdict"]))
+    assert not missing and not wrong, (missing, wrong)
+    assert len(rows) == sum(len(json.loads((RESULTS / n / "report.json").read_text())["claims"]) for n in NAMES)
+
+
+def test_the_readme_rows_are_read_as_a_table():
+    # the reader of the README test reads today's table (so the xfail above fails on content, not on parsing)
+    rows = _readme_rows()
+    assert len(rows) >= 18 and all(len(r) == 6 for r in rows)
+    assert reproduce_run.CONFIG_ROOT == CONFIG_ROOT
+

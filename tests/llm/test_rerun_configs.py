@@ -1,0 +1,258 @@
+"""The reproduction configs before a rerun: an explicit ``lora_scaling`` in each, the constant twins, the committed runs
+still reused, the tunes that choose their rates (``configs/reproduce/tune_all.sh``), and the PreLort benchmark that
+reads validation data of an unreported seed only."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("peft")
+
+from lowrank_fed.llm.config import ConfigError, RunConfig, load_config, parse_value  # noqa: E402
+from lowrank_fed.llm.peft_bridge import convention_scale  # noqa: E402
+from lowrank_fed.llm.reproduce import CONFIG_ROOT, EXPERIMENTS  # noqa: E402
+from lowrank_fed.llm.reproduce.run import MAX_SEEDS, _finished  # noqa: E402
+from lowrank_fed.llm.tune import add_arguments, tune  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS = ROOT / "results" / "reproduce"
+TUNE_ALL = CONFIG_ROOT / "tune_all.sh"
+TWINS = {("hafl", "freezing"), ("hafl", "truncation"), ("prelort", "minilm_bbc"), ("prelort", "smollm2_headlines")}
+ALL_CONFIGS = sorted((p.parent.name, p.stem) for p in CONFIG_ROOT.glob("*/*.toml"))
+
+
+def test_every_config_file_is_run_by_its_experiment_and_validates():
+    listed = sorted((name, stem) for name, e in EXPERIMENTS.items() for stem in e.configs)
+    assert listed == ALL_CONFIGS  # the twins are in the experiments' configs tuples, nothing else is left out
+    for name, stem in ALL_CONFIGS:
+        RunConfig.from_dict(load_config(CONFIG_ROOT / name / f"{stem}.toml"))
+
+
+@pytest.mark.parametrize(("name", "stem"), ALL_CONFIGS)
+def test_every_config_sets_lora_scaling_itself_and_says_why(name, stem):
+    path = CONFIG_ROOT / name / f"{stem}.toml"
+    raw = tomllib.loads(path.read_text())
+    assert raw["lora_scaling"] in {"alpha_over_r", "constant"}  # written in the file, not the default
+    header = "".join(line for line in path.read_text().splitlines(keepends=True) if line.startswith("#"))
+    assert f'lora_scaling = "{raw["lora_scaling"]}"' in header.replace("\n# ", " ")
+
+
+@pytest.mark.parametrize(("name", "stem"), sorted(TWINS))
+def test_a_twin_differs_from_its_original_in_lora_scaling_and_name_only(name, stem):
+    original = load_config(CONFIG_ROOT / name / f"{stem}.toml")
+    twin = load_config(CONFIG_ROOT / name / f"{stem}_constant.toml")
+    assert (original["lora_scaling"], twin["lora_scaling"]) == ("alpha_over_r", "constant")
+    assert twin["name"] == original["name"] + "-constant"
+    rest = {k: v for k, v in original.items() if k not in ("lora_scaling", "name")}
+    assert {k: v for k, v in twin.items() if k not in ("lora_scaling", "name")} == rest
+    assert RunConfig.from_dict(twin).to_dict() == {**RunConfig.from_dict(original).to_dict(),
+                                                  "lora_scaling": "constant", "name": twin["name"]}
+
+
+def test_the_homogeneous_hafl_config_needs_no_twin_its_scale_is_the_same_under_both():
+    cfg = RunConfig.from_dict(load_config(CONFIG_ROOT / "hafl" / "homogeneous.toml"))
+    (rank,) = {cfg.ranks} if isinstance(cfg.ranks, int) else set(cfg.ranks)
+    assert convention_scale("constant", cfg.lora_alpha, rank, reference_rank=rank) == convention_scale(
+        "alpha_over_r", cfg.lora_alpha, rank) == 0.5
+
+
+# ----------------------------------------------------------------------------- committed runs stay reusable
+
+
+def _names_tuned(name: str, stem: str) -> bool:
+    return "tuned" in tomllib.loads((CONFIG_ROOT / name / f"{stem}.toml").read_text())
+
+
+def _committed_runs():
+    """The committed runs of configs that do not name a tuned file yet (tune_all.sh --link changes their rates,
+    after which the committed runs are runs of other configs)."""
+    for name, stem in ALL_CONFIGS:
+        if _names_tuned(name, stem):
+            continue
+        for folder in sorted((RESULTS / name / stem).glob("seed*")):
+            yield name, stem, folder
+
+
+def test_committed_runs_made_before_lora_scaling_existed_are_still_finished():
+    # Every committed run's config.json predates the key; lora-a2, byun-lee and hafl ran the configs as they are now
+    # (up to the key). PreLort's ran 5 and 3 local steps, not 50, and CLAIR's ran the fixed cut z > 3 without the
+    # clair_nodetect reference: both are runs of other configs, to be rerun.
+    rerun = ("prelort", "clair")
+    counted = 0
+    for name, stem, folder in _committed_runs():
+        stored = json.loads((folder / "config.json").read_text())
+        assert "lora_scaling" not in stored
+        cfg = RunConfig.from_dict({**load_config(CONFIG_ROOT / name / f"{stem}.toml"), "seed": stored["seed"]})
+        assert _finished(folder, cfg) is (name not in rerun), folder
+        counted += name not in rerun
+    with_runs = [(n, c) for n, c in ALL_CONFIGS if n not in rerun and (RESULTS / n / c).is_dir()]
+    assert len(with_runs) == 6 + 1 + 2  # lora-a2, byun-lee, hafl freezing and truncation
+    assert counted == 3 * len([1 for n, c in with_runs if not _names_tuned(n, c)])
+
+
+def test_a_stored_config_without_a_newer_key_is_that_keys_default_and_nothing_else(tmp_path):
+    # Prepare: a finished run whose config.json lacks lora_scaling (as every committed run's does)
+    cfg = RunConfig.from_dict({**load_config(CONFIG_ROOT / "byun-lee" / "top10_bbc.toml"), "seed": 0})
+    stored = cfg.to_dict()
+    del stored["lora_scaling"]
+    (tmp_path / "config.json").write_text(json.dumps(stored))
+    (tmp_path / "summary.json").write_text("[]")
+    # Assert: the same run under the explicit default; not under another convention, value, or an unknown key
+    assert _finished(tmp_path, cfg)
+    assert not _finished(tmp_path, cfg.model_copy(update={"lora_scaling": "constant"}))
+    assert not _finished(tmp_path, cfg.model_copy(update={"lr": 1e-3}))
+    (tmp_path / "config.json").write_text(json.dumps({**stored, "no_such_key": 1}))
+    assert not _finished(tmp_path, cfg)
+    (tmp_path / "config.json").write_text(json.dumps(stored))
+    (tmp_path / "summary.json").unlink()
+    assert not _finished(tmp_path, cfg)
+
+
+def test_a_config_naming_a_tuned_file_that_does_not_exist_fails_clearly(tmp_path):
+    path = tmp_path / "hafl.toml"
+    path.write_text((CONFIG_ROOT / "hafl" / "freezing.toml").read_text()
+                    .replace('name = "hafl-freezing"\n', 'name = "hafl-freezing"\ntuned = "tuned/freezing.toml"\n'))
+    with pytest.raises(ConfigError, match=r"Tuned file '.*tuned/freezing.toml' not found \(named by 'tuned' in "
+                                          r"'.*hafl.toml'\): write it first .*tune_all.sh"):
+        load_config(path)
+    for name, stem in ALL_CONFIGS:  # a config names a tuned file only once it exists (none does before the tunes)
+        raw = tomllib.loads((CONFIG_ROOT / name / f"{stem}.toml").read_text())
+        assert "tuned" not in raw or (CONFIG_ROOT / name / raw["tuned"]).is_file()
+
+
+# ----------------------------------------------------------------------------- tune_all.sh
+
+
+def _commands() -> list[list[str]]:
+    out = subprocess.run(["bash", str(TUNE_ALL), "--print"], capture_output=True, text=True, check=True).stdout
+    return [shlex.split(line) for line in out.splitlines() if line.strip()]
+
+
+def _request(cmd: list[str]) -> argparse.Namespace:
+    assert cmd[1] == "tune"
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(cmd[2:])
+
+
+def test_tune_all_tunes_every_config_once_on_unreported_seeds_with_200_validation_examples():
+    commands = [_request(cmd) for cmd in _commands()]
+    assert sorted((Path(a.config).parent.name, Path(a.config).stem) for a in commands) == ALL_CONFIGS
+    for args in commands:
+        path = ROOT / args.config
+        original = RunConfig.from_dict(load_config(path))
+        cfg = RunConfig.from_dict({**load_config(path), **{k: parse_value(v) for k, v in
+                                                           (o.split("=", 1) for o in args.overrides)}})
+        assert args.param == "lr" and args.seeds == [100, 101, 102] and min(args.seeds) >= MAX_SEEDS
+        assert cfg.val_size >= 200, args.config
+        if original.train_size:  # as many training examples as the reproduction's clients get
+            assert cfg.train_size - cfg.val_size == original.train_size - original.val_size, args.config
+        else:
+            assert not any(o.startswith("train_size") for o in args.overrides)
+        assert Path(args.out).parts[-2:] == (path.parent.name, path.stem)
+
+
+def test_every_tune_command_is_accepted_and_writes_a_tuned_file_the_config_can_read(tmp_path):
+    from lowrank_fed.llm.models import PackageMissingError
+
+    seen = []
+
+    def trial(cfg: RunConfig, folder):  # the seam: no training; checks what each trial would run
+        seen.append(cfg)
+        assert cfg.seed >= MAX_SEEDS and cfg.val_size >= 200 and len(cfg.methods) == 1
+        score = 1.0 / (1.0 + abs(cfg.method_options[cfg.methods[0]]["lr"] - 0.004))
+        key = "val_perplexity" if cfg.model == "smollm2" else "val_accuracy"
+        return {key: 1 / score if key == "val_perplexity" else score, "val_size": cfg.val_size, "round": cfg.rounds}
+
+    for cmd in _commands():
+        args = _request(cmd)
+        out = tmp_path / Path(args.out).relative_to("runs")
+        try:
+            report = tune(ROOT / args.config, param=args.param, grid=args.grid and [parse_value(v) for v in args.grid],
+                          seeds=args.seeds, methods=args.methods, overrides=args.overrides, out=out, trial=trial,
+                          progress=False, log=lambda m: None)
+        except PackageMissingError as err:
+            pytest.skip(f"packaged model missing: {err}")
+        chosen = tomllib.loads((out / "tuned.toml").read_text())
+        assert set(chosen) == {row["method"] for row in report["methods"]}
+        assert "local" not in chosen  # no global model: tune refuses it
+    assert len(seen) >= 9 * len(ALL_CONFIGS)
+
+
+def test_link_points_each_config_at_its_tuned_file_only_once_every_one_exists(tmp_path):
+    # Prepare: a copy of the LoRA-A2 configs (their [method] lr lines are what a tuned file replaces), one tuned file
+    configs = tmp_path / "configs"
+    shutil.copytree(CONFIG_ROOT / "lora-a2", configs / "lora-a2")
+    tuned = configs / "lora-a2" / "tuned"
+    tuned.mkdir()
+    (tuned / "dir001_r1.toml").write_text(
+        "# chosen\n[fedit]\nlr = 0.006\n\n[ffa]\nlr = 0.002\n\n[flexlora]\nlr = 0.000666667\n\n[lora_a2]\nlr = 0.06\n")
+    before = {p.name: p.read_text() for p in (configs / "lora-a2").glob("*.toml")}
+    env = {**os.environ, "REPRODUCE_CONFIGS": str(configs), "PYTHON": sys.executable}
+    # Execute: five tuned files missing, then all there
+    refused = subprocess.run(["bash", str(TUNE_ALL), "--link", "lora-a2"], capture_output=True, text=True, env=env)
+    unchanged = {p.name: p.read_text() for p in (configs / "lora-a2").glob("*.toml")}
+    for stem in ("dir001_r2", "dir001_r8", "dir05_r1", "dir05_r2", "dir05_r8"):
+        shutil.copy(tuned / "dir001_r1.toml", tuned / f"{stem}.toml")
+    done = subprocess.run(["bash", str(TUNE_ALL), "--link", "lora-a2"], capture_output=True, text=True, env=env)
+    # Assert: refused with nothing changed; then every config reads its choices, the run-wide lr kept
+    assert refused.returncode == 2 and "5 tuned files do not exist yet" in refused.stderr
+    assert "dir05_r8.toml" in refused.stderr and unchanged == before
+    assert done.returncode == 0, done.stderr
+    for stem in ("dir001_r1", "dir001_r2", "dir001_r8", "dir05_r1", "dir05_r2", "dir05_r8"):
+        cfg = RunConfig.from_dict(load_config(configs / "lora-a2" / f"{stem}.toml"))
+        assert {m: cfg.method_options[m]["lr"] for m in ("fedit", "ffa", "flexlora", "lora_a2")} == {
+            "fedit": 0.006, "ffa": 0.002, "flexlora": 0.000666667, "lora_a2": 0.06}
+        assert cfg.lr == 2e-2 and cfg.method_options["lora_a2"]["global_rank"] == 16
+        assert cfg.method_options["fedit"]["freeze_head"] is True
+        text = (configs / "lora-a2" / f"{stem}.toml").read_text()
+        assert f'tuned = "tuned/{stem}.toml"' in text and text.count("lr = ") == 1  # the run-wide lr only
+
+
+# ----------------------------------------------------------------------------- bench_prelort --real
+
+
+def test_the_prelort_benchmark_refuses_a_reported_seed_before_loading_anything(monkeypatch):
+    from benchmarks import bench_prelort
+
+    monkeypatch.setattr("lowrank_fed.llm.runner.simulation.Simulation.setup",
+                        lambda self: pytest.fail("set up a run for a reported seed"))
+    for seed in (0, 2, MAX_SEEDS - 1):
+        with pytest.raises(ValueError, match=f"--seed {seed}: a reproduction reports seeds 0..99"):
+            bench_prelort.run_real(CONFIG_ROOT / "prelort" / "minilm_bbc.toml", seed=seed)
+    with pytest.raises(SystemExit):
+        bench_prelort.main(["--real", str(CONFIG_ROOT / "prelort" / "minilm_bbc.toml"), "--seed", "0"])
+
+
+def test_the_prelort_benchmark_scores_validation_only(monkeypatch):
+    from benchmarks import bench_prelort
+    from lowrank_fed.llm.runner.simulation import Simulation
+
+    splits = []
+    score = Simulation._score
+
+    def only_validation(self, split, rows=None):
+        splits.append(split)
+        if split != "val":
+            raise AssertionError(f"the benchmark scored the {split} split")
+        return score(self, split, rows)
+
+    monkeypatch.setattr(Simulation, "_score", only_validation)
+    real = bench_prelort.run_real(ROOT / "configs" / "tiny_smoke.toml", modes=("off", "sample"), checkpoints=(1, 2),
+                                  client=3, val_size=20)
+    assert real["seed"] == 100 and real["split"] == "validation" and real["val_size"] == 20
+    assert set(splits) == {"val"} and len(splits) == 2 * 2 * 3  # modes x checkpoints x levels 2, 4, 8
+    for mode in ("off", "sample"):
+        assert sorted(real["modes"][mode]["steps"]) == [1, 2]
+        assert set(real["modes"][mode]["steps"][2]["accuracy"]) == {"2", "4", "8"}
