@@ -14,6 +14,7 @@ BENCHMARKS = {
     "llm": "benchmarks.bench_llm",
     "scaling": "benchmarks.bench_scaling",
     "prelort": "benchmarks.bench_prelort",
+    "workers": "benchmarks.bench_workers",
 }
 
 

@@ -45,7 +45,7 @@ def _server_overhead(methods, rounds, clients, local_steps):
     from lowrank_fed.llm.runner.simulation import Simulation
 
     cfg = RunConfig.from_dict(dict(name="bench", methods=list(methods), clients=clients, rounds=rounds,
-                                   local_steps=local_steps, eval_size=8, checkpoint=False))
+                                   local_steps=local_steps, eval_size=8, checkpoint=False, workers=1))
     sim = Simulation(cfg, Path("bench-results") / "tmp", progress=False)
     sim.setup()
     rows = []
@@ -199,7 +199,7 @@ def _flower_vs_inprocess(rounds, clients=10, local_steps=5, method="fedit"):
     from lowrank_fed.llm.runner.simulation import Simulation
 
     cfg = RunConfig.from_dict(dict(name="bench-flower", methods=[method], clients=clients, rounds=rounds,
-                                   local_steps=local_steps, eval_size=8, val_size=0, checkpoint=False,
+                                   local_steps=local_steps, eval_size=8, val_size=0, checkpoint=False, workers=1,
                                    eval_every=rounds))
     out = {}
     for engine, cls in (("inprocess", Simulation), ("flower", FlowerSimulation)):

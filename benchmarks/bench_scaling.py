@@ -59,7 +59,7 @@ def step_sizes(model: str = "minilm", ranks=(4, 16, 32), conventions=CONVENTIONS
                     clients=clients, ranks=[max(ranks)] * clients, rounds=1,
                     local_steps=local_steps, lr=lr, optimizer="adamw", lora_alpha=lora_alpha, seed=seed,
                     eval_size=8, val_size=0, checkpoint=False, train_size=0 if tiny else 600,
-                    max_length=32 if tiny else 64)
+                    max_length=32 if tiny else 64, workers=1)
     if start not in ("init", "trained"):
         raise ValueError(f"The 'start' parameter must be 'init' or 'trained'. Got {start!r}.")
     out: dict = {"setup": {**settings, "ranks": list(ranks), "r_ref": max(ranks), "start": start,

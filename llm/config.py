@@ -47,7 +47,7 @@ from .models import MODELS
 from .peft_bridge import LORA_SCALINGS
 
 __all__ = ["RunConfig", "Fault", "Attack", "ConfigError", "load_config", "apply_overrides", "parse_value", "TUNED_KEY",
-           "tuned_paths", "config_reference"]
+           "tuned_paths", "config_reference", "EXECUTION_KEYS", "same_run_keys", "WORKERS_ENV"]
 
 RANK_NAMES = ("flora", "top10", *RANK_DISTRIBUTIONS)
 
@@ -57,6 +57,19 @@ RANK_NAMES = ("flora", "top10", *RANK_DISTRIBUTIONS)
 MAX_ROUNDS = 10_000
 MAX_LOCAL_STEPS = 10_000
 MAX_LOCAL_EPOCHS = 100
+
+
+#: The environment variable that ``workers = 0`` (the default) reads first (:meth:`RunConfig.worker_count`).
+WORKERS_ENV = "LOWRANK_FED_WORKERS"
+
+#: Keys that say how a run is computed, never what: every value gives the same outputs byte for byte, so
+#: checkpoints do not store them, and a resumed or reused run may change them (``workers``: clients at once).
+EXECUTION_KEYS = ("workers",)
+
+
+def same_run_keys(stored: Mapping[str, Any]) -> dict[str, Any]:
+    """A stored config (``config.json``'s or a checkpoint's) without :data:`EXECUTION_KEYS`."""
+    return {k: v for k, v in stored.items() if k not in EXECUTION_KEYS}
 
 
 def available_cores() -> int:
@@ -239,6 +252,11 @@ class RunConfig(BaseModel):
         "generation: tokens generated per example for ROUGE-L; max_length + max_new_tokens at most the "
         "model's max_position_embeddings"))
     threads: int = Field(1, ge=1, description="torch threads, at most the CPU cores this process may use")
+    workers: int = Field(0, ge=0, description=(
+        "clients trained (and models scored) at once in-process, each worker a process with its own model and "
+        "`threads` torch threads; workers x threads at most the CPU cores; 0: `LOWRANK_FED_WORKERS` if set, else "
+        "the cores // threads (1 on a GPU); "
+        "1: one client after another; any value gives the same bytes; not used by `--engine flower`"))
     device: str = Field("auto", description="`auto` (CUDA if available), `cpu`, `cuda`, `cuda:N` (existing)")
     dtype: Literal["float32", "bfloat16", "float64"] = Field("float32", description="model weights' dtype")
     checkpoint: bool = Field(True, description="checkpoint every round (needed for `--resume`)")
@@ -343,6 +361,38 @@ class RunConfig(BaseModel):
             _fail(((), f"an integer in [1, {cores}] (the CPU cores this process may use here)", threads))
         return threads
 
+    @field_validator("workers")
+    @classmethod
+    def _workers_fit(cls, workers: int, info: ValidationInfo) -> int:
+        threads, cores = info.data.get("threads"), available_cores()
+        if threads is not None and workers * threads > cores:
+            _fail(((), f"an integer in [0, {cores // threads}]: workers x threads = {workers} x {threads} at most "
+                       f"the {cores} CPU cores this process may use here (0: as many as fit)", workers))
+        return workers
+
+    def worker_count(self, device: str = "cpu") -> int:
+        r"""The worker processes a run uses: ``workers``; where it is 0, the environment's ``LOWRANK_FED_WORKERS``
+        if set, else :math:`\lfloor \text{cores} / \text{threads} \rfloor` on a CPU and 1 on a CUDA device
+        (one GPU: its clients would queue on it).
+
+        Raises
+        ------
+        ConfigError
+            ``LOWRANK_FED_WORKERS`` is not a whole number from 1 to the cores // threads.
+        """
+        if self.workers:
+            return self.workers
+        cores = available_cores()
+        text = os.environ.get(WORKERS_ENV)
+        if text is not None:
+            fits = cores // self.threads
+            if not text.strip().isdigit() or not 1 <= int(text) <= fits:
+                raise ConfigError(f"Environment variable {WORKERS_ENV} (the default of config key 'workers'): "
+                                  f"expected a whole number from 1 to {fits} (workers x threads = {self.threads} "
+                                  f"at most the {cores} CPU cores); got {text!r}.")
+            return int(text)
+        return 1 if device.startswith("cuda") else max(1, cores // self.threads)
+
     @field_validator("device")
     @classmethod
     def _device_exists(cls, device: str) -> str:
@@ -446,6 +496,11 @@ class RunConfig(BaseModel):
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict; ``RunConfig.from_dict(cfg.to_dict()) == cfg``."""
         return self.model_dump(mode="json")
+
+    def definition(self) -> dict[str, Any]:
+        """:meth:`to_dict` without :data:`EXECUTION_KEYS`: what the run computes (checkpoints store it; a run
+        folder's ``config.json`` is the same run when its definition is)."""
+        return same_run_keys(json.loads(json.dumps(self.to_dict())))
 
     def validate(self) -> None:  # type: ignore[override]
         """Check the config again (after attribute assignments); raise :class:`ConfigError`."""

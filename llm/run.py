@@ -142,7 +142,7 @@ def check_output_folder(folder: Path, cfg=None, *, overwrite: bool = False, hint
         The guard refuses the folder; it holds files and ``overwrite`` is not given (naming them, or the other
         config it holds); ``overwrite`` of a folder that holds no run.
     """
-    from .config import ConfigError
+    from .config import ConfigError, same_run_keys
     from .models import cache_dir
 
     try:
@@ -154,7 +154,7 @@ def check_output_folder(folder: Path, cfg=None, *, overwrite: bool = False, hint
         return plan
     stored = _stored_config(folder) if cfg is not None else None
     if stored is not None:
-        if stored == json.loads(json.dumps(cfg.to_dict())):
+        if isinstance(stored, dict) and same_run_keys(stored) == cfg.definition():  # workers may differ
             return "resume"
         raise ConfigError(f"Output folder '{folder}' holds a run of another config ({folder / 'config.json'}); "
                           f"nothing was changed. {hint}")

@@ -64,7 +64,7 @@ LR_BOUNDS = (1e-6, 1.0)
 #: Values added beyond the grid's edges per method, at most (default of ``--max-extensions``).
 MAX_EXTENSIONS = 3
 #: Run-wide keys that are not tuned: the seed (the tune's own), what the validation or test split is, the scoring.
-NOT_TUNED = ("seed", "val_size", "eval_size", "eval_every", "rouge_size", "max_new_tokens", "threads")
+NOT_TUNED = ("seed", "val_size", "eval_size", "eval_every", "rouge_size", "max_new_tokens", "threads", "workers")
 #: The names that mark a folder as a tune's (``plan_output``), and what else it holds.
 TUNE_SIGNATURE = ("tune.json", "trials")
 TUNE_LAYOUT = ("tuned.toml", "tune.md")

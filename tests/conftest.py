@@ -8,6 +8,10 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
 
+# `workers = 0` (the default) reads LOWRANK_FED_WORKERS first: the tests run their clients in this process, where
+# they can watch and patch them (run_client, the workspace); tests/llm/test_workers.py sets `workers` itself.
+os.environ.setdefault("LOWRANK_FED_WORKERS", "1")
+
 settings.register_profile("dev", deadline=None, max_examples=50, suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile(
     "ci", deadline=None, max_examples=50, derandomize=True, suppress_health_check=[HealthCheck.too_slow]

@@ -193,6 +193,8 @@ class FlowerSimulation(Simulation):
         more). :meth:`run` sets its own when the command ends; the ServerApp sets one when its SuperExec is gone.
     """
 
+    parallel = False  # Flower runs the ClientApps itself; ``workers`` is not used (nor the runner's worker pool)
+
     def __init__(self, config, out_dir, *, progress: bool = True, on_round_end=None,
                  settings: FlowerSettings | None = None, stop=None):
         super().__init__(config, out_dir, progress=progress, on_round_end=on_round_end)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import ConfigError, RunConfig, load_config
+from ..config import ConfigError, RunConfig, load_config, same_run_keys
 from ..outputs import OutputFolderError, clear_folder, output_path, plan_output
 from ..runner.checkpoint import atomic_write_text
 from .claims import EXPERIMENTS, Claim, Experiment, Run, describe, mean_sd
@@ -99,18 +99,16 @@ def _finished(folder: Path, cfg: RunConfig) -> bool:
     added to the config after the run was made (absent from its ``config.json``) takes its default, which by the
     project's rule leaves an existing config's behaviour unchanged (``lora_scaling``'s ``alpha_over_r`` is the
     scale every earlier run used): a config that now spells that default out still finds the run. Any value that
-    differs, or a stored config that no longer validates, is not the same run.
+    differs, or a stored config that no longer validates, is not the same run; ``workers`` is not compared
+    (:data:`~lowrank_fed.llm.config.EXECUTION_KEYS`).
     """
     try:
-        stored = RunConfig.from_dict(json.loads((folder / "config.json").read_text()))
+        stored = json.loads((folder / "config.json").read_text())
+        # `workers` (how the run was computed) is not compared, nor validated against this machine's cores
+        stored = RunConfig.from_dict(same_run_keys(stored) if isinstance(stored, dict) else stored)
     except (OSError, json.JSONDecodeError, ConfigError):
         return False
-    return (folder / "summary.json").is_file() and _as_json(stored) == _as_json(cfg)
-
-
-def _as_json(cfg: RunConfig) -> dict:
-    """``cfg`` as its ``config.json`` holds it (JSON types: lists, not tuples)."""
-    return json.loads(json.dumps(cfg.to_dict()))
+    return (folder / "summary.json").is_file() and stored.definition() == cfg.definition()
 
 
 def reproduce(name: str, *, seeds: int | None = None, quick: bool = False, out: str | Path | None = None,

@@ -40,7 +40,7 @@ from lowrank_fed import FactorPair
 
 from ..attacks import attack_reply
 from ..client import ClientContext, run_client
-from ..config import ConfigError, RunConfig
+from ..config import ConfigError, RunConfig, same_run_keys
 from ..evaluate import greedy_generate, rouge_l, score_classification, score_lm, summarise
 from ..federation import build_client, build_federation, build_model, encode_examples, sample_clients
 from ..federation import config_key as _config_key
@@ -55,7 +55,7 @@ from .checkpoint import (CheckpointCorruptWarning, CheckpointError, atomic_write
 from .limits import check_limits
 from .report import add_verdict, summary_markdown, summary_row, write_plots
 
-__all__ = ["Simulation", "run_experiment", "UpdateDroppedWarning", "load_final"]
+__all__ = ["Simulation", "run_experiment", "UpdateDroppedWarning", "load_final", "score_encoded"]
 
 log = logging.getLogger("lowrank_fed.llm")
 
@@ -102,6 +102,14 @@ def _mean(values) -> float | None:
     """Mean of the values that are not None (None if there are none)."""
     kept = [v for v in values if v is not None]
     return float(np.mean(kept)) if kept else None
+
+
+def score_encoded(model, enc: dict[str, torch.Tensor], rows, task: str) -> dict[str, np.ndarray]:
+    """Per-example scores of ``model`` on the encoded examples ``enc`` (only ``rows`` of them, if given)."""
+    if rows is not None:
+        enc = {k: v[torch.as_tensor(rows, dtype=torch.long)] for k, v in enc.items()}
+    score = score_classification if task == "classification" else score_lm
+    return score(model, enc)
 
 
 def _mean_shares(shares) -> dict[str, float | None]:
@@ -169,6 +177,10 @@ class Simulation:
         Called after each round's checkpoint (tests use it to interrupt a run).
     """
 
+    #: Whether ``workers`` applies: the in-process runner's clients and scores may go to worker processes
+    #: (:mod:`.pool`); a runner whose clients live elsewhere (Flower) sets it False.
+    parallel = True
+
     def __init__(self, config: RunConfig, out_dir: str | Path, *, progress: bool = True,
                  on_round_end: Callable[[str, int], None] | None = None):
         self.cfg = config
@@ -176,6 +188,7 @@ class Simulation:
         self.progress = progress
         self.on_round_end = on_round_end
         self._ready = False
+        self._pool = None
 
     # ------------------------------------------------------------------ set-up
     def setup(self) -> None:
@@ -221,6 +234,7 @@ class Simulation:
                                device=self.device)
         self.init_extras = self.ws.extras_template()
         self.metric = "accuracy" if labelled else "perplexity"
+        self.workers = cfg.worker_count(self.device.type) if self.parallel else 1
         self._contexts = None
         self._train = None
         self._ready = True
@@ -264,11 +278,38 @@ class Simulation:
         self.ws.load(model.pairs, model.extras)
 
     def _score(self, split: str, rows=None) -> dict[str, np.ndarray]:
-        enc = self.enc[split]
-        if rows is not None:
-            enc = {k: v[torch.as_tensor(rows, dtype=torch.long)] for k, v in enc.items()}
-        score = score_classification if self.task == "classification" else score_lm
-        return score(self.ws.peft, enc)
+        return score_encoded(self.ws.peft, self.enc[split], rows, self.task)
+
+    def _score_models(self, jobs: list[tuple[Model, str, object]]) -> list[dict[str, np.ndarray]]:
+        r"""The scores of each ``(model, split, rows)`` in ``jobs``, in that order: on the workers when there are
+        several (each loads the model into its own workspace), else here one after another. Either way the same
+        numbers: a model's scores depend on its tensors and the examples only."""
+        if self.workers > 1 and len(jobs) > 1:
+            results = self.pool.run([("score", job) for job in jobs])
+            for (status, value), (_, split, _) in zip(results, jobs, strict=True):
+                if status != "ok":  # evaluation is the server's: a failure there fails the run, as it does here
+                    raise RuntimeError(f"Scoring a model on the {split} set in a worker failed: {value}")
+            return [value for _, value in results]
+        out = []
+        for model, split, rows in jobs:
+            self._load(model)
+            out.append(self._score(split, rows))
+        return out
+
+    @property
+    def pool(self):
+        """The worker processes (:class:`~.pool.ClientPool`), started on first use; :meth:`close` stops them."""
+        if self._pool is None:
+            from .pool import ClientPool
+
+            self._pool = ClientPool(self.cfg, self.federation.shared, self.workers, max(self.ranks))
+        return self._pool
+
+    def close(self) -> None:
+        """Stop the worker processes, if any were started (:meth:`run` does so when it ends)."""
+        if getattr(self, "_pool", None) is not None:
+            self._pool.close()
+            self._pool = None
 
     def evaluate(self, method: Method, server: ServerState, clients: dict[int, ClientState], *,
                  by_rank: bool = True, rouge: bool = False) -> dict:
@@ -282,14 +323,25 @@ class Simulation:
         - ``per_client_global`` (methods that are not personalised): the global model on each client's own
           held-out set, so ``per_client_global[k] - per_client[k]`` is client ``k``'s drop at distribution.
         """
-        self._load(method.global_model(server))
-        global_scores = self._score("test")
+        glob = method.global_model(server)
+        jobs = [(glob, "test", None)] + ([(glob, "val", None)] if len(self.val) else [])
+        ranks = personal = []
+        if by_rank and method.personalised:  # each client's own model on its held-out rows
+            personal = [k for k in range(self.cfg.clients) if len(self.holdout[k])]
+            jobs += [(method.personal_model(method.configure(server, k), clients.get(k, ClientState()), self.ws.shapes),
+                      "test", self.holdout[k]) for k in personal]
+        elif by_rank:  # the model each distinct rank downloads, where it is not the global one
+            ranks = [r for r in sorted(set(server.ranks.values())) if not method.download_is_global(server, r)]
+            jobs += [(method.downloaded_model(server, r), "test", None) for r in ranks]
+        scored = self._score_models(jobs)
+        global_scores = scored.pop(0)
         out = summarise(global_scores)
         if "correct" in global_scores:  # per test example, for the verdict's paired standard error (report.py)
             out["test_correct"] = np.packbits(global_scores["correct"]).tobytes().hex()
         if len(self.val):
-            out.update({f"val_{k}": v for k, v in summarise(self._score("val")).items()})
+            out.update({f"val_{k}": v for k, v in summarise(scored.pop(0)).items()})
         if rouge and self.task == "generation" and self.cfg.rouge_size:
+            self._load(glob)
             n = min(self.cfg.rouge_size, len(self.test))
             preds = greedy_generate(self.ws.peft, self.tokenizer, self.enc["test"]["prompt_ids"][:n],
                                     self.enc["test"]["prompt_mask"][:n], max_new_tokens=self.cfg.max_new_tokens)
@@ -297,23 +349,13 @@ class Simulation:
             out["samples"] = [{"prediction": p, "reference": r} for p, r in zip(preds[:3], self.test.targets[:3], strict=False)]
         if not by_rank:
             return out
-        sums: list[dict | None] = []  # per client; None: the client's held-out set is empty
+        sums: list[dict | None]  # per client; None: the client's held-out set is empty
         if method.personalised:
-            for k in range(self.cfg.clients):
-                if not len(self.holdout[k]):
-                    sums.append(None)
-                    continue
-                model = method.personal_model(method.configure(server, k), clients.get(k, ClientState()), self.ws.shapes)
-                self._load(model)
-                sums.append(summarise(self._score("test", self.holdout[k])))
+            own = dict(zip(personal, scored, strict=True))
+            sums = [summarise(own[k]) if k in own else None for k in range(self.cfg.clients)]
         else:
-            scores = {}
-            for rank in sorted(set(server.ranks.values())):
-                if method.download_is_global(server, rank):
-                    scores[rank] = global_scores
-                    continue
-                self._load(method.downloaded_model(server, rank))
-                scores[rank] = self._score("test")
+            downloads = dict(zip(ranks, scored, strict=True))
+            scores = {r: downloads.get(r, global_scores) for r in sorted(set(server.ranks.values()))}
             out["by_rank"] = {str(r): summarise(s) for r, s in scores.items()}
             sums = [summarise(scores[server.ranks[k]], self.holdout[k]) if len(self.holdout[k]) else None
                     for k in range(self.cfg.clients)]
@@ -405,7 +447,12 @@ class Simulation:
         return sample_clients(self.cfg, round_)
 
     def run_round(self, method: Method, server: ServerState, clients: dict[int, ClientState], round_: int, bar=None):
-        """One round: configure, run_client, check, aggregate. Returns ``(server, clients, rows, times)``."""
+        """One round: configure, run_client, check, aggregate. Returns ``(server, clients, rows, times)``.
+
+        With several workers (``workers``) and several clients in the round, the clients train at once on the
+        worker processes (:meth:`_run_round_parallel`), with the same results."""
+        if self.workers > 1 and len(self.sampled(round_)) > 1:
+            return self._run_round_parallel(method, server, clients, round_, bar)
         replies: dict[int, Message] = {}
         rows, server_s, client_s, train_s, probe_s = [], 0.0, 0.0, 0.0, 0.0  # timings; rows hold what replies carry
         for k in self.sampled(round_):
@@ -433,6 +480,51 @@ class Simulation:
             rows.append(row)
             if bar is not None:
                 bar.update(1)
+        t0 = time.perf_counter()
+        server = self.aggregate_round(method, server, replies, round_)
+        aggregate_s = time.perf_counter() - t0
+        times = {"server_seconds": server_s + aggregate_s, "aggregate_seconds": aggregate_s,
+                 "client_overhead_seconds": client_s, "train_seconds": train_s, "probe_seconds": probe_s}
+        return server, clients, rows, times
+
+    def _run_round_parallel(self, method: Method, server: ServerState, clients: dict[int, ClientState],
+                            round_: int, bar=None):
+        r""":meth:`run_round` with the clients on the workers (:class:`~.pool.ClientPool`).
+
+        Every download is configured here first, in client order; the pool trains the clients at once (each
+        worker with its own model and each client's own context) and hands their replies back in client order;
+        then each reply is checked, attacked and faulted (:meth:`accept_reply`) in client order, and aggregated,
+        exactly as one after another. A client whose worker raised, or died, sent no reply: it keeps its state and
+        its update is dropped (``client failed: ...``).
+        """
+        replies: dict[int, Message] = {}
+        rows, server_s, client_s, train_s, probe_s = [], 0.0, 0.0, 0.0, 0.0
+        sampled, messages = self.sampled(round_), []
+        t0 = time.perf_counter()
+        for k in sampled:
+            message = method.configure(server, k)
+            messages.append(message)
+            rows.append({"client": k, "rank": int(message.config["rank"]), "bytes_down": message.nbytes,
+                         "dropped": False})
+        server_s += time.perf_counter() - t0
+        tasks = [("train", (method.name, message, clients.get(k), k)) for k, message in zip(sampled, messages, strict=True)]
+        results = self.pool.run(tasks, on_result=None if bar is None else lambda _: bar.update(1))
+        for k, row, (status, value) in zip(sampled, rows, results, strict=True):
+            t2 = time.perf_counter()
+            if status == "ok":
+                reply, state, seconds = value
+                clients[k] = state
+                m = reply.metrics
+                probe_s += m.get("probe_seconds", 0.0)
+                train_s += m.get("train_seconds", 0.0)
+                client_s += seconds - m.get("train_seconds", 0.0)
+                error = None
+            else:
+                reply, error = None, f"client failed: {value}"
+            accepted, eval_s = self.accept_reply(method, server, round_, k, reply, error, row)
+            if accepted is not None:
+                replies[k] = accepted
+            server_s += time.perf_counter() - t2 - eval_s
         t0 = time.perf_counter()
         server = self.aggregate_round(method, server, replies, round_)
         aggregate_s = time.perf_counter() - t0
@@ -617,8 +709,9 @@ class Simulation:
         return method, history, timings
 
     def _config_json(self) -> dict:
-        """The run config as stored in ``config.json`` and in every checkpoint (JSON values)."""
-        return json.loads(json.dumps(self.cfg.to_dict()))
+        """The run config as stored in every checkpoint (JSON values): ``config.json``'s keys but
+        :data:`~lowrank_fed.llm.config.EXECUTION_KEYS`, which change how the run is computed, never what."""
+        return self.cfg.definition()
 
     def check_resume(self) -> None:
         r"""Refuse to resume a run whose config differs from the one its checkpoints were written with.
@@ -628,10 +721,12 @@ class Simulation:
         key by key. No key may differ: every one of them (ranks, rounds, seeds, data sizes, even ``threads``,
         ``device`` and ``dtype``, which can change the floating-point results) is part of what the checkpoints
         hold, and a resumed run must reach the bytes an uninterrupted run of one config reaches. Progress
-        bars are a command-line flag, not a config key. Checkpoints written before the config was stored in
-        them, and methods with no verified ``state.json``, are not checked. A key a checkpoint does not hold
-        (added to the config since it was written, such as ``lora_scaling``) counts as its default, the
-        behaviour from before the key existed. Reads only; writes nothing.
+        bars are a command-line flag, not a config key; ``workers`` (:data:`~lowrank_fed.llm.config.EXECUTION_KEYS`)
+        is neither stored in checkpoints nor compared: any number of workers gives the same bytes. Checkpoints
+        written before the config was stored in them, and methods with no verified ``state.json``, are not
+        checked. A key a checkpoint does not hold (added to the config since it was written, such as
+        ``lora_scaling``) counts as its default, the behaviour from before the key existed. Reads only; writes
+        nothing.
 
         Raises
         ------
@@ -642,12 +737,12 @@ class Simulation:
         if not folder.is_dir():
             return
         now = self._config_json()
-        defaults = json.loads(json.dumps(RunConfig().to_dict()))
+        defaults = RunConfig().definition()
         for path in sorted(p for p in folder.iterdir() if p.is_dir()):
             found = peek_state(path)
             if found is None or not isinstance(found[1], dict) or not isinstance(found[1].get("config"), dict):
                 continue
-            where, stored = found[0], found[1]["config"]
+            where, stored = found[0], same_run_keys(found[1]["config"])
             stored = {**{k: v for k, v in defaults.items() if k not in stored}, **stored}
             if stored == now:
                 continue
@@ -670,6 +765,12 @@ class Simulation:
         if resume:
             self.check_resume()  # a config edited since the checkpoints: ConfigError, nothing written
         self.setup()  # raises ConfigError before anything is written
+        try:
+            return self._run(resume=resume)
+        finally:
+            self.close()
+
+    def _run(self, *, resume: bool) -> list[dict]:
         self.out.mkdir(parents=True, exist_ok=True)
         self._timings = []
         if resume and (self.out / "timings.jsonl").exists():
