@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import ConfigError, RunConfig, load_config, same_run_keys
+from ..config import EXECUTION_KEYS, ConfigError, RunConfig, load_config, same_run_keys
 from ..outputs import OutputFolderError, clear_folder, output_path, plan_output
 from ..runner.checkpoint import atomic_write_text
 from .claims import EXPERIMENTS, Claim, Experiment, Run, describe, mean_sd
@@ -193,7 +193,7 @@ def _settings(experiment: Experiment, results: dict[str, dict[int, Run]]) -> dic
         if runs and now:
             differs = {}
             for key in sorted(set(now) | set(runs[0])):
-                if key in ("seed",):
+                if key == "seed" or key in EXECUTION_KEYS:  # how a run was executed is not what it computed
                     continue
                 ran = [c.get(key) for c in runs]
                 want = _run_setting(now).get(key)
