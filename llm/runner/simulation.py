@@ -480,11 +480,7 @@ class Simulation:
             rows.append(row)
             if bar is not None:
                 bar.update(1)
-        t0 = time.perf_counter()
-        server = self.aggregate_round(method, server, replies, round_)
-        aggregate_s = time.perf_counter() - t0
-        times = {"server_seconds": server_s + aggregate_s, "aggregate_seconds": aggregate_s,
-                 "client_overhead_seconds": client_s, "train_seconds": train_s, "probe_seconds": probe_s}
+        server, times = self._aggregate_timed(method, server, replies, round_, server_s, client_s, train_s, probe_s)
         return server, clients, rows, times
 
     def _run_round_parallel(self, method: Method, server: ServerState, clients: dict[int, ClientState],
@@ -525,12 +521,18 @@ class Simulation:
             if accepted is not None:
                 replies[k] = accepted
             server_s += time.perf_counter() - t2 - eval_s
+        server, times = self._aggregate_timed(method, server, replies, round_, server_s, client_s, train_s, probe_s)
+        return server, clients, rows, times
+
+    def _aggregate_timed(self, method: Method, server: ServerState, replies: dict[int, Message], round_: int,
+                         server_s: float, client_s: float, train_s: float, probe_s: float):
+        """:meth:`aggregate_round`, and the round's seconds: server work (the aggregation included), client
+        overhead, training and probing."""
         t0 = time.perf_counter()
         server = self.aggregate_round(method, server, replies, round_)
         aggregate_s = time.perf_counter() - t0
-        times = {"server_seconds": server_s + aggregate_s, "aggregate_seconds": aggregate_s,
-                 "client_overhead_seconds": client_s, "train_seconds": train_s, "probe_seconds": probe_s}
-        return server, clients, rows, times
+        return server, {"server_seconds": server_s + aggregate_s, "aggregate_seconds": aggregate_s,
+                        "client_overhead_seconds": client_s, "train_seconds": train_s, "probe_seconds": probe_s}
 
     def accept_reply(self, method: Method, server: ServerState, round_: int, k: int, reply: Message | None,
                      error: str | None, row: dict) -> tuple[Message | None, float]:
