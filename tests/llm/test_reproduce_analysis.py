@@ -234,7 +234,6 @@ def _readme_rows() -> list[list[str]]:
     return [[cell.strip() for cell in row] for row in rows]
 
 
-@pytest.mark.xfail(strict=True, reason="README table not yet rewritten")
 def test_the_readme_table_states_the_committed_verdicts():
     # every claim of every committed report has a README row with its exact claim text and its verdict first
     rows = _readme_rows()
