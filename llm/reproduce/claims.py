@@ -752,10 +752,12 @@ def _clair(results: Results) -> list[Claim]:
                 "FedAvg of everyone (γ > 0)", "CLAIR above FedAvg under contamination")
         specific = (f"{name}: CLAIR's gain grows with contamination (gain at γ minus gain at γ = 0)",
                     "CLAIR's advantage comes from handling contamination")
+        beyond = (f"{name}: detection helps benign clients beyond the refinement (γ > 0)",
+                  "robustness, not only personalisation")
         taken = _take(results, stems)
         if taken is None:
             missing = _no_runs(results, stems)
-            claims += [_not_run(*c, missing, configs=stems) for c in (detect, clean, gain, specific)]
+            claims += [_not_run(*c, missing, configs=stems) for c in (detect, clean, gain, specific, beyond)]
             continue
         # detection: 0/1 per seed and round
         det_comps, values_det, texts_det = [], {}, []
@@ -820,8 +822,6 @@ def _clair(results: Results) -> list[Claim]:
             *specific, f"(CLAIR minus baseline at γ) minus (at γ 0), paired by seed: {_vs(spec_comps)}", spec_comps,
             "the part of CLAIR's gain that contamination adds, against each required baseline, at each γ > 0",
             values_spec, configs=stems))
-        beyond = (f"{name}: detection helps benign clients beyond the refinement (γ > 0)",
-                  "robustness, not only personalisation")
         if not all(score.get(("clair_nodetect", g)) is not None for _, g in _GAMMAS[1:]):
             claims.append(_not_run(*beyond, "no 'clair_nodetect' (the refinement without detection) in the runs' "
                                    "methods", configs=stems))

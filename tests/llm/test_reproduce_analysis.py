@@ -28,10 +28,11 @@ RESULTS = ROOT / "results" / "reproduce"
 NAMES = list(EXPERIMENTS)
 
 
-def _claims(name: str) -> dict:
-    """The committed runs of ``name`` analysed in memory: claim text -> Claim."""
+def _claims(name: str, folder: str | None = None) -> dict:
+    """The committed runs of ``name`` (in ``results/reproduce/<folder or name>``) analysed in memory: claim text ->
+    Claim."""
     experiment = EXPERIMENTS[name]
-    return {c.claim: c for c in experiment.claims(find_runs(experiment, RESULTS / name), CONFIG_ROOT)}
+    return {c.claim: c for c in experiment.claims(find_runs(experiment, RESULTS / (folder or name)), CONFIG_ROOT)}
 
 
 # ----------------------------------------------------------------------------- statistics per kind of outcome
@@ -82,7 +83,7 @@ def test_a_method_below_the_majority_class_has_not_learnt():
 
 
 def test_clair_detection_is_counted_over_seeds_and_rounds_and_specificity_apart():
-    claims = _claims("clair")
+    claims = _claims("clair", "clair-zcut3")  # the earlier runs: fixed cut z > 3, seeds 0-2
     detect = claims["copy task (copy-llama): CLAIR flags exactly the contaminated clients (γ = 0.1, 0.2, 0.3)"]
     clean = claims["copy task (copy-llama): CLAIR flags nobody when no client is contaminated (γ = 0)"]
     assert [(c["k"], c["n"]) for c in detect.comparisons] == [(12, 12), (10, 12), (8, 12)]
@@ -93,7 +94,7 @@ def test_clair_detection_is_counted_over_seeds_and_rounds_and_specificity_apart(
 
 
 def test_clair_gain_is_against_local_and_exact_product_fedavg_with_fedit_beside():
-    claims = _claims("clair")
+    claims = _claims("clair", "clair-zcut3")  # the earlier runs: no FlexLoRA among their methods
     gain = claims["copy task (copy-llama): benign clients do better under CLAIR than under local training and than "
                   "exact-product FedAvg of everyone (γ > 0)"]
     specific = claims["copy task (copy-llama): CLAIR's gain grows with contamination (gain at γ minus gain at γ = 0)"]
@@ -107,7 +108,7 @@ def test_clair_gain_is_against_local_and_exact_product_fedavg_with_fedit_beside(
     # the contamination-specific gain is (CLAIR - local at γ) - (CLAIR - local at γ 0), paired by seed
     d01 = gain.values["CLAIR - local, γ 0.1"]
     spec = specific.values["(CLAIR - local) at γ 0.1 minus at γ 0"]
-    runs = find_runs(EXPERIMENTS["clair"], RESULTS / "clair")
+    runs = find_runs(EXPERIMENTS["clair"], RESULTS / "clair-zcut3")
     last = {m: [runs["copy_g0"][s].history[m][-1] for s in (0, 1, 2)] for m in ("clair", "local")}
     # at γ 0 every client is benign: their score is every client's
     d0 = [c["local_exact_match"] - lo["local_exact_match"] for c, lo in zip(last["clair"], last["local"], strict=True)]
