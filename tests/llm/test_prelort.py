@@ -272,11 +272,8 @@ def test_only_one_hook_may_replace_the_forward_pass(tmp_path):
 # ----------------------------------------------------------------------------- rounds
 
 
-@pytest.mark.parametrize("nested", ["sample", "all"])
-def test_two_rounds_through_run_round(tmp_path, monkeypatch, nested):
-    # Prepare: record every run_client call
-    sim = _sim(tmp_path)
-    method = make_method("prelort", nested=nested)
+def _record_clients(monkeypatch) -> dict:
+    """Record every ``run_client`` call of the runner: client id -> (message downloaded, reply uploaded)."""
     calls = {}
 
     def recording(method_, message, state, context):
@@ -285,6 +282,15 @@ def test_two_rounds_through_run_round(tmp_path, monkeypatch, nested):
         return reply, new_state, stats
 
     monkeypatch.setattr(simulation, "run_client", recording)
+    return calls
+
+
+@pytest.mark.parametrize("nested", ["sample", "all"])
+def test_two_rounds_through_run_round(tmp_path, monkeypatch, nested):
+    # Prepare: record every run_client call
+    sim = _sim(tmp_path)
+    method = make_method("prelort", nested=nested)
+    calls = _record_clients(monkeypatch)
     server, clients = _server(sim, method), {}
     # Execute / Assert, round by round
     for t in (1, 2):
@@ -453,14 +459,7 @@ def test_each_client_row_carries_the_prefix_share_of_its_update(tmp_path, monkey
     # Prepare: record every run_client call; a server whose adapter is non-zero (so the start matters)
     sim = _sim(tmp_path)
     method = make_method(name)
-    calls = {}
-
-    def recording(method_, message, state, context):
-        reply, new_state, stats = run_client(method_, message, state, context)
-        calls[context.client_id] = (message, reply)
-        return reply, new_state, stats
-
-    monkeypatch.setattr(simulation, "run_client", recording)
+    calls = _record_clients(monkeypatch)
     # Execute
     _, _, rows, _ = sim.run_round(method, _server(sim, method), {}, 1)
     # Assert: share_t = sum_m ||Delta W_{m,:t}||^2 / sum_m ||Delta W_m||^2 from the download and the upload, densely
