@@ -180,7 +180,7 @@ def main(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from lowrank_fed import FactorPair, aggregate
-    from lowrank_fed.linalg import aggregation_error
+    from lowrank_fed.linalg import aggregation_error, pooled_error
     from lowrank_fed.robust import screening_scores, threshold_flags
     from lowrank_fed.robust.screening import TESTS
 
@@ -260,7 +260,7 @@ def main(args: argparse.Namespace) -> int:
     summary.add_column("module", overflow="fold")
     for col in ("held by", "rank", "aggregation_error", "ms"):
         summary.add_column(col, justify="right", overflow="fold")
-    pairs, pooled = {}, [0.0, 0.0]
+    pairs, errors = {}, []
 
     def held_by(holders: list[int]) -> str:  # "all", or which of the (kept) clients hold a module
         if len(holders) == len(chosen):
@@ -292,9 +292,9 @@ def main(args: argparse.Namespace) -> int:
         pairs[m] = FactorPair(pair.B * share, pair.A)
         ms = 1e3 * (time.perf_counter() - t0)
         num, den = aggregation_error(held, held_w, pair)
-        pooled = [pooled[0] + (share * num) ** 2, pooled[1] + (share * den) ** 2]
+        errors.append((share * num, share * den))
         summary.add_row(m, held_by(holders), str(pair.rank), f"{num / den:.3e}" if den > 0 else "-", f"{ms:.1f}")
-    overall = (pooled[0] ** 0.5 / pooled[1] ** 0.5) if pooled[1] > 0 else 0.0
+    overall = pooled_error(errors) or 0.0
     summary.add_row("all modules", "", "", f"{overall:.3e}", "", style="bold")
     heads = sorted({e for a in chosen for e in a.extras})
     if heads and args.allow_negative:

@@ -21,6 +21,7 @@ __all__ = [
     "product_fro_norm",
     "prefix_update_energy",
     "aggregation_error",
+    "pooled_error",
     "svd_flip",
     "stacked_factors",
     "balanced_pair",
@@ -330,6 +331,28 @@ def aggregation_error(pairs: Sequence[FactorPair], weights, result: FactorPair) 
     Bd = xp.concat([Bc, -xp.astype(result.B, f64)], axis=1)
     Ad = xp.concat([Ac, xp.astype(result.A, f64)], axis=0)
     return _stacked_fro_norm(xp, Bd, Ad), _stacked_fro_norm(xp, Bc, Ac)
+
+
+def pooled_error(parts) -> float | None:
+    r"""The relative error of several modules together, from their ``(numerator, denominator)`` pairs.
+
+    .. math::
+
+        e = \frac{\sqrt{\sum_m \mathrm{num}_m^2}}{\sqrt{\sum_m \mathrm{den}_m^2}}
+
+    the error of the whole adapter as one block-diagonal matrix (:func:`aggregation_error` per module).
+    None for no module; 0 when every target is zero.
+
+    Examples
+    --------
+    >>> pooled_error([(3.0, 6.0), (4.0, 8.0)])
+    0.5
+    """
+    parts = [(float(n), float(d)) for n, d in parts]
+    if not parts:
+        return None
+    num, den = sum(n * n for n, _ in parts), sum(d * d for _, d in parts)
+    return float(np.sqrt(num) / np.sqrt(den)) if den > 0 else 0.0
 
 
 def sin_theta(U_hat, U) -> float:

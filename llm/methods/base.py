@@ -315,6 +315,21 @@ class Method:
             pairs[m] = new if self.rule == "svd" else keep_slots(new, previous, held)
         return self.next_state(server, replies, pairs=pairs)
 
+    def aggregation_target(self, server: ServerState, replies: Mapping[int, Message],
+                           new: ServerState) -> tuple[list[dict[str, FactorPair]], list[float]] | None:
+        r"""Each aggregated client's trained pairs (its whole adapter after the round) and its weight.
+
+        The round's exact aggregate is ``sum_k p_k B_k A_k`` over these (:mod:`.exactness`). Here: the uploaded
+        pairs with data weights, when replies are whole pairs and the global adapter is a model; else None.
+        """
+        if tuple(self.uploads) != ("B", "A") or not self.scores_global:
+            return None
+        return [decode_pairs(r.arrays) for r in replies.values()], weights_of(replies)
+
+    def aggregation_result(self, new: ServerState) -> dict[str, FactorPair]:
+        """The pairs the server made this round, to compare with :meth:`aggregation_target`: the global adapter."""
+        return new.pairs
+
     def next_state(self, server: ServerState, replies: Mapping[int, Message], **changes) -> ServerState:
         """The state after a round: ``changes`` applied, head averaged (if shared), ranks from the replies."""
         extras = server.extras

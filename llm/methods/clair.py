@@ -236,6 +236,14 @@ class CLAIR(Method):
         state.cache["detection_seconds"] = seconds  # a timing: never in the checkpointed state
         return state
 
+    def aggregation_target(self, server, replies, new):
+        """The kept (not flagged) clients' pairs with their weights ``pi``; None when every client was flagged."""
+        flagged = set(new.info.get("detection", {}).get("flagged", []))
+        kept = [r for k, r in replies.items() if k not in flagged]
+        if not kept:
+            return None
+        return [decode_pairs(r.arrays) for r in kept], [float(r.config["num_examples"]) for r in kept]
+
     def download_pairs(self, server, rank):
         """The benign mean at ``rank`` (a new or flagged client); the shared initial prefix before round 1."""
         if not server.info.get("aggregated"):

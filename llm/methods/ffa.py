@@ -56,3 +56,9 @@ class FFALoRA(Method):
             new = keep_slots(aggregate(self.rule, clients, weights_of(replies)), previous, held)
             pairs[m] = FactorPair(new.B, previous.A)
         return self.next_state(server, replies, pairs=pairs)
+
+    def aggregation_target(self, server, replies, new):
+        """Client ``k`` trained ``(B_k, A[:r_k])``: its ``B`` on the shared frozen ``A``."""
+        clients = [{m: FactorPair(r.arrays[f"lora/{m}/B"], p.A[: r.arrays[f"lora/{m}/B"].shape[1], :])
+                    for m, p in server.pairs.items()} for r in replies.values()]
+        return clients, weights_of(replies)

@@ -82,6 +82,10 @@ class FLoRA(Method):
     def global_model(self, server):
         return Model(None, server.extras, _base(server.arrays) or None)
 
+    def aggregation_result(self, new):
+        """The round's merge (the stacked pairs of its fresh adapters), not the whole merged base."""
+        return self._merge(new, new.round)
+
     def export_pairs(self, server):
         return decode_pairs(server.arrays, prefix="total") or None
 

@@ -97,6 +97,12 @@ def _take(pair: FactorPair, idx: torch.Tensor) -> FactorPair:
     return FactorPair(pair.B.index_select(1, idx), pair.A.index_select(0, idx))
 
 
+def _put(pair: FactorPair, idx: torch.Tensor, part: FactorPair) -> FactorPair:
+    """``pair`` with slots ``idx`` replaced by ``part``'s (in that order): the inverse of :func:`_take`."""
+    idx = idx.to(pair.B.device)
+    return FactorPair(pair.B.index_copy(1, idx, part.B), pair.A.index_copy(0, idx, part.A))
+
+
 class HAFL(Method):
     """HAFL: top-``r_k`` slots by importance (truncated or frozen), ``aggregate("slotwise", ...)`` with ``previous``."""
 
@@ -202,6 +208,16 @@ class HAFL(Method):
         if self.options.scorer == "client":
             arrays.update(self._mean_scores(server, replies, slots, weights))
         return self.next_state(server, replies, pairs=pairs, arrays=arrays)
+
+    def aggregation_target(self, server, replies, new):
+        """Truncation: the uploaded top-``r_k`` pairs; freezing: the global with the client's slots replaced."""
+        if self.options.variant == "truncation":
+            return super().aggregation_target(server, replies, new)
+        clients = []
+        for r in replies.values():
+            mine, slots = decode_pairs(r.arrays), _slots_of(r.arrays)
+            clients.append({m: _put(p, slots[m], mine[m]) for m, p in server.pairs.items()})
+        return clients, weights_of(replies)
 
     def _mean_scores(self, server, replies, slots, weights) -> dict[str, torch.Tensor]:
         r"""Per slot, the data-weighted mean of this round's reports; unreported slots keep their score.

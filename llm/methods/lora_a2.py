@@ -276,6 +276,22 @@ class LoRAA2(Method):
             info["joined"] = self.joined(server, replies)
         return self.next_state(server, replies, pairs=pairs, info=info)
 
+    def aggregation_target(self, server, replies, new):
+        """Client ``k`` trained the global pair with ``dB_k`` (``dA_k``) added on its slots ``S_k``."""
+        factor, clients = factor_of(server.round + 1), []
+        for r in replies.values():
+            mine = {}
+            for m, p in server.pairs.items():
+                delta, idx = r.arrays.get(f"delta/{m}/{factor}"), r.arrays.get(f"slots/{m}")
+                if delta is None:
+                    mine[m] = p
+                elif factor == "B":
+                    mine[m] = FactorPair(p.B.index_add(1, idx.to(p.B.device), delta), p.A)
+                else:
+                    mine[m] = FactorPair(p.B, p.A.index_add(0, idx.to(p.A.device), delta))
+            clients.append(mine)
+        return clients, weights_of(replies)
+
     # ------------------------------------------------------------------ client side
     def client_plan(self, message, state, context, generator):
         """The global pair and head; only this round's factor (and the head, unless frozen) trains."""

@@ -19,7 +19,12 @@ encoded, the adapters allocated or anything written. It raises one
 - **memory**: :func:`memory_estimate` of one client's local round (its batches, all built before it
   trains, plus the activations of one step) is at most half of the memory of the device it runs on
   (:func:`memory_bytes`: the RAM for ``cpu``, the GPU's memory for ``cuda``); the other half is left to the
-  model, the optimiser, the encoded data and everything else.
+  model, the optimiser, the encoded data and everything else;
+- **memory of the workers**: ``workers`` worker processes each hold a copy of the model and train one client at
+  a time, so ``workers x (local round + model weights)`` must fit in the same half. A ``workers`` set in the
+  config (or ``LOWRANK_FED_WORKERS``) that does not fit is an error naming the number that does; the default
+  (as many as the cores allow) is lowered to that number, since workers change how fast a run is, never what
+  it computes.
 """
 
 from __future__ import annotations
@@ -107,8 +112,11 @@ def _rank_errors(cfg: RunConfig, ranks: Sequence[int], shapes: Mapping[str, tupl
 
 def check_limits(cfg: RunConfig, *, ranks: Sequence[int], shapes: Mapping[str, tuple[int, int]], model_config,
                  task: str, n_k: Sequence[int], device: torch.device, global_ranks: Mapping[str, int] | None = None,
-                 memory: int | None = None) -> None:
+                 memory: int | None = None, workers: int = 1, chosen: bool = True, model_bytes: int = 0) -> int:
     r"""Raise :class:`ConfigError` (every violated bound, one line each) if the run exceeds the model or the machine.
+
+    Returns the number of workers that fit: ``workers``, or fewer where ``workers`` was not ``chosen`` by the user
+    (the default) and ``workers x (local round + model_bytes)`` exceeds half the memory.
 
     Parameters
     ----------
@@ -122,6 +130,9 @@ def check_limits(cfg: RunConfig, *, ranks: Sequence[int], shapes: Mapping[str, t
     device : where the clients train
     global_ranks : ``{key: rank}`` of method options that set a rank every client holds (``lora_a2.global_rank``)
     memory : bytes of the device; default :func:`memory_bytes` (None: the memory check is skipped)
+    workers : worker processes that train at once, each with its own copy of the model
+    chosen : whether ``workers`` was set by the user (config or environment) rather than by default
+    model_bytes : bytes of one copy of the model's weights
     """
     errors = _rank_errors(cfg, ranks, shapes, global_ranks or {})
     positions = getattr(model_config, "max_position_embeddings", None)
@@ -143,7 +154,7 @@ def check_limits(cfg: RunConfig, *, ranks: Sequence[int], shapes: Mapping[str, t
     memory = memory_bytes(device) if memory is None else memory
     sizes = [getattr(model_config, k, None) for k in ("num_hidden_layers", "hidden_size", "num_attention_heads")]
     if memory is None or None in sizes:
-        return
+        return workers
     steps = (cfg.local_epochs * math.ceil(max(n_k) / cfg.batch_size)) if cfg.local_epochs else cfg.local_steps
     dtype_bytes = torch.finfo(getattr(torch, cfg.dtype)).bits // 8
     layers, hidden, heads = sizes
@@ -162,3 +173,12 @@ def check_limits(cfg: RunConfig, *, ranks: Sequence[int], shapes: Mapping[str, t
             f"({_size(need['batches'])} of batches, {_size(need['activations'])} of activations; docs/config.md)"),
             getattr(cfg, key)))
         raise ConfigError.from_errors(errors)
+    each = need["total"] + model_bytes  # one worker: its local round and its copy of the model
+    fit = max(1, min(workers, allowed // max(each, 1)))
+    if fit < workers and chosen:
+        where = "GPU" if device.type == "cuda" else "RAM"
+        raise ConfigError.from_errors([("workers", (
+            f"at most {fit} worker{'s' if fit > 1 else ''} in half of this machine's {where} ({_size(memory)}): each "
+            f"holds a copy of the model ({_size(model_bytes)}) and a local round (about {_size(need['total'])})"),
+            workers)])
+    return fit

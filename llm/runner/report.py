@@ -30,7 +30,9 @@ def summary_row(method, history: list[dict], timings: list[dict], metric: str, *
     r"""One method's summary from its per-round history (scores) and timings.
 
     ``upload_vs_full`` is the parameters uploaded over the run divided by what full fine-tuning of the same
-    modules would upload, ``sum_uploads sum_m d_out d_in`` (``adapted_params`` per upload).
+    modules would upload, ``sum_uploads sum_m d_out d_in`` (``adapted_params`` per upload);
+    ``aggregation_error`` the mean over rounds of the rounds' ``aggregation_error``
+    (:mod:`lowrank_fed.llm.methods.exactness`; None for a method without a global adapter).
     """
     evals = [h for h in history if metric in h]
     final = history[-1]
@@ -40,6 +42,9 @@ def summary_row(method, history: list[dict], timings: list[dict], metric: str, *
            "dropped": sum(h["dropped"] for h in history),
            "params_up": sum(h.get("params_up", 0) for h in history)}
     uploads = sum(len(h.get("clients", [])) for h in history)
+    errors = [h["aggregation_error"] for h in history if h.get("aggregation_error") is not None]
+    # the mean over rounds of how far the global adapter is from the weighted mean of what clients trained
+    row["aggregation_error"] = sum(errors) / len(errors) if errors else None
     if adapted_params and uploads:
         row["upload_vs_full"] = row["params_up"] / (uploads * adapted_params)
     if not method.scores_global:
@@ -210,6 +215,9 @@ def _columns(summary: list[dict]):
                  ("flag recall", lambda r: _fmt(r.get("recall"), 2))]
     if any("rouge_l" in r for r in summary):
         cols.append(("ROUGE-L", lambda r: _fmt(r.get("rouge_l"))))
+    if any(r.get("aggregation_error") is not None for r in summary):
+        cols.append(("aggregation error (mean of rounds)",
+                     lambda r: "-" if r.get("aggregation_error") is None else f"{r['aggregation_error']:.2e}"))
     cols += [("MB up", lambda r: f"{r['mb_up']:.2f}"), ("MB down", lambda r: f"{r['mb_down']:.2f}"),
              ("upload % of full FT", lambda r: f"{100 * r['upload_vs_full']:.2f}" if r.get("upload_vs_full") else "-"),
              ("dropped", lambda r: str(r["dropped"])), ("time s", lambda r: f"{r['seconds']:.1f}"),

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 import warnings
@@ -40,11 +41,12 @@ from lowrank_fed import FactorPair
 
 from ..attacks import attack_reply
 from ..client import ClientContext, run_client
-from ..config import ConfigError, RunConfig, same_run_keys
+from ..config import WORKERS_ENV, ConfigError, RunConfig, same_run_keys
 from ..evaluate import greedy_generate, rouge_l, score_classification, score_lm, summarise
 from ..federation import build_client, build_federation, build_model, encode_examples, sample_clients
 from ..federation import config_key as _config_key
 from ..methods import ClientState, Method, Model, ServerState, make_method
+from ..methods.exactness import aggregation_errors, error_fields
 from ..models import MODELS
 from ..peft_bridge import init_pairs, pairs_to_state_dict
 from ..protocol import Message, decode_extras, decode_pairs, encode_extras, encode_pairs, from_flat, to_flat
@@ -221,9 +223,12 @@ class Simulation:
         self.device, self.tokenizer, self.ws = self.model.device, self.model.tokenizer, self.model.workspace
         held = {f"{name}.global_rank": make_method(name, **cfg.method_options.get(name, {})).options
                 for name in cfg.methods}  # ranks that every client holds (LoRA-A2's r_G)
-        check_limits(cfg, ranks=self.ranks, shapes=self.ws.shapes, model_config=self.model.model_config,
-                     task=self.task, n_k=self.n_k, device=self.device,
-                     global_ranks={k: o.global_rank for k, o in held.items() if hasattr(o, "global_rank")})
+        workers = cfg.worker_count(self.device.type) if self.parallel else 1
+        self.workers = check_limits(
+            cfg, ranks=self.ranks, shapes=self.ws.shapes, model_config=self.model.model_config, task=self.task,
+            n_k=self.n_k, device=self.device, workers=workers, chosen=bool(cfg.workers or os.environ.get(WORKERS_ENV)),
+            model_bytes=self.model.model_params * torch.finfo(getattr(torch, cfg.dtype)).bits // 8,
+            global_ranks={k: o.global_rank for k, o in held.items() if hasattr(o, "global_rank")})
         # validation and test are the server's, clean (an empty split, val_size = 0, is never scored, so it is not
         # encoded: tokenizers reject empty lists); each client encodes its own training rows (build_client)
         self.enc = {name: encode_examples(self.tokenizer, d, cfg.max_length)
@@ -234,7 +239,6 @@ class Simulation:
                                device=self.device)
         self.init_extras = self.ws.extras_template()
         self.metric = "accuracy" if labelled else "perplexity"
-        self.workers = cfg.worker_count(self.device.type) if self.parallel else 1
         self._contexts = None
         self._train = None
         self._ready = True
@@ -597,12 +601,18 @@ class Simulation:
                         *, min_replies: int = 1) -> ServerState:
         r"""``method.aggregate(server, replies)``; with fewer than ``min_replies`` replies, the global state kept.
 
+        The new state's ``cache["aggregation_error"]`` holds the round's exactness per module
+        (:func:`~lowrank_fed.llm.methods.exactness.aggregation_errors`; None for a method without a global adapter).
+
         In the runner ``min_replies`` is 1 (a round with no reply left); the Flower strategy passes its own. A
         round that keeps the global state is counted and gives an :class:`UpdateDroppedWarning` saying why: every
         update was dropped, or too few were kept.
         """
         if replies and len(replies) >= min_replies:
-            return method.aggregate(server, replies)
+            new = method.aggregate(server, replies)
+            # how far the global adapter is from the exact weighted mean of what the clients trained
+            new.cache["aggregation_error"] = aggregation_errors(method, server, replies, new)
+            return new
         why = ("every update was dropped" if not replies else
                f"{len(replies)} update{'s' if len(replies) > 1 else ''} kept, fewer than min_replies = {min_replies}")
         msg = f"{method.title}, round {round_}: {why}; the global state is kept."
@@ -690,6 +700,7 @@ class Simulation:
                            train_loss=_mean(r["train_loss"] for r in rows),
                            prefix_share=_mean_shares(r["prefix_share"] for r in rows),
                            ranks=[server.ranks[k] for k in range(cfg.clients)], clients=rows)
+                row.update(error_fields(server.cache.get("aggregation_error")))
                 detection = server.info.get("detection")
                 if detection is not None and detection.get("round") == round_:
                     row["detection"] = self.score_detection(detection, [r["client"] for r in rows if not r["dropped"]])

@@ -120,6 +120,26 @@ def test_check_limits_accepts_a_batch_larger_than_a_client_but_not_the_data():
                             model_config=config, task="classification", n_k=[6, 6, 6], device=torch.device("cpu"))
 
 
+def test_check_limits_counts_a_model_copy_and_a_round_per_worker():
+    # Prepare: a round of about 0.3 MB and a 1 MB model; a machine whose half holds 3 workers but not 4
+    cfg = RunConfig.from_dict({"model": "tiny-bert", "dataset": "synthetic", "clients": 3, "ranks": 4,
+                               "local_steps": 5, "batch_size": 8, "max_length": 32})
+    config = type("C", (), {"max_position_embeddings": 512, "num_hidden_layers": 2, "hidden_size": 32,
+                            "num_attention_heads": 2})()
+    round_ = limits.memory_estimate(steps=5, batch_size=8, max_length=32, task="classification", layers=2,
+                                    hidden=32, heads=2, dtype_bytes=4)["total"]
+    model = 1_000_000
+    memory = 2 * 3 * (round_ + model) + 10
+    common = dict(ranks=[4] * 3, shapes={"a": (32, 32)}, model_config=config, task="classification",
+                  n_k=[40, 40, 40], device=torch.device("cpu"), memory=memory, model_bytes=model)
+    # Execute / Assert: the default is lowered to what fits, a number the user chose is refused, naming it
+    assert limits.check_limits(cfg, workers=3, chosen=True, **common) == 3
+    assert limits.check_limits(cfg, workers=8, chosen=False, **common) == 3
+    with pytest.raises(ConfigError, match="'workers': expected at most 3 workers in half of this machine's RAM"):
+        limits.check_limits(cfg, workers=4, chosen=True, **common)
+    assert limits.check_limits(cfg, workers=8, chosen=False, **{**common, "memory": 10 ** 15}) == 8
+
+
 @pytest.mark.parametrize("command", [["flower", "up"], ["run", "--engine", "flower"]], ids=["flower-up", "run-flower"])
 def test_flower_commands_inherit_the_bounds(tmp_path, capsys, monkeypatch, command):
     # Prepare: the rank of the issue in a config file; Flower must be installed for these commands to exist
