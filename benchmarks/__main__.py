@@ -15,6 +15,7 @@ BENCHMARKS = {
     "scaling": "benchmarks.bench_scaling",
     "prelort": "benchmarks.bench_prelort",
     "workers": "benchmarks.bench_workers",
+    "merge": "benchmarks.bench_merge",
 }
 
 

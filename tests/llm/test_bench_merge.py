@@ -1,0 +1,31 @@
+"""``benchmarks/bench_merge.py``: both merges run on PEFT's own adapters and both are right to float32 rounding."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("peft")
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_bench_merge_quick_runs_both_sides_and_both_match_the_float64_reference():
+    # Execute
+    done = subprocess.run([sys.executable, "-m", "benchmarks.bench_merge", "--quick"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    # Assert: exit 0; PEFT's and our products within float32 rounding of the dense float64 best approximation
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = {line.split("│")[1].strip(): line.split("│")[2].strip() for line in done.stdout.splitlines()
+            if line.count("│") == 3}
+    for key in ("error vs float64 best rank-64 approximation, first / last layer: PEFT",
+                "same, ours (as written by merge)"):
+        errors = [float(x) for x in re.findall(r"[0-9.]+e[-+][0-9]+", rows[key])]
+        assert len(errors) == 2 and max(errors) < 1e-5, (key, rows[key])
+    assert rows["speed-up, PEFT / aggregate_adapters"].endswith("x")
