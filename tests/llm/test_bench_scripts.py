@@ -1,7 +1,9 @@
-"""``benchmarks/bench_merge.py``: both merges run on PEFT's own adapters and both are right to float32 rounding."""
+"""The benchmark scripts run: `bench_merge` (both merges right to float32 rounding) and `bench_gpu` on the CPU."""
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import subprocess
 import sys
@@ -29,3 +31,17 @@ def test_bench_merge_quick_runs_both_sides_and_both_match_the_float64_reference(
         errors = [float(x) for x in re.findall(r"[0-9.]+e[-+][0-9]+", rows[key])]
         assert len(errors) == 2 and max(errors) < 1e-5, (key, rows[key])
     assert rows["speed-up, PEFT / aggregate_adapters"].endswith("x")
+
+
+@pytest.mark.slow
+def test_bench_gpu_runs_on_the_cpu_and_writes_its_numbers(tmp_path):
+    # Execute: the GPU script's smoke run, as a device loan would run it but on the CPU
+    done = subprocess.run([sys.executable, "-m", "benchmarks.bench_gpu", "--device", "cpu", "--quick", "--out",
+                           str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "LOWRANK_FED_WORKERS": "1"})
+    # Assert: both parts ran; the factored SVD agrees with the dense one; every demo method has a round
+    assert done.returncode == 0, done.stderr[-2000:]
+    found = json.loads((tmp_path / "bench_gpu.json").read_text())
+    assert found["device"] == "cpu" and found["aggregation"]["relative_difference"] < 1e-4
+    assert sorted(found["round"]["methods"]) == sorted(["fedit", "flora", "flexlora", "prelort", "hafl", "lora_a2"])
+    assert 0 < found["round"]["eval_share"] < 1
