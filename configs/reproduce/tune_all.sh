@@ -42,7 +42,8 @@
 # four tunes are three quarters of it: run them on a GPU, or one experiment at a time (arguments above).
 #
 # What is not tuned: `local` (CLAIR's "alone" reference) has no global model, so validation cannot score it and
-# tune refuses it; it keeps the config's rate. The CLAIR tunes choose FedIT's, the oracle's and CLAIR's rates.
+# tune refuses it; it keeps the config's rate. The CLAIR tunes choose the rate of every other method of the configs
+# (FedIT, FlexLoRA, the oracle, CLAIR and CLAIR without detection), each on its own global model's validation score.
 set -euo pipefail
 
 cd "$(dirname "$0")/../.."
@@ -157,11 +158,12 @@ links=()
 # ---- CLAIR: equal ranks; `local` cannot be tuned (no global model). Copy task: 200 validation texts drawn on top
 # of the config's 60 training texts.
 for g in g0 g01 g02 g03; do
-    tune clair "copy_$g" --methods fedit oracle clair --set train_size=260 --set val_size=200 \
+    tune clair "copy_$g" --methods fedit flexlora oracle clair clair_nodetect --set train_size=260 --set val_size=200 \
         --grid 0.00166667 0.005 0.015
 done
 for g in g0 g01 g02 g03; do
-    tune clair "minilm_$g" --methods fedit oracle clair --set val_size=200 --grid 0.00166667 0.005 0.015
+    tune clair "minilm_$g" --methods fedit flexlora oracle clair clair_nodetect --set val_size=200 \
+        --grid 0.00166667 0.005 0.015
 done
 
 # ---- LoRA-A2: val_size = 0 in the configs; 200 validation examples drawn on top of the 2000 training ones.
