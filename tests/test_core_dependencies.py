@@ -90,3 +90,17 @@ def test_the_core_loads_only_its_declared_dependencies():
     assert used - allowed <= _import_names(project["optional-dependencies"]["cvxpy"]), sorted(used - allowed)
     # nor through a dependency: none of the extras' packages is loaded at all
     assert not {"torch", "pydantic", "rich", "matplotlib", "cvxpy", "tqdm"} & set(probe["loaded"])
+
+
+def test_a_command_that_needs_an_absent_extra_names_the_extra():
+    # Prepare: rich made unimportable, as on a core-only install
+    code = ("import sys; sys.modules['rich'] = None\n"
+            "from lowrank_fed.cli import main\n"
+            "sys.exit(main(['compare', '--help']))")
+    # Execute
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    # Assert: one line naming the extra, exit status 2, no traceback
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1, out.stderr
+    assert lines[0].startswith("lowrank-fed: this command prints tables; install them with "
+                               "`pip install 'lowrank-fed[cli]'` (missing module 'rich")

@@ -63,7 +63,7 @@ from pydantic import Field, model_validator
 from lowrank_fed import FactorPair, aggregate, redistribute
 from lowrank_fed.aggregation import weighted_average
 from lowrank_fed.robust.detection import GAP_LEVEL
-from lowrank_fed.robust.federated import ClientFlags as Flags
+from lowrank_fed.robust.federated import ClientFlags as Flags  # noqa: F401  (the former name, re-exported)
 from lowrank_fed.robust.federated import flag_clients, stack_subspace
 from lowrank_fed.robust.refinement import collaborative_weights, refine_pairs
 
