@@ -1,7 +1,7 @@
 r"""CLAIR's decision rule, measured: the fixed cut ``z > 3``, the gap rule and a calibrated threshold.
 
 Scores ``s_k`` are CLAIR's per-client mean z-scores of the off-subspace residual (what
-:func:`llm.methods.clair.flag_clients` returns). For each rule: pooled over rounds and seeds,
+:func:`lowrank_fed.robust.flag_clients` returns). For each rule: pooled over rounds and seeds,
 
 .. math:: \text{precision} = \frac{TP}{TP + FP},\quad \text{recall} = \frac{TP}{TP + FN},\quad
           \text{false-flag rate} = \frac{FP}{FP + TN},

@@ -173,18 +173,34 @@ def _check_bases(args: argparse.Namespace, adapters) -> str | None:
     return None
 
 
+def _merge_error(err, holders: list[str]) -> str:
+    """:class:`~lowrank_fed.llm.adapters.MergeError` in the command's words, naming the client folders."""
+    if err.kind == "overflow":
+        return (f"module {err.where!r}: --weights times the clients' B overflow to Inf; expected coefficients "
+                "of a sensible size.")
+    if err.kind == "weight":
+        return (f"module {err.where!r}: every client holding it ({holders}) has weight 0; "
+                "expected a positive weight on at least one holder.")
+    if err.kind == "extras_coefficients":
+        return err.reason.replace("coefficients combine", "--allow-negative combines", 1)
+    if err.kind == "extras_weight":
+        return (f"tensor {err.where!r} (not LoRA, e.g. a head): every client holding it "
+                f"({holders}) has weight 0; expected a positive weight on one.")
+    return f"module {err.where!r} (held by {holders}): {err.reason}"
+
+
 def main(args: argparse.Namespace) -> int:
     import numpy as np
     from rich.console import Console
     from rich.table import Table
     from tqdm.auto import tqdm
 
-    from lowrank_fed import FactorPair, aggregate
     from lowrank_fed.linalg import aggregation_error, pooled_error
     from lowrank_fed.robust import screening_scores, threshold_flags
     from lowrank_fed.robust.screening import TESTS
 
-    from .adapters import Adapter, average_extras, load_peft_adapter, redistribute_adapter, save_peft_adapter
+    from .adapters import (Adapter, MergeError, aggregate_adapters, load_peft_adapter, redistribute_adapter,
+                           save_peft_adapter)
     from .outputs import OutputFolderError, atomic_folder
 
     # ---- everything checked before anything is written
@@ -260,53 +276,37 @@ def main(args: argparse.Namespace) -> int:
     summary.add_column("module", overflow="fold")
     for col in ("held by", "rank", "aggregation_error", "ms"):
         summary.add_column(col, justify="right", overflow="fold")
-    pairs, errors = {}, []
+    errors = []
 
     def held_by(holders: list[int]) -> str:  # "all", or which of the (kept) clients hold a module
         if len(holders) == len(chosen):
             return "all"
         return f"{len(holders)} of {len(chosen)}: " + ", ".join(names[kept[k]] for k in holders)
 
+    def who(holders: list[int]) -> list[str]:
+        return [names[kept[k]] for k in holders]
+
+    details: dict = {}
+    options = {"rank": args.rank} if args.rank else {}
+    t0 = time.perf_counter()
+    try:  # one by one (workers = 1), so each module's time is its own and the first refusal is in name order
+        merged = aggregate_adapters(args.rule, chosen, w, workers=1, missing=args.missing,
+                                    coefficients=args.allow_negative, details=details, **options)
+    except MergeError as err:
+        return _fail(_merge_error(err, who(err.holders)))
+    seconds = time.perf_counter() - t0
     for m in tqdm(modules, desc="modules", disable=args.no_progress, file=sys.stderr):
-        holders = [k for k, a in enumerate(chosen) if m in a.pairs]
-        held, held_w = [chosen[k].pairs[m] for k in holders], [w[k] for k in holders]
-        t0 = time.perf_counter()
-        if args.allow_negative:  # coefficients: sum_k w_k B_k A_k = K * (1/K) sum_k (w_k B_k) A_k, exactly
-            held, held_w = [FactorPair(p.B * wk, p.A) for p, wk in zip(held, held_w, strict=True)], None
-            if not all(bool(p.B.isfinite().all()) for p in held):
-                return _fail(f"module {m!r}: --weights times the clients' B overflow to Inf; expected coefficients "
-                             "of a sensible size.")
-        elif sum(held_w) <= 0:
-            return _fail(f"module {m!r}: every client holding it ({[names[kept[k]] for k in holders]}) has weight 0; "
-                         "expected a positive weight on at least one holder.")
-        options = {}
-        if args.rank:  # a sum of lower rank than N is kept exactly
-            options["rank"] = min(args.rank, sum(p.rank for p in held), *held[0].shape)
-        try:
-            pair = aggregate(args.rule, held, held_w, **options)
-        except ValueError as err:
-            return _fail(f"module {m!r} (held by {[names[kept[k]] for k in holders]}): {err}")
-        # --missing zero: a client without the module sent Delta W = 0 with its weight, so the holders' weighted
-        # average is scaled by their share of the weight; --missing holders: their average alone.
-        share = (len(held) if args.allow_negative else sum(held_w) / sum(w) if args.missing == "zero" else 1.0)
-        pairs[m] = FactorPair(pair.B * share, pair.A)
-        ms = 1e3 * (time.perf_counter() - t0)
-        num, den = aggregation_error(held, held_w, pair)
-        errors.append((share * num, share * den))
-        summary.add_row(m, held_by(holders), str(pair.rank), f"{num / den:.3e}" if den > 0 else "-", f"{ms:.1f}")
+        d = details[m]
+        num, den = aggregation_error(d.inputs, d.weights, d.pair)
+        errors.append((d.share * num, d.share * den))
+        summary.add_row(m, held_by(d.holders), str(d.pair.rank), f"{num / den:.3e}" if den > 0 else "-",
+                        f"{1e3 * d.seconds:.1f}")
     overall = pooled_error(errors) or 0.0
-    summary.add_row("all modules", "", "", f"{overall:.3e}", "", style="bold")
-    heads = sorted({e for a in chosen for e in a.extras})
-    if heads and args.allow_negative:
-        return _fail(f"--allow-negative combines LoRA updates; these adapters also hold other trained weights "
-                     f"({heads[0]!r}{', ...' if len(heads) > 1 else ''}, e.g. a head), which are weights, not updates.")
-    for name in heads:
+    summary.add_row("all modules", "", "", f"{overall:.3e}", f"{1e3 * seconds:.1f}", style="bold")
+    for name in sorted({e for a in chosen for e in a.extras}):
         holders = [k for k, a in enumerate(chosen) if name in a.extras]
-        if sum(w[k] for k in holders) <= 0:
-            return _fail(f"tensor {name!r} (not LoRA, e.g. a head): every client holding it "
-                         f"({[names[kept[k]] for k in holders]}) has weight 0; expected a positive weight on one.")
         summary.add_row(f"{name} (not LoRA: weighted average of its holders)", held_by(holders), "", "", "")
-    merged = Adapter(pairs, average_extras(chosen, w), adapters[0].config)
+    merged = Adapter(merged.pairs, merged.extras, adapters[0].config)
 
     # ---- writing: each folder complete in a temporary sibling first, then renamed into place
     # A client's share: the global at its own ranks, of the modules and head it trained, in its own config.

@@ -66,6 +66,11 @@ def _load(module: str):
                 f"lowrank-fed: this command needs the torch layer; install it with "
                 f"`pip install 'lowrank-fed[llm]'` (missing module {exc.name!r})."
             ) from None
+        if exc.name and exc.name.split(".")[0] in {"rich", "matplotlib"}:
+            raise SystemExit(
+                f"lowrank-fed: this command prints tables; install them with `pip install 'lowrank-fed[cli]'` "
+                f"(missing module {exc.name!r})."
+            ) from None
         raise
 
 
@@ -100,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser(argv).parse_args(argv)
     except SystemExit as stop:  # --help (0) or a usage error (2, one line on stderr): a status, as for any command
+        if isinstance(stop.code, str):  # a missing extra (_load): its one line, a user error
+            print(stop.code, file=sys.stderr)
+            return 2
         return int(stop.code or 0)
     threads = os.environ.get("LOWRANK_FED_THREADS", "1")
     if not threads.isdigit() or not 1 <= int(threads) <= (os.cpu_count() or 1):

@@ -19,6 +19,8 @@ __all__ = [
     "factored_svd",
     "sin_theta",
     "product_fro_norm",
+    "slot_scores",
+    "tail_norm_product",
     "prefix_update_energy",
     "aggregation_error",
     "pooled_error",
@@ -213,6 +215,59 @@ def product_fro_norm(pair: FactorPair) -> float:
     gram_b = xp.permute_dims(B, (1, 0)) @ B
     gram_a = A @ xp.permute_dims(A, (1, 0))
     return float(np.sqrt(max(float(xp.sum(gram_b * gram_a)), 0.0)))
+
+
+def slot_scores(B, A):
+    r"""Each slot's size in a factored update: the norm of its rank-one term, per slot ``i``.
+
+    .. math:: s_i = \lVert b_i \rVert_2\, \lVert a_i \rVert_2 = \lVert b_i a_i^\top \rVert_F,\qquad
+              b_i = B[:, i],\quad a_i^\top = A[i, :]
+
+    (HAFL's server scorer on the global factors; LoRA-A2's probe scores with ``B`` or ``A`` replaced by the
+    probe's change of it). Properties: ``s_i >= 0``; ``sum_i s_i >= ||B A||_F`` (triangle inequality);
+    ``s`` is unchanged when slot ``i`` is rebalanced (``b_i c``, ``a_i / c``, ``c != 0``) and permuted with
+    the slots. Computed in the arrays' own library and dtype (torch keeps its gradient).
+
+    Parameters
+    ----------
+    B : array, shape ``(d_out, r)``
+    A : array, shape ``(r, d_in)``
+
+    Returns
+    -------
+    array of the inputs' library, shape ``(r,)``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> slot_scores(np.array([[3.0, 1.0], [4.0, 0.0]]), np.array([[1.0, 0.0], [0.0, 2.0]])).tolist()
+    [5.0, 2.0]
+    """
+    xp = namespace(B, A)
+    if B.ndim != 2 or A.ndim != 2 or B.shape[1] != A.shape[0]:
+        raise ValueError(f"slot_scores needs B of shape (d_out, r) and A of shape (r, d_in); got "
+                         f"{tuple(B.shape)} and {tuple(A.shape)}.")
+    return xp.linalg.vector_norm(B, axis=0) * xp.linalg.vector_norm(A, axis=1)
+
+
+def tail_norm_product(B, A, start: int):
+    r"""The size of the slots from ``start`` on, as one block: HetLoRA's tail term of one module.
+
+    .. math:: \lVert B[:, t:] \rVert_F\, \lVert A[t:, :] \rVert_F \;\ge\; \sum_{i \ge t} s_i
+              \;\ge\; \lVert B[:, t:] A[t:, :] \rVert_F
+
+    with ``s_i`` the :func:`slot_scores` (Cauchy-Schwarz, then the triangle inequality); zero when
+    ``t >= r``. Computed in the arrays' own library and dtype (torch keeps its gradient, so it can be a
+    loss term).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> float(tail_norm_product(np.ones((2, 3)), np.ones((3, 2)), 1))
+    4.0
+    """
+    xp = namespace(B, A)
+    return xp.linalg.vector_norm(B[:, start:]) * xp.linalg.vector_norm(A[start:, :])
 
 
 def prefix_update_energy(before: FactorPair, after: FactorPair) -> np.ndarray:

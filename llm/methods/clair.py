@@ -45,24 +45,26 @@ real server could run. :class:`ClairNoDetect` is CLAIR's refinement with nobody 
 participant): the reference that separates what detection buys (robustness) from what the refinement
 buys (personalisation).
 
+The server mathematics (the per-module scores, the one decision, the benign subspace) is the core's
+:mod:`lowrank_fed.robust.federated` (:func:`flag_clients`, :func:`stack_subspace`, re-exported here); this
+module holds the method's options and its round.
+
 Source: CLAIR (paper abstract) [formulation ours, docs/methods.md#clair-in-a-federated-run].
 """
 
 from __future__ import annotations
 
 import time
-import warnings
-from collections.abc import Mapping
-from typing import ClassVar, Literal, NamedTuple, Union
+from typing import ClassVar, Literal, Union
 
 import numpy as np
-import torch
 from pydantic import Field, model_validator
 
 from lowrank_fed import FactorPair, aggregate, redistribute
 from lowrank_fed.aggregation import weighted_average
-from lowrank_fed.robust import ClairWarning, clair
-from lowrank_fed.robust.detection import GAP_LEVEL, threshold_flags
+from lowrank_fed.robust.detection import GAP_LEVEL
+from lowrank_fed.robust.federated import ClientFlags as Flags  # noqa: F401  (the former name, re-exported)
+from lowrank_fed.robust.federated import flag_clients, stack_subspace
 from lowrank_fed.robust.refinement import collaborative_weights, refine_pairs
 
 from ..protocol import decode_extras, decode_pairs
@@ -107,67 +109,6 @@ class CLAIROptions(Options):
 
 def _client_key(client: int, module: str, factor: str) -> str:
     return f"client/{client}/{module}/{factor}"
-
-
-def stack_subspace(pairs: list[FactorPair], rank: int) -> np.ndarray:
-    r"""Top-``rank`` left singular vectors of the stack ``[B_1 A_1, ..., B_K A_K]``, never formed.
-
-    ``A_j^T = Q_j R_j`` (thin QR) gives ``B_j A_j = (B_j R_j^T) Q_j^T`` with orthonormal ``Q_j^T`` rows, so
-    the stack has the left singular vectors of ``[B_1 R_1^T, ..., B_K R_K^T]`` (``d_out x sum r_j``).
-    """
-    blocks = []
-    for p in pairs:
-        R = torch.linalg.qr(p.A.double().T, mode="r")[1]
-        blocks.append(p.B.double() @ R.T)
-    U = torch.linalg.svd(torch.cat(blocks, dim=1), full_matrices=False)[0]
-    return U[:, :rank].cpu().numpy()
-
-
-class Flags(NamedTuple):
-    """:func:`flag_clients`' outcome: the benign mask, mean z-scores, refitted subspaces, per-module ``lam`` and
-    duality gaps, and the decision ``threshold`` that was applied."""
-
-    benign: np.ndarray
-    scores: np.ndarray
-    subspaces: dict
-    lams: list
-    gaps: list
-    converged: bool
-    threshold: object = "gap"
-
-
-def flag_clients(updates: list[Mapping[str, FactorPair]], *, rank: int, lam="default", gamma_bar: float = 0.3,
-                 threshold="gap", gap_level: float = GAP_LEVEL, z_threshold: float | None = None,
-                 weights=None) -> Flags:
-    r"""One decision per client from CLAIR on every module, then the subspace refitted on the benign ones.
-
-    ``updates[k][m]`` is client ``k``'s folded pair of module ``m`` (every client has every module).
-    Module ``m``: ``clair(pairs, rank=min(rank, ...), lam=lam)`` gives the z-scores ``z_{k,m}`` of the
-    off-subspace residuals; ``zbar_k = mean_m z_{k,m}``; flagged ``O = threshold_flags(zbar, threshold)``
-    (:func:`lowrank_fed.robust.threshold_flags`: ``"gap"`` or a number), benign ``G`` the others
-    (``z_threshold``, when given, is a numeric ``threshold``: the former call);
-    ``U_m = stack_subspace([updates[j][m] for j in G], r_m)`` (none when every client is flagged).
-    """
-    if z_threshold is not None:
-        threshold = z_threshold
-    modules = list(updates[0])
-    z, ranks, lams, gaps, converged = [], {}, [], [], True
-    for m in modules:
-        pairs = [u[m] for u in updates]
-        ranks[m] = min(rank, sum(p.rank for p in pairs), *pairs[0].shape)
-        with warnings.catch_warnings():  # its own flags (all-or-none on noisy updates) are not used
-            warnings.simplefilter("ignore", ClairWarning)
-            res = clair(pairs, rank=ranks[m], lam=lam, gamma_bar=gamma_bar, weights=weights)
-        z.append(res.scores)
-        lams.append(res.lam)
-        gaps.append(res.gap / max(res.objective, 1e-300))
-        converged &= res.converged
-    scores = np.mean(np.stack(z), axis=0)
-    benign = ~threshold_flags(scores, threshold, level=gap_level)
-    members = np.flatnonzero(benign)
-    subspaces = {m: stack_subspace([updates[i][m] for i in members], r_m) for m, r_m in ranks.items()} \
-        if len(members) else {}
-    return Flags(benign, scores, subspaces, lams, gaps, bool(converged), threshold)
 
 
 class CLAIR(Method):
@@ -285,7 +226,7 @@ class ClairNoDetect(CLAIR):
     """CLAIR's refinement with nobody flagged: the reference that separates detection from personalisation.
 
     Every participant is in ``G``: ``U_m`` = the top-``r`` left singular vectors of the whole stack
-    (:func:`stack_subspace`), the global is everyone's mean, and each client downloads
+    (:func:`lowrank_fed.robust.stack_subspace`), the global is everyone's mean, and each client downloads
     ``P_m Theta_k + (I - P_m) sum_j pi_j Theta_j`` at its rank (no CLAIR program is solved, so it has
     only CLAIR's ``rank`` and ``refine`` options).
     """

@@ -70,6 +70,7 @@ from pydantic import Field
 
 from lowrank_fed import FactorPair, aggregate
 from lowrank_fed.aggregation import select_slots
+from lowrank_fed.linalg import slot_scores
 
 from ..protocol import Message, decode_extras, decode_pairs, encode_extras, encode_pairs
 from ..training import SlotImportance, SlotMask
@@ -118,8 +119,7 @@ class HAFL(Method):
     def slot_scores(self, server) -> dict[str, torch.Tensor] | None:
         """The importance of every global slot per module, shape ``(R,)``; None before any score (client scorer)."""
         if self.options.scorer == "server":
-            return {m: torch.linalg.vector_norm(p.B, dim=0) * torch.linalg.vector_norm(p.A, dim=1)
-                    for m, p in server.pairs.items()}
+            return {m: slot_scores(p.B, p.A) for m, p in server.pairs.items()}
         scores = {m: server.arrays.get(f"scores/{m}") for m in server.pairs}
         return None if any(s is None for s in scores.values()) else scores
 

@@ -79,6 +79,7 @@ import torch
 from pydantic import Field
 
 from lowrank_fed import FactorPair, alternating_update, select_slots, truncate
+from lowrank_fed.linalg import slot_scores as core_slot_scores
 
 from ..peft_bridge import init_pairs
 from ..protocol import Message, decode_extras, decode_pairs, encode_extras
@@ -116,7 +117,8 @@ def slot_scores(start: Mapping[str, FactorPair], probe: Mapping[str, FactorPair]
               s_{m,i} = \lVert B_m[:, i] \rVert \lVert \Delta A_m[i, :] \rVert \ (\text{factor="A"})
 
     where ``B_m, A_m`` are the folded factors of ``start[m]`` and ``Delta B_m = probe[m].B - B_m``
-    (``Delta A_m = probe[m].A - A_m``).
+    (``Delta A_m = probe[m].A - A_m``): the core's :func:`lowrank_fed.linalg.slot_scores` of
+    ``(Delta B_m, A_m)`` or ``(B_m, Delta A_m)``.
 
     Returns
     -------
@@ -132,9 +134,9 @@ def slot_scores(start: Mapping[str, FactorPair], probe: Mapping[str, FactorPair]
     out = {}
     for m, p in start.items():
         if factor == "B":
-            out[m] = torch.linalg.vector_norm(probe[m].B - p.B, dim=0) * torch.linalg.vector_norm(p.A, dim=1)
+            out[m] = core_slot_scores(probe[m].B - p.B, p.A)
         else:
-            out[m] = torch.linalg.vector_norm(p.B, dim=0) * torch.linalg.vector_norm(probe[m].A - p.A, dim=1)
+            out[m] = core_slot_scores(p.B, probe[m].A - p.A)
     return out
 
 

@@ -27,6 +27,7 @@ from collections.abc import Mapping
 import torch
 
 from lowrank_fed import FactorPair
+from lowrank_fed.linalg import tail_norm_product as core_tail_norm_product
 
 __all__ = ["Hook", "TailRegulariser", "tail_norm_product"]
 
@@ -64,12 +65,13 @@ def tail_norm_product(pairs: Mapping[str, FactorPair], t: int | Mapping[str, int
 
     where ``t`` (one for all modules, or per module) is the first tail slot, ``floor(gamma r_k)``,
     and ``B_m`` is the *folded* factor ``s B_peft`` (``B_m @ A_m = Delta W_m``), so the penalty is on
-    the update itself whatever the client's PEFT scale.
+    the update itself whatever the client's PEFT scale. Each module's term is the core's
+    :func:`lowrank_fed.linalg.tail_norm_product`.
     """
     total = None
     for name, pair in pairs.items():
         tm = t[name] if isinstance(t, Mapping) else t
-        term = torch.linalg.vector_norm(pair.B[:, tm:]) * torch.linalg.vector_norm(pair.A[tm:, :])
+        term = core_tail_norm_product(pair.B, pair.A, tm)
         total = term if total is None else total + term
     return total if total is not None else torch.zeros(())
 

@@ -8,7 +8,8 @@ refines the benign updates; it returns a :class:`ClairResult`. The pieces are pu
 - :mod:`.admm`: the fast solvers (inexact ALM for the noiseless program, FISTA for the noisy one),
 - :mod:`.cvx`: the CVXPY reference (``solver="cvxpy"``),
 - :mod:`.lam`: the default ``lam`` and the ``lam`` path,
-- :mod:`.detection` and :mod:`.refinement`.
+- :mod:`.detection` and :mod:`.refinement`,
+- :mod:`.federated`: a federated round's server step over modules (one decision per client, the benign subspace).
 
 Reconstruction of CLAIR (paper abstract; formulation ours).
 """
@@ -25,6 +26,7 @@ from .api import (
 )
 from .compress import compress_dense, compress_pairs, stack_dense
 from .cvx import CVXPY_SOLVERS, solve_cvxpy
+from .federated import ClientFlags, flag_clients, stack_subspace
 from .detection import (
     GAP_LEVEL,
     gap_critical,
@@ -92,4 +94,7 @@ __all__ = [
     "refine_pairs",
     "refactor",
     "RefinedPairs",
+    "ClientFlags",
+    "flag_clients",
+    "stack_subspace",
 ]

@@ -42,9 +42,19 @@ _CACHE: OrderedDict = OrderedDict()
 _CACHE_SIZE = 8
 
 
+def _cvxpy():
+    """The ``cvxpy`` module; an ImportError naming the extra to install when it is absent (it is optional)."""
+    try:
+        import cvxpy
+    except ModuleNotFoundError as err:
+        raise ImportError("solver='cvxpy' needs CVXPY, an optional extra: pip install 'lowrank-fed[cvxpy]' "
+                          f"(missing module {err.name!r}); solver='admm' needs nothing more.") from None
+    return cvxpy
+
+
 def _build(problem: ClairProblem, noisy: bool):
     """The CVXPY problem of ``problem.M``, parametrised by lam / alpha (cached per data matrix)."""
-    import cvxpy as cp
+    cp = _cvxpy()
 
     key = (id(problem.M), problem.blocks.widths, problem.base_known, noisy)
     if key in _CACHE and _CACHE[key][0] is problem.M:
@@ -143,7 +153,7 @@ def solve_cvxpy(
     >>> bool(abs(ref.objective - fast.objective) <= 1e-5 * fast.objective)
     True
     """
-    import cvxpy as cp
+    cp = _cvxpy()
 
     solver = solver.upper()
     if solver not in CVXPY_SOLVERS:
