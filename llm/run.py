@@ -40,6 +40,7 @@ from pathlib import Path
 
 from .flower.processes import signals_raise
 from .outputs import OutputFolderError, clear_folder, hold_lock, lock_holder, output_path, plan_output
+from .packages import PackageMissingError, cache_dir
 
 __all__ = ["add_arguments", "main", "check_output_folder"]
 
@@ -142,7 +143,6 @@ def check_output_folder(folder: Path, cfg=None, *, overwrite: bool = False, hint
         config it holds); ``overwrite`` of a folder that holds no run.
     """
     from .config import ConfigError, same_run_keys
-    from .models import cache_dir
 
     try:
         plan = plan_output(folder, signature=RUN_SIGNATURE, layout=RUN_LAYOUT, overwrite=overwrite,
@@ -176,7 +176,6 @@ def _check_packages(cfg) -> None:
 def main(args: argparse.Namespace) -> int:
     """Run the job described by ``args``; print the comparison table. Returns the exit status."""
     from .config import ConfigError, RunConfig, apply_overrides, load_config
-    from .models import PackageMissingError
 
     # 1. Validate everything; nothing is written before this block succeeds.
     try:
