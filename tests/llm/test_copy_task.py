@@ -8,7 +8,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-import lowrank_fed.llm.models as models  # noqa: E402
+import lowrank_fed.llm.models.copy_model as copy_model  # noqa: E402
 from lowrank_fed.llm.data import (  # noqa: E402
     COPY_SUB_WORDS,
     DATASETS,
@@ -111,7 +111,7 @@ def test_copy_llama_is_cached_and_copies(tmp_path, monkeypatch):
     def no_training(*args, **kwargs):
         raise AssertionError("the cached model was pretrained again")
 
-    monkeypatch.setattr(models, "pretrain_copy", no_training)
+    monkeypatch.setattr(copy_model, "pretrain_copy", no_training)
     again, _, info2 = copy_llama(cache=tmp_path, **SHORT)
     assert info2 == info
     first, second = model.state_dict(), again.state_dict()
@@ -155,3 +155,51 @@ def test_load_model_gives_the_default_pretrained_copier(tmp_path, monkeypatch):
     _, test = load_dataset("copy_sub", seed=0)
     acc, exact = token_accuracy(model, encode_generation(tok, test.texts, test.texts, max_length=64))
     assert acc >= 0.98 and exact >= 0.9
+
+
+def _hand_written_pretraining(model, tok, *, length, steps, batch_size, lr, warmup, weight_decay, seed):
+    """copy-llama's pretraining as a loop of its own (what ``pretrain_copy`` was before it used ``train_local``)."""
+    import math
+
+    from lowrank_fed.llm.streams import COPY_PRETRAIN_BATCHES
+
+    rng = COPY_PRETRAIN_BATCHES.rng(seed)
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    other = [p for p in model.parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}],
+                            lr=lr, betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: (t + 1) / warmup if t < warmup else
+                                              0.1 + 0.45 * (1 + math.cos(math.pi * (t - warmup) / max(steps - warmup, 1))))
+    model.train()
+    loss = float("nan")
+    for _ in range(steps):
+        out = model(**copy_examples(tok, torch.from_numpy(rng.integers(0, len(COPY_SUB_WORDS), size=(batch_size, length)))))
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        loss = float(out.loss.detach())
+    return loss
+
+
+def test_pretraining_on_the_one_training_loop_equals_a_hand_written_loop_bit_for_bit():
+    # Prepare: two copies of one initial copy-llama (the cache key holds no code version, so the loop may not
+    # change a single bit)
+    from transformers import LlamaForCausalLM
+
+    tok = copy_tokenizer()
+    hp = {**COPY_LLAMA, "steps": 12, "warmup": 4}
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        mine = LlamaForCausalLM(copy_model._copy_config(len(tok), hp))
+    theirs = LlamaForCausalLM(copy_model._copy_config(len(tok), hp))
+    theirs.load_state_dict(mine.state_dict())
+    train = {k: hp[k] for k in ("length", "steps", "batch_size", "lr", "warmup", "weight_decay")}
+    # Execute
+    stats = copy_model.pretrain_copy(mine, tok, seed=3, **train)
+    loss = _hand_written_pretraining(theirs, tok, seed=3, **train)
+    # Assert
+    assert stats["loss"] == loss
+    a, b = mine.state_dict(), theirs.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

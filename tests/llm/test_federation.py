@@ -79,7 +79,7 @@ def test_build_client_reads_only_its_own_rows_and_gives_the_whole_sets_batches(s
 
 def test_a_bbc_news_node_opens_its_own_article_files_and_no_other(monkeypatch):
     # Prepare: the server's view (it reads every training article once, for the tiny model's vocabulary)
-    from lowrank_fed.llm import data
+    from lowrank_fed.llm.data import loaders as data
 
     cfg = _cfg(dataset="bbc_news", clients=4, ranks=[2, 4, 8, 4], eval_size=40)
     fed = build_federation(cfg)

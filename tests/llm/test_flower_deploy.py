@@ -28,7 +28,7 @@ pytest.importorskip("peft")
 pytest.importorskip("flwr")
 
 from lowrank_fed.llm.config import RunConfig  # noqa: E402
-from lowrank_fed.llm.flower import deploy  # noqa: E402
+from lowrank_fed.llm.flower import deploy, local  # noqa: E402
 from lowrank_fed.llm.flower.engine import FlowerSettings, flower_environment  # noqa: E402
 from lowrank_fed.llm.runner.simulation import Simulation, load_final  # noqa: E402
 from tests.llm.helpers import tiny_settings  # noqa: E402
@@ -132,7 +132,7 @@ def _helper(tmp_path) -> int:
 
 def test_a_run_past_its_timeout_is_stopped_with_every_helper(tmp_path, monkeypatch):
     # Prepare: a `flwr run` that never ends and leaves a helper in its own session
-    monkeypatch.setattr(deploy, "_bin", lambda name: str(_fake_flwr(tmp_path, exit_at_once=False)))
+    monkeypatch.setattr(local, "_bin", lambda name: str(_fake_flwr(tmp_path, exit_at_once=False)))
     with flower_environment(tmp_path / "run") as env:
         fed = deploy.LocalFederation(tmp_path / "run" / ".flower", env)
         # Execute
@@ -175,7 +175,7 @@ def test_a_port_taken_before_flower_binds_it_is_retried(tmp_path, monkeypatch):
     taken = thief.getsockname()[1]
     ports = iter([taken])
     real = deploy.free_port
-    monkeypatch.setattr(deploy, "free_port", lambda: next(ports, None) or real())
+    monkeypatch.setattr(local, "free_port", lambda: next(ports, None) or real())
     try:
         with flower_environment(tmp_path / "run") as env:
             env = {**env, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
