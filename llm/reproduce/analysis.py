@@ -204,6 +204,18 @@ def _no_runs(results: Results, stems: Sequence[str]) -> str:
             else f"no seed that every one of {', '.join(stems)} has run")
 
 
+def _read(results: Results, stems: Sequence[str], texts: Sequence[tuple[str, str]],
+          build: Callable[..., list[Claim]]) -> list[Claim]:
+    r"""``build(runs_1, ..., runs_k)``: the claims read from the runs of ``stems`` (one ``{seed: Run}`` per stem, on
+    the seeds they all have, :func:`_take`); or, where one of them has no runs, each claim of ``texts`` (claim,
+    paper's number) "not run yet" with what is missing (:func:`_not_run`), never a fake verdict."""
+    taken = _take(results, stems)
+    if taken is None:
+        missing = _no_runs(results, stems)
+        return [_not_run(*text, missing, configs=stems) for text in texts]
+    return build(*(taken[s] for s in stems))
+
+
 def _seeds(by_seed: dict[int, Run]) -> list[int]:
     return sorted(by_seed)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..analysis import (Claim, Experiment, Results, Run, _against, _decide, _diff, _final, _ms, _near_chance,
-                        _no_runs, _not_run, _per_seed, _seeds, _take, _vs)
+                        _per_seed, _read, _seeds, _vs)
 from ..verdicts import paired
 
 
@@ -24,10 +24,10 @@ _BYUN_LEE_CLAIMS = (("Zero-padding: the rank-20 client's accuracy falls after on
 
 
 def _byun_lee(results: Results) -> list[Claim]:
-    taken = _take(results, ("top10_bbc",))
-    if taken is None:
-        return [_not_run(*c, _no_runs(results, ("top10_bbc",)), configs=("top10_bbc",)) for c in _BYUN_LEE_CLAIMS]
-    runs = taken["top10_bbc"]
+    return _read(results, ("top10_bbc",), _BYUN_LEE_CLAIMS, _top10)
+
+
+def _top10(runs: dict[int, Run]) -> list[Claim]:
     out: dict[str, dict[str, list[float]]] = {}
     for method in ("fedit", "replication"):
         before, after, before_test, after_test = [], [], [], []

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..analysis import (Claim, Experiment, Results, Run, _decide, _diff, _final, _last, _ms, _no_runs, _not_run,
-                        _per_seed, _seeds, _take, _vs)
+from ..analysis import (Claim, Experiment, Results, Run, _decide, _diff, _final, _last, _ms, _per_seed, _read,
+                        _seeds, _take, _vs)
 from ..verdicts import exact, paired, sign_count
 
 
@@ -43,75 +43,70 @@ def _rounds_to(history: list[dict], target: float) -> float:
     return float(max(h["round"] for h in history) + 1)
 
 
+_CLAIMS = (("Freezing: no accuracy drop at distribution (truncation has one)", "no drop with freezing"),
+           ("Adaptive rank-1 aggregation converges faster than zero-padding", "faster (rounds to a target accuracy)"),
+           ("HAFL (freezing) moves fewer bytes than truncation-based schemes (HAFL's truncation variant, HetLoRA)",
+            "lower communication than truncation-based HetLoRA-style schemes"))
+
+
 def _hafl(results: Results) -> list[Claim]:
-    claims = []
-    drop_claim = ("Freezing: no accuracy drop at distribution (truncation has one)", "no drop with freezing")
-    both = _take(results, ("freezing", "truncation"))
-    if both is None:
-        claims.append(_not_run(*drop_claim, _no_runs(results, ("freezing", "truncation")),
-                               configs=("freezing", "truncation")))
-    else:
-        frz, trn = both["freezing"], both["truncation"]
-        drops = {name: _per_seed(runs, lambda r: _client_drop(r, "hafl"))
-                 for name, runs in (("frz", frz), ("trn", trn))}
-        where = ("own held-out data" if all("per_client_global" in _last(r, "hafl") for r in (*frz.values(),
-                                                                                                 *trn.values()))
-                 else "test set, global minus the download of the client's rank")
-        local_frz, local_trn = _per_seed(frz, _final("hafl", "local")), _per_seed(trn, _final("hafl", "local"))
-        comps = [paired(_diff(local_frz, local_trn), against="truncation (clients' accuracy on what they receive)")]
-        per_client_trn = "; ".join(f"seed {s}: " + ", ".join(f"{d:+.3f}" for d in _client_drops(trn[s], "hafl"))
-                                   for s in _seeds(trn))
-        claims.append(_decide(
-            *drop_claim,
-            f"clients' accuracy on their own held-out data under what they receive: freezing {_ms(local_frz)}, "
-            f"truncation {_ms(local_trn)}; freezing minus truncation {_vs(comps)}; signed drop (global minus "
-            f"download, mean over clients, {where}): freezing {_ms(drops['frz'])}, truncation {_ms(drops['trn'])} "
-            f"(truncation per client, {per_client_trn})",
-            comps, "the verdict compares what the clients receive: freezing minus truncation, mean over clients of "
-            "each one's accuracy on its own held-out data under its download, same seed; the drop is signed (a "
-            "download may beat the global model)",
-            {"drop, freezing": drops["frz"], "drop, truncation": drops["trn"], "local, freezing": local_frz,
-             "local, truncation": local_trn}, configs=("freezing", "truncation")))
-    speed_claim = ("Adaptive rank-1 aggregation converges faster than zero-padding",
-                   "faster (rounds to a target accuracy)")
-    taken = _take(results, ("freezing",))
-    if taken is None:
-        claims.append(_not_run(*speed_claim, _no_runs(results, ("freezing",)), configs=("freezing",)))
-    else:
-        frz = taken["freezing"]
-        r_hafl, r_zp, targets = [], [], []
-        for s in _seeds(frz):
-            run = frz[s]
-            best = min(max(h.get("val_accuracy", 0.0) for h in run.history[m]) for m in ("hafl", "fedit"))
-            target = 0.9 * best
-            targets.append(target)
-            r_hafl.append(_rounds_to(run.history["hafl"], target))
-            r_zp.append(_rounds_to(run.history["fedit"], target))
-        cap = int(max(h["round"] for h in frz[_seeds(frz)[0]].history["hafl"])) + 1
-        comps = [sign_count(_diff(r_zp, r_hafl), against="zero-padding (FedIT)")]
-        claims.append(_decide(
-            *speed_claim,
-            f"rounds to 90% of the lower of the two best validation accuracies (integers, {cap} = never): HAFL "
-            f"{', '.join(f'{r:g}' for r in r_hafl)}, zero-padding (FedIT) {', '.join(f'{r:g}' for r in r_zp)}; "
-            f"FedIT minus HAFL {_vs(comps)}",
-            comps, f"validation accuracy every round; an integer capped at the last round + 1 ({cap}), so a sign "
-            "count over seeds (ties dropped), not a t interval",
-            {"rounds, HAFL": r_hafl, "rounds, zero-padding": r_zp, "target": targets}, configs=("freezing",)))
-    bytes_claim = ("HAFL (freezing) moves fewer bytes than truncation-based schemes (HAFL's truncation variant, "
-                   "HetLoRA)", "lower communication than truncation-based HetLoRA-style schemes")
-    both = _take(results, ("freezing", "truncation"))
-    if both is None:
-        claims.append(_not_run(*bytes_claim, _no_runs(results, ("freezing", "truncation")),
-                               configs=("freezing", "truncation")))
-        return claims
-    frz, trn = both["freezing"], both["truncation"]
+    hom = _take(results, ("freezing", "homogeneous"))  # beside the bytes claim, never required
+    return [*_read(results, ("freezing", "truncation"), [_CLAIMS[0]], _drop),
+            *_read(results, ("freezing",), [_CLAIMS[1]], _speed),
+            *_read(results, ("freezing", "truncation"), [_CLAIMS[2]], lambda frz, trn: _bytes(frz, trn, hom))]
+
+
+def _drop(frz: dict[int, Run], trn: dict[int, Run]) -> list[Claim]:
+    drops = {name: _per_seed(runs, lambda r: _client_drop(r, "hafl"))
+             for name, runs in (("frz", frz), ("trn", trn))}
+    where = ("own held-out data" if all("per_client_global" in _last(r, "hafl") for r in (*frz.values(),
+                                                                                             *trn.values()))
+             else "test set, global minus the download of the client's rank")
+    local_frz, local_trn = _per_seed(frz, _final("hafl", "local")), _per_seed(trn, _final("hafl", "local"))
+    comps = [paired(_diff(local_frz, local_trn), against="truncation (clients' accuracy on what they receive)")]
+    per_client_trn = "; ".join(f"seed {s}: " + ", ".join(f"{d:+.3f}" for d in _client_drops(trn[s], "hafl"))
+                               for s in _seeds(trn))
+    return [_decide(
+        *_CLAIMS[0],
+        f"clients' accuracy on their own held-out data under what they receive: freezing {_ms(local_frz)}, "
+        f"truncation {_ms(local_trn)}; freezing minus truncation {_vs(comps)}; signed drop (global minus "
+        f"download, mean over clients, {where}): freezing {_ms(drops['frz'])}, truncation {_ms(drops['trn'])} "
+        f"(truncation per client, {per_client_trn})",
+        comps, "the verdict compares what the clients receive: freezing minus truncation, mean over clients of "
+        "each one's accuracy on its own held-out data under its download, same seed; the drop is signed (a "
+        "download may beat the global model)",
+        {"drop, freezing": drops["frz"], "drop, truncation": drops["trn"], "local, freezing": local_frz,
+         "local, truncation": local_trn}, configs=("freezing", "truncation"))]
+
+
+def _speed(frz: dict[int, Run]) -> list[Claim]:
+    r_hafl, r_zp, targets = [], [], []
+    for s in _seeds(frz):
+        run = frz[s]
+        best = min(max(h.get("val_accuracy", 0.0) for h in run.history[m]) for m in ("hafl", "fedit"))
+        target = 0.9 * best
+        targets.append(target)
+        r_hafl.append(_rounds_to(run.history["hafl"], target))
+        r_zp.append(_rounds_to(run.history["fedit"], target))
+    cap = int(max(h["round"] for h in frz[_seeds(frz)[0]].history["hafl"])) + 1
+    comps = [sign_count(_diff(r_zp, r_hafl), against="zero-padding (FedIT)")]
+    return [_decide(
+        *_CLAIMS[1],
+        f"rounds to 90% of the lower of the two best validation accuracies (integers, {cap} = never): HAFL "
+        f"{', '.join(f'{r:g}' for r in r_hafl)}, zero-padding (FedIT) {', '.join(f'{r:g}' for r in r_zp)}; "
+        f"FedIT minus HAFL {_vs(comps)}",
+        comps, f"validation accuracy every round; an integer capped at the last round + 1 ({cap}), so a sign "
+        "count over seeds (ties dropped), not a t interval",
+        {"rounds, HAFL": r_hafl, "rounds, zero-padding": r_zp, "target": targets}, configs=("freezing",))]
+
+
+def _bytes(frz: dict[int, Run], trn: dict[int, Run], hom: dict[str, dict[int, Run]] | None) -> list[Claim]:
     mb = {(who, way): _per_seed(runs, _final(m, f"mb_{way}"))
           for who, runs, m in (("hafl", frz, "hafl"), ("truncation", trn, "hafl"), ("hetlora", frz, "hetlora"))
           for way in ("up", "down")}
     names = {"truncation": "HAFL truncation", "hetlora": "HetLoRA"}
     comps = [exact(_diff(mb[(other, way)], mb[("hafl", way)]), against=f"{names[other]}, MB {way} saved")
              for other in ("truncation", "hetlora") for way in ("up", "down")]
-    hom = _take(results, ("freezing", "homogeneous"))
     if hom is None:
         beside = "homogeneous FedIT at rank R: not run yet (configs/reproduce/hafl/homogeneous.toml)"
     else:
@@ -123,8 +118,8 @@ def _hafl(results: Results) -> list[Claim]:
     def per_seed(key):
         return ", ".join(f"{v:.1f}" for v in mb[key])
 
-    claims.append(_decide(
-        *bytes_claim,
+    return [_decide(
+        *_CLAIMS[2],
         f"MB over the run per seed, up / down (exact): HAFL freezing {per_seed(('hafl', 'up'))} / "
         f"{per_seed(('hafl', 'down'))}; HAFL truncation {per_seed(('truncation', 'up'))} / "
         f"{per_seed(('truncation', 'down'))}; HetLoRA {per_seed(('hetlora', 'up'))} / {per_seed(('hetlora', 'down'))}"
@@ -132,8 +127,7 @@ def _hafl(results: Results) -> list[Claim]:
         comps, "bytes are counted, not sampled: exact per seed, no interval; up and down apart, each must be saved "
         "(equal: tie); freezing downloads all R slots and uploads each client's r_k",
         {f"MB {way}, {who}": mb[(who, way)] for who in ("hafl", "truncation", "hetlora") for way in ("up", "down")},
-        configs=("freezing", "truncation"), trained=False))
-    return claims
+        configs=("freezing", "truncation"), trained=False)]
 
 
 EXPERIMENT = Experiment(

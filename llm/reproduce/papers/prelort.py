@@ -10,7 +10,7 @@ import math
 import numpy as np
 
 from ..analysis import (Claim, Experiment, Results, Run, _against, _decide, _diff, _final, _last, _ms, _near_chance,
-                        _no_runs, _not_run, _per_seed, _take, _titles, _vs)
+                        _per_seed, _read, _titles, _vs)
 from ..verdicts import paired
 
 
@@ -57,12 +57,8 @@ _PRELORT_CLAIMS = (
 def _prelort(results: Results) -> list[Claim]:
     out = []
     for stem, analyse in (("minilm_bbc", _prelort_minilm), ("smollm2_headlines", _prelort_smollm2)):
-        taken = _take(results, (stem,))  # each half of the experiment is read alone
-        if taken is None:
-            out += [_not_run(claim, paper, _no_runs(results, (stem,)), configs=(stem,))
-                    for s, claim, paper in _PRELORT_CLAIMS if s == stem]
-        else:
-            out += analyse(taken[stem])
+        # each half of the experiment is read alone
+        out += _read(results, (stem,), [(claim, paper) for s, claim, paper in _PRELORT_CLAIMS if s == stem], analyse)
     return out
 
 
