@@ -15,7 +15,10 @@ that treats the seeds as independent draws and their differences as roughly norm
 - **does not hold**: it lies below ``tol``;
 - **tie**: it covers ``tol`` (the seeds cannot tell; with fewer than :data:`ADVISE_BELOW` seeds the report
   says :data:`ADD_SEEDS`);
-- **too few seeds**: fewer than :data:`MIN_SEEDS` seeds, no verdict.
+- **too few seeds**: fewer than :data:`MIN_SEEDS` seeds, no verdict;
+- **depends on the scale convention** (:data:`DEPENDS`): set by the twins' agreement rule (:mod:`.twins`) where a
+  claim measured under both ``lora_scaling`` conventions (a config and its constant twin) gets two different
+  verdicts; neither is published.
 
 A claim against several baselines is decided pairwise, against each (:func:`combine`), never against the best of
 them per seed: with 200 test examples (a standard error of about 0.025) the best of five equal methods beats any
@@ -31,12 +34,14 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-__all__ = ["VERDICTS", "MIN_SEEDS", "ADVISE_BELOW", "ADD_SEEDS", "LEVEL", "mean_sd", "paired", "verdict",
+__all__ = ["VERDICTS", "DEPENDS", "MIN_SEEDS", "ADVISE_BELOW", "ADD_SEEDS", "LEVEL", "mean_sd", "paired", "verdict",
            "combine", "advice", "example_se", "proportion", "exact", "sign_count", "not_run"]
 
+#: The verdict of a claim whose two scale conventions (a config and its constant twin) disagree (:mod:`.twins`).
+DEPENDS = "depends on the scale convention"
 #: Every verdict a claim can carry. "not testable here" is set by a claim's analysis, which states why;
-#: "not run yet" by a claim whose runs do not exist (or predate what it needs).
-VERDICTS = ("holds", "tie", "does not hold", "too few seeds", "not testable here", "not run yet")
+#: "not run yet" by a claim whose runs do not exist (or predate what it needs); :data:`DEPENDS` by the twins' rule.
+VERDICTS = ("holds", "tie", "does not hold", "too few seeds", "not testable here", "not run yet", DEPENDS)
 #: Fewer seeds than this: no verdict.
 MIN_SEEDS = 3
 #: A tie with fewer seeds than this asks for more seeds.
@@ -108,14 +113,15 @@ def verdict(differences: Sequence[float], tol: float = 0.0) -> str:
 def combine(verdicts: Iterable[str]) -> str:
     r"""A claim's verdict from its pairwise ones: it holds only if it holds against each.
 
-    In order: "not run yet" or "not testable here" if any comparison is; "too few seeds" if any is; "does not
-    hold" if the claim is below any baseline; "holds" if it holds against every one; otherwise "tie".
+    In order: "not run yet" or "not testable here" if any comparison is; "too few seeds" if any is;
+    :data:`DEPENDS` if any is; "does not hold" if the claim is below any baseline; "holds" if it holds against every
+    one; otherwise "tie".
     """
     words = list(verdicts)
     unknown = sorted(set(words) - set(VERDICTS))
     if not words or unknown:
         raise ValueError(f"The 'verdicts' must be a non-empty list of {list(VERDICTS)}; got {words}.")
-    for word in ("not run yet", "not testable here", "too few seeds", "does not hold"):
+    for word in ("not run yet", "not testable here", "too few seeds", DEPENDS, "does not hold"):
         if word in words:
             return word
     return "holds" if all(w == "holds" for w in words) else "tie"

@@ -1,0 +1,141 @@
+r"""HAFL (2025): importance-based freezing and rank-1 aggregation; its drop, speed and bytes claims.
+
+The claims' texts and numbers are the paper's; how each is read from the runs is stated in its note
+(:mod:`..claims` for the rules every claim follows)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..analysis import (Claim, Experiment, Results, Run, _decide, _diff, _final, _last, _ms, _per_seed, _read,
+                        _seeds, _take, _vs)
+from ..verdicts import exact, paired, sign_count
+
+
+def _client_drops(run: Run, method: str) -> list[float]:
+    r"""Each client's signed drop at distribution, last evaluated round:
+
+    .. math:: \mathrm{drop}_k = \mathrm{acc}_k(\text{global}) - \mathrm{acc}_k(\text{download}_k)
+
+    on the client's own held-out data where the run recorded the global model's per-client scores
+    (``per_client_global`` and ``per_client`` in ``metrics.jsonl``); otherwise on the test set, the global model's
+    accuracy minus that of the download of the client's rank (``accuracy`` and ``by_rank[r_k]``). Signed: a download
+    that beats the global model gives a negative drop (the global's own rank is no floor).
+    """
+    last = _last(run, method)
+    if "per_client_global" in last:
+        return [float(g - c) for g, c in zip(last["per_client_global"], last["per_client"], strict=True)
+                if g is not None and c is not None]
+    ranks = last.get("ranks") or run.setup["ranks"]
+    return [float(last["accuracy"] - last["by_rank"][str(r)]["accuracy"]) for r in ranks]
+
+
+def _client_drop(run: Run, method: str) -> float:
+    """The mean over clients of :func:`_client_drops`."""
+    return float(np.mean(_client_drops(run, method)))
+
+
+def _rounds_to(history: list[dict], target: float) -> float:
+    """The first round whose validation accuracy reaches ``target``; the last round + 1 if none does."""
+    for h in history:
+        if h["round"] > 0 and h.get("val_accuracy", -1.0) >= target:
+            return float(h["round"])
+    return float(max(h["round"] for h in history) + 1)
+
+
+_CLAIMS = (("Freezing: no accuracy drop at distribution (truncation has one)", "no drop with freezing"),
+           ("Adaptive rank-1 aggregation converges faster than zero-padding", "faster (rounds to a target accuracy)"),
+           ("HAFL (freezing) moves fewer bytes than truncation-based schemes (HAFL's truncation variant, HetLoRA)",
+            "lower communication than truncation-based HetLoRA-style schemes"))
+
+
+def _hafl(results: Results) -> list[Claim]:
+    hom = _take(results, ("freezing", "homogeneous"))  # beside the bytes claim, never required
+    return [*_read(results, ("freezing", "truncation"), [_CLAIMS[0]], _drop),
+            *_read(results, ("freezing",), [_CLAIMS[1]], _speed),
+            *_read(results, ("freezing", "truncation"), [_CLAIMS[2]], lambda frz, trn: _bytes(frz, trn, hom))]
+
+
+def _drop(frz: dict[int, Run], trn: dict[int, Run]) -> list[Claim]:
+    drops = {name: _per_seed(runs, lambda r: _client_drop(r, "hafl"))
+             for name, runs in (("frz", frz), ("trn", trn))}
+    where = ("own held-out data" if all("per_client_global" in _last(r, "hafl") for r in (*frz.values(),
+                                                                                             *trn.values()))
+             else "test set, global minus the download of the client's rank")
+    local_frz, local_trn = _per_seed(frz, _final("hafl", "local")), _per_seed(trn, _final("hafl", "local"))
+    comps = [paired(_diff(local_frz, local_trn), against="truncation (clients' accuracy on what they receive)")]
+    per_client_trn = "; ".join(f"seed {s}: " + ", ".join(f"{d:+.3f}" for d in _client_drops(trn[s], "hafl"))
+                               for s in _seeds(trn))
+    return [_decide(
+        *_CLAIMS[0],
+        f"clients' accuracy on their own held-out data under what they receive: freezing {_ms(local_frz)}, "
+        f"truncation {_ms(local_trn)}; freezing minus truncation {_vs(comps)}; signed drop (global minus "
+        f"download, mean over clients, {where}): freezing {_ms(drops['frz'])}, truncation {_ms(drops['trn'])} "
+        f"(truncation per client, {per_client_trn})",
+        comps, "the verdict compares what the clients receive: freezing minus truncation, mean over clients of "
+        "each one's accuracy on its own held-out data under its download, same seed; the drop is signed (a "
+        "download may beat the global model)",
+        {"drop, freezing": drops["frz"], "drop, truncation": drops["trn"], "local, freezing": local_frz,
+         "local, truncation": local_trn}, configs=("freezing", "truncation"))]
+
+
+def _speed(frz: dict[int, Run]) -> list[Claim]:
+    r_hafl, r_zp, targets = [], [], []
+    for s in _seeds(frz):
+        run = frz[s]
+        best = min(max(h.get("val_accuracy", 0.0) for h in run.history[m]) for m in ("hafl", "fedit"))
+        target = 0.9 * best
+        targets.append(target)
+        r_hafl.append(_rounds_to(run.history["hafl"], target))
+        r_zp.append(_rounds_to(run.history["fedit"], target))
+    cap = int(max(h["round"] for h in frz[_seeds(frz)[0]].history["hafl"])) + 1
+    comps = [sign_count(_diff(r_zp, r_hafl), against="zero-padding (FedIT)")]
+    return [_decide(
+        *_CLAIMS[1],
+        f"rounds to 90% of the lower of the two best validation accuracies (integers, {cap} = never): HAFL "
+        f"{', '.join(f'{r:g}' for r in r_hafl)}, zero-padding (FedIT) {', '.join(f'{r:g}' for r in r_zp)}; "
+        f"FedIT minus HAFL {_vs(comps)}",
+        comps, f"validation accuracy every round; an integer capped at the last round + 1 ({cap}), so a sign "
+        "count over seeds (ties dropped), not a t interval",
+        {"rounds, HAFL": r_hafl, "rounds, zero-padding": r_zp, "target": targets}, configs=("freezing",))]
+
+
+def _bytes(frz: dict[int, Run], trn: dict[int, Run], hom: dict[str, dict[int, Run]] | None) -> list[Claim]:
+    mb = {(who, way): _per_seed(runs, _final(m, f"mb_{way}"))
+          for who, runs, m in (("hafl", frz, "hafl"), ("truncation", trn, "hafl"), ("hetlora", frz, "hetlora"))
+          for way in ("up", "down")}
+    names = {"truncation": "HAFL truncation", "hetlora": "HetLoRA"}
+    comps = [exact(_diff(mb[(other, way)], mb[("hafl", way)]), against=f"{names[other]}, MB {way} saved")
+             for other in ("truncation", "hetlora") for way in ("up", "down")]
+    if hom is None:
+        beside = "homogeneous FedIT at rank R: not run yet (configs/reproduce/hafl/homogeneous.toml)"
+    else:
+        h = hom["homogeneous"]
+        beside = ("homogeneous FedIT at rank R (every client at 32) " + ", ".join(
+            f"{v:.1f}" for v in _per_seed(h, _final("fedit", "mb_up"))) + " up / " + ", ".join(
+            f"{v:.1f}" for v in _per_seed(h, _final("fedit", "mb_down"))) + " down")
+
+    def per_seed(key):
+        return ", ".join(f"{v:.1f}" for v in mb[key])
+
+    return [_decide(
+        *_CLAIMS[2],
+        f"MB over the run per seed, up / down (exact): HAFL freezing {per_seed(('hafl', 'up'))} / "
+        f"{per_seed(('hafl', 'down'))}; HAFL truncation {per_seed(('truncation', 'up'))} / "
+        f"{per_seed(('truncation', 'down'))}; HetLoRA {per_seed(('hetlora', 'up'))} / {per_seed(('hetlora', 'down'))}"
+        f"; beside: {beside}; saved by freezing {_vs(comps, 1)}",
+        comps, "bytes are counted, not sampled: exact per seed, no interval; up and down apart, each must be saved "
+        "(equal: tie); freezing downloads all R slots and uploads each client's r_k",
+        {f"MB {way}, {who}": mb[(who, way)] for who in ("hafl", "truncation", "hetlora") for way in ("up", "down")},
+        configs=("freezing", "truncation"), trained=False)]
+
+
+EXPERIMENT = Experiment(
+    "hafl", "HAFL: importance-based freezing and rank-1 aggregation",
+    "HAFL (2025, abstract): 20 Newsgroups; details are our reconstruction",
+    ("freezing", "truncation", "homogeneous", "freezing_constant", "truncation_constant"),
+    "MiniLM, {freezing.clients} clients at ranks {freezing.ranks}, Dirichlet {freezing.alpha}, "
+    "{freezing.rounds} rounds of {freezing.local_steps} local steps, {freezing.train_size} training examples, "
+    "lr {freezing.lr}; the bytes are compared with truncation (HAFL's truncation variant and HetLoRA), FedIT "
+    "with every client at rank R = 32 beside; the paper's sizes are not given in its abstract.",
+    _hafl, tuned=())  # lr 5e-3 came from an early lora-a2 choice, never from HAFL's setting

@@ -1,0 +1,141 @@
+r"""PreLort (2025): prefix-nested LoRA against heterogeneous-rank baselines; its six claims.
+
+The claims' texts and numbers are the paper's; how each is read from the runs is stated in its note
+(:mod:`..claims` for the rules every claim follows)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..analysis import (Claim, Experiment, Results, Run, _against, _decide, _diff, _final, _last, _ms, _near_chance,
+                        _per_seed, _read, _titles, _vs)
+from ..verdicts import paired
+
+
+_PRELORT_BASELINES = ("fedit", "hetlora", "replication", "flora", "flexlora")
+#: "lower than or equal": PreLort's perplexity at most 1% above a baseline's (ln 1.01 on the log ratio).
+PRELORT_PPL_TOL = math.log(1.01)
+
+
+def _by_rank(run: Run, method: str, metric: str) -> dict[int, float]:
+    """Each client rank's download, last evaluated round: rank -> score on the test set."""
+    return {int(r): float(v[metric]) for r, v in _last(run, method)["by_rank"].items()}
+
+
+def _nested(runs: dict[int, Run], metric: str, lower_is_better: bool) -> tuple[list[dict], dict[str, list]]:
+    """PreLort against replication at each client rank (its download), paired per seed."""
+    ranks = sorted(_by_rank(next(iter(runs.values())), "prelort", metric))
+    comps, values = [], {}
+    for r in ranks:
+        p = _per_seed(runs, lambda run, r=r: _by_rank(run, "prelort", metric)[r])
+        q = _per_seed(runs, lambda run, r=r: _by_rank(run, "replication", metric)[r])
+        if lower_is_better:  # on the log ratio: perplexities of different seeds differ by factors
+            d = _diff(np.log(q).tolist(), np.log(p).tolist())
+        else:
+            d = _diff(p, q)
+        comps.append(paired(d, against=f"replication at rank {r}"))
+        values[f"PreLort, rank {r}"], values[f"replication, rank {r}"] = p, q
+    return comps, values
+
+
+_PRELORT_CLAIMS = (
+    ("minilm_bbc", "MiniLM / BBC News: PreLort's global accuracy above every baseline", "higher accuracy"),
+    ("minilm_bbc", "Low-rank clients gain from high-rank ones: PreLort's rank-4 download above the prefix baselines'",
+     "higher accuracy at low ranks"),
+    ("minilm_bbc", "MiniLM: prefix-nested training lifts every rank's download above replication's (the same "
+     "segment-wise rule without it)", "nested training makes every prefix a good model"),
+    ("smollm2_headlines", "SmolLM2 / BBC headlines: PreLort's ROUGE-L above every baseline", "higher ROUGE-L"),
+    ("smollm2_headlines", "SmolLM2: PreLort's perplexity lower than or equal to the baselines'",
+     "lower or equal perplexity"),
+    ("smollm2_headlines", "SmolLM2: prefix-nested training gives every rank's download a lower perplexity than "
+     "replication's", "nested training makes every prefix a good model"),
+)
+
+
+def _prelort(results: Results) -> list[Claim]:
+    out = []
+    for stem, analyse in (("minilm_bbc", _prelort_minilm), ("smollm2_headlines", _prelort_smollm2)):
+        # each half of the experiment is read alone
+        out += _read(results, (stem,), [(claim, paper) for s, claim, paper in _PRELORT_CLAIMS if s == stem], analyse)
+    return out
+
+
+def _prelort_minilm(cls: dict[int, Run]) -> list[Claim]:
+    titles = _titles(next(iter(cls.values())))
+    claims = []
+    acc = {m: _per_seed(cls, _final(m)) for m in (*_PRELORT_BASELINES, "prelort")}
+    comps = _against(acc, "prelort", _PRELORT_BASELINES, titles, by_seed=cls)
+    claims.append(_decide(
+        "MiniLM / BBC News: PreLort's global accuracy above every baseline",
+        "higher accuracy",
+        f"PreLort {_ms(acc['prelort'])}; " + ", ".join(f"{titles[b]} {_ms(acc[b])}" for b in _PRELORT_BASELINES)
+        + f"; PreLort minus {_vs(comps)}",
+        comps, "PreLort minus each of FedIT, HetLoRA, replication, FLoRA, FlexLoRA per seed; holds only against each",
+        acc, untestable=_near_chance(cls, (*_PRELORT_BASELINES, "prelort")), configs=("minilm_bbc",)))
+
+    prefix = ("fedit", "hetlora", "replication")
+    lows = {m: _per_seed(cls, lambda r, m=m: min(_by_rank(r, m, "accuracy").items())[1]) for m in (*prefix, "prelort")}
+    comps = [paired(_diff(lows["prelort"], lows[b]), against=titles[b]) for b in prefix]
+    claims.append(_decide(
+        "Low-rank clients gain from high-rank ones: PreLort's rank-4 download above the prefix baselines'",
+        "higher accuracy at low ranks",
+        f"rank-4 download: PreLort {_ms(lows['prelort'])}, " + ", ".join(f"{titles[b]} {_ms(lows[b])}" for b in prefix)
+        + f"; PreLort minus {_vs(comps)}",
+        comps, "the methods whose rank-4 clients download a prefix of the global adapter", lows,
+        configs=("minilm_bbc",)))
+
+    comps, values = _nested(cls, "accuracy", lower_is_better=False)
+    claims.append(_decide(
+        "MiniLM: prefix-nested training lifts every rank's download above replication's (the same segment-wise "
+        "rule without it)", "nested training makes every prefix a good model",
+        f"PreLort minus replication, each rank's download on the test set: {_vs(comps)}", comps,
+        "holds only if it holds at every client rank", values, configs=("minilm_bbc",)))
+
+    return claims
+
+
+def _prelort_smollm2(gen: dict[int, Run]) -> list[Claim]:
+    titles = _titles(next(iter(gen.values())))
+    claims = []
+    rouge = {m: _per_seed(gen, _final(m, "rouge_l")) for m in (*_PRELORT_BASELINES, "prelort")}
+    comps = _against(rouge, "prelort", _PRELORT_BASELINES, titles)
+    claims.append(_decide(
+        "SmolLM2 / BBC headlines: PreLort's ROUGE-L above every baseline",
+        "higher ROUGE-L",
+        f"PreLort {_ms(rouge['prelort'])}; " + ", ".join(f"{titles[b]} {_ms(rouge[b])}" for b in _PRELORT_BASELINES)
+        + f"; PreLort minus {_vs(comps)}",
+        comps, "global model, greedy headlines", rouge, configs=("smollm2_headlines",)))
+
+    ppl = {m: _per_seed(gen, _final(m)) for m in (*_PRELORT_BASELINES, "prelort")}
+    logs = {m: np.log(v).tolist() for m, v in ppl.items()}
+    comps = _against(logs, "prelort", _PRELORT_BASELINES, titles, tol=-PRELORT_PPL_TOL, lower_is_better=True)
+    claims.append(_decide(
+        "SmolLM2: PreLort's perplexity lower than or equal to the baselines'",
+        "lower or equal perplexity",
+        f"PreLort {_ms(ppl['prelort'], 2)}; " + ", ".join(f"{titles[b]} {_ms(ppl[b], 2)}" for b in _PRELORT_BASELINES)
+        + f"; ln(baseline / PreLort) {_vs(comps)}",
+        comps, "per baseline ln(its perplexity / PreLort's); holds if the interval lies above -ln 1.01 (equal "
+        "within 1%)", ppl, configs=("smollm2_headlines",)))
+
+    comps, values = _nested(gen, "perplexity", lower_is_better=True)
+    claims.append(_decide(
+        "SmolLM2: prefix-nested training gives every rank's download a lower perplexity than replication's",
+        "nested training makes every prefix a good model",
+        f"ln(replication / PreLort), each rank's download: {_vs(comps)}", comps,
+        "holds only if it holds at every client rank", values, configs=("smollm2_headlines",)))
+    return claims
+
+
+EXPERIMENT = Experiment(
+    "prelort", "PreLort: prefix-nested LoRA against heterogeneous-rank baselines",
+    "PreLort (2025): accuracy, ROUGE-L and perplexity across base models",
+    ("minilm_bbc", "smollm2_headlines", "minilm_bbc_constant", "smollm2_headlines_constant"),
+    "MiniLM on BBC News (the main job's clients and ranks, {minilm_bbc.rounds} rounds of "
+    "{minilm_bbc.local_steps} local steps, lr {minilm_bbc.lr}) and SmolLM2-135M on BBC headlines "
+    "({smollm2_headlines.rounds} rounds of {smollm2_headlines.local_steps} local steps, "
+    "{smollm2_headlines.eval_size} test examples, {smollm2_headlines.rouge_size} for ROUGE-L): far smaller than "
+    "the paper's models and budgets; prefix-nested training needs many local steps to act "
+    "(docs/methods.md#prelort).",
+    _prelort, tuned=())  # lr never tuned for PreLort's settings

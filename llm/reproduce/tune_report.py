@@ -1,0 +1,157 @@
+r"""``lowrank-fed tune``'s outputs: ``tune.json`` (every trial's validation score, the choice, its separation, the
+edge extensions; :func:`tune_report`), ``tune.md`` (the tables; :func:`tune_markdown`) and ``tuned.toml`` (the
+choices a config's ``tuned`` key merges in; :func:`tuned_toml`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..config import RunConfig
+from ..methods import METHODS
+from .runs import MAX_SEEDS
+from .tune_choice import LR_BOUNDS, Target, _MethodTune, _mean, _score_key, _se_of_mean, choose, label, separation
+
+__all__ = ["tune_report", "tune_markdown", "tuned_toml"]
+
+
+def tune_report(plans: dict[str, _MethodTune], target: Target, base: RunConfig, request: dict, score: str) -> dict:
+    """``tune.json``: per method every value's per-seed scores, mean, standard error, the choice, ties, extensions."""
+    seeds = request["seeds"]
+    rows_by_method, key, higher, n_val = [], None, True, None
+    for m, mt in plans.items():
+        first = mt.scores[label(mt.values[0])][seeds[0]]
+        key, higher = _score_key(score, first, m)
+        n_val = first.get("val_size")
+        per_seed = {label(v): [mt.scores[label(v)][s][key] for s in seeds] for v in mt.values}
+        means = {lab: _mean(ys) for lab, ys in per_seed.items()}
+        order = [label(v) for v in mt.values]
+        chosen = choose(means, order, higher)
+        i = order.index(chosen)
+        neighbours = ([order[j] for j in (i - 1, i + 1) if 0 <= j < len(order)] if mt.numeric
+                      else [lab for lab in order if lab != chosen])
+        added = {label(e["value"]): e for e in mt.extensions}
+        values = []
+        for v in mt.values:
+            lab = label(v)
+            row = {"value": v, "label": lab, "per_seed": per_seed[lab], "mean": means[lab],
+                   "se": _se_of_mean(per_seed[lab]), "chosen": lab == chosen, "added": lab in added,
+                   "round": mt.scores[lab][seeds[0]].get("round")}
+            if lab in neighbours:
+                row["vs_choice"] = separation(per_seed[chosen], per_seed[lab], higher_is_better=higher,
+                                              accuracy=key == "val_accuracy", n_val=n_val)
+            values.append(row)
+        tied = [r["label"] for r in values if "vs_choice" in r and not r["vs_choice"]["separated"]]
+        choice = next(r["value"] for r in values if r["chosen"])
+        rows_by_method.append({
+            "method": m, "title": METHODS[m].title, "where": target.where(m), "grid": [label(v) for v in mt.grid],
+            "config_value": target.current(request["config_data"], m), "values": values, "choice": choice,
+            "choice_label": chosen, "tie": bool(tied), "tied_with": tied, "extensions": mt.extensions,
+            "stopped": mt.stopped, "at_edge": mt.numeric and chosen in (order[0], order[-1]),
+        })
+    return {
+        "request": request, "finished": True, "param": target.param, "option": target.option,
+        "run_wide": target.run_wide, "score": key, "higher_is_better": higher, "val_size": n_val, "seeds": seeds,
+        "setting": {"config": request["config"], "name": base.name, "model": base.model, "dataset": base.dataset,
+                    "clients": base.clients, "ranks": base.ranks, "partition": base.partition, "alpha": base.alpha,
+                    "rounds": base.rounds, "local_steps": base.local_steps, "local_epochs": base.local_epochs},
+        "rule": {"choice": "the best mean over the seeds; equal means: the smaller value (grid order if not numeric)",
+                 "separation": "the mean per-seed difference to each neighbour > its standard error, the larger "
+                               "of sd(d, ddof=1)/sqrt(seeds) (paired over seeds) and, for accuracy, the binomial "
+                               "sqrt(p(1-p)/(S N) + q(1-q)/(S N)) over seeds x validation examples; no standard "
+                               "error (one seed, not accuracy): a tie",
+                 "extension": "a numeric grid whose best mean is at an edge gets one value beyond it (the same "
+                              f"ratio if every value is positive, else the same step), at most "
+                              f"{request['max_extensions']} per method" + (
+                                  f", within lr bounds [{LR_BOUNDS[0]:g}, {LR_BOUNDS[1]:g}]"
+                                  if target.option == "lr" else "")},
+        "methods": rows_by_method,
+    }
+
+
+def _num(value: float | None, digits: int = 4) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _how(report: dict) -> list[str]:
+    """The sentences that say how and on what the choices were made (tune.md and tuned.toml's header)."""
+    s, r = report["setting"], report["rule"]
+    direction = "higher" if report["higher_is_better"] else "lower"
+    return [
+        f"Setting: {s['config']} ({s['name']}: {s['model']} / {s['dataset']}, {s['clients']} clients, ranks "
+        f"{s['ranks']}, {s['partition']} alpha {s['alpha']}, {s['rounds']} rounds).",
+        f"Score: {report['score']} of the global model after the last round ({direction} is better), on the "
+        f"validation split: {report['val_size']} examples held out of the training data (no test score was used).",
+        f"Seeds: {', '.join(map(str, report['seeds']))} (reproductions report seeds 0..{MAX_SEEDS - 1}).",
+        f"Choice: {r['choice']}.",
+        f"Separation: {r['separation']}.",
+        f"Edges: {r['extension']}.",
+    ]
+
+
+def _verdict(row: dict) -> str:
+    text = f"{row['where']} = {row['choice_label']}"
+    if row["tie"]:
+        text += f" (TIE: not separated by more than a standard error from {', '.join(row['tied_with'])})"
+    else:
+        text += " (separated from its neighbours)"
+    if row["extensions"]:
+        text += f"; {len(row['extensions'])} value(s) added past the edges ({', '.join(label(e['value']) for e in row['extensions'])})"
+    if row["stopped"]:
+        text += f"; STILL AT AN EDGE: {row['stopped']}"
+    return text
+
+
+def tune_markdown(report: dict) -> str:
+    """``tune.md``: how the choices were made, a summary, then per method every value's scores."""
+    lines = [f"# Tune: `{report['param']}` on `{report['setting']['name']}`", "", *_how(report), "",
+             "| method | choice | grid (values added past an edge) | tie | edge |", "|---|---|---|---|---|"]
+    for row in report["methods"]:
+        values = ", ".join(v["label"] + (" (added)" if v["added"] else "") for v in row["values"])
+        tie = ("tie with " + ", ".join(row["tied_with"])) if row["tie"] else "separated"
+        lines.append(f"| {row['title']} | `{row['where']} = {row['choice_label']}` | {values} | {tie} | "
+                     f"{row['stopped'] or 'interior'} |")
+    seeds = report["seeds"]
+    for row in report["methods"]:
+        lines += ["", f"## {row['title']} (`{row['method']}`)", "",
+                  f"Config's value: {label(row['config_value'])}. Grid asked: {', '.join(row['grid'])}.", "",
+                  f"| {row['where']} | " + " | ".join(f"seed {s}" for s in seeds)
+                  + " | mean | SE of mean | choice minus value ± SE | |",
+                  "|---|" + "---|" * len(seeds) + "---|---|---|---|"]
+        for v in row["values"]:
+            vs = v.get("vs_choice")
+            se = "(no SE)" if vs is None or vs["se"] is None else f"± {_num(vs['se'])}"
+            diff = "-" if vs is None else (f"{vs['difference']:+.4f} {se}"
+                                           f" {'separated' if vs['separated'] else '**tie**'}")
+            mark = ("**chosen**" if v["chosen"] else "") + (" added" if v["added"] else "")
+            lines.append(f"| {v['label']} | " + " | ".join(_num(y) for y in v["per_seed"])
+                         + f" | {_num(v['mean'])} | {_num(v['se'])} | {diff} | {mark.strip()} |")
+        lines += ["", f"Result: {_verdict(row)}."]
+        for e in row["extensions"]:
+            lines.append(f"- added {label(e['value'])}: the best mean was {label(e['best_before'])}, at the "
+                         f"{e['edge']} edge.")
+    return "\n".join(lines) + "\n"
+
+
+def tuned_toml(report: dict) -> str:
+    r"""``tuned.toml``: a comment header (how and on what), then the choices as ``[method]`` tables (or a top-level
+    key for a run-wide parameter) that a config's ``tuned`` key merges in. Checked to read back as written."""
+    import tomllib
+
+    lines = [f"# Chosen by lowrank-fed tune --param {report['param']} on validation data only.",
+             *(f"# {line}" for line in _how(report)), "#"]
+    lines += [f"# {row['method']}: {_verdict(row)}" for row in report["methods"]]
+    lines.append("# Merge into a run config with: tuned = \"<path to this file>\" (relative to the config).")
+    lines = [line.replace("\n", " ") for line in lines]
+    body: dict[str, Any] = {}
+    if report["run_wide"]:
+        (row,) = report["methods"]
+        lines += [f"{report['option']} = {label(row['choice'])}"]
+        body[report["option"]] = row["choice"]
+    else:
+        for row in report["methods"]:
+            lines += ["", f"[{row['method']}]", f"{report['option']} = {label(row['choice'])}"]
+            body[row["method"]] = {report["option"]: row["choice"]}
+    text = "\n".join(lines) + "\n"
+    if tomllib.loads(text) != body:  # a value label() cannot write as TOML: a defect here, never a silent change
+        raise RuntimeError(f"tuned.toml would not read back as the choices {body}:\n{text}")
+    return text
