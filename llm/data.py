@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .catalog import DATASETS, FLORA_RANKS, RANK_DISTRIBUTIONS
 from .models import package_path
 from .streams import DATA, DATA_SPLIT
 
@@ -57,16 +58,6 @@ __all__ = [
 ]
 
 BBC_TOPICS = ("business", "entertainment", "politics", "sports", "tech")
-
-#: FLoRA's heterogeneous rank mix for 10 clients (Wang et al., NeurIPS 2024).
-FLORA_RANKS = (64, 32, 16, 16, 8, 8, 4, 4, 4, 4)
-
-#: LoRA-A2's client counts over the rank set {1, 2, 4, 8, 16, 32} (docs/methods.md, "Data and client splits from the papers").
-RANK_DISTRIBUTIONS = {
-    "uniform": (6, 6, 6, 6, 6, 6),
-    "heavy_tail": (16, 8, 4, 2, 2, 0),
-    "normal": (3, 7, 10, 7, 3, 0),
-}
 
 
 class LazyTexts(Sequence):
@@ -310,16 +301,6 @@ def make_copy_substitution(n: int = 4000, *, n_groups: int = 4, length: int = 12
             "slices": [[COPY_SUB_WORDS[j] for j in s] for s in slices]}
     return TextDataset(texts, labels.astype(np.int64), [f"group{g}" for g in range(n_groups)], targets,
                        "generation", meta, others)
-
-
-DATASETS = {
-    "bbc_news": "classification",
-    "20newsgroups": "classification",
-    "bbc_headlines": "generation",
-    "synthetic": "classification",
-    "copy": "generation",
-    "copy_sub": "generation",
-}
 
 
 def _split_by_class(labels: np.ndarray, held_counts, rng: np.random.Generator):

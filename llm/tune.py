@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, RunConfig, apply_overrides, load_config, parse_value, tuned_paths
-from .methods import METHODS
+from .methods import METHODS, method_options
 from .outputs import OutputFolderError, clear_folder, hold_lock, output_path, plan_output
 from .reproduce.run import MAX_SEEDS, _finished, load_run
 from .runner.checkpoint import atomic_write_text
@@ -117,7 +117,7 @@ class Target:
             return table[self.option]
         if self.run_wide or self.option == "lr":
             return data.get(self.option, RunConfig.model_fields[self.option].default)
-        return METHODS[method].Options.model_fields[self.option].default
+        return method_options(method).model_fields[self.option].default
 
 
 def _numeric_field(name: str) -> bool:
@@ -142,7 +142,7 @@ def resolve_param(param: str, requested: list[str] | None, default: list[str]) -
         if method not in METHODS:
             raise ConfigError(f"--param '{param}': unknown method '{method}'; expected METHOD.OPTION with METHOD one "
                               f"of {', '.join(METHODS)}.")
-        options = [o for o in METHODS[method].Options.model_fields]
+        options = [o for o in method_options(method).model_fields]
         if option not in options:
             raise ConfigError(f"--param '{param}': [{method}] has no option '{option}'; its options: "
                               f"{', '.join(options) or 'none'}.")
@@ -151,7 +151,7 @@ def resolve_param(param: str, requested: list[str] | None, default: list[str]) -
                               f"(leave --methods out, or give --methods {method}).")
         return Target(param, option, method=method), [method]
     methods = list(requested or default)
-    having = [m for m in methods if param in METHODS[m].Options.model_fields]
+    having = [m for m in methods if param in method_options(m).model_fields]
     if having and len(having) == len(methods):
         return Target(param, param), methods
     if having:
@@ -168,7 +168,7 @@ def resolve_param(param: str, requested: list[str] | None, default: list[str]) -
                               f"NAME; got {len(methods)} methods: {', '.join(methods)}); its choice is written at "
                               "the top of tuned.toml.")
         return Target(param, param, run_wide=True), methods
-    options = sorted({o for m in methods for o in METHODS[m].Options.model_fields})
+    options = sorted({o for m in methods for o in method_options(m).model_fields})
     numeric = [k for k in RunConfig.model_fields if k not in NOT_TUNED and k != "method_options" and _numeric_field(k)]
     raise ConfigError(f"--param '{param}': unknown; expected a method option ({', '.join(options)}), METHOD.OPTION, "
                       f"or a numeric run-wide key ({', '.join(numeric)}).")
@@ -322,7 +322,7 @@ def _validated(data: dict, where: str) -> RunConfig:
 
 def _integer_key(target: Target, method: str) -> bool:
     """Whether the key holds integers only (its type names no float): an extension is rounded to an integer."""
-    fields = RunConfig.model_fields if target.run_wide else METHODS[method].Options.model_fields
+    fields = RunConfig.model_fields if target.run_wide else method_options(method).model_fields
     return "float" not in str(fields[target.option].annotation)
 
 
