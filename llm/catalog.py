@@ -13,8 +13,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["ModelSpec", "MODELS", "DATASETS", "FLORA_RANKS", "RANK_DISTRIBUTIONS", "RANK_NAMES", "DATA_ATTACKS",
+__all__ = ["PackageMissingError", "ModelSpec", "MODELS", "DATASETS", "FLORA_RANKS", "RANK_DISTRIBUTIONS", "RANK_NAMES", "DATA_ATTACKS",
            "UPDATE_ATTACKS", "ATTACK_KINDS", "attack_counts", "LORA_SCALINGS"]
+
+
+class PackageMissingError(ImportError):
+    """A packaged model or data set is not installed; the message names the package to install."""
 
 
 @dataclass(frozen=True)

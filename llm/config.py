@@ -87,12 +87,20 @@ def _rows(model: type[BaseModel], skip=()) -> list[str]:
 
 
 def config_reference() -> str:
-    r"""Markdown tables of every config key, every method's options and the ``[[faults]]`` keys.
+    r"""Markdown tables of every config key, every registered method, its options, the ``[[faults]]`` and
+    ``[[attacks]]`` keys: generated from :class:`RunConfig` and the method registry
+    (:data:`~lowrank_fed.llm.methods.registry.REGISTRY`), so a registered method is listed without editing a doc.
 
-    ``docs/config.md`` holds this text (a test checks that it is current).
+    ``docs/config.md`` holds this text (a test checks that it is current). Imports the method classes (their
+    titles and server rules), so torch.
     """
     head = ["| key | type | default | meaning |", "|---|---|---|---|"]
     parts = ["### Top-level keys", "", *head, *_rows(RunConfig, skip={"method_options"}), "",
+             "### Methods", "",
+             "The names `methods` takes, in the order of the method registry (`lowrank_fed.llm.methods.registry`: a "
+             "new method is one file plus one line there).", "",
+             "| name | method | server rule |", "|---|---|---|",
+             *[f"| `{m}` | {METHODS[m].title} | `{METHODS[m].rule}` |" for m in REGISTRY], "",
              "### Method tables", "",
              "One optional table per method, named after it; no table means the method's defaults.", ""]
     plain = [m for m in REGISTRY if not method_options(m).model_fields]

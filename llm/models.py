@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from .catalog import MODELS, ModelSpec
+from .catalog import MODELS, ModelSpec, PackageMissingError
 from .streams import COPY_PRETRAIN_BATCHES, COPY_PRETRAIN_EVAL, COPY_PRETRAIN_INIT, MODEL_INIT
 
 __all__ = [
@@ -68,10 +68,6 @@ __all__ = [
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-
-class PackageMissingError(ImportError):
-    """A packaged model or data set is not installed; the message names the package to install."""
 
 
 def package_path(distribution: str, relative: str) -> Path:

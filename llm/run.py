@@ -169,7 +169,7 @@ _clear = clear_folder
 
 def _check_packages(cfg) -> None:
     """Raise PackageMissingError before anything is written if the packaged model is not installed."""
-    from .models import MODELS, PackageMissingError
+    from .catalog import MODELS, PackageMissingError
 
     package = MODELS[cfg.model].package
     if package is not None:
@@ -182,8 +182,8 @@ def _check_packages(cfg) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Run the job described by ``args``; print the comparison table. Returns the exit status."""
+    from .catalog import PackageMissingError
     from .config import ConfigError, RunConfig, apply_overrides, load_config
-    from .models import PackageMissingError
 
     # 1. Validate everything; nothing is written before this block succeeds.
     try:
