@@ -23,7 +23,7 @@ from .methods.registry import REGISTRY, method_options
 
 __all__ = ["MAX_ROUNDS", "MAX_LOCAL_STEPS", "MAX_LOCAL_EPOCHS", "WORKERS_ENV", "EXECUTION_KEYS", "same_run_keys",
            "available_cores", "RankSpec", "MethodName", "Fault", "Attack", "method_tables", "option_list",
-           "convert_error"]
+           "convert_error", "device_problem"]
 
 #: Documented caps on the keys that set a run's length: far above any shipped config (at most 8 rounds of
 #: 10 steps), low enough that a mistyped extra digit or three is refused instead of running for weeks.
@@ -186,3 +186,22 @@ def convert_error(error: Mapping[str, Any], top_keys: list[str]) -> tuple[str, s
         expected = _expected(error)
     return key or "(config)", expected, value
 
+
+def device_problem(device: str) -> str | None:
+    """What ``device`` should have been (the ``expected`` of its error), or None when it exists here.
+
+    ``auto`` and ``cpu`` always exist; ``cuda`` and ``cuda:N`` import torch to ask (only then).
+    """
+    if device in ("auto", "cpu"):
+        return None
+    kind, _, index = device.partition(":")
+    if kind != "cuda" or (index and not index.isdigit()):
+        return "'auto', 'cpu', 'cuda' or 'cuda:N'"
+    import torch
+
+    if not torch.cuda.is_available():
+        return "'auto' or 'cpu' (torch.cuda.is_available() is False here)"
+    count = torch.cuda.device_count()
+    if index and int(index) >= count:
+        return f"'cuda' or 'cuda:N' with N < {count} (torch.cuda.device_count())"
+    return None

@@ -17,8 +17,8 @@ from pydantic import (BaseModel, ConfigDict, Field, PositiveInt, ValidationError
 
 from .catalog import DATASETS, LORA_SCALINGS, MODELS, RANK_DISTRIBUTIONS, attack_counts
 from .config_entries import (MAX_LOCAL_EPOCHS, MAX_LOCAL_STEPS, MAX_ROUNDS, WORKERS_ENV, Attack, Fault, MethodName,
-                             RankSpec, _flat_value, _unflat_value, available_cores, convert_error, method_tables,
-                             option_list, same_run_keys)
+                             RankSpec, _flat_value, _unflat_value, available_cores, convert_error,
+                             device_problem, method_tables, option_list, same_run_keys)
 from .config_errors import ConfigError, _expected, _fail, _show
 from .methods.registry import REGISTRY, method_options
 
@@ -246,18 +246,9 @@ class RunConfig(BaseModel):
     @field_validator("device")
     @classmethod
     def _device_exists(cls, device: str) -> str:
-        if device in ("auto", "cpu"):
-            return device
-        kind, _, index = device.partition(":")
-        if kind != "cuda" or (index and not index.isdigit()):
-            _fail(((), "'auto', 'cpu', 'cuda' or 'cuda:N'", device))
-        import torch
-
-        if not torch.cuda.is_available():
-            _fail(((), "'auto' or 'cpu' (torch.cuda.is_available() is False here)", device))
-        count = torch.cuda.device_count()
-        if index and int(index) >= count:
-            _fail(((), f"'cuda' or 'cuda:N' with N < {count} (torch.cuda.device_count())", device))
+        expected = device_problem(device)
+        if expected is not None:
+            _fail(((), expected, device))
         return device
 
     @field_validator("faults")

@@ -50,9 +50,8 @@ from typing import Any
 
 from .config import ConfigError, RunConfig, apply_overrides, load_config, parse_value, tuned_paths
 from .methods import METHODS, method_options
-from .outputs import OutputFolderError, clear_folder, hold_lock, output_path, plan_output
+from .outputs import OutputFolderError, atomic_write_text, clear_folder, hold_lock, output_path, plan_output
 from .reproduce.run import MAX_SEEDS, _finished, load_run
-from .runner.checkpoint import atomic_write_text
 
 __all__ = ["add_arguments", "main", "tune", "Target", "resolve_param", "extend_value", "separation", "choose",
            "run_trial", "DEFAULT_SEEDS", "LR_BOUNDS", "MAX_EXTENSIONS", "TUNE_SIGNATURE", "TUNE_LAYOUT"]
@@ -687,7 +686,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """``lowrank-fed tune``: exit status 0 done, 2 bad arguments or config, 3 a packaged model missing, 130 interrupted."""
-    from .models import PackageMissingError
+    from .catalog import PackageMissingError
 
     try:
         grid = None if args.grid is None else [parse_value(v) for v in args.grid]

@@ -11,8 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import EXECUTION_KEYS, ConfigError, RunConfig, load_config, same_run_keys
-from ..outputs import OutputFolderError, clear_folder, output_path, plan_output
-from ..runner.checkpoint import atomic_write_text
+from ..outputs import OutputFolderError, atomic_write_text, clear_folder, output_path, plan_output
 from .claims import EXPERIMENTS, Claim, Experiment, Run, describe, mean_sd
 from .verdicts import MIN_SEEDS
 

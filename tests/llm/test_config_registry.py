@@ -82,6 +82,23 @@ def test_a_bad_config_is_one_line_exit_2_within_2_seconds_without_torch(tmp_path
     assert seconds < 2.0, f"{seconds:.2f} s (tries: {[round(t, 2) for t, _ in tries]})"
 
 
+@pytest.mark.parametrize("command", [["run"], ["tune"], ["flower", "config"], ["flower", "up", "--supernodes", "2"]])
+def test_every_command_refuses_a_bad_config_before_importing_torch(command, tmp_path):
+    # Prepare: a config with a bad value
+    bad = tmp_path / "bad.toml"
+    bad.write_text('lr = "abc"\n')
+
+    # Execute
+    done = subprocess.run([str(LOWRANK_FED), *command, str(bad)], capture_output=True, text=True, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPROFILEIMPORTTIME": "1"}, timeout=60)
+
+    # Assert: exit 2, one line naming the key; none of torch, transformers, peft imported
+    lines = [line for line in done.stderr.splitlines() if not line.startswith("import time:")]
+    imported = {line.split("|")[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
+    assert done.returncode == 2 and len(lines) == 1 and "Config key 'lr': expected a number; got 'abc'." in lines[0]
+    assert not imported & set(HEAVY)
+
+
 def test_clair_gap_level_default_is_the_cores():
     # Prepare / Execute: the default written out in methods/options.py (the core's import costs SciPy)
     # Assert
@@ -175,4 +192,13 @@ def test_docs_list_every_registered_method():
     # Assert: one row per registered method, in registry order
     rows = [line.split("`")[1] for line in text.splitlines() if line.startswith("| `") and line.count("|") == 4
             and line.split("|")[3].strip().startswith("`")]
+    assert rows == list(registry.REGISTRY)
+
+
+def test_readme_methods_table_lists_every_registered_method():
+    # Prepare / Execute: the first column of README's table under "Methods and how a round runs"
+    text = (ROOT / "README.md").read_text().split("### Methods and how a round runs", 1)[1].split("**Composition.**")[0]
+
+    # Assert: every registered method has its row, in registry order
+    rows = [line.split("`")[1] for line in text.splitlines() if line.startswith("| `")]
     assert rows == list(registry.REGISTRY)
