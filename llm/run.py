@@ -168,13 +168,14 @@ _clear = clear_folder
 
 def _check_packages(cfg) -> None:
     """Raise PackageMissingError before anything is written if the packaged model is not installed."""
-    from .models import check_model_package
+    from .packages import check_model_package
 
     check_model_package(cfg.model)
 
 
 def main(args: argparse.Namespace) -> int:
     """Run the job described by ``args``; print the comparison table. Returns the exit status."""
+    from .catalog import PackageMissingError
     from .config import ConfigError, RunConfig, apply_overrides, load_config
 
     # 1. Validate everything; nothing is written before this block succeeds.

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, RunConfig, apply_overrides, load_config, parse_value, tuned_paths
-from .methods import METHODS
+from .methods import METHODS, method_options
 from .outputs import OutputFolderError, clear_folder, hold_lock, output_path, plan_output
 from .reproduce.runs import MAX_SEEDS, finished_run, load_run
 # the parameter, the grid and the choice (tune_choice), the outputs (tune_report): every name importable from here
@@ -55,7 +55,7 @@ from .reproduce.tune_choice import (DEFAULT_SEEDS, LR_BOUNDS, MAX_EXTENSIONS, NO
                                     resolve_param, separation)
 from .reproduce.tune_report import _how, _num, _verdict, tune_markdown, tuned_toml  # noqa: F401
 from .reproduce.tune_report import tune_report as _report
-from .runner.checkpoint import atomic_write_text
+from .outputs import atomic_write_text
 
 __all__ = ["add_arguments", "main", "tune", "Target", "resolve_param", "extend_value", "separation", "choose",
            "run_trial", "DEFAULT_SEEDS", "LR_BOUNDS", "MAX_EXTENSIONS", "TUNE_SIGNATURE", "TUNE_LAYOUT"]
@@ -98,7 +98,7 @@ def _validated(data: dict, where: str) -> RunConfig:
 
 def _integer_key(target: Target, method: str) -> bool:
     """Whether the key holds integers only (its type names no float): an extension is rounded to an integer."""
-    fields = RunConfig.model_fields if target.run_wide else METHODS[method].Options.model_fields
+    fields = RunConfig.model_fields if target.run_wide else method_options(method).model_fields
     return "float" not in str(fields[target.option].annotation)
 
 
@@ -304,7 +304,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """``lowrank-fed tune``: exit status 0 done, 2 bad arguments or config, 3 a packaged model missing, 130 interrupted."""
-    from .models import PackageMissingError
+    from .catalog import PackageMissingError
 
     try:
         grid = None if args.grid is None else [parse_value(v) for v in args.grid]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..catalog import DATASETS
 from ..packages import package_path
 from ..streams import DATA, DATA_SPLIT
 from .copy_task import make_copy_substitution, make_copy_task
@@ -102,14 +103,7 @@ def make_synthetic(n: int = 400, *, n_classes: int = 4, length: int = 24, seed: 
     return TextDataset(texts, labels.astype(np.int64), [f"class{c}" for c in range(n_classes)])
 
 
-DATASETS = {
-    "bbc_news": "classification",
-    "20newsgroups": "classification",
-    "bbc_headlines": "generation",
-    "synthetic": "classification",
-    "copy": "generation",
-    "copy_sub": "generation",
-}
+# DATASETS is a name table, written once in ..catalog (torch-free) and re-exported here.
 
 
 

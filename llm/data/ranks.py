@@ -4,19 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..catalog import FLORA_RANKS, RANK_DISTRIBUTIONS
 from .partitions import _allocate
 
 __all__ = ["assign_ranks", "FLORA_RANKS", "RANK_DISTRIBUTIONS"]
 
-#: FLoRA's heterogeneous rank mix for 10 clients (Wang et al., NeurIPS 2024).
-FLORA_RANKS = (64, 32, 16, 16, 8, 8, 4, 4, 4, 4)
-
-#: LoRA-A2's client counts over the rank set {1, 2, 4, 8, 16, 32} (docs/methods.md, "Data and client splits from the papers").
-RANK_DISTRIBUTIONS = {
-    "uniform": (6, 6, 6, 6, 6, 6),
-    "heavy_tail": (16, 8, 4, 2, 2, 0),
-    "normal": (3, 7, 10, 7, 3, 0),
-}
+# FLORA_RANKS and RANK_DISTRIBUTIONS are name tables, written once in ..catalog (torch-free), re-exported here.
 
 
 

@@ -151,9 +151,10 @@ def flat_run_config(args: argparse.Namespace) -> str:
     import tomli_w
 
     from ..config import ConfigError, RunConfig, apply_overrides, load_config
+
+    cfg = RunConfig.from_dict(apply_overrides(load_config(args.config), args.overrides))  # before torch is imported
     from .engine import FlowerSettings
 
-    cfg = RunConfig.from_dict(apply_overrides(load_config(args.config), args.overrides))
     out = output_path(args.out, Path("runs") / cfg.name)  # OutputFolderError is a ValueError
     for flag, value in (("--round-timeout", args.round_timeout), ("--start-timeout", args.start_timeout)):
         if not math.isfinite(value):
@@ -184,18 +185,24 @@ def main(args: argparse.Namespace) -> int:
             _error(err)
             return 2
         return 0
-    from ..models import PackageMissingError, check_model_package
+    from ..catalog import PackageMissingError
     from ..run import check_output_folder
+
+    try:  # the config first: a bad one is refused before torch and Flower are imported
+        cfg = RunConfig.from_dict(apply_overrides(load_config(args.config), args.overrides))
+    except ConfigError as err:
+        _error(err)
+        return 2
 
     try:
         from .engine import FlowerSettings
     except ModuleNotFoundError as err:
         _error(f"lowrank-fed flower needs Flower: pip install 'lowrank-fed[flower]' (missing module {err.name!r}).")
         return 3
+    from ..packages import check_model_package
     from ..runner.simulation import Simulation
 
     try:
-        cfg = RunConfig.from_dict(apply_overrides(load_config(args.config), args.overrides))
         supernodes = cfg.clients if args.supernodes is None else args.supernodes
         if supernodes != cfg.clients:
             raise ConfigError(f"--supernodes must equal clients = {cfg.clients} (node i serves client i; a client "

@@ -26,28 +26,24 @@ Composition: a client policy that downloads a prefix and uploads whole pairs (fe
 replication, prelort) can be served by another core rule, ``[prelort] server = "svd"`` (one of
 :data:`PAIR_RULES`); the other methods need their own rule and refuse any other with a clear error.
 
-Shared pieces (state, plan, base class) are in :mod:`.base`; messages in :mod:`lowrank_fed.llm.protocol`.
+Shared pieces (state, plan, base class) are in :mod:`.base`; messages in :mod:`lowrank_fed.llm.protocol`. The one
+registry of names is :mod:`.registry` (a new method: one file plus one line there); every method's options model is
+in :mod:`.options`. Both import no torch; the classes are imported when first asked for.
 """
 
 from __future__ import annotations
 
-from .base import PAIR_RULES, ClientState, LocalPlan, Method, Model, Options, PairOptions, ServerState, weights_of
-from .clair import CLAIR, ClairNoDetect, Oracle
-from .fedit import FedIT
-from .fedsa import FedSALoRA
-from .ffa import FFALoRA
-from .flexlora import FlexLoRA
-from .flora import FLoRA
-from .hafl import HAFL
-from .hetlora import HetLoRA
-from .local import Local
-from .lora_a2 import LoRAA2
-from .prelort import PreLort
-from .replication import Replication
+import importlib
+
+from .options import PAIR_RULES, Options, PairOptions
+from .registry import METHODS, REGISTRY, make_method, method_options, register_method
 
 __all__ = [
     "METHODS",
+    "REGISTRY",
     "make_method",
+    "method_options",
+    "register_method",
     "ClientState",
     "LocalPlan",
     "Method",
@@ -73,20 +69,17 @@ __all__ = [
     "Local",
 ]
 
-METHODS: dict[str, type[Method]] = {
-    cls.name: cls for cls in (FedIT, FFALoRA, FedSALoRA, HetLoRA, Replication, FLoRA, FlexLoRA, PreLort, HAFL, LoRAA2,
-                              CLAIR, Oracle, ClairNoDetect, Local)
+#: Names imported on first use (their modules import torch): ``from lowrank_fed.llm.methods import HAFL`` works as
+#: before, and ``import lowrank_fed.llm.methods`` (the registry, the options) stays torch-free.
+_LAZY = {
+    "ClientState": "base", "LocalPlan": "base", "Method": "base", "Model": "base", "ServerState": "base",
+    "weights_of": "base", "FedIT": "fedit", "FFALoRA": "ffa", "FedSALoRA": "fedsa", "HetLoRA": "hetlora",
+    "Replication": "replication", "FLoRA": "flora", "FlexLoRA": "flexlora", "PreLort": "prelort", "HAFL": "hafl",
+    "LoRAA2": "lora_a2", "CLAIR": "clair", "Oracle": "clair", "ClairNoDetect": "clair", "Local": "local",
 }
 
 
-def make_method(name: str, **options) -> Method:
-    """A method by name (a key of :data:`METHODS`) with its options.
-
-    Raises
-    ------
-    ValueError
-        An unknown name (the message lists the valid ones), or options its ``Options`` model rejects.
-    """
-    if name not in METHODS:
-        raise ValueError(f"Unknown method {name!r}; expected one of {sorted(METHODS)}.")
-    return METHODS[name](**options)
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

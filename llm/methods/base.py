@@ -26,50 +26,14 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, NamedTuple
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from lowrank_fed import FactorPair, aggregate, redistribute
 from lowrank_fed.aggregation import keep_slots, weighted_average
 
 from ..protocol import Message, decode_extras, decode_pairs, encode_extras, encode_pairs
+from .options import PAIR_RULES, Options, PairOptions
 
 __all__ = ["Options", "PairOptions", "PAIR_RULES", "ServerState", "ClientState", "LocalPlan", "Model", "Method", "weights_of"]
-
-
-#: The server rules a client policy that downloads a prefix and uploads whole pairs of its rank can pair with.
-PAIR_RULES = ("zero_pad", "replication", "segment", "svd")
-
-
-class Options(BaseModel):
-    r"""A method's options (a ``[method]`` table of the run config); unknown keys are errors.
-
-    ``server`` pairs the method's client policy with another server rule from the core (composition):
-    only methods whose clients download a prefix and upload whole pairs (FedIT, HetLoRA, replication,
-    PreLort) accept one of :data:`PAIR_RULES`; the others need their own rule and refuse any other.
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # every float option finite
-    pairs_with: ClassVar[tuple[str, ...]] = ()
-    server: str | None = Field(None, description="another server rule for this client policy (composition)")
-    freeze_head: bool = Field(False, description="the classifier head stays the shared initial one: never trained, "
-                                                 "uploaded or averaged (LoRA-A2's setting, for any method)")
-    lr: float | None = Field(None, gt=0, description="this method's learning rate instead of the run's `lr` (so each "
-                                                  "method's can be chosen on validation data)")
-
-    @field_validator("server")
-    @classmethod
-    def _server(cls, value):
-        if value is not None and value not in cls.pairs_with:
-            if not cls.pairs_with:
-                raise ValueError("no other server rule: this method's client policy needs its own server rule")
-            raise ValueError(f"one of {list(cls.pairs_with)}")
-        return value
-
-
-class PairOptions(Options):
-    """Options of a prefix-download, whole-pair-upload client policy: any rule of :data:`PAIR_RULES` may serve it."""
-
-    pairs_with: ClassVar[tuple[str, ...]] = PAIR_RULES
 
 
 class Model(NamedTuple):

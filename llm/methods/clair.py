@@ -55,56 +55,21 @@ Source: CLAIR (paper abstract) [formulation ours, docs/methods.md#clair-in-a-fed
 from __future__ import annotations
 
 import time
-from typing import ClassVar, Literal, Union
+from typing import ClassVar
 
 import numpy as np
-from pydantic import Field, model_validator
 
 from lowrank_fed import FactorPair, aggregate, redistribute
 from lowrank_fed.aggregation import weighted_average
-from lowrank_fed.robust.detection import GAP_LEVEL
 from lowrank_fed.robust.federated import ClientFlags as Flags  # noqa: F401  (the former name, re-exported)
 from lowrank_fed.robust.federated import flag_clients, stack_subspace
 from lowrank_fed.robust.refinement import collaborative_weights, refine_pairs
 
 from ..protocol import decode_extras, decode_pairs
 from .base import Method, Model, Options, weights_of
+from .options import CLAIROptions, ClairNoDetectOptions
 
 __all__ = ["CLAIR", "Oracle", "ClairNoDetect", "CLAIROptions", "flag_clients", "stack_subspace"]
-
-
-class CLAIROptions(Options):
-    rank: Union[int, None] = Field(None, ge=1, description=(
-        "rank of the shared subspace per module; absent: the smallest participant rank"))
-    lam: Union[float, Literal["default", "path", "auto"]] = Field("default", description=(
-        "block penalty: `default` (2 sqrt(rank / ((1 - gamma_bar) K))), a number, or `path` / `auto` (chosen "
-        "from the data by CLAIR's path; on noisy LoRA updates it was measured to end at S = 0, flagging nobody)"))
-    gamma_bar: float = Field(0.3, ge=0.0, lt=1.0, description="upper bound on the contaminated share (`default` lam)")
-    threshold: Union[Literal["gap"], float] = Field("gap", description=(
-        "the decision on the clients' mean z-scores: `gap` (flag those above the largest significant gap of the "
-        "sorted scores, false alarm `gap_level` per round under a Gaussian null) or a number z* (flag scores above "
-        "it: one calibrated on uncontaminated validation runs, or the former fixed cut 3)"))
-    gap_level: float = Field(GAP_LEVEL, gt=0.0, lt=1.0, description=(
-        "the gap rule's false-alarm probability per round when no client is contaminated (Gaussian scores)"))
-    z_threshold: Union[float, None] = Field(None, gt=0.0, description=(
-        "the former fixed cut (3): flag a mean z-score above it; when set, it is the threshold (same as "
-        "`threshold = z`), so configs that set it keep their decision"))
-    refine: bool = Field(True, description="benign clients download their refined adapter; false: the benign mean")
-
-    @model_validator(mode="after")
-    def _one_threshold(self):
-        if self.z_threshold is not None and "threshold" in self.model_fields_set \
-                and self.threshold != self.z_threshold:
-            raise ValueError(f"set `threshold` or the older `z_threshold`, not both "
-                             f"(got threshold = {self.threshold!r}, z_threshold = {self.z_threshold!r})")
-        if not isinstance(self.threshold, str) and not self.threshold > 0:
-            raise ValueError(f"a numeric `threshold` must be > 0 (a z-score cut); got {self.threshold!r}")
-        return self
-
-    @property
-    def decision(self):
-        """The threshold in force: ``z_threshold`` when set, else ``threshold``."""
-        return self.threshold if self.z_threshold is None else self.z_threshold
 
 
 def _client_key(client: int, module: str, factor: str) -> str:
@@ -215,11 +180,6 @@ class Oracle(CLAIR):
     @property
     def refines(self) -> bool:
         return False
-
-
-class ClairNoDetectOptions(Options):
-    rank: Union[int, None] = CLAIROptions.model_fields["rank"]
-    refine: bool = CLAIROptions.model_fields["refine"]
 
 
 class ClairNoDetect(CLAIR):

@@ -62,11 +62,9 @@ magnitude score are our reconstruction.
 
 from __future__ import annotations
 
-from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import Field
 
 from lowrank_fed import FactorPair, aggregate
 from lowrank_fed.aggregation import select_slots
@@ -74,18 +72,10 @@ from lowrank_fed.linalg import slot_scores
 
 from ..protocol import Message, decode_extras, decode_pairs, encode_extras, encode_pairs
 from ..training import SlotImportance, SlotMask
-from .base import LocalPlan, Method, Model, Options, weights_of
+from .base import LocalPlan, Method, Model, weights_of
+from .options import HAFLOptions
 
 __all__ = ["HAFL"]
-
-
-class HAFLOptions(Options):
-    variant: Literal["truncation", "freezing"] = Field(
-        "freezing", description="truncation: a client holds only its top-r_k slots; freezing: all R, the rest frozen")
-    scorer: Literal["client", "server"] = Field(
-        "client", description="who scores the slots: the clients' AdaLoRA sensitivity, or the server's norm(b_i) norm(a_i)")
-    beta1: float = Field(0.85, ge=0.0, lt=1.0, description="smoothing of the sensitivity (AdaLoRA's beta_1)")
-    beta2: float = Field(0.85, ge=0.0, lt=1.0, description="smoothing of its uncertainty (AdaLoRA's beta_2)")
 
 
 def _slots_of(arrays) -> dict[str, torch.Tensor]:

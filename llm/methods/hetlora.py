@@ -26,21 +26,15 @@ from __future__ import annotations
 import math
 
 import torch
-from pydantic import Field
 
 from lowrank_fed import truncate
 
 from ..protocol import Message
 from ..training.hooks import TailRegulariser, tail_norm_product
-from .base import Method, PairOptions
+from .base import Method
+from .options import HetLoRAOptions
 
 __all__ = ["HetLoRA"]
-
-
-class HetLoRAOptions(PairOptions):
-    lam: float = Field(0.01, ge=0.0, description="regularisation strength lambda")
-    gamma: float = Field(0.99, gt=0.0, lt=1.0, description="pruning ratio")
-    r_min: int = Field(1, ge=1, description="smallest rank a client prunes to")
 
 
 class HetLoRA(Method):

@@ -73,10 +73,8 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
-from typing import Literal
 
 import torch
-from pydantic import Field
 
 from lowrank_fed import FactorPair, alternating_update, select_slots, truncate
 from lowrank_fed.linalg import slot_scores as core_slot_scores
@@ -85,17 +83,10 @@ from ..peft_bridge import init_pairs
 from ..protocol import Message, decode_extras, decode_pairs, encode_extras
 from ..streams import GLOBAL_RANK_PAD
 from ..training import SlotMask
-from .base import ClientState, LocalPlan, Method, Options, weights_of
+from .base import ClientState, LocalPlan, Method, weights_of
+from .options import LoRAA2Options
 
 __all__ = ["LoRAA2", "factor_of", "slot_scores"]
-
-
-class LoRAA2Options(Options):
-    global_rank: int = Field(16, ge=1, description=(
-        "r_G, the rank every client holds; budgets r_k <= r_G; at most min(d_out, d_in) of the smallest adapted module"))
-    lr_ratio: float = Field(5.0, gt=0.0, description="eta_B / eta_A (eta_A = the run's lr)")
-    probe: Literal["round", "epoch"] = Field(
-        "epoch", description="probe batches: `epoch` (one pass over the client's data) or `round` (the local round's)")
 
 
 def factor_of(round_: int) -> str:

