@@ -1,11 +1,14 @@
 r"""The server's scoring of models: the global model, each rank's download, each client's model, the uploads.
 
-:class:`Scoring` is the evaluation half of the runner (:class:`~.simulation.Simulation` inherits it). Every score
+:class:`Scoring` is the evaluation half of the runner (:class:`~.simulation.Simulation` inherits it);
+:func:`score_detection` scores a robust method's flagged set against the truth (reporting only). Every score
 is deterministic: a model's scores depend on its tensors and the examples only, so scoring on the worker
 processes (``workers > 1``) or here gives the same numbers.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -13,9 +16,9 @@ import torch
 from ..evaluate import greedy_generate, rouge_l, score_classification, score_lm, summarise
 from ..methods import ClientState, Method, Model, ServerState
 from ..protocol import Message, decode_extras, decode_pairs
-from .rounds import evaluated, mean, score_detection
+from .rounds import evaluated, mean
 
-__all__ = ["Scoring", "score_encoded"]
+__all__ = ["Scoring", "score_encoded", "score_detection", "detection_auc"]
 
 
 def score_encoded(model, enc: dict[str, torch.Tensor], rows, task: str) -> dict[str, np.ndarray]:
@@ -25,6 +28,49 @@ def score_encoded(model, enc: dict[str, torch.Tensor], rows, task: str) -> dict[
     score = score_classification if task == "classification" else score_lm
     return score(model, enc)
 
+
+
+def detection_auc(scores, contaminated, benign) -> float | None:
+    r"""``P(s_i > s_j) + P(s_i = s_j) / 2`` over contaminated ``i`` and benign ``j`` (``scores`` keyed by client id).
+
+    None when there are no scores or one of the two groups is empty.
+
+    >>> detection_auc({"0": 0.1, "1": 2.0, "2": 0.1}, [1], [0, 2])
+    1.0
+    >>> detection_auc({"0": 0.1, "1": 0.1}, [1], [0])
+    0.5
+    """
+    if not scores or not contaminated or not benign:
+        return None
+    bad = np.array([float(scores[str(k)]) for k in contaminated])
+    good = np.array([float(scores[str(k)]) for k in benign])
+    return float(np.mean((bad[:, None] > good[None, :]) + 0.5 * (bad[:, None] == good[None, :])))
+
+
+def score_detection(detection: dict, participants: list[int], attackers: Mapping) -> dict:
+    r"""A round's flagged set and scores against the truth among its participants (reporting only).
+
+    With ``F`` the flagged, ``T`` the contaminated and ``N`` the benign participants:
+    ``precision = |F & T| / |F|`` (None when nothing is flagged), ``recall = |F & T| / |T|`` (None
+    when no participant is contaminated), ``false_flag_rate = |F & N| / |N|`` (None when every
+    participant is contaminated) and, when the method reports per-client ``scores``,
+
+    .. math:: \mathrm{AUC} = \frac{1}{|T| |N|} \sum_{i \in T} \sum_{j \in N}
+              \big(1[s_i > s_j] + \tfrac12 1[s_i = s_j]\big)
+
+    (None without scores or when ``T`` or ``N`` is empty). The truth is read here, after the
+    method's decision, and never reaches the method. The method's other keys are kept.
+    """
+    flagged = {int(k) for k in detection["flagged"]}
+    truth = {k for k in participants if k in attackers}
+    benign = [k for k in participants if k not in attackers]
+    hits = len(flagged & truth)
+    out = {k: v for k, v in detection.items() if k != "round"}
+    out.update(flagged=sorted(flagged), contaminated=sorted(truth),
+               precision=hits / len(flagged) if flagged else None, recall=hits / len(truth) if truth else None,
+               false_flag_rate=len(flagged - truth) / len(benign) if benign else None,
+               auc=detection_auc(detection.get("scores"), truth, benign))
+    return out
 
 
 class Scoring:

@@ -41,7 +41,7 @@ from ..training import prefix_shares
 
 __all__ = ["UpdateDroppedWarning", "ClientResult", "RoundCall", "RoundResult", "Transport", "configure_round",
            "accept_reply", "aggregate_round", "settle_round", "run_round", "round_row", "fault_kind", "corrupt",
-           "detection_auc", "score_detection", "mean", "mean_shares"]
+           "evaluated", "mean", "mean_shares"]
 
 log = logging.getLogger("lowrank_fed.llm")
 
@@ -348,49 +348,3 @@ def round_row(name: str, round_: int, server: ServerState, rows: list[dict], *, 
                prefix_share=mean_shares(r["prefix_share"] for r in rows),
                ranks=[server.ranks[k] for k in range(clients)], clients=rows)
     return row
-
-
-# ----------------------------------------------------------------------------- detection (reporting only)
-
-
-def detection_auc(scores, contaminated, benign) -> float | None:
-    r"""``P(s_i > s_j) + P(s_i = s_j) / 2`` over contaminated ``i`` and benign ``j`` (``scores`` keyed by client id).
-
-    None when there are no scores or one of the two groups is empty.
-
-    >>> detection_auc({"0": 0.1, "1": 2.0, "2": 0.1}, [1], [0, 2])
-    1.0
-    >>> detection_auc({"0": 0.1, "1": 0.1}, [1], [0])
-    0.5
-    """
-    if not scores or not contaminated or not benign:
-        return None
-    bad = np.array([float(scores[str(k)]) for k in contaminated])
-    good = np.array([float(scores[str(k)]) for k in benign])
-    return float(np.mean((bad[:, None] > good[None, :]) + 0.5 * (bad[:, None] == good[None, :])))
-
-
-def score_detection(detection: dict, participants: list[int], attackers: Mapping) -> dict:
-    r"""A round's flagged set and scores against the truth among its participants (reporting only).
-
-    With ``F`` the flagged, ``T`` the contaminated and ``N`` the benign participants:
-    ``precision = |F & T| / |F|`` (None when nothing is flagged), ``recall = |F & T| / |T|`` (None
-    when no participant is contaminated), ``false_flag_rate = |F & N| / |N|`` (None when every
-    participant is contaminated) and, when the method reports per-client ``scores``,
-
-    .. math:: \mathrm{AUC} = \frac{1}{|T| |N|} \sum_{i \in T} \sum_{j \in N}
-              \big(1[s_i > s_j] + \tfrac12 1[s_i = s_j]\big)
-
-    (None without scores or when ``T`` or ``N`` is empty). The truth is read here, after the
-    method's decision, and never reaches the method. The method's other keys are kept.
-    """
-    flagged = {int(k) for k in detection["flagged"]}
-    truth = {k for k in participants if k in attackers}
-    benign = [k for k in participants if k not in attackers]
-    hits = len(flagged & truth)
-    out = {k: v for k, v in detection.items() if k != "round"}
-    out.update(flagged=sorted(flagged), contaminated=sorted(truth),
-               precision=hits / len(flagged) if flagged else None, recall=hits / len(truth) if truth else None,
-               false_flag_rate=len(flagged - truth) / len(benign) if benign else None,
-               auc=detection_auc(detection.get("scores"), truth, benign))
-    return out

@@ -46,10 +46,10 @@ from ..streams import ADAPTER_INIT
 from . import rounds
 from .artifacts import check_resume, save_final
 from .checkpoint import CheckpointCorruptWarning, CheckpointError, atomic_write_text, load_checkpoint, save_checkpoint
-from .evaluation import Scoring, score_encoded
+from .evaluation import Scoring, detection_auc, score_encoded
 from .limits import check_limits
 from .report import add_verdict, summary_markdown, summary_row, write_plots
-from .rounds import UpdateDroppedWarning, detection_auc
+from .rounds import UpdateDroppedWarning
 from .state import load_final, state_from_flat, state_to_flat
 from .transports import Pooled, Sequential
 
@@ -276,12 +276,16 @@ class Simulation(Scoring):
                 self._write_logs()
                 if self.on_round_end is not None:
                     self.on_round_end(name, round_)
-        save_final(self.out, method, server, self.ws, cfg.model)
+        self._save_final(method, server)
         return method, history, timings
     def _config_json(self) -> dict:
         """The run config as stored in every checkpoint (JSON values): ``config.json``'s keys but
         :data:`~lowrank_fed.llm.config.EXECUTION_KEYS`, which change how the run is computed, never what."""
         return self.cfg.definition()
+    def _save_final(self, method: Method, server: ServerState) -> None:
+        """The method's final state and PEFT export in ``adapters/`` (:func:`~.artifacts.save_final`)."""
+        save_final(self.out, method, server, self.ws, self.cfg.model)
+
     def check_resume(self) -> None:
         """Refuse to resume a run whose config differs from its checkpoints' (:func:`~.artifacts.check_resume`;
         ``ConfigError``, nothing written)."""
