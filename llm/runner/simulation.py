@@ -79,7 +79,7 @@ class Simulation(Scoring):
         What carries each round's downloads to the clients (:class:`~.rounds.Transport`). None: in this process,
         one after another (:class:`~.transports.Sequential`), or on the worker pool (:class:`~.transports.Pooled`)
         when ``workers`` > 1 and the round has several clients. A run with its own transport (Flower) uses no
-        workers and never builds the clients' contexts.
+        workers, and builds no client's context unless the transport asks for :attr:`contexts`.
     """
 
     def __init__(self, config: RunConfig, out_dir: str | Path, *, progress: bool = True,
