@@ -1,10 +1,11 @@
-r"""``lowrank-fed run --engine flower``: the in-process runner's rounds carried by Flower.
+r"""``lowrank-fed run --engine flower``: the runner's round loop with Flower as its transport.
 
-:class:`FlowerSimulation` is the runner (:class:`~lowrank_fed.llm.runner.simulation.Simulation`: set-up, sampling,
-evaluation, ``metrics.jsonl``, checkpoints every round, ``--resume``, reports) with one change: a round's
-clients train on Flower SuperNodes (:meth:`FlowerSimulation.run_round` drives :class:`.LowRankStrategy` over a
-Flower ``Grid``). Everything the runner writes is written the same way, so a run on Flower and an in-process run
-of one config give the same adapters and metrics (only ``timings.jsonl`` differs).
+:class:`FlowerSimulation` is the runner (:class:`~lowrank_fed.llm.runner.simulation.Simulation`: set-up, the round
+loop of :mod:`~lowrank_fed.llm.runner.rounds`, evaluation, ``metrics.jsonl``, checkpoints every round, ``--resume``,
+reports) given :class:`FlowerTransport`: a round's downloads go to Flower SuperNodes through a Flower ``Grid``
+(:class:`.LowRankStrategy` builds the messages and decodes the replies) and the loop settles the replies with the
+same functions as in process. Everything the runner writes is written the same way, so a run on Flower and an
+in-process run of one config give the same adapters and metrics (only ``timings.jsonl`` differs).
 
 :meth:`FlowerSimulation.run` starts Flower's Simulation Runtime (Ray backend): ``clients`` virtual SuperNodes,
 each client's ``ClientApp`` given ``threads`` CPUs (``num_gpus`` GPUs), the ``ServerApp`` in a thread of this
@@ -30,12 +31,13 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, fields
 from pathlib import Path
 
 from ..runner.simulation import Simulation
+from .settings import FlowerSettings, split_run_config
 
-__all__ = ["FlowerSettings", "FlowerSimulation", "flower_environment", "flower_env", "split_run_config", "ENV"]
+__all__ = ["FlowerSettings", "FlowerSimulation", "FlowerTransport", "flower_environment", "flower_env",
+           "split_run_config", "ENV"]
 
 log = logging.getLogger("lowrank_fed.llm.flower")
 
@@ -47,92 +49,6 @@ ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
        "RAY_worker_niceness": "0"}
 _RAY_TMP_MAX = 40  # characters: Ray appends ~60 to this for its AF_UNIX sockets (limit 107)
 _SERVER_JOIN = 60.0  # seconds the end of run() waits for the ServerApp thread (it may be evaluating)
-
-
-@dataclass(frozen=True)
-class FlowerSettings:
-    r"""Engine settings of a run on Flower (not part of the run config: they do not change the results).
-
-    In Flower's run config (``[tool.flwr.app.config]``, ``flwr run --run-config``) they are the keys
-    ``flower-<name>`` with ``-`` for ``_`` (``flower-round-timeout = 600.0``).
-
-    Attributes
-    ----------
-    out : str
-        Output folder; ``""``: ``runs/<name>`` (relative to the ServerApp's working folder).
-    round_timeout : float
-        Seconds a round waits for its replies; a node that has not answered by then is a dropped update. Also
-        the longest a discovery query waits for a new node's answer.
-    min_replies : int
-        Replies a round needs (after the checks) to be aggregated; below it the global state is kept.
-    start_timeout : float
-        Seconds the ServerApp waits for a SuperNode of every client; if some client still has none by then, the
-        run is refused (nothing written). The first round the ServerApp runs waits ``round_timeout +
-        start_timeout`` for its replies: each node's first ClientApp also loads the model and the data.
-    num_gpus : float
-        GPUs per ClientApp in the simulation (0: CPU only).
-    """
-
-    out: str = ""
-    round_timeout: float = 600.0
-    min_replies: int = 1
-    start_timeout: float = 120.0
-    num_gpus: float = 0.0
-
-    def __post_init__(self):
-        checks = {"round_timeout": self.round_timeout > 0, "min_replies": self.min_replies >= 1,
-                  "start_timeout": self.start_timeout >= 0, "num_gpus": self.num_gpus >= 0}
-        for name, ok in checks.items():
-            if not ok:
-                raise ValueError(f"Flower setting 'flower-{name.replace('_', '-')}' must be "
-                                 f"{'>= 1' if name == 'min_replies' else 'positive' if name == 'round_timeout' else '>= 0'}. "
-                                 f"Got {getattr(self, name)!r}.")
-
-    def check(self, cfg) -> None:
-        r"""Refuse settings the run ``cfg`` cannot satisfy: ``min_replies`` above the clients a round samples
-        (``clients_per_round``, or ``clients``) would keep the global state every round.
-
-        Raises
-        ------
-        ValueError
-            Naming the setting, its bound and the value.
-        """
-        per_round = cfg.clients_per_round or cfg.clients
-        if self.min_replies > per_round:
-            where = (f"clients_per_round = {cfg.clients_per_round}" if cfg.clients_per_round else
-                     f"clients = {cfg.clients}")
-            raise ValueError(f"Flower setting 'flower-min-replies' (flower up --min-replies) must be at most the "
-                             f"clients a round samples ({where}): with more, no round is ever aggregated. Got "
-                             f"{self.min_replies}.")
-
-    def to_flat(self) -> dict:
-        """``{"flower-<name>": value}``: Flower's run-config form."""
-        return {f"flower-{f.name.replace('_', '-')}": getattr(self, f.name) for f in fields(self)}
-
-
-def split_run_config(flat) -> tuple[FlowerSettings, object]:
-    r"""Flower's run config -> ``(FlowerSettings, RunConfig)``: ``flower-*`` keys are settings, the rest the run.
-
-    Raises
-    ------
-    ConfigError
-        A run-config key is invalid (named as ``lowrank-fed run`` names it).
-    ValueError
-        A ``flower-*`` key is unknown or out of range.
-    """
-    from ..config import RunConfig
-
-    names = {f"flower-{f.name.replace('_', '-')}": f for f in fields(FlowerSettings)}
-    settings, rest = {}, {}
-    for key, value in dict(flat).items():
-        if key.startswith("flower-"):
-            if key not in names:
-                raise ValueError(f"Unknown Flower setting {key!r}; expected one of {sorted(names)}.")
-            f = names[key]
-            settings[f.name] = float(value) if f.type in ("float", float) and not isinstance(value, bool) else value
-        else:
-            rest[key] = value
-    return FlowerSettings(**settings), RunConfig.from_flat(rest)
 
 
 @contextlib.contextmanager
@@ -180,8 +96,65 @@ def flower_env(folder: str | Path) -> Iterator[dict[str, str]]:
                     os.environ[k] = v
 
 
-class FlowerSimulation(Simulation):
-    r"""The runner with each round's clients on Flower SuperNodes (see the module docstring).
+class FlowerTransport:
+    r"""The round loop's transport over a Flower ``Grid`` (:class:`~lowrank_fed.llm.runner.rounds.Transport`).
+
+    A round's downloads go out as :meth:`.LowRankStrategy.messages`, Flower carries them to the SuperNodes and
+    back (``grid.send_and_receive``), and the replies come back decoded by :meth:`.LowRankStrategy.collect`:
+    ``{client: ClientResult or why it sent none}``. The loop then settles the round with the runner's functions
+    (the ones :meth:`.LowRankStrategy.aggregate_train` calls) and hands the result back to the strategy
+    (:meth:`settled`). Replies wait ``round_timeout`` seconds, the first round ``round_timeout + start_timeout``
+    (each node's first ClientApp also loads the model and its data).
+    """
+
+    def __init__(self, settings: FlowerSettings):
+        self.settings = settings
+        self.strategy = None
+        self.grid = None
+        self.rounds_run = 0  # rounds carried (the first one waits longer: cold ClientApps)
+        self._wall = 0.0
+
+    @property
+    def min_replies(self) -> int:
+        return self.settings.min_replies
+
+    def round_timeout(self) -> float:
+        """Seconds the next round waits for replies: ``round_timeout``, plus ``start_timeout`` for the first."""
+        return self.settings.round_timeout + (self.settings.start_timeout if self.rounds_run == 0 else 0.0)
+
+    def __call__(self, downloads, call):
+        st = self.strategy
+        if st.method is not call.method:
+            st.begin(call.method, call.server, call.clients)
+        st.server, st.clients = call.server, call.clients
+        t0 = time.perf_counter()
+        messages = st.messages(downloads, call.round, self.grid)
+        replies = self.grid.send_and_receive(messages, timeout=self.round_timeout()) if messages else []
+        self.rounds_run += 1
+        results = st.collect(call.round, replies)
+        self._wall = time.perf_counter() - t0
+        call.tick(len(downloads))
+        return results
+
+    def round_times(self) -> dict:
+        return {"flower_round_seconds": self._wall}
+
+    def settled(self, call, result) -> None:
+        self.strategy.settled(result)
+
+
+def _forwarded(name: str) -> property:
+    """An attribute of the runner, read and written through the :class:`FlowerSimulation`."""
+    return property(lambda self: getattr(self.runner, name), lambda self, value: setattr(self.runner, name, value),
+                    doc=f"The runner's ``{name}``.")
+
+
+class FlowerSimulation:
+    r"""A run whose rounds' clients are Flower SuperNodes (see the module docstring).
+
+    The runner (:class:`~lowrank_fed.llm.runner.simulation.Simulation`, :attr:`runner`: set-up, the round loop,
+    evaluation, checkpoints, reports) with :class:`FlowerTransport` as its transport; every other attribute
+    (``cfg``, ``ranks``, ``federation``, ``setup``, ``evaluate``, ...) is the runner's.
 
     Parameters
     ----------
@@ -193,42 +166,29 @@ class FlowerSimulation(Simulation):
         more). :meth:`run` sets its own when the command ends; the ServerApp sets one when its SuperExec is gone.
     """
 
-    parallel = False  # Flower runs the ClientApps itself; ``workers`` is not used (nor the runner's worker pool)
+    on_round_end = _forwarded("on_round_end")
+    score_upload = _forwarded("score_upload")
 
     def __init__(self, config, out_dir, *, progress: bool = True, on_round_end=None,
                  settings: FlowerSettings | None = None, stop=None):
-        super().__init__(config, out_dir, progress=progress, on_round_end=on_round_end)
         self.settings = settings or FlowerSettings()
+        self.transport = FlowerTransport(self.settings)
+        self.runner = Simulation(config, out_dir, progress=progress, on_round_end=on_round_end,
+                                 transport=self.transport)
         self.grid = None
         self.strategy = None
+        self.summary = None
         self.startup_seconds = None  # Flower's start-up: from run() to the ServerApp's first line
-        self._rounds_run = 0  # rounds this ServerApp ran (the first one waits longer: cold ClientApps)
         self._stop = stop  # once set, serve() stops at its next exchange with the nodes (RunStopped)
 
-    # ------------------------------------------------------------------ one round on Flower
-    def round_timeout(self) -> float:
-        """Seconds the next round waits for replies: ``round_timeout``, plus ``start_timeout`` for the first."""
-        return self.settings.round_timeout + (self.settings.start_timeout if self._rounds_run == 0 else 0.0)
-
-    def run_round(self, method, server, clients, round_, bar=None):
-        """One round through :class:`.LowRankStrategy` and the Grid. Returns ``(server, clients, rows, times)``."""
-        from flwr.app import ArrayRecord, ConfigRecord
-
-        st = self.strategy
-        if st.method is not method:
-            st.begin(method, server, clients)
-        st.server, st.clients = server, clients
-        messages = list(st.configure_train(round_, ArrayRecord(), ConfigRecord(), self.grid))
-        replies = self.grid.send_and_receive(messages, timeout=self.round_timeout()) if messages else []
-        self._rounds_run += 1
-        st.aggregate_train(round_, replies)
-        if bar is not None:
-            bar.update(len(st.rows))
-        return st.server, st.clients, st.rows, st.times
+    def __getattr__(self, name):
+        if name == "runner":  # not yet set (copy, pickle): no recursion
+            raise AttributeError(name)
+        return getattr(self.runner, name)
 
     # ------------------------------------------------------------------ the ServerApp's body
     def serve(self, grid, *, resume: bool = False) -> list[dict]:
-        r"""Run every method over ``grid`` (the ServerApp's main): wait for the nodes, then :meth:`Simulation.run`.
+        r"""Run every method over ``grid`` (the ServerApp's main): wait for the nodes, then the runner's ``run``.
 
         Raises
         ------
@@ -245,8 +205,10 @@ class FlowerSimulation(Simulation):
         self.grid = grid if self._stop is None else _StoppableGrid(grid, self._stop)
         grid = self.grid
         settings = self.settings
-        st = self.strategy = LowRankStrategy(self, min_replies=settings.min_replies,
-                                             query_timeout=settings.round_timeout)
+        st = self.strategy = LowRankStrategy(self.cfg, self.federation, min_replies=settings.min_replies,
+                                             query_timeout=settings.round_timeout,
+                                             score_upload=lambda *args: self.runner.score_upload(*args))
+        self.transport.strategy, self.transport.grid = st, grid
         deadline = time.monotonic() + settings.start_timeout
         while True:
             left = deadline - time.monotonic()
@@ -263,13 +225,13 @@ class FlowerSimulation(Simulation):
                 f"{'s' if n != 1 else ''} connected; clients without a node: {missing}). Start one SuperNode per "
                 f"client (--node-config partition-id=0..{self.cfg.clients - 1}; in Flower's simulation "
                 f"num-supernodes = {self.cfg.clients}) or set 'clients' to the node count. Nothing was written.")
-        self._rounds_run = 0
-        self.summary = Simulation.run(self, resume=resume)
+        self.transport.rounds_run = 0
+        self.summary = self.runner.run(resume=resume)
         return self.summary
 
     # ------------------------------------------------------------------ lowrank-fed run --engine flower
     def run(self, *, resume: bool = False) -> list[dict]:
-        r"""Run every method on Flower's Simulation Runtime; return the summary rows (as :meth:`Simulation.run`).
+        r"""Run every method on Flower's Simulation Runtime; return the summary rows (as ``Simulation.run``).
 
         ``clients`` virtual SuperNodes (``partition-id`` = client id), each ClientApp with ``threads`` CPUs and
         ``settings.num_gpus`` GPUs; the ServerApp (:meth:`serve`) in a thread of this process.

@@ -1,21 +1,28 @@
 r"""The Flower ``Strategy`` of every lowrank-fed method: per-node downloads, the runner's checks, the method's rule.
 
-A round ``t`` on Flower's Message API does what :meth:`Simulation.run_round` does in one process:
+A round ``t`` on Flower's Message API is the runner's round (:mod:`~lowrank_fed.llm.runner.rounds`), with Flower
+carrying the messages:
 
-1. :meth:`LowRankStrategy.configure_train`: for each client ``k`` the runner samples
-   (:meth:`Simulation.sampled`), the method's own download ``method.configure(server, k)`` (its rank ``r_k``:
+1. :meth:`LowRankStrategy.configure_train`: for each client ``k`` the round samples, the method's own download
+   ``method.configure(server, k)`` (:func:`~lowrank_fed.llm.runner.rounds.configure_round`; its rank ``r_k``:
    heterogeneous ranks need one message per node, never one broadcast) goes to the SuperNode whose
    ``partition-id`` is ``k`` (found by a ``query`` message, :meth:`LowRankStrategy.discover`);
 2. the ``ClientApp`` (:mod:`.client_app`) runs :func:`~lowrank_fed.llm.client.run_client`;
-3. :meth:`LowRankStrategy.aggregate_train`: each reply goes through :meth:`Simulation.accept_reply` (the
-   runner's checks, :meth:`Method.check_reply`: NaN/Inf, shapes, ranks, keys; the upload scoring of
-   ``score_uploads``; attack/fault injection), so a bad reply is dropped and counted exactly as in the runner. A
-   reply that cannot be decoded (a missing record, bad JSON, an unknown dtype), a node that did not answer within
-   the round's timeout or that the SuperLink reports lost (``NODE_UNAVAILABLE``, ``MESSAGE_UNAVAILABLE``: both
-   give the reason ``"no reply from SuperNode <id> ..."``), and a node whose ClientApp raised are dropped updates
-   too (``reason`` names the node); then :meth:`Simulation.aggregate_round` applies the method's server rule to
-   the replies kept. With fewer than ``min_replies`` replies kept, the round keeps the global state and the kept
-   clients' rows say ``"aggregated": false``.
+3. :meth:`LowRankStrategy.aggregate_train`: the replies decoded (:meth:`LowRankStrategy.collect`), then
+   :func:`~lowrank_fed.llm.runner.rounds.settle_round`: each reply through the runner's
+   :func:`~lowrank_fed.llm.runner.rounds.accept_reply` (:meth:`Method.check_reply`: NaN/Inf, shapes, ranks, keys;
+   the upload scoring of ``score_uploads``; attack/fault injection), so a bad reply is dropped and counted exactly
+   as in the runner. A reply that cannot be decoded (a missing record, bad JSON, an unknown dtype), a node that
+   did not answer within the round's timeout or that the SuperLink reports lost (``NODE_UNAVAILABLE``,
+   ``MESSAGE_UNAVAILABLE``: both give the reason ``"no reply from SuperNode <id> ..."``), and a node whose
+   ClientApp raised are dropped updates too (``reason`` names the node); then
+   :func:`~lowrank_fed.llm.runner.rounds.aggregate_round` applies the method's server rule to the replies kept.
+   With fewer than ``min_replies`` replies kept, the round keeps the global state and the kept clients' rows say
+   ``"aggregated": false``.
+
+The runner's loop drives the same :meth:`~LowRankStrategy.messages` and :meth:`~LowRankStrategy.collect` through
+:class:`~.engine.FlowerTransport` (``lowrank-fed run --engine flower``, the ServerApp), and settles the round
+itself with the same function.
 
 A node that joins mid-run and cannot serve the run (its ``partition-id`` is not a client, its node count is not
 ``clients``, its rank budget is too small, its answer is malformed) is logged and ignored from then on; during
@@ -39,6 +46,7 @@ from flwr.serverapp.strategy import Strategy
 from ..methods import ClientState, Method, ServerState
 from ..protocol import Message as LFMessage
 from ..protocol import encode_pairs
+from ..runner.rounds import ClientResult, RoundResult, configure_round, settle_round
 from .records import from_records, has_part, to_records
 
 __all__ = ["LowRankStrategy", "decode_reply", "LOST_NODE"]
@@ -85,14 +93,18 @@ class LowRankStrategy(Strategy):
 
     Parameters
     ----------
-    sim : Simulation
-        The server's set-up run (:class:`~lowrank_fed.llm.runner.simulation.Simulation`): sampling, the reply
-        checks, evaluation, checkpoints. Its ``contexts`` are never built: each node builds its own.
+    cfg : RunConfig
+    federation : Federation
+        The server's view of the federation (:func:`~lowrank_fed.llm.federation.build_federation`): each client's
+        rank, the attackers (reporting and injection), :class:`~lowrank_fed.llm.federation.Shared`. No client's
+        examples: each node builds its own.
     min_replies : int
         Replies a round needs (after the checks) to be aggregated; below it the global state is kept.
     query_timeout : float
         Seconds a discovery query waits for new nodes' answers (:meth:`discover`; the engine passes the round
         timeout).
+    score_upload : callable(method, server, k, reply) -> dict, optional
+        Scores an upload (option ``score_uploads``; the runner's ``Simulation.score_upload``).
 
     Attributes
     ----------
@@ -110,12 +122,13 @@ class LowRankStrategy(Strategy):
         ``min_replies`` kept, the global state kept), as :meth:`aggregate_train` returns them.
     """
 
-    def __init__(self, sim, *, min_replies: int = 1, query_timeout: float = 60.0):
+    def __init__(self, cfg, federation, *, min_replies: int = 1, query_timeout: float = 60.0,
+                 score_upload=None):
         if isinstance(min_replies, bool) or not isinstance(min_replies, int) or min_replies < 1:
             raise ValueError(f"The 'min_replies' parameter must be a positive int. Got {min_replies!r}.")
         if not query_timeout > 0:
             raise ValueError(f"The 'query_timeout' parameter must be positive. Got {query_timeout!r}.")
-        self.sim = sim
+        self.cfg, self.federation, self.score_upload = cfg, federation, score_upload
         self.min_replies = min_replies
         self.query_timeout = float(query_timeout)
         self.nodes: dict[int, int] = {}
@@ -126,7 +139,8 @@ class LowRankStrategy(Strategy):
         self.clients: dict[int, ClientState] = {}
         self._state_round: dict[int, int] = {}  # client -> round of the server's copy of its state
         self._held: dict[int, tuple[int, int]] = {}  # client -> (node, state round) the node is known to hold
-        self._sent: dict[int, tuple[int, int, dict, LFMessage]] = {}  # flwr message object id -> (client, ...)
+        self._sent: dict[int, tuple[int, int]] = {}  # flwr message object id -> (client, node)
+        self._rows: dict[int, dict] = {}
         self._pending: list[Message] = []
         self.rows: list[dict] = []
         self.times: dict = {}
@@ -135,7 +149,7 @@ class LowRankStrategy(Strategy):
     # ------------------------------------------------------------------ set-up
     def summary(self) -> None:
         log.info("LowRankStrategy: method %s, %d clients, min_replies %d", self.method and self.method.name,
-                 self.sim.cfg.clients, self.min_replies)
+                 self.cfg.clients, self.min_replies)
 
     def begin(self, method: Method, server: ServerState, clients: dict[int, ClientState]) -> None:
         """Start (or resume) ``method`` from ``server`` and the server's copy of the clients' states."""
@@ -179,7 +193,7 @@ class LowRankStrategy(Strategy):
 
     def _identify(self, node: int, reply: Message) -> str | None:
         """Map the client of ``node``'s query answer to it; the reason it cannot serve the run, or None."""
-        clients = self.sim.cfg.clients
+        clients = self.cfg.clients
         try:
             info = reply.content.config_records["node"]
             k, budget, parts = _int(info, "partition-id"), _int(info, "rank"), _int(info, "num-partitions", -1)
@@ -192,7 +206,7 @@ class LowRankStrategy(Strategy):
         if not 0 <= k < clients:
             return (f"SuperNode {node}: partition-id {k} is not a client of this run; expected 0 <= partition-id "
                     f"< clients = {clients}.")
-        rank = self.sim.ranks[k]
+        rank = self.federation.ranks[k]
         if budget != -1 and budget < rank:
             return (f"SuperNode {node} (client {k}): rank budget {budget} is below the rank the run assigns client "
                     f"{k}: {rank}. Give the node rank >= {rank} or change 'ranks'.")
@@ -214,23 +228,32 @@ class LowRankStrategy(Strategy):
                         grid: Grid) -> Iterable[Message]:
         r"""One message per sampled client: its own download ``method.configure(server, k)`` to its node.
 
+        The downloads and rows are :func:`~lowrank_fed.llm.runner.rounds.configure_round`'s, the runner's.
         ``arrays`` and ``config`` (Flower's single global model) are not used: each client's download is the
         method's. A client with no node gets no message; :meth:`aggregate_train` counts it as dropped.
         """
-        method, server, cfg = self.method, self.server, self.sim.cfg
+        downloads, self._rows = configure_round(self.method, self.server, self.cfg, server_round)
+        self._t0 = time.perf_counter()
+        return self.messages(downloads, server_round, grid)
+
+    def messages(self, downloads: dict[int, LFMessage], server_round: int, grid: Grid) -> list[Message]:
+        r"""The Flower messages carrying ``downloads`` (``{client: download}``) to the clients' nodes.
+
+        Nodes that joined since the last round are discovered first. A download carries the run (config, method,
+        options, :class:`~lowrank_fed.llm.federation.Shared`: what no node can compute from its own examples) and,
+        where the node may not hold it (resume, rejoin), the server's copy of the client's state.
+        """
+        cfg = self.cfg
         self.discover(grid)  # nodes that joined since the last round
-        self._sent, self._pending, self.rows, self._t0 = {}, [], [], time.perf_counter()
-        run = {"config": json.dumps(cfg.to_dict(), sort_keys=True), "method": method.name,
-               "options": json.dumps(cfg.method_options.get(method.name, {}), sort_keys=True),
-               "shared": self.sim.federation.shared.to_json()}  # what no node can compute from its own examples
+        self._sent, self._pending = {}, []
+        run = {"config": json.dumps(cfg.to_dict(), sort_keys=True), "method": self.method.name,
+               "options": json.dumps(cfg.method_options.get(self.method.name, {}), sort_keys=True),
+               "shared": self.federation.shared.to_json()}  # what no node can compute from its own examples
         out = []
-        for k in self.sim.sampled(server_round):
-            download = method.configure(server, k)
-            row = {"client": k, "rank": int(download.config["rank"]), "bytes_down": download.nbytes, "dropped": False}
+        for k, download in downloads.items():
             node = self.nodes.get(k)
-            self.rows.append(row)
             if node is None:
-                self._sent[-k - 1] = (k, -1, row, download)  # no node: dropped in aggregate_train
+                self._sent[-k - 1] = (k, -1)  # no node: dropped in collect
                 continue
             state_round = self._state_round.get(k, 0)
             content = to_records(download, "msg")
@@ -239,45 +262,38 @@ class LowRankStrategy(Strategy):
                 state = self.clients[k]  # the node may not hold it (resume, rejoin): send the server's copy
                 to_records(LFMessage(state.arrays, state.info), "state", content)
             msg = Message(content, dst_node_id=node, message_type="train", group_id=str(server_round))
-            self._sent[id(msg)] = (k, node, row, download)
+            self._sent[id(msg)] = (k, node)
             out.append(msg)
         self._pending = out
         return out
 
-    def _by_message_id(self) -> dict[str, int]:
-        return {m.metadata.message_id: id(m) for m in self._pending}
+    def collect(self, server_round: int, replies: Iterable[Message]) -> dict[int, ClientResult | str]:
+        r"""The replies to :meth:`messages`, decoded: ``{client: ClientResult or why it sent none}``, in the order
+        of the messages.
 
-    def aggregate_train(self, server_round: int,
-                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        r"""Check each reply as the runner does, then the method's server rule on those kept.
-
-        Returns the global adapter (``ArrayRecord`` of folded ``lora/<module>/B|A``) and the round's counts:
-        ``replies`` (kept after the checks), ``dropped`` and ``aggregated`` (1, or 0 when fewer than
-        ``min_replies`` were kept and the global state was kept); the new server state is :attr:`server`.
+        A reply that cannot be decoded (a missing record, bad JSON, an unknown dtype), a node that did not answer
+        within the round's timeout or that the SuperLink reports lost (``NODE_UNAVAILABLE``,
+        ``MESSAGE_UNAVAILABLE``: ``"no reply from SuperNode <id> ..."``), a node whose ClientApp raised and a client
+        with no node are strings: dropped updates, the reason naming the node. The client state a node sends back
+        is what the node holds from then on.
         """
-        method, server, sim = self.method, self.server, self.sim
-        wall = time.perf_counter() - self._t0
-        ids, got = self._by_message_id(), {}
+        ids = {m.metadata.message_id: id(m) for m in self._pending}
+        got = {}
         for reply in replies:
             key = ids.get(reply.metadata.reply_to_message_id)
             if key is not None:
                 got[key] = reply
-        kept: dict[int, LFMessage] = {}
-        train_s = probe_s = server_s = 0.0
-        for key, (k, node, row, download) in self._sent.items():
-            t0 = time.perf_counter()
-            reply, error = None, None
+        out: dict[int, ClientResult | str] = {}
+        for key, (k, node) in self._sent.items():
             if node == -1:
                 error = "no SuperNode serves this client (none answered the discovery query with its partition-id)"
             elif key not in got:
                 error = f"no reply from SuperNode {node} within the round's timeout (node lost or too slow)"
-            elif got[key].has_error() and got[key].error.code in LOST_NODE:
-                err = got[key].error
-                error = (f"no reply from SuperNode {node}: the SuperLink reports it lost (error {err.code}: "
-                         f"{err.reason})")
             elif got[key].has_error():
                 err = got[key].error
-                error = f"SuperNode {node} answered with error {err.code}: {err.reason}"
+                error = (f"no reply from SuperNode {node}: the SuperLink reports it lost (error {err.code}: "
+                         f"{err.reason})" if err.code in LOST_NODE else
+                         f"SuperNode {node} answered with error {err.code}: {err.reason}")
             else:
                 try:
                     reply, state = decode_reply(got[key].content)
@@ -285,40 +301,47 @@ class LowRankStrategy(Strategy):
                     error = f"SuperNode {node} sent a reply that cannot be decoded: {err}"
                 else:
                     if state is not None:
-                        self.clients[k] = state
                         self._state_round[k] = server_round
                         self._held[k] = (node, server_round)
-                    train_s += reply.metrics.get("train_seconds", 0.0)
-                    probe_s += reply.metrics.get("probe_seconds", 0.0)
-            if reply is None:
-                self._held.pop(k, None)  # what the node holds is unknown now
-                log.warning("%s, round %d: client %d (SuperNode %s) is missing: %s", method.title, server_round, k,
-                            node if node != -1 else "none", error)
-            accepted, eval_s = sim.accept_reply(method, server, server_round, k, reply, error, row)
-            if accepted is not None:
-                kept[k] = accepted
-            server_s += time.perf_counter() - t0 - eval_s  # scoring the upload is evaluation, not server work
-        t0 = time.perf_counter()
-        self.server = sim.aggregate_round(method, server, kept, server_round, min_replies=self.min_replies)
-        aggregate_s = time.perf_counter() - t0
-        aggregated = len(kept) >= self.min_replies
-        if not aggregated:
-            for row in self.rows:
-                if row["client"] in kept:
-                    row["aggregated"] = False  # passed the checks, but the round kept the global state
-        self.times = {"server_seconds": server_s + aggregate_s, "aggregate_seconds": aggregate_s,
-                      "client_overhead_seconds": max(wall - train_s, 0.0), "train_seconds": train_s,
-                      "probe_seconds": probe_s, "flower_round_seconds": wall}
-        self.counts = {"replies": len(kept), "dropped": sum(r["dropped"] for r in self.rows),
-                       "aggregated": int(aggregated)}
+                    out[k] = ClientResult(reply, state, None)
+                    continue
+            self._held.pop(k, None)  # what the node holds is unknown now
+            log.warning("%s, round %d: client %d (SuperNode %s) is missing: %s", self.method.title, server_round, k,
+                        node if node != -1 else "none", error)
+            out[k] = error
+        return out
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        r"""Check each reply as the runner does, then the method's server rule on those kept.
+
+        :meth:`collect`, then :func:`~lowrank_fed.llm.runner.rounds.settle_round` (the runner's checks and
+        :func:`~lowrank_fed.llm.runner.rounds.aggregate_round`). Returns the global adapter (``ArrayRecord`` of
+        folded ``lora/<module>/B|A``) and the round's counts: ``replies`` (kept after the checks), ``dropped`` and
+        ``aggregated`` (1, or 0 when fewer than ``min_replies`` were kept and the global state was kept); the new
+        server state is :attr:`server`.
+        """
+        wall = time.perf_counter() - self._t0
+        results = self.collect(server_round, replies)
+        result = settle_round(self.method, self.server, server_round, self._rows, results, self.clients,
+                              cfg=self.cfg, attackers=self.federation.attackers, ranks=self.federation.ranks,
+                              score_upload=self.score_upload, min_replies=self.min_replies)
+        result.times["client_overhead_seconds"] = max(wall - result.times["train_seconds"], 0.0)
+        result.times["flower_round_seconds"] = wall
+        self.settled(result)
         arrays = ArrayRecord({k: v.detach().cpu().float().contiguous() for k, v in
                               encode_pairs(self.server.pairs).items()})
         return arrays, MetricRecord(self.counts)
 
+    def settled(self, result: RoundResult) -> None:
+        """Take a settled round (:func:`~lowrank_fed.llm.runner.rounds.settle_round`): the new server state, the
+        rows, timings and counts."""
+        self.server, self.rows, self.times, self.counts = result.server, result.rows, result.times, result.counts
+
     # ------------------------------------------------------------------ evaluation: on the server (the runner's)
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
-        """No federated evaluation: the server scores the models itself (:meth:`Simulation.evaluate`)."""
+        """No federated evaluation: the server scores the models itself (``Simulation.evaluate``)."""
         return []
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:

@@ -597,6 +597,40 @@ def test_the_clientapp_refuses_a_state_it_does_not_hold(tmp_path):
         client_app(msg, grid.contexts[100])
 
 
+def test_the_strategys_flower_api_settles_each_round_as_the_runners_loop(tmp_path):
+    """configure_train / aggregate_train (Flower's Strategy API, as a Flower ServerApp would call them) use the
+    runner's round functions: each round's server state, rows and counts equal the runner's loop in process."""
+    # Prepare: a method with client state and an update attacker; the strategy sees the server's federation only
+    from flwr.app import ArrayRecord, ConfigRecord
+
+    from lowrank_fed.llm.flower.strategy import LowRankStrategy
+    from lowrank_fed.llm.runner.simulation import Simulation
+
+    cfg = _cfg(methods=["fedsa"], attacks=[{"kind": "sign_flip", "clients": [1]}])
+    ref = Simulation(cfg, tmp_path, progress=False)
+    ref.setup()
+    grid = InlineGrid(cfg.clients)
+    ours, theirs = METHODS["fedsa"](), METHODS["fedsa"]()
+    strategy = LowRankStrategy(cfg, ref.federation)
+    strategy.discover(grid)
+    strategy.begin(ours, ours.init_server(ref.init, ref.init_extras, dict(enumerate(ref.ranks)),
+                                          init_seed=ref.init_seed), {})
+    server = theirs.init_server(ref.init, ref.init_extras, dict(enumerate(ref.ranks)), init_seed=ref.init_seed)
+    clients = {}
+    for t in (1, 2):
+        # Execute: one round each way
+        messages = list(strategy.configure_train(t, ArrayRecord(), ConfigRecord(), grid))
+        arrays, counts = strategy.aggregate_train(t, grid.send_and_receive(messages))
+        server, clients, rows, _ = ref.run_round(theirs, server, clients, t)
+        # Assert
+        assert strategy.rows == rows
+        assert dict(counts) == {"replies": 3, "dropped": 0, "aggregated": 1}
+        for m, pair in server.pairs.items():
+            assert torch.equal(strategy.server.pairs[m].B, pair.B) and torch.equal(strategy.server.pairs[m].A, pair.A)
+        assert sorted(arrays.keys()) == sorted(f"lora/{m}/{f}" for m in server.pairs for f in "BA")
+        assert strategy.clients.keys() == clients.keys()
+
+
 def test_each_node_reads_only_its_own_examples_and_the_federation_equals_the_runner(tmp_path, monkeypatch):
     """Every node's data loader is instrumented: a node reads its own rows, once, and nobody else's; no node builds a
     Simulation; the run (with a data attacker) equals the in-process runner byte for byte."""

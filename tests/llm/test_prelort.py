@@ -10,7 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
-import lowrank_fed.llm.runner.simulation as simulation  # noqa: E402
+import lowrank_fed.llm.runner.transports as simulation  # noqa: E402
 from lowrank_fed import FactorPair, aggregate, truncate  # noqa: E402
 from lowrank_fed.aggregation import keep_slots  # noqa: E402
 from lowrank_fed.llm.client import run_client  # noqa: E402

@@ -17,7 +17,7 @@ pytest.importorskip("peft")
 
 from peft import PeftModel  # noqa: E402
 
-import lowrank_fed.llm.runner.simulation as simulation  # noqa: E402
+import lowrank_fed.llm.runner.transports as simulation  # noqa: E402
 from lowrank_fed import FactorPair  # noqa: E402
 from lowrank_fed.llm import Adapter, load_peft_adapter, save_peft_adapter  # noqa: E402
 from lowrank_fed.llm.client import run_client  # noqa: E402

@@ -1,0 +1,207 @@
+r"""The server's scoring of models: the global model, each rank's download, each client's model, the uploads.
+
+:class:`Scoring` is the evaluation half of the runner (:class:`~.simulation.Simulation` inherits it);
+:func:`score_detection` scores a robust method's flagged set against the truth (reporting only). Every score
+is deterministic: a model's scores depend on its tensors and the examples only, so scoring on the worker
+processes (``workers > 1``) or here gives the same numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+
+from ..evaluate import greedy_generate, rouge_l, score_classification, score_lm, summarise
+from ..methods import ClientState, Method, Model, ServerState
+from ..protocol import Message, decode_extras, decode_pairs
+from .rounds import evaluated, mean
+
+__all__ = ["Scoring", "score_encoded", "score_detection", "detection_auc"]
+
+
+def score_encoded(model, enc: dict[str, torch.Tensor], rows, task: str) -> dict[str, np.ndarray]:
+    """Per-example scores of ``model`` on the encoded examples ``enc`` (only ``rows`` of them, if given)."""
+    if rows is not None:
+        enc = {k: v[torch.as_tensor(rows, dtype=torch.long)] for k, v in enc.items()}
+    score = score_classification if task == "classification" else score_lm
+    return score(model, enc)
+
+
+
+def detection_auc(scores, contaminated, benign) -> float | None:
+    r"""``P(s_i > s_j) + P(s_i = s_j) / 2`` over contaminated ``i`` and benign ``j`` (``scores`` keyed by client id).
+
+    None when there are no scores or one of the two groups is empty.
+
+    >>> detection_auc({"0": 0.1, "1": 2.0, "2": 0.1}, [1], [0, 2])
+    1.0
+    >>> detection_auc({"0": 0.1, "1": 0.1}, [1], [0])
+    0.5
+    """
+    if not scores or not contaminated or not benign:
+        return None
+    bad = np.array([float(scores[str(k)]) for k in contaminated])
+    good = np.array([float(scores[str(k)]) for k in benign])
+    return float(np.mean((bad[:, None] > good[None, :]) + 0.5 * (bad[:, None] == good[None, :])))
+
+
+def score_detection(detection: dict, participants: list[int], attackers: Mapping) -> dict:
+    r"""A round's flagged set and scores against the truth among its participants (reporting only).
+
+    With ``F`` the flagged, ``T`` the contaminated and ``N`` the benign participants:
+    ``precision = |F & T| / |F|`` (None when nothing is flagged), ``recall = |F & T| / |T|`` (None
+    when no participant is contaminated), ``false_flag_rate = |F & N| / |N|`` (None when every
+    participant is contaminated) and, when the method reports per-client ``scores``,
+
+    .. math:: \mathrm{AUC} = \frac{1}{|T| |N|} \sum_{i \in T} \sum_{j \in N}
+              \big(1[s_i > s_j] + \tfrac12 1[s_i = s_j]\big)
+
+    (None without scores or when ``T`` or ``N`` is empty). The truth is read here, after the
+    method's decision, and never reaches the method. The method's other keys are kept.
+    """
+    flagged = {int(k) for k in detection["flagged"]}
+    truth = {k for k in participants if k in attackers}
+    benign = [k for k in participants if k not in attackers]
+    hits = len(flagged & truth)
+    out = {k: v for k, v in detection.items() if k != "round"}
+    out.update(flagged=sorted(flagged), contaminated=sorted(truth),
+               precision=hits / len(flagged) if flagged else None, recall=hits / len(truth) if truth else None,
+               false_flag_rate=len(flagged - truth) / len(benign) if benign else None,
+               auc=detection_auc(detection.get("scores"), truth, benign))
+    return out
+
+
+class Scoring:
+    r"""Evaluation of a set-up run (mixin of :class:`~.simulation.Simulation`).
+
+    Reads what :meth:`Simulation.setup` builds: ``cfg``, ``ws`` (the model's workspace), ``enc`` (the encoded
+    validation and test sets), ``val``, ``test``, ``holdout`` (each client's held-out test rows), ``attackers``,
+    ``task``, ``metric``, ``tokenizer``, ``workers`` and ``federation``.
+    """
+
+    _pool = None
+
+    def _load(self, model: Model) -> None:
+        self.ws.set_base(model.base)
+        self.ws.load(model.pairs, model.extras)
+
+    def _score(self, split: str, rows=None) -> dict[str, np.ndarray]:
+        return score_encoded(self.ws.peft, self.enc[split], rows, self.task)
+
+    def _score_models(self, jobs: list[tuple[Model, str, object]]) -> list[dict[str, np.ndarray]]:
+        r"""The scores of each ``(model, split, rows)`` in ``jobs``, in that order: on the workers when there are
+        several (each loads the model into its own workspace), else here one after another. Either way the same
+        numbers: a model's scores depend on its tensors and the examples only."""
+        if self.workers > 1 and len(jobs) > 1:
+            results = self.pool.run([("score", job) for job in jobs])
+            for (status, value), (_, split, _) in zip(results, jobs, strict=True):
+                if status != "ok":  # evaluation is the server's: a failure there fails the run, as it does here
+                    raise RuntimeError(f"Scoring a model on the {split} set in a worker failed: {value}")
+            return [value for _, value in results]
+        out = []
+        for model, split, rows in jobs:
+            self._load(model)
+            out.append(self._score(split, rows))
+        return out
+
+    @property
+    def pool(self):
+        """The worker processes (:class:`~.pool.ClientPool`), started on first use; :meth:`close` stops them."""
+        if self._pool is None:
+            from .pool import ClientPool
+
+            self._pool = ClientPool(self.cfg, self.federation.shared, self.workers, max(self.ranks))
+        return self._pool
+
+    def close(self) -> None:
+        """Stop the worker processes, if any were started (:meth:`run` does so when it ends)."""
+        if getattr(self, "_pool", None) is not None:
+            self._pool.close()
+            self._pool = None
+
+    def evaluate(self, method: Method, server: ServerState, clients: dict[int, ClientState], *,
+                 by_rank: bool = True, rouge: bool = False) -> dict:
+        r"""Scores of a round (deterministic; no timings).
+
+        - ``<metric>``, ``loss``: the global model on the test set; ``val_<metric>``: on the validation set;
+        - ``by_rank``: ``{rank: {<metric>, loss}}`` for the model each distinct client rank downloads;
+        - ``local_<metric>``: the mean over clients of each client's model on its own held-out set
+          (``per_client`` lists them, None for a client whose held-out set is empty): its download, or
+          its personalised model (``personal`` methods);
+        - ``per_client_global`` (methods that are not personalised): the global model on each client's own
+          held-out set, so ``per_client_global[k] - per_client[k]`` is client ``k``'s drop at distribution.
+        """
+        glob = method.global_model(server)
+        jobs = [(glob, "test", None)] + ([(glob, "val", None)] if len(self.val) else [])
+        ranks = personal = []
+        if by_rank and method.personalised:  # each client's own model on its held-out rows
+            personal = [k for k in range(self.cfg.clients) if len(self.holdout[k])]
+            jobs += [(method.personal_model(method.configure(server, k), clients.get(k, ClientState()), self.ws.shapes),
+                      "test", self.holdout[k]) for k in personal]
+        elif by_rank:  # the model each distinct rank downloads, where it is not the global one
+            ranks = [r for r in sorted(set(server.ranks.values())) if not method.download_is_global(server, r)]
+            jobs += [(method.downloaded_model(server, r), "test", None) for r in ranks]
+        scored = self._score_models(jobs)
+        global_scores = scored.pop(0)
+        out = summarise(global_scores)
+        if "correct" in global_scores:  # per test example, for the verdict's paired standard error (report.py)
+            out["test_correct"] = np.packbits(global_scores["correct"]).tobytes().hex()
+        if len(self.val):
+            out.update({f"val_{k}": v for k, v in summarise(scored.pop(0)).items()})
+        if rouge and self.task == "generation" and self.cfg.rouge_size:
+            self._load(glob)
+            n = min(self.cfg.rouge_size, len(self.test))
+            preds = greedy_generate(self.ws.peft, self.tokenizer, self.enc["test"]["prompt_ids"][:n],
+                                    self.enc["test"]["prompt_mask"][:n], max_new_tokens=self.cfg.max_new_tokens)
+            out["rouge_l"] = rouge_l(preds, list(self.test.targets[:n]))
+            out["samples"] = [{"prediction": p, "reference": r} for p, r in zip(preds[:3], self.test.targets[:3], strict=False)]
+        if not by_rank:
+            return out
+        sums: list[dict | None]  # per client; None: the client's held-out set is empty
+        if method.personalised:
+            own = dict(zip(personal, scored, strict=True))
+            sums = [summarise(own[k]) if k in own else None for k in range(self.cfg.clients)]
+        else:
+            downloads = dict(zip(ranks, scored, strict=True))
+            scores = {r: downloads.get(r, global_scores) for r in sorted(set(server.ranks.values()))}
+            out["by_rank"] = {str(r): summarise(s) for r, s in scores.items()}
+            sums = [summarise(scores[server.ranks[k]], self.holdout[k]) if len(self.holdout[k]) else None
+                    for k in range(self.cfg.clients)]
+            # the global model on each client's own held-out set: minus per_client, the drop at distribution
+            out["per_client_global"] = [summarise(global_scores, self.holdout[k])[self.metric]
+                                        if len(self.holdout[k]) else None for k in range(self.cfg.clients)]
+        out["per_client"] = [s[self.metric] if s else None for s in sums]
+        for key in (self.metric, *(("token_accuracy", "exact_match") if self.task == "generation" else ())):
+            values = [s[key] if s else None for s in sums]
+            out[f"local_{key}"] = mean(values)
+            if self.attackers:  # what the benign clients get: the contaminated ones' scores are not their goal
+                out[f"benign_local_{key}"] = mean(v for k, v in enumerate(values) if k not in self.attackers)
+        return out
+    def _evaluated(self, round_: int) -> bool:
+        """Whether round ``round_`` is scored (every ``eval_every`` rounds and the last)."""
+        return evaluated(self.cfg, round_)
+
+    def score_upload(self, method: Method, server: ServerState, k: int, reply: Message) -> dict:
+        r"""Client ``k``'s own trained model, what it uploads before any aggregation (option ``score_uploads``).
+
+        ``upload_<metric>`` on the test set and ``upload_local_<metric>`` on the client's held-out set, for
+        methods whose reply is the client's whole model (``Method.upload_is_model``: both factors of every
+        module and the shared head, or the frozen one); ``{}`` for the others (FFA, FedSA, LoRA-A2, FLoRA,
+        HAFL freezing, local).
+        Byun & Lee's diagnostic compares it with the model the client gets back after one aggregation.
+        """
+        if not method.upload_is_model:
+            return {}
+        pairs = decode_pairs(reply.arrays)
+        extras = decode_extras(reply.arrays) if method.head_shared else server.extras
+        self._load(Model(pairs, dict(extras), None))
+        scores = self._score("test")  # one pass: the held-out rows are rows of the test set (as in evaluate)
+        out = {f"upload_{self.metric}": summarise(scores)[self.metric]}
+        if len(self.holdout[k]):
+            out[f"upload_local_{self.metric}"] = summarise(scores, self.holdout[k])[self.metric]
+        return out
+    def score_detection(self, detection: dict, participants: list[int]) -> dict:
+        """:func:`~.rounds.score_detection` against this run's attackers (reporting only)."""
+        return score_detection(detection, participants, self.attackers)
