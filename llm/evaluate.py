@@ -26,6 +26,7 @@ import torch
 from .data import make_batch
 
 __all__ = [
+    "score_encoded",
     "score_classification",
     "score_lm",
     "summarise",
@@ -236,3 +237,11 @@ def rouge_l(predictions: list[str], references: list[str]) -> float:
         raise ValueError(f"Need equally many predictions and references. Got {len(predictions)} and {len(references)}.")
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     return float(np.mean([scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references, strict=True)]))
+
+
+def score_encoded(model, enc: dict[str, torch.Tensor], rows, task: str) -> dict[str, np.ndarray]:
+    """Per-example scores of ``model`` on the encoded examples ``enc`` (only ``rows`` of them, if given)."""
+    if rows is not None:
+        enc = {k: v[torch.as_tensor(rows, dtype=torch.long)] for k, v in enc.items()}
+    score = score_classification if task == "classification" else score_lm
+    return score(model, enc)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ast
 import importlib
-import warnings
 from pathlib import Path
 
 import pytest
@@ -30,21 +29,6 @@ OVERSIZED_FOR_NOW = {
     "lowrank_fed/robust/api.py",
     "lowrank_fed/synthetic.py",
 }
-
-#: Modules split by concern in issue 20 whose import circles were removed: none of them may be on a circle again.
-UNTANGLED = (
-    "lowrank_fed._arrays",
-    "lowrank_fed._validation",
-    "lowrank_fed.factors",
-    "lowrank_fed.llm.data",
-    "lowrank_fed.llm.evaluate",
-    "lowrank_fed.llm.flower.deploy",
-    "lowrank_fed.llm.flower.local",
-    "lowrank_fed.llm.models",
-    "lowrank_fed.llm.packages",
-    "lowrank_fed.llm.peft_bridge",
-    "lowrank_fed.llm.training",
-)
 
 #: Every name imported from these modules anywhere in the repository before the split (issue 20): each still
 #: imports from the same path, so other branches merge without touching their imports.
@@ -191,18 +175,13 @@ def test_the_allow_list_names_only_oversized_files():
                                             f"{sorted(OVERSIZED_FOR_NOW - set(found))}"
 
 
-def test_the_split_modules_are_on_no_import_circle_and_the_other_circles_are_shown():
+def test_the_import_graph_has_no_circle():
     # Prepare
     graph = import_graph()
     # Execute
     found = cycles(graph)
-    # Assert
-    tangled = [c for c in found if any(_under(m, UNTANGLED) for m in c)]
-    assert not tangled, f"import circles through the split modules: {tangled}"
-    if found:  # circles left in modules other engineers are still reworking (issue 20): shown, not failed
-        message = "import circles left: " + "; ".join(" <-> ".join(c) for c in found)
-        print(message)
-        warnings.warn(message, stacklevel=1)
+    # Assert: no circle anywhere in llm/ or lowrank_fed/, top-level or function-level imports alike
+    assert not found, "import circles: " + "; ".join(" <-> ".join(c) for c in found)
 
 
 def test_the_graph_sees_function_level_imports_and_package_parents(tmp_path):

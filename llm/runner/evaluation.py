@@ -13,21 +13,12 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from ..evaluate import greedy_generate, rouge_l, score_classification, score_lm, summarise
+from ..evaluate import greedy_generate, rouge_l, score_encoded, summarise
 from ..methods import ClientState, Method, Model, ServerState
 from ..protocol import Message, decode_extras, decode_pairs
 from .rounds import evaluated, mean
 
 __all__ = ["Scoring", "score_encoded", "score_detection", "detection_auc"]
-
-
-def score_encoded(model, enc: dict[str, torch.Tensor], rows, task: str) -> dict[str, np.ndarray]:
-    """Per-example scores of ``model`` on the encoded examples ``enc`` (only ``rows`` of them, if given)."""
-    if rows is not None:
-        enc = {k: v[torch.as_tensor(rows, dtype=torch.long)] for k, v in enc.items()}
-    score = score_classification if task == "classification" else score_lm
-    return score(model, enc)
-
 
 
 def detection_auc(scores, contaminated, benign) -> float | None:

@@ -126,7 +126,7 @@ class _Worker:
 
     def score(self, model, split: str, rows) -> dict:
         """The per-example scores of ``model`` (a :class:`~lowrank_fed.llm.methods.Model`) on ``split``'s ``rows``."""
-        from ..runner.simulation import score_encoded
+        from ..evaluate import score_encoded
 
         ws = self.model.workspace
         ws.set_base(model.base)
