@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import numpy as np
-import torch
 
 from ..evaluate import greedy_generate, rouge_l, score_encoded, summarise
 from ..methods import ClientState, Method, Model, ServerState
