@@ -87,7 +87,8 @@ def _committed_runs():
 def test_committed_runs_made_before_lora_scaling_existed_are_still_finished():
     # lora-a2's, byun-lee's and hafl's config.json predate the key and ran the configs as they are now (up to the
     # key); PreLort's ran 5 and 3 local steps, not 50: runs of other configs, to be rerun. CLAIR's were rerun under
-    # today's configs (the key is in their config.json); the earlier ones are in clair-zcut3/, outside this check.
+    # today's configs (the key is in their config.json); the earlier ones are in clair-zcut3/ and (the copy task at
+    # lr 5e-3, before its tune) clair-lr5e-3/, outside this check.
     rerun = ("prelort",)
     counted = 0
     for name, stem, folder in _committed_runs():
@@ -99,7 +100,17 @@ def test_committed_runs_made_before_lora_scaling_existed_are_still_finished():
     with_runs = [(n, c) for n, c in ALL_CONFIGS if n not in rerun and (RESULTS / n / c).is_dir()]
     assert len(with_runs) == 6 + 1 + 2 + 4 + 2  # lora-a2, byun-lee, hafl freezing and truncation, clair copy, minilm
     assert counted == sum(len(list((RESULTS / n / c).glob("seed*"))) for n, c in with_runs if not _names_tuned(n, c))
-    assert counted == 3 * (6 + 1 + 2 + 2) + 5 * 4  # the copy task ran 5 seeds
+    assert counted == 3 * (6 + 1 + 2 + 2)
+    # configs that read a tuned file (CLAIR's copy task, rerun at its tuned rates, 5 seeds): their runs are theirs
+    tuned = [(n, c) for n, c in ALL_CONFIGS if _names_tuned(n, c) and (RESULTS / n / c).is_dir()]
+    assert sorted(c for _, c in tuned) == ["copy_g0", "copy_g01", "copy_g02", "copy_g03"]
+    for name, stem in tuned:
+        folders = sorted((RESULTS / name / stem).glob("seed*"))
+        assert len(folders) == 5
+        for folder in folders:
+            seed = json.loads((folder / "config.json").read_text())["seed"]
+            cfg = RunConfig.from_dict({**load_config(CONFIG_ROOT / name / f"{stem}.toml"), "seed": seed})
+            assert _finished(folder, cfg), folder
 
 
 def test_a_stored_config_without_a_newer_key_is_that_keys_default_and_nothing_else(tmp_path):
