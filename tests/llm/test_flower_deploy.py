@@ -52,9 +52,14 @@ def _cmdline(pid: int) -> bytes:
         return b""
 
 
-def _environ(pid: int) -> dict[str, str]:
-    with open(f"/proc/{pid}/environ", "rb") as f:
-        return dict(item.decode().split("=", 1) for item in f.read().split(b"\0") if b"=" in item)
+def _environ(pid: int) -> dict[str, str] | None:
+    """The environment of ``pid``; None for a process that ended before or while ``/proc`` is read."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            raw = f.read()
+    except OSError:  # ProcessLookupError / FileNotFoundError: a short-lived helper already gone
+        return None
+    return dict(item.decode().split("=", 1) for item in raw.split(b"\0") if b"=" in item)
 
 
 @pytest.mark.slow
@@ -73,7 +78,9 @@ def test_a_supernode_killed_in_round_2_does_not_stop_the_run(tmp_path):
             for pid in deploy.marked_processes(folder):
                 if pid not in seen:
                     seen.add(pid)
-                    environs[pid] = _environ(pid)
+                    env = _environ(pid)
+                    if env is not None:  # ended already: nothing left to check but that it is gone
+                        environs[pid] = env
             metrics = out / "metrics.jsonl"
             if metrics.exists() and any(json.loads(x)["round"] == 1 for x in metrics.read_text().splitlines()):
                 killed.extend(fed.kill("supernode-2", signal.SIGKILL))
