@@ -212,3 +212,47 @@ def test_every_name_imported_before_the_split_still_imports_from_its_old_path(mo
     # Assert
     missing = [name for name in KEPT_NAMES[module] if not hasattr(loaded, name)]
     assert not missing, f"{module} lost {missing}"
+
+
+#: The modules that may import project modules inside a function, and why: each keeps something heavy or optional
+#: (torch, transformers and PEFT: the `llm` extra; Flower: the `flower` extra; rich: the `cli` extra) out of a path
+#: that must work without it. Every other module imports the project's modules at the top (issue 20).
+LAZY_IMPORTS = {
+    "llm/run.py": "command entry: torch only after the config passed (a bad config answers in about 1 s)",
+    "llm/merge.py": "command entry: torch and PEFT only after the arguments passed",
+    "llm/tune.py": "command entry: torch only after the config and the grid passed",
+    "llm/reproduce/run.py": "command entry: the runner (torch) only when a run is made, not for --analyse-only",
+    "llm/reproduce/analysis.py": "the analysis runs without torch; only counting a model's parameters needs it",
+    "llm/flower/deploy.py": "command entry: torch and Flower (the flower extra) only after the config passed",
+    "llm/flower/server_app.py": "Flower app: loaded by Flower, imports the runner when it runs",
+    "llm/flower/client_app.py": "Flower app: a node builds its client only when Flower starts it",
+    "llm/flower/engine.py": "Flower extra: the apps and the strategy are imported only when a Flower run starts",
+    "llm/flower/settings.py": "flower-* settings are read before the run config is imported",
+    "llm/runner/pool.py": "worker processes: what a worker needs is imported in the worker, after the forkserver",
+    "llm/runner/evaluation.py": "the worker pool (and its forkserver) is started only when a run has several workers",
+    "llm/training/truncation.py": "importing the training loop does not import PEFT",
+    "lowrank_fed/experiments/recover.py": "rich (the cli extra) only to print a table",
+}
+
+
+def _lazy_project_imports(path: Path) -> list[str]:
+    """The project modules ``path`` imports inside a function (relative, or ``lowrank_fed...``)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for sub in ast.walk(node):
+                if isinstance(sub, ast.ImportFrom) and (sub.level or (sub.module or "").startswith("lowrank_fed")):
+                    found.append("." * sub.level + (sub.module or ""))
+    return found
+
+
+def test_function_level_imports_of_project_modules_are_only_where_a_reason_is_stated():
+    # Prepare
+    files = [p for folder in ("llm", "lowrank_fed") for p in sorted((ROOT / folder).rglob("*.py"))]
+    # Execute
+    lazy = {str(p.relative_to(ROOT)): _lazy_project_imports(p) for p in files}
+    lazy = {path: found for path, found in lazy.items() if found}
+    # Assert: no module imports the project inside a function without a stated reason, and no stale reason
+    unexplained = {path: found for path, found in lazy.items() if path not in LAZY_IMPORTS}
+    assert not unexplained, f"function-level imports of project modules without a reason: {unexplained}"
+    assert sorted(set(LAZY_IMPORTS) - set(lazy)) == [], "reasons left for modules that import at the top now"
