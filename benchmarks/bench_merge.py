@@ -73,7 +73,6 @@ def _rss_mb() -> float:
 
 
 def _peft_side(paths, weights, d, n_layers, queue):
-    import torch
     from peft import PeftModel
 
     model = PeftModel.from_pretrained(_base(d, n_layers), paths[0], adapter_name="c0")
@@ -87,7 +86,6 @@ def _peft_side(paths, weights, d, n_layers, queue):
     layers = (0, n_layers - 1)
     deltas = {i: model.base_model.model.layers[i]["proj"].get_delta_weight("merged").double() for i in layers}
     queue.put({"seconds": seconds, "peak_mb": _rss_mb() - before, "deltas": {i: t.numpy() for i, t in deltas.items()}})
-    del torch
 
 
 def _our_side(paths, weights, out, queue):

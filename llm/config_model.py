@@ -220,6 +220,10 @@ class RunConfig(BaseModel):
                        f"the {cores} CPU cores this process may use here (0: as many as fit)", workers))
         return workers
 
+    def workers_chosen(self) -> bool:
+        """Whether the user chose the number of workers (``workers`` or ``LOWRANK_FED_WORKERS``), not the default."""
+        return bool(self.workers or os.environ.get(WORKERS_ENV))
+
     def worker_count(self, device: str = "cpu") -> int:
         r"""The worker processes a run uses: ``workers``; where it is 0, the environment's ``LOWRANK_FED_WORKERS``
         if set, else :math:`\lfloor \text{cores} / \text{threads} \rfloor` on a CPU and 1 on a CUDA device

@@ -40,7 +40,7 @@ from pathlib import Path
 
 from .flower.processes import signals_raise
 from .outputs import OutputFolderError, clear_folder, hold_lock, lock_holder, output_path, plan_output
-from .packages import PackageMissingError, cache_dir
+from .packages import PackageMissingError, cache_dir, check_model_package
 
 __all__ = ["add_arguments", "main", "check_output_folder"]
 
@@ -168,8 +168,6 @@ _clear = clear_folder
 
 def _check_packages(cfg) -> None:
     """Raise PackageMissingError before anything is written if the packaged model is not installed."""
-    from .packages import check_model_package
-
     check_model_package(cfg.model)
 
 

@@ -46,7 +46,8 @@ from typing import Any
 
 from .config import ConfigError, RunConfig, apply_overrides, load_config, parse_value, tuned_paths
 from .methods import METHODS, method_options
-from .outputs import OutputFolderError, clear_folder, hold_lock, output_path, plan_output
+from .outputs import OutputFolderError, atomic_write_text, clear_folder, hold_lock, output_path, plan_output
+from .packages import check_model_package
 from .reproduce.runs import MAX_SEEDS, finished_run, load_run
 # the parameter, the grid and the choice (tune_choice), the outputs (tune_report): every name importable from here
 from .reproduce.tune_choice import (DEFAULT_SEEDS, LR_BOUNDS, MAX_EXTENSIONS, NOT_TUNED, SCORES,  # noqa: F401
@@ -55,7 +56,6 @@ from .reproduce.tune_choice import (DEFAULT_SEEDS, LR_BOUNDS, MAX_EXTENSIONS, NO
                                     resolve_param, separation)
 from .reproduce.tune_report import _how, _num, _verdict, tune_markdown, tuned_toml  # noqa: F401
 from .reproduce.tune_report import tune_report as _report
-from .outputs import atomic_write_text
 
 __all__ = ["add_arguments", "main", "tune", "Target", "resolve_param", "extend_value", "separation", "choose",
            "run_trial", "DEFAULT_SEEDS", "LR_BOUNDS", "MAX_EXTENSIONS", "TUNE_SIGNATURE", "TUNE_LAYOUT"]
@@ -151,9 +151,7 @@ def tune(config: str | Path, *, param: str = "lr", grid: list[Any] | None = None
     config = Path(config)
     data = apply_overrides(load_config(config), overrides)
     base = _validated(data, f"config '{config}'")
-    from .run import _check_packages
-
-    _check_packages(base)  # PackageMissingError: the packaged model is not installed
+    check_model_package(base.model)  # PackageMissingError: the packaged model is not installed
     if base.val_size == 0:
         raise ConfigError(f"config '{config}' has val_size = 0: no validation split to choose on (the test split is "
                           "never used for selection). Set one, e.g. --set val_size=200.")

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 import warnings
@@ -37,7 +36,7 @@ import numpy as np
 import torch
 
 from ..client import ClientContext
-from ..config import WORKERS_ENV, RunConfig
+from ..config import RunConfig
 from ..federation import build_client, build_federation, build_model, encode_examples, sample_clients
 from ..federation import config_key as _config_key
 from ..methods import ClientState, Method, ServerState, make_method
@@ -133,7 +132,7 @@ class Simulation(Scoring):
         workers = cfg.worker_count(self.device.type) if self.parallel else 1
         self.workers = check_limits(
             cfg, ranks=self.ranks, shapes=self.ws.shapes, model_config=self.model.model_config, task=self.task,
-            n_k=self.n_k, device=self.device, workers=workers, chosen=bool(cfg.workers or os.environ.get(WORKERS_ENV)),
+            n_k=self.n_k, device=self.device, workers=workers, chosen=cfg.workers_chosen(),
             model_bytes=self.model.model_params * torch.finfo(getattr(torch, cfg.dtype)).bits // 8,
             global_ranks={k: o.global_rank for k, o in held.items() if hasattr(o, "global_rank")})
         # validation and test are the server's, clean (an empty split, val_size = 0, is never scored, so it is not
