@@ -36,13 +36,13 @@ from pydantic import BaseModel
 
 from .catalog import RANK_NAMES
 from .config_entries import (EXECUTION_KEYS, MAX_LOCAL_EPOCHS, MAX_LOCAL_STEPS, MAX_ROUNDS, WORKERS_ENV, Attack,
-                             Fault, MethodName, RankSpec, _Registered, available_cores, same_run_keys)
+                             Fault, MethodName, RankSpec, Site, _Registered, available_cores, same_run_keys)
 from .config_errors import ConfigError, config_line
 from .config_files import TUNED_KEY, apply_overrides, load_config, parse_value, tuned_paths
 from .config_model import RunConfig
 from .methods.registry import METHODS, REGISTRY, method_options
 
-__all__ = ["RunConfig", "Fault", "Attack", "ConfigError", "load_config", "apply_overrides", "parse_value", "TUNED_KEY",
+__all__ = ["RunConfig", "Fault", "Attack", "Site", "ConfigError", "load_config", "apply_overrides", "parse_value", "TUNED_KEY",
            "tuned_paths", "config_reference", "EXECUTION_KEYS", "same_run_keys", "WORKERS_ENV", "available_cores",
            "config_line", "MAX_ROUNDS", "MAX_LOCAL_STEPS", "MAX_LOCAL_EPOCHS", "RANK_NAMES", "RankSpec", "MethodName"]
 
@@ -63,7 +63,7 @@ def _type_text(annotation: Any, metadata=()) -> str:
         text += " or absent" if type(None) in args else ""
     elif origin is list:
         text = f"list of {_type_text(args[0])}"
-    elif origin is dict or annotation in (Fault, Attack):
+    elif origin is dict or annotation in (Fault, Attack, Site):
         text = "table"
     else:
         text = getattr(annotation, "__name__", str(annotation))
@@ -111,4 +111,5 @@ def config_reference() -> str:
         parts += ["No options (an empty table or none): " + ", ".join(f"`[{m}]`" for m in plain) + ".", ""]
     parts += ["### `[[faults]]` entries", "", *head, *_rows(Fault), ""]
     parts += ["### `[[attacks]]` entries", "", *head, *_rows(Attack), ""]
+    parts += ["### `[[clients]]` entries", "", *head, *_rows(Site), ""]
     return "\n".join(parts)

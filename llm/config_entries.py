@@ -23,7 +23,7 @@ from .methods.registry import REGISTRY, method_options
 
 __all__ = ["MAX_ROUNDS", "MAX_LOCAL_STEPS", "MAX_LOCAL_EPOCHS", "WORKERS_ENV", "EXECUTION_KEYS", "same_run_keys",
            "available_cores", "RankSpec", "MethodName", "Fault", "Attack", "method_tables", "option_list",
-           "convert_error", "device_problem"]
+           "convert_error", "device_problem", "Site"]
 
 #: Documented caps on the keys that set a run's length: far above any shipped config (at most 8 rounds of
 #: 10 steps), low enough that a mistyped extra digit or three is refused instead of running for weeks.
@@ -105,6 +105,23 @@ class Fault(BaseModel):
 
 
 
+class Site(BaseModel):
+    r"""One ``[[clients]]`` entry: a client that holds its own data source (one site of a real federation).
+
+    With ``[[clients]]`` tables the data is not partitioned: client ``k`` trains on the training rows of its own
+    ``data`` (a JSONL, CSV or Parquet file, or a ``datasets`` ``save_to_disk`` folder, with the run's column names),
+    at its own ``rank``; ``clients`` is the number of tables and ``ranks`` their ranks.
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    data: str = Field(min_length=1, description="the client's data: a file (.jsonl, .json, .csv, .parquet) or a "
+                                                "`save_to_disk` folder (required)")
+    rank: PositiveInt = Field(description="the client's LoRA rank (required)")
+    weight: Union[float, None] = Field(None, gt=0, allow_inf_nan=False, description=(
+        "the client's aggregation weight (absent: its number of training examples)"))
+
+
 class Attack(BaseModel):
     r"""One ``[[attacks]]`` entry: contaminated clients for the whole run (the same clients for every method).
 
@@ -170,13 +187,15 @@ def convert_error(error: Mapping[str, Any], top_keys: list[str]) -> tuple[str, s
         del loc[1]  # the union's tag (int | list | name)
     if loc[:1] == ["method_options"] and len(loc) > 1:
         del loc[0]  # [method] tables are written at the top level
+    if loc[:1] == ["sites"] and len(loc) > 1:
+        loc[0] = "clients"  # written as [[clients]] tables
     key = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
     value = error.get("input")
     if error["type"] == "extra_forbidden" and len(loc) == 1:
         keys = [k for k in top_keys if k != "method_options"]
         expected = f"a config key ({', '.join(keys)}) or a method table ({method_tables()})"
-    elif error["type"] == "extra_forbidden" and loc[:1] in (["faults"], ["attacks"]):
-        entry = Fault if loc[0] == "faults" else Attack
+    elif error["type"] == "extra_forbidden" and loc[:1] in (["faults"], ["attacks"], ["clients"]):
+        entry = {"faults": Fault, "attacks": Attack, "clients": Site}[loc[0]]
         expected = f"a key of a [[{loc[0]}]] entry ({', '.join(entry.model_fields)})"
     elif error["type"] == "string_pattern_mismatch" and loc == ["name"]:
         expected = "a folder name: letters, digits, '_', '-' and '.', starting with a letter, digit or '_'"

@@ -7,25 +7,24 @@ is one line of :class:`~lowrank_fed.llm.config_errors.ConfigError` (``Config key
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any, Literal, Union
 
-from pydantic import (BaseModel, ConfigDict, Field, PositiveInt, ValidationError, ValidationInfo, field_validator,
+from pydantic import (ConfigDict, Field, PositiveInt, ValidationError, ValidationInfo, field_validator,
                       model_validator)
 
 from .catalog import DATASETS, LORA_SCALINGS, MODELS, RANK_DISTRIBUTIONS, attack_counts
-from .config_entries import (MAX_LOCAL_EPOCHS, MAX_LOCAL_STEPS, MAX_ROUNDS, WORKERS_ENV, Attack, Fault, MethodName,
-                             RankSpec, _flat_value, _unflat_value, available_cores, convert_error,
-                             device_problem, method_tables, option_list, same_run_keys)
-from .config_errors import ConfigError, _expected, _fail, _show
+from .config_entries import (MAX_LOCAL_EPOCHS, MAX_LOCAL_STEPS, MAX_ROUNDS, Attack, Fault, MethodName,
+                             RankSpec, Site, available_cores, device_problem, method_tables, option_list)
+from .config_errors import _expected, _fail
+from .config_forms import ConfigForms
 from .methods.registry import REGISTRY, method_options
+from .sources import adapter_problem, data_problem, model_problem
 
 __all__ = ["RunConfig"]
 
 
-class RunConfig(BaseModel):
+class RunConfig(ConfigForms):
     r"""Every setting of ``lowrank-fed run``. The defaults are the embedded demo.
 
     The demo compares the three seed methods (PreLort, HAFL, LoRA-A2) with three baselines (FedIT,
@@ -41,10 +40,40 @@ class RunConfig(BaseModel):
     name: str = Field("default", pattern=r"^\w[\w.-]*$", max_length=64, description=(
         "run name, at most 64 characters (a folder name); the output folder is `runs/<name>` unless `--out` "
         "is given"))
-    model: Literal[tuple(MODELS)] = Field("minilm", description="packaged model: " + ", ".join(
-        f"`{m}` ({s.task})" for m, s in MODELS.items()))
-    dataset: Literal[tuple(DATASETS)] = Field("bbc_news", description="packaged dataset of the model's task: "
-                                              + ", ".join(f"`{d}` ({t})" for d, t in DATASETS.items()))
+    model: str = Field("minilm", min_length=1, description=(
+        "the model: a packaged name (" + ", ".join(f"`{m}` ({s.task})" for m, s in MODELS.items()) + "), a folder "
+        "holding a Hugging Face model (`config.json` and its weights), or a hub name found in the local Hugging Face "
+        "cache (never downloaded)"))
+    task: Union[Literal["classification", "generation"], None] = Field(None, description=(
+        "`classification` or `generation`; absent: the packaged model's, or inferred from the model's architecture "
+        "(`...ForCausalLM`: generation, an encoder or `...ForSequenceClassification`: classification)"))
+    dataset: str = Field("bbc_news", description=(
+        "a packaged dataset of the model's task (" + ", ".join(f"`{d}` ({t})" for d, t in DATASETS.items())
+        + "), or a data file (`.jsonl`, `.json`, `.csv`, `.parquet`) or `save_to_disk` folder with the columns "
+        "below; with `[[clients]]` tables: the server's evaluation data (absent: each site holds out "
+        "`test_fraction` of its own)"))
+    text_column: str = Field("text", min_length=1, description="classification: the column of the input text")
+    label_column: str = Field("label", min_length=1, description=(
+        "classification: the column of the label (strings or integers)"))
+    prompt_column: str = Field("prompt", min_length=1, description="generation: the column of the prompt")
+    response_column: str = Field("response", min_length=1, description=(
+        "generation: the column of the response (the loss is on its tokens only)"))
+    messages_column: Union[str, None] = Field(None, min_length=1, description=(
+        "generation: a column of chat `messages` (lists of `{role, content}`; the last assistant turn is the "
+        "response) instead of `prompt_column` / `response_column`"))
+    labels: list[str] = Field([], description=(
+        "classification: the label set, fixed before training (absent: the union of the labels of every data "
+        "source; a label outside it is an error)"))
+    test_fraction: float = Field(0.2, gt=0, lt=1, allow_inf_nan=False, description=(
+        "share of a data file without a test split (or of each `[[clients]]` source when `dataset` is absent) "
+        "held out for evaluation, drawn per label from the seed"))
+    sites: list[Site] = Field([], description=(
+        "clients that hold their own data: write `[[clients]]` tables with `data`, `rank` and an optional "
+        "`weight` (then `clients` and `ranks` follow from them; see below)"))
+    init_adapter: Union[str, None] = Field(None, min_length=1, description=(
+        "a PEFT adapter folder: every client's starting point and the server's first global state"))
+    gradient_checkpointing: bool = Field(False, description=(
+        "recompute activations in the backward pass (less memory, more time)"))
     methods: list[MethodName] = Field(
         ["fedit", "flora", "flexlora", "prelort", "hafl", "lora_a2"], min_length=1,
         description="methods run side by side, each once (a single name is accepted as a list of one)")
@@ -128,15 +157,71 @@ class RunConfig(BaseModel):
                 for i, m in enumerate(methods) if methods.index(m) < i])
         return methods
 
+    @model_validator(mode="before")
+    @classmethod
+    def _client_tables(cls, data: Any) -> Any:
+        """``[[clients]]`` tables (``clients`` a list of tables) become ``sites``; ``clients`` is their number, ``ranks``
+        their ranks, and ``dataset`` is empty (no server data) unless given. ``ranks`` and ``sites`` may not be given
+        with them."""
+        if not isinstance(data, Mapping) or not isinstance(data.get("clients"), list):
+            return data
+        tables = data["clients"]
+        for key in ("ranks", "sites"):
+            if key in data:
+                _fail(((key,), f"no {key!r} with [[clients]] tables (each table gives its client's rank and data)",
+                       data[key]))
+        ranks = [t.get("rank") if isinstance(t, Mapping) else None for t in tables]
+        valid = all(isinstance(r, int) and not isinstance(r, bool) and r > 0 for r in ranks)
+        return {**data, "clients": len(tables), "sites": tables, "ranks": ranks if valid else 1,
+                "dataset": data.get("dataset", "")}
+
+    @field_validator("model")
+    @classmethod
+    def _model_exists(cls, model: str) -> str:
+        problem = model_problem(model)
+        if problem is not None:
+            _fail(((), problem, model))
+        return model
+
+    @field_validator("task")
+    @classmethod
+    def _task_fits_model(cls, task: str | None, info: ValidationInfo) -> str | None:
+        model = info.data.get("model")
+        if task is not None and model in MODELS and MODELS[model].task != task:
+            _fail(((), f"{MODELS[model].task!r} for the packaged model {model!r} (or no task)", task))
+        return task
+
     @field_validator("dataset")
     @classmethod
     def _dataset_task(cls, dataset: str, info: ValidationInfo) -> str:
         model = info.data.get("model")
-        if model is not None and DATASETS[dataset] != MODELS[model].task:
-            task = MODELS[model].task
-            fitting = ", ".join(repr(d) for d, t in DATASETS.items() if t == task)
-            _fail(((), f"a {task} dataset for model {model!r} ({fitting})", dataset))
+        if dataset in DATASETS:
+            task = info.data.get("task") or (MODELS[model].task if model in MODELS else None)
+            if task is not None and DATASETS[dataset] != task:
+                fitting = ", ".join(repr(d) for d, t in DATASETS.items() if t == task)
+                _fail(((), f"a {task} dataset for model {model!r} ({fitting}), or a data file", dataset))
+        elif dataset:
+            problem = data_problem(dataset)
+            if problem is not None:
+                _fail(((), problem, dataset))
         return dataset
+
+    @field_validator("sites")
+    @classmethod
+    def _sites_exist(cls, sites: list[Site], info: ValidationInfo) -> list[Site]:
+        _fail(*[((i, "data"), problem, s.data) for i, s in enumerate(sites)
+                if (problem := data_problem(s.data)) is not None])
+        if not sites and info.data.get("dataset") == "":
+            _fail(((), "[[clients]] tables, since `dataset` is empty (a run without them needs a dataset)", sites))
+        return sites
+
+    @field_validator("init_adapter")
+    @classmethod
+    def _adapter_exists(cls, path: str | None) -> str | None:
+        problem = None if path is None else adapter_problem(path)
+        if problem is not None:
+            _fail(((), problem, path))
+        return path
 
     @field_validator("clients_per_round")
     @classmethod
@@ -220,33 +305,6 @@ class RunConfig(BaseModel):
                        f"the {cores} CPU cores this process may use here (0: as many as fit)", workers))
         return workers
 
-    def workers_chosen(self) -> bool:
-        """Whether the user chose the number of workers (``workers`` or ``LOWRANK_FED_WORKERS``), not the default."""
-        return bool(self.workers or os.environ.get(WORKERS_ENV))
-
-    def worker_count(self, device: str = "cpu") -> int:
-        r"""The worker processes a run uses: ``workers``; where it is 0, the environment's ``LOWRANK_FED_WORKERS``
-        if set, else :math:`\lfloor \text{cores} / \text{threads} \rfloor` on a CPU and 1 on a CUDA device
-        (one GPU: its clients would queue on it).
-
-        Raises
-        ------
-        ConfigError
-            ``LOWRANK_FED_WORKERS`` is not a whole number from 1 to the cores // threads.
-        """
-        if self.workers:
-            return self.workers
-        cores = available_cores()
-        text = os.environ.get(WORKERS_ENV)
-        if text is not None:
-            fits = cores // self.threads
-            if not text.strip().isdigit() or not 1 <= int(text) <= fits:
-                raise ConfigError(f"Environment variable {WORKERS_ENV} (the default of config key 'workers'): "
-                                  f"expected a whole number from 1 to {fits} (workers x threads = {self.threads} "
-                                  f"at most the {cores} CPU cores); got {text!r}.")
-            return int(text)
-        return 1 if device.startswith("cuda") else max(1, cores // self.threads)
-
     @field_validator("device")
     @classmethod
     def _device_exists(cls, device: str) -> str:
@@ -312,70 +370,3 @@ class RunConfig(BaseModel):
                     out[name] = opts.model_dump(mode="json", exclude_unset=True)
         _fail(*errors)
         return out
-
-    # ------------------------------------------------------------------ construction and forms
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> RunConfig:
-        r"""Validate a config dict: top-level keys, ``[method]`` tables (moved into ``method_options``).
-
-        Raises
-        ------
-        ConfigError
-            Listing every invalid key, the expected and the actual value.
-        """
-        if not isinstance(data, Mapping):
-            raise ConfigError(f"A config must be a table of keys. Got {_show(data)}.")
-        data = dict(data)
-        options = data.pop("method_options", {})
-        if isinstance(options, Mapping):  # else pydantic names the type error
-            options = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in options.items()}
-            for name in [k for k in data if k in REGISTRY]:
-                table = data.pop(name)
-                merge = isinstance(options.get(name), dict) and isinstance(table, Mapping)
-                options[name] = {**options[name], **table} if merge else table
-        try:
-            return cls.model_validate({**data, "method_options": options})
-        except ValidationError as err:
-            raise ConfigError.from_errors([convert_error(e, list(cls.model_fields)) for e in err.errors()]) from None
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-able dict; ``RunConfig.from_dict(cfg.to_dict()) == cfg``."""
-        return self.model_dump(mode="json")
-
-    def definition(self) -> dict[str, Any]:
-        """:meth:`to_dict` without :data:`EXECUTION_KEYS`: what the run computes (checkpoints store it; a run
-        folder's ``config.json`` is the same run when its definition is)."""
-        return same_run_keys(json.loads(json.dumps(self.to_dict())))
-
-    def validate(self) -> None:  # type: ignore[override]
-        """Check the config again (after attribute assignments); raise :class:`ConfigError`."""
-        type(self).from_dict(self.to_dict())
-
-    def to_flat(self) -> dict[str, bool | int | float | str]:
-        r"""The config as Flower's run config: ``{key: bool | int | float | str}``.
-
-        Method options become ``"method.option"`` keys. Scalars stay as they are; every other value
-        (lists: ``methods``, ``ranks``, ``rank_set``, ``target_modules``, ``faults``, ``attacks``; tables; null) is a
-        JSON string, as is a string that starts with ``[``, ``{`` or ``"``, or equals ``null``, so
-        :meth:`from_flat` decodes exactly those strings as JSON.
-        """
-        flat = {key: _flat_value(v) for key, v in self.to_dict().items() if key != "method_options"}
-        for name, table in self.method_options.items():
-            flat.update({f"{name}.{opt}": _flat_value(v) for opt, v in table.items()})
-        return flat
-
-    @classmethod
-    def from_flat(cls, flat: Mapping[str, bool | int | float | str]) -> RunConfig:
-        """The config from :meth:`to_flat`'s form (keys not given take their defaults)."""
-        data: dict[str, Any] = {}
-        for key, value in flat.items():
-            value = _unflat_value(value)
-            if "." in key:
-                table, option = key.split(".", 1)
-                if not isinstance(data.setdefault(table, {}), dict):
-                    raise ConfigError(f"Config key {key!r}: {table!r} is also given as a plain value.")
-                data[table][option] = value
-            else:
-                data[key] = value
-        return cls.from_dict(data)
-

@@ -142,7 +142,7 @@ def check_output_folder(folder: Path, cfg=None, *, overwrite: bool = False, hint
         The guard refuses the folder; it holds files and ``overwrite`` is not given (naming them, or the other
         config it holds); ``overwrite`` of a folder that holds no run.
     """
-    from .config import ConfigError, same_run_keys
+    from .config import ConfigError
 
     try:
         plan = plan_output(folder, signature=RUN_SIGNATURE, layout=RUN_LAYOUT, overwrite=overwrite,
@@ -153,7 +153,7 @@ def check_output_folder(folder: Path, cfg=None, *, overwrite: bool = False, hint
         return plan
     stored = _stored_config(folder) if cfg is not None else None
     if stored is not None:
-        if isinstance(stored, dict) and same_run_keys(stored) == cfg.definition():  # workers may differ
+        if isinstance(stored, dict) and cfg.same_run(stored):  # workers may differ
             return "resume"
         raise ConfigError(f"Output folder '{folder}' holds a run of another config ({folder / 'config.json'}); "
                           f"nothing was changed. {hint}")
@@ -173,7 +173,6 @@ def _check_packages(cfg) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Run the job described by ``args``; print the comparison table. Returns the exit status."""
-    from .catalog import PackageMissingError
     from .config import ConfigError, RunConfig, apply_overrides, load_config
 
     # 1. Validate everything; nothing is written before this block succeeds.
