@@ -19,12 +19,13 @@ Relative paths are relative to the working directory.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from .catalog import DATASETS, MODELS
 
 __all__ = ["DATA_SUFFIXES", "WEIGHT_FILES", "is_packaged_model", "is_packaged_dataset", "resolve_model",
-           "model_problem", "data_problem", "adapter_problem"]
+           "model_problem", "data_problem", "adapter_problem", "model_task"]
 
 #: The data files a ``dataset`` or ``[[clients]]`` ``data`` may name, by suffix (the ``datasets`` builder that reads
 #: them).
@@ -134,3 +135,28 @@ def adapter_problem(path_text: str) -> str | None:
     if not any((path / f).is_file() for f in ("adapter_model.safetensors", "adapter_model.bin")):
         return f"a PEFT adapter folder holding adapter_model.safetensors or adapter_model.bin (none in {path})"
     return None
+
+
+def model_task(name: str, task: str | None = None) -> str:
+    r"""The task a run of model ``name`` trains: ``task`` when given, the packaged model's, else inferred from the
+    folder's ``config.json``: an ``architectures`` entry ending in ``ForCausalLM`` or ``LMHeadModel`` is
+    ``generation``; one ending in ``ForSequenceClassification``, ``ForMaskedLM`` or ``Model`` (an encoder, which gets
+    a new classification head) is ``classification``.
+
+    Raises
+    ------
+    ValueError
+        The model is not found (:func:`resolve_model`), or its architecture names neither task (set ``task``).
+    """
+    if task is not None:
+        return task
+    if is_packaged_model(name):
+        return MODELS[name].task
+    config = json.loads((resolve_model(name) / "config.json").read_text(encoding="utf-8"))
+    archs = [str(a) for a in config.get("architectures") or []]
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        return "generation"
+    if any(a.endswith(("ForSequenceClassification", "ForMaskedLM", "Model")) for a in archs):
+        return "classification"
+    raise ValueError(f"Model {name!r}: cannot tell its task from its architectures {archs} (config.json); set "
+                     f"task = \"classification\" or \"generation\".")
