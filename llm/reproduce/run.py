@@ -51,20 +51,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def quick_config(data: dict) -> dict:
-    """A config dict shrunk to a plumbing check: tiny models, at most 2 rounds of 2 steps, small splits."""
+    """A config dict shrunk to a plumbing check: tiny models, at most 2 rounds of 2 steps, small splits.
+
+    A key the config does not set is read at :class:`RunConfig`'s default (one source for the defaults)."""
     out = dict(data)
-    out["model"] = QUICK_MODELS.get(out.get("model", "minilm"), out.get("model", "minilm"))
-    out["rounds"] = min(int(out.get("rounds", 4)), 2)
+
+    def value(key: str) -> int:
+        return int(out.get(key, RunConfig.model_fields[key].default))
+
+    out["model"] = QUICK_MODELS.get(out.get("model", RunConfig.model_fields["model"].default), out.get("model"))
+    out["rounds"] = min(value("rounds"), 2)
     out["local_steps"] = 2
     out["eval_every"] = 1
-    out["eval_size"] = min(int(out.get("eval_size", 200)), 40)
-    out["max_length"] = min(int(out.get("max_length", 64)), 48)
+    out["eval_size"] = min(value("eval_size"), 40)
+    out["max_length"] = min(value("max_length"), 48)
     if out.get("train_size"):
         out["train_size"] = min(int(out["train_size"]), 240)
     if "val_size" in out and out["val_size"]:
         out["val_size"] = min(int(out["val_size"]), 20)
-    out["rouge_size"] = min(int(out.get("rouge_size", 16)), 2)
-    out["max_new_tokens"] = min(int(out.get("max_new_tokens", 24)), 4)
+    out["rouge_size"] = min(value("rouge_size"), 2)
+    out["max_new_tokens"] = min(value("max_new_tokens"), 4)
     return out
 
 
