@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..packages import cache_dir
+from ..sources import DATA_SUFFIXES, data_problem
 from .texts import TextDataset
 
 __all__ = ["DataFileError", "read_table", "label_set", "to_text_dataset", "read_data"]
@@ -40,8 +41,6 @@ def read_table(path_text: str):
     DataFileError
         The path does not name a readable data source, or it holds no rows.
     """
-    from ..sources import DATA_SUFFIXES, data_problem
-
     problem = data_problem(path_text)
     if problem is not None:
         raise DataFileError(f"Data {path_text!r}: expected {problem}.")

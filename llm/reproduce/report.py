@@ -37,11 +37,12 @@ def _settings(experiment: Experiment, results: Results, config_root: Path) -> di
     r"""Per config: its runs' settings (:data:`SETTING_KEYS` and each method's own ``lr``, per seed) and every key in
     which the runs differ from the config file as it is now (``"differs"``: key -> [runs' value, file's value])."""
     out = {}
+    defaults = json.loads(json.dumps(RunConfig().to_dict()))
     for stem in experiment.configs:
         path = config_root / experiment.name / f"{stem}.toml"
         now = json.loads(json.dumps(RunConfig.from_dict(load_config(path)).to_dict())) if path.is_file() else None
         by_seed = results.get(stem) or {}
-        runs = [_run_setting(by_seed[s].config) for s in sorted(by_seed)]
+        runs = [_run_setting({**defaults, **by_seed[s].config}) for s in sorted(by_seed)]  # keys added since: defaults
         entry: dict = {"seeds": sorted(by_seed), "source": "runs" if runs else "config file (no runs)"}
         configs = runs or ([_run_setting(now)] if now else [])
         for key in SETTING_KEYS:
