@@ -19,7 +19,7 @@ from .config_entries import (MAX_LOCAL_EPOCHS, MAX_LOCAL_STEPS, MAX_ROUNDS, Atta
 from .config_errors import _expected, _fail
 from .config_forms import ConfigForms
 from .methods.registry import REGISTRY, method_options
-from .sources import adapter_problem, data_problem, model_problem
+from .sources import adapter_problem, data_problem, model_problem, model_task
 
 __all__ = ["RunConfig"]
 
@@ -189,6 +189,11 @@ class RunConfig(ConfigForms):
         model = info.data.get("model")
         if task is not None and model in MODELS and MODELS[model].task != task:
             _fail(((), f"{MODELS[model].task!r} for the packaged model {model!r} (or no task)", task))
+        if task is None and model is not None and model not in MODELS:
+            try:  # the user's model: its task from config.json's architectures (the rest is checked at set-up)
+                model_task(model)
+            except ValueError as err:
+                _fail(((), f"a task for model {model!r} ({err})", task))
         return task
 
     @field_validator("dataset")
@@ -196,7 +201,8 @@ class RunConfig(ConfigForms):
     def _dataset_task(cls, dataset: str, info: ValidationInfo) -> str:
         model = info.data.get("model")
         if dataset in DATASETS:
-            task = info.data.get("task") or (MODELS[model].task if model in MODELS else None)
+            task = info.data.get("task") or (MODELS[model].task if model in MODELS else
+                                             model_task(model) if model is not None and "task" in info.data else None)
             if task is not None and DATASETS[dataset] != task:
                 fitting = ", ".join(repr(d) for d, t in DATASETS.items() if t == task)
                 _fail(((), f"a {task} dataset for model {model!r} ({fitting}), or a data file", dataset))
