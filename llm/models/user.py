@@ -16,7 +16,8 @@ packaged is a hub name, resolved from the local Hugging Face cache only
 :func:`load_user_model` builds it: ``AutoModelForSequenceClassification`` with ``num_labels`` (a head of that shape
 saved in the folder is kept; otherwise a new one is drawn with torch's generator seeded from
 ``MODEL_INIT.seed(seed)``, as MiniLM's, so one seed gives one head) or ``AutoModelForCausalLM``, and
-``AutoTokenizer`` from the same folder (``local_files_only``); a tokenizer without a pad token pads with its
+``AutoTokenizer`` from the same folder (``local_files_only``; one of :data:`TOKENIZER_FILES` must be there); a
+tokenizer without a pad token pads with its
 end-of-sequence token. Every problem is a :class:`~lowrank_fed.llm.config_errors.ConfigError` naming the key
 (``model``, ``task`` or ``target_modules``) and the ``config.json`` read, raised at set-up, before anything is
 written.
@@ -37,6 +38,10 @@ from ..streams import MODEL_INIT
 __all__ = ["model_spec", "user_spec", "load_user_model", "base_model_name", "enable_gradient_checkpointing"]
 
 _CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+
+#: A model folder's tokenizer: any one of these files (what ``save_pretrained`` of a tokenizer writes).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
+                   "spiece.model", "sentencepiece.bpe.model")
 
 
 def _fail(key: str, expected: str, value) -> ConfigError:
@@ -145,7 +150,7 @@ def load_user_model(name: str, *, task: str, num_labels: int | None = None, seed
     Raises
     ------
     ConfigError
-        ``model``: the folder has no tokenizer, a tokenizer with neither pad nor end-of-sequence token, or weights
+        ``model``: the folder has no tokenizer file (:data:`TOKENIZER_FILES`), a tokenizer with neither pad nor end-of-sequence token, or weights
         transformers cannot load (the message names the folder).
     """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
@@ -154,6 +159,10 @@ def load_user_model(name: str, *, task: str, num_labels: int | None = None, seed
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     folder = resolve_model(name)
+    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        # transformers would build an empty tokenizer (special tokens only) from config.json alone
+        raise _fail("model", f"a model folder holding its tokenizer (one of {', '.join(TOKENIZER_FILES)}; none in "
+                             f"{folder}: save it with tokenizer.save_pretrained)", name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError, TypeError) as err:
@@ -197,5 +206,9 @@ def enable_gradient_checkpointing(model) -> None:
     if not getattr(model, "supports_gradient_checkpointing", False):
         raise _fail("gradient_checkpointing", f"false for {type(model).__name__} (transformers does not support "
                                               f"gradient checkpointing for it)", True)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x: the old name is deprecated
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     model.enable_input_require_grads()
