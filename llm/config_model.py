@@ -43,7 +43,7 @@ class RunConfig(ConfigForms):
     model: str = Field("minilm", min_length=1, description=(
         "the model: a packaged name (" + ", ".join(f"`{m}` ({s.task})" for m, s in MODELS.items()) + "), a folder "
         "holding a Hugging Face model (`config.json` and its weights), or a hub name found in the local Hugging Face "
-        "cache (never downloaded)"))
+        "cache (never downloaded); docs/models.md"))
     task: Union[Literal["classification", "generation"], None] = Field(None, description=(
         "`classification` or `generation`; absent: the packaged model's, or inferred from the model's architecture "
         "(`...ForCausalLM`: generation, an encoder or `...ForSequenceClassification`: classification)"))
@@ -116,7 +116,8 @@ class RunConfig(ConfigForms):
         "`alpha_over_r` (s = lora_alpha / r, PEFT's default), `rslora` (s = lora_alpha / sqrt(r)), `constant` "
         "(s = lora_alpha / r_ref at every rank, r_ref = the run's largest client rank, after `ranks` is "
         "assigned; docs/methods.md, Scale convention)"))
-    target_modules: list[str] = Field([], description="modules that get LoRA adapters; empty: the model's")
+    target_modules: list[str] = Field([], description=(
+        "modules that get LoRA adapters; empty: the packaged model's, or PEFT's default for the model's `model_type`"))
     train_size: int = Field(0, ge=0, description="training examples drawn from the training split; 0: all")
     val_size: int = Field(50, ge=0, description=(
         "examples held out from the TRAINING data (after train_size) as a validation set for model "

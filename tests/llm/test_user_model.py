@@ -240,12 +240,14 @@ def _bad_models(root: Path, bert: Path) -> dict:
         "max_length_above_positions": ({"model": str(bert), "max_length": 600}, "max_length",
                                        "max_position_embeddings = 512"),
         "no_tokenizer": ({"model": str(no_tokenizer)}, "model", "holding its tokenizer"),
+        "dataset_of_another_task": ({"model": str(bert), "dataset": "copy"}, "dataset",
+                                    "a classification dataset for model"),
     }
 
 
 BAD = ["no_weights", "unknown_model_type", "architecture_of_neither_task", "hub_name_not_cached",
        "generation_on_an_encoder", "classification_without_a_class", "no_peft_default", "max_length_above_positions",
-       "no_tokenizer"]
+       "no_tokenizer", "dataset_of_another_task"]
 
 
 @pytest.mark.parametrize("case", BAD)
