@@ -277,3 +277,25 @@ def test_build_model_names_the_task_that_does_not_fit(bert_folder):
     # Execute / Assert
     with pytest.raises(ConfigError, match="Config key 'task'.*not a decoder"):
         build_model(cfg, build_federation(cfg).shared, 0, 4)
+
+
+# ----------------------------------------------------------------------------- on Flower
+
+
+def test_a_folder_model_through_flowers_strategy_and_clientapp_equals_the_runner(bert_folder, tmp_path, monkeypatch):
+    # Prepare: Flower's task identity (as tests/llm/test_flower.py sets it), the runner's reference run
+    pytest.importorskip("flwr")
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from lowrank_fed.llm.flower.engine import FlowerSimulation
+    from tests.llm.test_flower import InlineGrid
+
+    for name, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+    cfg = RunConfig.from_dict(tiny_settings(model=str(bert_folder), methods=["flexlora"], rounds=2, workers=1))
+    run_experiment(cfg, tmp_path / "ref", progress=False)
+    # Execute: each client's round through Flower messages to its node's ClientApp, which loads the folder itself
+    FlowerSimulation(cfg, tmp_path / "fl", progress=False).serve(InlineGrid(cfg.clients))
+    # Assert
+    for name in ("metrics.jsonl", "adapters/flexlora.safetensors", "adapters/flexlora-peft/adapter_config.json"):
+        assert (tmp_path / "fl" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), name
