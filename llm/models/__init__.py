@@ -20,8 +20,12 @@ copy pretraining (:func:`pretrain_copy`, about a minute on one CPU thread) runs 
 under ``$LOWRANK_FED_CACHE`` in a folder named by a hash of every hyper-parameter, the seed and the
 vocabulary (:func:`copy_llama`).
 
+Any other name is the user's own model (:mod:`.user`): a Hugging Face folder, or a hub name in the local cache,
+loaded through transformers' Auto classes, its task and LoRA targets read from its ``config.json``
+(:func:`model_spec`).
+
 One module per kind of model, every name importable from here: :mod:`.packaged` (MiniLM, SmolLM2),
-:mod:`.tiny` (the tiny random models and their word tokenizer), :mod:`.copy_model` (``copy-llama``: its
+:mod:`.tiny` (the tiny random models and their word tokenizer), :mod:`.user` (the user's model), :mod:`.copy_model` (``copy-llama``: its
 tokenizer, examples, pretraining on the one training loop, cache); :mod:`~lowrank_fed.llm.packages` locates the
 packaged files (``package_path``, ``cache_dir``, ``PackageMissingError``). This package holds the registry
 (:data:`MODELS`), :func:`load_model` and :func:`check_model_package`.
@@ -45,6 +49,7 @@ from ..streams import MODEL_INIT  # noqa: E402
 from .copy_model import COPY_LLAMA, copy_examples, copy_llama, copy_tokenizer, pretrain_copy  # noqa: E402
 from .packaged import load_minilm, load_smollm2, minilm_dir, smollm2_gguf  # noqa: E402
 from .tiny import tiny_bert, tiny_llama, word_tokenizer, word_vocabulary  # noqa: E402
+from .user import base_model_name, enable_gradient_checkpointing, load_user_model, model_spec, user_spec  # noqa: E402
 
 __all__ = [
     "PackageMissingError",
@@ -70,6 +75,11 @@ __all__ = [
     "check_model_package",
     "count_parameters",
     "parameter_count",
+    "model_spec",
+    "user_spec",
+    "load_user_model",
+    "base_model_name",
+    "enable_gradient_checkpointing",
 ]
 
 
@@ -82,12 +92,14 @@ def needs_vocabulary(name: str) -> bool:
 
 
 def load_model(name: str, *, num_labels: int | None = None, texts: Iterable[str] | None = None, seed: int = 0,
-               dtype: torch.dtype = torch.float32, vocabulary: Iterable[str] | None = None):
-    r"""Model and tokenizer by name (see the module table).
+               dtype: torch.dtype = torch.float32, vocabulary: Iterable[str] | None = None, task: str | None = None,
+               target_modules: Iterable[str] | None = None):
+    r"""Model and tokenizer by name (see the module table), or the user's model folder / cached hub name.
 
     Parameters
     ----------
-    name : {"minilm", "smollm2", "tiny-bert", "tiny-llama", "copy-llama"}
+    name : {"minilm", "smollm2", "tiny-bert", "tiny-llama", "copy-llama"} or a folder or a hub name
+        Any other name is the user's model (:func:`~.user.load_user_model`, :func:`~.user.user_spec`).
     num_labels : int
         Classes, for classification models.
     texts : iterable of str
@@ -99,13 +111,19 @@ def load_model(name: str, *, num_labels: int | None = None, texts: Iterable[str]
     vocabulary : iterable of str, optional
         Instead of ``texts``: the tiny models' words themselves (:func:`word_vocabulary` of the training texts),
         as a node of a federation gets them from the server.
+    task, target_modules : optional
+        The config's ``task`` and ``target_modules``, for the user's model (its spec); a packaged model's are fixed.
 
     Returns
     -------
     model, tokenizer, spec : ModelSpec
     """
     if name not in MODELS:
-        raise ValueError(f"Unknown model {name!r}; expected one of {sorted(MODELS)}.")
+        spec = user_spec(name, task, target_modules)  # ConfigError: model, task, target_modules
+        if spec.task == "classification" and not num_labels:
+            raise ValueError(f"Model {name!r} is a classifier: pass num_labels (got {num_labels!r}).")
+        model, tokenizer = load_user_model(name, task=spec.task, num_labels=num_labels, seed=seed, dtype=dtype)
+        return model, tokenizer, spec
     spec = MODELS[name]
     if spec.task == "classification" and not num_labels:
         raise ValueError(f"Model {name!r} is a classifier: pass num_labels (got {num_labels!r}).")
@@ -146,8 +164,9 @@ def count_parameters(model: torch.nn.Module) -> int:
 def parameter_count(name: str, *, num_labels: int | None = None) -> int:
     r""":func:`count_parameters` of the packaged model ``name`` (with a ``num_labels`` head for classifiers).
 
-    For runs that did not record ``model_params``. Only the packaged models (``minilm``, ``smollm2``,
-    ``copy-llama``): the tiny models' vocabulary, and so their size, depends on the training texts.
+    For runs that did not record ``model_params``. The packaged models ``minilm``, ``smollm2``, ``copy-llama`` and a
+    user's model (folder or cached hub name); not the tiny models: their vocabulary, and so their size, depends on
+    the training texts.
     """
     if needs_vocabulary(name):
         raise ValueError(f"parameter_count: model {name!r} builds its vocabulary from the training texts; expected "

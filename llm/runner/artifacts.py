@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..config import ConfigError, RunConfig, same_run_keys
 from ..methods import Method, ServerState
-from ..models import MODELS
+from ..models import base_model_name
 from ..peft_bridge import pairs_to_state_dict
 from .checkpoint import atomic_write_text, peek_state, save_tensors
 from .state import state_to_flat
@@ -23,7 +23,8 @@ def _shown(value) -> str:
 
 def save_final(out: Path, method: Method, server: ServerState, ws, model: str) -> None:
     r"""``adapters/<method>.safetensors`` (the final server state, :func:`~.state.state_to_flat`) and, where the method
-    exports one, the global adapter in PEFT format (``adapters/<method>-peft/``; base model ``model``'s hub name)."""
+    exports one, the global adapter in PEFT format (``adapters/<method>-peft/``; ``base_model_name_or_path``: a
+    packaged model's hub name, a model folder's absolute path, or the hub name, :func:`~..models.base_model_name`)."""
     folder = out / "adapters"
     folder.mkdir(parents=True, exist_ok=True)
     tensors, meta = state_to_flat(server, {})
@@ -35,7 +36,7 @@ def save_final(out: Path, method: Method, server: ServerState, ws, model: str) -
         peft_dir = folder / f"{method.name}-peft"
         peft_dir.mkdir(exist_ok=True)
         config = ws.config_for({m: p.rank for m, p in pairs.items()})
-        config.base_model_name_or_path = MODELS[model].hub or f"lowrank-fed:{model}"
+        config.base_model_name_or_path = base_model_name(model)
         config_dict = config.to_dict()
         config_dict["target_modules"] = sorted(config_dict["target_modules"])
         atomic_write_text(peft_dir / "adapter_config.json", json.dumps(config_dict, indent=2, sort_keys=True))
