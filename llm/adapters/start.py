@@ -1,5 +1,5 @@
-r"""Start a run from a PEFT adapter (``init_adapter``): the adapter read against the run's model, and the
-round-0 global pairs of a method built from it.
+r"""Start a run from a PEFT adapter (``init_adapter``): the adapter read against the run's model; the round-0 global
+pairs of a method built from it are :mod:`lowrank_fed.llm.methods.start`'s (re-exported here).
 
 The adapter gives per module ``m`` (scale folded in, :class:`~.folders.Adapter`)
 
@@ -26,15 +26,15 @@ split as FlexLoRA's download splits it, ``B_0 = U_R diag(S_R)``, ``A_0 = V^h_R``
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from lowrank_fed import FactorPair, redistribute, truncate
+from lowrank_fed import FactorPair
 
+from ..methods.start import start_pair, start_pairs
 from .folders import load_peft_adapter
 
 __all__ = ["Start", "read_start", "start_pair", "start_pairs"]
@@ -115,44 +115,3 @@ def read_start(path, shapes: Mapping[str, tuple[int, int]], extras: Mapping[str,
 def _listed(names) -> str:
     names = sorted(names)
     return ", ".join(repr(n) for n in names[:3]) + (", ..." if len(names) > 3 else "") if names else "none"
-
-
-def start_pair(pair: FactorPair, usual: FactorPair) -> tuple[FactorPair, float]:
-    r"""The round-0 pair at the rank ``R`` of ``usual`` (the method's usual initial pair) that continues ``pair``
-    (the adapter's folded pair, rank ``r_a``), and its relative error ``eps`` (module docstring).
-
-    ``R >= r_a``: ``B_0 = [B | 0]``, ``A_0 = [A ; usual.A[r_a:]]`` (``eps = 0``, ``B_0 A_0 = B A`` exactly);
-    ``R < r_a``: the best rank-``R`` approximation ``(U_R diag(S_R), V^h_R)``. Dtype and device of ``usual``.
-
-    Examples
-    --------
-    >>> p = FactorPair(torch.ones(3, 1), torch.ones(1, 2))
-    >>> q, eps = start_pair(p, FactorPair(torch.zeros(3, 2), torch.full((2, 2), 0.5)))
-    >>> q.B.tolist(), q.A.tolist(), eps
-    ([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]], [[1.0, 1.0], [0.5, 0.5]], 0.0)
-    """
-    R, r_a = usual.rank, pair.rank
-    dtype, device = usual.A.dtype, usual.A.device
-    B, A = pair.B.to(dtype=dtype, device=device), pair.A.to(dtype=dtype, device=device)
-    if r_a <= R:
-        zeros = torch.zeros((B.shape[0], R - r_a), dtype=dtype, device=device)
-        return FactorPair(torch.cat([B, zeros], dim=1), torch.cat([A, usual.A[r_a:]], dim=0)), 0.0
-    full = redistribute(FactorPair(pair.B.double(), pair.A.double()), r_a, method="svd")  # B = U diag(S), A = Vh
-    S2 = full.B.norm(dim=0) ** 2
-    total = float(S2.sum())
-    eps = math.sqrt(float(S2[R:].sum()) / total) if total > 0 else 0.0
-    best = truncate(full, R)
-    return FactorPair(best.B.to(dtype=dtype, device=device), best.A.to(dtype=dtype, device=device)), eps
-
-
-def start_pairs(start: Mapping[str, FactorPair], usual: Mapping[str, FactorPair]
-                ) -> tuple[dict[str, FactorPair], dict[str, float]]:
-    r""":func:`start_pair` for each module of ``usual``: the adapter's where it has the module, ``usual``'s pair
-    otherwise. Returns the pairs (in ``usual``'s order) and each adapted module's relative error."""
-    pairs, errors = {}, {}
-    for m, pair in usual.items():
-        if m in start:
-            pairs[m], errors[m] = start_pair(start[m], pair)
-        else:
-            pairs[m] = pair
-    return pairs, errors
