@@ -224,3 +224,32 @@ def test_bad_adapters_exit_2_and_write_nothing(tmp_path, capsys, case):
     if case == "shape":
         assert f"{(d_out, d_in)}" in lines[0]
     assert not out.exists()
+
+
+@pytest.mark.parametrize("names", [["ffa", "fedsa"], ["flora", "local", "fedit"]])
+def test_flower_from_an_adapter_equals_the_runner(tmp_path, monkeypatch, names):
+    # Prepare: the adapter (with a head) on the server only; the nodes get what the downloads carry
+    pytest.importorskip("flwr")
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from lowrank_fed.llm.config import RunConfig
+    from lowrank_fed.llm.flower.engine import FlowerSimulation
+    from lowrank_fed.llm.runner.simulation import run_experiment
+    from tests.llm.helpers import sha_tree
+    from tests.llm.test_flower import InlineGrid
+
+    for name, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+    ref = make_sim(tmp_path / "r0", tiny_settings())
+    folder = _write(tmp_path / "peft", _adapter_pairs(ref, 4, 8), _head(ref, 9))
+    cfg = RunConfig.from_dict(tiny_settings(methods=names, rounds=2, checkpoint=True, init_adapter=folder))
+    run_experiment(cfg, tmp_path / "ref", progress=False)
+    # Execute: each client's round through Flower messages to its node's ClientApp
+    sim = FlowerSimulation(cfg, tmp_path / "fl", progress=False)
+    sim.serve(InlineGrid(cfg.clients))
+    # Assert: byte-identical final adapters, metrics and checkpoints
+    for name in names:
+        got = (tmp_path / "fl" / "adapters" / f"{name}.safetensors").read_bytes()
+        assert got == (tmp_path / "ref" / "adapters" / f"{name}.safetensors").read_bytes(), name
+    assert (tmp_path / "fl" / "metrics.jsonl").read_text() == (tmp_path / "ref" / "metrics.jsonl").read_text()
+    assert sha_tree(tmp_path / "fl" / "checkpoints") == sha_tree(tmp_path / "ref" / "checkpoints")
