@@ -253,3 +253,61 @@ def test_flower_from_an_adapter_equals_the_runner(tmp_path, monkeypatch, names):
         assert got == (tmp_path / "ref" / "adapters" / f"{name}.safetensors").read_bytes(), name
     assert (tmp_path / "fl" / "metrics.jsonl").read_text() == (tmp_path / "ref" / "metrics.jsonl").read_text()
     assert sha_tree(tmp_path / "fl" / "checkpoints") == sha_tree(tmp_path / "ref" / "checkpoints")
+
+
+def test_a_client_joining_later_still_starts_from_the_adapter(tmp_path):
+    # Prepare: one client per round, so client 2 (rank 8) has not joined after round 1
+    ref = make_sim(tmp_path / "ref", tiny_settings())
+    pairs = _adapter_pairs(ref, 4, 10)
+    folder = _write(tmp_path / "peft", pairs)
+    sim = make_sim(tmp_path / "run", tiny_settings(methods=["fedsa", "flora", "ffa"], clients_per_round=1,
+                                                     init_adapter=folder))
+    late = [k for k in range(3) if k not in sim.sampled(1)][-1]
+    for name in ("fedsa", "flora", "ffa"):
+        method = make_method(name)
+        server, clients = sim._start(method)
+        # Execute: round 1, then the late client's first model
+        server, clients, _, _ = sim.run_round(method, server, clients, 1)
+        plan, _ = method.client_plan(method.configure(server, late), ClientState(), sim.contexts[late],
+                                     torch.Generator())
+        # Assert: FedSA's B and FLoRA's merge 0 reach it (FLoRA: plus round 1's merge; FFA: the adapter's A)
+        for m, pair in pairs.items():
+            if name == "fedsa":
+                assert torch.equal(plan.pairs[m].B[:, :4], pair.B), m
+            elif name == "flora":
+                merge1 = method._merge(server, 1)[m]
+                assert torch.allclose(plan.base[m], pair.B @ pair.A + merge1.B @ merge1.A, atol=1e-6), m
+            else:
+                assert torch.equal(plan.pairs[m].A[:4], pair.A), m
+
+
+def test_a_run_from_an_adapter_resumes_to_the_same_bytes(tmp_path):
+    # Prepare
+    from lowrank_fed.llm.config import RunConfig
+    from lowrank_fed.llm.runner.simulation import run_experiment
+    from tests.llm.helpers import kill_and_resume, sha_tree
+
+    ref = make_sim(tmp_path / "r0", tiny_settings())
+    folder = _write(tmp_path / "peft", _adapter_pairs(ref, 4, 11), _head(ref, 12))
+    cfg = RunConfig.from_dict(tiny_settings(methods=["flora", "fedsa"], rounds=3, clients_per_round=2,
+                                            checkpoint=True, init_adapter=folder))
+    run_experiment(cfg, tmp_path / "whole", progress=False)
+    # Execute: killed after round 1, resumed
+    kill_and_resume(cfg, tmp_path / "resumed", 1)
+    # Assert
+    skip = ("timings.jsonl", "summary.json", "summary.md")
+    assert sha_tree(tmp_path / "resumed", exclude=skip) == sha_tree(tmp_path / "whole", exclude=skip)
+
+
+def test_another_base_model_name_with_matching_shapes_is_a_warning(tmp_path):
+    # Prepare: the same adapter named for another model, and for the run's own (as a run exports it)
+    ref = make_sim(tmp_path / "ref", tiny_settings())
+    pairs = _adapter_pairs(ref, 2, 13)
+    other = _write(tmp_path / "other", pairs, base_model_name_or_path="someone/other-model")
+    own = _write(tmp_path / "own", pairs, base_model_name_or_path="lowrank-fed:tiny-bert")
+    # Execute / Assert: a warning naming both models, and none for the run's own name
+    with pytest.warns(BaseModelWarning, match="'someone/other-model'.*'tiny-bert'"):
+        make_sim(tmp_path / "a", tiny_settings(init_adapter=other))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", BaseModelWarning)
+        make_sim(tmp_path / "b", tiny_settings(init_adapter=own))
