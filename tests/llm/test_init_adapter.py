@@ -311,3 +311,20 @@ def test_another_base_model_name_with_matching_shapes_is_a_warning(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", BaseModelWarning)
         make_sim(tmp_path / "b", tiny_settings(init_adapter=own))
+
+
+def test_a_causal_lm_run_starts_from_its_adapter(tmp_path):
+    # Prepare: tiny-llama (no head), an adapter on every q_proj / v_proj at rank 4
+    settings = dict(model="tiny-llama", dataset="copy", val_size=10)
+    ref = make_sim(tmp_path / "ref", tiny_settings(**settings))
+    pairs = _adapter_pairs(ref, 4, 14, every=1)
+    folder = _write(tmp_path / "peft", pairs, task_type="CAUSAL_LM")
+    sim = make_sim(tmp_path / "run", tiny_settings(init_adapter=folder, methods=["fedit", "flexlora"], **settings))
+    for name in ("fedit", "flexlora"):
+        method = make_method(name)
+        # Execute
+        server, _ = sim._start(method)
+        delta, _ = _start_model(method, server, sim, 2)
+        # Assert
+        for m, pair in pairs.items():
+            assert torch.allclose(delta[m], pair.B @ pair.A, atol=1e-6), (name, m)
