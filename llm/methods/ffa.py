@@ -4,9 +4,10 @@ r"""FFA-LoRA: ``A`` frozen at the shared random initialisation; only ``B`` is tr
 
 where ``A`` (rank ``R = r_max``) is drawn once from a seed every party knows, so the rule is exact
 and ``A`` never travels: each download carries ``B``'s prefix ``B[:, :r_k]``, the head and the seed;
-the client regenerates ``A[:r_k]`` from the seed. A run started from an adapter (``init_adapter``) freezes the adapter's ``A``
-(:meth:`~.base.Method.start_from`), which no seed regenerates: then ``A[:r_k]`` travels in each download. Server: ``B`` from ``aggregate("zero_pad", ...)``
-on ``(B_k, A[:r_k])``, ``A`` unchanged.
+the client regenerates ``A[:r_k]`` from the seed. Server: ``B`` from ``aggregate("zero_pad", ...)``
+on ``(B_k, A[:r_k])``, ``A`` unchanged. A run started from an adapter (``init_adapter``) freezes the
+adapter's ``A`` (:meth:`~.base.Method.start_from`), which no seed regenerates: then ``A[:r_k]`` travels
+in each download too.
 
 Source: Sun et al., "Improving LoRA in privacy-preserving federated learning", ICLR 2024 [paper].
 """
