@@ -71,7 +71,9 @@ class RunConfig(ConfigForms):
         "clients that hold their own data: write `[[clients]]` tables with `data`, `rank` and an optional "
         "`weight` (then `clients` and `ranks` follow from them; see below)"))
     init_adapter: Union[str, None] = Field(None, min_length=1, description=(
-        "a PEFT adapter folder: every client's starting point and the server's first global state"))
+        "a PEFT adapter folder: every client's starting point and the server's first global state (its Delta W "
+        "exactly where the global rank holds the adapter's rank, else the best approximation; docs/methods.md, "
+        "\"Starting from an adapter\")"))
     gradient_checkpointing: bool = Field(False, description=(
         "recompute activations in the backward pass (less memory, more time)"))
     methods: list[MethodName] = Field(

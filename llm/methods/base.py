@@ -32,6 +32,7 @@ from lowrank_fed.aggregation import keep_slots, weighted_average
 
 from ..protocol import Message, decode_extras, decode_pairs, encode_extras, encode_pairs
 from .options import PAIR_RULES, Options, PairOptions
+from .start import start_pairs
 
 __all__ = ["Options", "PairOptions", "PAIR_RULES", "ServerState", "ClientState", "LocalPlan", "Model", "Method", "weights_of"]
 
@@ -166,6 +167,23 @@ class Method:
         """Round-0 state from the shared initial adapter (rank ``r_max``: ``B = 0``, ``A`` drawn from ``init_seed``)."""
         return ServerState(0, dict(init), dict(extras), {m: p.shape for m, p in init.items()},
                            {int(k): int(r) for k, r in ranks.items()}, info={"init_seed": int(init_seed)})
+
+    def start_from(self, server: ServerState, start) -> ServerState:
+        r"""The round-0 state ``server`` (from :meth:`init_server`) continued from an adapter ``start``
+        (:class:`~lowrank_fed.llm.adapters.start.Start`, ``init_adapter``).
+
+        Each module the adapter has gets :func:`~.start.start_pair` at the global rank
+        ``R``: ``B_0 A_0 = Delta W_0`` exactly when ``R >= r_a``, the best rank-``R`` approximation otherwise; the
+        adapter's head (if it carries one) replaces the fresh head. ``info["init_adapter"]`` is set (a method
+        whose clients do not download the whole pair, FFA's ``A``, FedSA's ``B``, reads it); the relative errors
+        go to ``cache["start_errors"]``. Every client's first download then follows by the method's own rule.
+        """
+        pairs, errors = start_pairs(start.pairs, server.pairs)
+        server.pairs = pairs
+        server.extras = {**server.extras, **start.extras}
+        server.info = {**server.info, "init_adapter": True}
+        server.cache["start_errors"] = errors
+        return server
 
     def download_pairs(self, server: ServerState, rank: int) -> dict[str, FactorPair]:
         """The pairs a client of rank ``rank`` starts from: ``redistribute(global, rank, "prefix")``."""

@@ -5,7 +5,9 @@ r"""FFA-LoRA: ``A`` frozen at the shared random initialisation; only ``B`` is tr
 where ``A`` (rank ``R = r_max``) is drawn once from a seed every party knows, so the rule is exact
 and ``A`` never travels: each download carries ``B``'s prefix ``B[:, :r_k]``, the head and the seed;
 the client regenerates ``A[:r_k]`` from the seed. Server: ``B`` from ``aggregate("zero_pad", ...)``
-on ``(B_k, A[:r_k])``, ``A`` unchanged.
+on ``(B_k, A[:r_k])``, ``A`` unchanged. A run started from an adapter (``init_adapter``) freezes the
+adapter's ``A`` (:meth:`~.base.Method.start_from`), which no seed regenerates: then ``A[:r_k]`` travels
+in each download too.
 
 Source: Sun et al., "Improving LoRA in privacy-preserving federated learning", ICLR 2024 [paper].
 """
@@ -18,7 +20,7 @@ from lowrank_fed import FactorPair, aggregate, truncate
 from lowrank_fed.aggregation import keep_slots
 
 from ..peft_bridge import init_pairs
-from ..protocol import decode_extras, decode_factors
+from ..protocol import decode_extras, decode_factors, encode_pairs
 from .base import LocalPlan, Method, weights_of
 
 __all__ = ["FFALoRA"]
@@ -34,6 +36,8 @@ class FFALoRA(Method):
         message = super().configure(server, client)
         message.config["init_seed"] = server.info["init_seed"]
         message.config["init_rank"] = next(iter(server.pairs.values())).rank
+        if server.info.get("init_adapter"):  # A is the adapter's, not the seed's: it travels
+            message.arrays.update(encode_pairs(self.client_pairs(server, client), factors=("A",)))
         return message
 
     def client_plan(self, message, state, context, generator):
@@ -41,7 +45,8 @@ class FFALoRA(Method):
         Bs = decode_factors(message.arrays, "lora", "B")
         init = init_pairs(context.workspace.shapes, cfg["init_rank"], torch.Generator().manual_seed(cfg["init_seed"]),
                           device=context.device)
-        pairs = {m: FactorPair(Bs[m], truncate(init[m], rank).A) for m in init}
+        As = decode_factors(message.arrays, "lora", "A")  # sent when the run starts from an adapter
+        pairs = {m: FactorPair(Bs[m], As[m] if m in As else truncate(init[m], rank).A) for m in init}
         lr = context.settings.lr
         return LocalPlan(pairs, decode_extras(message.arrays), {"B": lr, "extras": lr}), state
 

@@ -11,7 +11,8 @@ a fresh adapter (``B = 0``, ``A`` random from its round seed) of its own rank on
 The server also holds the global base ``sum_t S^{(t)}_B S^{(t)}_A`` (dense) to score the global model,
 and the same sum as a factor pair ``T^{(t)} = T^{(t-1)} + S^{(t)}``, compressed each round to its
 numerical rank by the factored SVD (singular values above ``s_1 max(d_out, d_in) eps``): the global
-adapter written in PEFT format.
+adapter written in PEFT format. A run started from an adapter (``init_adapter``) has it as merge 0
+(:meth:`FLoRA.start_from`): every client merges ``Delta W_0`` into its base before its first round, exactly.
 
 Source: Wang et al., "FLoRA: federated fine-tuning large language models with heterogeneous low-rank
 adaptations", NeurIPS 2024 [paper].
@@ -59,8 +60,32 @@ class FLoRA(Method):
         server.pairs = {}
         return server
 
+    def start_from(self, server, start):
+        r"""Round 0 from an adapter: its ``Delta W_0`` is merge 0, the first merge every client applies to its base.
+
+        ``arrays``: ``merge/0/<m>/B|A`` and ``total/<m>/B|A`` the adapter's folded pair, ``base/<m> = B A``
+        (dense), for each module the adapter has; exact at any rank (a merge has no rank limit). The adapter's head
+        replaces the fresh head. A client that has confirmed no merge yet is sent merges from 0 on.
+        """
+        arrays = dict(server.arrays)
+        for m, pair in start.pairs.items():
+            B, A = pair.B, pair.A
+            arrays[f"merge/0/{m}/B"], arrays[f"merge/0/{m}/A"] = B, A
+            arrays[f"total/{m}/B"], arrays[f"total/{m}/A"] = B, A
+            arrays[f"base/{m}"] = B @ A  # the merge into the frozen weights (FLoRA), not a rule
+        server.arrays = arrays
+        server.extras = {**server.extras, **start.extras}
+        server.info = {**server.info, "init_adapter": True}
+        server.cache["start_errors"] = {m: 0.0 for m in start.pairs}
+        return server
+
+    @staticmethod
+    def _unsynced(server) -> int:
+        """The merge a client that has confirmed none is at: -1 when merge 0 (the adapter) exists, else 0."""
+        return -1 if server.info.get("init_adapter") else 0
+
     def configure(self, server, client):
-        since = int(server.info.get("synced", {}).get(str(client), 0))
+        since = int(server.info.get("synced", {}).get(str(client), self._unsynced(server)))
         rounds = list(range(since + 1, server.round + 1))
         arrays = {}
         for t in rounds:
@@ -103,7 +128,7 @@ class FLoRA(Method):
             arrays[f"total/{m}/B"], arrays[f"total/{m}/A"] = total.B, total.A
         synced = {**server.info.get("synced", {}), **{str(k): int(r.config["base_round"]) for k, r in replies.items()}}
         # A merge every client of the federation has confirmed is never sent again: drop it.
-        done = min(int(synced.get(str(k), 0)) for k in server.ranks)
+        done = min(int(synced.get(str(k), self._unsynced(server))) for k in server.ranks)
         arrays = {key: v for key, v in arrays.items() if not (key.startswith("merge/") and int(key.split("/")[1]) <= done)}
         return self.next_state(server, replies, arrays=arrays, info={"synced": synced})
 
@@ -114,8 +139,10 @@ class FLoRA(Method):
             raise ValueError(f"Reply config 'base_round' is {base_round!r}; expected {server.round} (every merge applied).")
 
     def client_plan(self, message, state, context, generator):
-        base, done = _base(state.arrays), int(state.info.get("base_round", 0))
-        for t in message.config["merges"]:
+        merges = message.config["merges"]
+        base = _base(state.arrays)
+        done = int(state.info.get("base_round", -1 if merges and merges[0] == 0 else 0))  # merge 0: the adapter
+        for t in merges:
             if t <= done:
                 continue
             if t != done + 1:

@@ -50,6 +50,7 @@ from .evaluation import Scoring, detection_auc, score_encoded
 from .limits import check_limits
 from .report import add_verdict, summary_markdown, summary_row, write_plots
 from .rounds import UpdateDroppedWarning
+from .start import describe_start, start_adapter
 from .state import load_final, state_from_flat, state_to_flat
 from .transports import Pooled, Sequential
 
@@ -144,6 +145,9 @@ class Simulation(Scoring):
         self.init = init_pairs(self.ws.shapes, self.r_max, torch.Generator().manual_seed(self.init_seed),
                                device=self.device)
         self.init_extras = self.ws.extras_template()
+        self.start, self.start_errors = None, {}
+        if cfg.init_adapter is not None:  # ConfigError naming init_adapter: module, shape, head (start.py)
+            self.start, self.start_errors = start_adapter(self, cfg.init_adapter)
         self.metric = "accuracy" if labelled else "perplexity"
         self._contexts = None
         self._train = None
@@ -175,6 +179,8 @@ class Simulation(Scoring):
                 "holdout_sizes": [int(len(h)) for h in self.holdout], "metric": self.metric,
                 "adapted_params": int(sum(d_out * d_in for d_out, d_in in self.ws.shapes.values())),
                 "model_params": self.model.model_params}
+        if getattr(self, "start", None) is not None:
+            info["init_adapter"] = describe_start(self.start, self.start_errors)
         if self.attackers:
             info["attackers"] = {str(k): a.kind for k, a in self.attackers.items()}
         if self.task == "classification":
@@ -214,6 +220,8 @@ class Simulation(Scoring):
     # ------------------------------------------------------------------ the run
     def _start(self, method: Method):
         server = method.init_server(self.init, self.init_extras, dict(enumerate(self.ranks)), init_seed=self.init_seed)
+        if getattr(self, "start", None) is not None:  # init_adapter: the adapter's Delta W_0 (Method.start_from)
+            server = method.start_from(server, self.start)
         if getattr(method, "needs_truth", False):  # the oracle is told who is contaminated
             server.info["contaminated"] = sorted(self.attackers)
         return server, {}
