@@ -209,8 +209,8 @@ class RunConfig(ConfigForms):
     @field_validator("sites")
     @classmethod
     def _sites_exist(cls, sites: list[Site], info: ValidationInfo) -> list[Site]:
-        _fail(*[((i, "data"), problem, s.data) for i, s in enumerate(sites)
-                if (problem := data_problem(s.data)) is not None])
+        # each site's file is checked where it is read (sites.check_site_paths: the in-process runner, lowrank-fed
+        # flower up, a node), never here: a Flower server validates this config and holds no site's file
         if not sites and info.data.get("dataset") == "":
             _fail(((), "[[clients]] tables, since `dataset` is empty (a run without them needs a dataset)", sites))
         return sites

@@ -46,7 +46,7 @@ from .peft_bridge import AdapterWorkspace
 from .streams import EVAL_SUBSET, HOLDOUT, PARTITION, RANKS, SAMPLING, TRAIN_SUBSET, VALIDATION
 
 __all__ = ["DataSource", "Shared", "Federation", "ModelSetup", "build_federation", "build_client", "build_model",
-           "client_ranks", "plan_rows", "sample_clients", "train_settings", "run_device", "encode_examples", "DTYPES"]
+           "client_ranks", "plan_rows", "source_plan", "open_source", "sample_clients", "train_settings", "run_device", "encode_examples", "DTYPES"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -112,18 +112,24 @@ class Shared:
         ``other_task``'s length-class quantiles of the training texts' word counts
         (:func:`~lowrank_fed.llm.attacks.length_edges`); None unless an ``other_task`` attack runs on a
         classification task.
+    labels : tuple of str or None
+        ``[[clients]]`` classification runs: the run's label set, fixed by the server before training
+        (:func:`~lowrank_fed.llm.sites.site_labels`); None otherwise (the catalogue's).
 
-    Both are statistics of every client's texts (a word list and ``C - 1`` numbers), never an example.
+    The first two are statistics of every client's texts (a word list and ``C - 1`` numbers), never an example.
     """
 
     vocabulary: tuple[str, ...] | None = None
     length_edges: tuple[float, ...] | None = None
+    labels: tuple[str, ...] | None = None
 
     def to_json(self) -> str:
-        """The JSON a Flower download carries (floats round-trip exactly)."""
-        return json.dumps({"vocabulary": None if self.vocabulary is None else list(self.vocabulary),
-                           "length_edges": None if self.length_edges is None else list(self.length_edges)},
-                          sort_keys=True)
+        """The JSON a Flower download carries (floats round-trip exactly; ``labels`` only when set)."""
+        data = {"vocabulary": None if self.vocabulary is None else list(self.vocabulary),
+                "length_edges": None if self.length_edges is None else list(self.length_edges)}
+        if self.labels is not None:
+            data["labels"] = list(self.labels)
+        return json.dumps(data, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> "Shared":
@@ -135,12 +141,13 @@ class Shared:
             Not a JSON object with (only) the keys ``vocabulary`` and ``length_edges``.
         """
         data = json.loads(text)
-        if not isinstance(data, dict) or not set(data) <= {"vocabulary", "length_edges"}:
-            raise ValueError(f"Shared set-up must be a JSON object with keys 'vocabulary' and 'length_edges'. "
-                             f"Got {text[:100]!r}.")
-        vocab, edges = data.get("vocabulary"), data.get("length_edges")
+        if not isinstance(data, dict) or not set(data) <= {"vocabulary", "length_edges", "labels"}:
+            raise ValueError(f"Shared set-up must be a JSON object with keys 'vocabulary', 'length_edges' (and "
+                             f"'labels'). Got {text[:100]!r}.")
+        vocab, edges, labels = data.get("vocabulary"), data.get("length_edges"), data.get("labels")
         return cls(None if vocab is None else tuple(str(w) for w in vocab),
-                   None if edges is None else tuple(float(e) for e in edges))
+                   None if edges is None else tuple(float(e) for e in edges),
+                   None if labels is None else tuple(str(c) for c in labels))
 
 
 def plan_rows(cfg: RunConfig, labels, task: str) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
@@ -156,6 +163,8 @@ def plan_rows(cfg: RunConfig, labels, task: str) -> tuple[np.ndarray, np.ndarray
     ConfigError
         ``val_size`` or ``clients`` that the data cannot satisfy (named).
     """
+    if cfg.sites:
+        raise ValueError("A [[clients]] run has no partition: its rows are the sites' own (source_plan).")
     labels = np.asarray(labels)
     labelled = task == "classification"
     with config_key("val_size", cfg.val_size):
@@ -165,6 +174,23 @@ def plan_rows(cfg: RunConfig, labels, task: str) -> tuple[np.ndarray, np.ndarray
         client_idx = partition(cfg.partition, labels[train_rows], cfg.clients, PARTITION.rng(cfg.seed),
                                alpha=cfg.alpha, classes_per_client=cfg.classes_per_client)
     return train_rows, val_rows, client_idx
+
+
+def source_plan(cfg: RunConfig, source) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """``(train_rows, val_rows, client_idx)`` of ``source``: :func:`plan_rows`, or a ``[[clients]]`` source's own
+    (:mod:`.sites`: each client's rows are its site's, no partition)."""
+    if cfg.sites:
+        return source.plan(cfg)
+    return plan_rows(cfg, source.labels, source.task)
+
+
+def open_source(cfg: RunConfig):
+    """The run's data source as the in-process runner holds it: :class:`DataSource`, or every site's data."""
+    if cfg.sites:
+        from .sites import SitesSource
+
+        return SitesSource(cfg)
+    return DataSource(cfg)
 
 
 def sample_clients(cfg: RunConfig, round_: int) -> list[int]:
@@ -282,8 +308,11 @@ class Federation:
         return sample_clients(self.cfg, round_)
 
 
-def build_federation(cfg: RunConfig, source: DataSource | None = None) -> Federation:
+def build_federation(cfg: RunConfig, source: DataSource | None = None, *, open_sites: bool = True) -> Federation:
     r"""The server's view of the run: rows, sizes, ranks, attackers, held-out sets and :class:`Shared`.
+
+    With ``[[clients]]`` tables: :func:`~lowrank_fed.llm.sites.site_federation` (``open_sites``: whether the
+    server reads the sites' files; False on Flower, where ``n_k`` entries are None).
 
     Reads the training examples only where :class:`Shared` needs them (a tiny model's vocabulary, ``other_task``'s
     length classes); never loads a model.
@@ -294,6 +323,10 @@ def build_federation(cfg: RunConfig, source: DataSource | None = None) -> Federa
         A value the data cannot satisfy, named: ``val_size``, ``clients`` (the partition), ``attacks`` (an attack
         the task cannot have), ``ranks``.
     """
+    if cfg.sites:  # one data source per client (sites.py); on Flower the server opens none of them
+        from .sites import site_federation
+
+        return site_federation(cfg, open_sites=open_sites)
     source = DataSource(cfg) if source is None else source
     labelled = source.task == "classification"
     train_rows, val_rows, client_idx = plan_rows(cfg, source.labels, source.task)
@@ -367,8 +400,8 @@ def build_client(cfg: RunConfig, partition_id: int, *, shared: Shared | None = N
         raise ValueError(f"Client id {partition_id!r} is outside the run's clients [0, {cfg.clients}).")
     k = int(partition_id)
     shared = Shared() if shared is None else shared
-    source = DataSource(cfg) if source is None else source
-    train_rows, _, client_idx = plan_rows(cfg, source.labels, source.task)
+    source = open_source(cfg) if source is None else source
+    train_rows, _, client_idx = source_plan(cfg, source)
     rows = train_rows[client_idx[k]]
     examples = source.examples(rows)
     attack = choose_attackers(cfg.attacks, cfg.clients, cfg.seed).get(k)
