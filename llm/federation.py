@@ -46,7 +46,8 @@ from .peft_bridge import AdapterWorkspace
 from .streams import EVAL_SUBSET, HOLDOUT, PARTITION, RANKS, SAMPLING, TRAIN_SUBSET, VALIDATION
 
 __all__ = ["DataSource", "Shared", "Federation", "ModelSetup", "build_federation", "build_client", "build_model",
-           "client_ranks", "plan_rows", "source_plan", "open_source", "sample_clients", "train_settings", "run_device", "encode_examples", "DTYPES"]
+           "client_ranks", "plan_rows", "source_plan", "open_source", "sample_clients", "train_settings", "run_device",
+           "encode_examples", "DTYPES"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 

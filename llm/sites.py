@@ -39,7 +39,6 @@ training rows in client order; ``client_idx[k]`` is client ``k``'s block of ``tr
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 
@@ -292,10 +291,6 @@ class SitesSource(_Source):
             self.holdout = holdout_sets(None, equal, None, HOLDOUT.rng(cfg.seed), n_test=len(self.test))
         self.vocabulary_texts = list(pool.texts) if cfg.dataset else [t for s in train for t in s.texts]
 
-    def site_texts(self) -> list[str]:
-        """The texts :class:`~.federation.Shared`'s statistics are computed from."""
-        return self.vocabulary_texts
-
 
 class NodeSource(_Source):
     r"""A Flower node's data: client ``k``'s own source alone (``path``: its ``data-path``), no other file opened.
@@ -340,7 +335,7 @@ def site_federation(cfg: RunConfig, *, open_sites: bool = True):
     labelled = source.task == "classification"
     vocab = needs_vocabulary(cfg.model)
     edges = labelled and any(a.kind == "other_task" for a in attackers.values())
-    texts = source.site_texts()
+    texts = source.vocabulary_texts
     shared = Shared(tuple(word_vocabulary(texts)) if vocab else None,
                     tuple(float(e) for e in length_edges(texts, len(source.label_names))) if edges else None,
                     tuple(source.label_names) if labelled else None)
@@ -348,12 +343,3 @@ def site_federation(cfg: RunConfig, *, open_sites: bool = True):
     return Federation(cfg, source, source.train_rows, source.val_rows, source.client_idx, n_k, list(cfg.ranks),
                       attackers, source.holdout, shared)
 
-
-def site_weight(cfg: RunConfig, k: int) -> float | None:
-    """Client ``k``'s ``weight`` from its ``[[clients]]`` table (None: its number of training rows)."""
-    return cfg.sites[k].weight if cfg.sites else None
-
-
-def node_path(path: str | None) -> str | None:
-    """A node's ``data-path``, resolved against its working directory (None: the table's ``data``)."""
-    return None if path is None else str(Path(path).expanduser())

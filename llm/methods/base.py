@@ -33,7 +33,8 @@ from lowrank_fed.aggregation import keep_slots, weighted_average
 from ..protocol import Message, decode_extras, decode_pairs, encode_extras, encode_pairs
 from .options import PAIR_RULES, Options, PairOptions
 
-__all__ = ["Options", "PairOptions", "PAIR_RULES", "ServerState", "ClientState", "LocalPlan", "Model", "Method", "weights_of"]
+__all__ = ["Options", "PairOptions", "PAIR_RULES", "ServerState", "ClientState", "LocalPlan", "Model", "Method", "weights_of",
+           "reply_weight"]
 
 
 class Model(NamedTuple):
@@ -117,7 +118,7 @@ def weights_of(replies: Mapping[int, Message]) -> list[float]:
 
 
 def reply_weight(reply: Message) -> float:
-    """A reply's data weight: its ``weight`` (set by the server from a ``[[clients]]`` table), else ``num_examples``."""
+    """A reply's data weight: its ``weight`` (the server's, from a ``[[clients]]`` table), else ``num_examples``."""
     return float(reply.config.get("weight", reply.config["num_examples"]))
 
 

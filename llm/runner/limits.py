@@ -155,7 +155,8 @@ def check_limits(cfg: RunConfig, *, ranks: Sequence[int], shapes: Mapping[str, t
     sizes = [getattr(model_config, k, None) for k in ("num_hidden_layers", "hidden_size", "num_attention_heads")]
     if memory is None or None in sizes:
         return workers
-    steps = (cfg.local_epochs * math.ceil(max(n_k) / cfg.batch_size)) if cfg.local_epochs and n_k else cfg.local_steps
+    epochs = cfg.local_epochs if n_k else 0  # n_k empty: unknown here, local_steps as the estimate
+    steps = (epochs * math.ceil(max(n_k) / cfg.batch_size)) if epochs else cfg.local_steps
     dtype_bytes = torch.finfo(getattr(torch, cfg.dtype)).bits // 8
     layers, hidden, heads = sizes
     need = memory_estimate(steps=steps, batch_size=cfg.batch_size, max_length=cfg.max_length, task=task,

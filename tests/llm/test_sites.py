@@ -121,6 +121,43 @@ def test_a_table_weight_changes_the_aggregation_weights(tmp_path):
         [c["n"] for c in _rows_of(tmp_path / "plain")[-1]["clients"]]
 
 
+def test_attacks_sampling_and_workers_keep_working_with_sites(tmp_path):
+    """A label-flip attacker (by id), 2 clients a round, 2 worker processes: the same bytes as 1 worker."""
+    # Prepare
+    settings = _settings(tmp_path, attacks=[{"kind": "label_flip", "clients": [1]}], clients_per_round=2,
+                         methods=["fedit"], rounds=1)
+    # Execute
+    for workers in (1, 2):
+        run_experiment(RunConfig.from_dict({**settings, "workers": workers}), tmp_path / f"w{workers}",
+                       progress=False)
+    # Assert
+    assert _metrics(tmp_path / "w1") == _metrics(tmp_path / "w2")
+    rows = [r for r in _rows_of(tmp_path / "w1") if r["round"] > 0]
+    assert all(len(r["clients"]) == 2 for r in rows)
+    assert all(c.get("attack") == ("label_flip" if c["client"] == 1 else None) for r in rows for c in r["clients"])
+
+
+def test_generation_sites_train_on_their_own_prompt_response_files(tmp_path):
+    """tiny-llama on two prompt/response files (ranks 2 and 4), the held-out pool as evaluation data."""
+    # Prepare
+    files = []
+    for k in range(2):
+        rng = np.random.default_rng(k)
+        rows = [{"prompt": " ".join(rng.choice(WORDS["tech"].split(), 4)), "response": "ok " * (1 + k)}
+                for _ in range(20)]
+        files.append(_write(tmp_path / f"gen{k}.jsonl", rows))
+    cfg = RunConfig.from_dict(dict(name="gen", model="tiny-llama", methods=["fedit"], rounds=1, local_steps=1,
+                                   batch_size=4, max_length=16, val_size=2, eval_size=20, rouge_size=2,
+                                   max_new_tokens=2, checkpoint=False,
+                                   clients=[{"data": files[0], "rank": 2}, {"data": files[1], "rank": 4}]))
+    # Execute
+    run_experiment(cfg, tmp_path / "out", progress=False)
+    # Assert: 20 rows a site, round(0.2 * 20) = 4 held out
+    setup = json.loads((tmp_path / "out" / "setup.json").read_text())
+    assert setup["n_k"] == [16, 16] and setup["ranks"] == [2, 4] and setup["eval_size"] == 8 - 2
+    assert _rows_of(tmp_path / "out")[-1]["perplexity"] > 0
+
+
 def test_weights_of_reads_the_table_weight_else_num_examples():
     # Prepare
     from lowrank_fed.llm.methods.base import weights_of
