@@ -369,6 +369,24 @@ def test_flower_up_gives_each_supernode_its_file_and_rank(tmp_path):
 
 
 @pytest.mark.slow
+def test_flower_simulation_with_sites_equals_the_in_process_run(tmp_path):
+    """`lowrank-fed run --engine flower` (Ray) with [[clients]] and a server dataset: the same metrics and adapters."""
+    # Prepare
+    settings = _settings(tmp_path, dataset=_server_file(tmp_path), methods=["fedit", "flexlora"])
+    config = tmp_path / "sites.toml"
+    config.write_text(tomli_w.dumps(settings))
+    run_experiment(RunConfig.from_dict(settings), tmp_path / "ref", progress=False)
+    # Execute
+    status = cli_main(["run", str(config), "--engine", "flower", "--out", str(tmp_path / "fl"), "--no-progress"])
+    # Assert
+    assert status == 0
+    assert _metrics(tmp_path / "fl") == _metrics(tmp_path / "ref")
+    for method in settings["methods"]:
+        assert (tmp_path / "fl" / "adapters" / f"{method}.safetensors").read_bytes() == \
+            (tmp_path / "ref" / "adapters" / f"{method}.safetensors").read_bytes()
+
+
+@pytest.mark.slow
 def test_flower_up_with_two_sites_finishes(tmp_path):
     """Real SuperLink and SuperNodes (`flower up`), two sites, each node given only its own file."""
     # Prepare
