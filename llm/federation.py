@@ -273,8 +273,9 @@ class Federation:
         Rows of ``source`` for training and for validation (:func:`plan_rows`).
     client_idx : list of int arrays
         Client ``k``'s positions in ``train_rows``.
-    n_k : list of int
-        Each client's number of training examples (the data weights).
+    n_k : list of int (or None)
+        Each client's number of training examples (the data weights); None for a ``[[clients]]`` site the
+        server does not open (Flower: each reply carries its own).
     ranks : list of int
         Each client's LoRA rank.
     attackers : dict client id -> attack entry
