@@ -266,12 +266,11 @@ class SitesSource(_Source):
             pool = concat([s.held for s in sites], task, self.label_names)
             origin = np.concatenate([np.full(len(s.held), k, dtype=np.int64) for k, s in enumerate(sites)])
         labelled = task == "classification"
-        with _key("val_size", cfg.val_size):
-            if cfg.val_size >= len(pool):
-                raise ValueError(f"val_size below the server's {len(pool)} evaluation rows "
-                                 f"({'its dataset' if cfg.dataset else 'the sites held-out rows'})")
-            rest, val = split_validation(pool.labels if labelled else len(pool), cfg.val_size,
-                                         VALIDATION.rng(cfg.seed))
+        if cfg.val_size >= len(pool):
+            where = "the rows of dataset" if cfg.dataset else "the sites' held-out rows"
+            raise ConfigError.from_errors([("val_size", f"below the server's {len(pool)} evaluation rows ({where}; "
+                                                        "the rest are the test set)", cfg.val_size)])
+        rest, val = split_validation(pool.labels if labelled else len(pool), cfg.val_size, VALIDATION.rng(cfg.seed))
         if cfg.eval_size < len(rest):
             rest = np.sort(rest[EVAL_SUBSET.rng(cfg.seed).permutation(len(rest))[: cfg.eval_size]])
         self.test = pool.subset(rest)

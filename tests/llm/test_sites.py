@@ -200,6 +200,14 @@ def test_a_site_label_outside_the_label_set_is_refused_naming_file_and_label(tmp
     assert not (tmp_path / "out").exists()
 
 
+def test_val_size_above_the_sites_held_out_rows_is_a_config_error_naming_val_size(tmp_path):
+    # Prepare: 18 held-out rows in all (6 a site)
+    sim = Simulation(RunConfig.from_dict(_settings(tmp_path, val_size=18)), tmp_path / "out", progress=False)
+    # Execute / Assert
+    with pytest.raises(ConfigError, match=r"Config key 'val_size': expected below the server's 18 evaluation rows"):
+        sim.setup()
+
+
 def test_the_config_does_not_open_site_files_a_flower_server_lacks(tmp_path):
     """The ServerApp validates the flat config on a machine without the sites' files: that must pass."""
     # Prepare
