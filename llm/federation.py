@@ -46,7 +46,7 @@ from .peft_bridge import AdapterWorkspace
 from .streams import EVAL_SUBSET, HOLDOUT, PARTITION, RANKS, SAMPLING, TRAIN_SUBSET, VALIDATION
 
 __all__ = ["DataSource", "Shared", "Federation", "ModelSetup", "build_federation", "build_client", "build_model",
-           "client_ranks", "plan_rows", "source_plan", "open_source", "sample_clients", "train_settings", "run_device",
+           "client_ranks", "plan_rows", "source_plan", "sample_clients", "train_settings", "run_device",
            "encode_examples", "DTYPES"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -117,7 +117,7 @@ class Shared:
         ``[[clients]]`` classification runs: the run's label set, fixed by the server before training
         (:func:`~lowrank_fed.llm.sites.site_labels`); None otherwise (the catalogue's).
 
-    The first two are statistics of every client's texts (a word list and ``C - 1`` numbers), never an example.
+    The first two are statistics of the clients' texts (a word list and ``C - 1`` numbers), never an example.
     """
 
     vocabulary: tuple[str, ...] | None = None
@@ -128,9 +128,7 @@ class Shared:
         """The JSON a Flower download carries (floats round-trip exactly; ``labels`` only when set)."""
         data = {"vocabulary": None if self.vocabulary is None else list(self.vocabulary),
                 "length_edges": None if self.length_edges is None else list(self.length_edges)}
-        if self.labels is not None:
-            data["labels"] = list(self.labels)
-        return json.dumps(data, sort_keys=True)
+        return json.dumps({**data, **({} if self.labels is None else {"labels": list(self.labels)})}, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> "Shared":
@@ -164,8 +162,6 @@ def plan_rows(cfg: RunConfig, labels, task: str) -> tuple[np.ndarray, np.ndarray
     ConfigError
         ``val_size`` or ``clients`` that the data cannot satisfy (named).
     """
-    if cfg.sites:
-        raise ValueError("A [[clients]] run has no partition: its rows are the sites' own (source_plan).")
     labels = np.asarray(labels)
     labelled = task == "classification"
     with config_key("val_size", cfg.val_size):
@@ -180,18 +176,7 @@ def plan_rows(cfg: RunConfig, labels, task: str) -> tuple[np.ndarray, np.ndarray
 def source_plan(cfg: RunConfig, source) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
     """``(train_rows, val_rows, client_idx)`` of ``source``: :func:`plan_rows`, or a ``[[clients]]`` source's own
     (:mod:`.sites`: each client's rows are its site's, no partition)."""
-    if cfg.sites:
-        return source.plan(cfg)
-    return plan_rows(cfg, source.labels, source.task)
-
-
-def open_source(cfg: RunConfig):
-    """The run's data source as the in-process runner holds it: :class:`DataSource`, or every site's data."""
-    if cfg.sites:
-        from .sites import SitesSource
-
-        return SitesSource(cfg)
-    return DataSource(cfg)
+    return source.plan(cfg) if cfg.sites else plan_rows(cfg, source.labels, source.task)
 
 
 def sample_clients(cfg: RunConfig, round_: int) -> list[int]:
@@ -274,8 +259,7 @@ class Federation:
     client_idx : list of int arrays
         Client ``k``'s positions in ``train_rows``.
     n_k : list of int (or None)
-        Each client's number of training examples (the data weights); None for a ``[[clients]]`` site the
-        server does not open (Flower: each reply carries its own).
+        Each client's number of training examples (the data weights); None: a site the server never opens.
     ranks : list of int
         Each client's LoRA rank.
     attackers : dict client id -> attack entry
@@ -310,11 +294,9 @@ class Federation:
         return sample_clients(self.cfg, round_)
 
 
-def build_federation(cfg: RunConfig, source: DataSource | None = None, *, open_sites: bool = True) -> Federation:
-    r"""The server's view of the run: rows, sizes, ranks, attackers, held-out sets and :class:`Shared`.
-
-    With ``[[clients]]`` tables: :func:`~lowrank_fed.llm.sites.site_federation` (``open_sites``: whether the
-    server reads the sites' files; False on Flower, where ``n_k`` entries are None).
+def build_federation(cfg: RunConfig, source: DataSource | None = None) -> Federation:
+    r"""The server's view of the run: rows, sizes, ranks, attackers, held-out sets and :class:`Shared`
+    (``[[clients]]`` tables: :func:`~lowrank_fed.llm.sites.site_federation`).
 
     Reads the training examples only where :class:`Shared` needs them (a tiny model's vocabulary, ``other_task``'s
     length classes); never loads a model.
@@ -325,10 +307,8 @@ def build_federation(cfg: RunConfig, source: DataSource | None = None, *, open_s
         A value the data cannot satisfy, named: ``val_size``, ``clients`` (the partition), ``attacks`` (an attack
         the task cannot have), ``ranks``.
     """
-    if cfg.sites:  # one data source per client (sites.py); on Flower the server opens none of them
-        from .sites import site_federation
-
-        return site_federation(cfg, open_sites=open_sites)
+    if cfg.sites:
+        raise ValueError("A [[clients]] run's federation is sites.site_federation's (one data source per client).")
     source = DataSource(cfg) if source is None else source
     labelled = source.task == "classification"
     train_rows, val_rows, client_idx = plan_rows(cfg, source.labels, source.task)
@@ -402,7 +382,9 @@ def build_client(cfg: RunConfig, partition_id: int, *, shared: Shared | None = N
         raise ValueError(f"Client id {partition_id!r} is outside the run's clients [0, {cfg.clients}).")
     k = int(partition_id)
     shared = Shared() if shared is None else shared
-    source = open_source(cfg) if source is None else source
+    if source is None and cfg.sites:
+        raise ValueError("A [[clients]] client needs its source (sites.SitesSource or sites.NodeSource).")
+    source = DataSource(cfg) if source is None else source
     train_rows, _, client_idx = source_plan(cfg, source)
     rows = train_rows[client_idx[k]]
     examples = source.examples(rows)

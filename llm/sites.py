@@ -42,18 +42,23 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from .attacks import DATA_ATTACKS, check_data_attack, choose_attackers, length_edges
+from .catalog import DATASETS
 from .config import ConfigError, RunConfig
 from .data import TextDataset, holdout_sets, split_validation, stratified_split
+from .data import files
+from .data.files import DataFileError, label_set, read_data
+from .federation import DataSource, Federation, Shared, config_key
+from .models import needs_vocabulary, word_vocabulary
+from .sources import data_problem, model_task
 from .streams import EVAL_SUBSET, HOLDOUT, SITE_SPLIT, VALIDATION
 
 __all__ = ["SiteData", "SitesSource", "NodeSource", "site_federation", "site_labels", "check_site_paths",
-           "check_flower_sites", "site_task", "concat"]
+           "check_flower_sites", "site_task", "concat", "open_source"]
 
 
 def site_task(cfg: RunConfig) -> str:
     """The run's task: ``task``, the packaged model's, or inferred from the model folder (:func:`.sources.model_task`)."""
-    from .sources import model_task
-
     with _key("model", cfg.model):
         return model_task(cfg.model, cfg.task)
 
@@ -81,8 +86,6 @@ def check_site_paths(cfg: RunConfig, only: Sequence[int] | None = None) -> None:
     ConfigError
         One line per missing or unreadable source: ``Config key 'clients[i].data': expected ...; got ...``.
     """
-    from .sources import data_problem
-
     ids = range(len(cfg.sites)) if only is None else only
     errors = [(f"clients[{k}].data", problem, cfg.sites[k].data) for k in ids
               if (problem := data_problem(cfg.sites[k].data)) is not None]
@@ -107,8 +110,6 @@ def check_flower_sites(cfg: RunConfig) -> None:
 
 
 def _check_server_dataset(cfg: RunConfig) -> None:
-    from .catalog import DATASETS
-
     if cfg.dataset in DATASETS:
         raise ConfigError.from_errors([("dataset", (
             "with [[clients]] tables: a data file or save_to_disk folder with the run's columns (the server's "
@@ -120,10 +121,8 @@ def _raw_labels(path: str, cfg: RunConfig, key: str) -> list:
     """The values of ``label_column`` in the data source ``path`` (a ``DatasetDict``'s splits in order)."""
     import datasets
 
-    from .data.files import DataFileError, read_table
-
     with _key(key, path):
-        table = read_table(path)
+        table = files.read_table(path)
         tables = [table[s] for s in table] if isinstance(table, datasets.DatasetDict) else [table]
         if cfg.label_column not in tables[0].column_names:
             raise DataFileError(f"Data {path!r}: expected a column {cfg.label_column!r} (config key 'label_column'); "
@@ -140,8 +139,6 @@ def site_labels(cfg: RunConfig, *, open_sites: bool) -> list[str] | None:
     ConfigError
         A data source that cannot be read, or lacks ``label_column`` (named by its config key).
     """
-    from .data.files import label_set
-
     if site_task(cfg) != "classification":
         return None
     if cfg.labels:
@@ -187,9 +184,6 @@ class SiteData:
     """
 
     def __init__(self, cfg: RunConfig, k: int, labels: Sequence[str] | None, path: str | None = None):
-        from .data.files import read_data
-        from .sources import data_problem
-
         self.path = cfg.sites[k].data if path is None else path
         key = f"clients[{k}].data"
         problem = data_problem(self.path)
@@ -247,8 +241,6 @@ class SitesSource(_Source):
     """
 
     def __init__(self, cfg: RunConfig, *, open_sites: bool = True):
-        from .data.files import read_data
-
         _check_server_dataset(cfg)
         if not open_sites:
             check_flower_sites(cfg)
@@ -321,10 +313,6 @@ def site_federation(cfg: RunConfig, *, open_sites: bool = True):
         A site or ``dataset`` source that cannot be used (named by its key), ``val_size`` above the evaluation
         rows, an attack the task cannot have, ``[[clients]]`` without ``dataset`` on Flower.
     """
-    from .attacks import DATA_ATTACKS, check_data_attack, choose_attackers, length_edges
-    from .federation import Federation, Shared, config_key
-    from .models import needs_vocabulary, word_vocabulary
-
     source = SitesSource(cfg, open_sites=open_sites)
     attackers = choose_attackers(cfg.attacks, cfg.clients, cfg.seed)
     with config_key("attacks", [a.kind for a in cfg.attacks]):
@@ -342,3 +330,8 @@ def site_federation(cfg: RunConfig, *, open_sites: bool = True):
     return Federation(cfg, source, source.train_rows, source.val_rows, source.client_idx, n_k, list(cfg.ranks),
                       attackers, source.holdout, shared)
 
+
+def open_source(cfg: RunConfig):
+    """The run's data source as the in-process runner (and each worker) holds it: :class:`~.federation.DataSource`,
+    or with ``[[clients]]`` every site's data (:class:`SitesSource`)."""
+    return SitesSource(cfg) if cfg.sites else DataSource(cfg)

@@ -74,7 +74,8 @@ class _Worker:
         from threadpoolctl import threadpool_limits
 
         from ..config import RunConfig
-        from ..federation import Shared, build_model, open_source
+        from ..federation import Shared, build_model
+        from ..sites import open_source
 
         self.cfg = cfg = RunConfig.from_dict(setup["config"])
         torch.set_num_threads(cfg.threads)

@@ -39,6 +39,7 @@ from ..client import ClientContext
 from ..config import RunConfig
 from ..federation import build_client, build_federation, build_model, encode_examples, sample_clients
 from ..federation import config_key as _config_key
+from ..sites import site_federation
 from ..methods import ClientState, Method, ServerState, make_method
 from ..peft_bridge import init_pairs
 from ..protocol import Message
@@ -115,7 +116,7 @@ class Simulation(Scoring):
         cfg = self.cfg
         torch.set_num_threads(cfg.threads)
         # ConfigError: val_size, clients, attacks, ranks; [[clients]] on Flower: the server opens no site's file
-        fed = build_federation(cfg, open_sites=self.transport is None)
+        fed = site_federation(cfg, open_sites=self.transport is None) if cfg.sites else build_federation(cfg)
         self.federation = fed
         self.task = fed.task
         labelled = self.task == "classification"
