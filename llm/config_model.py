@@ -50,8 +50,8 @@ class RunConfig(ConfigForms):
     dataset: str = Field("bbc_news", description=(
         "a packaged dataset of the model's task (" + ", ".join(f"`{d}` ({t})" for d, t in DATASETS.items())
         + "), or a data file (`.jsonl`, `.json`, `.csv`, `.parquet`) or `save_to_disk` folder with the columns "
-        "below; with `[[clients]]` tables: the server's evaluation data (absent: each site holds out "
-        "`test_fraction` of its own)"))
+        "below; with `[[clients]]` tables: the server's evaluation data, a file or folder (absent: each site holds "
+        "out `test_fraction` of its own; needed on Flower, whose server never opens a site's file)"))
     text_column: str = Field("text", min_length=1, description="classification: the column of the input text")
     label_column: str = Field("label", min_length=1, description=(
         "classification: the column of the label (strings or integers)"))
@@ -63,7 +63,7 @@ class RunConfig(ConfigForms):
         "response) instead of `prompt_column` / `response_column`"))
     labels: list[str] = Field([], description=(
         "classification: the label set, fixed before training (absent: the union of the labels of every data "
-        "source; a label outside it is an error)"))
+        "source; with `[[clients]]` and a `dataset`: the dataset's labels; a label outside it is an error)"))
     test_fraction: float = Field(0.2, gt=0, lt=1, allow_inf_nan=False, description=(
         "share of a data file without a test split (or of each `[[clients]]` source when `dataset` is absent) "
         "held out for evaluation, drawn per label from the seed"))
@@ -218,8 +218,8 @@ class RunConfig(ConfigForms):
     @field_validator("sites")
     @classmethod
     def _sites_exist(cls, sites: list[Site], info: ValidationInfo) -> list[Site]:
-        _fail(*[((i, "data"), problem, s.data) for i, s in enumerate(sites)
-                if (problem := data_problem(s.data)) is not None])
+        # each site's file is checked where it is read (sites.check_site_paths: the in-process runner, lowrank-fed
+        # flower up, a node), never here: a Flower server validates this config and holds no site's file
         if not sites and info.data.get("dataset") == "":
             _fail(((), "[[clients]] tables, since `dataset` is empty (a run without them needs a dataset)", sites))
         return sites

@@ -46,7 +46,8 @@ from .peft_bridge import AdapterWorkspace
 from .streams import EVAL_SUBSET, HOLDOUT, PARTITION, RANKS, SAMPLING, TRAIN_SUBSET, VALIDATION
 
 __all__ = ["DataSource", "Shared", "Federation", "ModelSetup", "build_federation", "build_client", "build_model",
-           "client_ranks", "plan_rows", "sample_clients", "train_settings", "run_device", "encode_examples", "DTYPES"]
+           "client_ranks", "plan_rows", "source_plan", "sample_clients", "train_settings", "run_device",
+           "encode_examples", "DTYPES"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -112,18 +113,22 @@ class Shared:
         ``other_task``'s length-class quantiles of the training texts' word counts
         (:func:`~lowrank_fed.llm.attacks.length_edges`); None unless an ``other_task`` attack runs on a
         classification task.
+    labels : tuple of str or None
+        ``[[clients]]`` classification runs: the run's label set, fixed by the server before training
+        (:func:`~lowrank_fed.llm.sites.site_labels`); None otherwise (the catalogue's).
 
-    Both are statistics of every client's texts (a word list and ``C - 1`` numbers), never an example.
+    The first two are statistics of the clients' texts (a word list and ``C - 1`` numbers), never an example.
     """
 
     vocabulary: tuple[str, ...] | None = None
     length_edges: tuple[float, ...] | None = None
+    labels: tuple[str, ...] | None = None
 
     def to_json(self) -> str:
-        """The JSON a Flower download carries (floats round-trip exactly)."""
-        return json.dumps({"vocabulary": None if self.vocabulary is None else list(self.vocabulary),
-                           "length_edges": None if self.length_edges is None else list(self.length_edges)},
-                          sort_keys=True)
+        """The JSON a Flower download carries (floats round-trip exactly; ``labels`` only when set)."""
+        data = {"vocabulary": None if self.vocabulary is None else list(self.vocabulary),
+                "length_edges": None if self.length_edges is None else list(self.length_edges)}
+        return json.dumps({**data, **({} if self.labels is None else {"labels": list(self.labels)})}, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> "Shared":
@@ -135,12 +140,13 @@ class Shared:
             Not a JSON object with (only) the keys ``vocabulary`` and ``length_edges``.
         """
         data = json.loads(text)
-        if not isinstance(data, dict) or not set(data) <= {"vocabulary", "length_edges"}:
-            raise ValueError(f"Shared set-up must be a JSON object with keys 'vocabulary' and 'length_edges'. "
-                             f"Got {text[:100]!r}.")
-        vocab, edges = data.get("vocabulary"), data.get("length_edges")
+        if not isinstance(data, dict) or not set(data) <= {"vocabulary", "length_edges", "labels"}:
+            raise ValueError(f"Shared set-up must be a JSON object with keys 'vocabulary', 'length_edges' (and "
+                             f"'labels'). Got {text[:100]!r}.")
+        vocab, edges, labels = data.get("vocabulary"), data.get("length_edges"), data.get("labels")
         return cls(None if vocab is None else tuple(str(w) for w in vocab),
-                   None if edges is None else tuple(float(e) for e in edges))
+                   None if edges is None else tuple(float(e) for e in edges),
+                   None if labels is None else tuple(str(c) for c in labels))
 
 
 def plan_rows(cfg: RunConfig, labels, task: str) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
@@ -165,6 +171,12 @@ def plan_rows(cfg: RunConfig, labels, task: str) -> tuple[np.ndarray, np.ndarray
         client_idx = partition(cfg.partition, labels[train_rows], cfg.clients, PARTITION.rng(cfg.seed),
                                alpha=cfg.alpha, classes_per_client=cfg.classes_per_client)
     return train_rows, val_rows, client_idx
+
+
+def source_plan(cfg: RunConfig, source) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """``(train_rows, val_rows, client_idx)`` of ``source``: :func:`plan_rows`, or a ``[[clients]]`` source's own
+    (:mod:`.sites`: each client's rows are its site's, no partition)."""
+    return source.plan(cfg) if cfg.sites else plan_rows(cfg, source.labels, source.task)
 
 
 def sample_clients(cfg: RunConfig, round_: int) -> list[int]:
@@ -256,8 +268,8 @@ class Federation:
         Rows of ``source`` for training and for validation (:func:`plan_rows`).
     client_idx : list of int arrays
         Client ``k``'s positions in ``train_rows``.
-    n_k : list of int
-        Each client's number of training examples (the data weights).
+    n_k : list of int (or None)
+        Each client's number of training examples (the data weights); None: a site the server never opens.
     ranks : list of int
         Each client's LoRA rank.
     attackers : dict client id -> attack entry
@@ -293,7 +305,8 @@ class Federation:
 
 
 def build_federation(cfg: RunConfig, source: DataSource | None = None) -> Federation:
-    r"""The server's view of the run: rows, sizes, ranks, attackers, held-out sets and :class:`Shared`.
+    r"""The server's view of the run: rows, sizes, ranks, attackers, held-out sets and :class:`Shared`
+    (``[[clients]]`` tables: :func:`~lowrank_fed.llm.sites.site_federation`).
 
     Reads the training examples only where :class:`Shared` needs them (a tiny model's vocabulary, ``other_task``'s
     length classes); never loads a model.
@@ -304,6 +317,8 @@ def build_federation(cfg: RunConfig, source: DataSource | None = None) -> Federa
         A value the data cannot satisfy, named: ``val_size``, ``clients`` (the partition), ``attacks`` (an attack
         the task cannot have), ``ranks``.
     """
+    if cfg.sites:
+        raise ValueError("A [[clients]] run's federation is sites.site_federation's (one data source per client).")
     source = DataSource(cfg) if source is None else source
     labelled = source.task == "classification"
     train_rows, val_rows, client_idx = plan_rows(cfg, source.labels, source.task)
@@ -377,8 +392,10 @@ def build_client(cfg: RunConfig, partition_id: int, *, shared: Shared | None = N
         raise ValueError(f"Client id {partition_id!r} is outside the run's clients [0, {cfg.clients}).")
     k = int(partition_id)
     shared = Shared() if shared is None else shared
+    if source is None and cfg.sites:
+        raise ValueError("A [[clients]] client needs its source (sites.SitesSource or sites.NodeSource).")
     source = DataSource(cfg) if source is None else source
-    train_rows, _, client_idx = plan_rows(cfg, source.labels, source.task)
+    train_rows, _, client_idx = source_plan(cfg, source)
     rows = train_rows[client_idx[k]]
     examples = source.examples(rows)
     attack = choose_attackers(cfg.attacks, cfg.clients, cfg.seed).get(k)

@@ -30,7 +30,7 @@ __all__ = ["Stream", "STREAMS", "derive_seed", "entropy_overlap"] + [
     "DATA", "MODEL_INIT", "DATA_SPLIT", "PARTITION", "TRAIN_SUBSET", "EVAL_SUBSET", "ADAPTER_INIT", "RANKS",
     "VALIDATION", "HOLDOUT", "SAMPLING", "ATTACKERS", "BATCHES", "SHUFFLE_TARGETS", "ATTACK_DIRECTION",
     "SHARED_ATTACK_DIRECTION", "DROPOUT", "CLIENT_FACTORS", "GLOBAL_RANK_PAD", "COPY_PRETRAIN_BATCHES",
-    "COPY_PRETRAIN_EVAL", "COPY_PRETRAIN_INIT",
+    "COPY_PRETRAIN_EVAL", "COPY_PRETRAIN_INIT", "SITE_SPLIT",
 ]
 
 _SEED = "seed"
@@ -144,6 +144,8 @@ DROPOUT = _s("DROPOUT", 17, ("round", "client"), "dropout in a client's local tr
 #: The generator a method's client plan draws fresh factors from (client.run_client -> Method.client_plan).
 CLIENT_FACTORS = _s("CLIENT_FACTORS", 19, ("round", "client"),
                     "fresh factors of a client plan (client.run_client, Method.client_plan)", kind="torch")
+#: ``[[clients]]``: a site's held-out rows (``test_fraction`` of each label), keyed by the client id (sites.SiteData).
+SITE_SPLIT = _s("SITE_SPLIT", 31, ("client",), "a site's held-out rows of its own data (sites.SiteData)")
 #: LoRA-A2: the rows of A added when the initial adapter is padded to the global rank, from ``init_seed``.
 GLOBAL_RANK_PAD = _s("GLOBAL_RANK_PAD", 29, ("rank",), "LoRA-A2's padding rows of A (methods.lora_a2)",
                      root=_INIT_SEED, kind="torch")
@@ -161,7 +163,7 @@ COPY_PRETRAIN_INIT = _s("COPY_PRETRAIN_INIT", None, (), "copy-llama's initial we
 STREAMS: tuple[Stream, ...] = (
     DATA, MODEL_INIT, DATA_SPLIT, PARTITION, TRAIN_SUBSET, EVAL_SUBSET, ADAPTER_INIT, RANKS, VALIDATION, HOLDOUT,
     SAMPLING, ATTACKERS, BATCHES, SHUFFLE_TARGETS, ATTACK_DIRECTION, SHARED_ATTACK_DIRECTION, DROPOUT, CLIENT_FACTORS,
-    GLOBAL_RANK_PAD, COPY_PRETRAIN_BATCHES, COPY_PRETRAIN_EVAL, COPY_PRETRAIN_INIT,
+    GLOBAL_RANK_PAD, SITE_SPLIT, COPY_PRETRAIN_BATCHES, COPY_PRETRAIN_EVAL, COPY_PRETRAIN_INIT,
 )
 
 

@@ -38,7 +38,7 @@ from ..methods import ClientState, make_method
 from ..protocol import Message as LFMessage
 from .records import from_records, has_part, to_records
 
-__all__ = ["app", "client_context", "node_identity"]
+__all__ = ["app", "client_context", "node_identity", "node_site"]
 
 log = logging.getLogger("lowrank_fed.llm.flower")
 
@@ -72,37 +72,78 @@ def node_identity(node_config) -> tuple[int, int, int]:
     return out[0], out[1], out[2]
 
 
-def client_context(config_json: str, client: int, shared_json: str | None = None):
+def node_site(node_config) -> tuple[str | None, int]:
+    r"""``(data-path, rank)`` of a node's ``--node-config`` (None / ``-1``: not named): a ``[[clients]]`` node's own
+    data source (it overrides the table's ``data``) and its rank.
+
+    Raises
+    ------
+    ValueError
+        ``data-path`` is not a non-empty string (in ``--node-config`` write it quoted: ``data-path="site.jsonl"``).
+    """
+    path = node_config.get("data-path")
+    if path is not None and (not isinstance(path, str) or not path.strip()):
+        raise ValueError(f"SuperNode --node-config 'data-path' must be a non-empty string (the node's data file, "
+                         f"quoted: data-path=\"site.jsonl\"). Got {path!r}.")
+    return path, node_identity(node_config)[1]
+
+
+def client_context(config_json: str, client: int, shared_json: str | None = None, *, data_path: str | None = None,
+                   rank: int = -1):
     r"""Client ``client``'s :class:`ClientContext` for the run config ``config_json``, from its own examples only.
 
     :func:`~lowrank_fed.llm.federation.build_client` with the server's ``shared_json``
     (:meth:`~lowrank_fed.llm.federation.Shared.to_json`; None: nothing shared). Kept per process: the data source
     and the model are opened once per run config (several virtual nodes of Flower's simulation can share a
     process; each reads its own rows, and they train one at a time on the one model, as in-process clients do).
+
+    With ``[[clients]]`` tables the node opens only its own data source (:class:`~lowrank_fed.llm.sites.NodeSource`:
+    ``data_path``, its ``--node-config data-path``, else its table's ``data``), with the label set the server sent
+    (``Shared.labels``).
+
+    Raises
+    ------
+    ValueError
+        ``[[clients]]``: the node's ``rank`` (``-1``: not named) is not its table's ``rank``; its data source
+        cannot be used (the message names the file, the column or the label).
     """
     import torch
 
     from ..config import RunConfig
-    from ..federation import DataSource, Shared, build_client, build_model, client_ranks, plan_rows
+    from ..federation import DataSource, Shared, build_client, build_model, client_ranks, source_plan
 
     key = (config_json, shared_json)
     if _NODE.get("key") != key:
         cfg = RunConfig.from_dict(json.loads(config_json))
         torch.set_num_threads(cfg.threads)
         shared = Shared() if shared_json is None else Shared.from_json(shared_json)
-        source = DataSource(cfg)
-        _, _, client_idx = plan_rows(cfg, source.labels, source.task)
-        reference_rank = max(client_ranks(cfg, [len(i) for i in client_idx]))
+        if cfg.sites:  # each client's source is opened when it is served (sites.NodeSource)
+            source, reference_rank = None, max(cfg.ranks)
+            num_labels = 1 if shared.labels is None else len(shared.labels)
+        else:
+            source = DataSource(cfg)
+            _, _, client_idx = source_plan(cfg, source)
+            reference_rank = max(client_ranks(cfg, [len(i) for i in client_idx]))
+            num_labels = len(source.label_names)
         _NODE.clear()  # one run at a time per process
         _NODE.update(key=key, cfg=cfg, shared=shared, source=source, contexts={},
-                     model=build_model(cfg, shared, len(source.label_names), reference_rank))
+                     model=build_model(cfg, shared, num_labels, reference_rank))
     cfg, contexts = _NODE["cfg"], _NODE["contexts"]
     if not 0 <= client < cfg.clients:
         raise ValueError(f"Client id {client} is outside the run's clients [0, {cfg.clients}).")
-    if client not in contexts:
-        contexts[client] = build_client(cfg, client, shared=_NODE["shared"], source=_NODE["source"],
-                                        model=_NODE["model"])
-    return contexts[client]
+    if (client, data_path) not in contexts:
+        source = _NODE["source"]
+        if cfg.sites:
+            from ..sites import NodeSource
+
+            if rank != -1 and rank != cfg.sites[client].rank:
+                raise ValueError(f"SuperNode --node-config rank={rank} contradicts the run config's "
+                                 f"clients[{client}].rank = {cfg.sites[client].rank}; give the node rank="
+                                 f"{cfg.sites[client].rank} or leave rank out.")
+            source = NodeSource(cfg, client, _NODE["shared"].labels, data_path)
+        contexts[(client, data_path)] = build_client(cfg, client, shared=_NODE["shared"], source=source,
+                                                     model=_NODE["model"])
+    return contexts[(client, data_path)]
 
 
 @app.query()
@@ -145,7 +186,9 @@ def train(msg: Message, context: Context) -> Message:
         state = _stored_state(context, name, state_round)
     method = make_method(name, **options)
     shared = str(run["shared"]) if "shared" in run else None
-    reply, new_state, _ = run_client(method, download, state, client_context(config_json, pid, shared))
+    data_path, rank = node_site(context.node_config)
+    context_k = client_context(config_json, pid, shared, data_path=data_path, rank=rank)
+    reply, new_state, _ = run_client(method, download, state, context_k)
     round_ = int(download.config["round"])
     to_records(LFMessage(new_state.arrays, new_state.info), f"state/{name}", context.state)
     context.state[f"state-tag/{name}"] = ConfigRecord({"round": round_})

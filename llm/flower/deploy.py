@@ -169,6 +169,17 @@ def flat_run_config(args: argparse.Namespace) -> str:
     return head + tomli_w.dumps({**cfg.to_flat(), **settings.to_flat()})
 
 
+def node_config(cfg, i: int, supernodes: int, rank: int) -> str:
+    r"""SuperNode ``i``'s ``--node-config``: ``partition-id=i num-partitions=N rank=r_i``, and with ``[[clients]]``
+    tables ``data-path="<absolute path of clients[i].data>"`` (the node reads that file and no other)."""
+    import json
+
+    text = f"partition-id={i} num-partitions={supernodes} rank={rank}"
+    if cfg.sites:
+        text += f" data-path={json.dumps(str(Path(cfg.sites[i].data).expanduser().resolve()))}"
+    return text
+
+
 def _error(message: object) -> None:
     for line in str(message).splitlines():
         print(f"error: {line}", file=sys.stderr, flush=True)
@@ -219,6 +230,10 @@ def main(args: argparse.Namespace) -> int:
         plan = check_output_folder(out, cfg, overwrite=args.overwrite, inputs=[args.config] if args.config else [],
                                    hint="Use --overwrite to replace them or --out to choose another folder.")
         check_model_package(cfg.model)
+        if cfg.sites:  # the ServerApp will open no site's file: it needs its own dataset
+            from ..sites import check_flower_sites
+
+            check_flower_sites(cfg)
         sim = Simulation(cfg, out, progress=False)
         sim.setup()  # ranks; every data/model problem found before anything is written
         try:  # last: Flower's scratch folder (an unwritable --out is refused here, with nothing else written)
@@ -296,8 +311,7 @@ def up(cfg, out: Path, supernodes: int, ranks, settings, *, watch=None, timeout:
         with watchdog(folder), LocalFederation(folder, env) as fed:  # the watchdog: if this process is killed
             fed.start_superlink()
             (Path(env["FLWR_HOME"]) / "config.toml").write_text(fed.connection_toml(), encoding="utf-8")
-            fed.start_supernodes([f"partition-id={i} num-partitions={supernodes} rank={ranks[i]}"
-                                  for i in range(supernodes)])
+            fed.start_supernodes([node_config(cfg, i, supernodes, ranks[i]) for i in range(supernodes)])
             print(f"SuperLink pid {fed.procs['superlink'].pid}; SuperNode pids "
                   f"{[fed.procs[f'supernode-{i}'].pid for i in range(supernodes)]}; logs in {folder}", flush=True)
             watcher = None

@@ -250,6 +250,10 @@ class FlowerSimulation:
         from .client_app import app as client_app
         from .processes import MARK, Terminated, signals_raise, stop_marked, watchdog
 
+        if self.cfg.sites:  # Flower's simulation: every node's file is on this machine; refuse a missing one now
+            from ..sites import check_site_paths
+
+            check_site_paths(self.cfg)
         self.setup()
         self.settings.check(self.cfg)
         self.out.mkdir(parents=True, exist_ok=True)

@@ -207,6 +207,9 @@ class LowRankStrategy(Strategy):
             return (f"SuperNode {node}: partition-id {k} is not a client of this run; expected 0 <= partition-id "
                     f"< clients = {clients}.")
         rank = self.federation.ranks[k]
+        if self.cfg.sites and budget != -1 and budget != rank:  # [[clients]]: the node's rank is its table's
+            return (f"SuperNode {node} (client {k}): --node-config rank={budget} contradicts the run config's "
+                    f"clients[{k}].rank = {rank}. Give the node rank={rank} or leave rank out.")
         if budget != -1 and budget < rank:
             return (f"SuperNode {node} (client {k}): rank budget {budget} is below the rank the run assigns client "
                     f"{k}: {rank}. Give the node rank >= {rank} or change 'ranks'.")

@@ -34,7 +34,8 @@ from ..protocol import Message, decode_extras, decode_pairs, encode_extras, enco
 from .options import PAIR_RULES, Options, PairOptions
 from .start import start_pairs
 
-__all__ = ["Options", "PairOptions", "PAIR_RULES", "ServerState", "ClientState", "LocalPlan", "Model", "Method", "weights_of"]
+__all__ = ["Options", "PairOptions", "PAIR_RULES", "ServerState", "ClientState", "LocalPlan", "Model", "Method", "weights_of",
+           "reply_weight"]
 
 
 class Model(NamedTuple):
@@ -112,8 +113,14 @@ class LocalPlan:
 
 
 def weights_of(replies: Mapping[int, Message]) -> list[float]:
-    """Data weights ``w_k = num_examples`` of the replies, in their order."""
-    return [float(r.config["num_examples"]) for r in replies.values()]
+    """Data weights of the replies, in their order: ``w_k = num_examples``, or the ``weight`` the server set from
+    client ``k``'s ``[[clients]]`` table (:func:`~lowrank_fed.llm.runner.rounds.accept_reply`)."""
+    return [reply_weight(r) for r in replies.values()]
+
+
+def reply_weight(reply: Message) -> float:
+    """A reply's data weight: its ``weight`` (the server's, from a ``[[clients]]`` table), else ``num_examples``."""
+    return float(reply.config.get("weight", reply.config["num_examples"]))
 
 
 class Method:

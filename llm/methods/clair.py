@@ -66,7 +66,7 @@ from lowrank_fed.robust.federated import flag_clients, stack_subspace
 from lowrank_fed.robust.refinement import collaborative_weights, refine_pairs
 
 from ..protocol import decode_extras, decode_pairs
-from .base import Method, Model, Options, weights_of
+from .base import Method, Model, Options, reply_weight, weights_of
 from .options import CLAIROptions, ClairNoDetectOptions
 
 __all__ = ["CLAIR", "Oracle", "ClairNoDetect", "CLAIROptions", "flag_clients", "stack_subspace"]
@@ -148,7 +148,7 @@ class CLAIR(Method):
         kept = [r for k, r in replies.items() if k not in flagged]
         if not kept:
             return None
-        return [decode_pairs(r.arrays) for r in kept], [float(r.config["num_examples"]) for r in kept]
+        return [decode_pairs(r.arrays) for r in kept], [reply_weight(r) for r in kept]
 
     def download_pairs(self, server, rank):
         """The benign mean at ``rank`` (a new or flagged client); the shared initial prefix before round 1."""

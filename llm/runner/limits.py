@@ -145,7 +145,7 @@ def check_limits(cfg: RunConfig, *, ranks: Sequence[int], shapes: Mapping[str, t
                                              f"{cfg.max_length} = {positions - cfg.max_length} for model "
                                              f"'{cfg.model}' (the prompt takes up to max_length tokens)",
                            cfg.max_new_tokens))
-    if cfg.batch_size > sum(n_k):
+    if n_k and cfg.batch_size > sum(n_k):  # n_k empty: unknown here (the sites of a Flower run)
         errors.append(("batch_size", f"at most the training examples of all the clients, {sum(n_k)} (a client "
                                      f"with fewer than batch_size repeats examples within a batch)", cfg.batch_size))
     if errors:
@@ -155,7 +155,8 @@ def check_limits(cfg: RunConfig, *, ranks: Sequence[int], shapes: Mapping[str, t
     sizes = [getattr(model_config, k, None) for k in ("num_hidden_layers", "hidden_size", "num_attention_heads")]
     if memory is None or None in sizes:
         return workers
-    steps = (cfg.local_epochs * math.ceil(max(n_k) / cfg.batch_size)) if cfg.local_epochs else cfg.local_steps
+    epochs = cfg.local_epochs if n_k else 0  # n_k empty: unknown here, local_steps as the estimate
+    steps = (epochs * math.ceil(max(n_k) / cfg.batch_size)) if epochs else cfg.local_steps
     dtype_bytes = torch.finfo(getattr(torch, cfg.dtype)).bits // 8
     layers, hidden, heads = sizes
     need = memory_estimate(steps=steps, batch_size=cfg.batch_size, max_length=cfg.max_length, task=task,

@@ -74,14 +74,15 @@ class _Worker:
         from threadpoolctl import threadpool_limits
 
         from ..config import RunConfig
-        from ..federation import DataSource, Shared, build_model
+        from ..federation import Shared, build_model
+        from ..sites import open_source
 
         self.cfg = cfg = RunConfig.from_dict(setup["config"])
         torch.set_num_threads(cfg.threads)
         self._blas = threadpool_limits(limits=cfg.threads)  # one BLAS thread per torch thread, kept for the process
         self.exit_at = setup["exit_at"]
         self.shared = Shared.from_json(setup["shared"])
-        self.source = DataSource(cfg)
+        self.source = open_source(cfg)
         self.model = build_model(cfg, self.shared, len(self.source.label_names), setup["reference_rank"])
         self.contexts: dict[int, object] = {}
         self.methods: dict[str, object] = {}
@@ -103,13 +104,13 @@ class _Worker:
 
     def split(self, name: str) -> dict:
         """The server's ``"test"`` or ``"val"`` split, encoded as :meth:`Simulation.setup` encodes it."""
-        from ..federation import encode_examples, plan_rows
+        from ..federation import encode_examples, source_plan
 
         if name not in self.encoded:
             if name == "test":
                 examples = self.source.test
             else:
-                _, val_rows, _ = plan_rows(self.cfg, self.source.labels, self.source.task)
+                _, val_rows, _ = source_plan(self.cfg, self.source)
                 examples = self.source.examples(val_rows)
             self.encoded[name] = encode_examples(self.model.tokenizer, examples, self.cfg.max_length)
         return self.encoded[name]

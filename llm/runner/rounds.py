@@ -228,6 +228,8 @@ def accept_reply(method: Method, server: ServerState, round_: int, k: int, reply
     if error is None:
         if reply.config["rank"] != row["rank"]:
             row["new_rank"] = int(reply.config["rank"])
+        if cfg.sites and cfg.sites[k].weight is not None:  # the table's weight, not the reply's num_examples
+            reply = Message(reply.arrays, {**reply.config, "weight": float(cfg.sites[k].weight)}, reply.metrics)
         return reply, eval_s
     row["dropped"], row["reason"] = True, error
     warn_dropped(f"{method.title}, round {round_}, client {k}: update dropped ({error})")

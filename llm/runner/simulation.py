@@ -39,6 +39,7 @@ from ..client import ClientContext
 from ..config import RunConfig
 from ..federation import build_client, build_federation, build_model, encode_examples, sample_clients
 from ..federation import config_key as _config_key
+from ..sites import site_federation
 from ..methods import ClientState, Method, ServerState, make_method
 from ..peft_bridge import init_pairs
 from ..protocol import Message
@@ -115,7 +116,8 @@ class Simulation(Scoring):
             return
         cfg = self.cfg
         torch.set_num_threads(cfg.threads)
-        fed = build_federation(cfg)  # ConfigError: val_size, clients, attacks, ranks
+        # ConfigError: val_size, clients, attacks, ranks; [[clients]] on Flower: the server opens no site's file
+        fed = site_federation(cfg, open_sites=self.transport is None) if cfg.sites else build_federation(cfg)
         self.federation = fed
         self.task = fed.task
         labelled = self.task == "classification"
@@ -133,7 +135,7 @@ class Simulation(Scoring):
         workers = cfg.worker_count(self.device.type) if self.parallel else 1
         self.workers = check_limits(
             cfg, ranks=self.ranks, shapes=self.ws.shapes, model_config=self.model.model_config, task=self.task,
-            n_k=self.n_k, device=self.device, workers=workers, chosen=cfg.workers_chosen(),
+            n_k=[n for n in self.n_k if n is not None], device=self.device, workers=workers, chosen=cfg.workers_chosen(),
             model_bytes=self.model.model_params * torch.finfo(getattr(torch, cfg.dtype)).bits // 8,
             global_ranks={k: o.global_rank for k, o in held.items() if hasattr(o, "global_rank")})
         # validation and test are the server's, clean (an empty split, val_size = 0, is never scored, so it is not
