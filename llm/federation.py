@@ -41,12 +41,16 @@ from .client import ClientContext, TrainSettings
 from .config import ConfigError, RunConfig
 from .data import (TextDataset, assign_ranks, encode_classification, encode_generation, holdout_sets, load_dataset,
                    partition, split_validation)
+from .data.files import USER_DATA, DataFileError, load_data_file
+from .data.instructions import count_truncated, encode_instructions
 from .models import count_parameters, load_model, needs_vocabulary, word_vocabulary
 from .peft_bridge import AdapterWorkspace
+from .sources import is_packaged_dataset, model_task
 from .streams import EVAL_SUBSET, HOLDOUT, PARTITION, RANKS, SAMPLING, TRAIN_SUBSET, VALIDATION
 
 __all__ = ["DataSource", "Shared", "Federation", "ModelSetup", "build_federation", "build_client", "build_model",
-           "client_ranks", "plan_rows", "sample_clients", "train_settings", "run_device", "encode_examples", "DTYPES"]
+           "client_ranks", "plan_rows", "sample_clients", "train_settings", "run_device", "encode_examples", "DTYPES",
+           "is_user_data", "truncation_counts"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -65,7 +69,8 @@ def config_key(key: str, value):
 class DataSource:
     r"""A run's data set, row by row: the label of every training row for anyone, an example only on request.
 
-    The training rows are those of ``load_dataset(cfg.dataset, seed=cfg.seed)``'s training split, after the
+    The training rows are those of ``load_dataset(cfg.dataset, seed=cfg.seed)``'s training split (a data file or
+    folder: :func:`~lowrank_fed.llm.data.files.load_data_file` for the model's task), after the
     ``train_size`` draw (stream ``TRAIN_SUBSET``); the test rows are the test split after the ``eval_size`` draw
     (``EVAL_SUBSET``). :attr:`labels` (the catalogue: a class, or a topic for generation) is what the partition
     needs; :meth:`examples` is the one way the set-up reads a training example's text, label and target. A client
@@ -78,7 +83,8 @@ class DataSource:
     """
 
     def __init__(self, cfg: RunConfig):
-        train, test = load_dataset(cfg.dataset, seed=cfg.seed)
+        train, test = load_dataset(cfg.dataset, seed=cfg.seed) if is_packaged_dataset(cfg.dataset) \
+            else _read_data_file(cfg)
         if cfg.train_size and cfg.train_size < len(train):
             train = train.subset(np.sort(TRAIN_SUBSET.rng(cfg.seed).permutation(len(train))[: cfg.train_size]))
         if cfg.eval_size < len(test):
@@ -97,6 +103,30 @@ class DataSource:
         out = self._train.subset(rows)
         out.texts = list(out.texts)  # BBC News: only these articles' files are opened
         return out
+
+
+def _read_data_file(cfg: RunConfig) -> tuple[TextDataset, TextDataset]:
+    """``(train, test)`` of the data file ``cfg.dataset``; a problem of the file is a :class:`ConfigError` (one line
+    naming the file, the row and the column)."""
+    with config_key("task", cfg.task):
+        task = model_task(cfg.model, cfg.task)
+    try:
+        return load_data_file(cfg.dataset, task, cfg)
+    except DataFileError as err:
+        raise ConfigError(str(err)) from err
+
+
+def is_user_data(examples: TextDataset) -> bool:
+    """Whether ``examples`` come from a user's data file (:data:`~lowrank_fed.llm.data.files.USER_DATA`)."""
+    return examples.meta.get("source") == USER_DATA["source"]
+
+
+def truncation_counts(tokenizer, splits: dict[str, TextDataset], max_length: int) -> dict[str, int] | None:
+    """A user's generation data: how many examples of each split the instruction encoding truncates
+    (:func:`~lowrank_fed.llm.data.instructions.count_truncated`); None for other data."""
+    if not any(d.task == "generation" and is_user_data(d) for d in splits.values()):
+        return None
+    return {name: count_truncated(tokenizer, d, max_length) if len(d) else 0 for name, d in splits.items()}
 
 
 @dataclass(frozen=True)
@@ -190,6 +220,8 @@ def encode_examples(tokenizer, examples: TextDataset, max_length: int) -> dict[s
     """``examples`` as model inputs: labels (classification) or targets (generation). Rows encode independently."""
     if examples.task == "classification":
         return encode_classification(tokenizer, examples.texts, examples.labels, max_length)
+    if is_user_data(examples):  # a user's instructions: chat template or "prompt\n", the loss on the response
+        return encode_instructions(tokenizer, examples, max_length)
     return encode_generation(tokenizer, examples.texts, examples.targets, max_length)
 
 
@@ -312,7 +344,8 @@ def build_federation(cfg: RunConfig, source: DataSource | None = None) -> Federa
     shared = Shared()
     if vocab or edges:
         train = source.examples(train_rows)  # the server's statistics of the training texts
-        shared = Shared(tuple(word_vocabulary(train.texts)) if vocab else None,
+        words = list(train.texts) + (list(train.targets) if is_user_data(train) and train.targets else [])
+        shared = Shared(tuple(word_vocabulary(words)) if vocab else None,
                         tuple(float(e) for e in length_edges(train.texts, len(train.label_names))) if edges else None)
     return Federation(cfg, source, train_rows, val_rows, client_idx, n_k, ranks, attackers, holdout, shared)
 

@@ -37,7 +37,8 @@ import torch
 
 from ..client import ClientContext
 from ..config import RunConfig
-from ..federation import build_client, build_federation, build_model, encode_examples, sample_clients
+from ..federation import (build_client, build_federation, build_model, encode_examples, sample_clients,
+                          is_user_data, truncation_counts)
 from ..federation import config_key as _config_key
 from ..methods import ClientState, Method, ServerState, make_method
 from ..peft_bridge import init_pairs
@@ -147,6 +148,8 @@ class Simulation(Scoring):
         self.metric = "accuracy" if labelled else "perplexity"
         self._contexts = None
         self._train = None
+        self.truncated = truncation_counts(self.tokenizer, {"train": self.train, "val": self.val, "test": self.test},
+                                           cfg.max_length) if is_user_data(self.test) else None
         self._ready = True
 
     @property
@@ -175,6 +178,8 @@ class Simulation(Scoring):
                 "holdout_sizes": [int(len(h)) for h in self.holdout], "metric": self.metric,
                 "adapted_params": int(sum(d_out * d_in for d_out, d_in in self.ws.shapes.values())),
                 "model_params": self.model.model_params}
+        if self.truncated is not None:  # a user's instructions cut to max_length (llm/data/instructions.py)
+            info["truncated_examples"] = self.truncated
         if self.attackers:
             info["attackers"] = {str(k): a.kind for k, a in self.attackers.items()}
         if self.task == "classification":
