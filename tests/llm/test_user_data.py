@@ -24,7 +24,7 @@ from lowrank_fed.llm.data import encode_generation  # noqa: E402
 from lowrank_fed.llm.data.files import (DataFileError, data_label_set, load_data_file, read_data,  # noqa: E402
                                         to_text_dataset)
 from lowrank_fed.llm.data.instructions import count_truncated, encode_instructions, instruction_ids  # noqa: E402
-from lowrank_fed.llm.federation import DataSource, encode_examples  # noqa: E402
+from lowrank_fed.llm.federation import DataSource, build_federation, encode_examples  # noqa: E402
 from lowrank_fed.llm.models.tiny import word_tokenizer  # noqa: E402
 
 TOPICS = {"sport": "goal match team win", "money": "bank market price trade", "music": "song band album tour"}
@@ -225,6 +225,18 @@ def test_an_example_longer_than_max_length_keeps_its_response_and_the_end_of_its
     assert encode_instructions(tok, examples, 8)["input_ids"].shape[1] == 8
 
 
+def test_a_tiny_models_vocabulary_holds_the_words_of_the_responses_too(tmp_path):
+    # Prepare: "zebra" is in no prompt, only in responses
+    rows = [{"prompt": f"say a{i}", "response": f"zebra a{i}"} for i in range(12)]
+    data = _jsonl(tmp_path / "z.jsonl", rows)
+    cfg = RunConfig.from_dict(dict(model="tiny-llama", dataset=str(data), clients=2, ranks=[2, 2], val_size=2,
+                                   partition="iid"))
+    # Execute
+    shared = build_federation(cfg).shared
+    # Assert
+    assert "zebra" in shared.vocabulary and "say" in shared.vocabulary
+
+
 def test_packaged_generation_keeps_its_article_headline_encoding():
     # Prepare: the copy task is packaged (no file meta), so encode_examples takes encode_generation
     cfg = RunConfig.from_dict(dict(model="tiny-llama", dataset="copy", clients=2, ranks=[2, 2]))
@@ -268,12 +280,12 @@ def test_main_runs_an_instruction_file_and_reports_perplexity_and_rouge_l(tmp_pa
     extra = ['messages_column="conv"'] if chat else []
     # Execute
     status, out = _run(tmp_path, data, 'model="tiny-llama"', "rouge_size=4", "max_new_tokens=4", "max_length=8",
-                       *extra)
+                       'partition="dirichlet"', *extra)  # dirichlet over one group
     # Assert: round(0.2 * 24) = 5 test rows, 4 validation rows, 15 training rows; every example, "repeat the words
     # aX bY cZ" (6 tokens) + "\n" + "aX bY" + eos, is 9 > 8 tokens, so each is truncated
     assert status == 0, capsys.readouterr().err
     setup = json.loads((out / "setup.json").read_text())
-    assert setup["task"] == "generation" and setup["eval_size"] == 5 and setup["n_k"] == [5, 5, 5]
+    assert setup["task"] == "generation" and setup["eval_size"] == 5 and sum(setup["n_k"]) == 15
     assert setup["truncated_examples"] == {"train": 15, "val": 4, "test": 5}
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(np.isfinite(m["perplexity"]) for m in metrics)
