@@ -67,6 +67,8 @@ def read_table(path_text: str):
 
     datasets.disable_progress_bars()
     path = Path(path_text).expanduser()
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its parse errors are logged too: one line only
     try:
         if path.is_dir():
             table = datasets.load_from_disk(str(path))
@@ -74,9 +76,15 @@ def read_table(path_text: str):
             builder = DATA_SUFFIXES[path.suffix.lower()]
             table = datasets.load_dataset(builder, data_files=str(path), split="train",
                                           cache_dir=str(cache_dir() / "datasets"))
-    except Exception as err:  # the library's parse errors have many types; the message says which
+    except Exception as err:  # the library's parse errors have many types; the innermost cause says what
+        cause = err
+        while cause.__cause__ is not None or cause.__context__ is not None:
+            cause = cause.__cause__ or cause.__context__
+        why = " ".join(f"{type(cause).__name__}: {cause}".split())
         raise DataFileError(f"Data {str(path)!r}: expected a readable {path.suffix or 'save_to_disk'} data source; "
-                            f"reading it failed: {type(err).__name__}: {err}") from err
+                            f"reading it failed: {why[:300]}") from err
+    finally:
+        datasets.logging.set_verbosity(verbosity)
     sizes = {name: len(t) for name, t in table.items()} if isinstance(table, datasets.DatasetDict) else {"": len(table)}
     if not any(sizes.values()):
         raise DataFileError(f"Data {str(path)!r}: expected rows; it holds none.")
@@ -94,8 +102,8 @@ def _column(table, column: str, key: str, path: str, cfg=None, task: str | None 
             if all(c in table.column_names for c in cols):
                 hint = (f" (it has the {other} columns {cols}, but the model's task is {task}: a {other} file "
                         f"does not fit this model)")
-        raise DataFileError(f"Data {path!r}: expected a column {column!r} (config key {key!r}) for {task or 'the'} "
-                            f"task; its columns are {table.column_names}{hint}.")
+        raise DataFileError(f"Data {path!r}: expected a column {column!r} (config key {key!r}) for the "
+                            f"{task + ' ' if task else ''}task; its columns are {table.column_names}{hint}.")
     return list(table[column])
 
 
@@ -242,12 +250,15 @@ def data_label_set(paths: Sequence[str], cfg) -> list[str]:
     """
     if cfg.labels:
         return label_set((), cfg.labels)
+    return label_set([v for path in paths for v in _table_labels(read_table(path), path, cfg)])
+
+
+def _table_labels(table, path: str, cfg) -> list:
     values: list = []
-    for path in paths:
-        for split, part in _splits(read_table(path)):
-            raw = _column(part, cfg.label_column, "label_column", _where(path, split), cfg, "classification")
-            values += _label_values(raw, cfg.label_column, _where(path, split))
-    return label_set(values)
+    for split, part in _splits(table):
+        raw = _column(part, cfg.label_column, "label_column", _where(path, split), cfg, "classification")
+        values += _label_values(raw, cfg.label_column, _where(path, split))
+    return values
 
 
 def split_rows(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -278,7 +289,7 @@ def load_data_file(path_text: str, task: str, cfg, *, labels: Sequence[str] | No
 
     table = read_table(path_text)
     if task == "classification" and labels is None:
-        labels = data_label_set([path_text], cfg)
+        labels = label_set(_table_labels(table, path_text, cfg), cfg.labels)
     parts = dict(_splits(table))
     if isinstance(table, datasets.DatasetDict) and {"train", "test"} <= set(parts):
         train = to_text_dataset(parts["train"], task, cfg, path=_where(path_text, "train"), labels=labels)

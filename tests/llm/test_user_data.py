@@ -315,6 +315,9 @@ BAD = [
      + '{"m": "hello"}\n', 'model="tiny-llama"', ["badmsg.jsonl", "row 5", "'m'", "list of {role, content}"]),
     ("noanswer.jsonl", '{"m": [{"role": "user", "content": "a"}]}\n' * 6, 'model="tiny-llama"',
      ["noanswer.jsonl", "row 0", "assistant turn"]),
+    ("broken.jsonl", '{"text": "a", "label": "x"}\n{not json\n', 'model="tiny-bert"',
+     ["broken.jsonl", "expected a readable .jsonl data source", "reading it failed"]),
+    ("broken.csv", 'text,label\na,x\n"b,y\n', 'model="tiny-bert"', ["broken.csv", "ParserError"]),
     ("wrongtask.jsonl", '{"text": "a b", "label": "x"}\n' * 6, 'model="tiny-llama"',
      ["wrongtask.jsonl", "'prompt'", "classification columns", "task is generation"]),
 ]
