@@ -344,7 +344,7 @@ def build_federation(cfg: RunConfig, source: DataSource | None = None) -> Federa
     shared = Shared()
     if vocab or edges:
         train = source.examples(train_rows)  # the server's statistics of the training texts
-        words = list(train.texts) + (list(train.targets) if is_user_data(train) and train.targets else [])
+        words = train.texts if not (is_user_data(train) and train.targets) else list(train.texts) + train.targets
         shared = Shared(tuple(word_vocabulary(words)) if vocab else None,
                         tuple(float(e) for e in length_edges(train.texts, len(train.label_names))) if edges else None)
     return Federation(cfg, source, train_rows, val_rows, client_idx, n_k, ranks, attackers, holdout, shared)

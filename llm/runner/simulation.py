@@ -149,7 +149,7 @@ class Simulation(Scoring):
         self._contexts = None
         self._train = None
         self.truncated = truncation_counts(self.tokenizer, {"train": self.train, "val": self.val, "test": self.test},
-                                           cfg.max_length) if is_user_data(self.test) else None
+                                           cfg.max_length) if self.task == "generation" and is_user_data(self.test) else None
         self._ready = True
 
     @property
