@@ -29,7 +29,6 @@ All randomness comes from the run's seed through the named streams of :mod:`.str
 
 from __future__ import annotations
 
-import contextlib
 import json
 from dataclasses import dataclass, field
 
@@ -38,66 +37,19 @@ import torch
 
 from .attacks import DATA_ATTACKS, check_data_attack, choose_attackers, length_edges, poison_examples
 from .client import ClientContext, TrainSettings
-from .config import ConfigError, RunConfig
-from .data import (TextDataset, assign_ranks, encode_classification, encode_generation, holdout_sets, load_dataset,
-                   partition, split_validation)
+from .config import RunConfig
+from .data import (TextDataset, assign_ranks, encode_classification, encode_generation, holdout_sets, partition, split_validation)
+from .data.instructions import encode_instructions
+from .data_source import DataSource, config_key, is_user_data, truncation_counts
 from .models import count_parameters, enable_gradient_checkpointing, load_model, needs_vocabulary, word_vocabulary
 from .peft_bridge import AdapterWorkspace
-from .streams import EVAL_SUBSET, HOLDOUT, PARTITION, RANKS, SAMPLING, TRAIN_SUBSET, VALIDATION
+from .streams import HOLDOUT, PARTITION, RANKS, SAMPLING, VALIDATION
 
 __all__ = ["DataSource", "Shared", "Federation", "ModelSetup", "build_federation", "build_client", "build_model",
            "client_ranks", "plan_rows", "source_plan", "sample_clients", "train_settings", "run_device",
-           "encode_examples", "DTYPES"]
+           "encode_examples", "DTYPES", "is_user_data", "truncation_counts"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
-
-
-@contextlib.contextmanager
-def config_key(key: str, value):
-    """Turn a ``ValueError`` of the data or model set-up into a :class:`ConfigError` naming ``key``."""
-    try:
-        yield
-    except ConfigError:
-        raise
-    except ValueError as err:
-        raise ConfigError.from_errors([(key, f"a value this data and model allow ({err})", value)]) from err
-
-
-class DataSource:
-    r"""A run's data set, row by row: the label of every training row for anyone, an example only on request.
-
-    The training rows are those of ``load_dataset(cfg.dataset, seed=cfg.seed)``'s training split, after the
-    ``train_size`` draw (stream ``TRAIN_SUBSET``); the test rows are the test split after the ``eval_size`` draw
-    (``EVAL_SUBSET``). :attr:`labels` (the catalogue: a class, or a topic for generation) is what the partition
-    needs; :meth:`examples` is the one way the set-up reads a training example's text, label and target. A client
-    calls it once, with its own rows; tests count the rows it hands out.
-
-    BBC News is one file per article, and only the files of the rows asked for are opened (``bbc_news``: a node
-    opens its own articles, no other). The other packaged sets are single files (20 Newsgroups' ``.tab``) or
-    generated from the seed, which the loader parses or generates whole; the rows a node does not hold are
-    never handed out, encoded or trained on.
-    """
-
-    def __init__(self, cfg: RunConfig):
-        train, test = load_dataset(cfg.dataset, seed=cfg.seed)
-        if cfg.train_size and cfg.train_size < len(train):
-            train = train.subset(np.sort(TRAIN_SUBSET.rng(cfg.seed).permutation(len(train))[: cfg.train_size]))
-        if cfg.eval_size < len(test):
-            test = test.subset(np.sort(EVAL_SUBSET.rng(cfg.seed).permutation(len(test))[: cfg.eval_size]))
-        self._train, self.test = train, test
-        self.labels = train.labels.copy()
-        self.label_names = tuple(train.label_names)
-        self.task = train.task
-        self.has_other_targets = train.other_targets is not None
-
-    def __len__(self) -> int:
-        return len(self._train)
-
-    def examples(self, rows) -> TextDataset:
-        """The training examples of ``rows`` (positions in ``0 .. len(self) - 1``), in that order, read now."""
-        out = self._train.subset(rows)
-        out.texts = list(out.texts)  # BBC News: only these articles' files are opened
-        return out
 
 
 @dataclass(frozen=True)
@@ -202,6 +154,8 @@ def encode_examples(tokenizer, examples: TextDataset, max_length: int) -> dict[s
     """``examples`` as model inputs: labels (classification) or targets (generation). Rows encode independently."""
     if examples.task == "classification":
         return encode_classification(tokenizer, examples.texts, examples.labels, max_length)
+    if is_user_data(examples):  # a user's instructions: chat template or "prompt\n", the loss on the response
+        return encode_instructions(tokenizer, examples, max_length)
     return encode_generation(tokenizer, examples.texts, examples.targets, max_length)
 
 
@@ -337,7 +291,8 @@ def build_federation(cfg: RunConfig, source: DataSource | None = None) -> Federa
     shared = Shared()
     if vocab or edges:
         train = source.examples(train_rows)  # the server's statistics of the training texts
-        shared = Shared(tuple(word_vocabulary(train.texts)) if vocab else None,
+        words = train.texts if not (is_user_data(train) and train.targets) else list(train.texts) + train.targets
+        shared = Shared(tuple(word_vocabulary(words)) if vocab else None,
                         tuple(float(e) for e in length_edges(train.texts, len(train.label_names))) if edges else None)
     return Federation(cfg, source, train_rows, val_rows, client_idx, n_k, ranks, attackers, holdout, shared)
 

@@ -24,6 +24,8 @@ One module per concern; every name is importable from here:
 :mod:`.partitions`     train/test and validation splits, client partitions, per-client held-out sets
 :mod:`.ranks`          ``assign_ranks``: one LoRA rank per client
 :mod:`.encoding`       tokenised tensors: ``encode_classification``, ``encode_generation``, ``make_batch``
+:mod:`.files`          a user's data file or ``save_to_disk`` folder: ``read_data``, ``load_data_file``, ``label_set``
+:mod:`.instructions`   a user's instructions: chat template or ``prompt\n``, the loss on the response only
 =====================  ==============================================================================
 """
 

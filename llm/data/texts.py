@@ -58,6 +58,9 @@ class TextDataset:
     targets : list of str or None
     other_targets : list of str or None
         A second target per text (``copy_sub``: the contaminated clients' transformation ``tau``).
+    turns : list of (list of {role, content}) or None
+        A user's chat data (``messages_column``): each prompt's turns, for the tokenizer's chat template
+        (``texts`` holds their plain rendering).
     """
 
     texts: list[str]
@@ -67,6 +70,7 @@ class TextDataset:
     task: str = "classification"
     meta: dict = field(default_factory=dict)
     other_targets: list[str] | None = None
+    turns: list[list[dict]] | None = None
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -78,4 +82,5 @@ class TextDataset:
             texts, self.labels[idx], list(self.label_names),
             None if self.targets is None else [self.targets[i] for i in idx], self.task, dict(self.meta),
             None if self.other_targets is None else [self.other_targets[i] for i in idx],
+            None if self.turns is None else [self.turns[i] for i in idx],
         )

@@ -37,7 +37,8 @@ import torch
 
 from ..client import ClientContext
 from ..config import RunConfig
-from ..federation import build_client, build_federation, build_model, encode_examples, sample_clients
+from ..federation import (build_client, build_federation, build_model, encode_examples, sample_clients,
+                          is_user_data, truncation_counts)
 from ..federation import config_key as _config_key
 from ..sites import site_federation
 from ..methods import ClientState, Method, ServerState, make_method
@@ -153,6 +154,10 @@ class Simulation(Scoring):
         self.metric = "accuracy" if labelled else "perplexity"
         self._contexts = None
         self._train = None
+        splits = {"val": self.val, "test": self.test} if cfg.sites else {"train": self.train, "val": self.val,
+                                                                          "test": self.test}  # sites: their own
+        self.truncated = (truncation_counts(self.tokenizer, splits, cfg.max_length)
+                          if self.task == "generation" and is_user_data(self.test) else None)
         self._ready = True
 
     @property
@@ -183,6 +188,8 @@ class Simulation(Scoring):
                 "model_params": self.model.model_params}
         if getattr(self, "start", None) is not None:
             info["init_adapter"] = describe_start(self.start, self.start_errors)
+        if self.truncated is not None:  # a user's instructions cut to max_length (llm/data/instructions.py)
+            info["truncated_examples"] = self.truncated
         if self.attackers:
             info["attackers"] = {str(k): a.kind for k, a in self.attackers.items()}
         if self.task == "classification":
