@@ -30,6 +30,8 @@ import numpy as np
 
 from ..packages import cache_dir
 from ..sources import DATA_SUFFIXES, data_problem
+from ..streams import DATA_SPLIT
+from .partitions import stratified_split
 from .texts import TextDataset
 
 __all__ = ["DataFileError", "USER_DATA", "read_table", "label_set", "to_text_dataset", "read_data", "load_data_file",
@@ -263,8 +265,6 @@ def _table_labels(table, path: str, cfg) -> list:
 def split_rows(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     r"""``(train, test)`` rows of a source without a test split: ``round(test_fraction * n_c)`` test rows of each
     label ``c`` (:func:`~.partitions.stratified_split`, stream ``DATA_SPLIT``; generation: one group)."""
-    from ..streams import DATA_SPLIT
-    from .partitions import stratified_split
 
     return stratified_split(np.asarray(labels), test_fraction, DATA_SPLIT.rng(seed))
 

