@@ -8,6 +8,7 @@ is one line of :class:`~lowrank_fed.llm.config_errors.ConfigError` (``Config key
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Literal, Union
 
 from pydantic import (ConfigDict, Field, PositiveInt, ValidationError, ValidationInfo, field_validator,
@@ -19,7 +20,7 @@ from .config_entries import (MAX_LOCAL_EPOCHS, MAX_LOCAL_STEPS, MAX_ROUNDS, Atta
 from .config_errors import _expected, _fail
 from .config_forms import ConfigForms
 from .methods.registry import REGISTRY, method_options
-from .sources import adapter_problem, data_problem, model_problem, model_task
+from .sources import absolute, adapter_problem, data_problem, is_packaged_model, model_problem, model_task
 
 __all__ = ["RunConfig"]
 
@@ -184,7 +185,7 @@ class RunConfig(ConfigForms):
         problem = model_problem(model)
         if problem is not None:
             _fail(((), problem, model))
-        return model
+        return absolute(model) if not is_packaged_model(model) and Path(model).expanduser().is_dir() else model
 
     @field_validator("task")
     @classmethod
@@ -213,6 +214,7 @@ class RunConfig(ConfigForms):
             problem = data_problem(dataset)
             if problem is not None:
                 _fail(((), problem, dataset))
+            return absolute(dataset)
         return dataset
 
     @field_validator("sites")
@@ -222,7 +224,7 @@ class RunConfig(ConfigForms):
         # flower up, a node), never here: a Flower server validates this config and holds no site's file
         if not sites and info.data.get("dataset") == "":
             _fail(((), "[[clients]] tables, since `dataset` is empty (a run without them needs a dataset)", sites))
-        return sites
+        return [s.model_copy(update={"data": absolute(s.data)}) for s in sites]
 
     @field_validator("init_adapter")
     @classmethod
@@ -230,7 +232,7 @@ class RunConfig(ConfigForms):
         problem = None if path is None else adapter_problem(path)
         if problem is not None:
             _fail(((), problem, path))
-        return path
+        return None if path is None else absolute(path)
 
     @field_validator("clients_per_round")
     @classmethod

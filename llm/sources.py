@@ -14,7 +14,8 @@ A run config names its model, its data and optionally a starting adapter either 
 Each ``*_problem`` function returns what was expected when the value does not name such a thing (the config turns
 it into ``Config key 'KEY': expected ...; got ...``), or None. Only the file system and the cache's index are read:
 no torch, transformers or ``datasets`` import, so a wrong path is reported within the config check's time.
-Relative paths are relative to the working directory.
+Relative paths are relative to the working directory; a validated config holds them absolute (:func:`absolute`), so
+``config.json``, ``--resume`` and Flower's processes (which run in other folders) name the same files.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 from .catalog import DATASETS, MODELS
 
 __all__ = ["DATA_SUFFIXES", "WEIGHT_FILES", "is_packaged_model", "is_packaged_dataset", "resolve_model",
-           "model_problem", "data_problem", "adapter_problem", "model_task"]
+           "model_problem", "data_problem", "adapter_problem", "model_task", "absolute"]
 
 #: The data files a ``dataset`` or ``[[clients]]`` ``data`` may name, by suffix (the ``datasets`` builder that reads
 #: them).
@@ -33,6 +34,11 @@ DATA_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "
 
 #: A model folder's weights: any one of these names (globs) is enough.
 WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def absolute(path_text: str) -> str:
+    """``path_text`` as an absolute path (``~`` expanded, relative to the working directory); the file need not exist."""
+    return str(Path(path_text).expanduser().resolve())
 
 
 def is_packaged_model(name: str) -> bool:
