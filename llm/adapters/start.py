@@ -1,27 +1,7 @@
-r"""Start a run from a PEFT adapter (``init_adapter``): the adapter read against the run's model; the round-0 global
-pairs of a method built from it are :mod:`lowrank_fed.llm.methods.start`'s (re-exported here).
-
-The adapter gives per module ``m`` (scale folded in, :class:`~.folders.Adapter`)
-
-.. math:: \Delta W_0 = s_a B_a A_a = B A,\qquad B = s_a B_a \in \mathbb R^{d_{out}\times r_a},\ A = A_a,
-
-with ``s_a`` the adapter's own scale (its ``lora_alpha``, ``r``, ``use_rslora``, ``alpha_pattern``,
-``rank_pattern``). A method's global state holds folded pairs at the method's global rank ``R`` (``r_max``,
-LoRA-A2's ``global_rank``); the run's scale ``s(R)`` is divided out only when a client writes the pair into
-PEFT (``lora_B = B / s(R)``, so PEFT's ``lora_B`` is ``(s_a / s(R)) B_a``). The start pair is
-
-.. math:: R \ge r_a:\quad B_0 = [\,B \mid 0\,],\quad A_0 = \begin{bmatrix} A \\ A_{rand} \end{bmatrix},
-          \qquad B_0 A_0 = B A = \Delta W_0\ \text{(exactly)},
-
-where ``A_rand`` are rows ``r_a..R-1`` of the method's usual initial ``A`` (drawn from ``init_seed``), so the
-extra slots start at zero and can train; and for ``R < r_a`` the best rank-``R`` approximation (Eckart-Young)
-split as FlexLoRA's download splits it, ``B_0 = U_R diag(S_R)``, ``A_0 = V^h_R``
-(:func:`lowrank_fed.redistribute` with ``method="svd"``), with relative error
-
-.. math:: \varepsilon = \frac{\lVert \Delta W_0 - B_0 A_0 \rVert_F}{\lVert \Delta W_0 \rVert_F}
-          = \sqrt{\frac{\sum_{i > R} S_i^2}{\sum_i S_i^2}}
-
-(reported in ``setup.json``). A module of the run the adapter lacks starts as usual (``B = 0``, ``A`` random).
+r"""Start a run from a PEFT adapter (``init_adapter``): the adapter folder read against the run's model (its modules,
+shapes and head checked), with the scale folded in (``B = s_a B_a``, so ``B A = \Delta W_0``). The round-0 global pairs
+a method builds from it, exact where its global rank allows and the best rank-``R`` approximation where it does not,
+are :mod:`lowrank_fed.llm.methods.start`'s (the equations are there; re-exported here).
 """
 
 from __future__ import annotations
