@@ -1,4 +1,5 @@
-r"""Evaluation: per-example scores, their summaries (accuracy, macro-F1, perplexity), and ROUGE-L of greedy generations.
+r"""Evaluation: per-example scores, their summaries (accuracy, macro-F1, perplexity), and ROUGE-L of greedy
+generations.
 
 One forward pass over an evaluation set gives per-example scores; every summary (the global score
 and the score of any subset, e.g. a client's held-out rows ``R``) is computed from them:
@@ -51,7 +52,8 @@ def _n_examples(encoded: dict[str, torch.Tensor]) -> int:
 @torch.no_grad()
 def score_classification(model, encoded: dict[str, torch.Tensor], *,
                          batch_size: int = 64) -> dict[str, np.ndarray]:
-    r"""Per-example ``pred_i = argmax_j logits_ij``, ``correct_i = [pred_i == y_i]``, ``loss_i = -log softmax(logits_i)[y_i]``.
+    r"""Per-example ``pred_i = argmax_j logits_ij``, ``correct_i = [pred_i == y_i]`` and
+    ``loss_i = -log softmax(logits_i)[y_i]``.
 
     Parameters
     ----------
@@ -139,7 +141,7 @@ def macro_f1(pred, label) -> float:
     Examples
     --------
     >>> import numpy as np
-    >>> round(macro_f1(np.array([0, 0, 1, 2]), np.array([0, 1, 1, 1])), 6)  # (2/3 + 2/4 + 0) / 3; class 2: an FP only
+    >>> round(macro_f1(np.array([0, 0, 1, 2]), np.array([0, 1, 1, 1])), 6)  # (2/3 + 2/4 + 0) / 3; 2: one FP
     0.388889
     >>> macro_f1(np.array([3, 3]), np.array([3, 3]))  # classes 0-2 occur nowhere: skipped
     1.0
@@ -160,7 +162,7 @@ def macro_f1(pred, label) -> float:
 
 
 def summarise(scores: dict[str, np.ndarray], rows=None) -> dict[str, float]:
-    r"""Summary of per-example scores over ``rows``: mean accuracy, loss and macro-F1, or token-weighted perplexity.
+    r"""Summary of per-example scores over ``rows``: accuracy, loss and macro-F1, or token-weighted perplexity.
 
     Classification scores (``"correct"``, ``"loss"``, and ``"pred"``, ``"label"``):
     ``accuracy = mean_{i in R} correct_i``, ``loss = mean_{i in R} loss_i``, and
@@ -234,10 +236,10 @@ def summarise(scores: dict[str, np.ndarray], rows=None) -> dict[str, float]:
             "loss": float(np.mean(arrays["loss"][rows], dtype=np.float64)),
         }
         if "pred" in arrays:
-            if not np.array_equal(arrays["correct"], arrays["pred"] == arrays["label"]):
+            differ = int(np.sum(arrays["correct"] != (arrays["pred"] == arrays["label"])))
+            if differ:
                 raise ValueError("The 'scores' arrays must agree: 'correct' must equal 'pred' == 'label'. "
-                                 f"Got {int(np.sum(arrays['correct'] != (arrays['pred'] == arrays['label'])))} "
-                                 "examples where they differ.")
+                                 f"Got {differ} examples where they differ.")
             out["macro_f1"] = macro_f1(arrays["pred"][rows], arrays["label"][rows])
         return out
     nll = float(np.sum(arrays["nll"][rows], dtype=np.float64))
@@ -253,7 +255,7 @@ def summarise(scores: dict[str, np.ndarray], rows=None) -> dict[str, float]:
 
 def evaluate_classification(model, encoded: dict[str, torch.Tensor], *,
                             batch_size: int = 64) -> dict[str, float]:
-    r"""``{"accuracy", "loss", "macro_f1"}`` of a sequence classifier: ``summarise(score_classification(...))``."""
+    r"""``{"accuracy", "loss", "macro_f1"}`` of a classifier: ``summarise(score_classification(...))``."""
     return summarise(score_classification(model, encoded, batch_size=batch_size))
 
 
