@@ -1,11 +1,13 @@
-r"""Evaluation: per-example scores, their summaries (accuracy, perplexity), and ROUGE-L of greedy generations.
+r"""Evaluation: per-example scores, their summaries (accuracy, macro-F1, perplexity), and ROUGE-L of greedy
+generations.
 
 One forward pass over an evaluation set gives per-example scores; every summary (the global score
 and the score of any subset, e.g. a client's held-out rows ``R``) is computed from them:
 
-- Classification, per example ``i``: ``correct_i = [argmax_j logits_ij == y_i]`` and
+- Classification, per example ``i``: ``pred_i = argmax_j logits_ij``, ``correct_i = [pred_i == y_i]`` and
   ``loss_i = -log softmax(logits_i)[y_i]``. Over rows ``R``: ``accuracy = (1/|R|) sum_{i in R} correct_i``,
-  ``loss = (1/|R|) sum_{i in R} loss_i``.
+  ``loss = (1/|R|) sum_{i in R} loss_i``, and ``macro_f1 = (1/|C|) sum_{c in C} 2 TP_c / (2 TP_c + FP_c + FN_c)``
+  over the classes ``C`` that occur among the rows' labels or predictions (see :func:`macro_f1`).
 - Causal LM, per example ``i``: ``nll_i = sum_t -log p(x_{i,t} | x_{i,<t})`` over the labelled (target)
   tokens (labels != -100, shifted by one) and ``tokens_i`` = their number. Over rows ``R`` the loss is
   token-weighted, ``loss = sum_{i in R} nll_i / max(sum_{i in R} tokens_i, 1)``, and
@@ -30,6 +32,7 @@ __all__ = [
     "score_classification",
     "score_lm",
     "summarise",
+    "macro_f1",
     "evaluate_classification",
     "evaluate_lm",
     "greedy_generate",
@@ -37,6 +40,7 @@ __all__ = [
 ]
 
 _CLASSIFICATION_KEYS = frozenset({"correct", "loss"})
+_CLASSIFICATION_CLASSES = frozenset({"pred", "label"})  # optional, both or neither: macro-F1
 _LM_KEYS = frozenset({"nll", "tokens"})
 _LM_HITS = "hits"  # optional: tokens the argmax gets right (token accuracy, exact match)
 
@@ -48,7 +52,8 @@ def _n_examples(encoded: dict[str, torch.Tensor]) -> int:
 @torch.no_grad()
 def score_classification(model, encoded: dict[str, torch.Tensor], *,
                          batch_size: int = 64) -> dict[str, np.ndarray]:
-    r"""Per-example ``correct_i = [argmax_j logits_ij == y_i]`` and ``loss_i = -log softmax(logits_i)[y_i]``.
+    r"""Per-example ``pred_i = argmax_j logits_ij``, ``correct_i = [pred_i == y_i]`` and
+    ``loss_i = -log softmax(logits_i)[y_i]``.
 
     Parameters
     ----------
@@ -60,13 +65,15 @@ def score_classification(model, encoded: dict[str, torch.Tensor], *,
     Returns
     -------
     dict
-        ``"correct"``: bool array, shape (n,); ``"loss"``: float64 array, shape (n,). Summarise with
-        :func:`summarise`, over all rows or any subset.
+        ``"correct"``: bool array, shape (n,); ``"loss"``: float64 array, shape (n,); ``"pred"`` (the
+        argmax class) and ``"label"`` (``y``): int64 arrays, shape (n,). Summarise with :func:`summarise`,
+        over all rows or any subset.
     """
     model.eval()
     device = next(model.parameters()).device
     n = _n_examples(encoded)
     correct, loss = np.zeros(n, dtype=bool), np.zeros(n, dtype=np.float64)
+    pred, label = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
     for start in range(0, n, batch_size):
         stop = min(start + batch_size, n)
         batch = make_batch(encoded, np.arange(start, stop), device)
@@ -74,8 +81,10 @@ def score_classification(model, encoded: dict[str, torch.Tensor], *,
         logits = model(**batch).logits.float()
         ce = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
         loss[start:stop] = ce.double().cpu().numpy()
-        correct[start:stop] = (logits.argmax(dim=-1) == labels).cpu().numpy()
-    return {"correct": correct, "loss": loss}
+        argmax = logits.argmax(dim=-1)
+        correct[start:stop] = (argmax == labels).cpu().numpy()
+        pred[start:stop], label[start:stop] = argmax.cpu().numpy(), labels.cpu().numpy()
+    return {"correct": correct, "loss": loss, "pred": pred, "label": label}
 
 
 @torch.no_grad()
@@ -119,11 +128,47 @@ def score_lm(model, encoded: dict[str, torch.Tensor], *, batch_size: int = 16) -
     return {"nll": nll, "tokens": tokens, "hits": hits}
 
 
-def summarise(scores: dict[str, np.ndarray], rows=None) -> dict[str, float]:
-    r"""Summary of per-example scores over ``rows``: mean accuracy and loss, or token-weighted perplexity.
+def macro_f1(pred, label) -> float:
+    r"""Macro-F1 of predicted classes ``pred`` against true classes ``label`` (int arrays of one length >= 1).
 
-    Classification scores (``"correct"``, ``"loss"``): ``accuracy = mean_{i in R} correct_i``,
-    ``loss = mean_{i in R} loss_i``. LM scores (``"nll"``, ``"tokens"``):
+    ``macro_f1 = (1/|C|) sum_{c in C} F1_c`` with ``F1_c = 2 TP_c / (2 TP_c + FP_c + FN_c)``, where
+    ``TP_c = #{i: pred_i = c = label_i}``, ``FP_c = #{i: pred_i = c != label_i}``,
+    ``FN_c = #{i: pred_i != c = label_i}``, and ``C`` is the set of classes that occur among the labels or
+    the predictions: a class with neither (``TP_c + FP_c + FN_c = 0``, F1 undefined) is skipped, so the
+    value does not depend on how many classes the model has. Equals scikit-learn's
+    ``f1_score(label, pred, average="macro")`` (which takes the same set of classes).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> round(macro_f1(np.array([0, 0, 1, 2]), np.array([0, 1, 1, 1])), 6)  # (2/3 + 2/4 + 0) / 3; 2: one FP
+    0.388889
+    >>> macro_f1(np.array([3, 3]), np.array([3, 3]))  # classes 0-2 occur nowhere: skipped
+    1.0
+    """
+    pred, label = np.asarray(pred).reshape(-1), np.asarray(label).reshape(-1)
+    if pred.shape != label.shape or pred.size == 0:
+        raise ValueError(f"The 'pred' and 'label' arrays must be 1-D of one length >= 1. Got shapes {pred.shape} "
+                         f"and {label.shape}.")
+    for name, a in (("pred", pred), ("label", label)):
+        if not np.issubdtype(a.dtype, np.integer):
+            raise TypeError(f"The '{name}' array must hold integer class indices. Got dtype {a.dtype}.")
+    classes = np.union1d(pred, label)
+    hit = pred == label
+    tp = np.array([np.sum(hit & (label == c)) for c in classes], dtype=np.float64)
+    fp = np.array([np.sum(~hit & (pred == c)) for c in classes], dtype=np.float64)
+    fn = np.array([np.sum(~hit & (label == c)) for c in classes], dtype=np.float64)
+    return float(np.mean(2 * tp / (2 * tp + fp + fn)))
+
+
+def summarise(scores: dict[str, np.ndarray], rows=None) -> dict[str, float]:
+    r"""Summary of per-example scores over ``rows``: accuracy, loss and macro-F1, or token-weighted perplexity.
+
+    Classification scores (``"correct"``, ``"loss"``, and ``"pred"``, ``"label"``):
+    ``accuracy = mean_{i in R} correct_i``, ``loss = mean_{i in R} loss_i``, and
+    ``macro_f1 = (1/|C|) sum_{c in C} 2 TP_c / (2 TP_c + FP_c + FN_c)`` counted over the rows ``R``, with ``C``
+    the classes that occur among the rows' labels or predictions (a class with neither is skipped;
+    :func:`macro_f1`); without ``"pred"`` and ``"label"`` no ``macro_f1``. LM scores (``"nll"``, ``"tokens"``):
     ``loss = sum_{i in R} nll_i / max(sum_{i in R} tokens_i, 1)``, ``perplexity = exp(min(loss, 50))``.
 
     Parameters
@@ -136,31 +181,36 @@ def summarise(scores: dict[str, np.ndarray], rows=None) -> dict[str, float]:
     Returns
     -------
     dict
-        ``{"accuracy", "loss"}`` or ``{"perplexity", "loss"}`` (and ``"token_accuracy"``,
+        ``{"accuracy", "loss", "macro_f1"}`` or ``{"perplexity", "loss"}`` (and ``"token_accuracy"``,
         ``"exact_match"`` when the LM scores have ``"hits"``), as floats.
 
     Raises
     ------
     ValueError
-        If the score keys are neither set, the score arrays differ in length, or ``rows`` is empty,
-        not integer, or out of range.
+        If the score keys are neither set (``"pred"`` and ``"label"`` come both or neither), the score arrays
+        differ in length, ``correct`` is not ``pred == label``, or ``rows`` is empty, not integer, or out of
+        range.
 
     Examples
     --------
     >>> import numpy as np
-    >>> s = {"correct": np.array([True, False, True, True]), "loss": np.array([0.1, 2.0, 0.3, 0.2])}
-    >>> summarise(s)
-    {'accuracy': 0.75, 'loss': 0.65}
-    >>> summarise(s, np.array([1, 2]))
-    {'accuracy': 0.5, 'loss': 1.15}
+    >>> s = {"correct": np.array([True, False, True, True]), "loss": np.array([0.1, 2.0, 0.3, 0.2]),
+    ...      "pred": np.array([0, 0, 1, 1]), "label": np.array([0, 1, 1, 1])}
+    >>> summarise(s)  # F1_0 = 2/(2+1+0), F1_1 = 4/(4+0+1)
+    {'accuracy': 0.75, 'loss': 0.65, 'macro_f1': 0.7333333333333334}
+    >>> summarise(s, np.array([1, 2]))  # F1_0 = 0/(0+1+0), F1_1 = 2/(2+0+1)
+    {'accuracy': 0.5, 'loss': 1.15, 'macro_f1': 0.3333333333333333}
     >>> lm = {"nll": np.array([3.0, 1.0]), "tokens": np.array([3, 1])}
     >>> summarise(lm)["loss"]  # (3 + 1) / (3 + 1), weighted by tokens
     1.0
     """
     keys = frozenset(scores) - {_LM_HITS} if _LM_HITS in scores and "nll" in scores else frozenset(scores)
+    if keys == _CLASSIFICATION_KEYS | _CLASSIFICATION_CLASSES:
+        keys = _CLASSIFICATION_KEYS
     if keys not in (_CLASSIFICATION_KEYS, _LM_KEYS):
         raise ValueError(
-            f"The 'scores' parameter must have the keys {sorted(_CLASSIFICATION_KEYS)} (classification) or "
+            f"The 'scores' parameter must have the keys {sorted(_CLASSIFICATION_KEYS)} (classification, with "
+            f"{sorted(_CLASSIFICATION_CLASSES)} both or neither) or "
             f"{sorted(_LM_KEYS)} (LM). Got {sorted(keys)}."
         )
     arrays = {k: np.asarray(v) for k, v in scores.items()}
@@ -181,10 +231,17 @@ def summarise(scores: dict[str, np.ndarray], rows=None) -> dict[str, float]:
             f"Got values in [{rows.min()}, {rows.max()}]."
         )
     if keys == _CLASSIFICATION_KEYS:
-        return {
+        out = {
             "accuracy": float(np.mean(arrays["correct"][rows], dtype=np.float64)),
             "loss": float(np.mean(arrays["loss"][rows], dtype=np.float64)),
         }
+        if "pred" in arrays:
+            differ = int(np.sum(arrays["correct"] != (arrays["pred"] == arrays["label"])))
+            if differ:
+                raise ValueError("The 'scores' arrays must agree: 'correct' must equal 'pred' == 'label'. "
+                                 f"Got {differ} examples where they differ.")
+            out["macro_f1"] = macro_f1(arrays["pred"][rows], arrays["label"][rows])
+        return out
     nll = float(np.sum(arrays["nll"][rows], dtype=np.float64))
     tokens = int(np.sum(arrays["tokens"][rows]))
     loss = nll / max(tokens, 1)
@@ -198,7 +255,7 @@ def summarise(scores: dict[str, np.ndarray], rows=None) -> dict[str, float]:
 
 def evaluate_classification(model, encoded: dict[str, torch.Tensor], *,
                             batch_size: int = 64) -> dict[str, float]:
-    r"""``{"accuracy", "loss"}`` of a sequence classifier: ``summarise(score_classification(...))``."""
+    r"""``{"accuracy", "loss", "macro_f1"}`` of a classifier: ``summarise(score_classification(...))``."""
     return summarise(score_classification(model, encoded, batch_size=batch_size))
 
 

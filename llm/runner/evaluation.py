@@ -115,11 +115,13 @@ class Scoring:
                  by_rank: bool = True, rouge: bool = False) -> dict:
         r"""Scores of a round (deterministic; no timings).
 
-        - ``<metric>``, ``loss``: the global model on the test set; ``val_<metric>``: on the validation set;
-        - ``by_rank``: ``{rank: {<metric>, loss}}`` for the model each distinct client rank downloads;
+        - ``<metric>``, ``loss`` (and ``macro_f1`` for classification): the global model on the test set;
+          ``val_<metric>`` (``val_loss``, ``val_macro_f1``): on the validation set;
+        - ``by_rank``: ``{rank: {<metric>, loss, macro_f1}}`` for the model each distinct client rank downloads;
         - ``local_<metric>``: the mean over clients of each client's model on its own held-out set
           (``per_client`` lists them, None for a client whose held-out set is empty): its download, or
-          its personalised model (``personal`` methods);
+          its personalised model (``personal`` methods); ``local_macro_f1`` (classification) likewise, the mean
+          over clients of each one's macro-F1 on its own held-out set;
         - ``per_client_global`` (methods that are not personalised): the global model on each client's own
           held-out set, so ``per_client_global[k] - per_client[k]`` is client ``k``'s drop at distribution.
         """
@@ -163,7 +165,8 @@ class Scoring:
             out["per_client_global"] = [summarise(global_scores, self.holdout[k])[self.metric]
                                         if len(self.holdout[k]) else None for k in range(self.cfg.clients)]
         out["per_client"] = [s[self.metric] if s else None for s in sums]
-        for key in (self.metric, *(("token_accuracy", "exact_match") if self.task == "generation" else ())):
+        extra = ("token_accuracy", "exact_match") if self.task == "generation" else ("macro_f1",)
+        for key in (self.metric, *extra):
             values = [s[key] if s else None for s in sums]
             out[f"local_{key}"] = mean(values)
             if self.attackers:  # what the benign clients get: the contaminated ones' scores are not their goal

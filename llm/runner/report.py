@@ -10,6 +10,9 @@ Columns, for a metric ``m`` (accuracy, or perplexity for generation):
   redistribution or mask, as the method sends it), each on the client's own held-out set;
 - ``personal m``: the same for personalised methods (FedSA-LoRA), with each client's own ``B`` and head;
 - ``by rank``: the model each distinct client rank downloads, on the test set;
+- classification, after those: ``global macro-F1`` and ``local macro-F1`` / ``personal macro-F1``, the same
+  models' macro-F1 (:func:`~lowrank_fed.llm.evaluate.macro_f1`) on the same examples (final round); model
+  selection (``@ val-best``) stays on accuracy;
 - with ``[[attacks]]``: ``benign clients' m``, the mean of ``local``/``personal`` over the benign
   clients only, and for methods that flag clients (CLAIR) the last round's flag precision and recall
   against the truth.
@@ -56,6 +59,9 @@ def summary_row(method, history: list[dict], timings: list[dict], metric: str, *
         row.update(selected_round=pick["round"], selected=pick[metric], selected_val=pick[f"val_{metric}"])
     row["local" if not method.personalised else "personal"] = final.get(f"local_{metric}")
     row["by_rank"] = {r: v[metric] for r, v in final.get("by_rank", {}).items()}
+    if "macro_f1" in final or "local_macro_f1" in final:  # classification: macro-F1 beside accuracy
+        row["macro_f1"] = final.get("macro_f1") if method.scores_global else None
+        row["local_macro_f1" if not method.personalised else "personal_macro_f1"] = final.get("local_macro_f1")
     if final.get("test_correct") is not None and method.scores_global:
         row["test_correct"] = final["test_correct"]  # for the verdict's paired standard error (add_verdict)
     if f"benign_local_{metric}" in final:
@@ -206,6 +212,10 @@ def _columns(summary: list[dict]):
             (f"local {s}", lambda r: _fmt(r.get("local"))),
             (f"personal {s}", lambda r: _fmt(r.get("personal"))),
             (f"{s} by rank (min-max)", _rank_range)]
+    if any("macro_f1" in r for r in summary):  # classification: after accuracy's columns
+        cols += [("global macro-F1", lambda r: _fmt(r.get("macro_f1"))),
+                 ("local macro-F1", lambda r: _fmt(r.get("local_macro_f1"))),
+                 ("personal macro-F1", lambda r: _fmt(r.get("personal_macro_f1")))]
     if any("benign" in r for r in summary):
         cols.append((f"benign clients' {s}", lambda r: _fmt(r.get("benign"))))
     if any("benign_token_accuracy" in r for r in summary):

@@ -14,6 +14,7 @@ from lowrank_fed.llm.evaluate import (  # noqa: E402
     evaluate_classification,
     evaluate_lm,
     greedy_generate,
+    macro_f1,
     rouge_l,
     score_classification,
     score_lm,
@@ -100,6 +101,70 @@ def test_classification_scores_are_per_example_and_summarise_to_the_evaluation()
     sub = summarise(scores, rows)
     assert sub["accuracy"] == pytest.approx(manual_correct[rows].mean())
     assert sub["loss"] == pytest.approx(manual_loss[rows].mean(), rel=1e-5)
+
+
+def _confusion_macro_f1(pred, label):
+    """Macro-F1 from a confusion matrix ``M[true, pred]``, over the classes with a nonzero row or column."""
+    k = int(max(pred.max(), label.max())) + 1
+    m = np.zeros((k, k))
+    np.add.at(m, (label, pred), 1)
+    present = (m.sum(0) + m.sum(1)) > 0
+    tp = np.diag(m)
+    f1 = 2 * tp / np.maximum(m.sum(0) + m.sum(1), 1)  # 2 TP / (2 TP + FP + FN)
+    return float(f1[present].mean())
+
+
+def test_classification_scores_carry_predictions_labels_and_macro_f1():
+    # Prepare
+    enc, model = _classifier_setup()
+    with torch.no_grad():
+        logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
+    manual_pred, manual_label = logits.argmax(-1).numpy(), enc["labels"].numpy()
+    rows = np.array([0, 3, 4, 11, 29])
+    # Execute
+    scores = score_classification(model, enc, batch_size=7)
+    whole, sub = summarise(scores), summarise(scores, rows)
+    # Assert
+    assert scores["pred"].dtype == np.int64 and scores["label"].dtype == np.int64
+    assert np.array_equal(scores["pred"], manual_pred) and np.array_equal(scores["label"], manual_label)
+    assert list(whole) == ["accuracy", "loss", "macro_f1"]
+    assert whole["macro_f1"] == pytest.approx(_confusion_macro_f1(manual_pred, manual_label), abs=1e-12)
+    assert sub["macro_f1"] == pytest.approx(_confusion_macro_f1(manual_pred[rows], manual_label[rows]), abs=1e-12)
+    assert evaluate_classification(model, enc, batch_size=30)["macro_f1"] == whole["macro_f1"]
+
+
+def test_macro_f1_matches_a_hand_count_and_skips_absent_classes():
+    # Prepare: 3 is never predicted (FN only), 4 never true (FP only), 2 and 5 occur nowhere
+    label = np.array([0, 0, 1, 1, 1, 3, 0])
+    pred = np.array([0, 1, 1, 1, 4, 0, 0])
+    # class 0: TP 2, FP 1, FN 1 -> 4/6; class 1: TP 2, FP 1, FN 1 -> 4/6; class 3: 0/1; class 4: 0/1
+    expected = (4 / 6 + 4 / 6 + 0 + 0) / 4
+    scores = {"correct": pred == label, "loss": np.linspace(0.1, 0.7, 7), "pred": pred, "label": label}
+    # Execute
+    value = macro_f1(pred, label)
+    summary = summarise(scores)
+    sub = summarise(scores, [0, 2, 2, 6])  # rows: repeats count
+    # Assert
+    assert value == pytest.approx(expected, abs=1e-12)
+    assert value == pytest.approx(_confusion_macro_f1(pred, label), abs=1e-12)
+    assert summary == {"accuracy": pytest.approx(4 / 7), "loss": pytest.approx(0.4), "macro_f1": value}
+    assert sub["macro_f1"] == 1.0  # only classes 0 and 1 occur, all right
+    assert macro_f1(np.array([2]), np.array([5])) == 0.0
+
+
+def test_macro_f1_errors():
+    cls = {"correct": np.array([True, False]), "loss": np.array([0.1, 0.2]),
+           "pred": np.array([1, 0]), "label": np.array([1, 1])}
+    with pytest.raises(ValueError, match=r"'scores' parameter must have the keys .*both or neither"):
+        summarise({k: v for k, v in cls.items() if k != "label"})
+    with pytest.raises(ValueError, match="'correct' must equal 'pred' == 'label'. Got 1 examples"):
+        summarise({**cls, "correct": np.array([True, True])})
+    with pytest.raises(ValueError, match="1-D of one length"):
+        summarise({**cls, "pred": np.array([1, 0, 0])})
+    with pytest.raises(TypeError, match="'pred' array must hold integer class indices. Got dtype float64"):
+        macro_f1(np.array([1.0]), np.array([1]))
+    with pytest.raises(ValueError, match="one length >= 1"):
+        macro_f1(np.array([], dtype=np.int64), np.array([], dtype=np.int64))
 
 
 def test_lm_scores_are_per_example_and_token_weighted():
