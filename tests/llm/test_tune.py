@@ -288,9 +288,9 @@ def test_an_interrupted_tune_is_continued_by_the_same_request_only(config, tmp_p
 
 def _corrupt_test_split(monkeypatch):
     """Every test example's label shifted and its text replaced: only the test split changes."""
-    from lowrank_fed.llm import federation
+    from lowrank_fed.llm import data_source
 
-    real = federation.load_dataset
+    real = data_source.load_dataset
 
     def corrupted(name, **kw):
         train, test = real(name, **kw)
@@ -298,7 +298,7 @@ def _corrupt_test_split(monkeypatch):
         test.texts = ["corrupted " + t[::-1] for t in test.texts]
         return train, test
 
-    monkeypatch.setattr(federation, "load_dataset", corrupted)
+    monkeypatch.setattr(data_source, "load_dataset", corrupted)
 
 
 @pytest.mark.slow
