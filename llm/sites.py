@@ -265,6 +265,11 @@ class SitesSource(_Source):
         Each client's rows of :attr:`test` (its local score).
     vocabulary_texts : list of str
         The texts the server's statistics (:class:`~.federation.Shared`) come from.
+    sites : list of SiteData or None
+        Every site's rows (None: not opened).
+    site_sizes : list of (int, int) or None
+        Without ``dataset``: each site's ``(validation rows, test rows)`` (federated evaluation; None on Flower,
+        where the sites tell them); None with a ``dataset``.
     """
 
     def __init__(self, cfg: RunConfig, *, open_sites: bool = True):
