@@ -40,12 +40,14 @@ import torch
 
 from .config import ConfigError, RunConfig
 from .data import TextDataset, split_validation
+from .evaluate import greedy_generate, rouge_scores, score_encoded
+from .federation import encode_examples, truncation_counts
 from .methods import Model
-from .protocol import Message
+from .protocol import Message, decode_pairs
 from .streams import SITE_EVAL, SITE_VALIDATION
 
-__all__ = ["federated", "share", "split_held", "request", "decode_request", "SiteEvaluator", "decode_answer",
-           "pool"]
+__all__ = ["federated", "share", "split_held", "site_blocks", "request", "decode_request", "SiteEvaluator",
+           "decode_answer", "pool", "site_facts"]
 
 
 def federated(cfg: RunConfig) -> bool:
@@ -82,6 +84,12 @@ def split_held(cfg: RunConfig, k: int, held: TextDataset) -> tuple[np.ndarray, n
     return np.asarray(val, dtype=np.int64), np.asarray(test, dtype=np.int64)
 
 
+def site_blocks(sizes: Sequence[int]) -> list[np.ndarray]:
+    """Each site's block of rows of the pooled set (``sizes[k]`` rows of site ``k``, in client order)."""
+    edges = np.cumsum([0, *sizes])
+    return [np.arange(edges[k], edges[k + 1], dtype=np.int64) for k in range(len(sizes))]
+
+
 # ----------------------------------------------------------------------------- the request and the answer
 
 
@@ -112,8 +120,6 @@ def decode_request(msg: Message) -> tuple[list[Model], list[tuple[str, int, int]
     ValueError
         Not an evaluate request (no ``evaluate`` and ``models`` config), or a job naming an unknown split or model.
     """
-    from .protocol import decode_pairs
-
     if "evaluate" not in msg.config or "models" not in msg.config:
         raise ValueError("An evaluate request needs the config keys 'evaluate' and 'models'; got "
                          f"{sorted(msg.config)}.")
@@ -147,11 +153,7 @@ class SiteEvaluator:
     """
 
     def __init__(self, cfg: RunConfig, model, val: TextDataset, test: TextDataset):
-        from .federation import encode_examples
-
         self.cfg, self.model, self.val, self.test = cfg, model, val, test
-        from .federation import truncation_counts
-
         self.enc = {name: encode_examples(model.tokenizer, d, cfg.max_length)
                     for name, d in (("val", val), ("test", test)) if len(d)}
         self.truncated = truncation_counts(model.tokenizer, {"val": val, "test": test}, cfg.max_length)
@@ -159,8 +161,6 @@ class SiteEvaluator:
     def answer(self, msg: Message) -> Message:
         r"""The per-example scores of each job of the request ``msg`` (arrays ``j<n>/<key>``), with ``sizes``
         (``[validation rows, test rows]``) and ``label_counts`` (per label, of the test rows; classification)."""
-        from .evaluate import greedy_generate, rouge_scores, score_encoded
-
         models, jobs = decode_request(msg)
         ws, task = self.model.workspace, self.test.task
         arrays: dict[str, torch.Tensor] = {}
@@ -207,3 +207,28 @@ def pool(parts: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     if not parts:
         return {}
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def site_facts(answers, clients: int) -> tuple[list[tuple[int, int]], dict | None, list[int] | None]:
+    r"""``(sizes, truncated, label_counts)`` from every site's answer (one without jobs will do): each site's
+    ``(validation rows, test rows)``, the sums of the sites' truncation counts (None unless every site sent them)
+    and of their test rows' label counts (None for generation).
+
+    Raises
+    ------
+    ValueError
+        A site's answer lacks its sizes.
+    """
+    sizes = []
+    for k in range(clients):
+        got = answers[k].config.get("sizes")
+        if not isinstance(got, list) or len(got) != 2:
+            raise ValueError(f"Site {k}'s evaluate answer has no set sizes [validation rows, test rows]; "
+                             f"got {got!r}.")
+        sizes.append((int(got[0]), int(got[1])))
+    configs = [answers[k].config for k in range(clients)]
+    truncated = ({split: int(sum(c["truncated"][split] for c in configs)) for split in ("val", "test")}
+                 if all("truncated" in c for c in configs) else None)
+    counts = (np.sum([c["label_counts"] for c in configs], axis=0).astype(int).tolist()
+              if all("label_counts" in c for c in configs) else None)
+    return sizes, truncated, counts

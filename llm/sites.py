@@ -52,7 +52,7 @@ from .data import TextDataset, holdout_sets, split_validation, stratified_split
 from .data import files
 from .data.files import DataFileError, label_set, read_data
 from .federation import DataSource, Federation, Shared, config_key
-from .fedeval import federated, split_held
+from .fedeval import federated, site_blocks, split_held
 from .models import needs_vocabulary, word_vocabulary
 from .sources import data_problem, model_task
 from .streams import EVAL_SUBSET, HOLDOUT, SITE_SPLIT, VALIDATION
@@ -319,12 +319,6 @@ class SitesSource(_Source):
         else:
             self.holdout = site_blocks([t for _, t in self.site_sizes] if self.site_sizes else [0] * cfg.clients)
         self.vocabulary_texts = list(pool.texts) if cfg.dataset else [t for s in train for t in s.texts]
-
-
-def site_blocks(sizes: Sequence[int]) -> list[np.ndarray]:
-    """Each site's block of rows of the pooled set (``sizes[k]`` rows of site ``k``, in client order)."""
-    edges = np.cumsum([0, *sizes])
-    return [np.arange(edges[k], edges[k + 1], dtype=np.int64) for k in range(len(sizes))]
 
 
 class NodeSource(_Source):

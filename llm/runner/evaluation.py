@@ -13,6 +13,8 @@ from collections.abc import Mapping
 import numpy as np
 
 from ..evaluate import greedy_generate, rouge_l, score_encoded, summarise
+from ..fedeval import SiteEvaluator, decode_answer, request, site_blocks
+from ..fedeval import pool as pool_scores
 from ..methods import ClientState, Method, Model, ServerState
 from ..protocol import Message, decode_extras, decode_pairs
 from .rounds import evaluated, mean
@@ -102,8 +104,6 @@ class Scoring:
     # ------------------------------------------------------------------ federated evaluation (fedeval)
     def _blocks(self, split: str) -> list[np.ndarray]:
         """Each site's rows of the pooled ``split`` (``"val"`` or ``"test"``), from the sites' sizes."""
-        from ..sites import site_blocks
-
         return site_blocks([v if split == "val" else t for v, t in self.site_sizes])
 
     def _n(self, split: str) -> int:
@@ -116,8 +116,6 @@ class Scoring:
         r"""Each site's per-example scores of its ``jobs[k]`` (:func:`~lowrank_fed.llm.fedeval.request`): on its
         node (the transport's ``evaluate_sites``, Flower) or here (:meth:`site_evaluators`), the one request and
         answer encoding either way."""
-        from ..fedeval import decode_answer, request
-
         requests = {k: request(js) for k, js in jobs.items()}
         ask = getattr(self.transport, "evaluate_sites", None) if getattr(self, "transport", None) else None
         if ask is not None:
@@ -131,8 +129,6 @@ class Scoring:
         r""":meth:`_score_models` of a run scored by its sites: each job's per-example arrays are the sites'
         arrays concatenated in client order (only the sites that hold some of the job's ``rows``), then cut to
         ``rows``."""
-        from ..fedeval import pool
-
         per_site: dict[int, list] = {}
         plans = []
         for model, split, rows in jobs:
@@ -148,7 +144,7 @@ class Scoring:
         answers = self._ask_sites(dict(sorted(per_site.items())))
         out = []
         for sites, slots, rows, blocks in plans:
-            scores = pool([answers[k][j] for k, j in slots])
+            scores = pool_scores([answers[k][j] for k, j in slots])
             if rows is not None:
                 held = np.concatenate([blocks[k] for k in sites])
                 scores = {key: v[np.searchsorted(held, rows)] for key, v in scores.items()}
@@ -168,8 +164,6 @@ class Scoring:
 
     def site_evaluators(self):
         """Each site's :class:`~lowrank_fed.llm.fedeval.SiteEvaluator` in this process (built on first use)."""
-        from ..fedeval import SiteEvaluator
-
         if getattr(self, "_site_evaluators", None) is None:
             sites = self.federation.source.sites
             self._site_evaluators = [SiteEvaluator(self.cfg, self.model, s.val, s.test) for s in sites]

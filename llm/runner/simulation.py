@@ -40,7 +40,7 @@ from ..config import RunConfig
 from ..federation import (build_client, build_federation, build_model, encode_examples, sample_clients,
                           is_user_data, truncation_counts)
 from ..federation import config_key as _config_key
-from ..fedeval import federated
+from ..fedeval import federated, site_blocks, site_facts
 from ..sites import site_federation
 from ..methods import ClientState, Method, ServerState, make_method
 from ..peft_bridge import init_pairs
@@ -167,33 +167,12 @@ class Simulation(Scoring):
         self._ready = True
 
     def learn_sites(self, answers: dict) -> None:
-        r"""Federated evaluation on Flower: each site's set sizes and test label counts from its answer to an
-        evaluate request without jobs (:class:`~lowrank_fed.llm.fedeval.SiteEvaluator`); sets ``site_sizes``,
-        ``holdout`` (each site's block of the pooled test set), ``label_counts`` and (a user's instructions)
-        ``truncated``, the sums of the sites' counts.
-
-        Raises
-        ------
-        ValueError
-            A site's answer lacks its sizes.
-        """
-        from ..sites import site_blocks
-
-        sizes = []
-        for k in range(self.cfg.clients):
-            got = answers[k].config.get("sizes")
-            if not isinstance(got, list) or len(got) != 2:
-                raise ValueError(f"Site {k}'s evaluate answer has no set sizes [validation rows, test rows]; "
-                                 f"got {got!r}.")
-            sizes.append((int(got[0]), int(got[1])))
-        self.site_sizes = sizes
-        self.holdout = self.federation.holdout = site_blocks([t for _, t in sizes])
-        if all("truncated" in answers[k].config for k in range(self.cfg.clients)):
-            self.truncated = {split: int(sum(answers[k].config["truncated"][split] for k in range(self.cfg.clients)))
-                              for split in ("val", "test")}
-        if self.task == "classification":
-            self.label_counts = np.sum([answers[k].config["label_counts"] for k in range(self.cfg.clients)],
-                                       axis=0).astype(int).tolist()
+        r"""Federated evaluation on Flower: ``site_sizes``, ``holdout`` (each site's block of the pooled test set),
+        ``truncated`` and ``label_counts`` from the sites' answers to an evaluate request without jobs
+        (:func:`~lowrank_fed.llm.fedeval.site_facts`; ``ValueError``: an answer without its sizes)."""
+        self.site_sizes, truncated, self.label_counts = site_facts(answers, self.cfg.clients)
+        self.holdout = self.federation.holdout = site_blocks([t for _, t in self.site_sizes])
+        self.truncated = truncated if truncated is not None else self.truncated
 
     @property
     def contexts(self) -> list[ClientContext]:
