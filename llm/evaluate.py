@@ -28,6 +28,7 @@ import torch
 from .data import make_batch
 
 __all__ = [
+    "rouge_scores",
     "score_encoded",
     "score_classification",
     "score_lm",
@@ -286,14 +287,20 @@ def greedy_generate(model, tokenizer, prompt_ids: torch.Tensor, prompt_mask: tor
     return out
 
 
-def rouge_l(predictions: list[str], references: list[str]) -> float:
-    r"""Mean ROUGE-L F-measure (``rouge_score``, ``rougeL``, stemming on)."""
+def rouge_scores(predictions: list[str], references: list[str]) -> np.ndarray:
+    r"""Per-example ROUGE-L F-measure (``rouge_score``, ``rougeL``, stemming on), float64."""
     from rouge_score import rouge_scorer
 
     if len(predictions) != len(references) or not references:
         raise ValueError(f"Need equally many predictions and references. Got {len(predictions)} and {len(references)}.")
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    return float(np.mean([scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references, strict=True)]))
+    return np.array([scorer.score(ref, pred)["rougeL"].fmeasure
+                     for pred, ref in zip(predictions, references, strict=True)], dtype=np.float64)
+
+
+def rouge_l(predictions: list[str], references: list[str]) -> float:
+    r"""Mean ROUGE-L F-measure: the mean of :func:`rouge_scores`."""
+    return float(np.mean(rouge_scores(predictions, references)))
 
 
 def score_encoded(model, enc: dict[str, torch.Tensor], rows, task: str) -> dict[str, np.ndarray]:

@@ -14,25 +14,28 @@ source per client: client ``k`` trains on the rows of ``clients[k].data`` (on Fl
   by the client id; :func:`~.data.partitions.stratified_split`) and trains on the others; with a server
   ``dataset`` it trains on all of its rows. Its data weight is ``weight`` when the table gives one, else its
   number of training rows ``n_k`` (the ``num_examples`` of its reply).
-- **The server's evaluation data** (:class:`SitesSource`): a pool of examples, its ``dataset`` file when given
-  (all of its rows), else the union of the sites' held-out rows in client order. ``val_size`` validation rows are
-  drawn from the pool (:func:`~.data.partitions.split_validation`, stream ``VALIDATION``), the test set is the
-  rest, at most ``eval_size`` of them (stream ``EVAL_SUBSET``). Client ``k``'s local score (``holdout[k]``): with
-  an empty ``dataset``, its own held-out rows that are in the test set; with a ``dataset``, a share of the test
-  set (stream ``HOLDOUT``: the test rows shuffled and cut into ``clients`` near-equal sets), since the server
-  knows no site's labels.
+- **The evaluation data**: with a ``dataset`` file, the server's (:class:`SitesSource`): ``val_size`` validation
+  rows drawn from its rows (:func:`~.data.partitions.split_validation`, stream ``VALIDATION``), the test set the
+  rest, at most ``eval_size`` of them (stream ``EVAL_SUBSET``); client ``k``'s local score (``holdout[k]``) is a
+  share of the test set (stream ``HOLDOUT``: the test rows shuffled and cut into ``clients`` near-equal sets),
+  since the server knows no site's labels. With an empty ``dataset``, **federated evaluation** (:mod:`.fedeval`):
+  each site splits its held-out rows into its own validation and test rows (:func:`~.fedeval.split_held`), scores
+  the models on them and sends the per-example scores; the run's validation and test sets are the sites' rows in
+  client order, ``holdout[k]`` is site ``k``'s own block.
 - **What the server shares** (:class:`~.federation.Shared`): ``labels``; a tiny model's vocabulary and
   ``other_task``'s length classes from the texts the server holds: its ``dataset`` file, else the sites'
   training rows.
 
 In process the runner holds every file (:func:`site_federation` with ``open_sites=True``). On Flower the server
 never opens a site's file (``open_sites=False``): the client sizes ``n_k`` are unknown to it (each reply says
-its own), and a run with ``[[clients]]`` needs a server ``dataset`` (:func:`check_flower_sites`: the server
-evaluates on its own data; federated evaluation on the sites' held-out rows is not built). A node builds its own
+its own), and without a ``dataset`` the sites' set sizes come from the sites (an evaluate exchange before the
+first round) and their scores from an evaluate message each time a round is scored; such a run needs ``labels``
+(classification) and a model with its own tokenizer (:func:`check_flower_sites`). A node builds its own
 :class:`NodeSource` from its file alone.
 
 Row layout of :class:`SitesSource` (so that :class:`~.federation.Federation` and :func:`~.federation.build_client`
-read it as any data source): rows ``0 .. n_val - 1`` are the validation examples, rows ``n_val ..`` the sites'
+read it as any data source): rows ``0 .. n_val - 1`` are the validation examples (none on Flower without
+``dataset``), rows ``n_val ..`` the sites'
 training rows in client order; ``client_idx[k]`` is client ``k``'s block of ``train_rows``.
 """
 
@@ -49,12 +52,13 @@ from .data import TextDataset, holdout_sets, split_validation, stratified_split
 from .data import files
 from .data.files import DataFileError, label_set, read_data
 from .federation import DataSource, Federation, Shared, config_key
+from .fedeval import federated, site_blocks, split_held
 from .models import needs_vocabulary, word_vocabulary
 from .sources import data_problem, model_task
 from .streams import EVAL_SUBSET, HOLDOUT, SITE_SPLIT, VALIDATION
 
 __all__ = ["SiteData", "SitesSource", "NodeSource", "site_federation", "site_labels", "check_site_paths",
-           "check_flower_sites", "site_task", "concat", "open_source"]
+           "check_flower_sites", "site_task", "concat", "open_source", "site_blocks"]
 
 
 def site_task(cfg: RunConfig) -> str:
@@ -94,19 +98,30 @@ def check_site_paths(cfg: RunConfig, only: Sequence[int] | None = None) -> None:
 
 
 def check_flower_sites(cfg: RunConfig) -> None:
-    r"""A ``[[clients]]`` run on Flower needs the server's own evaluation data (``dataset``): the server never opens
-    a site's file, and federated evaluation (each node scoring its own held-out rows) is not built.
+    r"""What a ``[[clients]]`` run without a server ``dataset`` needs on Flower, where the server opens no site's file
+    (the sites score the models themselves: :mod:`.fedeval`): the label set ``labels`` (classification), and a
+    model with its own tokenizer (a tiny packaged model builds its vocabulary from texts the server holds).
 
     Raises
     ------
     ConfigError
-        ``[[clients]]`` tables with an empty ``dataset``.
+        ``[[clients]]`` tables with an empty ``dataset`` and, for classification, no ``labels``, or a tiny
+        packaged model.
     """
-    if cfg.sites and not cfg.dataset:
-        raise ConfigError.from_errors([("dataset", (
-            "the server's evaluation data (a data file or save_to_disk folder) for [[clients]] on Flower: the "
-            "server never opens a site's file, so it cannot evaluate on the sites' held-out rows; set dataset, or "
-            "run in process"), cfg.dataset)])
+    if not cfg.sites or cfg.dataset:
+        return
+    errors = []
+    if not cfg.labels and site_task(cfg) == "classification":
+        errors.append(("labels", (
+            "the label set for [[clients]] on Flower without dataset: the server never opens a site's file, so it "
+            "cannot take the union of the sites' labels; list them, or set dataset, or run in process"), cfg.labels))
+    if needs_vocabulary(cfg.model):
+        errors.append(("model", (
+            "a model with its own tokenizer (a folder or a hub name) for [[clients]] on Flower without dataset: a "
+            "tiny packaged model builds its vocabulary from the server's texts, and this server holds none; set "
+            "dataset, or run in process"), cfg.model))
+    if errors:  # the first problem: one line
+        raise ConfigError.from_errors(errors[:1])
 
 
 def _check_server_dataset(cfg: RunConfig) -> None:
@@ -151,10 +166,15 @@ def site_labels(cfg: RunConfig, *, open_sites: bool) -> list[str] | None:
 
 
 def concat(parts: Sequence[TextDataset], task: str, label_names: Sequence[str]) -> TextDataset:
-    """The rows of ``parts`` one after another (labels over ``label_names``)."""
+    """The rows of ``parts`` one after another (labels over ``label_names``), with the first non-empty part's ``meta``
+    (a user's data keeps its instruction encoding: :func:`~.data_source.is_user_data`) and chat ``turns``."""
     targets = None if task == "classification" else [t for p in parts for t in p.targets]
     labels = np.concatenate([np.asarray(p.labels, dtype=np.int64) for p in parts]) if parts else np.zeros(0, np.int64)
-    return TextDataset([t for p in parts for t in p.texts], labels, list(label_names), targets, task)
+    rows = [p for p in parts if len(p)]
+    meta = dict(rows[0].meta) if rows else {}
+    turns = [t for p in rows for t in p.turns] if rows and all(p.turns is not None for p in rows) else None
+    return TextDataset([t for p in parts for t in p.texts], labels, list(label_names), targets, task, meta,
+                       turns=turns)
 
 
 class SiteData:
@@ -175,6 +195,9 @@ class SiteData:
     train, held : TextDataset
         The training rows and (with an empty ``dataset``) the held-out rows; ``held`` is empty with a
         ``dataset``.
+    val, test : TextDataset
+        With an empty ``dataset``: the held-out rows split into the site's own validation and test rows
+        (:func:`~.fedeval.split_held`); else empty.
 
     Raises
     ------
@@ -201,6 +224,10 @@ class SiteData:
                 f"a data source with training rows after test_fraction = {cfg.test_fraction:g} is held out "
                 f"({len(full)} rows, all held out)"), self.path)])
         self.train, self.held = full.subset(train_idx), full.subset(held_idx)
+        self.val = self.test = self.held  # empty with a server dataset
+        if federated(cfg):  # the site's own validation and test rows (federated evaluation, .fedeval)
+            val_idx, test_idx = split_held(cfg, k, self.held)
+            self.val, self.test = self.held.subset(val_idx), self.held.subset(test_idx)
 
 
 class _Source:
@@ -238,6 +265,11 @@ class SitesSource(_Source):
         Each client's rows of :attr:`test` (its local score).
     vocabulary_texts : list of str
         The texts the server's statistics (:class:`~.federation.Shared`) come from.
+    sites : list of SiteData or None
+        Every site's rows (None: not opened).
+    site_sizes : list of (int, int) or None
+        Without ``dataset``: each site's ``(validation rows, test rows)`` (federated evaluation; None on Flower,
+        where the sites tell them); None with a ``dataset``.
     """
 
     def __init__(self, cfg: RunConfig, *, open_sites: bool = True):
@@ -250,36 +282,42 @@ class SitesSource(_Source):
         labels = site_labels(cfg, open_sites=open_sites)
         self.label_names = tuple(labels) if labels is not None else ("all",)
         sites = [SiteData(cfg, k, labels) for k in range(cfg.clients)] if open_sites else None
+        self.sites = sites
+        labelled = task == "classification"
+        empty = TextDataset([], np.zeros(0, np.int64), list(self.label_names), None if labelled else [], task)
         if cfg.dataset:
             with _key("dataset", cfg.dataset):
                 pool = read_data(cfg.dataset, task, cfg, labels=labels)
-            origin = None
-        else:
-            pool = concat([s.held for s in sites], task, self.label_names)
-            origin = np.concatenate([np.full(len(s.held), k, dtype=np.int64) for k, s in enumerate(sites)])
-        labelled = task == "classification"
-        if cfg.val_size >= len(pool):
-            where = "the rows of dataset" if cfg.dataset else "the sites' held-out rows"
-            raise ConfigError.from_errors([("val_size", f"below the server's {len(pool)} evaluation rows ({where}; "
-                                                        "the rest are the test set)", cfg.val_size)])
-        rest, val = split_validation(pool.labels if labelled else len(pool), cfg.val_size, VALIDATION.rng(cfg.seed))
-        if cfg.eval_size < len(rest):
-            rest = np.sort(rest[EVAL_SUBSET.rng(cfg.seed).permutation(len(rest))[: cfg.eval_size]])
-        self.test = pool.subset(rest)
+            if cfg.val_size >= len(pool):
+                raise ConfigError.from_errors([("val_size", f"below the server's {len(pool)} evaluation rows (the "
+                                                            "rows of dataset; the rest are the test set)",
+                                                cfg.val_size)])
+            rest, val = split_validation(pool.labels if labelled else len(pool), cfg.val_size,
+                                         VALIDATION.rng(cfg.seed))
+            if cfg.eval_size < len(rest):
+                rest = np.sort(rest[EVAL_SUBSET.rng(cfg.seed).permutation(len(rest))[: cfg.eval_size]])
+            self.test, val_rows = pool.subset(rest), pool.subset(val)
+            self.site_sizes = None
+        elif sites is not None:  # federated evaluation, in process: the sites' own rows in client order
+            self.test = concat([s.test for s in sites], task, self.label_names)
+            val_rows = concat([s.val for s in sites], task, self.label_names)
+            self.site_sizes = [(len(s.val), len(s.test)) for s in sites]
+        else:  # federated evaluation on Flower: the sizes come from the sites (Simulation.learn_sites)
+            self.test, val_rows, self.site_sizes = empty, empty, None
         train = [s.train for s in sites] if sites is not None else []
         self.n_k = [len(t) for t in train] if sites is not None else None
-        self._rows = concat([pool.subset(val), *train], task, self.label_names)
-        n_val = len(val)
+        self._rows = concat([val_rows, *train], task, self.label_names)
+        n_val = len(val_rows)
         self.val_rows = np.arange(n_val, dtype=np.int64)
         self.train_rows = np.arange(n_val, len(self._rows), dtype=np.int64)
         edges = np.cumsum([0, *(self.n_k or [0] * cfg.clients)])
         self.client_idx = [np.arange(edges[k], edges[k + 1], dtype=np.int64) for k in range(cfg.clients)]
         self.labels = self._rows.labels[self.train_rows]
-        if origin is not None:
-            self.holdout = [np.flatnonzero(origin[rest] == k).astype(np.int64) for k in range(cfg.clients)]
-        else:
+        if cfg.dataset:
             equal = [np.zeros(1, dtype=np.int64)] * cfg.clients  # equal shares: the server knows no site's size
             self.holdout = holdout_sets(None, equal, None, HOLDOUT.rng(cfg.seed), n_test=len(self.test))
+        else:
+            self.holdout = site_blocks([t for _, t in self.site_sizes] if self.site_sizes else [0] * cfg.clients)
         self.vocabulary_texts = list(pool.texts) if cfg.dataset else [t for s in train for t in s.texts]
 
 
@@ -295,7 +333,7 @@ class NodeSource(_Source):
         self.label_names = tuple(labels) if labels is not None else ("all",)
         self._rows = site.train
         self.labels = site.train.labels
-        self.test = site.held
+        self.val, self.test = site.val, site.test
         n = len(site.train)
         self.train_rows, self.val_rows = np.arange(n, dtype=np.int64), np.zeros(0, dtype=np.int64)
         self.client_idx = [np.arange(n, dtype=np.int64) if j == k else np.zeros(0, dtype=np.int64)

@@ -30,7 +30,7 @@ __all__ = ["Stream", "STREAMS", "derive_seed", "entropy_overlap"] + [
     "DATA", "MODEL_INIT", "DATA_SPLIT", "PARTITION", "TRAIN_SUBSET", "EVAL_SUBSET", "ADAPTER_INIT", "RANKS",
     "VALIDATION", "HOLDOUT", "SAMPLING", "ATTACKERS", "BATCHES", "SHUFFLE_TARGETS", "ATTACK_DIRECTION",
     "SHARED_ATTACK_DIRECTION", "DROPOUT", "CLIENT_FACTORS", "GLOBAL_RANK_PAD", "COPY_PRETRAIN_BATCHES",
-    "COPY_PRETRAIN_EVAL", "COPY_PRETRAIN_INIT", "SITE_SPLIT",
+    "COPY_PRETRAIN_EVAL", "COPY_PRETRAIN_INIT", "SITE_SPLIT", "SITE_VALIDATION", "SITE_EVAL",
 ]
 
 _SEED = "seed"
@@ -146,6 +146,10 @@ CLIENT_FACTORS = _s("CLIENT_FACTORS", 19, ("round", "client"),
                     "fresh factors of a client plan (client.run_client, Method.client_plan)", kind="torch")
 #: ``[[clients]]``: a site's held-out rows (``test_fraction`` of each label), keyed by the client id (sites.SiteData).
 SITE_SPLIT = _s("SITE_SPLIT", 31, ("client",), "a site's held-out rows of its own data (sites.SiteData)")
+#: ``[[clients]]`` without ``dataset``: a site's validation rows among its held-out rows (fedeval.split_held).
+SITE_VALIDATION = _s("SITE_VALIDATION", 32, ("client",), "a site's validation rows (fedeval.split_held)")
+#: ``[[clients]]`` without ``dataset``: a site's share of ``eval_size`` test rows (fedeval.split_held).
+SITE_EVAL = _s("SITE_EVAL", 33, ("client",), "a site's eval_size share of test rows (fedeval.split_held)")
 #: LoRA-A2: the rows of A added when the initial adapter is padded to the global rank, from ``init_seed``.
 GLOBAL_RANK_PAD = _s("GLOBAL_RANK_PAD", 29, ("rank",), "LoRA-A2's padding rows of A (methods.lora_a2)",
                      root=_INIT_SEED, kind="torch")
@@ -163,7 +167,7 @@ COPY_PRETRAIN_INIT = _s("COPY_PRETRAIN_INIT", None, (), "copy-llama's initial we
 STREAMS: tuple[Stream, ...] = (
     DATA, MODEL_INIT, DATA_SPLIT, PARTITION, TRAIN_SUBSET, EVAL_SUBSET, ADAPTER_INIT, RANKS, VALIDATION, HOLDOUT,
     SAMPLING, ATTACKERS, BATCHES, SHUFFLE_TARGETS, ATTACK_DIRECTION, SHARED_ATTACK_DIRECTION, DROPOUT, CLIENT_FACTORS,
-    GLOBAL_RANK_PAD, SITE_SPLIT, COPY_PRETRAIN_BATCHES, COPY_PRETRAIN_EVAL, COPY_PRETRAIN_INIT,
+    GLOBAL_RANK_PAD, SITE_SPLIT, SITE_VALIDATION, SITE_EVAL, COPY_PRETRAIN_BATCHES, COPY_PRETRAIN_EVAL, COPY_PRETRAIN_INIT,
 )
 
 

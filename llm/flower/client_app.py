@@ -1,7 +1,7 @@
 r"""The Flower ``ClientApp``: one client of ``lowrank-fed run`` per SuperNode, running :func:`run_client`.
 
 A SuperNode is client ``k = partition-id`` of its ``--node-config`` (Flower's simulation sets ``partition-id``
-itself). Two message types reach it:
+itself). Three message types reach it:
 
 - ``query`` (the server's discovery): the reply's ``ConfigRecord`` ``"node"`` holds ``partition-id``, the
   node's LoRA rank budget ``rank`` and the federation's node count ``num-partitions`` (``-1`` when the node
@@ -16,6 +16,11 @@ itself). Two message types reach it:
   builds it. No other client's example is read, and no ``Simulation`` is built. It then runs
   ``run_client(method, download, client_state, context)`` and replies with the upload (``"msg"``) and the client's
   new state (``"state"``).
+
+- ``evaluate`` (federated evaluation of a ``[[clients]]`` run without a server ``dataset``,
+  :mod:`~lowrank_fed.llm.fedeval`): the models to score (records ``"eval"``) and the run (``"run"``); the node
+  scores them on its own validation and test rows (:func:`site_evaluator`) and answers with the per-example scores
+  (records ``"scores"``), never an example.
 
 The client's state (FedSA's ``B`` and head, FLoRA's merged base, ...) lives in the node's persistent
 ``context.state`` as records ``"state/<method>"``, tagged with the round that produced it (``ConfigRecord``
@@ -38,7 +43,7 @@ from ..methods import ClientState, make_method
 from ..protocol import Message as LFMessage
 from .records import from_records, has_part, to_records
 
-__all__ = ["app", "client_context", "node_identity", "node_site"]
+__all__ = ["app", "client_context", "node_identity", "node_site", "site_evaluator", "evaluate"]
 
 log = logging.getLogger("lowrank_fed.llm.flower")
 
@@ -126,24 +131,55 @@ def client_context(config_json: str, client: int, shared_json: str | None = None
             reference_rank = max(client_ranks(cfg, [len(i) for i in client_idx]))
             num_labels = len(source.label_names)
         _NODE.clear()  # one run at a time per process
-        _NODE.update(key=key, cfg=cfg, shared=shared, source=source, contexts={},
+        _NODE.update(key=key, cfg=cfg, shared=shared, source=source, contexts={}, sources={}, evaluators={},
                      model=build_model(cfg, shared, num_labels, reference_rank))
     cfg, contexts = _NODE["cfg"], _NODE["contexts"]
     if not 0 <= client < cfg.clients:
         raise ValueError(f"Client id {client} is outside the run's clients [0, {cfg.clients}).")
     if (client, data_path) not in contexts:
-        source = _NODE["source"]
-        if cfg.sites:
-            from ..sites import NodeSource
-
-            if rank != -1 and rank != cfg.sites[client].rank:
-                raise ValueError(f"SuperNode --node-config rank={rank} contradicts the run config's "
-                                 f"clients[{client}].rank = {cfg.sites[client].rank}; give the node rank="
-                                 f"{cfg.sites[client].rank} or leave rank out.")
-            source = NodeSource(cfg, client, _NODE["shared"].labels, data_path)
+        source = _site_source(client, data_path, rank) if cfg.sites else _NODE["source"]
         contexts[(client, data_path)] = build_client(cfg, client, shared=_NODE["shared"], source=source,
                                                      model=_NODE["model"])
     return contexts[(client, data_path)]
+
+
+def _site_source(client: int, data_path: str | None, rank: int):
+    """A ``[[clients]]`` node's :class:`~lowrank_fed.llm.sites.NodeSource` (its own file alone), opened once."""
+    from ..sites import NodeSource
+
+    cfg, sources = _NODE["cfg"], _NODE["sources"]
+    if rank != -1 and rank != cfg.sites[client].rank:
+        raise ValueError(f"SuperNode --node-config rank={rank} contradicts the run config's "
+                         f"clients[{client}].rank = {cfg.sites[client].rank}; give the node rank="
+                         f"{cfg.sites[client].rank} or leave rank out.")
+    if (client, data_path) not in sources:
+        sources[(client, data_path)] = NodeSource(cfg, client, _NODE["shared"].labels, data_path)
+    return sources[(client, data_path)]
+
+
+def site_evaluator(config_json: str, client: int, shared_json: str | None = None, *, data_path: str | None = None,
+                   rank: int = -1):
+    r"""Client ``client``'s :class:`~lowrank_fed.llm.fedeval.SiteEvaluator`: its own validation and test rows
+    (:class:`~lowrank_fed.llm.sites.NodeSource`, its file alone) on the node's model; kept per process like
+    :func:`client_context`.
+
+    Raises
+    ------
+    ValueError
+        The run has no ``[[clients]]`` tables or has a server ``dataset`` (it is not scored by its sites); as
+        :func:`client_context`.
+    """
+    from ..fedeval import SiteEvaluator, federated
+
+    client_context(config_json, client, shared_json, data_path=data_path, rank=rank)  # the node's set-up
+    cfg, evaluators = _NODE["cfg"], _NODE["evaluators"]
+    if not federated(cfg):
+        raise ValueError("An evaluate message reached a node of a run that its server scores itself (it has a "
+                         "server dataset, or no [[clients]] tables).")
+    if (client, data_path) not in evaluators:
+        source = _site_source(client, data_path, rank)
+        evaluators[(client, data_path)] = SiteEvaluator(cfg, _NODE["model"], source.val, source.test)
+    return evaluators[(client, data_path)]
 
 
 @app.query()
@@ -164,6 +200,18 @@ def _stored_state(context: Context, method: str, state_round: int) -> ClientStat
                          f"{'none' if have is None else f'round {have}'} and the server sent none.")
     stored = from_records(context.state, f"state/{method}")
     return ClientState(stored.arrays, stored.config)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Federated evaluation (:mod:`~lowrank_fed.llm.fedeval`): the per-example scores of the request's models on
+    this site's own validation and test rows (records ``"scores"``); no example leaves the node."""
+    pid, _, _ = node_identity(context.node_config)
+    run = msg.content.config_records["run"]
+    shared = str(run["shared"]) if "shared" in run else None
+    data_path, rank = node_site(context.node_config)
+    evaluator = site_evaluator(str(run["config"]), pid, shared, data_path=data_path, rank=rank)
+    return Message(to_records(evaluator.answer(from_records(msg.content, "eval")), "scores"), reply_to=msg)
 
 
 @app.train()

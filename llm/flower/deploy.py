@@ -230,7 +230,7 @@ def main(args: argparse.Namespace) -> int:
         plan = check_output_folder(out, cfg, overwrite=args.overwrite, inputs=[args.config] if args.config else [],
                                    hint="Use --overwrite to replace them or --out to choose another folder.")
         check_model_package(cfg.model)
-        if cfg.sites:  # the ServerApp will open no site's file: it needs its own dataset
+        if cfg.sites:  # the ServerApp will open no site's file: without dataset, labels and a model's own tokenizer
             from ..sites import check_flower_sites
 
             check_flower_sites(cfg)

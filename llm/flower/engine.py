@@ -139,6 +139,12 @@ class FlowerTransport:
     def round_times(self) -> dict:
         return {"flower_round_seconds": self._wall}
 
+    def evaluate_sites(self, requests):
+        """Federated evaluation: the requests to the sites' nodes, their answers
+        (:meth:`.LowRankStrategy.evaluate_sites`; each waits ``round_timeout``, plus ``start_timeout`` before the
+        first round: cold ClientApps)."""
+        return self.strategy.evaluate_sites(requests, self.grid, timeout=self.round_timeout())
+
     def settled(self, call, result) -> None:
         self.strategy.settled(result)
 
@@ -226,6 +232,10 @@ class FlowerSimulation:
                 f"client (--node-config partition-id=0..{self.cfg.clients - 1}; in Flower's simulation "
                 f"num-supernodes = {self.cfg.clients}) or set 'clients' to the node count. Nothing was written.")
         self.transport.rounds_run = 0
+        if self.runner.federated and self.runner.site_sizes is None:  # the sites' set sizes: a request without jobs
+            from ..fedeval import request
+
+            self.runner.learn_sites(self.transport.evaluate_sites({k: request([]) for k in range(self.cfg.clients)}))
         self.summary = self.runner.run(resume=resume)
         return self.summary
 

@@ -341,10 +341,55 @@ class LowRankStrategy(Strategy):
         rows, timings and counts."""
         self.server, self.rows, self.times, self.counts = result.server, result.rows, result.times, result.counts
 
-    # ------------------------------------------------------------------ evaluation: on the server (the runner's)
+    # ------------------------------------------------------------------ evaluation
+    def evaluate_sites(self, requests: dict[int, LFMessage], grid: Grid, *, timeout: float) -> dict[int, LFMessage]:
+        r"""Federated evaluation (:mod:`~lowrank_fed.llm.fedeval`): each request ``{client: evaluate request}`` to
+        the client's node (message type ``evaluate``: records ``"eval"`` and the run's config and
+        :class:`~lowrank_fed.llm.federation.Shared`), and each node's answer decoded (records ``"scores"``).
+
+        The scores of a model on the test set pool every site's, so a missing answer cannot be left out: a
+        client without a node, a node that does not answer within ``timeout`` seconds, a ClientApp that raised or
+        an answer that cannot be decoded stops the run (a ``RuntimeError`` naming the client, the node and why).
+        """
+        run = ConfigRecord({"config": json.dumps(self.cfg.to_dict(), sort_keys=True),
+                            "shared": self.federation.shared.to_json()})
+        self.discover(grid)
+        out, sent = [], {}
+        for k, req in requests.items():
+            node = self.nodes.get(k)
+            if node is None:
+                raise RuntimeError(f"Federated evaluation: client {k} has no SuperNode (none answered the discovery "
+                                   "query with its partition-id); the sites' scores cannot be pooled without it.")
+            content = to_records(req, "eval")
+            content["run"] = run
+            msg = Message(content, dst_node_id=node, message_type="evaluate")
+            sent[id(msg)] = (k, node)
+            out.append(msg)
+        replies = list(grid.send_and_receive(out, timeout=timeout)) if out else []
+        ids = {m.metadata.message_id: id(m) for m in out}
+        got = {ids[r.metadata.reply_to_message_id]: r for r in replies if r.metadata.reply_to_message_id in ids}
+        answers = {}
+        for key, (k, node) in sent.items():
+            why = None
+            if key not in got:
+                why = f"no answer within {timeout:g} s"
+            elif got[key].has_error():
+                why = f"error {got[key].error.code}: {got[key].error.reason}"
+            else:
+                try:
+                    answers[k] = from_records(got[key].content, "scores")
+                except Exception as err:  # anything off the wire
+                    why = f"an answer that cannot be decoded ({type(err).__name__}: {err})"
+            if why is not None:
+                raise RuntimeError(f"Federated evaluation: SuperNode {node} (client {k}) sent no scores: {why}. "
+                                   "The sites' scores cannot be pooled without it; the run stops (resume it "
+                                   "from its last checkpoint).")
+        return answers
+
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
-        """No federated evaluation: the server scores the models itself (``Simulation.evaluate``)."""
+        """Not Flower's evaluate rounds: the runner scores the models itself (``Simulation.evaluate``), asking
+        the sites (:meth:`evaluate_sites`) in a ``[[clients]]`` run without ``dataset``."""
         return []
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:

@@ -13,6 +13,8 @@ from collections.abc import Mapping
 import numpy as np
 
 from ..evaluate import greedy_generate, rouge_l, score_encoded, summarise
+from ..fedeval import SiteEvaluator, decode_answer, request, site_blocks
+from ..fedeval import pool as pool_scores
 from ..methods import ClientState, Method, Model, ServerState
 from ..protocol import Message, decode_extras, decode_pairs
 from .rounds import evaluated, mean
@@ -83,7 +85,10 @@ class Scoring:
     def _score_models(self, jobs: list[tuple[Model, str, object]]) -> list[dict[str, np.ndarray]]:
         r"""The scores of each ``(model, split, rows)`` in ``jobs``, in that order: on the workers when there are
         several (each loads the model into its own workspace), else here one after another. Either way the same
-        numbers: a model's scores depend on its tensors and the examples only."""
+        numbers: a model's scores depend on its tensors and the examples only. A run scored by its sites
+        (:mod:`~lowrank_fed.llm.fedeval`): :meth:`_score_sites`."""
+        if getattr(self, "federated", False):
+            return self._score_sites(jobs)
         if self.workers > 1 and len(jobs) > 1:
             results = self.pool.run([("score", job) for job in jobs])
             for (status, value), (_, split, _) in zip(results, jobs, strict=True):
@@ -95,6 +100,74 @@ class Scoring:
             self._load(model)
             out.append(self._score(split, rows))
         return out
+
+    # ------------------------------------------------------------------ federated evaluation (fedeval)
+    def _blocks(self, split: str) -> list[np.ndarray]:
+        """Each site's rows of the pooled ``split`` (``"val"`` or ``"test"``), from the sites' sizes."""
+        return site_blocks([v if split == "val" else t for v, t in self.site_sizes])
+
+    def _n(self, split: str) -> int:
+        """Rows of the pooled validation or test set."""
+        if getattr(self, "federated", False):
+            return int(sum(v if split == "val" else t for v, t in self.site_sizes))
+        return len(self.val if split == "val" else self.test)
+
+    def _ask_sites(self, jobs: dict[int, list[tuple[Model, str, int]]]) -> dict[int, list[dict[str, np.ndarray]]]:
+        r"""Each site's per-example scores of its ``jobs[k]`` (:func:`~lowrank_fed.llm.fedeval.request`): on its
+        node (the transport's ``evaluate_sites``, Flower) or here (:meth:`site_evaluators`), the one request and
+        answer encoding either way."""
+        requests = {k: request(js) for k, js in jobs.items()}
+        ask = getattr(self.transport, "evaluate_sites", None) if getattr(self, "transport", None) else None
+        if ask is not None:
+            answers = ask(requests)
+        else:
+            evaluators = self.site_evaluators()
+            answers = {k: evaluators[k].answer(msg) for k, msg in requests.items()}
+        return {k: decode_answer(answers[k], len(jobs[k])) for k in jobs}
+
+    def _score_sites(self, jobs: list[tuple[Model, str, object]]) -> list[dict[str, np.ndarray]]:
+        r""":meth:`_score_models` of a run scored by its sites: each job's per-example arrays are the sites'
+        arrays concatenated in client order (only the sites that hold some of the job's ``rows``), then cut to
+        ``rows``."""
+        per_site: dict[int, list] = {}
+        plans = []
+        for model, split, rows in jobs:
+            blocks = self._blocks(split)
+            if rows is None:
+                sites = [k for k, b in enumerate(blocks) if len(b)]
+            else:
+                origin = np.concatenate([np.full(len(b), k, dtype=np.int64) for k, b in enumerate(blocks)])
+                sites = sorted({int(k) for k in origin[np.asarray(rows, dtype=np.int64)]})
+            plans.append((sites, [(k, len(per_site.setdefault(k, []))) for k in sites], rows, blocks))
+            for k in sites:
+                per_site[k].append((model, split, 0))
+        answers = self._ask_sites(dict(sorted(per_site.items())))
+        out = []
+        for sites, slots, rows, blocks in plans:
+            scores = pool_scores([answers[k][j] for k, j in slots])
+            if rows is not None:
+                held = np.concatenate([blocks[k] for k in sites])
+                scores = {key: v[np.searchsorted(held, rows)] for key, v in scores.items()}
+            out.append(scores)
+        return out
+
+    def _rouge_sites(self, model: Model) -> np.ndarray:
+        """The per-example ROUGE-L of ``model`` on the first ``rouge_size`` pooled test rows, each site's computed
+        at the site (its first rows; no prediction or reference leaves it)."""
+        need = {}
+        for k, block in enumerate(self._blocks("test")):
+            n = int(np.clip(self.cfg.rouge_size - (block[0] if len(block) else 0), 0, len(block)))
+            if n:
+                need[k] = [(model, "rouge", n)]
+        answers = self._ask_sites(need)
+        return np.concatenate([answers[k][0]["rouge_l"] for k in need])
+
+    def site_evaluators(self):
+        """Each site's :class:`~lowrank_fed.llm.fedeval.SiteEvaluator` in this process (built on first use)."""
+        if getattr(self, "_site_evaluators", None) is None:
+            sites = self.federation.source.sites
+            self._site_evaluators = [SiteEvaluator(self.cfg, self.model, s.val, s.test) for s in sites]
+        return self._site_evaluators
 
     @property
     def pool(self):
@@ -126,7 +199,7 @@ class Scoring:
           held-out set, so ``per_client_global[k] - per_client[k]`` is client ``k``'s drop at distribution.
         """
         glob = method.global_model(server)
-        jobs = [(glob, "test", None)] + ([(glob, "val", None)] if len(self.val) else [])
+        jobs = [(glob, "test", None)] + ([(glob, "val", None)] if self._n("val") else [])
         ranks = personal = []
         if by_rank and method.personalised:  # each client's own model on its held-out rows
             personal = [k for k in range(self.cfg.clients) if len(self.holdout[k])]
@@ -140,9 +213,11 @@ class Scoring:
         out = summarise(global_scores)
         if "correct" in global_scores:  # per test example, for the verdict's paired standard error (report.py)
             out["test_correct"] = np.packbits(global_scores["correct"]).tobytes().hex()
-        if len(self.val):
+        if self._n("val"):
             out.update({f"val_{k}": v for k, v in summarise(scored.pop(0)).items()})
-        if rouge and self.task == "generation" and self.cfg.rouge_size:
+        if rouge and self.task == "generation" and self.cfg.rouge_size and getattr(self, "federated", False):
+            out["rouge_l"] = float(np.mean(self._rouge_sites(glob)))  # no samples: they are the sites' examples
+        elif rouge and self.task == "generation" and self.cfg.rouge_size:
             self._load(glob)
             n = min(self.cfg.rouge_size, len(self.test))
             preds = greedy_generate(self.ws.peft, self.tokenizer, self.enc["test"]["prompt_ids"][:n],
@@ -189,8 +264,12 @@ class Scoring:
             return {}
         pairs = decode_pairs(reply.arrays)
         extras = decode_extras(reply.arrays) if method.head_shared else server.extras
-        self._load(Model(pairs, dict(extras), None))
-        scores = self._score("test")  # one pass: the held-out rows are rows of the test set (as in evaluate)
+        upload = Model(pairs, dict(extras), None)
+        if getattr(self, "federated", False):
+            scores = self._score_models([(upload, "test", None)])[0]
+        else:
+            self._load(upload)
+            scores = self._score("test")  # one pass: the held-out rows are rows of the test set (as in evaluate)
         out = {f"upload_{self.metric}": summarise(scores)[self.metric]}
         if len(self.holdout[k]):
             out[f"upload_local_{self.metric}"] = summarise(scores, self.holdout[k])[self.metric]

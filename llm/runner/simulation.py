@@ -40,6 +40,7 @@ from ..config import RunConfig
 from ..federation import (build_client, build_federation, build_model, encode_examples, sample_clients,
                           is_user_data, truncation_counts)
 from ..federation import config_key as _config_key
+from ..fedeval import federated, site_blocks, site_facts
 from ..sites import site_federation
 from ..methods import ClientState, Method, ServerState, make_method
 from ..peft_bridge import init_pairs
@@ -128,6 +129,11 @@ class Simulation(Scoring):
             with _config_key("ranks", self.ranks):
                 make_method(name, **cfg.method_options.get(name, {})).check_ranks(self.ranks)
         self.holdout = fed.holdout
+        # federated evaluation (fedeval): the sites score the models on their own rows; sizes None until known
+        self.federated, self.site_sizes = federated(cfg), getattr(fed.source, "site_sizes", None)
+        self._site_evaluators, self.label_counts = None, None
+        if self.federated and self.site_sizes is not None and labelled:
+            self.label_counts = np.bincount(self.test.labels, minlength=len(fed.source.label_names)).tolist()
         with _config_key("target_modules", cfg.target_modules):
             self.model = build_model(cfg, fed.shared, len(fed.source.label_names), max(self.ranks))
         self.device, self.tokenizer, self.ws = self.model.device, self.model.tokenizer, self.model.workspace
@@ -142,7 +148,7 @@ class Simulation(Scoring):
         # validation and test are the server's, clean (an empty split, val_size = 0, is never scored, so it is not
         # encoded: tokenizers reject empty lists); each client encodes its own training rows (build_client)
         self.enc = {name: encode_examples(self.tokenizer, d, cfg.max_length)
-                    for name, d in (("val", self.val), ("test", self.test)) if len(d)}
+                    for name, d in (("val", self.val), ("test", self.test)) if len(d) and not self.federated}
         self.r_max = max(self.ranks)
         self.init_seed = ADAPTER_INIT.seed(cfg.seed)
         self.init = init_pairs(self.ws.shapes, self.r_max, torch.Generator().manual_seed(self.init_seed),
@@ -157,8 +163,16 @@ class Simulation(Scoring):
         splits = {"val": self.val, "test": self.test} if cfg.sites else {"train": self.train, "val": self.val,
                                                                           "test": self.test}  # sites: their own
         self.truncated = (truncation_counts(self.tokenizer, splits, cfg.max_length)
-                          if self.task == "generation" and is_user_data(self.test) else None)
+                          if self.task == "generation" and len(self.test) and is_user_data(self.test) else None)
         self._ready = True
+
+    def learn_sites(self, answers: dict) -> None:
+        r"""Federated evaluation on Flower: ``site_sizes``, ``holdout`` (each site's block of the pooled test set),
+        ``truncated`` and ``label_counts`` from the sites' answers to an evaluate request without jobs
+        (:func:`~lowrank_fed.llm.fedeval.site_facts`; ``ValueError``: an answer without its sizes)."""
+        self.site_sizes, truncated, self.label_counts = site_facts(answers, self.cfg.clients)
+        self.holdout = self.federation.holdout = site_blocks([t for _, t in self.site_sizes])
+        self.truncated = truncated if truncated is not None else self.truncated
 
     @property
     def contexts(self) -> list[ClientContext]:
@@ -181,8 +195,8 @@ class Simulation(Scoring):
     def describe(self) -> dict:
         """The run's set-up facts (``setup.json``; the plots' titles)."""
         info = {"ranks": self.ranks, "n_k": self.n_k, "task": self.task, "modules": list(self.ws.shapes),
-                "label_names": list(self.federation.source.label_names), "eval_size": len(self.test),
-                "val_size": len(self.val),
+                "label_names": list(self.federation.source.label_names), "eval_size": self._n("test"),
+                "val_size": self._n("val"),
                 "holdout_sizes": [int(len(h)) for h in self.holdout], "metric": self.metric,
                 "adapted_params": int(sum(d_out * d_in for d_out, d_in in self.ws.shapes.values())),
                 "model_params": self.model.model_params}
@@ -193,7 +207,8 @@ class Simulation(Scoring):
         if self.attackers:
             info["attackers"] = {str(k): a.kind for k, a in self.attackers.items()}
         if self.task == "classification":
-            counts = np.bincount(self.test.labels, minlength=len(self.federation.source.label_names))
+            counts = (np.asarray(self.label_counts) if self.federated else
+                      np.bincount(self.test.labels, minlength=len(self.federation.source.label_names)))
             info["majority_accuracy"] = float(counts.max() / counts.sum())
         return info
 

@@ -201,10 +201,12 @@ def test_a_site_label_outside_the_label_set_is_refused_naming_file_and_label(tmp
 
 
 def test_val_size_above_the_sites_held_out_rows_is_a_config_error_naming_val_size(tmp_path):
-    # Prepare: 18 held-out rows in all (6 a site)
+    # Prepare: 6 held-out rows a site; val_size = 18 gives each site a share of 6 (federated evaluation)
     sim = Simulation(RunConfig.from_dict(_settings(tmp_path, val_size=18)), tmp_path / "out", progress=False)
     # Execute / Assert
-    with pytest.raises(ConfigError, match=r"Config key 'val_size': expected below the server's 18 evaluation rows"):
+    with pytest.raises(ConfigError, match=r"Config key 'val_size': expected a share below each site's held-out "
+                                          r"rows: site 0 \(clients\[0\]\.data\) holds out 6 rows and its share "
+                                          r"of val_size is 6"):
         sim.setup()
 
 
@@ -346,19 +348,6 @@ def test_a_node_whose_file_has_a_label_outside_the_set_fails_naming_file_and_lab
     # Assert
     reason = {c["client"]: c for c in _rows_of(tmp_path / "fl")[-1]["clients"]}[2]["reason"]
     assert "node2.jsonl" in reason and "'travel'" in reason and "clients[2].data" in reason
-
-
-def test_clients_without_a_server_dataset_are_refused_on_flower(tmp_path, capsys):
-    # Prepare
-    config = tmp_path / "sites.toml"
-    config.write_text(tomli_w.dumps(_settings(tmp_path)))
-    # Execute
-    status = cli_main(["run", str(config), "--engine", "flower", "--out", str(tmp_path / "out"), "--no-progress"])
-    # Assert
-    err = capsys.readouterr().err
-    assert status == 2
-    assert len(err.strip().splitlines()) == 1 and "Config key 'dataset'" in err and "[[clients]]" in err
-    assert not (tmp_path / "out").exists()
 
 
 def test_flower_up_gives_each_supernode_its_file_and_rank(tmp_path):
