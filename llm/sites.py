@@ -50,7 +50,7 @@ from .catalog import DATASETS
 from .config import ConfigError, RunConfig
 from .data import TextDataset, holdout_sets, split_validation, stratified_split
 from .data import files
-from .data.files import DataFileError, label_set, read_data
+from .data.files import label_set, read_data
 from .federation import DataSource, Federation, Shared, config_key
 from .fedeval import federated, site_blocks, split_held
 from .models import needs_vocabulary, word_vocabulary
@@ -132,19 +132,6 @@ def _check_server_dataset(cfg: RunConfig) -> None:
             "its own labels and columns"), cfg.dataset)])
 
 
-def _raw_labels(path: str, cfg: RunConfig, key: str) -> list:
-    """The values of ``label_column`` in the data source ``path`` (a ``DatasetDict``'s splits in order)."""
-    import datasets
-
-    with _key(key, path):
-        table = files.read_table(path)
-        tables = [table[s] for s in table] if isinstance(table, datasets.DatasetDict) else [table]
-        if cfg.label_column not in tables[0].column_names:
-            raise DataFileError(f"Data {path!r}: expected a column {cfg.label_column!r} (config key 'label_column'); "
-                                f"its columns are {tables[0].column_names}.")
-        return [v for t in tables for v in t[cfg.label_column]]
-
-
 def site_labels(cfg: RunConfig, *, open_sites: bool) -> list[str] | None:
     r"""The run's label set ``L`` (classification; None for generation): ``labels``, else the server ``dataset``'s
     labels, else the sorted union of every site's labels (``open_sites`` only).
@@ -159,10 +146,15 @@ def site_labels(cfg: RunConfig, *, open_sites: bool) -> list[str] | None:
     if cfg.labels:
         return label_set([], cfg.labels)
     if cfg.dataset:
-        return label_set(_raw_labels(cfg.dataset, cfg, "dataset"))
+        with _key("dataset", cfg.dataset):
+            return label_set(files.label_values(cfg.dataset, cfg))
     if not open_sites:
         check_flower_sites(cfg)
-    return label_set([v for k, s in enumerate(cfg.sites) for v in _raw_labels(s.data, cfg, f"clients[{k}].data")])
+    values = []
+    for k, site in enumerate(cfg.sites):
+        with _key(f"clients[{k}].data", site.data):
+            values += files.label_values(site.data, cfg)
+    return label_set(values)
 
 
 def concat(parts: Sequence[TextDataset], task: str, label_names: Sequence[str]) -> TextDataset:

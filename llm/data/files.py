@@ -35,7 +35,7 @@ from .partitions import stratified_split
 from .texts import TextDataset
 
 __all__ = ["DataFileError", "USER_DATA", "read_table", "label_set", "to_text_dataset", "read_data", "load_data_file",
-           "data_label_set", "split_rows"]
+           "data_label_set", "label_values", "split_rows"]
 
 #: ``TextDataset.meta`` of a user's data set (read from a file): picks the instruction encoder for generation.
 USER_DATA = {"source": "file"}
@@ -251,10 +251,20 @@ def data_label_set(paths: Sequence[str], cfg) -> list[str]:
     """
     if cfg.labels:
         return label_set((), cfg.labels)
-    return label_set([v for path in paths for v in _table_labels(read_table(path), path, cfg)])
+    return label_set([v for path in paths for v in label_values(path, cfg)])
 
 
-def _table_labels(table, path: str, cfg) -> list:
+def label_values(path: str, cfg, table=None) -> list:
+    """The values of ``label_column`` in the data source ``path`` (every split of a ``DatasetDict``, in order), each
+    checked to be a label (a non-empty string or an integer); what :func:`label_set` takes the union of. ``table``:
+    the source already read (:func:`read_table`), else it is read here.
+
+    Raises
+    ------
+    DataFileError
+        A source that cannot be read, lacks the label column, or holds a value that is no label.
+    """
+    table = read_table(path) if table is None else table
     values: list = []
     for split, part in _splits(table):
         raw = _column(part, cfg.label_column, "label_column", _where(path, split), cfg, "classification")
@@ -288,7 +298,7 @@ def load_data_file(path_text: str, task: str, cfg, *, labels: Sequence[str] | No
 
     table = read_table(path_text)
     if task == "classification" and labels is None:
-        labels = label_set(_table_labels(table, path_text, cfg), cfg.labels)
+        labels = label_set(label_values(path_text, cfg, table), cfg.labels)
     parts = dict(_splits(table))
     if isinstance(table, datasets.DatasetDict) and {"train", "test"} <= set(parts):
         train = to_text_dataset(parts["train"], task, cfg, path=_where(path_text, "train"), labels=labels)

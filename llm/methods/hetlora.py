@@ -29,7 +29,6 @@ import torch
 
 from lowrank_fed import truncate
 
-from ..protocol import Message
 from ..training.hooks import TailRegulariser, tail_norm_product
 from .base import Method
 from .options import HetLoRAOptions
