@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["encode_classification", "encode_generation", "make_batch", "PROMPT"]
+__all__ = ["encode_classification", "encode_generation", "pack_prompts", "make_batch", "PROMPT"]
 
 
 def encode_classification(tokenizer, texts, labels, max_length: int) -> dict[str, torch.Tensor]:
@@ -31,18 +31,25 @@ def encode_generation(tokenizer, texts, targets, max_length: int, *, max_target:
     eos = tokenizer.eos_token_id
     head = tokenizer("Article:", add_special_tokens=False)["input_ids"]
     tail = tokenizer("\nHeadline:", add_special_tokens=False)["input_ids"]
-    rows, prompts = [], []
+    rows = []
     for text, target in zip(texts, targets, strict=True):
         t_ids = tokenizer(" " + target, add_special_tokens=False)["input_ids"][: max_target - 1] + [eos]
         room = max(max_length - len(head) - len(tail) - len(t_ids), 1)
         a_ids = tokenizer(" " + text, add_special_tokens=False)["input_ids"][:room]
         prompt = head + a_ids + tail
         rows.append((prompt, t_ids))
-        prompts.append(prompt)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    L = max(len(p) + len(t) for p, t in rows)
-    P = max(len(p) for p in prompts)
+    return pack_prompts(rows, pad)
+
+
+def pack_prompts(rows, pad: int) -> dict[str, torch.Tensor]:
+    r"""Token-id pairs ``(p_i, t_i)`` (prompt, target) as causal-LM tensors: ``input_ids`` ``p_i + t_i`` and
+    ``attention_mask``, right-padded with ``pad`` to ``L = max_i |p_i| + |t_i|``; ``labels`` ``-100`` except on
+    ``t_i`` (the loss on the target only); ``prompt_ids`` / ``prompt_mask``, ``p_i`` left-padded to ``max_i |p_i|``
+    (for greedy generation). The one packing of the packaged headlines and of a user's instructions."""
     n = len(rows)
+    L = max((len(p) + len(t) for p, t in rows), default=1)
+    P = max((len(p) for p, _ in rows), default=1)
     ids = torch.full((n, L), pad, dtype=torch.int64)
     mask = torch.zeros((n, L), dtype=torch.int64)
     labels = torch.full((n, L), -100, dtype=torch.int64)

@@ -24,6 +24,8 @@ from collections.abc import Sequence
 
 import torch
 
+from .encoding import pack_prompts
+
 __all__ = ["instruction_ids", "encode_instructions", "count_truncated", "has_chat_template"]
 
 
@@ -82,19 +84,4 @@ def encode_instructions(tokenizer, examples, max_length: int) -> dict[str, torch
     rows = _rows(tokenizer, examples, max_length)
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    n = len(rows)
-    L = max((len(p) + len(r) for p, r, _ in rows), default=1)
-    P = max((len(p) for p, _, _ in rows), default=1)
-    ids = torch.full((n, L), pad, dtype=torch.int64)
-    mask = torch.zeros((n, L), dtype=torch.int64)
-    labels = torch.full((n, L), -100, dtype=torch.int64)
-    p_ids = torch.full((n, P), pad, dtype=torch.int64)
-    p_mask = torch.zeros((n, P), dtype=torch.int64)
-    for i, (p, r, _) in enumerate(rows):
-        seq = p + r
-        ids[i, : len(seq)] = torch.tensor(seq)
-        mask[i, : len(seq)] = 1
-        labels[i, len(p) : len(seq)] = torch.tensor(r)
-        p_ids[i, P - len(p) :] = torch.tensor(p)
-        p_mask[i, P - len(p) :] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "prompt_ids": p_ids, "prompt_mask": p_mask}
+    return pack_prompts([(p, r) for p, r, _ in rows], pad)
