@@ -67,9 +67,15 @@ def split_held(cfg: RunConfig, k: int, held: TextDataset) -> tuple[np.ndarray, n
     Raises
     ------
     ConfigError
-        The site's share of ``val_size`` is not below its held-out rows (named ``val_size``).
+        The site holds out no row (named ``test_fraction``), or its share of ``val_size`` is not below its
+        held-out rows (named ``val_size``).
     """
     v = share(cfg.val_size, cfg.clients, k)
+    if not len(held):  # too few rows for test_fraction: nothing to score this site on
+        raise ConfigError.from_errors([("test_fraction", (
+            f"a share that holds out at least one row of each site: site {k} (clients[{k}].data) holds out none "
+            f"(round(test_fraction x rows of each label) is 0); give it more rows, a larger test_fraction, or a "
+            f"server dataset"), cfg.test_fraction)])
     if v >= len(held):
         raise ConfigError.from_errors([("val_size", (
             f"a share below each site's held-out rows: site {k} (clients[{k}].data) holds out {len(held)} rows and "

@@ -210,6 +210,18 @@ def test_val_size_above_the_sites_held_out_rows_is_a_config_error_naming_val_siz
         sim.setup()
 
 
+def test_a_site_too_small_to_hold_out_a_row_is_a_config_error_naming_test_fraction(tmp_path):
+    # Prepare: site 1 has 2 rows of each label, so test_fraction 0.2 holds out round(0.4) = 0 of each
+    settings = _settings(tmp_path, val_size=0)
+    settings["clients"][1]["data"] = _write(tmp_path / "tiny.jsonl", _rows(9, {"sport": 2, "tech": 2}))
+    sim = Simulation(RunConfig.from_dict(settings), tmp_path / "out", progress=False)
+    # Execute / Assert
+    with pytest.raises(ConfigError, match=r"Config key 'test_fraction': expected a share that holds out at least "
+                                          r"one row of each site: site 1 \(clients\[1\]\.data\) holds out none"):
+        sim.setup()
+    assert not (tmp_path / "out").exists()
+
+
 def test_the_config_does_not_open_site_files_a_flower_server_lacks(tmp_path):
     """The ServerApp validates the flat config on a machine without the sites' files: that must pass."""
     # Prepare
