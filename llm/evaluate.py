@@ -16,6 +16,9 @@ and the score of any subset, e.g. a client's held-out rows ``R``) is computed fr
   ``exact_match = (1/|R|) sum_R [hits_i == tokens_i]``.
 - ROUGE-L: mean F-measure of ``rouge-score``'s ``rougeL`` (with stemming) between greedy
   generations and the references.
+
+A pass runs longest examples first (:func:`batch_plan`), so a batch pads little; its batches are also the unit
+of :func:`eval_chunks`, which lets workers score one model's pass in pieces with the same numbers, bit for bit.
 """
 
 from __future__ import annotations
@@ -30,6 +33,9 @@ from .data import make_batch
 __all__ = [
     "rouge_scores",
     "score_encoded",
+    "SCORE_BATCH",
+    "batch_plan",
+    "eval_chunks",
     "score_classification",
     "score_lm",
     "summarise",
@@ -50,9 +56,45 @@ def _n_examples(encoded: dict[str, torch.Tensor]) -> int:
     return int(encoded["labels"].shape[0])
 
 
-@torch.no_grad()
+#: Rows per forward pass of :func:`score_encoded`, by task. The chunks of :func:`eval_chunks` are unions of these
+#: batches, so a model scored in chunks (on several workers) and in one pass gets the same numbers, bit for bit.
+SCORE_BATCH = {"classification": 64, "generation": 16}
+
+
+def batch_plan(encoded: dict[str, torch.Tensor], rows=None, batch_size: int = 64) -> list[np.ndarray]:
+    r"""The batches of one scoring pass: positions into ``rows`` (all examples if None), longest first.
+
+    The positions ``0 .. n-1`` are ordered by decreasing length (the attention mask's sum), ties by position, and
+    cut into consecutive groups of ``batch_size``. Sorting keeps the padding of a batch (trimmed to its longest
+    row by :func:`~.data.make_batch`) small; a plan depends on the lengths and ``batch_size`` only, and a subset
+    made of whole batches of a plan, in plan order, has those same batches as its own plan.
+
+    >>> import torch
+    >>> enc = {"attention_mask": torch.tensor([[1, 0, 0], [1, 1, 1], [1, 1, 0], [1, 1, 1]])}
+    >>> [b.tolist() for b in batch_plan(enc, batch_size=2)]
+    [[1, 3], [2, 0]]
+    """
+    lengths = encoded["attention_mask"].sum(dim=1).cpu().numpy()
+    if rows is not None:
+        lengths = lengths[np.asarray(rows, dtype=np.int64)]
+    order = np.lexsort((np.arange(len(lengths)), -lengths))  # last key first: by -length, then by position
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def eval_chunks(encoded: dict[str, torch.Tensor], rows, task: str) -> list[np.ndarray]:
+    r"""One scoring pass over ``rows`` (all examples if None) cut into its batches, as row indices into ``encoded``.
+
+    Each chunk is one batch of :func:`batch_plan` at ``SCORE_BATCH[task]``, in plan order, so
+    ``score_encoded(model, encoded, chunk, task)`` computes exactly the numbers the whole pass computes for those
+    rows: the chunks can be scored on different workers and put back together without changing a bit.
+    """
+    index = np.arange(_n_examples(encoded)) if rows is None else np.asarray(rows, dtype=np.int64)
+    return [index[batch] for batch in batch_plan(encoded, rows, SCORE_BATCH[task])]
+
+
+@torch.inference_mode()
 def score_classification(model, encoded: dict[str, torch.Tensor], *,
-                         batch_size: int = 64) -> dict[str, np.ndarray]:
+                         batch_size: int = SCORE_BATCH["classification"]) -> dict[str, np.ndarray]:
     r"""Per-example ``pred_i = argmax_j logits_ij``, ``correct_i = [pred_i == y_i]`` and
     ``loss_i = -log softmax(logits_i)[y_i]``.
 
@@ -62,6 +104,7 @@ def score_classification(model, encoded: dict[str, torch.Tensor], *,
     encoded : dict of tensors
         ``input_ids``, ``attention_mask``, ``labels`` (shape (n,)), as from ``encode_classification``.
     batch_size : int
+        Rows per forward pass, in the order of :func:`batch_plan` (longest first).
 
     Returns
     -------
@@ -75,21 +118,21 @@ def score_classification(model, encoded: dict[str, torch.Tensor], *,
     n = _n_examples(encoded)
     correct, loss = np.zeros(n, dtype=bool), np.zeros(n, dtype=np.float64)
     pred, label = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
-    for start in range(0, n, batch_size):
-        stop = min(start + batch_size, n)
-        batch = make_batch(encoded, np.arange(start, stop), device)
+    for rows in batch_plan(encoded, None, batch_size):
+        batch = make_batch(encoded, rows, device)
         labels = batch.pop("labels")
         logits = model(**batch).logits.float()
         ce = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
-        loss[start:stop] = ce.double().cpu().numpy()
+        loss[rows] = ce.double().cpu().numpy()
         argmax = logits.argmax(dim=-1)
-        correct[start:stop] = (argmax == labels).cpu().numpy()
-        pred[start:stop], label[start:stop] = argmax.cpu().numpy(), labels.cpu().numpy()
+        correct[rows] = (argmax == labels).cpu().numpy()
+        pred[rows], label[rows] = argmax.cpu().numpy(), labels.cpu().numpy()
     return {"correct": correct, "loss": loss, "pred": pred, "label": label}
 
 
-@torch.no_grad()
-def score_lm(model, encoded: dict[str, torch.Tensor], *, batch_size: int = 16) -> dict[str, np.ndarray]:
+@torch.inference_mode()
+def score_lm(model, encoded: dict[str, torch.Tensor], *,
+             batch_size: int = SCORE_BATCH["generation"]) -> dict[str, np.ndarray]:
     r"""Per-example ``nll_i = sum_t -log p(x_t | x_{<t})`` over the labelled tokens ``t``, and their number.
 
     The logits at position ``t`` predict the label at ``t + 1``; labels equal to -100 (prompt,
@@ -102,6 +145,7 @@ def score_lm(model, encoded: dict[str, torch.Tensor], *, batch_size: int = 16) -
         ``input_ids``, ``attention_mask``, ``labels`` (shape (n, L), -100 where unlabelled), as from
         ``encode_generation``.
     batch_size : int
+        Rows per forward pass, in the order of :func:`batch_plan` (longest first).
 
     Returns
     -------
@@ -114,18 +158,17 @@ def score_lm(model, encoded: dict[str, torch.Tensor], *, batch_size: int = 16) -
     device = next(model.parameters()).device
     n = _n_examples(encoded)
     nll, tokens, hits = np.zeros(n, dtype=np.float64), np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
-    for start in range(0, n, batch_size):
-        stop = min(start + batch_size, n)
-        batch = make_batch(encoded, np.arange(start, stop), device)
+    for rows in batch_plan(encoded, None, batch_size):
+        batch = make_batch(encoded, rows, device)
         labels = batch.pop("labels")
         logits = model(**batch).logits.float()
         shift_logits, shift_labels = logits[:, :-1, :], labels[:, 1:]
         ce = torch.nn.functional.cross_entropy(  # (b, L - 1), 0 where ignored
             shift_logits.transpose(1, 2), shift_labels, ignore_index=-100, reduction="none")
-        nll[start:stop] = ce.double().sum(dim=1).cpu().numpy()
+        nll[rows] = ce.double().sum(dim=1).cpu().numpy()
         labelled = shift_labels != -100
-        tokens[start:stop] = labelled.sum(dim=1).cpu().numpy()
-        hits[start:stop] = ((shift_logits.argmax(dim=-1) == shift_labels) & labelled).sum(dim=1).cpu().numpy()
+        tokens[rows] = labelled.sum(dim=1).cpu().numpy()
+        hits[rows] = ((shift_logits.argmax(dim=-1) == shift_labels) & labelled).sum(dim=1).cpu().numpy()
     return {"nll": nll, "tokens": tokens, "hits": hits}
 
 
@@ -255,12 +298,12 @@ def summarise(scores: dict[str, np.ndarray], rows=None) -> dict[str, float]:
 
 
 def evaluate_classification(model, encoded: dict[str, torch.Tensor], *,
-                            batch_size: int = 64) -> dict[str, float]:
+                            batch_size: int = SCORE_BATCH["classification"]) -> dict[str, float]:
     r"""``{"accuracy", "loss", "macro_f1"}`` of a classifier: ``summarise(score_classification(...))``."""
     return summarise(score_classification(model, encoded, batch_size=batch_size))
 
 
-def evaluate_lm(model, encoded: dict[str, torch.Tensor], *, batch_size: int = 16) -> dict[str, float]:
+def evaluate_lm(model, encoded: dict[str, torch.Tensor], *, batch_size: int = SCORE_BATCH["generation"]) -> dict[str, float]:
     r"""``{"perplexity", "loss"}``, token-weighted over the labelled tokens: ``summarise(score_lm(...))``."""
     return summarise(score_lm(model, encoded, batch_size=batch_size))
 
@@ -304,7 +347,8 @@ def rouge_l(predictions: list[str], references: list[str]) -> float:
 
 
 def score_encoded(model, enc: dict[str, torch.Tensor], rows, task: str) -> dict[str, np.ndarray]:
-    """Per-example scores of ``model`` on the encoded examples ``enc`` (only ``rows`` of them, if given)."""
+    """Per-example scores of ``model`` on the encoded examples ``enc`` (only ``rows`` of them, if given, in that
+    order), in batches of ``SCORE_BATCH[task]``."""
     if rows is not None:
         enc = {k: v[torch.as_tensor(rows, dtype=torch.long)] for k, v in enc.items()}
     score = score_classification if task == "classification" else score_lm

@@ -8,18 +8,47 @@ processes (``workers > 1``) or here gives the same numbers.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 
 import numpy as np
+import torch
 
-from ..evaluate import greedy_generate, rouge_l, score_encoded, summarise
+from ..evaluate import eval_chunks, greedy_generate, rouge_l, score_encoded, summarise
 from ..fedeval import SiteEvaluator, decode_answer, request, site_blocks
 from ..fedeval import pool as pool_scores
 from ..methods import ClientState, Method, Model, ServerState
 from ..protocol import Message, decode_extras, decode_pairs
 from .rounds import evaluated, mean
 
-__all__ = ["Scoring", "score_encoded", "score_detection", "detection_auc"]
+__all__ = ["Scoring", "score_encoded", "score_detection", "detection_auc", "model_key"]
+
+
+def model_key(model: Model) -> str:
+    r"""A digest of the function ``model`` computes: two models with one key give the same scores, bit for bit.
+
+    Over the base deltas, the head (``extras``) and each module's factors, with one exception: a module whose
+    ``B`` is all zero adds ``B A x = 0`` to its layer's output whatever ``A`` and the rank, so it counts as no
+    adapter there (round 0's downloads of every rank, for example, are one model).
+    """
+    h = hashlib.sha256()
+
+    def tensor(name: str, t) -> None:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
+    for name in sorted(model.base or {}):
+        tensor(f"base/{name}", model.base[name])
+    for name in sorted(model.extras or {}):
+        tensor(f"extra/{name}", model.extras[name])
+    for name in sorted(model.pairs or {}):
+        pair = model.pairs[name]
+        if not bool(torch.any(pair.B)):
+            continue  # no adapter on this module, as when ``pairs`` is None
+        tensor(f"B/{name}", pair.B)
+        tensor(f"A/{name}", pair.A)
+    return h.hexdigest()
 
 
 def detection_auc(scores, contaminated, benign) -> float | None:
@@ -83,22 +112,56 @@ class Scoring:
         return score_encoded(self.ws.peft, self.enc[split], rows, self.task)
 
     def _score_models(self, jobs: list[tuple[Model, str, object]]) -> list[dict[str, np.ndarray]]:
-        r"""The scores of each ``(model, split, rows)`` in ``jobs``, in that order: on the workers when there are
-        several (each loads the model into its own workspace), else here one after another. Either way the same
-        numbers: a model's scores depend on its tensors and the examples only. A run scored by its sites
+        r"""The scores of each ``(model, split, rows)`` in ``jobs``, in that order.
+
+        Jobs that compute the same function on the same rows (:func:`model_key`: equal tensors, or an adapter that
+        adds nothing whatever its rank) are scored once. With several workers each pass is cut into its batches
+        (:func:`~lowrank_fed.llm.evaluate.eval_chunks`), which the workers take as they come free, each loading
+        the model into its own workspace; else here one pass after another. Either way the same numbers: a model's
+        scores depend on its tensors and each batch's examples only. A run scored by its sites
         (:mod:`~lowrank_fed.llm.fedeval`): :meth:`_score_sites`."""
         if getattr(self, "federated", False):
             return self._score_sites(jobs)
-        if self.workers > 1 and len(jobs) > 1:
-            results = self.pool.run([("score", job) for job in jobs])
-            for (status, value), (_, split, _) in zip(results, jobs, strict=True):
-                if status != "ok":  # evaluation is the server's: a failure there fails the run, as it does here
-                    raise RuntimeError(f"Scoring a model on the {split} set in a worker failed: {value}")
-            return [value for _, value in results]
+        keys = [(model_key(model), split, None if rows is None else np.asarray(rows, dtype=np.int64).tobytes())
+                for model, split, rows in jobs]
+        first = {key: i for i, key in reversed(list(enumerate(keys)))}  # the first job of each distinct key
+        unique = sorted(set(first.values()))
+        if self.workers > 1:
+            scored = self._score_chunked([jobs[i] for i in unique])
+        else:
+            scored = []
+            for i in unique:
+                model, split, rows = jobs[i]
+                self._load(model)
+                scored.append(self._score(split, rows))
+        by_job = dict(zip(unique, scored, strict=True))
+        return [dict(by_job[first[key]]) for key in keys]
+
+    def _score_chunked(self, jobs: list[tuple[Model, str, object]]) -> list[dict[str, np.ndarray]]:
+        """:meth:`_score_models` on the workers: every job's batches as tasks, then each job's arrays put together."""
+        tasks, owners = [], []
+        for j, (model, split, rows) in enumerate(jobs):
+            for chunk in eval_chunks(self.enc[split], rows, self.task):
+                tasks.append(("score", (model, split, chunk)))
+                owners.append((j, chunk))
+        results = self.pool.run(tasks)
+        parts: list[list] = [[] for _ in jobs]
+        for (status, value), (j, chunk) in zip(results, owners, strict=True):
+            if status != "ok":  # evaluation is the server's: a failure there fails the run, as it does here
+                raise RuntimeError(f"Scoring a model on the {jobs[j][1]} set in a worker failed: {value}")
+            parts[j].append((chunk, value))
         out = []
-        for model, split, rows in jobs:
-            self._load(model)
-            out.append(self._score(split, rows))
+        for (_, split, rows), pieces in zip(jobs, parts, strict=True):
+            index = np.arange(self._n(split)) if rows is None else np.asarray(rows, dtype=np.int64)
+            where = {int(r): i for i, r in enumerate(index)}  # row -> its position in the job's arrays
+            merged = {}
+            for chunk, value in pieces:
+                at = np.array([where[int(r)] for r in chunk], dtype=np.int64)
+                for key, array in value.items():
+                    if key not in merged:
+                        merged[key] = np.zeros(len(index), dtype=array.dtype)
+                    merged[key][at] = array
+            out.append(merged)
         return out
 
     # ------------------------------------------------------------------ federated evaluation (fedeval)

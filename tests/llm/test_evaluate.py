@@ -11,12 +11,16 @@ torch = pytest.importorskip("torch")
 
 from lowrank_fed.llm.data import encode_classification, encode_generation, make_copy_task, make_synthetic  # noqa: E402
 from lowrank_fed.llm.evaluate import (  # noqa: E402
+    SCORE_BATCH,
+    batch_plan,
+    eval_chunks,
     evaluate_classification,
     evaluate_lm,
     greedy_generate,
     macro_f1,
     rouge_l,
     score_classification,
+    score_encoded,
     score_lm,
     summarise,
 )
@@ -238,3 +242,62 @@ def test_summarise_errors():
         summarise(cls, np.array([0.0]))
     with pytest.raises(ValueError, match="'rows' parameter must select at least one example"):
         summarise({"nll": np.zeros(0), "tokens": np.zeros(0, dtype=np.int64)})
+
+
+def _ragged_classification(n=70):
+    data = make_synthetic(n, seed=3)
+    texts = [" ".join(t.split()[: 3 + (7 * i) % 20]) for i, t in enumerate(data.texts)]  # 3 to 22 words
+    tok = word_tokenizer(texts)
+    enc = encode_classification(tok, texts, data.labels, 32)
+    lengths = enc["attention_mask"].sum(dim=1)
+    assert len(set(lengths.tolist())) > 3  # the plan has lengths to sort
+    return tiny_bert(4, vocab_size=len(tok)).eval(), enc
+
+
+def test_batch_plan_is_longest_first_and_a_subset_of_whole_batches_keeps_them():
+    _, enc = _ragged_classification()
+    lengths = enc["attention_mask"].sum(dim=1).numpy()
+    plan = batch_plan(enc, None, 16)
+    order = np.concatenate(plan)
+    assert sorted(order.tolist()) == list(range(len(lengths)))  # every row once
+    assert np.all(np.diff(lengths[order]) <= 0)  # longest first
+    ties = [order[lengths[order] == v] for v in np.unique(lengths)]
+    assert all(np.all(np.diff(t) > 0) for t in ties)  # ties by position
+    assert [len(b) for b in plan] == [16, 16, 16, 16, 6]
+    for i, batch in enumerate(plan):  # one batch, as a subset in plan order, is its own plan
+        assert [b.tolist() for b in batch_plan(enc, batch, 16)] == [list(range(len(batch)))], i
+
+
+@pytest.mark.parametrize("rows", [None, np.array([60, 3, 17, 44, 9, 12, 68, 30, 5, 1, 50, 22, 61, 40, 8])])
+def test_chunks_scored_apart_give_the_bits_of_one_pass(rows):
+    model, enc = _ragged_classification()
+    whole = score_encoded(model, enc, rows, "classification")
+    chunks = eval_chunks(enc, rows, "classification")
+    index = np.arange(70) if rows is None else rows
+    assert sorted(np.concatenate(chunks).tolist()) == sorted(index.tolist())
+    assert all(len(c) <= SCORE_BATCH["classification"] for c in chunks)
+    at = {int(r): i for i, r in enumerate(index)}
+    for chunk in reversed(chunks):  # any order, any process: each chunk is one of the pass's batches
+        part = score_encoded(model, enc, chunk, "classification")
+        positions = [at[int(r)] for r in chunk]
+        for key in whole:
+            assert np.array_equal(part[key], whole[key][positions]), key
+
+
+def test_sorting_by_length_changes_no_score_beyond_rounding():
+    """The longest-first pass against a pass in row order with the same batch size (the old way)."""
+    model, enc = _ragged_classification()
+    sorted_pass = score_classification(model, enc, batch_size=16)
+    in_order = {k: np.zeros_like(v) for k, v in sorted_pass.items()}
+    from lowrank_fed.llm.data import make_batch
+
+    with torch.no_grad():
+        for start in range(0, 70, 16):
+            rows = np.arange(start, min(start + 16, 70))
+            batch = make_batch(enc, rows)
+            labels = batch.pop("labels")
+            logits = model(**batch).logits
+            in_order["loss"][rows] = torch.nn.functional.cross_entropy(logits, labels, reduction="none").double().numpy()
+            in_order["pred"][rows] = logits.argmax(-1).numpy()
+    np.testing.assert_allclose(sorted_pass["loss"], in_order["loss"], rtol=1e-5, atol=1e-6)
+    assert np.array_equal(sorted_pass["pred"], in_order["pred"])
