@@ -25,6 +25,7 @@ from lowrank_fed.aggregation import aggregate_modules
 from lowrank_fed.experiments.table import print_table
 
 RANK_CYCLE = (4, 8, 16, 32, 64)
+FLOOR_TARGET = 1.5  # the whole model against its float32 kernels, on the same workers
 
 
 def make_layer(rng, d: int, n_clients: int, dtype=np.float32):
@@ -85,28 +86,22 @@ def model_time_with_threads(threads: int, quick: bool) -> float:
 
 
 def kernel_floor(d: int, R: int, repeats: int = 5) -> dict[str, float]:
-    r"""Seconds of each kernel one layer's ``aggregate("svd")`` cannot avoid, timed alone on one thread.
+    r"""Seconds of each float32 kernel one layer's ``aggregate("svd")`` cannot avoid, timed alone on one thread.
 
-    The Gram route (``lowrank_fed.linalg._gram_route``) needs, for ``Bc`` (d x R) and ``Ac^T`` (d x R):
-    two float64 Grams ``X^T X``, two Cholesky factorisations, the ``R x R`` core product and its SVD,
-    two ``R x R`` triangular solves (SciPy's, the fastest here) and two float32 ``d x R x R`` products.
-    Their sum is the floor; stacking, casts, sign fixing and validation are what lies above it.
+    For ``Bc`` (d x R) and ``Ac^T`` (d x R) any factored route needs their two Grams ``X^T X`` (or a QR of the
+    same cost class), the SVD of the ``R x R`` core and the two ``d x R x R`` products that map the core's
+    singular vectors back; in float32 that is the floor. Everything else (stacking, the Cholesky factors, the
+    core product, the triangular solves, the float32 Gram's orthonormality probes, the signs, validation) is
+    what lies above it.
     """
-    import scipy.linalg
-
     rng = np.random.default_rng(2)
     X32 = rng.standard_normal((d, R), dtype=np.float32)
-    X64 = X32.astype(np.float64)
-    G = X64.T @ X64
-    L = np.linalg.cholesky(G)
-    core = L.T @ L
+    core = rng.standard_normal((R, R))
     T32 = rng.standard_normal((R, R), dtype=np.float32)
     best = lambda fn: timed(fn, repeats=repeats)[0]  # noqa: E731
     return {
-        "2 float64 Grams (d x R)": 2 * best(lambda: X64.T @ X64),
-        "2 Cholesky (R x R)": 2 * best(lambda: np.linalg.cholesky(G)),
-        "core product + SVD (R x R)": best(lambda: L.T @ L) + best(lambda: np.linalg.svd(core)),
-        "2 triangular solves (R x R)": 2 * best(lambda: scipy.linalg.solve_triangular(L.T, core)),
+        "2 float32 Grams (d x R)": 2 * best(lambda: X32.T @ X32),
+        "SVD (R x R, float64)": best(lambda: np.linalg.svd(core)),
         "2 float32 products (d x R x R)": 2 * best(lambda: X32 @ T32),
     }
 
@@ -169,7 +164,8 @@ def main(argv=None) -> int:
             ["floor, one layer (sum of the kernels) ms", f"{1e3 * floor_layer:.1f}"],
             ["one layer, factored svd / floor", f"{t_fact / floor_layer:.2f}x"],
             [f"whole model floor ({n_layers} layers x floor / {workers} workers) s", f"{floor_model:.2f}"],
-            ["whole model, aggregate_modules / floor", f"{t_model_par / floor_model:.2f}x"],
+            ["whole model, aggregate_modules / floor (target <= 1.5x)", f"{t_model_par / floor_model:.2f}x "
+             + ("pass" if t_model_par / floor_model <= FLOOR_TARGET or args.quick else "FAIL")],
             ["zero_pad s / result MB", f"{t_zero:.4f} / {size(zp) / 2**20:.2f}"],
             ["stack s / result MB", f"{t_stack:.4f} / {size(st) / 2**20:.2f}"],
             ["svd (exact) result MB", f"{size(out) / 2**20:.2f}"],

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from contextlib import contextmanager
 
 import numpy as np
-from array_api_compat import device, is_torch_namespace
+from array_api_compat import device, is_numpy_namespace, is_torch_namespace
 
 from ._validation import as_weights, check_pairs, compute_dtype, namespace
 from .factors import FactorPair, pad
@@ -37,6 +38,11 @@ DENSE_FALLBACK_SHARE = 0.6
 # The Gram (Cholesky-QR) route is used for float32 work while the stacked factors are this well
 # conditioned (estimated from the Cholesky diagonal); beyond it, Householder QR.
 GRAM_MAX_COND = 1e3
+# The float32 Gram serves while the bases it gives are this close to orthonormal (||Q^T Q - I||_F, estimated
+# with GRAM_PROBES fixed Gaussian probes); else the float64 Gram. About the float32 rounding of the products.
+GRAM32_MAX_DEFECT = 1e-5
+GRAM_PROBES = 8
+GRAM_PROBE_SEED = 0
 
 
 def svd_flip(xp, U, Vh):
@@ -45,14 +51,7 @@ def svd_flip(xp, U, Vh):
     ``U diag(S) Vh`` is unchanged: column ``j`` of ``U`` and row ``j`` of ``Vh`` flip together.
     Ties between entries of equal magnitude go to the first (lowest row index).
     """
-    n_rows, n_cols = U.shape
-    if n_cols == 0 or n_rows == 0:
-        return U, Vh
-    idx = xp.argmax(xp.abs(U), axis=0)  # row of the largest |U[:, j]|, shape (n_cols,)
-    flat = xp.reshape(U, (-1,))  # row-major: U[i, j] is flat[i * n_cols + j]
-    cols = xp.arange(n_cols, device=device(U), dtype=idx.dtype)
-    signs = xp.sign(xp.take(flat, idx * n_cols + cols))
-    signs = xp.where(signs == 0, xp.ones_like(signs), signs)
+    signs = _flip_signs(xp, U)
     return U * signs[None, :], Vh * signs[:, None]
 
 
@@ -63,9 +62,9 @@ def factored_svd(pairs: Sequence[FactorPair], weights=None):
 
         \sum_k p_k B_k A_k = U \operatorname{diag}(S) V^h
 
-    computed as: ``Bc = [p_1 B_1 .. p_K B_K] = Qb Rb`` and ``Ac^T = [A_1; ..; A_K]^T = Qa Ra``
-    (thin QR), the small core ``Rb Ra^T = Uc diag(S) Vc^T`` (SVD), then ``U = Qb Uc``,
-    ``Vh = Vc^T Qa^T``, because ``Bc Ac = Qb (Rb Ra^T) Qa^T``.
+    computed as: ``Bc = [B_1 .. B_K] = Qb Rb`` and ``Ac^T = [A_1; ..; A_K]^T = Qa Ra``
+    (thin QR), the small core ``Rb P Ra^T = Uc diag(S) Vc^T`` (SVD) with ``P = diag(p_k`` repeated
+    ``r_k`` times), then ``U = Qb Uc``, ``Vh = Vc^T Qa^T``, because ``Bc P Ac = Qb (Rb P Ra^T) Qa^T``.
 
     where
 
@@ -93,8 +92,10 @@ def factored_svd(pairs: Sequence[FactorPair], weights=None):
     Notes
     -----
     For float32 (and half-precision) input with well-conditioned stacked factors, the QR factors
-    come from float64 Gram matrices (Cholesky-QR, see ``_gram_route``); float64 input, or
-    ill-conditioned or rank-deficient factors, use Householder QR. Both never form the sum.
+    come from Gram matrices (Cholesky-QR, see ``_gram_parts``): float32 Grams while the bases they
+    give are orthonormal to ``GRAM32_MAX_DEFECT`` (measured with fixed probes), else float64 Grams
+    (``_gram_cholesky``); float64 input, or ill-conditioned or rank-deficient factors, use Householder
+    QR. None forms the sum.
     Cost ``O((d_out + d_in) R^2 + R^3)`` instead of ``O(d_out d_in min(d_out, d_in))`` for the dense
     way (FlexLoRA, NeurIPS 2024, forms every ``B_k A_k``). When ``R > 0.6 min(d_out, d_in)`` the
     product ``Bc @ Ac`` is no larger than the QR factors, so it is formed and decomposed directly.
@@ -116,83 +117,208 @@ def factored_svd(pairs: Sequence[FactorPair], weights=None):
 
 def _factored_svd(xp, pairs, p):
     """:func:`factored_svd` after validation; ``p`` normalised NumPy weights."""
+    parts = _svd_parts(xp, pairs, p)
+    if parts[0] == "gram":  # U = Bc Tb and Vh = Ta^T Ac
+        _, Bc, Ac, Tb, S, Ta = parts
+        U, S, Vh = Bc @ xp.astype(Tb, Bc.dtype), xp.astype(S, Bc.dtype), xp.astype(_t(xp, Ta), Ac.dtype) @ Ac
+    else:
+        _, U, S, Vh = parts
+    U, Vh = svd_flip(xp, U, Vh)
     out_dtype = pairs[0].B.dtype
-    work = compute_dtype(xp, out_dtype)
-    Bc, Ac = stacked_factors(xp, pairs, p)
-    Bc, Ac = xp.astype(Bc, work, copy=False), xp.astype(Ac, work, copy=False)
+    return tuple(xp.astype(X, out_dtype, copy=False) for X in (U, S, Vh))
+
+
+def _factored_pair(xp, pairs, p, rank: int | None) -> FactorPair:
+    r"""``balanced_pair`` of :func:`factored_svd`'s result at ``rank`` (``m`` if None), the same pair to rounding.
+
+    On the Gram route the pair comes straight out of the two ``d x R x t`` products, ``t = min(rank, m)``:
+    ``B = Bc (Tb_{:, :t} diag(sqrt(S_t)))`` and ``A = (diag(sqrt(S_t)) Ta_{:, :t}^T) Ac``, then the signs of
+    :func:`svd_flip` (read off ``B``, whose columns are ``U``'s times ``sqrt(S_j) >= 0``) applied in place; so
+    neither ``U`` nor ``Vh`` is formed, and a truncation (FlexLoRA's global rank) computes only its ``t`` columns.
+    """
+    parts = _svd_parts(xp, pairs, p)
+    out_dtype = pairs[0].B.dtype
+    if parts[0] != "gram":
+        _, U, S, Vh = parts
+        U, Vh = svd_flip(xp, U, Vh)
+        U, S, Vh = (xp.astype(X, out_dtype, copy=False) for X in (U, S, Vh))
+        return balanced_pair(xp, U, S, Vh, S.shape[0] if rank is None else rank)
+    _, Bc, Ac, Tb, S, Ta = parts
+    m = S.shape[0]
+    rank = m if rank is None else rank
+    t = min(rank, m)
+    root = xp.sqrt(S[:t])
+    B = Bc @ xp.astype(Tb[:, :t] * root[None, :], Bc.dtype)
+    A = xp.astype(_t(xp, Ta[:, :t]) * root[:, None], Ac.dtype) @ Ac
+    signs = _flip_signs(xp, B)
+    B *= signs[None, :]
+    A *= signs[:, None]
+    pair = FactorPair(xp.astype(B, out_dtype, copy=False), xp.astype(A, out_dtype, copy=False))
+    return pad(pair, rank) if rank > t else pair
+
+
+def _t(xp, X):
+    return xp.permute_dims(X, (1, 0))
+
+
+def _flip_signs(xp, U):
+    """The signs :func:`svd_flip` gives the columns of ``U``: that of each column's largest-magnitude entry (+1 for 0).
+
+    Read off the column maxima and minima (two fast reductions); only a column whose largest and smallest
+    entries tie in magnitude needs the first of them by row, from ``argmax`` of its magnitudes.
+    """
+    n_rows, n_cols = U.shape
+    if n_cols == 0 or n_rows == 0:
+        return xp.ones((n_cols,), dtype=U.dtype, device=device(U))
+    top, bottom = xp.max(U, axis=0), xp.min(U, axis=0)
+    signs = xp.where(top >= -bottom, xp.ones_like(top), -xp.ones_like(top))
+    tied = xp.nonzero((top == -bottom) & (top > 0))[0]
+    if tied.shape[0]:  # +a and -a both in the column: the sign of the first one
+        cols = xp.take(U, tied, axis=1)
+        idx = xp.argmax(xp.abs(cols), axis=0)
+        first = xp.take(xp.reshape(cols, (-1,)), idx * tied.shape[0] + xp.arange(tied.shape[0], device=device(U),
+                                                                                    dtype=idx.dtype))
+        signs[tied] = xp.sign(first)
+    return signs
+
+
+def _svd_parts(xp, pairs, p):
+    r"""The SVD of ``sum_k p_k B_k A_k`` by the cheapest accurate route, before signs and output dtype.
+
+    ``Bc = [B_1 .. B_K]`` and ``Ac = [A_1; ..; A_K]`` are stacked unscaled and the weights are the diagonal
+    ``P = diag(p_k repeated r_k times)`` in between: ``sum_k p_k B_k A_k = Bc P Ac``. Returns
+    ``("gram", Bc, Ac, Tb, S, Ta)`` with ``U = Bc Tb`` and ``Vh = Ta^T Ac`` (:func:`_gram_parts`), or
+    ``("dense" | "householder", U, S, Vh)``.
+    """
+    work = compute_dtype(xp, pairs[0].B.dtype)
+    Bc = xp.concat([xp.astype(pair.B, work, copy=False) for pair in pairs], axis=1)
+    Ac = xp.concat([xp.astype(pair.A, work, copy=False) for pair in pairs], axis=0)
+    cols = np.repeat(np.asarray(p, dtype=np.float64), [pair.rank for pair in pairs])
     d_out, R = Bc.shape
     d_in = Ac.shape[1]
     m = min(R, d_out, d_in)
-    result = None
     if R > DENSE_FALLBACK_SHARE * min(d_out, d_in):
-        U, S, Vh = xp.linalg.svd(Bc @ Ac, full_matrices=False)
-        result = U[:, :m], S[:m], Vh[:m, :]
-    elif work != xp.float64:
-        result = _gram_route(xp, Bc, Ac)
-    if result is None:
-        result = _householder_route(xp, Bc, Ac)
-    U, S, Vh = result
-    U, Vh = svd_flip(xp, U, Vh)
-    return tuple(xp.astype(X, out_dtype, copy=False) for X in (U, S, Vh))
+        U, S, Vh = xp.linalg.svd((Bc * _on(xp, cols, Bc)[None, :]) @ Ac, full_matrices=False)
+        return "dense", U[:, :m], S[:m], Vh[:m, :]
+    if work != xp.float64:
+        parts = _gram_parts(xp, Bc, Ac, _on(xp, cols, Bc, xp.float64))
+        if parts is not None:
+            return ("gram", Bc, Ac, *parts)
+    return ("householder", *_householder_route(xp, Bc * _on(xp, cols, Bc)[None, :], Ac))
+
+
+def _on(xp, values: np.ndarray, like, dtype=None):
+    """NumPy ``values`` as an array of ``like``'s namespace and device (in ``dtype``, else ``like``'s)."""
+    return xp.asarray(values, dtype=like.dtype if dtype is None else dtype, device=device(like))
 
 
 def _householder_route(xp, Bc, Ac):
     """Thin Householder QR of both stacked factors, SVD of the ``R x R`` core (accurate to rounding)."""
-    t = lambda X: xp.permute_dims(X, (1, 0))  # noqa: E731
     Qb, Rb = xp.linalg.qr(Bc)  # Bc = Qb Rb, Qb (d_out, R), Rb (R, R)
-    Qa, Ra = xp.linalg.qr(t(Ac))  # Ac^T = Qa Ra, Qa (d_in, R)
+    Qa, Ra = xp.linalg.qr(_t(xp, Ac))  # Ac^T = Qa Ra, Qa (d_in, R)
     # Bc Ac = Qb (Rb Ra^T) Qa^T and Rb Ra^T = Uc S Vc^T, so U = Qb Uc and Vh = Vc^T Qa^T.
-    Uc, S, Vch = xp.linalg.svd(Rb @ t(Ra), full_matrices=False)
-    return Qb @ Uc, S, Vch @ t(Qa)
+    Uc, S, Vch = xp.linalg.svd(Rb @ _t(xp, Ra), full_matrices=False)
+    return Qb @ Uc, S, Vch @ _t(xp, Qa)
 
 
-def _gram_route(xp, Bc, Ac):
-    r"""Cholesky-QR of both stacked factors with float64 Gram matrices; None if ill-conditioned.
+def _gram_parts(xp, Bc, Ac, cols):
+    r"""Cholesky-QR of both stacked factors and the SVD of the ``R x R`` core; None if ill-conditioned.
 
-    ``Bc^T Bc = Lb Lb^T`` and ``Ac Ac^T = La La^T`` (float64), so ``Bc = Qb Lb^T`` with
+    ``Bc^T Bc = Lb Lb^T`` and ``Ac Ac^T = La La^T`` (:func:`_gram_cholesky`), so ``Bc = Qb Lb^T`` with
     ``Qb = Bc Lb^{-T}`` orthonormal, and ``Ac^T = Qa La^T`` likewise. Then
-    ``Bc Ac = Qb (Lb^T La) Qa^T``; with ``Lb^T La = Uc S Vc^T``:
-    ``U = Bc (Lb^{-T} Uc)`` and ``Vh = (La^{-T} Vc)^T Ac``: two ``d x R x R`` products in the
-    input precision and ``R x R`` work in float64: 48 ms instead of about 70 ms for Householder QR
-    at ``d = 4096``, ``R = 248`` on one core.
-
-    Orthogonality of ``U`` degrades like ``eps_64 kappa(Bc)^2 + eps_32 kappa(Bc)``, so this route is
-    taken only for float32 work and only when the Cholesky factors succeed with
-    ``max diag(L) / min diag(L) <= GRAM_MAX_COND`` (a lower bound of ``kappa``); otherwise the
-    caller falls back to Householder QR (rank-deficient factors, e.g. ``B = 0`` at initialisation).
+    ``Bc P Ac = Qb (Lb^T P La) Qa^T``; with ``Lb^T P La = Uc S Vc^T`` (float64):
+    ``U = Bc Tb``, ``Tb = Lb^{-T} Uc``, and ``Vh = Ta^T Ac``, ``Ta = La^{-T} Vc``: returns ``(Tb, S, Ta)``.
+    ``U S Vh = Bc P Ac`` holds for any invertible ``Lb``, ``La``; how orthonormal ``U`` and ``Vh`` come out
+    depends on how well ``Lb Lb^T`` matches ``Bc^T Bc``, which :func:`_gram_cholesky` checks.
     """
-    t = lambda X: xp.permute_dims(X, (1, 0))  # noqa: E731
-    f64 = xp.float64
     factors = []
-    for X in (Bc, t(Ac)):  # X = Q L^T
-        X64 = xp.astype(X, f64)
-        try:
-            L = xp.linalg.cholesky(t(X64) @ X64)
-        except Exception:  # LinAlgError in NumPy, torch, array_api_strict: not positive definite
-            return None
-        diag = xp.abs(xp.linalg.diagonal(L))
-        if not bool(xp.all(xp.isfinite(L))) or not float(xp.min(diag)) * GRAM_MAX_COND >= float(xp.max(diag)):
+    for X in (Bc, _t(xp, Ac)):  # X = Q L^T
+        L = _gram_cholesky(xp, X)
+        if L is None:
             return None
         factors.append(L)
     Lb, La = factors
-    Uc, S, Vch = xp.linalg.svd(t(Lb) @ La, full_matrices=False)  # Rb Ra^T = Lb^T La = Uc S Vc^T
-    Tb = solve_upper(xp, t(Lb), Uc)  # Lb^{-T} Uc, so U = Qb Uc = Bc Tb
-    Ta = solve_upper(xp, t(La), t(Vch))  # La^{-T} Vc, so Vh = Vc^T Qa^T = Ta^T Ac
-    U = Bc @ xp.astype(Tb, Bc.dtype)
-    Vh = xp.astype(t(Ta), Ac.dtype) @ Ac
-    return U, xp.astype(S, Bc.dtype), Vh
+    Uc, S, Vch = xp.linalg.svd(_t(xp, Lb) @ (cols[:, None] * La), full_matrices=False)  # Lb^T P La = Uc S Vc^T
+    Tb = solve_upper(xp, _t(xp, Lb), Uc)  # Lb^{-T} Uc, so U = Qb Uc = Bc Tb
+    Ta = solve_upper(xp, _t(xp, La), _t(xp, Vch))  # La^{-T} Vc, so Vh = Vc^T Qa^T = Ta^T Ac
+    return Tb, S, Ta
+
+
+def _gram_cholesky(xp, X):
+    r"""``L`` (float64, lower) with ``L L^T = X^T X`` for a float32 ``X`` (d x R), from the float32 Gram when that
+    is accurate enough, else from the float64 Gram; None when ``X`` is too ill-conditioned for either.
+
+    ``Q = X L^{-T}`` has ``Q^T Q = I - L^{-1} E L^{-T}`` where ``E`` is the Gram's rounding error. The float32
+    Gram's entries err by about ``eps_32 ||x_i|| ||x_j||`` (a blocked BLAS), so for well-conditioned columns
+    ``Q`` is orthonormal to about ``eps_32 kappa^2``: its defect ``||Q^T Q - I||`` is measured with
+    ``GRAM_PROBES`` fixed Gaussian probes ``Z`` (``Y = X (L^{-T} Z)``, whose float32 rounding, about
+    ``eps_32 sqrt(R)``, is well below the threshold, and ``||Y^T Y - Z^T Z||_F / GRAM_PROBES``, an estimate of
+    ``||Q^T Q - I||_F >= ||Q^T Q - I||_2``) and the float32 Gram is kept when that is at most
+    ``GRAM32_MAX_DEFECT`` (the singular values then err by at most about half of it, relative to the largest);
+    this costs a ``d x R x GRAM_PROBES`` product, about a 30th of the float64 Gram it saves. The float64 Gram makes the defect about ``eps_64 kappa^2 + eps_32 kappa`` and is
+    kept while ``max diag(L) / min diag(L) <= GRAM_MAX_COND`` (a lower bound of ``kappa``).
+    """
+    f64 = xp.float64
+    L = _cholesky(xp, xp.astype(_t(xp, X) @ X, f64))
+    if L is not None and _gram_defect(xp, X, L) <= GRAM32_MAX_DEFECT:
+        return L
+    X64 = xp.astype(X, f64)
+    return _cholesky(xp, _t(xp, X64) @ X64)
+
+
+def _cholesky(xp, G):
+    """Lower Cholesky factor of ``G``, or None if it fails or ``max diag(L) / min diag(L) > GRAM_MAX_COND``."""
+    try:
+        L = xp.linalg.cholesky(G)
+    except Exception:  # LinAlgError in NumPy, torch, array_api_strict: not positive definite
+        return None
+    diag = xp.abs(xp.linalg.diagonal(L))
+    if not bool(xp.all(xp.isfinite(L))) or not float(xp.min(diag)) * GRAM_MAX_COND >= float(xp.max(diag)):
+        return None
+    return L
+
+
+def _gram_defect(xp, X, L) -> float:
+    r"""Estimate of ``||Q^T Q - I||_F`` for ``Q = X L^{-T}``: ``||Z^T (Q^T Q - I) Z||_F / p`` with ``p`` fixed probes."""
+    f64 = xp.float64
+    Z = _on(xp, np.random.default_rng(GRAM_PROBE_SEED).standard_normal((L.shape[0], GRAM_PROBES)), L, f64)
+    Y = xp.astype(X @ xp.astype(solve_upper(xp, _t(xp, L), Z), X.dtype), f64)  # Q Z, its rounding ~ eps_32 sqrt(R)
+    return float(xp.linalg.matrix_norm(_t(xp, Y) @ Y - _t(xp, Z) @ Z)) / GRAM_PROBES
 
 
 def solve_upper(xp, Ru, Y):
-    """``Ru^{-1} Y`` for upper-triangular ``Ru``: torch's triangular solve, else the standard's ``solve``.
+    """``Ru^{-1} Y`` for upper-triangular ``Ru``: a triangular solve where it is safe, else the standard's ``solve``.
 
-    SciPy's ``solve_triangular`` would be faster for NumPy on one thread, but it runs on SciPy's own
-    OpenBLAS, whose thread pool then fights NumPy's: with two BLAS threads the 64-layer benchmark
-    took 5.7 s instead of 2.7 s.
+    torch has its own. For NumPy, SciPy's ``solve_triangular`` (about 0.7 ms against 2 ms for LAPACK's general
+    ``solve`` at ``R = 248``) runs on SciPy's own OpenBLAS, whose thread pool fights NumPy's when both have
+    several threads (the 64-layer model took 5.7 s instead of 2.7 s with two BLAS threads); so it is used only
+    inside :func:`one_blas_thread`, where every BLAS pool has one thread.
     """
     if is_torch_namespace(xp):  # the caller's tensors imply torch is loaded; the core does not import it
         return sys.modules["torch"].linalg.solve_triangular(Ru, Y, upper=True)
+    if _one_thread_depth and is_numpy_namespace(xp):
+        from scipy.linalg import solve_triangular
+
+        return solve_triangular(Ru, Y, check_finite=False)
     return xp.linalg.solve(Ru, Y)
+
+
+_one_thread_depth = 0  # > 0 while one_blas_thread() holds every BLAS pool at one thread
+
+
+@contextmanager
+def one_blas_thread():
+    """Every BLAS pool of the process at one thread (threadpoolctl) for the block, and :func:`solve_upper` free to
+    use SciPy's triangular solve. The whole-model path (``aggregate_modules``) runs its threads inside it."""
+    from threadpoolctl import threadpool_limits
+
+    global _one_thread_depth
+    with threadpool_limits(limits=1):
+        _one_thread_depth += 1
+        try:
+            yield
+        finally:
+            _one_thread_depth -= 1
 
 
 def sin_theta(U_hat, U) -> float:

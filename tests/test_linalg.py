@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 from numpy.testing import assert_allclose
 
 from lowrank_fed import FactorPair, aggregate, factored_svd, sin_theta
-from lowrank_fed.linalg import DENSE_FALLBACK_SHARE, aggregation_error, prefix_update_energy, product_fro_norm
+from lowrank_fed.linalg import (DENSE_FALLBACK_SHARE, aggregation_error, balanced_pair, prefix_update_energy,
+                              product_fro_norm)
 
 from .strategies import client_pairs, dense_weighted_sum, matrix_of_rank
 
@@ -215,3 +216,86 @@ def test_prefix_update_energy_of_an_update_in_the_tail_is_zero_on_the_prefix():
     with pytest.raises(ValueError, match=r"before has B \(6, 4\), A \(4, 5\) and after has B \(6, 3\), A \(3, 5\); "
                                          r"expected the same shapes"):
         prefix_update_energy(before, FactorPair(B[:, :3], A[:3]))
+
+
+# ----------------------------------------------------------------------------- the float32 Gram and its check
+def _columns(d, R, cond, seed):
+    """A float32 ``d x R`` matrix with singular values from 1 down to ``1 / cond`` and equal column norms."""
+    rng = np.random.default_rng(seed)
+    Q1, _ = np.linalg.qr(rng.normal(size=(d, R)))
+    Q2, _ = np.linalg.qr(rng.normal(size=(R, R)))
+    return ((Q1 * np.geomspace(1, 1 / cond, R)) @ Q2).astype(np.float32)
+
+
+def _defect(X, L):
+    """``||Q^T Q - I||_F`` of ``Q = X L^{-T}``, in float64."""
+    Q = X.astype(np.float64) @ np.linalg.inv(L).T
+    return np.linalg.norm(Q.T @ Q - np.eye(X.shape[1]))
+
+
+@pytest.mark.parametrize("cond", [2, 30, 300])
+def test_the_float32_gram_serves_only_while_its_bases_are_orthonormal(cond):
+    from lowrank_fed.linalg import GRAM32_MAX_DEFECT, _cholesky, _gram_cholesky, _gram_defect
+
+    X = _columns(2000, 60, cond, seed=cond)
+    L32 = _cholesky(np, (X.T @ X).astype(np.float64))
+    X64 = X.astype(np.float64)
+    L64 = _cholesky(np, X64.T @ X64)
+    true32, estimate = _defect(X, L32), _gram_defect(np, X, L32)
+    assert 0.3 * true32 <= estimate <= 3 * true32  # the probes measure what they claim
+    L = _gram_cholesky(np, X)
+    if estimate <= GRAM32_MAX_DEFECT:
+        assert cond == 2 and np.array_equal(L, L32)  # well conditioned: the float32 Gram, to float32 rounding
+    else:
+        assert cond > 2 and np.array_equal(L, L64)  # kappa^2 eps_32 too large: the float64 Gram
+    assert _defect(X, L) <= max(GRAM32_MAX_DEFECT, 1e-6)
+
+
+@pytest.mark.parametrize("cond", [2, 300])
+def test_flexlora_in_float32_is_accurate_on_either_gram(cond):
+    rng = np.random.default_rng(cond)
+    Bs = np.split(_columns(1500, 40, cond, seed=1), [8, 24], axis=1)  # ranks 8, 16, 16
+    pairs = [FactorPair(B, rng.normal(size=(B.shape[1], 900)).astype(np.float32)) for B in Bs]
+    weights = [1.0, 2.0, 3.0]
+    D = dense_weighted_sum([FactorPair(p.B.astype(np.float64), p.A.astype(np.float64)) for p in pairs], weights)
+    S_true = np.linalg.svd(D, compute_uv=False)[:40]
+    U, S, Vh = factored_svd(pairs, weights)
+    assert_allclose(S, S_true, atol=1e-5 * S_true[0])
+    assert_allclose(U.T @ U, np.eye(40), atol=1e-5)
+    assert_allclose(Vh @ Vh.T, np.eye(40), atol=1e-5)
+    for rank in (None, 10, 50):  # exact, truncated, padded
+        out = aggregate("svd", pairs, weights, rank=rank)
+        t = min(rank or 40, 40)
+        ref = balanced_pair(np, U, S, Vh, rank or 40)  # the same pair through U and Vh
+        assert out.rank == (rank or 40)
+        assert_allclose(out.B @ out.A, ref.B @ ref.A, atol=1e-5 * S_true[0])
+        assert_allclose(np.linalg.norm(out.B[:, :t], axis=0) ** 2, S_true[:t], rtol=2e-5, atol=1e-6 * S_true[0])
+        signs = np.sign(out.B[np.argmax(np.abs(out.B[:, :t]), axis=0), np.arange(t)])
+        assert np.all(signs > 0)  # svd_flip's convention, read off B
+
+
+def test_flip_signs_are_svd_flips_and_a_tie_goes_to_the_first_row():
+    from lowrank_fed.linalg import _flip_signs
+
+    rng = np.random.default_rng(0)
+    U = rng.normal(size=(50, 7))
+    U[:, 3] = 0.0
+    U[[4, 9], 5] = [-9.0, 9.0]  # the largest magnitude twice: the first by row (negative) decides
+    U[[2, 6], 6] = [9.0, -9.0]
+    old = np.sign(U[np.argmax(np.abs(U), axis=0), np.arange(7)])
+    old[old == 0] = 1
+    assert_allclose(_flip_signs(np, U), old)
+    assert list(_flip_signs(np, U)[[3, 5, 6]]) == [1, -1, 1]
+
+
+def test_the_triangular_solve_inside_one_blas_thread_matches_the_general_solve():
+    from lowrank_fed.linalg import one_blas_thread, solve_upper
+
+    rng = np.random.default_rng(0)
+    Ru = np.triu(rng.normal(size=(30, 30))) + 10 * np.eye(30)
+    Y = rng.normal(size=(30, 4))
+    general = solve_upper(np, Ru, Y)
+    with one_blas_thread():
+        triangular = solve_upper(np, Ru, Y)
+    assert_allclose(triangular, general, rtol=1e-12)
+    assert_allclose(Ru @ triangular, Y, atol=1e-12)

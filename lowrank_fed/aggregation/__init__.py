@@ -22,6 +22,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 
 from ..factors import FactorPair
+from ..linalg import one_blas_thread
 from ._common import keep_slots, weighted_average
 from .alternating import alternating_update, select_slots
 from .fedavg import aggregate_fedavg
@@ -99,7 +100,8 @@ def aggregate_modules(method: str, modules: Mapping[str, Sequence[FactorPair]], 
     r"""``{m: aggregate(method, modules[m], weights_m, **options)}`` for every module of a model, in parallel.
 
     The modules are independent, so they are spread over ``workers`` threads (default: the CPU count,
-    at most 8); each thread's BLAS runs on one thread (``threadpoolctl``), so the pools do not fight.
+    at most 8); each thread's BLAS runs on one thread (:func:`~lowrank_fed.linalg.one_blas_thread`), so the
+    pools do not fight.
     LAPACK and the array libraries release the GIL, and each module's result is what a serial call
     gives (the same operations on the same inputs).
 
@@ -123,8 +125,6 @@ def aggregate_modules(method: str, modules: Mapping[str, Sequence[FactorPair]], 
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    from threadpoolctl import threadpool_limits
-
     names = list(modules)
     per_module = isinstance(weights, Mapping)
 
@@ -136,5 +136,5 @@ def aggregate_modules(method: str, modules: Mapping[str, Sequence[FactorPair]], 
         raise ValueError(f"The 'workers' parameter must be a positive int. Got {workers}.")
     if workers == 1 or len(names) < 2:
         return {m: one(m) for m in names}
-    with threadpool_limits(limits=1), ThreadPoolExecutor(max_workers=min(workers, len(names))) as pool:
+    with one_blas_thread(), ThreadPoolExecutor(max_workers=min(workers, len(names))) as pool:
         return dict(zip(names, pool.map(one, names)))

@@ -7,7 +7,7 @@ from array_api_compat import device
 
 from .._validation import check_rank, compute_dtype
 from ..factors import FactorPair, pad, truncate
-from ..linalg import _factored_svd, balanced_pair
+from ..linalg import _factored_pair, _factored_svd
 from ._common import prepare
 
 __all__ = ["aggregate_svd", "redistribute", "REDISTRIBUTE_METHODS"]
@@ -42,8 +42,9 @@ def aggregate_svd(pairs, weights=None, *, rank: int | None = None) -> FactorPair
 
     Notes
     -----
-    FlexLoRA (Bai et al., NeurIPS 2024). [paper] Computed by :func:`lowrank_fed.factored_svd`
-    (QR of the stacked factors, SVD of the small core), never forming ``d_out x d_in``.
+    FlexLoRA (Bai et al., NeurIPS 2024). [paper] Computed as :func:`lowrank_fed.factored_svd`
+    does (QR of the stacked factors, SVD of the small core), never forming ``d_out x d_in``; on its
+    Gram route ``B`` and ``A`` come out of the final products directly, only ``t`` columns of them.
 
     Examples
     --------
@@ -57,8 +58,7 @@ def aggregate_svd(pairs, weights=None, *, rank: int | None = None) -> FactorPair
     d_out, d_in = pairs[0].shape
     if rank is not None:
         rank = check_rank(rank, low=1, high=min(d_out, d_in))
-    U, S, Vh = _factored_svd(xp, pairs, p)
-    return balanced_pair(xp, U, S, Vh, S.shape[0] if rank is None else rank)
+    return _factored_pair(xp, pairs, p, rank)  # balanced_pair(U, S, Vh, rank), without forming U and Vh
 
 
 def redistribute(pair: FactorPair, rank: int, method: str = "prefix") -> FactorPair:
