@@ -1,4 +1,5 @@
-"""The benchmark scripts run: `bench_merge` (both merges right to float32 rounding) and `bench_gpu` on the CPU."""
+"""The benchmark scripts run: `bench_merge` (both merges right to float32 rounding), `bench_gpu` on the CPU, and
+`bench_workers`' projection of evaluation's share of a demo run."""
 
 from __future__ import annotations
 
@@ -45,3 +46,12 @@ def test_bench_gpu_runs_on_the_cpu_and_writes_its_numbers(tmp_path):
     assert found["device"] == "cpu" and found["aggregation"]["relative_difference"] < 1e-4
     assert sorted(found["round"]["methods"]) == sorted(["fedit", "flora", "flexlora", "prelort", "hafl", "lora_a2"])
     assert 0 < found["round"]["eval_share"] < 1
+
+
+def test_the_demo_eval_share_counts_round_0_once_and_each_scored_round():
+    from benchmarks.bench_workers import demo_eval_share
+
+    runs = [{"round0_eval_s": 6.0, "rounds_s": 12.0, "rounds_eval_s": 2.0},  # 10 s training, 2 s scoring a round
+            {"round0_eval_s": 0.5, "rounds_s": 15.0, "rounds_eval_s": 3.0}]
+    # 4 rounds trained: 4 * (10 + 12) = 88 s; scored rounds 0 (first method's, 6 s), 2 and 4: 6 + 2 * (2 + 3) = 16 s
+    assert demo_eval_share(runs, rounds=4, scored=3) == pytest.approx(16 / (16 + 88))
