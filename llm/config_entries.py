@@ -9,13 +9,14 @@ is a valid ``methods`` entry, ``[[faults]]`` ``method`` and ``[method]`` table a
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import (BaseModel, ConfigDict, Discriminator, Field, NonNegativeInt, PlainValidator, PositiveInt, Tag,
                       model_validator)
 from pydantic_core import PydanticCustomError
+
+from lowrank_fed.aggregation import available_cores
 
 from .catalog import ATTACK_KINDS, RANK_NAMES
 from .config_errors import _expected, _Missing
@@ -44,14 +45,6 @@ EXECUTION_KEYS = ("workers",)
 def same_run_keys(stored: Mapping[str, Any]) -> dict[str, Any]:
     """A stored config (``config.json``'s or a checkpoint's) without :data:`EXECUTION_KEYS`."""
     return {k: v for k, v in stored.items() if k not in EXECUTION_KEYS}
-
-
-def available_cores() -> int:
-    """The CPU cores this process may run on (its affinity mask where the OS has one, else ``os.cpu_count()``)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 def _rank_kind(value: Any) -> str | None:

@@ -9,7 +9,10 @@ Each ``CLIENT_DIR`` is a PEFT adapter folder (any ranks, alphas, rsLoRA, ``rank_
 folded in on reading (:mod:`~lowrank_fed.llm.adapters`), so every rule acts on ``Delta W_k = s_k B_k A_k``:
 ``svd`` and ``stack`` give ``sum_k p_k Delta W_k`` exactly, ``svd --rank N`` its best rank-``N``
 approximation, ``zero_pad``, ``replication``, ``segment``, ``fedavg`` the papers' rules. ``p_k`` are
-``--weights`` (for example example counts), normalised; uniform without them.
+``--weights`` (for example example counts), normalised; uniform without them. The modules are aggregated
+in threads (:func:`~lowrank_fed.aggregation.aggregate_modules`: the CPU cores this process may use, at most
+8, one BLAS thread each), each module's result the same bits as one by one; the table gives each module's
+own milliseconds (timed in its thread) and, in its "all modules" row, the wall time of the whole aggregation.
 
 ``--robust`` first screens the clients (:func:`lowrank_fed.robust.screening_scores`): on every module a client
 holds (held by at least 3 clients), a subspace test (one minus the median cosine of its column space, weighted by
@@ -267,7 +270,7 @@ def main(args: argparse.Namespace) -> int:
         if not kept:
             return _fail("--robust flagged every client; nothing to merge (nothing was written).")
 
-    # ---- aggregation, module by module, with how far each is from the exact weighted sum
+    # ---- aggregation: the modules in threads, with how far each is from the exact weighted sum
     chosen = [adapters[k] for k in kept]
     w = [weights[k] for k in kept]
     modules = sorted({m for a in chosen for m in a.pairs})
@@ -289,8 +292,8 @@ def main(args: argparse.Namespace) -> int:
     details: dict = {}
     options = {"rank": args.rank} if args.rank else {}
     t0 = time.perf_counter()
-    try:  # one by one (workers = 1), so each module's time is its own and the first refusal is in name order
-        merged = aggregate_adapters(args.rule, chosen, w, workers=1, missing=args.missing,
+    try:  # each module's seconds are timed in its own thread; a refusal is the first in name order
+        merged = aggregate_adapters(args.rule, chosen, w, missing=args.missing,
                                     coefficients=args.allow_negative, details=details, **options)
     except MergeError as err:
         return _fail(_merge_error(err, who(err.holders)))

@@ -287,20 +287,38 @@ def _gram_defect(xp, X, L) -> float:
 
 
 def solve_upper(xp, Ru, Y):
-    """``Ru^{-1} Y`` for upper-triangular ``Ru``: a triangular solve where it is safe, else the standard's ``solve``.
+    """``Ru^{-1} Y`` for upper-triangular ``Ru``: torch's triangular solve, or SciPy's on one BLAS thread.
 
-    torch has its own. For NumPy, SciPy's ``solve_triangular`` (about 0.7 ms against 2 ms for LAPACK's general
-    ``solve`` at ``R = 248``) runs on SciPy's own OpenBLAS, whose thread pool fights NumPy's when both have
-    several threads (the 64-layer model took 5.7 s instead of 2.7 s with two BLAS threads); so it is used only
-    inside :func:`one_blas_thread`, where every BLAS pool has one thread.
+    SciPy's ``solve_triangular`` (about 0.7 ms against 2 ms for LAPACK's general ``solve`` at ``R = 248``) runs
+    on SciPy's own OpenBLAS, whose thread pool fights NumPy's when both have several threads (the 64-layer
+    model took 5.7 s instead of 2.7 s with two BLAS threads). So every BLAS pool is held at one thread for the
+    call (about 10 microseconds; already so inside :func:`one_blas_thread`), and the result is the same bits
+    whatever the caller's BLAS threads.
     """
     if is_torch_namespace(xp):  # the caller's tensors imply torch is loaded; the core does not import it
         return sys.modules["torch"].linalg.solve_triangular(Ru, Y, upper=True)
-    if _one_thread_depth and is_numpy_namespace(xp):
-        from scipy.linalg import solve_triangular
+    if not is_numpy_namespace(xp):
+        return xp.linalg.solve(Ru, Y)
+    from scipy.linalg import solve_triangular
 
+    if _one_thread_depth:
         return solve_triangular(Ru, Y, check_finite=False)
-    return xp.linalg.solve(Ru, Y)
+    with _blas_pools().limit(limits=1):
+        return solve_triangular(Ru, Y, check_finite=False)
+
+
+_pools = None
+
+
+def _blas_pools():
+    """threadpoolctl's controller of the BLAS libraries loaded (NumPy's and SciPy's), made once."""
+    global _pools
+    if _pools is None:
+        import scipy.linalg  # noqa: F401  (its BLAS must be loaded to be controlled)
+        from threadpoolctl import ThreadpoolController
+
+        _pools = ThreadpoolController().select(user_api="blas")
+    return _pools
 
 
 _one_thread_depth = 0  # > 0 while one_blas_thread() holds every BLAS pool at one thread
@@ -308,8 +326,8 @@ _one_thread_depth = 0  # > 0 while one_blas_thread() holds every BLAS pool at on
 
 @contextmanager
 def one_blas_thread():
-    """Every BLAS pool of the process at one thread (threadpoolctl) for the block, and :func:`solve_upper` free to
-    use SciPy's triangular solve. The whole-model path (``aggregate_modules``) runs its threads inside it."""
+    """Every BLAS pool of the process at one thread (threadpoolctl) for the block; the whole-model path
+    (``aggregate_modules``) runs its threads inside it, and :func:`solve_upper` then need not set it per call."""
     from threadpoolctl import threadpool_limits
 
     global _one_thread_depth

@@ -13,7 +13,8 @@ trained with different ranks, alphas or rsLoRA are combined by the core's rules 
   ``modules_to_save``) are kept as ``extras``. Anything whose mathematics the folding does not cover
   (DoRA's magnitude vector, ``lora_bias``, embedding or convolution LoRA, trainable tokens, aLoRA,
   ``target_parameters``) is refused with an error naming it: no tensor is dropped silently.
-- :func:`aggregate_adapters` applies one core rule module by module. A module some clients lack is
+- :func:`aggregate_adapters` applies one core rule to every module, the modules in threads
+  (:func:`~lowrank_fed.aggregation.aggregate_modules`). A module some clients lack is
   aggregated over the clients that have it, with their weights renormalised over them (a missing module
   is no information, not a zero update); extras likewise, by :func:`~lowrank_fed.aggregation.weighted_average`.
 - :func:`redistribute_adapter` gives a client its share at its own per-module ranks.

@@ -7,8 +7,6 @@ from each client without it). :func:`redistribute_adapter` gives a client the gl
 
 from __future__ import annotations
 
-import os
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -16,8 +14,8 @@ import torch
 from peft import LoraConfig
 from peft.utils.other import get_pattern_key
 
-from lowrank_fed import AGGREGATORS, FactorPair, aggregate, redistribute
-from lowrank_fed.aggregation import weighted_average
+from lowrank_fed import AGGREGATORS, FactorPair, redistribute
+from lowrank_fed.aggregation import ModuleError, aggregate_modules, weighted_average
 
 from .folders import Adapter, _as_adapter
 
@@ -72,16 +70,18 @@ def aggregate_adapters(rule: str, adapters: Sequence, weights=None, *, workers: 
     rank ``min(rank, sum_{k in H_m} r_k, d_out, d_in)``, so a sum of lower rank is kept exactly. Extras:
     the holders' weighted average. The result has no config (give the writer's options to
     :func:`save_peft_adapter`). ``details``, when a dict, receives ``{module: ModuleMerge}`` (holders, the
-    rule's result before ``c_m``, ``c_m``, the seconds); ``workers = 1`` runs the modules one by one in
-    name order, otherwise in threads (:func:`~lowrank_fed.aggregation.aggregate_modules`, the same
-    results).
+    rule's result before ``c_m``, ``c_m``, the seconds of its rule, timed in the thread that ran it). The
+    modules go through :func:`~lowrank_fed.aggregation.aggregate_modules`: ``workers`` threads (default: the
+    CPU cores this process may use, at most 8; 1 runs them one by one in name order), each module's result
+    the same bits whatever ``workers`` is.
 
     Raises
     ------
     ValueError
         Unknown rule, fewer than one adapter, weights of the wrong length, or shapes that disagree
         for a module (naming the module and the client); :class:`MergeError` (a ValueError) for a module
-        or head that cannot be merged, the first in name order (modules before heads).
+        or head that cannot be merged. Either is the first refusal in name order (modules before heads),
+        whichever thread finished first: what ``workers = 1`` raises.
     """
     if rule not in AGGREGATORS:
         raise ValueError(f"Unknown rule {rule!r}; expected one of {sorted(AGGREGATORS)}.")
@@ -94,54 +94,34 @@ def aggregate_adapters(rule: str, adapters: Sequence, weights=None, *, workers: 
     if len(w) != len(items):
         raise ValueError(f"The 'weights' parameter must have one weight per adapter: expected {len(items)}, got {len(w)}.")
     rank = options.pop("rank", None)
-    modules, module_weights, holders_of, shares, ranks, done = {}, {}, {}, {}, {}, {}
-
-    def one(m):
-        extra = {"rank": ranks[m]} if m in ranks else {}
-        t0 = time.perf_counter()
-        try:
-            pair = aggregate(rule, modules[m], module_weights[m], **extra, **options)
-        except ValueError as err:
-            raise MergeError("rule", m, holders_of[m], str(err)) from None
-        return pair, time.perf_counter() - t0
-
+    modules, module_weights, holders_of, shares, module_options = {}, {}, {}, {}, {}
+    refusal: ValueError | None = None  # the first module in name order that cannot reach the rule
     for m in sorted({m for a in items for m in a.pairs}):
         holders = [k for k, a in enumerate(items) if m in a.pairs]
-        shapes = {items[k].pairs[m].shape for k in holders}
-        if len(shapes) > 1:
-            raise ValueError(f"Module {m!r}: the clients' updates have different shapes {sorted(shapes)}; "
-                             "expected one (d_out, d_in) per module.")
-        held, held_w = [items[k].pairs[m] for k in holders], [w[k] for k in holders]
-        if coefficients:  # sum_k w_k B_k A_k = K * (1/K) sum_k (w_k B_k) A_k, exactly
-            held, held_w = [FactorPair(p.B * wk, p.A) for p, wk in zip(held, held_w, strict=True)], None
-            if not all(bool(p.B.isfinite().all()) for p in held):
-                raise MergeError("overflow", m, holders, f"module {m!r}: the weights times the clients' B overflow "
-                                 "to Inf; expected coefficients of a sensible size.")
-        elif weights is not None and sum(held_w) <= 0:
-            raise MergeError("weight", m, holders, f"module {m!r}: every adapter holding it ({holders}) has weight "
-                             "0; expected a positive weight on at least one holder.")
+        try:
+            held, held_w = _module_inputs(m, items, holders, w, weights is not None, coefficients)
+        except ValueError as err:  # raised after the modules before it, whose refusal would come first
+            refusal = err
+            break
         modules[m], holders_of[m] = held, holders
         module_weights[m] = None if weights is None and not coefficients else held_w
         shares[m] = float(len(held)) if coefficients else sum(held_w) / sum(w) if missing == "zero" else 1.0
         if rank:  # a sum of lower rank than `rank` is kept exactly
-            ranks[m] = min(rank, sum(p.rank for p in held), *held[0].shape)
-        if workers == 1:  # one by one: a module's refusal comes before the next module's checks
-            done[m] = one(m)
-    if workers != 1:
-        from concurrent.futures import ThreadPoolExecutor
-
-        from threadpoolctl import threadpool_limits
-
-        n = min(8, os.cpu_count() or 1) if workers is None else int(workers)
-        if n < 1:
-            raise ValueError(f"The 'workers' parameter must be a positive int. Got {workers}.")
-        with threadpool_limits(limits=1), ThreadPoolExecutor(max_workers=max(1, min(n, len(modules)))) as pool:
-            done = dict(zip(modules, pool.map(one, modules)))
+            module_options[m] = {"rank": min(rank, sum(p.rank for p in held), *held[0].shape)}
+    seconds: dict[str, float] = {}
+    try:
+        done = aggregate_modules(rule, modules, module_weights, workers=workers,
+                                 module_options=module_options, seconds=seconds, **options)
+    except ModuleError as err:
+        raise MergeError("rule", err.module, holders_of[err.module], str(err.error)) from None
+    if refusal is not None:
+        raise refusal
     pairs = {}
-    for m, (pair, seconds) in done.items():
+    for m, pair in done.items():
         pairs[m] = pair if shares[m] == 1.0 and not coefficients else FactorPair(pair.B * shares[m], pair.A)
         if details is not None:
-            details[m] = ModuleMerge(holders_of[m], modules[m], module_weights[m], pair, shares[m], seconds)
+            details[m] = ModuleMerge(holders_of[m], modules[m], module_weights[m], pair, shares[m],
+                                     seconds[m])
     heads = sorted({e for a in items for e in a.extras})
     if heads and coefficients:
         raise MergeError("extras_coefficients", heads[0], [], f"coefficients combine LoRA updates; these adapters "
@@ -153,6 +133,27 @@ def aggregate_adapters(rule: str, adapters: Sequence, weights=None, *, workers: 
             raise MergeError("extras_weight", name, holders, f"tensor {name!r} (not LoRA, e.g. a head): every "
                              f"adapter holding it ({holders}) has weight 0; expected a positive weight on one.")
     return Adapter(pairs, average_extras(items, w), None)
+
+
+def _module_inputs(m: str, items: Sequence[Adapter], holders: list[int], w: list[float], weighted: bool,
+                   coefficients: bool) -> tuple[list[FactorPair], list[float]]:
+    """Module ``m``'s pairs and weights as the rule gets them (``B`` times the coefficient with
+    ``coefficients``); a ValueError (:class:`MergeError` for a weight or an overflow) names what cannot be
+    merged."""
+    shapes = {items[k].pairs[m].shape for k in holders}
+    if len(shapes) > 1:
+        raise ValueError(f"Module {m!r}: the clients' updates have different shapes {sorted(shapes)}; "
+                         "expected one (d_out, d_in) per module.")
+    held, held_w = [items[k].pairs[m] for k in holders], [w[k] for k in holders]
+    if coefficients:  # sum_k w_k B_k A_k = K * (1/K) sum_k (w_k B_k) A_k, exactly
+        held, held_w = [FactorPair(p.B * wk, p.A) for p, wk in zip(held, held_w, strict=True)], None
+        if not all(bool(p.B.isfinite().all()) for p in held):
+            raise MergeError("overflow", m, holders, f"module {m!r}: the weights times the clients' B "
+                             "overflow to Inf; expected coefficients of a sensible size.")
+    elif weighted and sum(held_w) <= 0:
+        raise MergeError("weight", m, holders, f"module {m!r}: every adapter holding it ({holders}) has "
+                         "weight 0; expected a positive weight on at least one holder.")
+    return held, held_w
 
 
 def average_extras(adapters: Sequence[Adapter], weights: Sequence[float]) -> dict[str, torch.Tensor]:

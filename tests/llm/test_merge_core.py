@@ -3,17 +3,23 @@
 The command's written adapter is, tensor for tensor, what ``aggregate_adapters`` returns for the same options
 (``--missing zero`` / ``holders``, ``--rank``, ``--allow-negative``); the library function's new options keep
 their equations (``missing="zero"`` scales a module by its holders' share of the weight, ``rank`` keeps a sum of
-lower rank exactly), and what it refuses it names (module or head, the holders).
+lower rank exactly), and what it refuses it names (module or head, the holders). The command aggregates the
+modules in threads (the whole-model path) and writes the bytes the serial path (``workers=1``) gives; a refusal
+is the first in module-name order, whichever thread failed first.
 """
 
 from __future__ import annotations
 
+import threading
+
 import pytest
+from threadpoolctl import threadpool_limits
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
-from lowrank_fed import FactorPair  # noqa: E402
+import lowrank_fed.aggregation as core_aggregation  # noqa: E402
+from lowrank_fed import AGGREGATORS, FactorPair  # noqa: E402
 from lowrank_fed.cli import main as cli  # noqa: E402
 from lowrank_fed.llm import Adapter, aggregate_adapters, load_peft_adapter, save_peft_adapter  # noqa: E402
 from lowrank_fed.llm import adapters as adapters_module  # noqa: E402
@@ -107,3 +113,81 @@ def test_what_cannot_be_merged_is_named(weights, kw, kind, where):
     # Assert
     assert caught.value.kind == kind and caught.value.where == where and caught.value.holders == [0, 1]
     assert repr(where) in str(caught.value)
+
+
+# ----------------------------------------------------------------------------- the modules in threads
+def _in_threads(monkeypatch) -> set[str]:
+    """Three cores for aggregate_modules' default (threads even on a one-core machine); the threads that run the
+    rule are recorded in the returned set."""
+    threads, real = set(), core_aggregation.aggregate
+
+    def recording(*args, **kw):
+        threads.add(threading.current_thread().name)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(core_aggregation, "available_cores", lambda: 3)
+    monkeypatch.setattr(core_aggregation, "aggregate", recording)
+    return threads
+
+
+@pytest.mark.parametrize("argv, rule, kwargs", [
+    (["--rule", "svd", "--rank", "2", "--weights", "1", "2", "3"], "svd", {"rank": 2, "weights": [1.0, 2.0, 3.0]}),
+    (["--rule", "zero_pad"], "zero_pad", {"weights": [1.0, 1.0, 1.0]}),
+])
+def test_merge_in_threads_writes_the_bytes_of_the_serial_path(tmp_path, monkeypatch, argv, rule, kwargs):
+    # Prepare: ranks 2, 3, 1; the third client lacks enc.k
+    folders = _folders(tmp_path)
+    threads = _in_threads(monkeypatch)
+    # Execute: the command, then aggregate_adapters one module after another, written as the command writes
+    status = cli(["merge", *map(str, folders), *argv, "--out", str(tmp_path / "out"), "--no-progress"])
+    ran_in = set(threads)
+    loaded = [load_peft_adapter(f) for f in folders]
+    with threadpool_limits(limits=1):  # as the command runs (LOWRANK_FED_THREADS=1)
+        serial = aggregate_adapters(rule, loaded, kwargs.pop("weights"), workers=1, missing="zero", **kwargs)
+    save_peft_adapter(tmp_path / "serial", Adapter(serial.pairs, serial.extras, loaded[0].config))
+    # Assert: the rule ran off the main thread, and every written file has the serial path's bytes
+    assert status == 0 and ran_in and threading.main_thread().name not in ran_in
+    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert written == sorted(p.name for p in (tmp_path / "serial").iterdir())
+    for name in written:
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "serial" / name).read_bytes(), name
+
+
+def test_merge_names_the_first_refusal_in_module_order_not_the_first_thread_to_fail(tmp_path, monkeypatch,
+                                                                                      capsys):
+    # Prepare: svd refuses enc.v at once and enc.q only after enc.v has failed; enc.k is merged
+    folders = _folders(tmp_path)
+    _in_threads(monkeypatch)
+    real, v_failed = AGGREGATORS["svd"], threading.Event()
+
+    def svd(pairs, weights=None, **options):
+        if tuple(pairs[0].shape) == SHAPES["enc.v"]:
+            v_failed.set()
+            raise ValueError("refused enc.v")
+        if tuple(pairs[0].shape) == SHAPES["enc.q"]:
+            assert v_failed.wait(10), "enc.v never ran"
+            raise ValueError("refused enc.q")
+        return real(pairs, weights, **options)
+
+    monkeypatch.setitem(AGGREGATORS, "svd", svd)
+    # Execute
+    status = cli(["merge", *map(str, folders), "--rule", "svd", "--out", str(tmp_path / "out"), "--no-progress"])
+    # Assert: the command's one-line refusal of the first module in name order, and nothing written
+    assert status == 2 and not (tmp_path / "out").exists()
+    assert capsys.readouterr().err == "error: module 'enc.q' (held by ['c0', 'c1', 'c2']): refused enc.q\n"
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+@pytest.mark.parametrize("unequal, unweighted, kind", [("a.k", "a.q", "rule"), ("a.q", "a.k", "weight")])
+def test_the_first_refusal_in_name_order_whatever_the_workers(workers, unequal, unweighted, kind):
+    # Prepare: fedavg refuses the module of unequal ranks; the other is held only by the client of weight 0
+    def pair(rank):
+        return FactorPair(torch.ones(3, rank), torch.ones(rank, 4))
+
+    adapters = [Adapter({unequal: pair(1)}), Adapter({unequal: pair(2)}), Adapter({unweighted: pair(1)})]
+    # Execute
+    with pytest.raises(MergeError) as caught:
+        aggregate_adapters("fedavg", adapters, [1.0, 1.0, 0.0], workers=workers)
+    # Assert: "a.k" comes first, whichever refusal it has
+    assert caught.value.kind == kind and caught.value.where == "a.k"
+    assert caught.value.holders == ([0, 1] if kind == "rule" else [2])
