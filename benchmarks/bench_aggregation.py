@@ -77,6 +77,37 @@ def model_time_parallel(d: int, n_layers: int, n_clients: int, workers: int) -> 
     return time.perf_counter() - start
 
 
+def floor_time_parallel(d: int, n_layers: int, n_clients: int, workers: int) -> float:
+    r"""Wall seconds of the floor kernels (:func:`kernel_floor`'s) of every layer, run on ``workers`` threads.
+
+    The same layers as :func:`model_time_parallel`, stacked beforehand (stacking is above the floor), through the
+    same threads with one BLAS thread each: two float32 Grams, an ``R x R`` SVD and two ``d x R x R`` products a
+    layer, with fresh outputs. So the floor shares the memory bandwidth as the aggregation does, which a sum
+    of kernels timed alone does not.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from lowrank_fed.linalg import one_blas_thread
+
+    rng = np.random.default_rng(1)
+    layers = [make_layer(rng, d, n_clients)[0] for _ in range(n_layers)]
+    stacked = [(np.concatenate([p.B for p in pairs], axis=1), np.concatenate([p.A for p in pairs], axis=0))
+               for pairs in layers]
+    R = stacked[0][0].shape[1]
+    core = rng.standard_normal((R, R))
+    T = rng.standard_normal((R, R), dtype=np.float32)
+
+    def kernels(i: int):
+        Bc, Ac = stacked[i]
+        Bc.T @ Bc, Ac @ Ac.T, np.linalg.svd(core)
+        return Bc @ T, T @ Ac
+
+    with one_blas_thread(), ThreadPoolExecutor(workers) as pool:
+        start = time.perf_counter()
+        list(pool.map(kernels, range(n_layers)))
+        return time.perf_counter() - start
+
+
 def model_time_with_threads(threads: int, quick: bool) -> float:
     """:func:`model_time` in a fresh interpreter whose BLAS uses ``threads`` threads."""
     env = {**os.environ, **{v: str(threads) for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}}
@@ -140,8 +171,9 @@ def main(argv=None) -> int:
 
     kernels = kernel_floor(d, R)
     floor_layer = sum(kernels.values())
-    # The parallel floor: every layer's kernels, spread perfectly over the workers.
-    floor_model = n_layers * floor_layer / workers
+    # The parallel floor: every layer's kernels run on the same workers (measured), and spread perfectly (ideal).
+    floor_ideal = n_layers * floor_layer / workers
+    floor_model = floor_time_parallel(d, n_layers, K, workers)
 
     t_zero, zp = timed(aggregate, "zero_pad", pairs, weights, repeats=3)
     t_stack, st = timed(aggregate, "stack", pairs, weights, repeats=3)
@@ -163,9 +195,11 @@ def main(argv=None) -> int:
             *[[f"  floor kernel: {name} ms", f"{1e3 * t:.2f}"] for name, t in kernels.items()],
             ["floor, one layer (sum of the kernels) ms", f"{1e3 * floor_layer:.1f}"],
             ["one layer, factored svd / floor", f"{t_fact / floor_layer:.2f}x"],
-            [f"whole model floor ({n_layers} layers x floor / {workers} workers) s", f"{floor_model:.2f}"],
-            ["whole model, aggregate_modules / floor (target <= 1.5x)", f"{t_model_par / floor_model:.2f}x "
-             + ("pass" if t_model_par / floor_model <= FLOOR_TARGET or args.quick else "FAIL")],
+            [f"whole model floor: the kernels of its {n_layers} layers run on {workers} workers s / spread perfectly "
+             f"({n_layers} x one layer's / {workers}) s", f"{floor_model:.2f} / {floor_ideal:.2f}"],
+            [f"whole model, aggregate_modules / floor on {workers} workers (target <= {FLOOR_TARGET}x) / ideal floor",
+             f"{t_model_par / floor_model:.2f}x " + ("pass" if t_model_par / floor_model <= FLOOR_TARGET or args.quick
+                                                     else "FAIL") + f" / {t_model_par / floor_ideal:.2f}x"],
             ["zero_pad s / result MB", f"{t_zero:.4f} / {size(zp) / 2**20:.2f}"],
             ["stack s / result MB", f"{t_stack:.4f} / {size(st) / 2**20:.2f}"],
             ["svd (exact) result MB", f"{size(out) / 2**20:.2f}"],
