@@ -6,6 +6,7 @@ The central routine is :func:`factored_svd`, the thin SVD of a weighted sum of L
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -41,6 +42,10 @@ GRAM_MAX_COND = 1e3
 # The float32 Gram serves while the bases it gives are this close to orthonormal (||Q^T Q - I||_F, estimated
 # with GRAM_PROBES fixed Gaussian probes); else the float64 Gram. About the float32 rounding of the products.
 GRAM32_MAX_DEFECT = 1e-5
+EPS_32 = 2.0**-24  # unit roundoff of float32
+# A float32 Gram whose Cholesky diagonals spread more than this is past GRAM_MAX_COND for the float64 one too
+# (their ratio is a lower bound of kappa, known to a few per cent): Householder QR at once.
+GRAM_SKIP_COND = 10 * GRAM_MAX_COND
 GRAM_PROBES = 8
 GRAM_PROBE_SEED = 0
 
@@ -249,31 +254,46 @@ def _gram_cholesky(xp, X):
     is accurate enough, else from the float64 Gram; None when ``X`` is too ill-conditioned for either.
 
     ``Q = X L^{-T}`` has ``Q^T Q = I - L^{-1} E L^{-T}`` where ``E`` is the Gram's rounding error. The float32
-    Gram's entries err by about ``eps_32 ||x_i|| ||x_j||`` (a blocked BLAS), so for well-conditioned columns
-    ``Q`` is orthonormal to about ``eps_32 kappa^2``: its defect ``||Q^T Q - I||`` is measured with
-    ``GRAM_PROBES`` fixed Gaussian probes ``Z`` (``Y = X (L^{-T} Z)``, whose float32 rounding, about
-    ``eps_32 sqrt(R)``, is well below the threshold, and ``||Y^T Y - Z^T Z||_F / GRAM_PROBES``, an estimate of
-    ``||Q^T Q - I||_F >= ||Q^T Q - I||_2``) and the float32 Gram is kept when that is at most
-    ``GRAM32_MAX_DEFECT`` (the singular values then err by at most about half of it, relative to the largest);
-    this costs a ``d x R x GRAM_PROBES`` product, about a 30th of the float64 Gram it saves. The float64 Gram makes the defect about ``eps_64 kappa^2 + eps_32 kappa`` and is
-    kept while ``max diag(L) / min diag(L) <= GRAM_MAX_COND`` (a lower bound of ``kappa``).
+    Gram's entries err by about ``eps_32 ||x_i|| ||x_j||`` (a blocked BLAS), so ``Q`` is orthonormal to about
+    ``eps_32 kappa_e^2``, ``kappa_e`` the condition number of ``X`` with unit columns. Two checks, in order:
+
+    - ``kappa_e >= max_i ||x_i|| / L_ii`` (``L_ii / ||x_i||`` is column ``i``'s distance to the span of the
+      columns before it, once normalised); when ``eps_32`` times its square exceeds ``GRAM32_MAX_DEFECT`` the
+      float32 Gram cannot serve and is not probed; and when ``max diag(L) / min diag(L)`` exceeds
+      ``GRAM_SKIP_COND`` the float64 Gram would fail the ``GRAM_MAX_COND`` bound too, so neither is tried
+      (the caller takes Householder QR, as it does for trained clients' factors that nearly repeat);
+    - the defect ``||Q^T Q - I||`` measured with ``GRAM_PROBES`` fixed Gaussian probes ``Z``: ``Y = X (L^{-T} Z)``,
+      whose float32 rounding (about ``eps_32 sqrt(R)``) is well below the threshold, and
+      ``||Y^T Y - Z^T Z||_F / GRAM_PROBES``, an estimate of ``||Q^T Q - I||_F >= ||Q^T Q - I||_2``; the float32
+      Gram is kept when that is at most ``GRAM32_MAX_DEFECT`` (the singular values then err by at most about half
+      of it, relative to the largest). The probes cost a ``d x R x GRAM_PROBES`` product, about a 30th of the
+      float64 Gram they save.
+
+    The float64 Gram makes the defect about ``eps_64 kappa^2 + eps_32 kappa`` and is kept while
+    ``max diag(L) / min diag(L) <= GRAM_MAX_COND`` (a lower bound of ``kappa``).
     """
     f64 = xp.float64
-    L = _cholesky(xp, xp.astype(_t(xp, X) @ X, f64))
-    if L is not None and _gram_defect(xp, X, L) <= GRAM32_MAX_DEFECT:
-        return L
+    G = xp.astype(_t(xp, X) @ X, f64)
+    L = _cholesky(xp, G, math.inf)
+    if L is not None:
+        diag = xp.abs(xp.linalg.diagonal(L))
+        if float(xp.max(diag)) > GRAM_SKIP_COND * float(xp.min(diag)):
+            return None  # hopeless for the float64 Gram as well
+        kappa_e = float(xp.max(xp.sqrt(xp.linalg.diagonal(G)) / diag))
+        if EPS_32 * kappa_e**2 <= GRAM32_MAX_DEFECT and _gram_defect(xp, X, L) <= GRAM32_MAX_DEFECT:
+            return L
     X64 = xp.astype(X, f64)
-    return _cholesky(xp, _t(xp, X64) @ X64)
+    return _cholesky(xp, _t(xp, X64) @ X64, GRAM_MAX_COND)
 
 
-def _cholesky(xp, G):
-    """Lower Cholesky factor of ``G``, or None if it fails or ``max diag(L) / min diag(L) > GRAM_MAX_COND``."""
+def _cholesky(xp, G, max_cond: float):
+    """Lower Cholesky factor of ``G``, or None if it fails or ``max diag(L) / min diag(L) > max_cond``."""
     try:
         L = xp.linalg.cholesky(G)
     except Exception:  # LinAlgError in NumPy, torch, array_api_strict: not positive definite
         return None
     diag = xp.abs(xp.linalg.diagonal(L))
-    if not bool(xp.all(xp.isfinite(L))) or not float(xp.min(diag)) * GRAM_MAX_COND >= float(xp.max(diag)):
+    if not bool(xp.all(xp.isfinite(L))) or not float(xp.min(diag)) * max_cond >= float(xp.max(diag)):
         return None
     return L
 

@@ -238,9 +238,9 @@ def test_the_float32_gram_serves_only_while_its_bases_are_orthonormal(cond):
     from lowrank_fed.linalg import GRAM32_MAX_DEFECT, _cholesky, _gram_cholesky, _gram_defect
 
     X = _columns(2000, 60, cond, seed=cond)
-    L32 = _cholesky(np, (X.T @ X).astype(np.float64))
+    L32 = _cholesky(np, (X.T @ X).astype(np.float64), np.inf)
     X64 = X.astype(np.float64)
-    L64 = _cholesky(np, X64.T @ X64)
+    L64 = _cholesky(np, X64.T @ X64, np.inf)
     true32, estimate = _defect(X, L32), _gram_defect(np, X, L32)
     assert 0.3 * true32 <= estimate <= 3 * true32  # the probes measure what they claim
     L = _gram_cholesky(np, X)
@@ -299,3 +299,14 @@ def test_the_triangular_solve_inside_one_blas_thread_matches_the_general_solve()
         triangular = solve_upper(np, Ru, Y)
     assert_allclose(triangular, general, rtol=1e-12)
     assert_allclose(Ru @ triangular, Y, atol=1e-12)
+
+
+def test_columns_past_the_float64_grams_bound_skip_both_grams():
+    from lowrank_fed.linalg import GRAM_SKIP_COND, _gram_cholesky
+
+    rng = np.random.default_rng(7)
+    Q, _ = np.linalg.qr(rng.normal(size=(2000, 60)))
+    X = (Q * np.geomspace(1, 1e-5, 60)).astype(np.float32)  # diagonals spread 1e5, beyond GRAM_SKIP_COND
+    L = np.linalg.cholesky((X.T @ X).astype(np.float64))
+    assert np.abs(np.diag(L)).max() > GRAM_SKIP_COND * np.abs(np.diag(L)).min()
+    assert _gram_cholesky(np, X) is None  # the caller takes Householder QR
