@@ -301,3 +301,23 @@ def test_sorting_by_length_changes_no_score_beyond_rounding():
             in_order["pred"][rows] = logits.argmax(-1).numpy()
     np.testing.assert_allclose(sorted_pass["loss"], in_order["loss"], rtol=1e-5, atol=1e-6)
     assert np.array_equal(sorted_pass["pred"], in_order["pred"])
+
+
+def test_lm_scores_from_the_tail_logits_equal_those_from_every_position():
+    """``logits_to_keep``: the LM head from the position before the first labelled token on, the same scores."""
+    data = make_copy_task(24, seed=2)
+    tok = word_tokenizer(data.texts, causal=True)
+    enc = encode_generation(tok, data.texts, data.targets, 40)
+    model = tiny_llama(vocab_size=len(tok)).eval()
+
+    class EveryPosition(torch.nn.Module):  # a causal LM without logits_to_keep: the full-logits path
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+
+    tail, full = score_lm(model, enc, batch_size=5), score_lm(EveryPosition(model), enc, batch_size=5)
+    assert np.array_equal(tail["tokens"], full["tokens"]) and np.array_equal(tail["hits"], full["hits"])
+    np.testing.assert_allclose(tail["nll"], full["nll"], rtol=1e-6)
