@@ -87,7 +87,7 @@ def floor_time_parallel(d: int, n_layers: int, n_clients: int, workers: int) -> 
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    from lowrank_fed.linalg import one_blas_thread
+    from lowrank_fed.cholesky_qr import one_blas_thread
 
     rng = np.random.default_rng(1)
     layers = [make_layer(rng, d, n_clients)[0] for _ in range(n_layers)]

@@ -23,13 +23,13 @@ of :func:`eval_chunks`, which lets workers score one model's pass in pieces with
 
 from __future__ import annotations
 
-import inspect
 import math
 
 import numpy as np
 import torch
 
 from .data import make_batch
+from .logits import keep_from, takes_logits_to_keep
 
 __all__ = [
     "rouge_scores",
@@ -161,15 +161,13 @@ def score_lm(model, encoded: dict[str, torch.Tensor], *,
     device = next(model.parameters()).device
     n = _n_examples(encoded)
     nll, tokens, hits = np.zeros(n, dtype=np.float64), np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
-    tail = _takes_logits_to_keep(model)
+    tail = takes_logits_to_keep(model)
     for rows in batch_plan(encoded, None, batch_size):
         batch = make_batch(encoded, rows, device)
         labels = batch.pop("labels")
         length = labels.shape[1]
-        if tail:  # the logits from the one before the first labelled token on: the LM head on those positions only
-            labelled = (labels != -100).any(dim=0)
-            first = int(labelled.float().argmax()) if bool(labelled.any()) else length - 1
-            batch["logits_to_keep"] = length - first + 1
+        if tail:  # the LM head from the position before the first labelled token on (lowrank_fed.llm.logits)
+            batch["logits_to_keep"] = keep_from(labels)
         logits = model(**batch).logits.float()  # (b, kept, vocab): positions length - kept .. length - 1
         shift_logits, shift_labels = logits[:, :-1, :], labels[:, length - logits.shape[1] + 1 :]
         ce = torch.nn.functional.cross_entropy(  # (b, L - 1), 0 where ignored
@@ -179,12 +177,6 @@ def score_lm(model, encoded: dict[str, torch.Tensor], *,
         tokens[rows] = labelled.sum(dim=1).cpu().numpy()
         hits[rows] = ((shift_logits.argmax(dim=-1) == shift_labels) & labelled).sum(dim=1).cpu().numpy()
     return {"nll": nll, "tokens": tokens, "hits": hits}
-
-
-def _takes_logits_to_keep(model) -> bool:
-    """Whether the causal LM under ``model`` (a PEFT model or a transformers one) takes ``logits_to_keep``."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "logits_to_keep" in inspect.signature(type(base).forward).parameters
 
 
 def macro_f1(pred, label) -> float:

@@ -6,15 +6,13 @@ The central routine is :func:`factored_svd`, the thin SVD of a weighted sum of L
 
 from __future__ import annotations
 
-import math
-import sys
 from collections.abc import Sequence
-from contextlib import contextmanager
 
 import numpy as np
-from array_api_compat import device, is_numpy_namespace, is_torch_namespace
+from array_api_compat import device
 
 from ._validation import as_weights, check_pairs, compute_dtype, namespace
+from .cholesky_qr import _on, _t, gram_parts
 from .factors import FactorPair, pad
 from .measures import (aggregation_error, pooled_error, prefix_update_energy, product_fro_norm, slot_scores,
                        stacked_factors, tail_norm_product)
@@ -36,18 +34,6 @@ __all__ = [
 # Above this share of min(d_out, d_in), the stacked rank R makes the QR route no cheaper than one
 # product and a dense SVD, so factored_svd forms the (at most R-wide) product instead.
 DENSE_FALLBACK_SHARE = 0.6
-# The Gram (Cholesky-QR) route is used for float32 work while the stacked factors are this well
-# conditioned (estimated from the Cholesky diagonal); beyond it, Householder QR.
-GRAM_MAX_COND = 1e3
-# The float32 Gram serves while the bases it gives are this close to orthonormal (||Q^T Q - I||_F, estimated
-# with GRAM_PROBES fixed Gaussian probes); else the float64 Gram. About the float32 rounding of the products.
-GRAM32_MAX_DEFECT = 1e-5
-EPS_32 = 2.0**-24  # unit roundoff of float32
-# A float32 Gram whose Cholesky diagonals spread more than this is past GRAM_MAX_COND for the float64 one too
-# (their ratio is a lower bound of kappa, known to a few per cent): Householder QR at once.
-GRAM_SKIP_COND = 10 * GRAM_MAX_COND
-GRAM_PROBES = 8
-GRAM_PROBE_SEED = 0
 
 
 def svd_flip(xp, U, Vh):
@@ -97,9 +83,9 @@ def factored_svd(pairs: Sequence[FactorPair], weights=None):
     Notes
     -----
     For float32 (and half-precision) input with well-conditioned stacked factors, the QR factors
-    come from Gram matrices (Cholesky-QR, see ``_gram_parts``): float32 Grams while the bases they
+    come from Gram matrices (Cholesky-QR, see ``cholesky_qr.gram_parts``): float32 Grams while the bases they
     give are orthonormal to ``GRAM32_MAX_DEFECT`` (measured with fixed probes), else float64 Grams
-    (``_gram_cholesky``); float64 input, or ill-conditioned or rank-deficient factors, use Householder
+    (``cholesky_qr.gram_cholesky``); float64 input, or ill-conditioned or rank-deficient factors, use Householder
     QR. None forms the sum.
     Cost ``O((d_out + d_in) R^2 + R^3)`` instead of ``O(d_out d_in min(d_out, d_in))`` for the dense
     way (FlexLoRA, NeurIPS 2024, forms every ``B_k A_k``). When ``R > 0.6 min(d_out, d_in)`` the
@@ -162,10 +148,6 @@ def _factored_pair(xp, pairs, p, rank: int | None) -> FactorPair:
     return pad(pair, rank) if rank > t else pair
 
 
-def _t(xp, X):
-    return xp.permute_dims(X, (1, 0))
-
-
 def _flip_signs(xp, U):
     """The signs :func:`svd_flip` gives the columns of ``U``: that of each column's largest-magnitude entry (+1 for 0).
 
@@ -192,7 +174,7 @@ def _svd_parts(xp, pairs, p):
 
     ``Bc = [B_1 .. B_K]`` and ``Ac = [A_1; ..; A_K]`` are stacked unscaled and the weights are the diagonal
     ``P = diag(p_k repeated r_k times)`` in between: ``sum_k p_k B_k A_k = Bc P Ac``. Returns
-    ``("gram", Bc, Ac, Tb, S, Ta)`` with ``U = Bc Tb`` and ``Vh = Ta^T Ac`` (:func:`_gram_parts`), or
+    ``("gram", Bc, Ac, Tb, S, Ta)`` with ``U = Bc Tb`` and ``Vh = Ta^T Ac`` (:func:`~.cholesky_qr.gram_parts`), or
     ``("dense" | "householder", U, S, Vh)``.
     """
     work = compute_dtype(xp, pairs[0].B.dtype)
@@ -206,15 +188,10 @@ def _svd_parts(xp, pairs, p):
         U, S, Vh = xp.linalg.svd((Bc * _on(xp, cols, Bc)[None, :]) @ Ac, full_matrices=False)
         return "dense", U[:, :m], S[:m], Vh[:m, :]
     if work != xp.float64:
-        parts = _gram_parts(xp, Bc, Ac, _on(xp, cols, Bc, xp.float64))
+        parts = gram_parts(xp, Bc, Ac, _on(xp, cols, Bc, xp.float64))
         if parts is not None:
             return ("gram", Bc, Ac, *parts)
     return ("householder", *_householder_route(xp, Bc * _on(xp, cols, Bc)[None, :], Ac))
-
-
-def _on(xp, values: np.ndarray, like, dtype=None):
-    """NumPy ``values`` as an array of ``like``'s namespace and device (in ``dtype``, else ``like``'s)."""
-    return xp.asarray(values, dtype=like.dtype if dtype is None else dtype, device=device(like))
 
 
 def _householder_route(xp, Bc, Ac):
@@ -224,139 +201,6 @@ def _householder_route(xp, Bc, Ac):
     # Bc Ac = Qb (Rb Ra^T) Qa^T and Rb Ra^T = Uc S Vc^T, so U = Qb Uc and Vh = Vc^T Qa^T.
     Uc, S, Vch = xp.linalg.svd(Rb @ _t(xp, Ra), full_matrices=False)
     return Qb @ Uc, S, Vch @ _t(xp, Qa)
-
-
-def _gram_parts(xp, Bc, Ac, cols):
-    r"""Cholesky-QR of both stacked factors and the SVD of the ``R x R`` core; None if ill-conditioned.
-
-    ``Bc^T Bc = Lb Lb^T`` and ``Ac Ac^T = La La^T`` (:func:`_gram_cholesky`), so ``Bc = Qb Lb^T`` with
-    ``Qb = Bc Lb^{-T}`` orthonormal, and ``Ac^T = Qa La^T`` likewise. Then
-    ``Bc P Ac = Qb (Lb^T P La) Qa^T``; with ``Lb^T P La = Uc S Vc^T`` (float64):
-    ``U = Bc Tb``, ``Tb = Lb^{-T} Uc``, and ``Vh = Ta^T Ac``, ``Ta = La^{-T} Vc``: returns ``(Tb, S, Ta)``.
-    ``U S Vh = Bc P Ac`` holds for any invertible ``Lb``, ``La``; how orthonormal ``U`` and ``Vh`` come out
-    depends on how well ``Lb Lb^T`` matches ``Bc^T Bc``, which :func:`_gram_cholesky` checks.
-    """
-    factors = []
-    for X in (Bc, _t(xp, Ac)):  # X = Q L^T
-        L = _gram_cholesky(xp, X)
-        if L is None:
-            return None
-        factors.append(L)
-    Lb, La = factors
-    Uc, S, Vch = xp.linalg.svd(_t(xp, Lb) @ (cols[:, None] * La), full_matrices=False)  # Lb^T P La = Uc S Vc^T
-    Tb = solve_upper(xp, _t(xp, Lb), Uc)  # Lb^{-T} Uc, so U = Qb Uc = Bc Tb
-    Ta = solve_upper(xp, _t(xp, La), _t(xp, Vch))  # La^{-T} Vc, so Vh = Vc^T Qa^T = Ta^T Ac
-    return Tb, S, Ta
-
-
-def _gram_cholesky(xp, X):
-    r"""``L`` (float64, lower) with ``L L^T = X^T X`` for a float32 ``X`` (d x R), from the float32 Gram when that
-    is accurate enough, else from the float64 Gram; None when ``X`` is too ill-conditioned for either.
-
-    ``Q = X L^{-T}`` has ``Q^T Q = I - L^{-1} E L^{-T}`` where ``E`` is the Gram's rounding error. The float32
-    Gram's entries err by about ``eps_32 ||x_i|| ||x_j||`` (a blocked BLAS), so ``Q`` is orthonormal to about
-    ``eps_32 kappa_e^2``, ``kappa_e`` the condition number of ``X`` with unit columns. Two checks, in order:
-
-    - ``kappa_e >= max_i ||x_i|| / L_ii`` (``L_ii / ||x_i||`` is column ``i``'s distance to the span of the
-      columns before it, once normalised); when ``eps_32`` times its square exceeds ``GRAM32_MAX_DEFECT`` the
-      float32 Gram cannot serve and is not probed; and when ``max diag(L) / min diag(L)`` exceeds
-      ``GRAM_SKIP_COND`` the float64 Gram would fail the ``GRAM_MAX_COND`` bound too, so neither is tried
-      (the caller takes Householder QR, as it does for trained clients' factors that nearly repeat);
-    - the defect ``||Q^T Q - I||`` measured with ``GRAM_PROBES`` fixed Gaussian probes ``Z``: ``Y = X (L^{-T} Z)``,
-      whose float32 rounding (about ``eps_32 sqrt(R)``) is well below the threshold, and
-      ``||Y^T Y - Z^T Z||_F / GRAM_PROBES``, an estimate of ``||Q^T Q - I||_F >= ||Q^T Q - I||_2``; the float32
-      Gram is kept when that is at most ``GRAM32_MAX_DEFECT`` (the singular values then err by at most about half
-      of it, relative to the largest). The probes cost a ``d x R x GRAM_PROBES`` product, about a 30th of the
-      float64 Gram they save.
-
-    The float64 Gram makes the defect about ``eps_64 kappa^2 + eps_32 kappa`` and is kept while
-    ``max diag(L) / min diag(L) <= GRAM_MAX_COND`` (a lower bound of ``kappa``).
-    """
-    f64 = xp.float64
-    G = xp.astype(_t(xp, X) @ X, f64)
-    L = _cholesky(xp, G, math.inf)
-    if L is not None:
-        diag = xp.abs(xp.linalg.diagonal(L))
-        if float(xp.max(diag)) > GRAM_SKIP_COND * float(xp.min(diag)):
-            return None  # hopeless for the float64 Gram as well
-        kappa_e = float(xp.max(xp.sqrt(xp.linalg.diagonal(G)) / diag))
-        if EPS_32 * kappa_e**2 <= GRAM32_MAX_DEFECT and _gram_defect(xp, X, L) <= GRAM32_MAX_DEFECT:
-            return L
-    X64 = xp.astype(X, f64)
-    return _cholesky(xp, _t(xp, X64) @ X64, GRAM_MAX_COND)
-
-
-def _cholesky(xp, G, max_cond: float):
-    """Lower Cholesky factor of ``G``, or None if it fails or ``max diag(L) / min diag(L) > max_cond``."""
-    try:
-        L = xp.linalg.cholesky(G)
-    except Exception:  # LinAlgError in NumPy, torch, array_api_strict: not positive definite
-        return None
-    diag = xp.abs(xp.linalg.diagonal(L))
-    if not bool(xp.all(xp.isfinite(L))) or not float(xp.min(diag)) * max_cond >= float(xp.max(diag)):
-        return None
-    return L
-
-
-def _gram_defect(xp, X, L) -> float:
-    r"""Estimate of ``||Q^T Q - I||_F`` for ``Q = X L^{-T}``: ``||Z^T (Q^T Q - I) Z||_F / p`` with ``p`` fixed probes."""
-    f64 = xp.float64
-    Z = _on(xp, np.random.default_rng(GRAM_PROBE_SEED).standard_normal((L.shape[0], GRAM_PROBES)), L, f64)
-    Y = xp.astype(X @ xp.astype(solve_upper(xp, _t(xp, L), Z), X.dtype), f64)  # Q Z, its rounding ~ eps_32 sqrt(R)
-    return float(xp.linalg.matrix_norm(_t(xp, Y) @ Y - _t(xp, Z) @ Z)) / GRAM_PROBES
-
-
-def solve_upper(xp, Ru, Y):
-    """``Ru^{-1} Y`` for upper-triangular ``Ru``: torch's triangular solve, or SciPy's on one BLAS thread.
-
-    SciPy's ``solve_triangular`` (about 0.7 ms against 2 ms for LAPACK's general ``solve`` at ``R = 248``) runs
-    on SciPy's own OpenBLAS, whose thread pool fights NumPy's when both have several threads (the 64-layer
-    model took 5.7 s instead of 2.7 s with two BLAS threads). So every BLAS pool is held at one thread for the
-    call (about 10 microseconds; already so inside :func:`one_blas_thread`), and the result is the same bits
-    whatever the caller's BLAS threads.
-    """
-    if is_torch_namespace(xp):  # the caller's tensors imply torch is loaded; the core does not import it
-        return sys.modules["torch"].linalg.solve_triangular(Ru, Y, upper=True)
-    if not is_numpy_namespace(xp):
-        return xp.linalg.solve(Ru, Y)
-    from scipy.linalg import solve_triangular
-
-    if _one_thread_depth:
-        return solve_triangular(Ru, Y, check_finite=False)
-    with _blas_pools().limit(limits=1):
-        return solve_triangular(Ru, Y, check_finite=False)
-
-
-_pools = None
-
-
-def _blas_pools():
-    """threadpoolctl's controller of the BLAS libraries loaded (NumPy's and SciPy's), made once."""
-    global _pools
-    if _pools is None:
-        import scipy.linalg  # noqa: F401  (its BLAS must be loaded to be controlled)
-        from threadpoolctl import ThreadpoolController
-
-        _pools = ThreadpoolController().select(user_api="blas")
-    return _pools
-
-
-_one_thread_depth = 0  # > 0 while one_blas_thread() holds every BLAS pool at one thread
-
-
-@contextmanager
-def one_blas_thread():
-    """Every BLAS pool of the process at one thread (threadpoolctl) for the block; the whole-model path
-    (``aggregate_modules``) runs its threads inside it, and :func:`solve_upper` then need not set it per call."""
-    from threadpoolctl import threadpool_limits
-
-    global _one_thread_depth
-    with threadpool_limits(limits=1):
-        _one_thread_depth += 1
-        try:
-            yield
-        finally:
-            _one_thread_depth -= 1
 
 
 def sin_theta(U_hat, U) -> float:

@@ -235,7 +235,7 @@ def _defect(X, L):
 
 @pytest.mark.parametrize("cond", [2, 30, 300])
 def test_the_float32_gram_serves_only_while_its_bases_are_orthonormal(cond):
-    from lowrank_fed.linalg import GRAM32_MAX_DEFECT, _cholesky, _gram_cholesky, _gram_defect
+    from lowrank_fed.cholesky_qr import GRAM32_MAX_DEFECT, _cholesky, _gram_defect, gram_cholesky
 
     X = _columns(2000, 60, cond, seed=cond)
     L32 = _cholesky(np, (X.T @ X).astype(np.float64), np.inf)
@@ -243,7 +243,7 @@ def test_the_float32_gram_serves_only_while_its_bases_are_orthonormal(cond):
     L64 = _cholesky(np, X64.T @ X64, np.inf)
     true32, estimate = _defect(X, L32), _gram_defect(np, X, L32)
     assert 0.3 * true32 <= estimate <= 3 * true32  # the probes measure what they claim
-    L = _gram_cholesky(np, X)
+    L = gram_cholesky(np, X)
     if estimate <= GRAM32_MAX_DEFECT:
         assert cond == 2 and np.array_equal(L, L32)  # well conditioned: the float32 Gram, to float32 rounding
     else:
@@ -289,7 +289,7 @@ def test_flip_signs_are_svd_flips_and_a_tie_goes_to_the_first_row():
 
 
 def test_the_triangular_solve_inside_one_blas_thread_matches_the_general_solve():
-    from lowrank_fed.linalg import one_blas_thread, solve_upper
+    from lowrank_fed.cholesky_qr import one_blas_thread, solve_upper
 
     rng = np.random.default_rng(0)
     Ru = np.triu(rng.normal(size=(30, 30))) + 10 * np.eye(30)
@@ -302,11 +302,11 @@ def test_the_triangular_solve_inside_one_blas_thread_matches_the_general_solve()
 
 
 def test_columns_past_the_float64_grams_bound_skip_both_grams():
-    from lowrank_fed.linalg import GRAM_SKIP_COND, _gram_cholesky
+    from lowrank_fed.cholesky_qr import GRAM_SKIP_COND, gram_cholesky
 
     rng = np.random.default_rng(7)
     Q, _ = np.linalg.qr(rng.normal(size=(2000, 60)))
     X = (Q * np.geomspace(1, 1e-5, 60)).astype(np.float32)  # diagonals spread 1e5, beyond GRAM_SKIP_COND
     L = np.linalg.cholesky((X.T @ X).astype(np.float64))
     assert np.abs(np.diag(L)).max() > GRAM_SKIP_COND * np.abs(np.diag(L)).min()
-    assert _gram_cholesky(np, X) is None  # the caller takes Householder QR
+    assert gram_cholesky(np, X) is None  # the caller takes Householder QR

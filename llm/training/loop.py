@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..logits import tail_batch
 from .hooks import Hook
 
 __all__ = ["TrainStats", "train_local", "make_optimizer", "client_batches"]
@@ -111,6 +112,7 @@ def train_local(
     start = time.perf_counter()
     total_loss, n_steps, n_examples, correct, counted = 0.0, 0, 0, 0, 0
     for step, batch in enumerate(batches):
+        batch = tail_batch(model, batch)  # a causal LM's loss from the logits it reads only (llm/logits.py)
         for h in hooks:
             h.before_forward(step, batch)
         out = forward(step, model, batch) if forward is not None else None

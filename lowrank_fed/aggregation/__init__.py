@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 
 from ..factors import FactorPair
-from ..linalg import one_blas_thread
+from ..cholesky_qr import one_blas_thread
 from ._common import keep_slots, weighted_average
 from .alternating import alternating_update, select_slots
 from .fedavg import aggregate_fedavg
@@ -128,7 +128,7 @@ def aggregate_modules(method: str, modules: Mapping[str, Sequence[FactorPair]], 
 
     The modules are independent, so they are spread over ``workers`` threads (default: the CPU cores this
     process may use, at most 8); each thread's BLAS and OpenMP run on one thread
-    (:func:`~lowrank_fed.linalg.one_blas_thread`), so the pools do not fight. LAPACK and the array libraries
+    (:func:`~lowrank_fed.cholesky_qr.one_blas_thread`), so the pools do not fight. LAPACK and the array libraries
     release the GIL, and each module's result is, bit for bit, what a serial ``aggregate`` call on one BLAS
     thread gives (the same operations on the same inputs).
     The result keeps the order of ``modules``.
