@@ -230,3 +230,45 @@ def test_client_batches_are_seeded_passes_over_permutations():
     assert sorted(flat[:5]) == list(range(5)) and sorted(flat[5:10]) == list(range(5))
     with pytest.raises(ValueError, match="A client needs at least one example. Got 0."):
         client_batches(0, 1, 1, np.random.default_rng(0))
+
+
+def test_a_causal_lm_trains_from_the_logits_its_loss_reads_with_the_same_adapters():
+    """``logits_to_keep`` in training (llm/logits.py): the LM head on the kept positions only, the same LoRA bits."""
+    from peft import LoraConfig, get_peft_model
+
+    from lowrank_fed.llm.data import encode_generation, make_copy_task
+    from lowrank_fed.llm.logits import tail_batch
+    from lowrank_fed.llm.models import tiny_llama, word_tokenizer
+
+    data = make_copy_task(16, seed=4)
+    tok = word_tokenizer(data.texts, causal=True)
+    enc = encode_generation(tok, data.texts, data.targets, 40)
+    batches = [make_batch(enc, np.arange(i, i + 4)) for i in range(0, 16, 4)]
+
+    class EveryPosition(torch.nn.Module):  # the same model without logits_to_keep: loss from every position
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, **batch):
+            return self.inner(**batch)
+
+    def trained(wrap):
+        torch.manual_seed(0)
+        model = get_peft_model(tiny_llama(vocab_size=len(tok)), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+        for p in model.parameters():
+            if p.requires_grad:
+                torch.nn.init.normal_(p, std=0.05)  # B != 0, so every step moves both factors
+        run = EveryPosition(model) if wrap else model
+        lora = [p for p in model.parameters() if p.requires_grad]
+        stats = train_local(run, batches, [{"params": lora, "lr": 1e-2}])
+        return [p.detach().clone() for p in lora], stats.loss, model
+
+    cut, loss_cut, model = trained(False)
+    full, loss_full, _ = trained(True)
+    kept = tail_batch(model, batches[0])
+    assert kept["logits_to_keep"] < batches[0]["labels"].shape[1]  # the cut is real
+    assert all(torch.equal(a, b) for a, b in zip(cut, full, strict=True))
+    assert loss_cut == pytest.approx(loss_full, rel=1e-6)
+    model.base_model.model.lm_head.weight.requires_grad_(True)  # a head that trains: every position, no cut
+    assert "logits_to_keep" not in tail_batch(model, batches[0])
