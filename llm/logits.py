@@ -37,11 +37,12 @@ def _head_trains(model) -> bool:
 
 
 def keep_from(labels: torch.Tensor) -> int:
-    """``k = L - f + 1``: the positions from the one before the batch's first labelled token ``f`` on (1 if none)."""
+    """``k = L - f + 1``: the positions from the one before the batch's first labelled token ``f`` on, at most
+    ``L`` (``f = 0``: position 0 has no logit before it, every position is kept) and at least 1 (nothing labelled)."""
     length = labels.shape[1]
     labelled = (labels != -100).any(dim=0)
     first = int(labelled.float().argmax()) if bool(labelled.any()) else length - 1
-    return max(length - first + 1, 1)
+    return min(max(length - first + 1, 1), length)
 
 
 def tail_batch(model, batch: dict) -> dict:
@@ -50,8 +51,9 @@ def tail_batch(model, batch: dict) -> dict:
 
     Unchanged for a classifier (1-D labels), a model without ``logits_to_keep``, or one whose LM head trains
     (``copy-llama``'s pretraining): that weight's gradient sums over the positions, and summing fewer (the cut ones
-    add zeros) changes its rounding. With the head frozen (LoRA) the adapters come out bit for bit as from every
-    position; only the loss's mean over the labelled tokens may differ in its last bits (its summation order).
+    add zeros) changes its rounding. With the head frozen (LoRA) the gradients are those of every position, and on
+    this CPU the adapters came out bit for bit (tested; a GEMM of another shape may round otherwise on other
+    hardware); the loss's mean over the labelled tokens may differ in its last bits (its summation order).
     """
     labels = batch.get("labels")
     if labels is None or labels.ndim != 2 or not takes_logits_to_keep(model) or _head_trains(model):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import sys
+import threading
 from contextlib import contextmanager
 
 import numpy as np
@@ -137,7 +138,7 @@ def solve_upper(xp, Ru, Y):
 
     if _one_thread_depth:
         return solve_triangular(Ru, Y, check_finite=False)
-    with _blas_pools().limit(limits=1):
+    with _limits_lock, _blas_pools().limit(limits=1):  # one at a time: each restores what the one before set
         return solve_triangular(Ru, Y, check_finite=False)
 
 
@@ -156,6 +157,7 @@ def _blas_pools():
 
 
 _one_thread_depth = 0  # > 0 while one_blas_thread() holds every BLAS pool at one thread
+_limits_lock = threading.Lock()  # the pools' thread counts are process-wide: set and restored one caller at a time
 
 
 @contextmanager
@@ -165,9 +167,12 @@ def one_blas_thread():
     from threadpoolctl import threadpool_limits
 
     global _one_thread_depth
-    with threadpool_limits(limits=1):
+    with _limits_lock:
+        limiter = threadpool_limits(limits=1)
         _one_thread_depth += 1
-        try:
-            yield
-        finally:
+    try:
+        yield
+    finally:
+        with _limits_lock:
             _one_thread_depth -= 1
+            limiter.restore_original_limits()

@@ -159,13 +159,11 @@ def _flip_signs(xp, U):
         return xp.ones((n_cols,), dtype=U.dtype, device=device(U))
     top, bottom = xp.max(U, axis=0), xp.min(U, axis=0)
     signs = xp.where(top >= -bottom, xp.ones_like(top), -xp.ones_like(top))
-    tied = xp.nonzero((top == -bottom) & (top > 0))[0]
-    if tied.shape[0]:  # +a and -a both in the column: the sign of the first one
-        cols = xp.take(U, tied, axis=1)
-        idx = xp.argmax(xp.abs(cols), axis=0)
-        first = xp.take(xp.reshape(cols, (-1,)), idx * tied.shape[0] + xp.arange(tied.shape[0], device=device(U),
-                                                                                    dtype=idx.dtype))
-        signs[tied] = xp.sign(first)
+    tied = (top == -bottom) & (top > 0)
+    if bool(xp.any(tied)):  # +a and -a both in a column: the sign of the first one, from argmax (rare, slower)
+        idx = xp.argmax(xp.abs(U), axis=0)
+        cols = xp.arange(n_cols, device=device(U), dtype=idx.dtype)
+        signs = xp.where(tied, xp.sign(xp.take(xp.reshape(U, (-1,)), idx * n_cols + cols)), signs)
     return signs
 
 

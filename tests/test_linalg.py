@@ -288,17 +288,31 @@ def test_flip_signs_are_svd_flips_and_a_tie_goes_to_the_first_row():
     assert list(_flip_signs(np, U)[[3, 5, 6]]) == [1, -1, 1]
 
 
-def test_the_triangular_solve_inside_one_blas_thread_matches_the_general_solve():
+def test_the_triangular_solve_matches_the_general_solve_and_leaves_the_blas_threads_as_they_were():
+    from threadpoolctl import threadpool_info
+
     from lowrank_fed.cholesky_qr import one_blas_thread, solve_upper
 
     rng = np.random.default_rng(0)
     Ru = np.triu(rng.normal(size=(30, 30))) + 10 * np.eye(30)
     Y = rng.normal(size=(30, 4))
-    general = solve_upper(np, Ru, Y)
+    before = [pool["num_threads"] for pool in threadpool_info()]
+    outside = solve_upper(np, Ru, Y)
     with one_blas_thread():
-        triangular = solve_upper(np, Ru, Y)
-    assert_allclose(triangular, general, rtol=1e-12)
-    assert_allclose(Ru @ triangular, Y, atol=1e-12)
+        inside = solve_upper(np, Ru, Y)
+    assert [pool["num_threads"] for pool in threadpool_info()] == before
+    assert_allclose(outside, np.linalg.solve(Ru, Y), rtol=1e-12)
+    assert np.array_equal(inside, outside)
+    assert_allclose(Ru @ outside, Y, atol=1e-12)
+
+
+def test_the_signs_of_a_tied_column_on_every_backend(xp):
+    from array_api_compat import array_namespace
+
+    from lowrank_fed.linalg import _flip_signs
+
+    U = xp.asarray([[-3.0, 1.0], [0.0, -2.0], [3.0, 0.0], [0.0, 0.5]])  # column 0: -3 and 3, the first decides
+    assert list(xp.numpy(_flip_signs(array_namespace(U), U))) == [-1.0, -1.0]
 
 
 def test_columns_past_the_float64_grams_bound_skip_both_grams():

@@ -28,15 +28,15 @@ def model_key(model: Model) -> str:
     r"""A digest of the function ``model`` computes: two models with one key give the same scores, bit for bit.
 
     Over the base deltas, the head (``extras``) and each module's factors, with one exception: a module whose
-    ``B`` is all zero adds ``B A x = 0`` to its layer's output whatever ``A`` and the rank, so it counts as no
-    adapter there (round 0's downloads of every rank, for example, are one model).
+    ``B`` is all zero (and ``A`` finite) adds ``B A x = 0`` to its layer's output whatever ``A`` and the rank, so it
+    counts as no adapter there (round 0's downloads of every rank, for example, are one model).
     """
     h = hashlib.sha256()
 
     def tensor(name: str, t) -> None:
-        t = t.detach().cpu().contiguous()
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        flat = t.detach().cpu().contiguous().reshape(-1)
+        h.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
 
     for name in sorted(model.base or {}):
         tensor(f"base/{name}", model.base[name])
@@ -44,8 +44,8 @@ def model_key(model: Model) -> str:
         tensor(f"extra/{name}", model.extras[name])
     for name in sorted(model.pairs or {}):
         pair = model.pairs[name]
-        if not bool(torch.any(pair.B)):
-            continue  # no adapter on this module, as when ``pairs`` is None
+        if not bool(torch.any(pair.B)) and bool(torch.isfinite(pair.A).all()):
+            continue  # no adapter on this module, as when ``pairs`` is None (0 * A is 0 for a finite A)
         tensor(f"B/{name}", pair.B)
         tensor(f"A/{name}", pair.A)
     return h.hexdigest()
@@ -138,30 +138,20 @@ class Scoring:
         return [dict(by_job[first[key]]) for key in keys]
 
     def _score_chunked(self, jobs: list[tuple[Model, str, object]]) -> list[dict[str, np.ndarray]]:
-        """:meth:`_score_models` on the workers: every job's batches as tasks, then each job's arrays put together."""
+        """:meth:`_score_models` on the workers: every job's batches as tasks, each put back at its positions."""
         tasks, owners = [], []
         for j, (model, split, rows) in enumerate(jobs):
-            for chunk in eval_chunks(self.enc[split], rows, self.task):
+            for positions, chunk in eval_chunks(self.enc[split], rows, self.task):
                 tasks.append(("score", (model, split, chunk)))
-                owners.append((j, chunk))
+                owners.append((j, positions))
         results = self.pool.run(tasks)
-        parts: list[list] = [[] for _ in jobs]
-        for (status, value), (j, chunk) in zip(results, owners, strict=True):
+        out: list[dict] = [{} for _ in jobs]
+        for (status, value), (j, positions) in zip(results, owners, strict=True):
             if status != "ok":  # evaluation is the server's: a failure there fails the run, as it does here
                 raise RuntimeError(f"Scoring a model on the {jobs[j][1]} set in a worker failed: {value}")
-            parts[j].append((chunk, value))
-        out = []
-        for (_, split, rows), pieces in zip(jobs, parts, strict=True):
-            index = np.arange(self._n(split)) if rows is None else np.asarray(rows, dtype=np.int64)
-            where = {int(r): i for i, r in enumerate(index)}  # row -> its position in the job's arrays
-            merged = {}
-            for chunk, value in pieces:
-                at = np.array([where[int(r)] for r in chunk], dtype=np.int64)
-                for key, array in value.items():
-                    if key not in merged:
-                        merged[key] = np.zeros(len(index), dtype=array.dtype)
-                    merged[key][at] = array
-            out.append(merged)
+            n = self._n(jobs[j][1]) if jobs[j][2] is None else len(jobs[j][2])
+            for key, array in value.items():
+                out[j].setdefault(key, np.zeros(n, dtype=array.dtype))[positions] = array
         return out
 
     # ------------------------------------------------------------------ federated evaluation (fedeval)

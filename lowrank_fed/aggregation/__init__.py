@@ -190,10 +190,11 @@ def aggregate_modules(method: str, modules: Mapping[str, Sequence[FactorPair]], 
         raise ValueError(f"The 'workers' parameter must be a positive int. Got {workers}.")
     done = {}
     if workers == 1 or len(names) < 2:
-        for m in names:  # one after another: stop at the first failure
-            done[m] = one(m)
-            if isinstance(done[m], Exception):
-                break
+        with one_blas_thread():  # as the threads run: the same bits whatever ``workers``
+            for m in names:  # one after another: stop at the first failure
+                done[m] = one(m)
+                if isinstance(done[m], Exception):
+                    break
     else:
         # One BLAS thread: set here for the process-wide pools (OpenBLAS) and in each worker for the
         # per-thread ones (OpenMP, which torch's CPU kernels use), restored on leaving.

@@ -268,18 +268,17 @@ def test_batch_plan_is_longest_first_and_a_subset_of_whole_batches_keeps_them():
         assert [b.tolist() for b in batch_plan(enc, batch, 16)] == [list(range(len(batch)))], i
 
 
-@pytest.mark.parametrize("rows", [None, np.array([60, 3, 17, 44, 9, 12, 68, 30, 5, 1, 50, 22, 61, 40, 8])])
+@pytest.mark.parametrize("rows", [None, np.array([60, 3, 17, 44, 9, 12, 68, 30, 5, 1, 50, 22, 61, 40, 8]),
+                                  np.array([5, 9, 5, 12, 9])])  # a row twice: scattered by position
 def test_chunks_scored_apart_give_the_bits_of_one_pass(rows):
     model, enc = _ragged_classification()
     whole = score_encoded(model, enc, rows, "classification")
     chunks = eval_chunks(enc, rows, "classification")
     index = np.arange(70) if rows is None else rows
-    assert sorted(np.concatenate(chunks).tolist()) == sorted(index.tolist())
-    assert all(len(c) <= SCORE_BATCH["classification"] for c in chunks)
-    at = {int(r): i for i, r in enumerate(index)}
-    for chunk in reversed(chunks):  # any order, any process: each chunk is one of the pass's batches
+    assert sorted(np.concatenate([p for p, _ in chunks]).tolist()) == list(range(len(index)))  # every position once
+    assert all(np.array_equal(index[p], c) and len(c) <= SCORE_BATCH["classification"] for p, c in chunks)
+    for positions, chunk in reversed(chunks):  # any order, any process: each chunk is one of the pass's batches
         part = score_encoded(model, enc, chunk, "classification")
-        positions = [at[int(r)] for r in chunk]
         for key in whole:
             assert np.array_equal(part[key], whole[key][positions]), key
 

@@ -32,6 +32,14 @@ def test_an_adapter_with_b_zero_is_no_adapter_whatever_its_rank_and_a():
     assert model_key(Model(one_zero, h)) == model_key(Model({"m1": one_zero["m1"]}, h))  # per module
 
 
+def test_a_scalar_head_tensor_is_hashed_and_a_non_finite_a_is_not_no_adapter():
+    h = {**head(0), "temperature": torch.tensor(2.0)}  # a 0-dim tensor
+    assert model_key(Model(None, h)) != model_key(Model(None, head(0)))
+    bad = _zero_b(pairs(2, 0))
+    bad["m0"] = FactorPair(bad["m0"].B, torch.full_like(bad["m0"].A, float("nan")))  # 0 * NaN is NaN, not 0
+    assert model_key(Model(bad, head(0))) != model_key(Model(None, head(0)))
+
+
 def test_any_difference_in_what_a_model_computes_changes_its_key():
     adapter, h = pairs(4, 0), head(0)
     key = model_key(Model(adapter, h))

@@ -270,5 +270,9 @@ def test_a_causal_lm_trains_from_the_logits_its_loss_reads_with_the_same_adapter
     assert kept["logits_to_keep"] < batches[0]["labels"].shape[1]  # the cut is real
     assert all(torch.equal(a, b) for a, b in zip(cut, full, strict=True))
     assert loss_cut == pytest.approx(loss_full, rel=1e-6)
+    from_start = {**batches[0], "labels": batches[0]["input_ids"].clone()}  # position 0 labelled: nothing to cut
+    assert tail_batch(model, from_start)["logits_to_keep"] == from_start["labels"].shape[1]
+    assert train_local(model, [from_start], [{"params": [p for p in model.parameters() if p.requires_grad],
+                                              "lr": 1e-3}]).steps == 1
     model.base_model.model.lm_head.weight.requires_grad_(True)  # a head that trains: every position, no cut
     assert "logits_to_keep" not in tail_batch(model, batches[0])
