@@ -98,7 +98,8 @@ def main(argv=None) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from lowrank_fed.llm.config import available_cores, load_config
+    from lowrank_fed.llm.config import RunConfig, available_cores, load_config
+    from lowrank_fed.llm.runner.rounds import evaluated
 
     methods = ["fedit"] if args.quick else load_config(
         Path(__file__).resolve().parents[1] / "configs" / "default.toml")["methods"]
@@ -126,10 +127,10 @@ def main(argv=None) -> int:
                       "1.00x" if r is one else f"{ratio:.2f}x",
                       "" if r is one else f"<= {TARGET}x " + ("pass" if ratio <= TARGET else "FAIL"))
     console.print(table)
-    demo = load_config(Path(__file__).resolve().parents[1] / "configs" / "default.toml")
-    scored = 1 + len([r for r in range(1, demo["rounds"] + 1) if r % demo["eval_every"] == 0 or r == demo["rounds"]])
-    share = demo_eval_share(runs[2], demo["rounds"], scored)
-    console.print(f"evaluation's share of a demo run ({demo['rounds']} rounds, {scored} scored, 2 workers), from "
+    demo = RunConfig.from_dict(load_config(Path(__file__).resolve().parents[1] / "configs" / "default.toml"))
+    scored = 1 + sum(evaluated(demo, r) for r in range(1, demo.rounds + 1))  # round 0 and the runner's schedule
+    share = demo_eval_share(runs[2], demo.rounds, scored)
+    console.print(f"evaluation's share of a demo run ({demo.rounds} rounds, {scored} scored, 2 workers), from "
                   f"these rounds: {100 * share:.1f}% (target <= {100 * EVAL_SHARE_TARGET:.0f}%: "
                   + ("pass" if share <= EVAL_SHARE_TARGET else "FAIL") + ")")
     console.print(f"metrics.jsonl and adapters byte-identical across workers: {'yes' if same else 'NO'}")

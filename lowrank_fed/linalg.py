@@ -108,14 +108,17 @@ def factored_svd(pairs: Sequence[FactorPair], weights=None):
 
 def _factored_svd(xp, pairs, p):
     """:func:`factored_svd` after validation; ``p`` normalised NumPy weights."""
-    parts = _svd_parts(xp, pairs, p)
+    return _usv(xp, _svd_parts(xp, pairs, p), pairs[0].B.dtype)
+
+
+def _usv(xp, parts, out_dtype):
+    """``(U, S, Vh)`` of :func:`_svd_parts`' result, signs fixed (:func:`svd_flip`), in ``out_dtype``."""
     if parts[0] == "gram":  # U = Bc Tb and Vh = Ta^T Ac
         _, Bc, Ac, Tb, S, Ta = parts
         U, S, Vh = Bc @ xp.astype(Tb, Bc.dtype), xp.astype(S, Bc.dtype), xp.astype(_t(xp, Ta), Ac.dtype) @ Ac
     else:
         _, U, S, Vh = parts
     U, Vh = svd_flip(xp, U, Vh)
-    out_dtype = pairs[0].B.dtype
     return tuple(xp.astype(X, out_dtype, copy=False) for X in (U, S, Vh))
 
 
@@ -130,9 +133,7 @@ def _factored_pair(xp, pairs, p, rank: int | None) -> FactorPair:
     parts = _svd_parts(xp, pairs, p)
     out_dtype = pairs[0].B.dtype
     if parts[0] != "gram":
-        _, U, S, Vh = parts
-        U, Vh = svd_flip(xp, U, Vh)
-        U, S, Vh = (xp.astype(X, out_dtype, copy=False) for X in (U, S, Vh))
+        U, S, Vh = _usv(xp, parts, out_dtype)
         return balanced_pair(xp, U, S, Vh, S.shape[0] if rank is None else rank)
     _, Bc, Ac, Tb, S, Ta = parts
     m = S.shape[0]

@@ -150,3 +150,16 @@ def kill_and_resume(cfg, out, round_=1):
     """Run ``cfg`` into ``out``, killed at the end of round ``round_``, then resumed to the end."""
     kill_after_round(cfg, out, round_)
     run_experiment(cfg, out, resume=True, progress=False)
+
+
+def flower_up(cfg, out, nodes: int):
+    """``lowrank-fed flower up`` of ``cfg`` into ``out`` on ``nodes`` real SuperNodes (a SuperLink, a 400 s limit);
+    fails with the tail of Flower's log unless the run exits 0."""
+    from lowrank_fed.llm.flower import deploy
+    from lowrank_fed.llm.flower.engine import FlowerSettings
+
+    sim = Simulation(cfg, out, progress=False)
+    sim.setup()
+    status = deploy.up(cfg, out, nodes, sim.ranks, FlowerSettings(round_timeout=60.0, start_timeout=120.0),
+                       timeout=400.0)
+    assert status == 0, (out / ".flower" / "flwr-run.log").read_text()[-3000:]

@@ -26,6 +26,7 @@ from lowrank_fed.llm.fedeval import share, split_held  # noqa: E402
 from lowrank_fed.llm.federation import encode_examples  # noqa: E402
 from lowrank_fed.llm.models import tiny_bert, tiny_llama, word_tokenizer, word_vocabulary  # noqa: E402
 from lowrank_fed.llm.runner.simulation import Simulation, run_experiment  # noqa: E402
+from tests.llm.helpers import flower_up  # noqa: E402
 from tests.llm.test_flower import InlineGrid, _task_identity  # noqa: E402,F401
 from tests.llm.test_sites import MIXES, RANKS, WORDS, _Reads, _rows, _write  # noqa: E402
 
@@ -262,19 +263,11 @@ def test_flower_up_without_dataset_equals_the_in_process_run(tmp_path, bert_fold
     """Real SuperLink and SuperNodes (`flower up`), two sites, each node given only its own file, no server
     dataset: the nodes answer the evaluate messages; the metrics equal the in-process run's."""
     # Prepare
-    from lowrank_fed.llm.flower import deploy
-    from lowrank_fed.llm.flower.engine import FlowerSettings
-
     settings = _classification(tmp_path, bert_folder, rounds=1, methods=["fedit"])
     settings["clients"] = settings["clients"][:2]
     cfg = RunConfig.from_dict(settings)
     run_experiment(cfg, tmp_path / "ref", progress=False)
-    sim = Simulation(cfg, tmp_path / "out", progress=False)
-    sim.setup()
     # Execute
-    status = deploy.up(cfg, tmp_path / "out", 2, sim.ranks, FlowerSettings(round_timeout=60.0, start_timeout=120.0),
-                       timeout=400.0)
+    flower_up(cfg, tmp_path / "out", 2)
     # Assert
-    log = (tmp_path / "out" / ".flower" / "flwr-run.log").read_text()
-    assert status == 0, log[-3000:]
     assert _read(tmp_path / "out", "metrics.jsonl") == _read(tmp_path / "ref", "metrics.jsonl")

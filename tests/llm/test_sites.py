@@ -23,6 +23,7 @@ import tomli_w  # noqa: E402
 from lowrank_fed.cli import main as cli_main  # noqa: E402
 from lowrank_fed.llm.config import ConfigError, RunConfig  # noqa: E402
 from lowrank_fed.llm.runner.simulation import Simulation, run_experiment  # noqa: E402
+from tests.llm.helpers import flower_up  # noqa: E402
 
 WORDS = {"sport": "ball goal match team win", "tech": "chip code data phone web", "food": "bread cook meal salt taste"}
 RANKS = [2, 4, 8]
@@ -399,20 +400,12 @@ def test_flower_simulation_with_sites_equals_the_in_process_run(tmp_path):
 def test_flower_up_with_two_sites_finishes(tmp_path):
     """Real SuperLink and SuperNodes (`flower up`), two sites, each node given only its own file."""
     # Prepare
-    from lowrank_fed.llm.flower import deploy
-    from lowrank_fed.llm.flower.engine import FlowerSettings
-
     settings = _settings(tmp_path, dataset=_server_file(tmp_path), rounds=1, eval_every=1)
     settings["clients"] = settings["clients"][:2]
     cfg = RunConfig.from_dict(settings)
-    sim = Simulation(cfg, tmp_path / "out", progress=False)
-    sim.setup()
     # Execute
-    status = deploy.up(cfg, tmp_path / "out", 2, sim.ranks, FlowerSettings(round_timeout=60.0, start_timeout=120.0),
-                       timeout=400.0)
+    flower_up(cfg, tmp_path / "out", 2)
     # Assert
-    log = (tmp_path / "out" / ".flower" / "flwr-run.log").read_text()
-    assert status == 0, log[-3000:]
     rows = _rows_of(tmp_path / "out")
     assert [(c["client"], c["rank"]) for c in rows[-1]["clients"]] == [(0, 2), (1, 4)]
     assert not any(c["dropped"] for c in rows[-1]["clients"])
