@@ -9,7 +9,9 @@ already computes for the global model after the last round:
 
     y(m, v, s) = val_accuracy (higher is better), or val_perplexity / val_loss (lower is better).
 
-No test score is used here (the trials score the test split, as every run does, and nothing looks at it).
+No test score is used here (the trials score the test split, as every run does, and nothing looks at it). A trial
+is scored at round 0 and after its last round only (``eval_every = rounds``): a run's trained bits do not depend on
+when it is scored, and the rounds between would be compute that nothing reads (half of a HAFL trial's time).
 
 - **Choice**: ``v* = argbest_v ybar(v)``, ``ybar(v) = (1/|S|) sum_s y(m, v, s)``; equal means: the smaller value
   (the first in grid order for a grid that is not numeric).
@@ -73,7 +75,7 @@ def run_trial(cfg: RunConfig, folder: Path, *, progress: bool = False, log: Call
     """
     from .runner.simulation import run_experiment
 
-    if finished_run(folder, cfg):
+    if _finished_trial(folder, cfg):
         log(f"reusing the finished trial in {folder}")
     else:
         log(f"running {folder}")
@@ -84,6 +86,20 @@ def run_trial(cfg: RunConfig, folder: Path, *, progress: bool = False, log: Call
     last = run.history[cfg.methods[0]][-1]
     scores = {k: v for k, v in last.items() if k.startswith("val_") and _is_number(v)}
     return {**scores, "val_size": run.setup["val_size"], "round": last["round"]}
+
+
+def _finished_trial(folder: Path, cfg: RunConfig) -> bool:
+    """Whether ``folder`` holds a finished run of ``cfg`` up to its scoring schedule (``eval_every``).
+
+    Every schedule scores the last round and none changes a trained bit (tested), so a trial scored on another
+    schedule (every round, as trials were before :func:`_trial_config` set ``eval_every = rounds``) holds the
+    score asked for.
+    """
+    try:
+        stored = json.loads((folder / "config.json").read_text())["eval_every"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        return False
+    return finished_run(folder, cfg.model_copy(update={"eval_every": stored}))
 
 
 # ----------------------------------------------------------------------------- the tune
@@ -229,8 +245,13 @@ def _json(obj) -> str:
 
 
 def _trial_config(target: Target, data: dict, method: str, value: Any, seed: int) -> RunConfig:
-    # trials are not checkpointed: an interrupted trial runs again; finished ones are reused
+    # trials are not checkpointed: an interrupted trial runs again; finished ones are reused. They are scored at
+    # round 0 and the last round only (eval_every = rounds): the choice reads the last round, and the scoring
+    # schedule changes no trained bit (tests/llm/test_tune.py), so the rounds between are compute nobody reads
     trial = target.apply({**data, "methods": [method], "seed": seed, "checkpoint": False}, method, value)
+    rounds = trial.get("rounds", RunConfig().rounds)
+    if isinstance(rounds, int) and rounds >= 1:  # else the validation below names the bad rounds
+        trial["eval_every"] = rounds
     return _validated(trial, f"{target.where(method)} = {label(value)}, seed {seed}")
 
 

@@ -329,7 +329,9 @@ def test_a_real_tune_reuses_its_trials_and_never_reads_the_test_split(config, tm
     corrupt = json.loads((tmp_path / "corrupt" / "tune.json").read_bytes())
     # every trial is an ordinary run folder
     trial = tmp_path / "clean" / "trials" / "fedit" / "lr=0.001" / "seed100"
-    assert RunConfig.from_dict(json.loads((trial / "config.json").read_text())).method_options == {"fedit": {"lr": 0.001}}
+    stored = RunConfig.from_dict(json.loads((trial / "config.json").read_text()))
+    assert stored.method_options == {"fedit": {"lr": 0.001}}
+    assert stored.eval_every == stored.rounds == 2  # scored at round 0 and the last round only
     # the corrupted test split moved the test scores, and not one validation score or choice
     test_scores = [json.loads((tmp_path / d / "trials/fedit/lr=0.001/seed100/summary.json").read_text())[0]["final"]
                    for d in ("clean", "corrupt")]
@@ -339,3 +341,37 @@ def test_a_real_tune_reuses_its_trials_and_never_reads_the_test_split(config, tm
         assert (tmp_path / "clean" / name).read_bytes() == (tmp_path / "corrupt" / name).read_bytes()
     chosen = tomllib.loads((tmp_path / "clean" / "tuned.toml").read_text())
     assert chosen == {"fedit": {"lr": clean["methods"][0]["choice"]}}
+
+
+@pytest.mark.slow
+def test_the_scoring_schedule_changes_no_trained_bit(tmp_path):
+    """Why a trial may score only round 0 and its last round: for every method (attacks on, so CLAIR detects), a
+    run scored every round and one scored at the end train the same adapters and score the last round the same."""
+    # Prepare
+    from lowrank_fed.llm.methods import METHODS
+    from lowrank_fed.llm.runner.simulation import run_experiment
+    from tests.llm.helpers import sha_tree, tiny_settings
+
+    settings = tiny_settings(methods=sorted(METHODS), clients=4, ranks=[2, 4, 4, 8], rounds=3, val_size=20,
+                             attacks=[{"kind": "sign_flip", "clients": [1]}])
+    # Execute
+    for every in (1, 3):
+        run_experiment(RunConfig.from_dict({**settings, "eval_every": every}), tmp_path / f"e{every}", progress=False)
+    # Assert: the same adapters; every round's rows agree on what both hold (all of round 0 and 3), but seconds;
+    # the schedules did differ (rounds 1 and 2 scored in one run only)
+
+    def rows(folder):
+        lines = (folder / "metrics.jsonl").read_text().splitlines()
+        return {(r["method"], r["round"]): {k: v for k, v in r.items() if "seconds" not in k}
+                for r in map(json.loads, lines)}
+
+    adapters = [sha_tree(tmp_path / f"e{every}" / "adapters") for every in (1, 3)]
+    assert adapters[0] == adapters[1] and len(adapters[0]) >= len(METHODS) - 1  # local keeps no global adapter
+    one, three = rows(tmp_path / "e1"), rows(tmp_path / "e3")
+    assert one.keys() == three.keys() and {m for m, _ in one} == set(METHODS)
+    for key, row in three.items():
+        if key[1] in (0, 3):
+            assert row == one[key], key
+        else:
+            assert "val_accuracy" not in row and "val_accuracy" in one[key]
+            assert row == {k: v for k, v in one[key].items() if k in row}, key
