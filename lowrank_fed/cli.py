@@ -109,10 +109,12 @@ def main(argv: list[str] | None = None) -> int:
             print(stop.code, file=sys.stderr)
             return 2
         return int(stop.code or 0)
-    threads = os.environ.get("LOWRANK_FED_THREADS", "1")
-    if not threads.isdigit() or not 1 <= int(threads) <= (os.cpu_count() or 1):
-        print(f"lowrank-fed: LOWRANK_FED_THREADS must be a whole number from 1 to the {os.cpu_count()} cores. "
-              f"Got {threads!r}.", file=sys.stderr)
+    from .aggregation import available_cores  # the cores this process may use (its affinity), not the machine's
+
+    threads, cores = os.environ.get("LOWRANK_FED_THREADS", "1"), available_cores()
+    if not threads.isdigit() or not 1 <= int(threads) <= cores:
+        print(f"lowrank-fed: LOWRANK_FED_THREADS must be a whole number from 1 to the {cores} cores this process may "
+              f"use. Got {threads!r}.", file=sys.stderr)
         return 2
     previous, warnings.formatwarning = warnings.formatwarning, _format_warning
     try:

@@ -271,6 +271,12 @@ def test_an_os_error_is_one_line_not_a_traceback(workspace, refused, monkeypatch
     refused(["merge", "a", "b", "--rule", "svd", "--out", "g"], "No space left on device (g/adapter_model")
     monkeypatch.setenv("LOWRANK_FED_THREADS", "100000")
     refused(["merge", "a", "b", "--rule", "svd", "--out", "g"], "LOWRANK_FED_THREADS must be a whole number")
+    # the bound is the cores this process may use (its affinity mask), not the machine's
+    import lowrank_fed.aggregation
+
+    monkeypatch.setattr(lowrank_fed.aggregation, "available_cores", lambda: 1)
+    monkeypatch.setenv("LOWRANK_FED_THREADS", "2")
+    refused(["merge", "a", "b", "--rule", "svd", "--out", "g"], "from 1 to the 1 cores this process may use")
 
 
 # ----------------------------------------------------------------------------- what merge reports and decides
