@@ -44,14 +44,16 @@ def _clair(results: Results) -> list[Claim]:
                     "CLAIR's advantage comes from handling contamination")
         beyond = (f"{name}: detection helps benign clients beyond the refinement (γ > 0)",
                   "robustness, not only personalisation")
-        texts = (detect, clean, gain, specific, beyond)
+        shared = (f"{name}: CLAIR's global model (the kept clients' exact average, no refinement) above exact-product "
+                  "FedAvg of everyone (γ > 0)", "robust aggregation (ours: the shared model isolated)")
+        texts = (detect, clean, gain, specific, beyond, shared)
         claims += _read(results, stems, texts, partial(_task, task, key, label, texts))
     return claims
 
 
 def _task(task: str, key: str, label: str, texts: tuple[tuple[str, str], ...], *runs: dict[int, Run]) -> list[Claim]:
-    """The five claims of one task (``copy`` or ``minilm``) from its runs at γ = 0, 0.1, 0.2, 0.3 (in that order)."""
-    detect, clean, gain, specific, beyond = texts
+    """The six claims of one task (``copy`` or ``minilm``) from its runs at γ = 0, 0.1, 0.2, 0.3 (in that order)."""
+    detect, clean, gain, specific, beyond, shared = texts
     stems = tuple(f"{task}_g{tag}" for tag, _ in _GAMMAS)
     taken = dict(zip(stems, runs, strict=True))
     claims = []
@@ -109,7 +111,7 @@ def _task(task: str, key: str, label: str, texts: tuple[tuple[str, str], ...], *
         texts.append(f"γ {gamma}: " + ", ".join(parts))
         values_gain[f"CLAIR - FedIT (beside), γ {gamma}"] = _diff(score[("clair", gamma)], score[("fedit", gamma)])
     claims.append(_decide(
-        *gain, f"benign clients' {label}: " + "; ".join(texts) + f"; CLAIR minus {_vs(gain_comps)}", gain_comps,
+        *gain, f"benign clients' {label}: " + "; ".join(texts) + f"; CLAIR minus each, paired by seed: {_vs(gain_comps)}", gain_comps,
         "CLAIR minus local training and minus FlexLoRA (FedAvg of everyone's products B_k A_k, exact, as CLAIR's "
         "own average is) per seed, at each γ > 0, each required; FedIT (factor-wise average) is shown beside, "
         "not decisive: it loses to exact-product averaging without any contamination", values_gain,
@@ -126,12 +128,43 @@ def _task(task: str, key: str, label: str, texts: tuple[tuple[str, str], ...], *
         ref_comps = [paired(_diff(score[("clair", g)], score[("clair_nodetect", g)]),
                             against=f"the refinement without detection at γ {g}") for _, g in _GAMMAS[1:]]
         claims.append(_decide(
-            *beyond, f"benign clients' {label}: CLAIR minus {_vs(ref_comps)}", ref_comps,
+            *beyond, f"benign clients' {label}, CLAIR minus each, paired by seed: {_vs(ref_comps)}", ref_comps,
             "CLAIR minus its refinement without detection (clair_nodetect) per seed, at each γ > 0; CLAIR minus "
             "FedIT mixes detection with personalisation",
             {f"CLAIR - no detection, γ {g}": _diff(score[("clair", g)], score[("clair_nodetect", g)])
              for _, g in _GAMMAS[1:]}, configs=stems))
+    claims.append(_shared(task, key, label, shared, taken, stems))
     return claims
+
+
+def _shared(task: str, key: str, label: str, text: tuple[str, str], taken: dict[str, dict[int, Run]],
+            stems: tuple[str, ...]) -> Claim:
+    r"""CLAIR's global model against FlexLoRA's, on the test set, paired by seed at each γ > 0.
+
+    CLAIR's global model is the exact average ``sum_{k in G} p_k B_k A_k`` of the clients it keeps (every client
+    when it flags nobody), FlexLoRA's the same average over everyone: their difference is what leaving the flagged
+    clients out does to the shared model, with no personal refinement in either (the benign-gain claim scores
+    CLAIR's refined downloads). The oracle (the contaminated clients left out by hand) is shown beside.
+    """
+    glob: dict[tuple[str, float], list[float] | None] = {}
+    for tag, gamma in _GAMMAS:
+        runs = taken[f"{task}_g{tag}"]
+        for m in ("clair", "flexlora", "oracle"):
+            have = all(m in runs[s].history for s in _seeds(runs))
+            glob[(m, gamma)] = _per_seed(runs, lambda r, m=m: r.history[m][-1][key]) if have else None
+    if any(glob[("flexlora", g)] is None for _, g in _GAMMAS[1:]):
+        return _not_run(*text, "no 'flexlora' (exact-product FedAvg of everyone) in the runs' methods", configs=stems)
+    comps = [paired(_diff(glob[("clair", g)], glob[("flexlora", g)]), against=f"FlexLoRA's global model at γ {g}")
+             for _, g in _GAMMAS[1:]]
+    parts = [f"γ {g}: CLAIR {_ms(glob[('clair', g)])}, FlexLoRA {_ms(glob[('flexlora', g)])}"
+             + (f", oracle {_ms(glob[('oracle', g)])}" if glob[("oracle", g)] is not None else "")
+             for _, g in _GAMMAS]
+    return _decide(
+        *text, f"global model's test {label}: " + "; ".join(parts) + f"; CLAIR minus each, paired by seed: {_vs(comps)}", comps,
+        "CLAIR's global model minus FlexLoRA's on the test set per seed, at each γ > 0, each required: the same "
+        "exact-product average with and without the flagged clients; the oracle beside", 
+        {f"CLAIR - FlexLoRA (global), γ {g}": _diff(glob[("clair", g)], glob[("flexlora", g)])
+         for _, g in _GAMMAS[1:]}, configs=stems)
 
 
 EXPERIMENT = Experiment(
