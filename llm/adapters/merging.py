@@ -35,6 +35,9 @@ class MergeError(ValueError):
         super().__init__(reason)
         self.kind, self.where, self.holders, self.reason = kind, where, list(holders), reason
 
+    def __reduce__(self):  # pickled with what it was made of (a worker process may send it)
+        return type(self), (self.kind, self.where, self.holders, self.reason)
+
 
 @dataclass(frozen=True)
 class ModuleMerge:

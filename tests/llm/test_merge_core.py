@@ -10,6 +10,7 @@ is the first in module-name order, whichever thread failed first.
 
 from __future__ import annotations
 
+import pickle
 import threading
 
 import pytest
@@ -113,6 +114,10 @@ def test_what_cannot_be_merged_is_named(weights, kw, kind, where):
     # Assert
     assert caught.value.kind == kind and caught.value.where == where and caught.value.holders == [0, 1]
     assert repr(where) in str(caught.value)
+    # it crosses a process boundary whole (a worker process may raise it)
+    back = pickle.loads(pickle.dumps(caught.value))
+    assert (type(back), back.kind, back.where, back.holders, back.reason, str(back)) == (
+        MergeError, kind, where, [0, 1], caught.value.reason, str(caught.value))
 
 
 # ----------------------------------------------------------------------------- the modules in threads
