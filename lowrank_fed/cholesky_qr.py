@@ -157,22 +157,33 @@ def _blas_pools():
 
 
 _one_thread_depth = 0  # > 0 while one_blas_thread() holds every BLAS pool at one thread
+_one_thread_limiter = None  # what the first of the blocks open now set, restored by the last to close
 _limits_lock = threading.Lock()  # the pools' thread counts are process-wide: set and restored one caller at a time
 
 
 @contextmanager
 def one_blas_thread():
     """Every BLAS pool of the process at one thread (threadpoolctl) for the block; the whole-model path
-    (``aggregate_modules``) runs its threads inside it, and :func:`solve_upper` then need not set it per call."""
+    (``aggregate_modules``) runs its threads inside it, and :func:`solve_upper` then need not set it per call.
+
+    The limit is process-wide, so blocks open at once (nested, or in several threads) share one: the first to
+    open sets it, the last to close restores the counts from before the first, whatever order they close in.
+    Open it in the main thread: with the OpenBLAS that NumPy and SciPy load here, a limit set from another
+    thread did not change the counts threadpoolctl reads (measured), while one set in the main thread held in
+    every thread.
+    """
     from threadpoolctl import threadpool_limits
 
-    global _one_thread_depth
+    global _one_thread_depth, _one_thread_limiter
     with _limits_lock:
-        limiter = threadpool_limits(limits=1)
+        if _one_thread_depth == 0:
+            _one_thread_limiter = threadpool_limits(limits=1)
         _one_thread_depth += 1
     try:
         yield
     finally:
         with _limits_lock:
             _one_thread_depth -= 1
-            limiter.restore_original_limits()
+            if _one_thread_depth == 0:
+                _one_thread_limiter.restore_original_limits()
+                _one_thread_limiter = None

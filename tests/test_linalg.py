@@ -291,8 +291,9 @@ def test_flip_signs_are_svd_flips_and_a_tie_goes_to_the_first_row():
 def test_the_triangular_solve_matches_the_general_solve_and_leaves_the_blas_threads_as_they_were():
     from threadpoolctl import threadpool_info
 
-    from lowrank_fed.cholesky_qr import one_blas_thread, solve_upper
+    from lowrank_fed.cholesky_qr import _blas_pools, one_blas_thread, solve_upper
 
+    _blas_pools()  # SciPy's BLAS loaded first, so `before` lists every pool (solve_upper loads it)
     rng = np.random.default_rng(0)
     Ru = np.triu(rng.normal(size=(30, 30))) + 10 * np.eye(30)
     Y = rng.normal(size=(30, 4))
@@ -304,6 +305,29 @@ def test_the_triangular_solve_matches_the_general_solve_and_leaves_the_blas_thre
     assert_allclose(outside, np.linalg.solve(Ru, Y), rtol=1e-12)
     assert np.array_equal(inside, outside)
     assert_allclose(Ru @ outside, Y, atol=1e-12)
+
+
+def test_overlapping_blocks_keep_one_thread_until_the_last_closes():
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from lowrank_fed.cholesky_qr import _blas_pools, one_blas_thread
+
+    _blas_pools()  # every BLAS pool loaded before the counts are read
+
+    def counts():
+        return [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
+
+    with threadpool_limits(limits=2, user_api="blas"):
+        before = counts()
+        first, second = one_blas_thread(), one_blas_thread()
+        first.__enter__()
+        second.__enter__()
+        first.__exit__(None, None, None)  # the first to open closes first (two threads' blocks can)
+        between = counts()
+        second.__exit__(None, None, None)
+        after = counts()
+    assert set(before) == {2} and set(between) == {1}  # still one thread: the second block is open
+    assert after == before  # the last to close restored the counts from before the first opened
 
 
 def test_the_signs_of_a_tied_column_on_every_backend(xp):
