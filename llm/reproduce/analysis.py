@@ -79,19 +79,47 @@ class Experiment:
     analyse: Callable[[Results], list[Claim]]
     tuned: tuple[str, ...] | None = None
 
-    def untuned(self, config_root) -> set[str]:
+    def untuned(self, config_root, results: Results | None = None) -> set[str]:
         """The configs whose learning rates were not chosen for their own setting (see the class docstring)."""
+        return set(self._untuned_reasons(config_root, results))
+
+    def _untuned_reasons(self, config_root, results: Results | None) -> dict[str, str]:
+        r"""Config stem -> why its runs' rates are not chosen for it: never tuned for this setting, or (given
+        ``results``) a tuned config whose runs were made at other values than its tuned files hold (runs of the
+        config before it was linked: the analysis reads the config as it is now, the runs as they were made)."""
         import tomllib
         from pathlib import Path
 
+        from ..config_files import tuned_paths
+
         if self.tuned is None:
-            return set()
-        out = set()
+            return {}
+        out = {}
         for stem in self.configs:
+            if stem in self.tuned:
+                continue
             path = Path(config_root) / self.name / f"{stem}.toml"
-            keyed = path.is_file() and "tuned" in tomllib.loads(path.read_text())
-            if stem not in self.tuned and not keyed:
-                out.add(stem)
+            if not (path.is_file() and "tuned" in tomllib.loads(path.read_text())):
+                out[stem] = (f"{stem} reuses the learning rates chosen for "
+                             f"{', '.join(self.tuned) or 'another setting'}")
+                continue
+            runs = (results or {}).get(stem, {})
+            if not runs:
+                continue
+            chosen = [(table, option, value) for file in tuned_paths(path)
+                      for table, values in tomllib.loads(file.read_text()).items()
+                      for option, value in (values.items() if isinstance(values, dict) else [(None, values)])]
+            for seed, run in sorted(runs.items()):
+                options = run.config.get("method_options", {})
+                # a method's option, or the run-wide key of that name that it falls back on (lr)
+                used = [run.config.get(t) if o is None else options.get(t, {}).get(o, run.config.get(o))
+                        for t, o, _ in chosen]
+                if used != [v for *_, v in chosen]:
+                    wrong = next(f"{t if o is None else f'{t}.{o}'} = {u} (tuned: {v})"
+                                 for (t, o, v), u in zip(chosen, used, strict=True) if u != v)
+                    out[stem] = (f"{stem}'s runs were made before its tuned values (seed {seed}: {wrong}; "
+                                 f"{path.name} names {', '.join(f.name for f in tuned_paths(path))})")
+                    break
         return out
 
     def claims(self, results: Results, config_root) -> list[Claim]:
@@ -99,7 +127,7 @@ class Experiment:
         where configs have constant twins (``<stem>_constant``), each claim analysed on both and published by the
         twins' agreement rule (:mod:`.twins`: the verdict both conventions agree on, else "depends on the scale
         convention"; where only one has runs, that one, and the note says which)."""
-        untuned = self.untuned(config_root)
+        untuned = self._untuned_reasons(config_root, results)
         first = self._marked(self.analyse(results), untuned)
         pairs = twins(self.configs)
         if not pairs:
@@ -113,18 +141,29 @@ class Experiment:
                              "expected the same claims in the same order.")
         return [publish(a, b, pairs) for a, b in zip(first, second, strict=True)]
 
-    def _marked(self, claims: list[Claim], untuned: set[str]) -> list[Claim]:
-        """Every claim on training outcomes over an ``untuned`` config made "not testable here" (:data:`UNTUNED`)."""
+    def _marked(self, claims: list[Claim], untuned: dict[str, str]) -> list[Claim]:
+        """Every claim on training outcomes over an ``untuned`` config (stem -> why) made "not testable here"
+        (:data:`UNTUNED`)."""
         out = []
         for c in claims:
-            bad = sorted(set(c.configs) & untuned)
+            bad = sorted(set(c.configs) & set(untuned))
             if c.trained and bad and c.verdict != "not run yet":
-                note = (f"not testable here: {UNTUNED} ({', '.join(bad)} reuse the learning rates chosen for "
-                        f"{', '.join(self.tuned) or 'another setting'})" + (f"; {c.note}" if c.note else ""))
+                why = _why_untuned([untuned[b] for b in bad])
+                note = f"not testable here: {UNTUNED} ({why})" + (f"; {c.note}" if c.note else "")
                 c = Claim(c.claim, c.paper, c.ours, "not testable here", note, c.values, c.comparisons, "",
                           c.configs, c.trained, UNTUNED)
             out.append(c)
         return out
+
+
+def _why_untuned(reasons: list[str]) -> str:
+    """The reasons, the configs that reuse one setting's rates named together (``a, b reuse ...``)."""
+    reuse = [r.split(" reuses ", 1) for r in reasons if " reuses " in r]
+    merged = {}
+    for stem, what in reuse:
+        merged.setdefault(what, []).append(stem)
+    parts = [f"{', '.join(stems)} {'reuse' if len(stems) > 1 else 'reuses'} {what}" for what, stems in merged.items()]
+    return "; ".join(parts + [r for r in reasons if " reuses " not in r])
 
 
 _PLACEHOLDER = re.compile(r"\{([A-Za-z0-9_-]+)((?:\.[A-Za-z0-9_]+)+)\}")

@@ -179,6 +179,21 @@ def test_claims_on_untuned_learning_rates_are_not_testable_here(tmp_path, monkey
     assert EXPERIMENTS["lora-a2"].untuned(root) == {"dir001_r2", "dir05_r1", "dir05_r2", "dir05_r8"}
     assert EXPERIMENTS["lora-a2"].untuned(CONFIG_ROOT) == {"dir001_r2", "dir001_r8", "dir05_r1", "dir05_r2",
                                                            "dir05_r8"}
+    # a linked config's runs made before the link (at other rates than its tuned file holds) are not tuned runs
+    hafl = tmp_path / "hafl-configs"
+    shutil.copytree(CONFIG_ROOT / "hafl", hafl / "hafl")
+    path = hafl / "hafl" / "freezing.toml"
+    path.write_text('tuned = "chosen.toml"\n' + path.read_text())
+    runs = find_runs(EXPERIMENTS["hafl"], RESULTS / "hafl")  # made at the config's lr 5e-3 for every method
+    for chosen, stale in (("[fedit]\nlr = 0.015\n", True), ("[fedit]\nlr = 0.005\n[hafl]\nlr = 0.005\n", False)):
+        (hafl / "hafl" / "chosen.toml").write_text(chosen)
+        assert ("freezing" in EXPERIMENTS["hafl"].untuned(hafl, runs)) is stale
+        assert "freezing" not in EXPERIMENTS["hafl"].untuned(hafl)  # without runs: the config alone decides
+    (hafl / "hafl" / "chosen.toml").write_text("[fedit]\nlr = 0.015\n")
+    claims = EXPERIMENTS["hafl"].claims(runs, hafl)
+    notes = [c.note for c in claims if "freezing" in c.configs and c.verdict == "not testable here"]
+    assert notes and all("freezing's runs were made before its tuned values (seed 0: fedit.lr = 0.005 (tuned: "
+                         "0.015)" in n for n in notes)
     # PreLort's and HAFL's rates were never chosen for their own settings: every config counts as untuned
     assert EXPERIMENTS["prelort"].untuned(CONFIG_ROOT) == set(EXPERIMENTS["prelort"].configs)
     assert EXPERIMENTS["hafl"].untuned(CONFIG_ROOT) == set(EXPERIMENTS["hafl"].configs)
