@@ -154,6 +154,23 @@ def test_hafl_bytes_are_exact_against_truncation_up_and_down_apart():
     assert "homogeneous FedIT at rank R: not run yet" in claim.ours
 
 
+def test_hafl_bytes_against_the_homogeneous_federation_save_upload_only():
+    from lowrank_fed.llm.reproduce.papers.hafl import _bytes_homogeneous
+
+    def runs(method, up, down):
+        return {s: Run({method: {"mb_up": up, "mb_down": down}}, {}, {}) for s in range(3)}
+
+    # freezing uploads r_k slots, downloads R; the homogeneous federation uploads and downloads R
+    (claim,) = _bytes_homogeneous(runs("hafl", 25.0, 72.7), runs("fedit", 72.7, 72.7))
+    assert [(c["against"], c["verdict"], c["differences"]) for c in claim.comparisons] == [
+        ("homogeneous FedIT at rank R, MB up saved", "holds", pytest.approx([47.7] * 3)),
+        ("homogeneous FedIT at rank R, MB down saved", "tie", [0.0] * 3)]
+    assert claim.verdict == "tie" and not claim.trained  # each way must be saved; a count needs no tuned rate
+    assert claim.configs == ("freezing", "homogeneous")
+    (more,) = _bytes_homogeneous(runs("hafl", 25.0, 80.0), runs("fedit", 72.7, 72.7))
+    assert more.verdict == "does not hold"
+
+
 def test_hafl_drop_is_signed_per_client_and_the_verdict_compares_what_clients_receive():
     claims = _claims("hafl")
     drop = claims["Freezing: no accuracy drop at distribution (truncation has one)"]

@@ -46,14 +46,17 @@ def _rounds_to(history: list[dict], target: float) -> float:
 _CLAIMS = (("Freezing: no accuracy drop at distribution (truncation has one)", "no drop with freezing"),
            ("Adaptive rank-1 aggregation converges faster than zero-padding", "faster (rounds to a target accuracy)"),
            ("HAFL (freezing) moves fewer bytes than truncation-based schemes (HAFL's truncation variant, HetLoRA)",
-            "lower communication than truncation-based HetLoRA-style schemes"))
+            "lower communication than truncation-based HetLoRA-style schemes"),
+           ("HAFL (freezing) moves fewer bytes than the homogeneous rank-R federation it replaces (FedIT, every "
+            "client at rank R)", "lower communication (ours: against the federation freezing replaces)"))
 
 
 def _hafl(results: Results) -> list[Claim]:
     hom = _take(results, ("freezing", "homogeneous"))  # beside the bytes claim, never required
     return [*_read(results, ("freezing", "truncation"), [_CLAIMS[0]], _drop),
             *_read(results, ("freezing",), [_CLAIMS[1]], _speed),
-            *_read(results, ("freezing", "truncation"), [_CLAIMS[2]], lambda frz, trn: _bytes(frz, trn, hom))]
+            *_read(results, ("freezing", "truncation"), [_CLAIMS[2]], lambda frz, trn: _bytes(frz, trn, hom)),
+            *_read(results, ("freezing", "homogeneous"), [_CLAIMS[3]], _bytes_homogeneous)]
 
 
 def _drop(frz: dict[int, Run], trn: dict[int, Run]) -> list[Claim]:
@@ -128,6 +131,33 @@ def _bytes(frz: dict[int, Run], trn: dict[int, Run], hom: dict[str, dict[int, Ru
         "(equal: tie); freezing downloads all R slots and uploads each client's r_k",
         {f"MB {way}, {who}": mb[(who, way)] for who in ("hafl", "truncation", "hetlora") for way in ("up", "down")},
         configs=("freezing", "truncation"), trained=False)]
+
+
+def _bytes_homogeneous(frz: dict[int, Run], hom: dict[int, Run]) -> list[Claim]:
+    r"""Freezing's bytes against FedIT with every client at the global rank ``R``, up and down apart (exact).
+
+    Freezing trains each client's ``r_k`` top slots of the rank-``R`` adapter and sends them, and every client
+    downloads all ``R`` slots: against the federation it replaces, where every client trains and sends rank
+    ``R``, it can save upload only (``sum_k (R - r_k)`` slots a round); the download is the same ``R`` slots.
+    """
+    mb = {(who, way): _per_seed(runs, _final(m, f"mb_{way}"))
+          for who, runs, m in (("hafl", frz, "hafl"), ("homogeneous", hom, "fedit")) for way in ("up", "down")}
+    comps = [exact(_diff(mb[("homogeneous", way)], mb[("hafl", way)]),
+                   against=f"homogeneous FedIT at rank R, MB {way} saved") for way in ("up", "down")]
+
+    def per_seed(key):
+        return ", ".join(f"{v:.1f}" for v in mb[key])
+
+    return [_decide(
+        *_CLAIMS[3],
+        f"MB over the run per seed, up / down (exact): HAFL freezing {per_seed(('hafl', 'up'))} / "
+        f"{per_seed(('hafl', 'down'))}; homogeneous FedIT at rank R {per_seed(('homogeneous', 'up'))} / "
+        f"{per_seed(('homogeneous', 'down'))}; saved by freezing {_vs(comps, 1)}",
+        comps, "bytes are counted, not sampled: exact per seed, no interval; up and down apart, each must be saved "
+        "(equal: tie); freezing uploads each client's r_k slots of the rank-R adapter, the homogeneous "
+        "federation R, and both download R",
+        {f"MB {way}, {who}": mb[(who, way)] for who in ("hafl", "homogeneous") for way in ("up", "down")},
+        configs=("freezing", "homogeneous"), trained=False)]
 
 
 EXPERIMENT = Experiment(
