@@ -44,8 +44,9 @@ def _clair(results: Results) -> list[Claim]:
                     "CLAIR's advantage comes from handling contamination")
         beyond = (f"{name}: detection helps benign clients beyond the refinement (γ > 0)",
                   "robustness, not only personalisation")
-        shared = (f"{name}: CLAIR's global model (the kept clients' exact average, no refinement) above exact-product "
-                  "FedAvg of everyone (γ > 0)", "robust aggregation (ours: the shared model isolated)")
+        shared = (f"{name}: detection helps the shared model: CLAIR's global model (the kept clients' average, no "
+                  "refinement) above the same average of everyone (γ > 0)",
+                  "robust aggregation (ours: the shared model isolated)")
         texts = (detect, clean, gain, specific, beyond, shared)
         claims += _read(results, stems, texts, partial(_task, task, key, label, texts))
     return claims
@@ -139,31 +140,34 @@ def _task(task: str, key: str, label: str, texts: tuple[tuple[str, str], ...], *
 
 def _shared(task: str, key: str, label: str, text: tuple[str, str], taken: dict[str, dict[int, Run]],
             stems: tuple[str, ...]) -> Claim:
-    r"""CLAIR's global model against FlexLoRA's, on the test set, paired by seed at each γ > 0.
+    r"""CLAIR's global model against ``clair_nodetect``'s, on the test set, paired by seed at each γ > 0.
 
-    CLAIR's global model is the exact average ``sum_{k in G} p_k B_k A_k`` of the clients it keeps (every client
-    when it flags nobody), FlexLoRA's the same average over everyone: their difference is what leaving the flagged
-    clients out does to the shared model, with no personal refinement in either (the benign-gain claim scores
-    CLAIR's refined downloads). The oracle (the contaminated clients left out by hand) is shown beside.
+    Both are the same rule, the best rank-``R`` (``R`` the largest client rank) approximation of the exact
+    average ``sum_{k in G} p_k B_k A_k``, CLAIR's over the clients it keeps and ``clair_nodetect``'s over
+    everyone; neither has a personal part (the benign-gain claim scores CLAIR's refined downloads), so their
+    difference is what leaving the flagged clients out does to the shared model. FlexLoRA (everyone's exact
+    average, not truncated to ``R``) and the oracle (the contaminated clients left out by hand) are shown beside.
     """
     glob: dict[tuple[str, float], list[float] | None] = {}
     for tag, gamma in _GAMMAS:
         runs = taken[f"{task}_g{tag}"]
-        for m in ("clair", "flexlora", "oracle"):
+        for m in ("clair", "clair_nodetect", "flexlora", "oracle"):
             have = all(m in runs[s].history for s in _seeds(runs))
             glob[(m, gamma)] = _per_seed(runs, lambda r, m=m: r.history[m][-1][key]) if have else None
-    if any(glob[("flexlora", g)] is None for _, g in _GAMMAS[1:]):
-        return _not_run(*text, "no 'flexlora' (exact-product FedAvg of everyone) in the runs' methods", configs=stems)
-    comps = [paired(_diff(glob[("clair", g)], glob[("flexlora", g)]), against=f"FlexLoRA's global model at γ {g}")
-             for _, g in _GAMMAS[1:]]
-    parts = [f"γ {g}: CLAIR {_ms(glob[('clair', g)])}, FlexLoRA {_ms(glob[('flexlora', g)])}"
-             + (f", oracle {_ms(glob[('oracle', g)])}" if glob[("oracle", g)] is not None else "")
+    if any(glob[("clair_nodetect", g)] is None for _, g in _GAMMAS[1:]):
+        return _not_run(*text, "no 'clair_nodetect' (the same average of everyone) in the runs' methods",
+                        configs=stems)
+    comps = [paired(_diff(glob[("clair", g)], glob[("clair_nodetect", g)]),
+                    against=f"the same average of everyone at γ {g}") for _, g in _GAMMAS[1:]]
+    names = (("clair", "CLAIR"), ("clair_nodetect", "everyone"), ("flexlora", "FlexLoRA"), ("oracle", "oracle"))
+    parts = [f"γ {g}: " + ", ".join(f"{title} {_ms(glob[(m, g)])}" for m, title in names if glob[(m, g)] is not None)
              for _, g in _GAMMAS]
     return _decide(
-        *text, f"global model's test {label}: " + "; ".join(parts) + f"; CLAIR minus each, paired by seed: {_vs(comps)}", comps,
-        "CLAIR's global model minus FlexLoRA's on the test set per seed, at each γ > 0, each required: the same "
-        "exact-product average with and without the flagged clients; the oracle beside", 
-        {f"CLAIR - FlexLoRA (global), γ {g}": _diff(glob[("clair", g)], glob[("flexlora", g)])
+        *text, f"global model's test {label}: " + "; ".join(parts) + f"; CLAIR minus each, paired by seed: "
+        f"{_vs(comps)}", comps,
+        "CLAIR's global model minus clair_nodetect's (the same rank-R average over everyone) on the test set per "
+        "seed, at each γ > 0, each required; FlexLoRA (everyone's exact average) and the oracle beside",
+        {f"CLAIR - everyone (global), γ {g}": _diff(glob[("clair", g)], glob[("clair_nodetect", g)])
          for _, g in _GAMMAS[1:]}, configs=stems)
 
 
