@@ -84,41 +84,41 @@ class Experiment:
         return set(self._untuned_reasons(config_root, results))
 
     def _untuned_reasons(self, config_root, results: Results | None) -> dict[str, str]:
-        r"""Config stem -> why its runs' rates are not chosen for it: never tuned for this setting, or (given
-        ``results``) a tuned config whose runs were made at other values than its tuned files hold (runs of the
-        config before it was linked: the analysis reads the config as it is now, the runs as they were made)."""
+        r"""Config stem -> why its runs' rates are not chosen for it.
+
+        A config whose TOML names tuned files (``tuned = ...``, :func:`lowrank_fed.llm.tune.tune`'s choices) is
+        checked against ``results``, whatever :attr:`tuned` says: each of its runs must have been made at the
+        values those files hold (an option the run does not set reads its default; a method's ``lr`` falls back on
+        the run's ``lr``), and the files must hold a table for every method of the run that has a global model
+        (tune cannot choose for the others, such as ``local``: their rate stays the config's, as the docs say).
+        Runs of the config from before it was linked, or a method left out of its tune, make it untuned. Any other
+        config is tuned when :attr:`tuned` is None or lists it, else untuned (it reuses another setting's rates).
+        """
         import tomllib
         from pathlib import Path
 
         from ..config_files import tuned_paths
 
-        if self.tuned is None:
-            return {}
         out = {}
         for stem in self.configs:
-            if stem in self.tuned:
-                continue
             path = Path(config_root) / self.name / f"{stem}.toml"
             if not (path.is_file() and "tuned" in tomllib.loads(path.read_text())):
-                out[stem] = (f"{stem} reuses the learning rates chosen for "
-                             f"{', '.join(self.tuned) or 'another setting'}")
+                if self.tuned is not None and stem not in self.tuned:
+                    out[stem] = (f"{stem} reuses the learning rates chosen for "
+                                 f"{', '.join(self.tuned) or 'another setting'}")
                 continue
             runs = (results or {}).get(stem, {})
             if not runs:
                 continue
-            chosen = [(table, option, value) for file in tuned_paths(path)
-                      for table, values in tomllib.loads(file.read_text()).items()
-                      for option, value in (values.items() if isinstance(values, dict) else [(None, values)])]
+            files = tuned_paths(path)
+            chosen = {}
+            for file in files:
+                chosen.update(tomllib.loads(file.read_text()))
+            named = f"{path.name} names {', '.join(f.name for f in files)}"
             for seed, run in sorted(runs.items()):
-                options = run.config.get("method_options", {})
-                # a method's option, or the run-wide key of that name that it falls back on (lr)
-                used = [run.config.get(t) if o is None else options.get(t, {}).get(o, run.config.get(o))
-                        for t, o, _ in chosen]
-                if used != [v for *_, v in chosen]:
-                    wrong = next(f"{t if o is None else f'{t}.{o}'} = {u} (tuned: {v})"
-                                 for (t, o, v), u in zip(chosen, used, strict=True) if u != v)
-                    out[stem] = (f"{stem}'s runs were made before its tuned values (seed {seed}: {wrong}; "
-                                 f"{path.name} names {', '.join(f.name for f in tuned_paths(path))})")
+                why = _stale(run, chosen)
+                if why:
+                    out[stem] = f"{stem}'s runs were not made at its tuned values (seed {seed}: {why}; {named})"
                     break
         return out
 
@@ -154,6 +154,35 @@ class Experiment:
                           c.configs, c.trained, UNTUNED)
             out.append(c)
         return out
+
+
+def _stale(run: Run, chosen: dict) -> str:
+    """Why ``run`` was not made at the ``chosen`` values (a tuned file's tables and keys, merged), or ``""``."""
+    from ..methods import METHODS, method_options
+
+    methods = run.config.get("methods", [])
+    options = run.config.get("method_options", {})
+    missing = [m for m in methods if m in METHODS and METHODS[m].scores_global and not isinstance(chosen.get(m), dict)]
+    if missing:
+        return f"{', '.join(missing)} not tuned (no [{missing[0]}] table)"
+    for table, values in chosen.items():
+        if not isinstance(values, dict):
+            used = run.config.get(table)
+            if used != values:
+                return f"{table} = {used} (tuned: {values})"
+            continue
+        if table not in methods:
+            continue  # a method this run does not have
+        for option, value in values.items():
+            if option in options.get(table, {}):
+                used = options[table][option]
+            elif option == "lr":
+                used = run.config.get("lr")  # a method without its own lr trains at the run's
+            else:
+                used = method_options(table).model_fields[option].default
+            if used != value:
+                return f"{table}.{option} = {used} (tuned: {value})"
+    return ""
 
 
 def _why_untuned(reasons: list[str]) -> str:

@@ -87,7 +87,9 @@ def test_clair_detection_is_counted_over_seeds_and_rounds_and_specificity_apart(
     detect = claims["copy task (copy-llama): CLAIR flags exactly the contaminated clients (γ = 0.1, 0.2, 0.3)"]
     clean = claims["copy task (copy-llama): CLAIR flags nobody when no client is contaminated (γ = 0)"]
     assert [(c["k"], c["n"]) for c in detect.comparisons] == [(12, 12), (10, 12), (8, 12)]
-    assert detect.verdict == "tie" and "12/12 rounds exact" in detect.ours
+    assert "12/12 rounds exact" in detect.ours
+    # made at lr 5e-3; the copy configs now read the rates tuned on validation (0.015): not tuned runs
+    assert detect.verdict == "not testable here" and "not made at its tuned values" in detect.note
     assert (clean.comparisons[0]["k"], clean.comparisons[0]["n"]) == (8, 12) and "5 false flags" in clean.ours
     minilm = claims["MiniLM / BBC News: CLAIR flags exactly the contaminated clients (γ = 0.1, 0.2, 0.3)"]
     assert minilm.verdict == "does not hold" and all(c["k"] == 0 for c in minilm.comparisons)
@@ -117,8 +119,8 @@ def test_clair_gain_is_against_local_and_exact_product_fedavg_with_fedit_beside(
 
 def test_clair_shared_model_claim_compares_the_global_models_alone():
     claims = _claims("clair")  # the rerun at the tuned rates: clair_nodetect, FlexLoRA, the oracle; 5 seeds
-    text = ("detection helps the shared model: CLAIR's global model (the kept clients' average, no refinement) "
-            "above the same average of everyone (γ > 0)")
+    text = ("detection helps the shared model: CLAIR's global model (the kept clients' average) above the same "
+            "average of everyone, both with the refinement (γ > 0)")
     shared = claims[f"copy task (copy-llama): {text}"]
     runs = find_runs(EXPERIMENTS["clair"], RESULTS / "clair")
     for tag, gamma in (("01", 0.1), ("02", 0.2), ("03", 0.3)):
@@ -140,34 +142,38 @@ def test_clair_configs_run_flexlora_for_the_next_rerun():
         assert re.search(r'^methods = \[.*"flexlora".*\]$', text, re.M), stem
 
 
-def test_hafl_bytes_are_exact_against_truncation_up_and_down_apart():
+def test_hafl_bytes_are_exact_against_truncation_the_total_deciding():
     claims = _claims("hafl")
     claim = claims["HAFL (freezing) moves fewer bytes than truncation-based schemes (HAFL's truncation variant, "
                    "HetLoRA)"]
     assert claim.verdict == "does not hold" and not claim.trained
-    assert [c["against"] for c in claim.comparisons] == [
-        "HAFL truncation, MB up saved", "HAFL truncation, MB down saved", "HetLoRA, MB up saved",
-        "HetLoRA, MB down saved"]
+    assert [c["against"] for c in claim.comparisons] == ["HAFL truncation, MB up + down saved",
+                                                         "HetLoRA, MB up + down saved"]
     assert all(c["kind"] == "exact" and c["low"] is None for c in claim.comparisons)
-    down = claim.comparisons[1]["differences"]
-    assert down == pytest.approx([-47.8] * 3, abs=0.05)  # freezing downloads all R = 32 slots
+    # the total saved is the sum of the two directions, each reported: freezing downloads all R = 32 slots
+    v = claim.values
+    totals = [(tu + td) - (fu + fd) for tu, td, fu, fd in zip(v["MB up, truncation"], v["MB down, truncation"],
+                                                             v["MB up, hafl"], v["MB down, hafl"], strict=True)]
+    assert claim.comparisons[0]["differences"] == pytest.approx(totals)
+    assert totals == pytest.approx([-47.8] * 3, abs=0.1)
+    assert "down -47.8, -47.8, -47.8" in claim.ours
     assert "homogeneous FedIT at rank R: not run yet" in claim.ours
 
 
-def test_hafl_bytes_against_the_homogeneous_federation_save_upload_only():
+def test_hafl_bytes_against_the_homogeneous_federation_the_total_deciding():
     from lowrank_fed.llm.reproduce.papers.hafl import _bytes_homogeneous
 
     def runs(method, up, down):
         return {s: Run({method: {"mb_up": up, "mb_down": down}}, {}, {}) for s in range(3)}
 
-    # freezing uploads r_k slots, downloads R; the homogeneous federation uploads and downloads R
-    (claim,) = _bytes_homogeneous(runs("hafl", 25.0, 72.7), runs("fedit", 72.7, 72.7))
-    assert [(c["against"], c["verdict"], c["differences"]) for c in claim.comparisons] == [
-        ("homogeneous FedIT at rank R, MB up saved", "holds", pytest.approx([47.7] * 3)),
-        ("homogeneous FedIT at rank R, MB down saved", "tie", [0.0] * 3)]
-    assert claim.verdict == "tie" and not claim.trained  # each way must be saved; a count needs no tuned rate
-    assert claim.configs == ("freezing", "homogeneous")
-    (more,) = _bytes_homogeneous(runs("hafl", 25.0, 80.0), runs("fedit", 72.7, 72.7))
+    # freezing uploads r_k slots and downloads R slots with their indices; the homogeneous federation R both ways
+    (claim,) = _bytes_homogeneous(runs("hafl", 25.0, 72.76), runs("fedit", 72.7, 72.7))
+    (comp,) = claim.comparisons
+    assert (comp["against"], comp["verdict"]) == ("homogeneous FedIT at rank R, MB up + down saved", "holds")
+    assert comp["differences"] == pytest.approx([47.64] * 3)
+    assert "up +47.7, +47.7, +47.7; down -0.1, -0.1, -0.1" in claim.ours  # each direction reported
+    assert claim.verdict == "holds" and not claim.trained and claim.configs == ("freezing", "homogeneous")
+    (more,) = _bytes_homogeneous(runs("hafl", 25.0, 130.0), runs("fedit", 72.7, 72.7))
     assert more.verdict == "does not hold"
 
 
@@ -196,21 +202,35 @@ def test_claims_on_untuned_learning_rates_are_not_testable_here(tmp_path, monkey
     assert EXPERIMENTS["lora-a2"].untuned(root) == {"dir001_r2", "dir05_r1", "dir05_r2", "dir05_r8"}
     assert EXPERIMENTS["lora-a2"].untuned(CONFIG_ROOT) == {"dir001_r2", "dir001_r8", "dir05_r1", "dir05_r2",
                                                            "dir05_r8"}
-    # a linked config's runs made before the link (at other rates than its tuned file holds) are not tuned runs
+    # a linked config's runs made before the link (at other rates than its tuned file holds) are not tuned runs,
+    # nor are runs with a method the tuned file leaves out; an option at its default matches a tuned default
     hafl = tmp_path / "hafl-configs"
     shutil.copytree(CONFIG_ROOT / "hafl", hafl / "hafl")
     path = hafl / "hafl" / "freezing.toml"
     path.write_text('tuned = "chosen.toml"\n' + path.read_text())
-    runs = find_runs(EXPERIMENTS["hafl"], RESULTS / "hafl")  # made at the config's lr 5e-3 for every method
-    for chosen, stale in (("[fedit]\nlr = 0.015\n", True), ("[fedit]\nlr = 0.005\n[hafl]\nlr = 0.005\n", False)):
+    runs = find_runs(EXPERIMENTS["hafl"], RESULTS / "hafl")  # fedit, hetlora, hafl, all at the config's lr 5e-3
+    at = "[fedit]\nlr = {}\n[hetlora]\nlr = 0.005\n[hafl]\nlr = 0.005\nbeta1 = 0.85\n"
+    for chosen, stale in ((at.format(0.015), "fedit.lr = 0.005 (tuned: 0.015)"), (at.format(0.005), ""),
+                          ("[fedit]\nlr = 0.005\n[hafl]\nlr = 0.005\n", "hetlora not tuned (no [hetlora] table)"),
+                          (at.format(0.005) + "beta2 = 0.5\n", "hafl.beta2 = 0.85 (tuned: 0.5)")):
         (hafl / "hafl" / "chosen.toml").write_text(chosen)
-        assert ("freezing" in EXPERIMENTS["hafl"].untuned(hafl, runs)) is stale
+        reasons = EXPERIMENTS["hafl"]._untuned_reasons(hafl, runs)
+        assert (reasons.get("freezing", "").split("(seed 0: ")[-1].split("; ")[0] if stale else
+                "freezing" not in reasons) == (stale or True), (chosen, reasons)
         assert "freezing" not in EXPERIMENTS["hafl"].untuned(hafl)  # without runs: the config alone decides
-    (hafl / "hafl" / "chosen.toml").write_text("[fedit]\nlr = 0.015\n")
+    (hafl / "hafl" / "chosen.toml").write_text(at.format(0.015))
     claims = EXPERIMENTS["hafl"].claims(runs, hafl)
     notes = [c.note for c in claims if "freezing" in c.configs and c.verdict == "not testable here"]
-    assert notes and all("freezing's runs were made before its tuned values (seed 0: fedit.lr = 0.005 (tuned: "
+    assert notes and all("freezing's runs were not made at its tuned values (seed 0: fedit.lr = 0.005 (tuned: "
                          "0.015)" in n for n in notes)
+    # an experiment that says every config was tuned (tuned=None) still checks a linked config's runs
+    byun = tmp_path / "byun-configs"
+    shutil.copytree(CONFIG_ROOT / "byun-lee", byun / "byun-lee")
+    path = byun / "byun-lee" / "top10_bbc.toml"
+    path.write_text('tuned = "tuned/top10_bbc.toml"\n' + path.read_text())
+    byun_runs = find_runs(EXPERIMENTS["byun-lee"], RESULTS / "byun-lee")
+    assert EXPERIMENTS["byun-lee"].tuned is None and EXPERIMENTS["byun-lee"].untuned(byun) == set()
+    assert EXPERIMENTS["byun-lee"].untuned(byun, byun_runs) == {"top10_bbc"}  # FedIT ran at 5e-3, tuned 0.015
     # PreLort's and HAFL's rates were never chosen for their own settings: every config counts as untuned
     assert EXPERIMENTS["prelort"].untuned(CONFIG_ROOT) == set(EXPERIMENTS["prelort"].configs)
     assert EXPERIMENTS["hafl"].untuned(CONFIG_ROOT) == set(EXPERIMENTS["hafl"].configs)

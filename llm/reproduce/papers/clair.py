@@ -44,8 +44,8 @@ def _clair(results: Results) -> list[Claim]:
                     "CLAIR's advantage comes from handling contamination")
         beyond = (f"{name}: detection helps benign clients beyond the refinement (γ > 0)",
                   "robustness, not only personalisation")
-        shared = (f"{name}: detection helps the shared model: CLAIR's global model (the kept clients' average, no "
-                  "refinement) above the same average of everyone (γ > 0)",
+        shared = (f"{name}: detection helps the shared model: CLAIR's global model (the kept clients' average) above "
+                  "the same average of everyone, both with the refinement (γ > 0)",
                   "robust aggregation (ours: the shared model isolated)")
         texts = (detect, clean, gain, specific, beyond, shared)
         claims += _read(results, stems, texts, partial(_task, task, key, label, texts))
@@ -144,8 +144,9 @@ def _shared(task: str, key: str, label: str, text: tuple[str, str], taken: dict[
 
     Both are the same rule, the best rank-``R`` (``R`` the largest client rank) approximation of the exact
     average ``sum_{k in G} p_k B_k A_k``, CLAIR's over the clients it keeps and ``clair_nodetect``'s over
-    everyone; neither has a personal part (the benign-gain claim scores CLAIR's refined downloads), so their
-    difference is what leaving the flagged clients out does to the shared model. FlexLoRA (everyone's exact
+    everyone. Neither global model has a personal part (the benign-gain claim scores CLAIR's refined downloads),
+    but both runs refine: each round's clients train from their refined downloads, so the difference is what
+    leaving the flagged clients out does to the shared model of a refining federation, not of plain averaging. FlexLoRA (everyone's exact
     average, not truncated to ``R``) and the oracle (the contaminated clients left out by hand) are shown beside.
     """
     glob: dict[tuple[str, float], list[float] | None] = {}

@@ -103,13 +103,31 @@ def _speed(frz: dict[int, Run]) -> list[Claim]:
         {"rounds, HAFL": r_hafl, "rounds, zero-padding": r_zp, "target": targets}, configs=("freezing",))]
 
 
+def _saved(mb: dict, ours: str, other: str, title: str) -> tuple[dict, str]:
+    """The deciding comparison, MB up + down saved by ``ours`` against ``other`` (exact per seed), and the text of
+    the two directions apart."""
+    total = {who: [u + d for u, d in zip(mb[(who, "up")], mb[(who, "down")], strict=True)] for who in (ours, other)}
+    comp = exact(_diff(total[other], total[ours]), against=f"{title}, MB up + down saved")
+    ways = "; ".join(f"{way} " + ", ".join(f"{v:+.1f}" for v in _diff(mb[(other, way)], mb[(ours, way)]))
+                     for way in ("up", "down"))
+    return comp, f"{title}: {ways}"
+
+
+def _mb_text(mb: dict, who: str) -> str:
+    return " / ".join(", ".join(f"{v:.1f}" for v in mb[(who, way)]) for way in ("up", "down"))
+
+
+_BYTES_NOTE = ("bytes are counted, not sampled: exact per seed, no interval; the total (up + down) decides, up and "
+               "down are reported apart")
+
+
 def _bytes(frz: dict[int, Run], trn: dict[int, Run], hom: dict[str, dict[int, Run]] | None) -> list[Claim]:
     mb = {(who, way): _per_seed(runs, _final(m, f"mb_{way}"))
           for who, runs, m in (("hafl", frz, "hafl"), ("truncation", trn, "hafl"), ("hetlora", frz, "hetlora"))
           for way in ("up", "down")}
-    names = {"truncation": "HAFL truncation", "hetlora": "HetLoRA"}
-    comps = [exact(_diff(mb[(other, way)], mb[("hafl", way)]), against=f"{names[other]}, MB {way} saved")
-             for other in ("truncation", "hetlora") for way in ("up", "down")]
+    saved = [_saved(mb, "hafl", other, title) for other, title in (("truncation", "HAFL truncation"),
+                                                                     ("hetlora", "HetLoRA"))]
+    comps = [c for c, _ in saved]
     if hom is None:
         beside = "homogeneous FedIT at rank R: not run yet (configs/reproduce/hafl/homogeneous.toml)"
     else:
@@ -117,44 +135,32 @@ def _bytes(frz: dict[int, Run], trn: dict[int, Run], hom: dict[str, dict[int, Ru
         beside = ("homogeneous FedIT at rank R (every client at 32) " + ", ".join(
             f"{v:.1f}" for v in _per_seed(h, _final("fedit", "mb_up"))) + " up / " + ", ".join(
             f"{v:.1f}" for v in _per_seed(h, _final("fedit", "mb_down"))) + " down")
-
-    def per_seed(key):
-        return ", ".join(f"{v:.1f}" for v in mb[key])
-
     return [_decide(
         *_CLAIMS[2],
-        f"MB over the run per seed, up / down (exact): HAFL freezing {per_seed(('hafl', 'up'))} / "
-        f"{per_seed(('hafl', 'down'))}; HAFL truncation {per_seed(('truncation', 'up'))} / "
-        f"{per_seed(('truncation', 'down'))}; HetLoRA {per_seed(('hetlora', 'up'))} / {per_seed(('hetlora', 'down'))}"
-        f"; beside: {beside}; saved by freezing {_vs(comps, 1)}",
-        comps, "bytes are counted, not sampled: exact per seed, no interval; up and down apart, each must be saved "
-        "(equal: tie); freezing downloads all R slots and uploads each client's r_k",
+        f"MB over the run per seed, up / down (exact): HAFL freezing {_mb_text(mb, 'hafl')}; HAFL truncation "
+        f"{_mb_text(mb, 'truncation')}; HetLoRA {_mb_text(mb, 'hetlora')}; beside: {beside}; saved by freezing "
+        f"{_vs(comps, 1)} (by direction, {'; '.join(t for _, t in saved)})",
+        comps, _BYTES_NOTE + "; freezing downloads all R slots and uploads each client's r_k",
         {f"MB {way}, {who}": mb[(who, way)] for who in ("hafl", "truncation", "hetlora") for way in ("up", "down")},
         configs=("freezing", "truncation"), trained=False)]
 
 
 def _bytes_homogeneous(frz: dict[int, Run], hom: dict[int, Run]) -> list[Claim]:
-    r"""Freezing's bytes against FedIT with every client at the global rank ``R``, up and down apart (exact).
+    r"""Freezing's bytes against FedIT with every client at the global rank ``R`` (exact; total decides).
 
     Freezing trains each client's ``r_k`` top slots of the rank-``R`` adapter and sends them, and every client
-    downloads all ``R`` slots: against the federation it replaces, where every client trains and sends rank
-    ``R``, it can save upload only (``sum_k (R - r_k)`` slots a round); the download is the same ``R`` slots.
+    downloads all ``R`` slots (with their slot indices): against the federation it replaces, where every client
+    trains and sends rank ``R``, it saves ``sum_k (R - r_k)`` slots of upload a round and downloads the same ``R``
+    slots plus the indices.
     """
     mb = {(who, way): _per_seed(runs, _final(m, f"mb_{way}"))
           for who, runs, m in (("hafl", frz, "hafl"), ("homogeneous", hom, "fedit")) for way in ("up", "down")}
-    comps = [exact(_diff(mb[("homogeneous", way)], mb[("hafl", way)]),
-                   against=f"homogeneous FedIT at rank R, MB {way} saved") for way in ("up", "down")]
-
-    def per_seed(key):
-        return ", ".join(f"{v:.1f}" for v in mb[key])
-
+    comp, ways = _saved(mb, "hafl", "homogeneous", "homogeneous FedIT at rank R")
     return [_decide(
         *_CLAIMS[3],
-        f"MB over the run per seed, up / down (exact): HAFL freezing {per_seed(('hafl', 'up'))} / "
-        f"{per_seed(('hafl', 'down'))}; homogeneous FedIT at rank R {per_seed(('homogeneous', 'up'))} / "
-        f"{per_seed(('homogeneous', 'down'))}; saved by freezing {_vs(comps, 1)}",
-        comps, "bytes are counted, not sampled: exact per seed, no interval; up and down apart, each must be saved "
-        "(equal: tie); freezing uploads each client's r_k slots of the rank-R adapter, the homogeneous "
+        f"MB over the run per seed, up / down (exact): HAFL freezing {_mb_text(mb, 'hafl')}; homogeneous FedIT at "
+        f"rank R {_mb_text(mb, 'homogeneous')}; saved by freezing {_vs([comp], 1)} (by direction, {ways})",
+        [comp], _BYTES_NOTE + "; freezing uploads each client's r_k slots of the rank-R adapter, the homogeneous "
         "federation R, and both download R",
         {f"MB {way}, {who}": mb[(who, way)] for who in ("hafl", "homogeneous") for way in ("up", "down")},
         configs=("freezing", "homogeneous"), trained=False)]
