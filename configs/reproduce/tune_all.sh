@@ -40,6 +40,11 @@
 #   clair    copy_g0..g03 under a minute each (trials of 1-2 s); minilm_g0..g03 0.4-0.6 h each   total  2.1 h
 # All five: about 70 h without extensions, up to twice that if every method's best lies at an edge. PreLort's
 # four tunes are three quarters of it: run them on a GPU, or one experiment at a time (arguments above).
+# Measured since (2026-12-05), with trials scored at round 0 and the last round only (tune sets eval_every = rounds)
+# and 2 worker processes: a HAFL-setting trial takes 70-100 s of wall time (FedIT's took 157 s scored every round);
+# hafl/freezing's last 21 trials (HetLoRA's 12, extended to 0.045, and HAFL's 9) took 46 min while tests and a
+# reproduction shared the machine. The settings scored every round (hafl, byun-lee, SmolLM2) gain the most, those
+# scored once already (lora-a2) nothing.
 #
 # What is not tuned: `local` (CLAIR's "alone" reference) has no global model, so validation cannot score it and
 # tune refuses it; it keeps the config's rate. The CLAIR tunes choose the rate of every other method of the configs
