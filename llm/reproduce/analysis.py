@@ -84,7 +84,7 @@ class Experiment:
         return set(self._untuned_reasons(config_root, results))
 
     def _untuned_reasons(self, config_root, results: Results | None) -> dict[str, str]:
-        r"""Config stem -> why its runs' rates are not chosen for it.
+        r"""Config stem -> why its runs' rates are not chosen for it (``""``: it reuses another setting's rates).
 
         A config whose TOML names tuned files (``tuned = ...``, :func:`lowrank_fed.llm.tune.tune`'s choices) is
         checked against ``results``, whatever :attr:`tuned` says: each of its runs must have been made at the
@@ -104,8 +104,7 @@ class Experiment:
             path = Path(config_root) / self.name / f"{stem}.toml"
             if not (path.is_file() and "tuned" in tomllib.loads(path.read_text())):
                 if self.tuned is not None and stem not in self.tuned:
-                    out[stem] = (f"{stem} reuses the learning rates chosen for "
-                                 f"{', '.join(self.tuned) or 'another setting'}")
+                    out[stem] = ""
                 continue
             runs = (results or {}).get(stem, {})
             if not runs:
@@ -148,8 +147,11 @@ class Experiment:
         for c in claims:
             bad = sorted(set(c.configs) & set(untuned))
             if c.trained and bad and c.verdict != "not run yet":
-                why = _why_untuned([untuned[b] for b in bad])
-                note = f"not testable here: {UNTUNED} ({why})" + (f"; {c.note}" if c.note else "")
+                reuse = [b for b in bad if not untuned[b]]
+                why = ([f"{', '.join(reuse)} {'reuse' if len(reuse) > 1 else 'reuses'} the learning rates chosen "
+                        f"for {', '.join(self.tuned or ()) or 'another setting'}"] if reuse else [])
+                why += [untuned[b] for b in bad if untuned[b]]
+                note = f"not testable here: {UNTUNED} ({'; '.join(why)})" + (f"; {c.note}" if c.note else "")
                 c = Claim(c.claim, c.paper, c.ours, "not testable here", note, c.values, c.comparisons, "",
                           c.configs, c.trained, UNTUNED)
             out.append(c)
@@ -183,16 +185,6 @@ def _stale(run: Run, chosen: dict) -> str:
             if used != value:
                 return f"{table}.{option} = {used} (tuned: {value})"
     return ""
-
-
-def _why_untuned(reasons: list[str]) -> str:
-    """The reasons, the configs that reuse one setting's rates named together (``a, b reuse ...``)."""
-    reuse = [r.split(" reuses ", 1) for r in reasons if " reuses " in r]
-    merged = {}
-    for stem, what in reuse:
-        merged.setdefault(what, []).append(stem)
-    parts = [f"{', '.join(stems)} {'reuse' if len(stems) > 1 else 'reuses'} {what}" for what, stems in merged.items()]
-    return "; ".join(parts + [r for r in reasons if " reuses " not in r])
 
 
 _PLACEHOLDER = re.compile(r"\{([A-Za-z0-9_-]+)((?:\.[A-Za-z0-9_]+)+)\}")
