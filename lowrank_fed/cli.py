@@ -30,6 +30,8 @@ import warnings
 
 from threadpoolctl import threadpool_limits
 
+from .aggregation import available_cores  # the cores this process may use (its affinity), not the machine's
+
 __all__ = ["main", "build_parser"]
 
 # subcommand -> (module with add_arguments(parser) and main(args) -> int, help)
@@ -109,8 +111,6 @@ def main(argv: list[str] | None = None) -> int:
             print(stop.code, file=sys.stderr)
             return 2
         return int(stop.code or 0)
-    from .aggregation import available_cores  # the cores this process may use (its affinity), not the machine's
-
     threads, cores = os.environ.get("LOWRANK_FED_THREADS", "1"), available_cores()
     if not threads.isdigit() or not 1 <= int(threads) <= cores:
         print(f"lowrank-fed: LOWRANK_FED_THREADS must be a whole number from 1 to the {cores} cores this process may "

@@ -13,9 +13,13 @@ from __future__ import annotations
 
 import math
 import re
+import tomllib
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
+from ..config_files import tuned_paths
+from ..methods import METHODS, method_options
 from .runs import Results, Run
 from .twins import publish, twin_results, twins
 from .verdicts import advice, combine, example_se, mean_sd, paired
@@ -94,11 +98,6 @@ class Experiment:
         Runs of the config from before it was linked, or a method left out of its tune, make it untuned. Any other
         config is tuned when :attr:`tuned` is None or lists it, else untuned (it reuses another setting's rates).
         """
-        import tomllib
-        from pathlib import Path
-
-        from ..config_files import tuned_paths
-
         out = {}
         for stem in self.configs:
             path = Path(config_root) / self.name / f"{stem}.toml"
@@ -160,8 +159,6 @@ class Experiment:
 
 def _stale(run: Run, chosen: dict) -> str:
     """Why ``run`` was not made at the ``chosen`` values (a tuned file's tables and keys, merged), or ``""``."""
-    from ..methods import METHODS, method_options
-
     methods = run.config.get("methods", [])
     options = run.config.get("method_options", {})
     missing = [m for m in methods if m in METHODS and METHODS[m].scores_global and not isinstance(chosen.get(m), dict)]

@@ -272,9 +272,9 @@ def test_an_os_error_is_one_line_not_a_traceback(workspace, refused, monkeypatch
     monkeypatch.setenv("LOWRANK_FED_THREADS", "100000")
     refused(["merge", "a", "b", "--rule", "svd", "--out", "g"], "LOWRANK_FED_THREADS must be a whole number")
     # the bound is the cores this process may use (its affinity mask), not the machine's
-    import lowrank_fed.aggregation
+    import lowrank_fed.cli
 
-    monkeypatch.setattr(lowrank_fed.aggregation, "available_cores", lambda: 1)
+    monkeypatch.setattr(lowrank_fed.cli, "available_cores", lambda: 1)
     monkeypatch.setenv("LOWRANK_FED_THREADS", "2")
     refused(["merge", "a", "b", "--rule", "svd", "--out", "g"], "from 1 to the 1 cores this process may use")
 
