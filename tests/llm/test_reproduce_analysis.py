@@ -207,7 +207,7 @@ def test_claims_on_untuned_learning_rates_are_not_testable_here(tmp_path, monkey
     hafl = tmp_path / "hafl-configs"
     shutil.copytree(CONFIG_ROOT / "hafl", hafl / "hafl")
     path = hafl / "hafl" / "freezing.toml"
-    path.write_text('tuned = "chosen.toml"\n' + path.read_text())
+    path.write_text(path.read_text().replace('tuned = "tuned/freezing.toml"', 'tuned = "chosen.toml"'))
     runs = find_runs(EXPERIMENTS["hafl"], RESULTS / "hafl")  # fedit, hetlora, hafl, all at the config's lr 5e-3
     at = "[fedit]\nlr = {}\n[hetlora]\nlr = 0.005\n[hafl]\nlr = 0.005\nbeta1 = 0.85\n"
     for chosen, stale in ((at.format(0.015), "fedit.lr = 0.005 (tuned: 0.015)"), (at.format(0.005), ""),
@@ -230,7 +230,11 @@ def test_claims_on_untuned_learning_rates_are_not_testable_here(tmp_path, monkey
     assert EXPERIMENTS["byun-lee"].untuned(CONFIG_ROOT, byun_runs) == {"top10_bbc"}
     # PreLort's and HAFL's rates were never chosen for their own settings: every config counts as untuned
     assert EXPERIMENTS["prelort"].untuned(CONFIG_ROOT) == set(EXPERIMENTS["prelort"].configs)
-    assert EXPERIMENTS["hafl"].untuned(CONFIG_ROOT) == set(EXPERIMENTS["hafl"].configs)
+    # (HAFL's alpha_over_r configs are linked now; their committed runs used 5e-3, which is truncation's tuned rate
+    # for its one method and not freezing's FedIT or HetLoRA rate)
+    assert EXPERIMENTS["hafl"].untuned(CONFIG_ROOT) == {"freezing_constant", "truncation_constant"}
+    assert EXPERIMENTS["hafl"].untuned(CONFIG_ROOT, find_runs(EXPERIMENTS["hafl"], RESULTS / "hafl")) == {
+        "freezing", "freezing_constant", "truncation_constant"}
     assert EXPERIMENTS["clair"].untuned(CONFIG_ROOT) == set()  # chosen on validation seeds 100-104 (headers)
 
 

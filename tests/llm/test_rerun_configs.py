@@ -50,14 +50,19 @@ def test_every_config_sets_lora_scaling_itself_and_says_why(name, stem):
 
 @pytest.mark.parametrize(("name", "stem"), sorted(TWINS))
 def test_a_twin_differs_from_its_original_in_lora_scaling_and_name_only(name, stem):
-    original = load_config(CONFIG_ROOT / name / f"{stem}.toml")
-    twin = load_config(CONFIG_ROOT / name / f"{stem}_constant.toml")
+    # the files as written (each may name its own tuned file: the rates are chosen per convention)
+    original = tomllib.loads((CONFIG_ROOT / name / f"{stem}.toml").read_text())
+    twin = tomllib.loads((CONFIG_ROOT / name / f"{stem}_constant.toml").read_text())
     assert (original["lora_scaling"], twin["lora_scaling"]) == ("alpha_over_r", "constant")
     assert twin["name"] == original["name"] + "-constant"
-    rest = {k: v for k, v in original.items() if k not in ("lora_scaling", "name")}
-    assert {k: v for k, v in twin.items() if k not in ("lora_scaling", "name")} == rest
-    assert RunConfig.from_dict(twin).to_dict() == {**RunConfig.from_dict(original).to_dict(),
-                                                  "lora_scaling": "constant", "name": twin["name"]}
+    assert original.get("tuned", f"tuned/{stem}.toml") == f"tuned/{stem}.toml"
+    assert twin.get("tuned", f"tuned/{stem}_constant.toml") == f"tuned/{stem}_constant.toml"
+    own = ("lora_scaling", "name", "tuned")
+    rest = {k: v for k, v in original.items() if k not in own}
+    assert {k: v for k, v in twin.items() if k not in own} == rest
+    assert RunConfig.from_dict({k: v for k, v in twin.items() if k != "tuned"}).to_dict() == {
+        **RunConfig.from_dict({k: v for k, v in original.items() if k != "tuned"}).to_dict(),
+        "lora_scaling": "constant", "name": twin["name"]}
 
 
 def test_the_homogeneous_hafl_config_needs_no_twin_its_scale_is_the_same_under_both():
@@ -85,12 +90,12 @@ def _committed_runs():
 
 
 def test_committed_runs_made_before_lora_scaling_existed_are_still_finished():
-    # lora-a2's and hafl's config.json predate the key and ran the configs as they are now (up to the key);
-    # PreLort's ran 5 and 3 local steps, not 50, and Byun & Lee's at lr 5e-3, before its config read its tuned
+    # lora-a2's config.json predate the key and ran the configs as they are now (up to the key); PreLort's ran 5
+    # and 3 local steps, not 50, and Byun & Lee's and HAFL's at lr 5e-3, before their configs read their tuned
     # rates: runs of other configs, to be rerun. CLAIR's were rerun under today's configs (the key is in their
     # config.json); the earlier ones are in clair-zcut3/ and (the copy task at lr 5e-3, before its tune)
     # clair-lr5e-3/, outside this check.
-    rerun = ("prelort", "byun-lee")
+    rerun = ("prelort", "byun-lee", "hafl")
     counted = 0
     for name, stem, folder in _committed_runs():
         stored = json.loads((folder / "config.json").read_text())
@@ -99,9 +104,9 @@ def test_committed_runs_made_before_lora_scaling_existed_are_still_finished():
         assert _finished(folder, cfg) is (name not in rerun), folder
         counted += name not in rerun
     with_runs = [(n, c) for n, c in ALL_CONFIGS if n not in rerun and (RESULTS / n / c).is_dir()]
-    assert len(with_runs) == 6 + 2 + 4 + 2  # lora-a2, hafl freezing and truncation, clair copy, minilm
+    assert len(with_runs) == 6 + 4 + 2  # lora-a2, clair copy, minilm
     assert counted == sum(len(list((RESULTS / n / c).glob("seed*"))) for n, c in with_runs if not _names_tuned(n, c))
-    assert counted == 3 * (6 + 2 + 2)
+    assert counted == 3 * (6 + 2)
     # configs that read a tuned file (CLAIR's copy task, rerun at its tuned rates, 5 seeds): their runs are theirs
     tuned = [(n, c) for n, c in ALL_CONFIGS if _names_tuned(n, c) and (RESULTS / n / c).is_dir() and n not in rerun]
     assert sorted(c for _, c in tuned) == ["copy_g0", "copy_g01", "copy_g02", "copy_g03"]
@@ -134,8 +139,9 @@ def test_a_stored_config_without_a_newer_key_is_that_keys_default_and_nothing_el
 
 def test_a_config_naming_a_tuned_file_that_does_not_exist_fails_clearly(tmp_path):
     path = tmp_path / "hafl.toml"
-    path.write_text((CONFIG_ROOT / "hafl" / "freezing.toml").read_text()
-                    .replace('name = "hafl-freezing"\n', 'name = "hafl-freezing"\ntuned = "tuned/freezing.toml"\n'))
+    text = "".join(line for line in (CONFIG_ROOT / "hafl" / "freezing.toml").read_text().splitlines(keepends=True)
+                   if not line.startswith("tuned ="))
+    path.write_text(text.replace('name = "hafl-freezing"\n', 'name = "hafl-freezing"\ntuned = "tuned/freezing.toml"\n'))
     with pytest.raises(ConfigError, match=r"Tuned file '.*tuned/freezing.toml' not found \(named by 'tuned' in "
                                           r"'.*hafl.toml'\): write it first .*tune_all.sh"):
         load_config(path)
