@@ -224,10 +224,11 @@ def test_claims_on_untuned_learning_rates_are_not_testable_here(tmp_path, monkey
     assert notes and all("freezing's runs were not made at its tuned values (seed 0: fedit.lr = 0.005 (tuned: "
                          "0.015)" in n for n in notes)
     # an experiment that says every config was tuned (tuned=None) still checks a linked config's runs: Byun & Lee's
-    # committed runs are at 5e-3, its tuned file at FedIT 0.015, replication 0.005
-    byun_runs = find_runs(EXPERIMENTS["byun-lee"], RESULTS / "byun-lee")
+    # earlier runs are at 5e-3, its tuned file at FedIT 0.015, replication 0.005; the rerun is at the tuned rates
+    old = find_runs(EXPERIMENTS["byun-lee"], RESULTS / "byun-lee-lr5e-3")
     assert EXPERIMENTS["byun-lee"].tuned is None and EXPERIMENTS["byun-lee"].untuned(CONFIG_ROOT) == set()
-    assert EXPERIMENTS["byun-lee"].untuned(CONFIG_ROOT, byun_runs) == {"top10_bbc"}
+    assert EXPERIMENTS["byun-lee"].untuned(CONFIG_ROOT, old) == {"top10_bbc"}
+    assert EXPERIMENTS["byun-lee"].untuned(CONFIG_ROOT, find_runs(EXPERIMENTS["byun-lee"], RESULTS / "byun-lee")) == set()
     # PreLort's and HAFL's rates were never chosen for their own settings: every config counts as untuned
     assert EXPERIMENTS["prelort"].untuned(CONFIG_ROOT) == set(EXPERIMENTS["prelort"].configs)
     # (HAFL's alpha_over_r configs are linked now; their committed runs used 5e-3, which is truncation's tuned rate

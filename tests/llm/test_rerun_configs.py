@@ -91,11 +91,11 @@ def _committed_runs():
 
 def test_committed_runs_made_before_lora_scaling_existed_are_still_finished():
     # lora-a2's config.json predate the key and ran the configs as they are now (up to the key); PreLort's ran 5
-    # and 3 local steps, not 50, and Byun & Lee's and HAFL's at lr 5e-3, before their configs read their tuned
-    # rates: runs of other configs, to be rerun. CLAIR's were rerun under today's configs (the key is in their
+    # and 3 local steps, not 50, and HAFL's at lr 5e-3, before their configs read their tuned rates: runs of other
+    # configs, to be rerun (Byun & Lee's were, 5 seeds; the earlier ones are in byun-lee-lr5e-3/, outside this check). CLAIR's were rerun under today's configs (the key is in their
     # config.json); the earlier ones are in clair-zcut3/ and (the copy task at lr 5e-3, before its tune)
     # clair-lr5e-3/, outside this check.
-    rerun = ("prelort", "byun-lee", "hafl")
+    rerun = ("prelort", "hafl")
     counted = 0
     for name, stem, folder in _committed_runs():
         stored = json.loads((folder / "config.json").read_text())
@@ -104,12 +104,13 @@ def test_committed_runs_made_before_lora_scaling_existed_are_still_finished():
         assert _finished(folder, cfg) is (name not in rerun), folder
         counted += name not in rerun
     with_runs = [(n, c) for n, c in ALL_CONFIGS if n not in rerun and (RESULTS / n / c).is_dir()]
-    assert len(with_runs) == 6 + 4 + 2  # lora-a2, clair copy, minilm
+    assert len(with_runs) == 6 + 1 + 4 + 2  # lora-a2, byun-lee, clair copy, minilm
     assert counted == sum(len(list((RESULTS / n / c).glob("seed*"))) for n, c in with_runs if not _names_tuned(n, c))
     assert counted == 3 * (6 + 2)
-    # configs that read a tuned file (CLAIR's copy task, rerun at its tuned rates, 5 seeds): their runs are theirs
+    # configs that read a tuned file (CLAIR's copy task and Byun & Lee, rerun at their tuned rates, 5 seeds): their
+    # runs are theirs
     tuned = [(n, c) for n, c in ALL_CONFIGS if _names_tuned(n, c) and (RESULTS / n / c).is_dir() and n not in rerun]
-    assert sorted(c for _, c in tuned) == ["copy_g0", "copy_g01", "copy_g02", "copy_g03"]
+    assert sorted(c for _, c in tuned) == ["copy_g0", "copy_g01", "copy_g02", "copy_g03", "top10_bbc"]
     for name, stem in tuned:
         folders = sorted((RESULTS / name / stem).glob("seed*"))
         assert len(folders) == 5
