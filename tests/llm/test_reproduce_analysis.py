@@ -334,3 +334,22 @@ def test_the_readme_rows_are_read_as_a_table():
     assert len(rows) >= 18 and all(len(r) == 6 for r in rows)
     assert reproduce_run.CONFIG_ROOT == CONFIG_ROOT
 
+
+
+def test_byun_lee_drop_claims_need_a_high_rank_client_that_learnt():
+    from lowrank_fed.llm.reproduce.papers.byun_lee import MIN_LEARNT_SEEDS, _unlearnt
+
+    runs = {s: Run({}, {}, {"majority_accuracy": 0.25, "eval_size": 300}) for s in range(5)}
+    se2 = 2 * (0.25 * 0.75 / 300) ** 0.5  # 0.05
+    learnt, flat = 0.25 + se2 + 0.01, 0.25 + se2 - 0.01
+    # 3 seeds above the majority class by more than 2 standard errors: testable; 2: not, naming the seeds
+    assert _unlearnt(runs, {"fedit": [learnt] * 3 + [flat] * 2}) == "" and MIN_LEARNT_SEEDS == 3
+    why = _unlearnt(runs, {"fedit": [learnt, flat, flat, learnt, 0.1]})
+    assert "in 2 of 5 seeds (seed 0, 3)" in why and "zero-padding's" in why
+    # two methods: a seed counts only where both had learnt
+    both = _unlearnt(runs, {"fedit": [learnt] * 5, "replication": [learnt, learnt, flat, flat, flat]})
+    assert "in 2 of 5 seeds" in both and "zero-padding's and replication's" in both
+    # the committed rerun: FedIT's rank-20 client learnt before aggregation in seed 3 only
+    claims = _claims("byun-lee")
+    drop = claims["Zero-padding: the rank-20 client's accuracy falls after one aggregation"]
+    assert drop.verdict == "not testable here" and "in 1 of 5 seeds (seed 3)" in drop.note

@@ -5,6 +5,8 @@ The claims' texts and numbers are the paper's; how each is read from the runs is
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from ..analysis import (Claim, Experiment, Results, Run, _against, _decide, _diff, _final, _ms, _near_chance,
@@ -21,6 +23,36 @@ _BYUN_LEE_CLAIMS = (("Zero-padding: the rank-20 client's accuracy falls after on
                     ("Replication keeps it (smaller drop than zero-padding)", "84.3% -> 82.1%"),
                     ("Replication's global model is at least as good as zero-padding's",
                      "implied (replication is proposed as the fix)"))
+
+
+#: Seeds whose high-rank client learnt before aggregation, at least, for a verdict on its drop (the fewest seeds any
+#: verdict takes).
+MIN_LEARNT_SEEDS = 3
+
+
+def _unlearnt(runs: dict[int, Run], before_test: dict[str, list[float]]) -> str:
+    r"""Why the drop claims are not testable here, or ``""``.
+
+    A drop at aggregation needs a model that had something to lose: the rank-20 client's own model before round
+    1's aggregation must be above always answering the test set's majority class by more than 2 standard errors,
+    ``acc - p > 2 sqrt(p (1 - p) / N)`` (the rule of the global-accuracy claims, :func:`..analysis._near_chance`),
+    for every method compared, in at least :data:`MIN_LEARNT_SEEDS` seeds.
+    """
+    seeds = _seeds(runs)
+    learnt = []
+    for i, s in enumerate(seeds):
+        p, n = runs[s].setup.get("majority_accuracy"), int(runs[s].setup.get("eval_size") or 0)
+        if p is None or n < 1:
+            return ""
+        if all(acc[i] - p > 2 * math.sqrt(p * (1 - p) / n) for acc in before_test.values()):
+            learnt.append(s)
+    if len(learnt) >= MIN_LEARNT_SEEDS:
+        return ""
+    who = " and ".join("zero-padding's" if m == "fedit" else f"{m}'s" for m in before_test)
+    return (f"{who} rank-20 client had learnt before aggregation (its own model more than 2 standard errors above "
+            f"the test set's majority share) in {len(learnt)} of {len(seeds)} seeds"
+            + (f" (seed {', '.join(map(str, learnt))})" if learnt else "")
+            + f": a drop needs a model with something to lose, in at least {MIN_LEARNT_SEEDS} seeds")
 
 
 def _byun_lee(results: Results) -> list[Claim]:
@@ -53,14 +85,17 @@ def _top10(runs: dict[int, Run]) -> list[Claim]:
                 f"{_ms(zp['after_test'])}); drop {_vs(zp_comp)}",
                 zp_comp, "its own model before round 1's aggregation, then its download, on its held-out set",
                 {"before": zp["before"], "after": zp["after"], "before (test)": zp["before_test"],
-                 "after (test)": zp["after_test"]}, configs=("top10_bbc",)),
+                 "after (test)": zp["after_test"]}, untestable=_unlearnt(runs, {"fedit": zp["before_test"]}),
+                configs=("top10_bbc",)),
         _decide("Replication keeps it (smaller drop than zero-padding)",
                 "84.3% -> 82.1%",
                 f"{_ms(rep['before'])} -> {_ms(rep['after'])} (test set: {_ms(rep['before_test'])} -> "
                 f"{_ms(rep['after_test'])}); zero-padding's drop minus replication's {_vs(rep_comp)}",
                 rep_comp, "difference: zero-padding's drop minus replication's, same seed",
                 {"before": rep["before"], "after": rep["after"], "before (test)": rep["before_test"],
-                 "after (test)": rep["after_test"]}, configs=("top10_bbc",)),
+                 "after (test)": rep["after_test"]},
+                untestable=_unlearnt(runs, {"fedit": zp["before_test"], "replication": rep["before_test"]}),
+                configs=("top10_bbc",)),
     ]
     g_zp, g_rep = _per_seed(runs, _final("fedit")), _per_seed(runs, _final("replication"))
     comps = _against({"replication": g_rep, "fedit": g_zp}, "replication", ("fedit",), {"fedit": "zero-padding"},
