@@ -330,6 +330,16 @@ def _example_se(run: Run, a: str, b: str) -> float | None:
     return None if ca is None or cb is None else example_se(ca, cb)
 
 
+def _above_majority(accuracy: float, setup: dict) -> bool | None:
+    r"""``acc - p > 2 sqrt(p (1 - p) / N)``: ``accuracy`` is above always answering the test set's majority class by
+    more than 2 standard errors (``p``, ``N``: ``majority_accuracy`` and ``eval_size`` of ``setup.json``); None when
+    the run's set-up does not record them."""
+    p, n = setup.get("majority_accuracy"), int(setup.get("eval_size") or 0)
+    if p is None or n < 1:
+        return None
+    return accuracy - p > 2 * math.sqrt(p * (1 - p) / n)
+
+
 def _near_chance(by_seed: dict[int, Run], methods: Sequence[str]) -> str:
     r"""Why a claim on these methods' global accuracy is not testable here, or ``""``.
 
@@ -340,10 +350,8 @@ def _near_chance(by_seed: dict[int, Run], methods: Sequence[str]) -> str:
     testable when no method has, in any seed.
     """
     for run in by_seed.values():
-        p, n = run.setup.get("majority_accuracy"), int(run.setup.get("eval_size") or 0)
-        if p is None or n < 1:
-            return ""
-        if any(run.summary[m]["final"] - p > 2 * math.sqrt(p * (1 - p) / n) for m in methods):
+        above = [_above_majority(run.summary[m]["final"], run.setup) for m in methods]
+        if None in above or any(above):
             return ""
     return ("no method's accuracy more than 2 standard errors above the majority class's share of the test set, in "
             "any seed: none has learnt anything measurable")

@@ -5,12 +5,10 @@ The claims' texts and numbers are the paper's; how each is read from the runs is
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
-from ..analysis import (Claim, Experiment, Results, Run, _against, _decide, _diff, _final, _ms, _near_chance,
-                        _per_seed, _read, _seeds, _vs)
+from ..analysis import (Claim, Experiment, Results, Run, _above_majority, _against, _decide, _diff, _final, _ms,
+                        _near_chance, _per_seed, _read, _seeds, _vs)
 from ..verdicts import paired
 
 
@@ -35,16 +33,16 @@ def _unlearnt(runs: dict[int, Run], before_test: dict[str, list[float]]) -> str:
 
     A drop at aggregation needs a model that had something to lose: the rank-20 client's own model before round
     1's aggregation must be above always answering the test set's majority class by more than 2 standard errors,
-    ``acc - p > 2 sqrt(p (1 - p) / N)`` (the rule of the global-accuracy claims, :func:`..analysis._near_chance`),
+    ``acc - p > 2 sqrt(p (1 - p) / N)`` (:func:`..analysis._above_majority`, the rule of the global-accuracy claims),
     for every method compared, in at least :data:`MIN_LEARNT_SEEDS` seeds.
     """
     seeds = _seeds(runs)
     learnt = []
     for i, s in enumerate(seeds):
-        p, n = runs[s].setup.get("majority_accuracy"), int(runs[s].setup.get("eval_size") or 0)
-        if p is None or n < 1:
+        above = [_above_majority(acc[i], runs[s].setup) for acc in before_test.values()]
+        if None in above:
             return ""
-        if all(acc[i] - p > 2 * math.sqrt(p * (1 - p) / n) for acc in before_test.values()):
+        if all(above):
             learnt.append(s)
     if len(learnt) >= MIN_LEARNT_SEEDS:
         return ""
