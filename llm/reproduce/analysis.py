@@ -112,7 +112,7 @@ class Experiment:
             chosen = {}
             for file in files:
                 chosen.update(tomllib.loads(file.read_text()))
-            named = f"{path.name} names {', '.join(f.name for f in files)}"
+            named = f"{path.name} names {', '.join(_relative(f, path.parent) for f in files)}"
             for seed, run in sorted(runs.items()):
                 why = _stale(run, chosen)
                 if why:
@@ -155,6 +155,14 @@ class Experiment:
                           c.configs, c.trained, UNTUNED)
             out.append(c)
         return out
+
+
+def _relative(file: Path, folder: Path) -> str:
+    """``file`` as a config in ``folder`` names it (``tuned/x.toml``), else its full path."""
+    try:
+        return file.resolve().relative_to(folder.resolve()).as_posix()
+    except ValueError:
+        return str(file)
 
 
 def _stale(run: Run, chosen: dict) -> str:
