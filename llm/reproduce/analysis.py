@@ -159,10 +159,8 @@ class Experiment:
 
 def _relative(file: Path, folder: Path) -> str:
     """``file`` as a config in ``folder`` names it (``tuned/x.toml``), else its full path."""
-    try:
-        return file.resolve().relative_to(folder.resolve()).as_posix()
-    except ValueError:
-        return str(file)
+    file, folder = file.resolve(), folder.resolve()
+    return file.relative_to(folder).as_posix() if file.is_relative_to(folder) else str(file)
 
 
 def _stale(run: Run, chosen: dict) -> str:
