@@ -11,9 +11,9 @@ approximation of ``sum_k p_k s_k B_k A_k`` (``p_k`` the normalised weights, ``s_
   :func:`lowrank_fed.llm.adapters.aggregate_adapters` on the loaded adapters.
 
 Each side runs in its own process, so its memory is its own; the table gives the time of the merge step and the
-most memory it added above the process after loading (the process's peak reset at the step's start, ``VmHWM``). Both results are compared with a float64
-dense reference on the first and last layer (relative Frobenius error of the rank-64 product against the best
-rank-64 approximation).
+most memory it added above the process after loading (the process's peak reset at the step's start, ``VmHWM``).
+Both results are compared with a float64 dense reference on the first and last layer (relative Frobenius error of
+the rank-64 product against the best rank-64 approximation).
 """
 
 from __future__ import annotations

@@ -178,13 +178,11 @@ def _stale(run: Run, chosen: dict) -> str:
             continue
         if table not in methods:
             continue  # a method this run does not have
+        parsed = method_options(table)(**options.get(table, {}))  # what the run's [table] meant, defaults included
         for option, value in values.items():
-            if option in options.get(table, {}):
-                used = options[table][option]
-            elif option == "lr":
+            used = getattr(parsed, option)
+            if option == "lr" and used is None:
                 used = run.config.get("lr")  # a method without its own lr trains at the run's
-            else:
-                used = method_options(table).model_fields[option].default
             if used != value:
                 return f"{table}.{option} = {used} (tuned: {value})"
     return ""

@@ -5,6 +5,7 @@ The claims' texts and numbers are the paper's; how each is read from the runs is
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 
 from ..analysis import (Claim, Experiment, Results, Run, _decide, _diff, _ms, _not_run, _per_seed, _read, _seeds,
@@ -87,11 +88,8 @@ def _task(task: str, key: str, label: str, texts: tuple[tuple[str, str], ...], *
         configs=stems))
     # benign clients' score: CLAIR against each required baseline, paired by seed; FedIT beside
     score: dict[tuple[str, float], list[float] | None] = {}
-    for tag, gamma in _GAMMAS:
-        runs = taken[f"{task}_g{tag}"]
-        for m in ("clair", "fedit", "oracle", "clair_nodetect", *(b for b, _ in _CLAIR_BASELINES)):
-            have = all(m in runs[s].history for s in _seeds(runs))
-            score[(m, gamma)] = _per_seed(runs, lambda r, m=m: _benign(r, m, key)) if have else None
+    score.update(_by_gamma(taken, task, ("clair", "fedit", "oracle", "clair_nodetect",
+                                         *(b for b, _ in _CLAIR_BASELINES)), lambda r, m: _benign(r, m, key)))
     gain_comps, spec_comps, values_gain, values_spec, texts = [], [], {}, {}, []
     for _, gamma in _GAMMAS[1:]:
         for b, title in _CLAIR_BASELINES:
@@ -112,7 +110,8 @@ def _task(task: str, key: str, label: str, texts: tuple[tuple[str, str], ...], *
         texts.append(f"γ {gamma}: " + ", ".join(parts))
         values_gain[f"CLAIR - FedIT (beside), γ {gamma}"] = _diff(score[("clair", gamma)], score[("fedit", gamma)])
     claims.append(_decide(
-        *gain, f"benign clients' {label}: " + "; ".join(texts) + f"; CLAIR minus each, paired by seed: {_vs(gain_comps)}", gain_comps,
+        *gain, f"benign clients' {label}: " + "; ".join(texts) + "; CLAIR minus each, paired by seed: "
+        + _vs(gain_comps), gain_comps,
         "CLAIR minus local training and minus FlexLoRA (FedAvg of everyone's products B_k A_k, exact, as CLAIR's "
         "own average is) per seed, at each γ > 0, each required; FedIT (factor-wise average) is shown beside, "
         "not decisive: it loses to exact-product averaging without any contamination", values_gain,
@@ -138,6 +137,19 @@ def _task(task: str, key: str, label: str, texts: tuple[tuple[str, str], ...], *
     return claims
 
 
+def _by_gamma(taken: dict[str, dict[int, Run]], task: str, methods: tuple[str, ...],
+              read: Callable[[Run, str], float]) -> dict[tuple[str, float], list[float] | None]:
+    """``{(method, γ): [read(run, method) per seed]}`` over the task's runs at every γ; None for a method that is
+    not in every seed's runs at that γ."""
+    out = {}
+    for tag, gamma in _GAMMAS:
+        runs = taken[f"{task}_g{tag}"]
+        for m in methods:
+            have = all(m in runs[s].history for s in _seeds(runs))
+            out[(m, gamma)] = _per_seed(runs, lambda r, m=m: read(r, m)) if have else None
+    return out
+
+
 def _shared(task: str, key: str, label: str, text: tuple[str, str], taken: dict[str, dict[int, Run]],
             stems: tuple[str, ...]) -> Claim:
     r"""CLAIR's global model against ``clair_nodetect``'s, on the test set, paired by seed at each γ > 0.
@@ -146,15 +158,12 @@ def _shared(task: str, key: str, label: str, text: tuple[str, str], taken: dict[
     average ``sum_{k in G} p_k B_k A_k``, CLAIR's over the clients it keeps and ``clair_nodetect``'s over
     everyone. Neither global model has a personal part (the benign-gain claim scores CLAIR's refined downloads),
     but both runs refine: each round's clients train from their refined downloads, so the difference is what
-    leaving the flagged clients out does to the shared model of a refining federation, not of plain averaging. FlexLoRA (everyone's exact
-    average, not truncated to ``R``) and the oracle (the contaminated clients left out by hand) are shown beside.
+    leaving the flagged clients out does to the shared model of a refining federation, not of plain averaging.
+    FlexLoRA (everyone's exact average, not truncated to ``R``) and the oracle (the contaminated clients left out by
+    hand) are shown beside.
     """
-    glob: dict[tuple[str, float], list[float] | None] = {}
-    for tag, gamma in _GAMMAS:
-        runs = taken[f"{task}_g{tag}"]
-        for m in ("clair", "clair_nodetect", "flexlora", "oracle"):
-            have = all(m in runs[s].history for s in _seeds(runs))
-            glob[(m, gamma)] = _per_seed(runs, lambda r, m=m: r.history[m][-1][key]) if have else None
+    glob = _by_gamma(taken, task, ("clair", "clair_nodetect", "flexlora", "oracle"),
+                     lambda r, m: r.history[m][-1][key])
     if any(glob[("clair_nodetect", g)] is None for _, g in _GAMMAS[1:]):
         return _not_run(*text, "no 'clair_nodetect' (the same average of everyone) in the runs' methods",
                         configs=stems)

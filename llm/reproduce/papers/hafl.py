@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..analysis import (Claim, Experiment, Results, Run, _decide, _diff, _final, _last, _ms, _per_seed, _read,
-                        _seeds, _take, _vs)
+                        _seeds, _vs)
 from ..verdicts import exact, paired, sign_count
 
 
@@ -52,10 +52,9 @@ _CLAIMS = (("Freezing: no accuracy drop at distribution (truncation has one)", "
 
 
 def _hafl(results: Results) -> list[Claim]:
-    hom = _take(results, ("freezing", "homogeneous"))  # beside the bytes claim, never required
     return [*_read(results, ("freezing", "truncation"), [_CLAIMS[0]], _drop),
             *_read(results, ("freezing",), [_CLAIMS[1]], _speed),
-            *_read(results, ("freezing", "truncation"), [_CLAIMS[2]], lambda frz, trn: _bytes(frz, trn, hom)),
+            *_read(results, ("freezing", "truncation"), [_CLAIMS[2]], _bytes),
             *_read(results, ("freezing", "homogeneous"), [_CLAIMS[3]], _bytes_homogeneous)]
 
 
@@ -121,24 +120,17 @@ _BYTES_NOTE = ("bytes are counted, not sampled: exact per seed, no interval; the
                "down are reported apart")
 
 
-def _bytes(frz: dict[int, Run], trn: dict[int, Run], hom: dict[str, dict[int, Run]] | None) -> list[Claim]:
+def _bytes(frz: dict[int, Run], trn: dict[int, Run]) -> list[Claim]:
     mb = {(who, way): _per_seed(runs, _final(m, f"mb_{way}"))
           for who, runs, m in (("hafl", frz, "hafl"), ("truncation", trn, "hafl"), ("hetlora", frz, "hetlora"))
           for way in ("up", "down")}
     saved = [_saved(mb, "hafl", other, title) for other, title in (("truncation", "HAFL truncation"),
                                                                      ("hetlora", "HetLoRA"))]
     comps = [c for c, _ in saved]
-    if hom is None:
-        beside = "homogeneous FedIT at rank R: not run yet (configs/reproduce/hafl/homogeneous.toml)"
-    else:
-        h = hom["homogeneous"]
-        beside = ("homogeneous FedIT at rank R (every client at 32) " + ", ".join(
-            f"{v:.1f}" for v in _per_seed(h, _final("fedit", "mb_up"))) + " up / " + ", ".join(
-            f"{v:.1f}" for v in _per_seed(h, _final("fedit", "mb_down"))) + " down")
     return [_decide(
         *_CLAIMS[2],
         f"MB over the run per seed, up / down (exact): HAFL freezing {_mb_text(mb, 'hafl')}; HAFL truncation "
-        f"{_mb_text(mb, 'truncation')}; HetLoRA {_mb_text(mb, 'hetlora')}; beside: {beside}; saved by freezing "
+        f"{_mb_text(mb, 'truncation')}; HetLoRA {_mb_text(mb, 'hetlora')}; saved by freezing "
         f"{_vs(comps, 1)} (by direction, {'; '.join(t for _, t in saved)})",
         comps, _BYTES_NOTE + "; freezing downloads all R slots and uploads each client's r_k",
         {f"MB {way}, {who}": mb[(who, way)] for who in ("hafl", "truncation", "hetlora") for way in ("up", "down")},
@@ -172,6 +164,7 @@ EXPERIMENT = Experiment(
     ("freezing", "truncation", "homogeneous", "freezing_constant", "truncation_constant"),
     "MiniLM, {freezing.clients} clients at ranks {freezing.ranks}, Dirichlet {freezing.alpha}, "
     "{freezing.rounds} rounds of {freezing.local_steps} local steps, {freezing.train_size} training examples, "
-    "lr {freezing.lr}; the bytes are compared with truncation (HAFL's truncation variant and HetLoRA), FedIT "
-    "with every client at rank R = 32 beside; the paper's sizes are not given in its abstract.",
-    _hafl, tuned=())  # lr 5e-3 came from an early lora-a2 choice, never from HAFL's setting
+    "each method's learning rate tuned for its setting where the config links a tuned file; the bytes are compared "
+    "with truncation (HAFL's truncation variant and HetLoRA) and with FedIT with every client at rank R = 32 (the "
+    "federation freezing replaces); the paper's sizes are not given in its abstract.",
+    _hafl, tuned=())  # an unlinked config runs at lr 5e-3, an early lora-a2 choice, never HAFL's setting's
