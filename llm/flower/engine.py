@@ -290,7 +290,9 @@ class FlowerSimulation:
                                  "configure_logging": False}}
         folder = (self.out / ".flower").resolve()
         saved = os.environ.get(MARK)
+        flwr_log, owner_exit = logging.getLogger("flwr"), _OwnerExitFilter()
         with signals_raise(), flower_env(self.out), watchdog(folder), warnings.catch_warnings():
+            flwr_log.addFilter(owner_exit)
             warnings.filterwarnings("ignore", category=DeprecationWarning)
             os.environ[MARK] = str(folder)  # inherited by Ray's processes: the clean-up finds them by it
             try:
@@ -305,7 +307,6 @@ class FlowerSimulation:
                     raise terminated from None
                 raise
             finally:
-                flwr_log = logging.getLogger("flwr")
                 quiet = sys.exc_info()[0] is not None and not flwr_log.disabled
                 if quiet:  # stopped early: Flower's workers log a traceback for each ClientApp cut off mid-round
                     flwr_log.disabled = True
@@ -316,6 +317,7 @@ class FlowerSimulation:
                 stop_marked(folder)
                 if quiet:
                     flwr_log.disabled = False
+                flwr_log.removeFilter(owner_exit)
                 if saved is None:
                     os.environ.pop(MARK, None)
                 else:
@@ -356,6 +358,15 @@ class _StoppableGrid:
             if not pending or (timeout is not None and time.monotonic() >= end):
                 return replies
             time.sleep(0.05)
+
+
+class _OwnerExitFilter(logging.Filter):
+    """Drops Flower's report of a ClientApp actor that died "because its owner has died" (Ray's
+    ``ActorDiedError``): its owner is this process, which is ending. A SIGTERM reaches Ray's core worker before
+    the Python handler can quiet Flower's log, so the report is a consequence of the stop, never its cause."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "because its owner has died" not in record.getMessage()
 
 
 def _ray_shutdown() -> None:

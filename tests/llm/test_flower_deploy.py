@@ -14,6 +14,7 @@ exited, and a port taken between choosing it and binding it.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -410,3 +411,21 @@ def test_flwr_run_launcher_sigterm_then_its_local_superlink_stopped_leaves_no_pr
                 launcher.kill()
                 launcher.wait()
             stop_marked(folder, grace=2)
+
+
+def test_flowers_report_of_a_clientapp_whose_owner_died_is_dropped_and_other_errors_kept():
+    # Prepare: a logger with the filter `run --engine flower` puts on Flower's, and a handler that keeps records
+    from lowrank_fed.llm.flower.engine import _OwnerExitFilter
+
+    logger, kept = logging.Logger("flwr-under-test"), []
+    logger.addFilter(_OwnerExitFilter())
+    logger.addHandler(type("Keep", (logging.Handler,), {"emit": lambda self, r: kept.append(r.getMessage())})())
+    died = ("The actor died unexpectedly before finishing this task.\n\tclass_name: ClientAppActor\nThe actor is "
+            "dead because its owner has died. Owner worker exit type: INTENDED_USER_EXIT")
+    # Execute: what Flower's simulation worker logs when its ClientApp actor dies with this process (the
+    # exception, then its traceback), and a ClientApp's own error
+    logger.error(RuntimeError(died))
+    logger.error("Traceback (most recent call last):\n  ...\nray.exceptions.ActorDiedError: " + died)
+    logger.error("ClientApp raised: boom")
+    # Assert: only the ClientApp's own error is reported
+    assert kept == ["ClientApp raised: boom"]
