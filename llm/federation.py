@@ -43,7 +43,7 @@ from .data.instructions import encode_instructions
 from .data_source import DataSource, config_key, is_user_data, truncation_counts
 from .models import count_parameters, enable_gradient_checkpointing, load_model, needs_vocabulary, word_vocabulary
 from .peft_bridge import AdapterWorkspace
-from .streams import HOLDOUT, PARTITION, RANKS, SAMPLING, VALIDATION
+from .streams import HOLDOUT, PARTITION, RANKS, SAMPLING, VAL_HOLDOUT, VALIDATION
 
 __all__ = ["DataSource", "Shared", "Federation", "ModelSetup", "build_federation", "build_client", "build_model",
            "client_ranks", "plan_rows", "source_plan", "sample_clients", "train_settings", "run_device",
@@ -232,6 +232,9 @@ class Federation:
         Each client's held-out rows of the test set (its local score).
     shared : Shared
         What every node gets from the server.
+    val_holdout : list of int arrays, optional
+        Each client's share of the validation rows (positions in ``val_rows``), cut as ``holdout`` is from the
+        test set: the validation score of a method without a global model (``val_local_<metric>``); None: unknown.
     """
 
     cfg: RunConfig
@@ -244,6 +247,7 @@ class Federation:
     attackers: dict
     holdout: list[np.ndarray]
     shared: Shared = field(default_factory=Shared)
+    val_holdout: list[np.ndarray] | None = None
 
     @property
     def task(self) -> str:
@@ -286,6 +290,9 @@ def build_federation(cfg: RunConfig, source: DataSource | None = None) -> Federa
     train_labels = source.labels[train_rows]
     holdout = holdout_sets(train_labels if labelled else None, client_idx,
                            source.test.labels if labelled else None, HOLDOUT.rng(cfg.seed), n_test=len(source.test))
+    val_holdout = holdout_sets(train_labels if labelled else None, client_idx,
+                               source.labels[val_rows] if labelled else None, VAL_HOLDOUT.rng(cfg.seed),
+                               n_test=len(val_rows))
     vocab = needs_vocabulary(cfg.model)
     edges = labelled and any(a.kind == "other_task" for a in attackers.values())
     shared = Shared()
@@ -294,7 +301,8 @@ def build_federation(cfg: RunConfig, source: DataSource | None = None) -> Federa
         words = train.texts if not (is_user_data(train) and train.targets) else list(train.texts) + train.targets
         shared = Shared(tuple(word_vocabulary(words)) if vocab else None,
                         tuple(float(e) for e in length_edges(train.texts, len(train.label_names))) if edges else None)
-    return Federation(cfg, source, train_rows, val_rows, client_idx, n_k, ranks, attackers, holdout, shared)
+    return Federation(cfg, source, train_rows, val_rows, client_idx, n_k, ranks, attackers, holdout, shared,
+                      val_holdout)
 
 
 def client_ranks(cfg: RunConfig, n_k: list[int]) -> list[int]:

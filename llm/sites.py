@@ -55,7 +55,7 @@ from .federation import DataSource, Federation, Shared, config_key
 from .fedeval import federated, site_blocks, split_held
 from .models import needs_vocabulary, word_vocabulary
 from .sources import data_problem, model_task
-from .streams import EVAL_SUBSET, HOLDOUT, SITE_SPLIT, VALIDATION
+from .streams import EVAL_SUBSET, HOLDOUT, SITE_SPLIT, VAL_HOLDOUT, VALIDATION
 
 __all__ = ["SiteData", "SitesSource", "NodeSource", "site_federation", "site_labels", "check_site_paths",
            "check_flower_sites", "site_task", "concat", "open_source", "site_blocks"]
@@ -308,8 +308,10 @@ class SitesSource(_Source):
         if cfg.dataset:
             equal = [np.zeros(1, dtype=np.int64)] * cfg.clients  # equal shares: the server knows no site's size
             self.holdout = holdout_sets(None, equal, None, HOLDOUT.rng(cfg.seed), n_test=len(self.test))
+            self.val_holdout = holdout_sets(None, equal, None, VAL_HOLDOUT.rng(cfg.seed), n_test=n_val)
         else:
-            self.holdout = site_blocks([t for _, t in self.site_sizes] if self.site_sizes else [0] * cfg.clients)
+            sizes = self.site_sizes or [(0, 0)] * cfg.clients
+            self.holdout, self.val_holdout = site_blocks([t for _, t in sizes]), site_blocks([v for v, _ in sizes])
         self.vocabulary_texts = list(pool.texts) if cfg.dataset else [t for s in train for t in s.texts]
 
 
@@ -358,7 +360,7 @@ def site_federation(cfg: RunConfig, *, open_sites: bool = True):
                     tuple(source.label_names) if labelled else None)
     n_k = list(source.n_k) if source.n_k is not None else [None] * cfg.clients
     return Federation(cfg, source, source.train_rows, source.val_rows, source.client_idx, n_k, list(cfg.ranks),
-                      attackers, source.holdout, shared)
+                      attackers, source.holdout, shared, source.val_holdout)
 
 
 def open_source(cfg: RunConfig):

@@ -124,6 +124,8 @@ RANKS = _s("RANKS", 6, (), "the shuffled rank distributions (data.assign_ranks)"
 VALIDATION = _s("VALIDATION", 7, (), "the val_size validation rows (federation.plan_rows)")
 #: Each client's held-out test rows (data.holdout_sets).
 HOLDOUT = _s("HOLDOUT", 8, (), "each client's held-out test rows (data.holdout_sets)")
+#: Each client's share of the validation rows (data.holdout_sets on the validation split).
+VAL_HOLDOUT = _s("VAL_HOLDOUT", 9, (), "each client's share of the validation rows (data.holdout_sets)")
 #: The clients of round ``t`` when ``clients_per_round`` is set.
 SAMPLING = _s("SAMPLING", 11, ("round",), "the clients sampled in a round (federation.sample_clients)")
 #: Which clients a ``fraction`` attack entry contaminates (attacks.choose_attackers).

@@ -9,6 +9,10 @@ already computes for the global model after the last round:
 
     y(m, v, s) = val_accuracy (higher is better), or val_perplexity / val_loss (lower is better).
 
+A method without a global model (``local``, FedSA-LoRA: each client keeps its own) is scored on what its clients
+use instead: ``val_local_<metric>``, the mean over clients of each client's own model on its share of the
+validation rows (the validation split cut per client by its label mix, as its held-out test set is).
+
 No test score is used here (the trials score the test split, as every run does, and nothing looks at it). A trial
 is scored at round 0 and after its last round only (``eval_every = rounds``): a run's trained bits do not depend on
 when it is scored, and the rounds between would be compute that nothing reads (half of a HAFL trial's time).
@@ -47,7 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, RunConfig, apply_overrides, load_config, parse_value, tuned_paths
-from .methods import METHODS, method_options
+from .methods import method_options
 from .outputs import OutputFolderError, atomic_write_text, clear_folder, hold_lock, output_path, plan_output
 from .packages import check_model_package
 from .reproduce.runs import MAX_SEEDS, finished_run, load_run
@@ -183,10 +187,6 @@ def tune(config: str | Path, *, param: str = "lr", grid: list[Any] | None = None
     if methods:
         _validated({**data, "methods": list(methods)}, "--methods")
     target, methods = resolve_param(param, list(methods) if methods else None, list(base.methods))
-    for m in methods:
-        if not METHODS[m].scores_global:
-            raise ConfigError(f"method '{m}' has no global model (each client keeps its own), and validation scores "
-                              "the global model only: tune cannot choose for it; leave it out with --methods.")
     plans: dict[str, _MethodTune] = {}
     for m in methods:
         values = list(grid) if grid else _default_grid(target, data, m)

@@ -46,9 +46,9 @@
 # reproduction shared the machine. The settings scored every round (hafl, byun-lee, SmolLM2) gain the most, those
 # scored once already (lora-a2) nothing.
 #
-# What is not tuned: `local` (CLAIR's "alone" reference) has no global model, so validation cannot score it and
-# tune refuses it; it keeps the config's rate. The CLAIR tunes choose the rate of every other method of the configs
-# (FedIT, FlexLoRA, the oracle, CLAIR and CLAIR without detection), each on its own global model's validation score.
+# `local` (CLAIR's "alone" reference) has no global model: tune scores it on its clients' own models
+# (val_local_accuracy: each client's model on its share of the validation split). The CLAIR tunes choose the rate
+# of every method of the configs, each of the others on its own global model's validation score.
 set -euo pipefail
 
 cd "$(dirname "$0")/../.."
@@ -160,15 +160,13 @@ EOF
 
 links=()
 
-# ---- CLAIR: equal ranks; `local` cannot be tuned (no global model). Copy task: 200 validation texts drawn on top
-# of the config's 60 training texts.
+# ---- CLAIR: equal ranks; every method, `local` on its clients' own models. Copy task: 200 validation texts drawn
+# on top of the config's 60 training texts.
 for g in g0 g01 g02 g03; do
-    tune clair "copy_$g" --methods fedit flexlora oracle clair clair_nodetect --set train_size=260 --set val_size=200 \
-        --grid 0.00166667 0.005 0.015
+    tune clair "copy_$g" --set train_size=260 --set val_size=200 --grid 0.00166667 0.005 0.015
 done
 for g in g0 g01 g02 g03; do
-    tune clair "minilm_$g" --methods fedit flexlora oracle clair clair_nodetect --set val_size=200 \
-        --grid 0.00166667 0.005 0.015
+    tune clair "minilm_$g" --set val_size=200 --grid 0.00166667 0.005 0.015
 done
 
 # ---- LoRA-A2: val_size = 0 in the configs; 200 validation examples drawn on top of the 2000 training ones.

@@ -93,8 +93,8 @@ class Experiment:
         A config whose TOML names tuned files (``tuned = ...``, :func:`lowrank_fed.llm.tune.tune`'s choices) is
         checked against ``results``, whatever :attr:`tuned` says: each of its runs must have been made at the
         values those files hold (an option the run does not set reads its default; a method's ``lr`` falls back on
-        the run's ``lr``), and the files must hold a table for every method of the run that has a global model
-        (tune cannot choose for the others, such as ``local``: their rate stays the config's, as the docs say).
+        the run's ``lr``), and the files must hold a table for every method of the run (``local`` included: tune
+        scores a method without a global model on its clients' own models, ``val_local_<metric>``).
         Runs of the config from before it was linked, or a method left out of its tune, make it untuned. Any other
         config is tuned when :attr:`tuned` is None or lists it, else untuned (it reuses another setting's rates).
         """
@@ -167,7 +167,7 @@ def _stale(run: Run, chosen: dict) -> str:
     """Why ``run`` was not made at the ``chosen`` values (a tuned file's tables and keys, merged), or ``""``."""
     methods = run.config.get("methods", [])
     options = run.config.get("method_options", {})
-    missing = [m for m in methods if m in METHODS and METHODS[m].scores_global and not isinstance(chosen.get(m), dict)]
+    missing = [m for m in methods if m in METHODS and not isinstance(chosen.get(m), dict)]
     if missing:
         return f"{', '.join(missing)} not tuned (no [{missing[0]}] table)"
     for table, values in chosen.items():

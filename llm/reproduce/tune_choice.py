@@ -248,13 +248,16 @@ class _MethodTune:
 
 
 def _score_key(score: str, scores: dict, method: str) -> tuple[str, bool]:
-    """The key of a trial's ``scores`` that is compared, and whether higher is better."""
+    """The key of a trial's ``scores`` that is compared, and whether higher is better: the global model's
+    ``val_<metric>`` (``val_loss``), or for a method without one (``local``, FedSA-LoRA) ``val_local_<metric>``
+    (``val_local_loss``), the mean over clients of each client's own model on its share of the validation rows."""
+    prefix = "val_" if METHODS[method].scores_global else "val_local_"
     if score == "loss":
-        key, higher = "val_loss", False
-    elif "val_accuracy" in scores:
-        key, higher = "val_accuracy", True
+        key, higher = prefix + "loss", False
+    elif prefix + "accuracy" in scores:
+        key, higher = prefix + "accuracy", True
     else:
-        key, higher = "val_perplexity", False
+        key, higher = prefix + "perplexity", False
     if key not in scores:
         raise ConfigError(f"{method}: the trials have no validation score {key!r} (they have {sorted(scores)}).")
     return key, higher

@@ -17,10 +17,10 @@ __all__ = ["tune_report", "tune_markdown", "tuned_toml"]
 def tune_report(plans: dict[str, _MethodTune], target: Target, base: RunConfig, request: dict, score: str) -> dict:
     """``tune.json``: per method every value's per-seed scores, mean, standard error, the choice, ties, extensions."""
     seeds = request["seeds"]
-    rows_by_method, key, higher, n_val = [], None, True, None
+    rows_by_method, keys, n_val = [], {}, None
     for m, mt in plans.items():
         first = mt.scores[label(mt.values[0])][seeds[0]]
-        key, higher = _score_key(score, first, m)
+        key, higher = keys[m] = _score_key(score, first, m)
         n_val = first.get("val_size")
         per_seed = {label(v): [mt.scores[label(v)][s][key] for s in seeds] for v in mt.values}
         means = {lab: _mean(ys) for lab, ys in per_seed.items()}
@@ -38,16 +38,19 @@ def tune_report(plans: dict[str, _MethodTune], target: Target, base: RunConfig, 
                    "round": mt.scores[lab][seeds[0]].get("round")}
             if lab in neighbours:
                 row["vs_choice"] = separation(per_seed[chosen], per_seed[lab], higher_is_better=higher,
-                                              accuracy=key == "val_accuracy", n_val=n_val)
+                                              accuracy=key.endswith("_accuracy"), n_val=n_val)
             values.append(row)
         tied = [r["label"] for r in values if "vs_choice" in r and not r["vs_choice"]["separated"]]
         choice = next(r["value"] for r in values if r["chosen"])
         rows_by_method.append({
-            "method": m, "title": METHODS[m].title, "where": target.where(m), "grid": [label(v) for v in mt.grid],
+            "method": m, "title": METHODS[m].title, "score": key, "where": target.where(m),
+            "grid": [label(v) for v in mt.grid],
             "config_value": target.current(request["config_data"], m), "values": values, "choice": choice,
             "choice_label": chosen, "tie": bool(tied), "tied_with": tied, "extensions": mt.extensions,
             "stopped": mt.stopped, "at_edge": mt.numeric and chosen in (order[0], order[-1]),
         })
+    # the run-wide score names the global model's, unless no method has one
+    key, higher = next((k for m, k in keys.items() if METHODS[m].scores_global), next(iter(keys.values())))
     return {
         "request": request, "finished": True, "param": target.param, "option": target.option,
         "run_wide": target.run_wide, "score": key, "higher_is_better": higher, "val_size": n_val, "seeds": seeds,
@@ -80,7 +83,10 @@ def _how(report: dict) -> list[str]:
         f"Setting: {s['config']} ({s['name']}: {s['model']} / {s['dataset']}, {s['clients']} clients, ranks "
         f"{s['ranks']}, {s['partition']} alpha {s['alpha']}, {s['rounds']} rounds).",
         f"Score: {report['score']} of the global model after the last round ({direction} is better), on the "
-        f"validation split: {report['val_size']} examples held out of the training data (no test score was used).",
+        f"validation split: {report['val_size']} examples held out of the training data (no test score was used)"
+        + "".join(f"; {row['title']}, without a global model: {row['score']}, the mean over clients of each "
+                  "client's own model on its share of the validation split" for row in report["methods"]
+                  if row.get("score", report["score"]) != report["score"]) + ".",
         f"Seeds: {', '.join(map(str, report['seeds']))} (reproductions report seeds 0..{MAX_SEEDS - 1}).",
         f"Choice: {r['choice']}.",
         f"Separation: {r['separation']}.",

@@ -98,8 +98,9 @@ class Scoring:
     r"""Evaluation of a set-up run (mixin of :class:`~.simulation.Simulation`).
 
     Reads what :meth:`Simulation.setup` builds: ``cfg``, ``ws`` (the model's workspace), ``enc`` (the encoded
-    validation and test sets), ``val``, ``test``, ``holdout`` (each client's held-out test rows), ``attackers``,
-    ``task``, ``metric``, ``tokenizer``, ``workers`` and ``federation``.
+    validation and test sets), ``val``, ``test``, ``holdout`` (each client's held-out test rows), ``val_holdout``
+    (its share of the validation rows), ``attackers``, ``task``, ``metric``, ``tokenizer``, ``workers`` and
+    ``federation``.
     """
 
     _pool = None
@@ -248,16 +249,24 @@ class Scoring:
           (``per_client`` lists them, None for a client whose held-out set is empty): its download, or
           its personalised model (``personal`` methods); ``local_macro_f1`` (classification) likewise, the mean
           over clients of each one's macro-F1 on its own held-out set;
+        - ``val_local_<metric>``, ``val_local_loss`` (personalised methods, with a validation split): the mean over
+          clients of each client's own model on its share of the validation set (``val_holdout``), what
+          ``lowrank-fed tune`` scores a method without a global model on;
         - ``per_client_global`` (methods that are not personalised): the global model on each client's own
           held-out set, so ``per_client_global[k] - per_client[k]`` is client ``k``'s drop at distribution.
         """
         glob = method.global_model(server)
         jobs = [(glob, "test", None)] + ([(glob, "val", None)] if self._n("val") else [])
-        ranks = personal = []
-        if by_rank and method.personalised:  # each client's own model on its held-out rows
-            personal = [k for k in range(self.cfg.clients) if len(self.holdout[k])]
-            jobs += [(method.personal_model(method.configure(server, k), clients.get(k, ClientState()), self.ws.shapes),
-                      "test", self.holdout[k]) for k in personal]
+        ranks = personal = val_own = []
+        if by_rank and method.personalised:  # each client's own model on its held-out rows and validation share
+            shares = self.val_holdout if self._n("val") and self.val_holdout is not None else [[]] * self.cfg.clients
+            models = {k: method.personal_model(method.configure(server, k), clients.get(k, ClientState()),
+                                               self.ws.shapes)
+                      for k in range(self.cfg.clients) if len(self.holdout[k]) or len(shares[k])}
+            personal = [k for k in models if len(self.holdout[k])]
+            val_own = [k for k in models if len(shares[k])]
+            jobs += [(models[k], "test", self.holdout[k]) for k in personal]
+            jobs += [(models[k], "val", shares[k]) for k in val_own]
         elif by_rank:  # the model each distinct rank downloads, where it is not the global one
             ranks = [r for r in sorted(set(server.ranks.values())) if not method.download_is_global(server, r)]
             jobs += [(method.downloaded_model(server, r), "test", None) for r in ranks]
@@ -281,7 +290,10 @@ class Scoring:
             return out
         sums: list[dict | None]  # per client; None: the client's held-out set is empty
         if method.personalised:
-            own = dict(zip(personal, scored, strict=True))
+            own = dict(zip(personal, scored[:len(personal)], strict=True))
+            val_sums = [summarise(v) for v in scored[len(personal):]]
+            for key in (self.metric, "loss") if val_sums else ():
+                out[f"val_local_{key}"] = mean(v[key] for v in val_sums)
             sums = [summarise(own[k]) if k in own else None for k in range(self.cfg.clients)]
         else:
             downloads = dict(zip(ranks, scored, strict=True))

@@ -128,7 +128,7 @@ class Simulation(Scoring):
         for name in cfg.methods:
             with _config_key("ranks", self.ranks):
                 make_method(name, **cfg.method_options.get(name, {})).check_ranks(self.ranks)
-        self.holdout = fed.holdout
+        self.holdout, self.val_holdout = fed.holdout, fed.val_holdout
         # federated evaluation (fedeval): the sites score the models on their own rows; sizes None until known
         self.federated, self.site_sizes = federated(cfg), getattr(fed.source, "site_sizes", None)
         self._site_evaluators, self.label_counts = None, None
@@ -167,11 +167,13 @@ class Simulation(Scoring):
         self._ready = True
 
     def learn_sites(self, answers: dict) -> None:
-        r"""Federated evaluation on Flower: ``site_sizes``, ``holdout`` (each site's block of the pooled test set),
-        ``truncated`` and ``label_counts`` from the sites' answers to an evaluate request without jobs
-        (:func:`~lowrank_fed.llm.fedeval.site_facts`; ``ValueError``: an answer without its sizes)."""
+        r"""Federated evaluation on Flower: ``site_sizes``, ``holdout`` and ``val_holdout`` (each site's blocks of
+        the pooled test and validation sets), ``truncated`` and ``label_counts`` from the sites' answers to an
+        evaluate request without jobs (:func:`~lowrank_fed.llm.fedeval.site_facts`; ``ValueError``: an answer
+        without its sizes)."""
         self.site_sizes, truncated, self.label_counts = site_facts(answers, self.cfg.clients)
         self.holdout = self.federation.holdout = site_blocks([t for _, t in self.site_sizes])
+        self.val_holdout = self.federation.val_holdout = site_blocks([v for v, _ in self.site_sizes])
         self.truncated = truncated if truncated is not None else self.truncated
 
     @property

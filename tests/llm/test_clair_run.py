@@ -21,7 +21,7 @@ from lowrank_fed.llm.attacks import attack_reply, choose_attackers, poison_datas
 from lowrank_fed.llm.config import Attack, ConfigError, RunConfig  # noqa: E402
 from lowrank_fed.llm.data import TextDataset  # noqa: E402
 from lowrank_fed.llm.methods import ServerState, make_method  # noqa: E402
-from lowrank_fed.llm.protocol import Message, decode_extras, decode_pairs, encode_extras, encode_pairs  # noqa: E402
+from lowrank_fed.llm.protocol import Message, decode_pairs, encode_extras, encode_pairs  # noqa: E402
 from lowrank_fed.llm.runner.simulation import run_experiment  # noqa: E402
 from tests.llm.helpers import SHAPES, head, kill_and_resume, pairs, tiny_settings  # noqa: E402
 

@@ -164,6 +164,37 @@ def test_the_partition_needs_the_labels_only_and_equals_the_servers():
     assert len(val_rows) == 12 and sorted(rows.tolist() + val_rows.tolist()) == list(range(len(source)))
 
 
+@pytest.mark.parametrize("settings", [dict(clients=4, ranks=[2, 2, 4, 4], val_size=40, partition="dirichlet",
+                                           alpha=0.3),
+                                      dict(model="tiny-llama", dataset="copy", clients=3, ranks=2, val_size=10)],
+                         ids=["classification", "generation"])
+def test_each_clients_validation_share_is_cut_from_the_validation_rows_as_its_test_share_is(settings):
+    # Prepare
+    cfg = _cfg(**settings)
+    fed = build_federation(cfg)
+    labelled = fed.task == "classification"
+    # Execute: the shares, and the shares holdout_sets gives the validation labels with the stream VAL_HOLDOUT
+    from lowrank_fed.llm.data import holdout_sets
+
+    train_labels = fed.source.labels[fed.train_rows]
+    expected = holdout_sets(train_labels if labelled else None, fed.client_idx,
+                            fed.source.labels[fed.val_rows] if labelled else None,
+                            streams.VAL_HOLDOUT.rng(cfg.seed), n_test=len(fed.val_rows))
+    # Assert: positions in the validation rows, disjoint; every row of a class some client trains on is someone's
+    shares = fed.val_holdout
+    assert all(np.array_equal(a, b) for a, b in zip(shares, expected, strict=True))
+    pooled = np.concatenate(shares)
+    assert len(np.unique(pooled)) == len(pooled) and set(pooled.tolist()) <= set(range(len(fed.val_rows)))
+    if labelled:  # a client's share has no class it does not train on, and together they cover the trained classes
+        trained = set(train_labels.tolist())
+        val_labels = fed.source.labels[fed.val_rows]
+        assert sorted(pooled.tolist()) == [i for i, y in enumerate(val_labels) if y in trained]
+        for k, share in enumerate(shares):
+            assert set(val_labels[share].tolist()) <= set(train_labels[fed.client_idx[k]].tolist())
+    else:  # without labels: every validation row, shared in proportion to the training sizes
+        assert len(pooled) == len(fed.val_rows)
+
+
 def test_build_federation_names_the_key_a_data_attack_breaks():
     cfg = _cfg(model="tiny-llama", dataset="copy", attacks=[{"kind": "label_flip", "clients": [0]}])
     with pytest.raises(ConfigError, match=r"attacks.*label_flip.*needs a classification task"):

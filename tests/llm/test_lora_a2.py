@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
-from lowrank_fed import FactorPair, select_slots, truncate  # noqa: E402
+from lowrank_fed import FactorPair, select_slots  # noqa: E402
 from lowrank_fed.llm.client import run_client  # noqa: E402
 from lowrank_fed.llm.config import RunConfig  # noqa: E402
 from lowrank_fed.llm.methods import ClientState, make_method  # noqa: E402

@@ -20,6 +20,7 @@ pytest.importorskip("torch")
 pytest.importorskip("peft")
 
 from lowrank_fed.llm.config import ConfigError, RunConfig, load_config, parse_value  # noqa: E402
+from lowrank_fed.llm.methods import METHODS  # noqa: E402
 from lowrank_fed.llm.peft_bridge import convention_scale  # noqa: E402
 from lowrank_fed.llm.reproduce import CONFIG_ROOT, EXPERIMENTS  # noqa: E402
 from lowrank_fed.llm.reproduce.run import MAX_SEEDS, _finished  # noqa: E402
@@ -193,7 +194,9 @@ def test_every_tune_command_is_accepted_and_writes_a_tuned_file_the_config_can_r
         assert cfg.seed >= MAX_SEEDS and cfg.val_size >= 200 and len(cfg.methods) == 1
         score = 1.0 / (1.0 + abs(cfg.method_options[cfg.methods[0]]["lr"] - 0.004))
         key = "val_perplexity" if cfg.model == "smollm2" else "val_accuracy"
-        return {key: 1 / score if key == "val_perplexity" else score, "val_size": cfg.val_size, "round": cfg.rounds}
+        if not METHODS[cfg.methods[0]].scores_global:  # local: scored on its clients' own models
+            key = key.replace("val_", "val_local_")
+        return {key: 1 / score if key.endswith("perplexity") else score, "val_size": cfg.val_size, "round": cfg.rounds}
 
     for cmd in _commands():
         args = _request(cmd)
@@ -205,8 +208,8 @@ def test_every_tune_command_is_accepted_and_writes_a_tuned_file_the_config_can_r
         except PackageMissingError as err:
             pytest.skip(f"packaged model missing: {err}")
         chosen = tomllib.loads((out / "tuned.toml").read_text())
-        assert set(chosen) == {row["method"] for row in report["methods"]}
-        assert "local" not in chosen  # no global model: tune refuses it
+        config = tomllib.loads((ROOT / args.config).read_text())
+        assert set(chosen) == {row["method"] for row in report["methods"]} == set(config["methods"])  # local too
     assert len(seen) >= 9 * len(ALL_CONFIGS)
 
 

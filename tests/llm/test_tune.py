@@ -229,7 +229,6 @@ def test_a_run_reads_the_choices(config, tmp_path, capsys):
     (["--param", "hafl.beta1"], "give --grid"),
     (["--seeds", "0", "1"], "--seeds: expected distinct seeds >= 100"),
     (["--set", "val_size=0"], "has val_size = 0: no validation split to choose on"),
-    (["--methods", "fedsa"], "method 'fedsa' has no global model"),
     (["--methods", "nomethod"], "'methods[0]'"),
 ])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(config, tmp_path, capsys, args, message):
@@ -341,6 +340,36 @@ def test_a_real_tune_reuses_its_trials_and_never_reads_the_test_split(config, tm
         assert (tmp_path / "clean" / name).read_bytes() == (tmp_path / "corrupt" / name).read_bytes()
     chosen = tomllib.loads((tmp_path / "clean" / "tuned.toml").read_text())
     assert chosen == {"fedit": {"lr": clean["methods"][0]["choice"]}}
+
+
+def test_methods_without_a_global_model_are_tuned_on_their_clients_own_models(config, tmp_path, monkeypatch):
+    # Prepare: local training and FedSA-LoRA (each client keeps its own model) beside FedIT
+    config.write_text(TINY.replace('["fedit", "flexlora"]', '["fedit", "local", "fedsa"]'))
+    args = ["tune", str(config), "--grid", "1e-3", "1e-2", "--seeds", "100", "101", "--max-extensions", "0",
+            "--no-progress"]
+    # Execute: the tune, and the same tune with the test split corrupted
+    assert cli_main([*args, "--out", str(tmp_path / "clean")]) == 0
+    _corrupt_test_split(monkeypatch)
+    assert cli_main([*args, "--out", str(tmp_path / "corrupt")]) == 0
+    # Assert: FedIT is scored on its global model, the others on the mean over clients of each one's own model on
+    # its share of the validation split, read from the trials' last round
+    report = json.loads((tmp_path / "clean" / "tune.json").read_text())
+    assert report["score"] == "val_accuracy"
+    assert {r["method"]: r["score"] for r in report["methods"]} == {
+        "fedit": "val_accuracy", "local": "val_local_accuracy", "fedsa": "val_local_accuracy"}
+    for method in ("local", "fedsa"):
+        row = rows(report, method)
+        for value in row["values"]:
+            for seed, score in zip((100, 101), value["per_seed"], strict=True):
+                trial = tmp_path / "clean" / "trials" / method / f"lr={value['label']}" / f"seed{seed}"
+                last = [json.loads(x) for x in (trial / "metrics.jsonl").read_text().splitlines()][-1]
+                assert last["round"] == 2 and last["val_local_accuracy"] == score
+    chosen = tomllib.loads((tmp_path / "clean" / "tuned.toml").read_text())
+    assert set(chosen) == {"fedit", "local", "fedsa"}
+    assert "Local only, without a global model: val_local_accuracy" in (tmp_path / "clean" / "tune.md").read_text()
+    # no test score moved a choice
+    for name in ("tune.json", "tune.md", "tuned.toml"):
+        assert (tmp_path / "clean" / name).read_bytes() == (tmp_path / "corrupt" / name).read_bytes()
 
 
 @pytest.mark.slow
