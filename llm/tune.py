@@ -268,7 +268,8 @@ def _tune_method(mt: _MethodTune, target: Target, data: dict, seeds: list[int], 
                     by_seed[s] = run(_trial_config(target, data, mt.method, v, s), folder)
         if not mt.numeric:
             return
-        key, higher = _score_key(score, mt.scores[label(mt.values[0])][seeds[0]], mt.method)
+        key, higher = _score_key(score, mt.scores[label(mt.values[0])][seeds[0]], mt.method,
+                                 contaminated=bool(data.get("attacks")))
         means = {label(v): _mean([mt.scores[label(v)][s][key] for s in seeds]) for v in mt.values}
         best = choose(means, [label(v) for v in mt.values], higher)
         if best not in (label(mt.values[0]), label(mt.values[-1])):

@@ -247,11 +247,15 @@ class _MethodTune:
     stopped: str | None = None
 
 
-def _score_key(score: str, scores: dict, method: str) -> tuple[str, bool]:
+def _score_key(score: str, scores: dict, method: str, *, contaminated: bool = False) -> tuple[str, bool]:
     """The key of a trial's ``scores`` that is compared, and whether higher is better: the global model's
-    ``val_<metric>`` (``val_loss``), or for a method without one (``local``, FedSA-LoRA) ``val_local_<metric>``
-    (``val_local_loss``), the mean over clients of each client's own model on its share of the validation rows."""
-    prefix = "val_" if METHODS[method].scores_global else "val_local_"
+    ``val_<metric>`` (``val_loss``), or for a method without one (``local``, FedSA-LoRA) the mean over clients of
+    each client's own model on its share of the validation rows: over the benign clients where the setting has
+    ``contaminated`` ones (``val_benign_local_<metric>``: the claims compare what benign clients get, and a
+    baseline tuned on them can only be stronger), else over every client (``val_local_<metric>``)."""
+    prefix = "val_"
+    if not METHODS[method].scores_global:
+        prefix = "val_benign_local_" if contaminated else "val_local_"
     if score == "loss":
         key, higher = prefix + "loss", False
     elif prefix + "accuracy" in scores:

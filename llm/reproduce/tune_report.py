@@ -17,11 +17,13 @@ __all__ = ["tune_report", "tune_markdown", "tuned_toml"]
 def tune_report(plans: dict[str, _MethodTune], target: Target, base: RunConfig, request: dict, score: str) -> dict:
     """``tune.json``: per method every value's per-seed scores, mean, standard error, the choice, ties, extensions."""
     seeds = request["seeds"]
-    rows_by_method, keys, n_val = [], {}, None
+    rows_by_method, keys, n_split = [], {}, None
     for m, mt in plans.items():
         first = mt.scores[label(mt.values[0])][seeds[0]]
-        key, higher = keys[m] = _score_key(score, first, m)
-        n_val = first.get("val_size")
+        key, higher = keys[m] = _score_key(score, first, m, contaminated=bool(base.attacks))
+        n_split = first.get("val_size")
+        # a mean of per-client accuracies: its own effective number of examples (val_local_n), else the split's
+        n_val = first.get(key[: -len(key.rsplit("_", 1)[1])] + "n", n_split)
         per_seed = {label(v): [mt.scores[label(v)][s][key] for s in seeds] for v in mt.values}
         means = {lab: _mean(ys) for lab, ys in per_seed.items()}
         order = [label(v) for v in mt.values]
@@ -53,7 +55,7 @@ def tune_report(plans: dict[str, _MethodTune], target: Target, base: RunConfig, 
     key, higher = next((k for m, k in keys.items() if METHODS[m].scores_global), next(iter(keys.values())))
     return {
         "request": request, "finished": True, "param": target.param, "option": target.option,
-        "run_wide": target.run_wide, "score": key, "higher_is_better": higher, "val_size": n_val, "seeds": seeds,
+        "run_wide": target.run_wide, "score": key, "higher_is_better": higher, "val_size": n_split, "seeds": seeds,
         "setting": {"config": request["config"], "name": base.name, "model": base.model, "dataset": base.dataset,
                     "clients": base.clients, "ranks": base.ranks, "partition": base.partition, "alpha": base.alpha,
                     "rounds": base.rounds, "local_steps": base.local_steps, "local_epochs": base.local_epochs},
@@ -84,8 +86,9 @@ def _how(report: dict) -> list[str]:
         f"{s['ranks']}, {s['partition']} alpha {s['alpha']}, {s['rounds']} rounds).",
         f"Score: {report['score']} of the global model after the last round ({direction} is better), on the "
         f"validation split: {report['val_size']} examples held out of the training data (no test score was used)"
-        + "".join(f"; {row['title']}, without a global model: {row['score']}, the mean over clients of each "
-                  "client's own model on its share of the validation split" for row in report["methods"]
+        + "".join(f"; {row['title']}, without a global model: {row['score']}, the mean over "
+                  f"{'the benign ' if 'benign' in row['score'] else ''}clients of each client's own model on its share "
+                  "of the validation split" for row in report["methods"]
                   if row.get("score", report["score"]) != report["score"]) + ".",
         f"Seeds: {', '.join(map(str, report['seeds']))} (reproductions report seeds 0..{MAX_SEEDS - 1}).",
         f"Choice: {r['choice']}.",

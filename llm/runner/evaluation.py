@@ -251,7 +251,9 @@ class Scoring:
           over clients of each one's macro-F1 on its own held-out set;
         - ``val_local_<metric>``, ``val_local_loss`` (personalised methods, with a validation split): the mean over
           clients of each client's own model on its share of the validation set (``val_holdout``), what
-          ``lowrank-fed tune`` scores a method without a global model on;
+          ``lowrank-fed tune`` scores a method without a global model on; ``val_benign_local_*`` the same over the
+          benign clients (with attackers); ``val_local_n`` / ``val_benign_local_n``: ``K^2 / sum_k 1/n_k``, the
+          number of examples whose binomial error the mean of ``K`` per-client accuracies has;
         - ``per_client_global`` (methods that are not personalised): the global model on each client's own
           held-out set, so ``per_client_global[k] - per_client[k]`` is client ``k``'s drop at distribution.
         """
@@ -291,9 +293,15 @@ class Scoring:
         sums: list[dict | None]  # per client; None: the client's held-out set is empty
         if method.personalised:
             own = dict(zip(personal, scored[:len(personal)], strict=True))
-            val_sums = [summarise(v) for v in scored[len(personal):]]
-            for key in (self.metric, "loss") if val_sums else ():
-                out[f"val_local_{key}"] = mean(v[key] for v in val_sums)
+            val_sums = {k: summarise(v) for k, v in zip(val_own, scored[len(personal):], strict=True)}
+            groups = {"val_local": list(val_sums)}
+            if self.cfg.attacks:  # what the benign clients get, as benign_local_<metric> on the test side
+                groups["val_benign_local"] = [k for k in val_sums if k not in self.attackers]
+            for name, ks in groups.items():
+                for key in (self.metric, "loss") if ks else ():
+                    out[f"{name}_{key}"] = mean(val_sums[k][key] for k in ks)
+                if ks:  # the mean's effective number of examples: K^2 / sum_k 1/n_k (its binomial error)
+                    out[f"{name}_n"] = len(ks) ** 2 / sum(1.0 / len(shares[k]) for k in ks)
             sums = [summarise(own[k]) if k in own else None for k in range(self.cfg.clients)]
         else:
             downloads = dict(zip(ranks, scored, strict=True))

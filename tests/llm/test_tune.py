@@ -372,6 +372,30 @@ def test_methods_without_a_global_model_are_tuned_on_their_clients_own_models(co
         assert (tmp_path / "clean" / name).read_bytes() == (tmp_path / "corrupt" / name).read_bytes()
 
 
+def test_with_contaminated_clients_local_is_tuned_on_the_benign_clients_own_models(config, tmp_path):
+    # Prepare: local training where client 0 of 3 trains on flipped labels
+    config.write_text(TINY.replace('["fedit", "flexlora"]', '["local"]')
+                      + '[[attacks]]\nkind = "label_flip"\nclients = [0]\n')
+    # Execute
+    assert cli_main(["tune", str(config), "--grid", "1e-3", "1e-2", "--seeds", "100", "--max-extensions", "0",
+                     "--no-progress", "--out", str(tmp_path / "out")]) == 0
+    # Assert: the score is the benign clients' mean, with the binomial error of its own effective sample size
+    report = json.loads((tmp_path / "out" / "tune.json").read_text())
+    (row,) = report["methods"]
+    assert row["score"] == "val_benign_local_accuracy"
+    trial = tmp_path / "out" / "trials" / "local" / "lr=0.01" / "seed100"
+    last = [json.loads(x) for x in (trial / "metrics.jsonl").read_text().splitlines()][-1]
+    setup = json.loads((trial / "setup.json").read_text())
+    assert [v["per_seed"] for v in row["values"] if v["label"] == "0.01"] == [[last["val_benign_local_accuracy"]]]
+    # K^2 / sum 1/n_k is at most the examples the K shares hold (harmonic <= arithmetic mean), and fewer clients
+    # (the benign two of three) hold fewer
+    assert 0 < last["val_benign_local_n"] < last["val_local_n"] <= setup["val_size"]
+    vs = next(v["vs_choice"] for v in row["values"] if "vs_choice" in v)
+    p, q = (v["mean"] for v in row["values"])
+    n = last["val_benign_local_n"]
+    assert vs["se"] == pytest.approx(math.sqrt(p * (1 - p) / n + q * (1 - q) / n))  # one seed: the binomial error
+
+
 @pytest.mark.slow
 def test_the_scoring_schedule_changes_no_trained_bit(tmp_path):
     """Why a trial may score only round 0 and its last round: for every method (attacks on, so CLAIR detects), a
