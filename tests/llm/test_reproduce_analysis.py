@@ -231,11 +231,10 @@ def test_claims_on_untuned_learning_rates_are_not_testable_here(tmp_path, monkey
     assert EXPERIMENTS["byun-lee"].untuned(CONFIG_ROOT, find_runs(EXPERIMENTS["byun-lee"], RESULTS / "byun-lee")) == set()
     # PreLort's and HAFL's rates were never chosen for their own settings: every config counts as untuned
     assert EXPERIMENTS["prelort"].untuned(CONFIG_ROOT) == set(EXPERIMENTS["prelort"].configs)
-    # (HAFL's alpha_over_r configs are linked now; their committed runs used 5e-3, which is truncation's tuned rate
-    # for its one method and not freezing's FedIT or HetLoRA rate)
-    assert EXPERIMENTS["hafl"].untuned(CONFIG_ROOT) == {"freezing_constant", "truncation_constant"}
-    assert EXPERIMENTS["hafl"].untuned(CONFIG_ROOT, find_runs(EXPERIMENTS["hafl"], RESULTS / "hafl")) == {
-        "freezing", "freezing_constant", "truncation_constant"}
+    # (HAFL's configs are all linked now; its committed runs used 5e-3, which is truncation's tuned rate for its one
+    # method and not freezing's FedIT or HetLoRA rate; the twins have no committed runs)
+    assert EXPERIMENTS["hafl"].untuned(CONFIG_ROOT) == set()
+    assert EXPERIMENTS["hafl"].untuned(CONFIG_ROOT, find_runs(EXPERIMENTS["hafl"], RESULTS / "hafl")) == {"freezing"}
     assert EXPERIMENTS["clair"].untuned(CONFIG_ROOT) == set()  # chosen on validation seeds 100-104 (headers)
 
 
