@@ -246,6 +246,45 @@ def test_link_points_each_config_at_its_tuned_file_only_once_every_one_exists(tm
         assert f'tuned = "tuned/{stem}.toml"' in text and text.count("lr = ") == 1  # the run-wide lr only
 
 
+# a stand-in for `lowrank-fed tune CONFIG ... --out DIR [--methods M ...]`: a [method] lr table per method asked for
+# (every config method without --methods); CLAIR's rate differs per config
+FAKE_TUNE = """
+import sys, tomllib
+from pathlib import Path
+args = sys.argv[2:]
+config, out = Path(args[0]), Path(args[args.index("--out") + 1])
+if "--methods" in args:
+    rest = args[args.index("--methods") + 1:]
+    methods = rest[: next((i for i, a in enumerate(rest) if a.startswith("--")), len(rest))]
+else:
+    methods = tomllib.loads(config.read_text())["methods"]
+rate = {"copy_g0": 0.015, "minilm_g0": 0.005}.get(config.stem, 0.9)
+out.mkdir(parents=True, exist_ok=True)
+(out / "tuned.toml").write_text("".join(f"[{m}]\\nlr = {rate if m == 'clair' else 0.001}\\n\\n" for m in methods))
+"""
+
+
+def test_clairs_rate_at_every_gamma_is_the_gamma_0_tunes(tmp_path):
+    # Prepare: CLAIR's configs unlinked, and the stand-in for lowrank-fed tune
+    configs = tmp_path / "configs"
+    shutil.copytree(CONFIG_ROOT / "clair", configs / "clair", ignore=shutil.ignore_patterns("tuned"))
+    for path in (configs / "clair").glob("*.toml"):
+        path.write_text("".join(line for line in path.read_text().splitlines(keepends=True)
+                                if not line.startswith("tuned = ")))
+    fake = tmp_path / "fake-lowrank-fed"
+    fake.write_text(f"#!{sys.executable}\n" + FAKE_TUNE)
+    fake.chmod(0o755)
+    env = {**os.environ, "REPRODUCE_CONFIGS": str(configs), "LOWRANK_FED": str(fake), "TUNE_ROOT": str(tmp_path / "t")}
+    # Execute
+    done = subprocess.run(["bash", str(TUNE_ALL), "clair"], capture_output=True, text=True, env=env)
+    # Assert: every config's tuned file has one table per config method; CLAIR's is its gamma = 0 tune's
+    assert done.returncode == 0, done.stderr
+    for path in sorted((configs / "clair").glob("*.toml")):
+        chosen = tomllib.loads((configs / "clair" / "tuned" / path.name).read_text())
+        assert set(chosen) == set(tomllib.loads(path.read_text())["methods"]), path.name
+        assert chosen["clair"] == {"lr": 0.015 if path.stem.startswith("copy") else 0.005}, path.name
+
+
 # ----------------------------------------------------------------------------- bench_prelort --real
 
 
