@@ -168,9 +168,11 @@ def one_blas_thread():
 
     The limit is process-wide, so blocks open at once (nested, or in several threads) share one: the first to
     open sets it, the last to close restores the counts from before the first, whatever order they close in.
-    Open it in the main thread: with the OpenBLAS that NumPy and SciPy load here, a limit set from another
-    thread did not change the counts threadpoolctl reads (measured), while one set in the main thread held in
-    every thread.
+    Open it in the main thread (or around the code that starts the thread that needs it: the Flower engine holds
+    it while its ServerApp thread runs). The OpenBLAS pools that NumPy and SciPy load here hold one count for the
+    whole process, and a block opened in the main thread holds every thread at one; a count set from another
+    thread is ignored once the main thread has set one (OpenBLAS 0.3.31, tested). OpenMP's count is per
+    thread: ``aggregate_modules`` sets it in each of its workers.
     """
     from threadpoolctl import threadpool_limits
 

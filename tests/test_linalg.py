@@ -330,6 +330,43 @@ def test_overlapping_blocks_keep_one_thread_until_the_last_closes():
     assert after == before  # the last to close restored the counts from before the first opened
 
 
+def test_a_block_opened_in_the_main_thread_holds_every_thread_and_one_opened_elsewhere_may_not():
+    # Prepare: the pools at 2 threads, set from the main thread
+    import threading
+
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from lowrank_fed.cholesky_qr import _blas_pools, one_blas_thread
+
+    _blas_pools()
+
+    def counts():
+        return [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
+
+    def in_a_thread(body):
+        seen = {}
+        thread = threading.Thread(target=lambda: seen.update(counts=body()))
+        thread.start()
+        thread.join()
+        return seen["counts"]
+
+    def opened_here():
+        with one_blas_thread():
+            return counts()
+
+    with threadpool_limits(limits=2, user_api="blas"):
+        before = counts()
+        # Execute: a block opened in the main thread, read in another; a block opened in another thread
+        with one_blas_thread():
+            main_block = in_a_thread(counts)
+        thread_block = in_a_thread(opened_here)
+        after = counts()
+    # Assert: the main thread's block holds every thread at one; OpenBLAS ignores a count set from another thread
+    # once the main thread has set one (why the Flower engine opens the block in its main thread)
+    assert 2 in before and set(main_block) == {1} and after == before
+    assert thread_block == before
+
+
 def test_the_signs_of_a_tied_column_on_every_backend(xp):
     from array_api_compat import array_namespace
 

@@ -33,6 +33,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from lowrank_fed.cholesky_qr import one_blas_thread
+
 from ..runner.simulation import Simulation
 from .settings import FlowerSettings, split_run_config
 
@@ -291,7 +293,9 @@ class FlowerSimulation:
         folder = (self.out / ".flower").resolve()
         saved = os.environ.get(MARK)
         flwr_log, owner_exit = logging.getLogger("flwr"), _OwnerExitFilter()
-        with signals_raise(), flower_env(self.out), watchdog(folder), warnings.catch_warnings():
+        # one_blas_thread here, in the main thread: the ServerApp thread aggregates as the in-process runner does
+        # (one BLAS thread per module thread); a limit it set itself would be ignored (OpenBLAS, see the block)
+        with signals_raise(), flower_env(self.out), watchdog(folder), warnings.catch_warnings(), one_blas_thread():
             flwr_log.addFilter(owner_exit)
             warnings.filterwarnings("ignore", category=DeprecationWarning)
             os.environ[MARK] = str(folder)  # inherited by Ray's processes: the clean-up finds them by it
