@@ -46,8 +46,8 @@
 # reproduction shared the machine. The settings scored every round (hafl, byun-lee, SmolLM2) gain the most, those
 # scored once already (lora-a2) nothing.
 #
-# `local` (CLAIR's "alone" reference) has no global model: tune scores it on its clients' own models
-# (val_local_accuracy: each client's model on its share of the validation split). The CLAIR tunes choose the rate
+# `local` (CLAIR's "alone" reference) has no global model: tune scores it on its benign clients' own models
+# (val_benign_local_*: each client's model on its share of the validation split). The CLAIR tunes choose the rate
 # of every method of the configs, each of the others on its own global model's validation score.
 set -euo pipefail
 

@@ -23,7 +23,7 @@ def tune_report(plans: dict[str, _MethodTune], target: Target, base: RunConfig, 
         key, higher = keys[m] = _score_key(score, first, m, contaminated=bool(base.attacks))
         n_split = first.get("val_size")
         # a mean of per-client accuracies: its own effective number of examples (val_local_n), else the split's
-        n_val = first.get(key[: -len(key.rsplit("_", 1)[1])] + "n", n_split)
+        n_val = first.get(key.rsplit("_", 1)[0] + "_n", n_split)
         per_seed = {label(v): [mt.scores[label(v)][s][key] for s in seeds] for v in mt.values}
         means = {lab: _mean(ys) for lab, ys in per_seed.items()}
         order = [label(v) for v in mt.values]
