@@ -82,9 +82,11 @@ def recorded(folders) -> dict:
         path = Path(folder) / "metrics.jsonl"
         if not path.exists():
             continue
-        name = Path(folder).parent.name  # e.g. minilm_g01
-        m = re.match(r"([a-z]+)_g(\d+)$", name)
-        setting, gamma = (m.group(1), int(m.group(2)) / 10) if m else (name, None)
+        # the setting from the nearest folder named like a config (minilm_g01): a run's parent, or an ancestor of
+        # a tune trial (.../minilm_g0/trials/clair/lr=0.005/seed100)
+        names = [p.name for p in Path(folder).resolve().parents]
+        m = next((m for m in (re.match(r"([a-z]+)_g(\d+)$", n) for n in names) if m), None)
+        setting, gamma = (m.group(1), int(m.group(2)) / 10) if m else (Path(folder).parent.name, None)
         for line in path.open():
             row = json.loads(line)
             det = row.get("detection")

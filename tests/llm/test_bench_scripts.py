@@ -55,3 +55,20 @@ def test_the_demo_eval_share_counts_round_0_once_and_each_scored_round():
             {"round0_eval_s": 0.5, "rounds_s": 15.0, "rounds_eval_s": 3.0}]
     # 4 rounds trained: 4 * (10 + 12) = 88 s; scored rounds 0 (first method's, 6 s), 2 and 4: 6 + 2 * (2 + 3) = 16 s
     assert demo_eval_share(runs, rounds=4, scored=3) == pytest.approx(16 / (16 + 88))
+
+
+def test_clair_decision_reads_a_tune_trial_as_its_config_setting(tmp_path):
+    # Prepare: a run folder of a reproduction and a tune trial of minilm_g0, each with one CLAIR row
+    from benchmarks.clair_decision import recorded
+
+    row = {"method": "clair", "round": 1, "detection": {"scores": {"0": 0.5, "1": 2.5}, "contaminated": []}}
+    folders = [tmp_path / "clair" / "minilm_g01" / "seed0",
+               tmp_path / "tune" / "minilm_g0" / "trials" / "clair" / "lr=0.005" / "seed100"]
+    for folder in folders:
+        folder.mkdir(parents=True)
+        (folder / "metrics.jsonl").write_text(json.dumps(row) + "\n")
+    # Execute
+    got = recorded([str(f) for f in folders])
+    # Assert: both are MiniLM rounds, at the gamma their config names (the trial: 0, a calibration source)
+    assert set(got) == {("minilm", 0.1), ("minilm", 0.0)}
+    assert list(got[("minilm", 0.0)]) == ["seed100"] and len(got[("minilm", 0.0)]["seed100"]) == 1
