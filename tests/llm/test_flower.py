@@ -165,6 +165,21 @@ def test_records_refuse_a_message_that_is_not_there():
 # ----------------------------------------------------------------------------- config
 
 
+def test_flwr_run_dot_accepts_every_committed_file_of_the_project():
+    """``flwr run .`` reads the project tree (less .gitignore) and refuses a path deeper than Flower's limit before
+    it applies ``fab-include``: a committed results folder one level too deep would break it for everyone."""
+    import subprocess
+
+    from flwr.cli.utils import filter_paths_for_publish
+
+    listed = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True)
+    if listed.returncode != 0:
+        pytest.skip("not a git checkout")
+    files = {path: ROOT / path for path in listed.stdout.splitlines()}
+    kept = filter_paths_for_publish(files)  # AppPathDepthError names the first path too deep
+    assert "pyproject.toml" in kept
+
+
 def test_pyproject_flower_config_is_the_flat_default_config():
     """``[tool.flwr.app.config]`` must list every run-config key (``flwr run --run-config`` only overrides those)."""
     data = tomllib.loads((ROOT / "pyproject.toml").read_text())
