@@ -82,11 +82,14 @@ def recorded(folders) -> dict:
         path = Path(folder) / "metrics.jsonl"
         if not path.exists():
             continue
-        # the setting from the nearest folder named like a config (minilm_g01): a run's parent, or an ancestor of
-        # a tune trial (.../minilm_g0/trials/clair/lr=0.005/seed100)
-        names = [p.name for p in Path(folder).resolve().parents]
-        m = next((m for m in (re.match(r"([a-z]+)_g(\d+)$", n) for n in names) if m), None)
-        setting, gamma = (m.group(1), int(m.group(2)) / 10) if m else (Path(folder).parent.name, None)
+        # the setting from the folder named like a config (minilm_g01): a run's parent (<config>/seed0), or a tune
+        # trial's <config>/trials/<method>/<value>/seed100, whose seeds are told apart by method and value too
+        parents, seed = Path(folder).parents, Path(folder).name
+        m = re.match(r"([a-z]+)_g(\d+)$", parents[0].name)
+        if not m and len(parents) > 3 and parents[2].name == "trials":
+            m = re.match(r"([a-z]+)_g(\d+)$", parents[3].name)
+            seed = Path(folder).relative_to(parents[2]).as_posix()
+        setting, gamma = (m.group(1), int(m.group(2)) / 10) if m else (parents[0].name, None)
         for line in path.open():
             row = json.loads(line)
             det = row.get("detection")
@@ -97,7 +100,7 @@ def recorded(folders) -> dict:
             truth = np.array([int(k) in set(det.get("contaminated", [])) for k in ids])
             if gamma is None:
                 gamma = round(truth.mean(), 1)
-            out[(setting, gamma)][Path(folder).name].append((row["round"], s, truth))
+            out[(setting, gamma)][seed].append((row["round"], s, truth))
     return out
 
 

@@ -255,6 +255,8 @@ class SitesSource(_Source):
         Each site's training rows (None: not opened).
     holdout : list of int arrays
         Each client's rows of :attr:`test` (its local score).
+    val_holdout : list of int arrays
+        Each client's rows of the validation set (a personalised model's validation score).
     vocabulary_texts : list of str
         The texts the server's statistics (:class:`~.federation.Shared`) come from.
     sites : list of SiteData or None

@@ -74,8 +74,9 @@ __all__ = ["add_arguments", "main", "tune", "Target", "resolve_param", "extend_v
 def run_trial(cfg: RunConfig, folder: Path, *, progress: bool = False, log: Callable[[str], None] = print) -> dict:
     r"""Run ``cfg`` (one method, one seed) into ``folder``, or reuse the finished run there; its validation scores.
 
-    Returns the last round's ``val_*`` metrics of the global model (``val_accuracy``, ``val_loss``; generation:
-    ``val_perplexity``, ...), with ``val_size`` and ``round``, read back from the run's ``metrics.jsonl`` and
+    Returns the last round's ``val_*`` metrics (the global model's ``val_accuracy``, ``val_loss``; generation:
+    ``val_perplexity``, ...; a personalised method's ``val_local_*``, ``val_benign_local_*`` and their effective
+    sizes ``*_n``), with ``val_size`` and ``round``, read back from the run's ``metrics.jsonl`` and
     ``setup.json`` (:func:`~lowrank_fed.llm.reproduce.runs.load_run`). No test score is used.
     """
     from .runner.simulation import run_experiment

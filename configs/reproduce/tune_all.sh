@@ -96,8 +96,14 @@ tune() {
             mkdir -p "$(dirname "$tuned")"
             cp "$out/tuned.toml" "$tuned"
             if [ -n "$clair_from" ]; then
-                { echo; echo "# [clair] from $clair_from.toml: CLAIR's rate at gamma = 0, where its cut is calibrated"
-                  sed -n '/^\[clair\]$/,/^$/p' "$CONFIGS/$exp/tuned/$clair_from.toml"; } >> "$tuned"
+                local table
+                table=$(sed -n '/^\[clair\]$/,/^$/p' "$CONFIGS/$exp/tuned/$clair_from.toml")
+                if [ -z "$table" ]; then
+                    echo "error: $CONFIGS/$exp/tuned/$clair_from.toml has no [clair] table to give $tuned" >&2
+                    exit 2
+                fi
+                printf '\n# [clair] from %s.toml: CLAIR'"'"'s rate at gamma = 0, where its cut is calibrated\n%s\n' \
+                    "$clair_from" "$table" >> "$tuned"
             fi
             echo "[tune_all] chosen: $tuned" >&2 ;;
     esac
@@ -168,6 +174,12 @@ EOF
 
 links=()
 
+# methods_but_clair CONFIG: the config's methods in its order, CLAIR left out (its rate comes from gamma = 0)
+methods_but_clair() {
+    "${PYTHON:-.venv/bin/python}" -c 'import sys, tomllib
+print(" ".join(m for m in tomllib.load(open(sys.argv[1], "rb"))["methods"] if m != "clair"))' "$1"
+}
+
 # ---- CLAIR: equal ranks; `local` on its benign clients' own models. CLAIR's rate and its cut are coupled (the cut
 # is calibrated on gamma = 0 runs at CLAIR's rate, and the rate is tuned under the cut), so CLAIR is tuned at
 # gamma = 0 only and that rate is used at every gamma; the other methods are tuned per gamma. (Tuned per gamma, the
@@ -176,9 +188,11 @@ links=()
 tune clair copy_g0 --set train_size=260 --set val_size=200 --grid 0.00166667 0.005 0.015
 tune clair minilm_g0 --set val_size=200 --grid 0.00166667 0.005 0.015
 for g in g01 g02 g03; do
-    clair_from=copy_g0 tune clair "copy_$g" --methods local fedit oracle clair_nodetect flexlora \
+    # shellcheck disable=SC2046  # one word per method
+    clair_from=copy_g0 tune clair "copy_$g" --methods $(methods_but_clair "$CONFIGS/clair/copy_$g.toml") \
         --set train_size=260 --set val_size=200 --grid 0.00166667 0.005 0.015
-    clair_from=minilm_g0 tune clair "minilm_$g" --methods fedit clair_nodetect oracle local flexlora \
+    # shellcheck disable=SC2046
+    clair_from=minilm_g0 tune clair "minilm_$g" --methods $(methods_but_clair "$CONFIGS/clair/minilm_$g.toml") \
         --set val_size=200 --grid 0.00166667 0.005 0.015
 done
 

@@ -292,11 +292,12 @@ class FlowerSimulation:
                                  "configure_logging": False}}
         folder = (self.out / ".flower").resolve()
         saved = os.environ.get(MARK)
-        flwr_log, owner_exit = logging.getLogger("flwr"), _OwnerExitFilter()
-        # one_blas_thread here, in the main thread: the ServerApp thread aggregates as the in-process runner does
-        # (one BLAS thread per module thread); a limit it set itself would be ignored (OpenBLAS, see the block)
-        with signals_raise(), flower_env(self.out), watchdog(folder), warnings.catch_warnings(), one_blas_thread():
-            flwr_log.addFilter(owner_exit)
+        flwr_log = logging.getLogger("flwr")
+        # one_blas_thread here, in the main thread: a limit the ServerApp thread set itself would be ignored
+        # (OpenBLAS, see the block), so its aggregation runs on one BLAS thread per module thread as in process;
+        # its other server-side linear algebra (CLAIR's detection) runs on one BLAS thread too
+        with signals_raise(), flower_env(self.out), watchdog(folder), warnings.catch_warnings(), one_blas_thread(), \
+                _log_filter(flwr_log, _OwnerExitFilter()):
             warnings.filterwarnings("ignore", category=DeprecationWarning)
             os.environ[MARK] = str(folder)  # inherited by Ray's processes: the clean-up finds them by it
             try:
@@ -321,7 +322,6 @@ class FlowerSimulation:
                 stop_marked(folder)
                 if quiet:
                     flwr_log.disabled = False
-                flwr_log.removeFilter(owner_exit)
                 if saved is None:
                     os.environ.pop(MARK, None)
                 else:
@@ -362,6 +362,16 @@ class _StoppableGrid:
             if not pending or (timeout is not None and time.monotonic() >= end):
                 return replies
             time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def _log_filter(logger: logging.Logger, log_filter: logging.Filter) -> Iterator[None]:
+    """``log_filter`` on ``logger`` for the block, removed however it ends."""
+    logger.addFilter(log_filter)
+    try:
+        yield
+    finally:
+        logger.removeFilter(log_filter)
 
 
 class _OwnerExitFilter(logging.Filter):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..config import RunConfig
+from ..config import ConfigError, RunConfig
 from ..methods import METHODS
 from .runs import MAX_SEEDS
 from .tune_choice import LR_BOUNDS, Target, _MethodTune, _mean, _score_key, _se_of_mean, choose, label, separation
@@ -22,8 +22,14 @@ def tune_report(plans: dict[str, _MethodTune], target: Target, base: RunConfig, 
         first = mt.scores[label(mt.values[0])][seeds[0]]
         key, higher = keys[m] = _score_key(score, first, m, contaminated=bool(base.attacks))
         n_split = first.get("val_size")
-        # a mean of per-client accuracies: its own effective number of examples (val_local_n), else the split's
-        n_val = first.get(key.rsplit("_", 1)[0] + "_n", n_split)
+        n_val = n_split
+        if "_local_" in key:  # a mean of per-client scores: its own effective number of examples, per seed
+            n_key = key.rsplit("_", 1)[0] + "_n"
+            ns = [mt.scores[label(mt.values[0])][s].get(n_key) for s in seeds]
+            if any(not n for n in ns):
+                raise ConfigError(f"{m}: trials without {n_key!r}, the effective number of validation examples of "
+                                  f"{key!r}; they predate it: remove them to run them again.")
+            n_val = len(ns) / sum(1.0 / n for n in ns)  # S N over seeds with N_s differing: S^2 / sum 1/N_s
         per_seed = {label(v): [mt.scores[label(v)][s][key] for s in seeds] for v in mt.values}
         means = {lab: _mean(ys) for lab, ys in per_seed.items()}
         order = [label(v) for v in mt.values]
@@ -84,7 +90,9 @@ def _how(report: dict) -> list[str]:
     return [
         f"Setting: {s['config']} ({s['name']}: {s['model']} / {s['dataset']}, {s['clients']} clients, ranks "
         f"{s['ranks']}, {s['partition']} alpha {s['alpha']}, {s['rounds']} rounds).",
-        f"Score: {report['score']} of the global model after the last round ({direction} is better), on the "
+        f"Score: {report['score']} of "
+        + ("the global model" if "_local_" not in report["score"] else "each client's own model, averaged")
+        + f" after the last round ({direction} is better), on the "
         f"validation split: {report['val_size']} examples held out of the training data (no test score was used)"
         + "".join(f"; {row['title']}, without a global model: {row['score']}, the mean over "
                   f"{'the benign ' if 'benign' in row['score'] else ''}clients of each client's own model on its share "

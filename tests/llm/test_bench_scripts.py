@@ -71,4 +71,10 @@ def test_clair_decision_reads_a_tune_trial_as_its_config_setting(tmp_path):
     got = recorded([str(f) for f in folders])
     # Assert: both are MiniLM rounds, at the gamma their config names (the trial: 0, a calibration source)
     assert set(got) == {("minilm", 0.1), ("minilm", 0.0)}
-    assert list(got[("minilm", 0.0)]) == ["seed100"] and len(got[("minilm", 0.0)]["seed100"]) == 1
+    trial = "clair/lr=0.005/seed100"  # seeds of a tune told apart by method and value
+    assert list(got[("minilm", 0.0)]) == [trial] and len(got[("minilm", 0.0)][trial]) == 1
+    # a folder named like a config higher up is not taken for one
+    other = tmp_path / "abc_g1" / "calibration" / "seed100"
+    other.mkdir(parents=True)
+    (other / "metrics.jsonl").write_text(json.dumps(row) + "\n")
+    assert set(recorded([str(other)])) == {("calibration", 0.0)}

@@ -196,7 +196,8 @@ def test_every_tune_command_is_accepted_and_writes_a_tuned_file_the_config_can_r
         key = "val_perplexity" if cfg.model == "smollm2" else "val_accuracy"
         if not METHODS[cfg.methods[0]].scores_global:  # local: scored on its (benign) clients' own models
             key = key.replace("val_", "val_benign_local_" if cfg.attacks else "val_local_")
-        return {key: 1 / score if key.endswith("perplexity") else score, "val_size": cfg.val_size, "round": cfg.rounds}
+        return {key: 1 / score if key.endswith("perplexity") else score, key.rsplit("_", 1)[0] + "_n": cfg.val_size,
+                "val_size": cfg.val_size, "round": cfg.rounds}
 
     for cmd in _commands():
         args = _request(cmd)
