@@ -341,14 +341,15 @@ def test_a_block_opened_in_the_main_thread_holds_every_thread_and_one_opened_els
     from lowrank_fed.cholesky_qr import _blas_pools, one_blas_thread
 
     _blas_pools()
-    blas = [pool for pool in threadpool_info() if pool["user_api"] == "blas"]
-    if not blas or any((p["internal_api"], p.get("threading_layer")) != ("openblas", "pthreads") for p in blas):
-        pytest.skip("a property of OpenBLAS's own thread pool (pthreads); this BLAS is another")
+
+    def counts():  # OpenBLAS's own pools (pthreads): NumPy's and SciPy's here; another BLAS loaded beside is not read
+        return [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"
+                and (pool["internal_api"], pool.get("threading_layer")) == ("openblas", "pthreads")]
+
+    if not counts():
+        pytest.skip("a property of OpenBLAS's own thread pool (pthreads); this process has no such BLAS")
     if (os.cpu_count() or 1) < 2:
         pytest.skip("one core: OpenBLAS holds one thread whatever is asked")
-
-    def counts():
-        return [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
 
     def in_a_thread(body):
         seen = {}
