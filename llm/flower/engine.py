@@ -315,17 +315,19 @@ class FlowerSimulation:
                 quiet = sys.exc_info()[0] is not None and not flwr_log.disabled
                 if quiet:  # stopped early: Flower's workers log a traceback for each ClientApp cut off mid-round
                     flwr_log.disabled = True
-                self._stop.set()  # the ServerApp thread stops at its next exchange with the nodes
-                for thread in servers:
-                    thread.join(timeout=_SERVER_JOIN)
-                _ray_shutdown()
-                stop_marked(folder)
-                if quiet:
-                    flwr_log.disabled = False
-                if saved is None:
-                    os.environ.pop(MARK, None)
-                else:
-                    os.environ[MARK] = saved
+                try:
+                    self._stop.set()  # the ServerApp thread stops at its next exchange with the nodes
+                    for thread in servers:
+                        thread.join(timeout=_SERVER_JOIN)
+                    _ray_shutdown()
+                    stop_marked(folder)
+                finally:  # restored even where the clean-up raises
+                    if quiet:
+                        flwr_log.disabled = False
+                    if saved is None:
+                        os.environ.pop(MARK, None)
+                    else:
+                        os.environ[MARK] = saved
         if errors:
             raise RuntimeError(f"The Flower simulation of {self.cfg.name!r} stopped: {type(errors[0]).__name__}: "
                                f"{errors[0]}") from errors[0]

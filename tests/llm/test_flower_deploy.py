@@ -429,3 +429,32 @@ def test_flowers_report_of_a_clientapp_whose_owner_died_is_dropped_and_other_err
     logger.error("ClientApp raised: boom")
     # Assert: only the ClientApp's own error is reported
     assert kept == ["ClientApp raised: boom"]
+
+
+def test_a_failing_clean_up_still_restores_flowers_log_and_the_process_marker(tmp_path, monkeypatch):
+    # Prepare: the simulation fails, and so does Ray's shutdown in the clean-up after it
+    import flwr.simulation
+
+    from lowrank_fed.llm.flower import engine
+    from lowrank_fed.llm.flower.engine import FlowerSimulation
+    from lowrank_fed.llm.flower.processes import MARK
+
+    def fail(**kwargs):
+        raise RuntimeError("the simulation failed")
+
+    def ray_fails():
+        raise RuntimeError("ray.shutdown failed")
+
+    monkeypatch.setattr(flwr.simulation, "run_simulation", fail)
+    monkeypatch.setattr(engine, "_ray_shutdown", ray_fails)
+    monkeypatch.delenv(MARK, raising=False)
+    flwr_log = logging.getLogger("flwr")
+    filters = list(flwr_log.filters)
+    sim = FlowerSimulation(RunConfig.from_dict(tiny_settings()), tmp_path / "fl", progress=False)
+    # Execute
+    with pytest.raises(RuntimeError, match="ray.shutdown failed"):
+        sim.run()
+    # Assert: Flower's log is on again, its filter removed, and this process no longer carries the marker
+    assert not flwr_log.disabled
+    assert flwr_log.filters == filters
+    assert MARK not in os.environ
