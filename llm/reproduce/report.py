@@ -12,10 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import EXECUTION_KEYS, RunConfig, load_config
+from ..config import EXECUTION_KEYS, RunConfig, load_config, tuned_paths
 from ..outputs import atomic_write_text
 from .analysis import Experiment, describe
 from .runs import Results, Run
+from .tune_report import tuned_ties
 from .verdicts import DEPENDS, MIN_SEEDS, mean_sd
 
 __all__ = ["write_report", "report_markdown", "SETTING_KEYS", "DEFAULT_SCALING"]
@@ -35,7 +36,8 @@ def _run_setting(config: dict) -> dict:
 
 def _settings(experiment: Experiment, results: Results, config_root: Path) -> dict[str, dict]:
     r"""Per config: its runs' settings (:data:`SETTING_KEYS` and each method's own ``lr``, per seed) and every key in
-    which the runs differ from the config file as it is now (``"differs"``: key -> [runs' value, file's value])."""
+    which the runs differ from the config file as it is now (``"differs"``: key -> [runs' value, file's value]),
+    and the choices its tuned files record as tied with a neighbour (``"ties"``: method -> text; :func:`tuned_ties`)."""
     out = {}
     defaults = json.loads(json.dumps(RunConfig().to_dict()))
     for stem in experiment.configs:
@@ -53,6 +55,9 @@ def _settings(experiment: Experiment, results: Results, config_root: Path) -> di
             entry[key] = values[0] if len(values) == 1 else values
         entry["method_lr"] = {m: o["lr"] for m, o in sorted((configs[0].get("method_options") or {}).items())
                               if "lr" in o} if configs else {}
+        ties = {m: t for f in (tuned_paths(path) if path.is_file() else []) for m, t in tuned_ties(f).items()}
+        if ties:
+            entry["ties"] = dict(sorted(ties.items()))
         if runs and now:
             differs = {}
             for key in sorted(set(now) | set(runs[0])):
@@ -224,7 +229,7 @@ def _settings_markdown(settings: dict) -> list[str]:
     lines = ["## Settings of the runs (their own config.json)", "",
              "| config | seeds | " + " | ".join(SETTING_KEYS) + " | methods' own lr |",
              "|---|---|" + "---|" * len(SETTING_KEYS) + "---|"]
-    notes = []
+    notes, ties = [], []
     for stem, e in settings.items():
         seeds = ", ".join(map(str, e["seeds"])) if e["seeds"] else "none (config file)"
         lrs = ", ".join(f"{m} {v:g}" for m, v in e.get("method_lr", {}).items()) or "-"
@@ -232,10 +237,16 @@ def _settings_markdown(settings: dict) -> list[str]:
         if e.get("differs"):
             notes.append(f"- `{stem}`: the runs used " + "; ".join(
                 f"{k} = {cell(ran)} (the config file now says {cell(now)})" for k, (ran, now) in e["differs"].items()))
+        if e.get("ties"):
+            ties.append(f"- `{stem}`: " + "; ".join(f"{m} {t}" for m, t in e["ties"].items()))
     lines.append("")
     if notes:
         lines += ["These runs differ from the config files as they are now (the report describes the runs):", "",
                   *notes, ""]
+    if ties:
+        lines += ["Ties in the tune: validation did not separate these choices from a neighbouring value by more than "
+                  "a standard error (the config's tuned file). Every comparison with such a method was run at its "
+                  "chosen value only, and may read differently at the tied one:", "", *ties, ""]
     return lines
 
 

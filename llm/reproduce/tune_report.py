@@ -4,6 +4,8 @@ choices a config's ``tuned`` key merges in; :func:`tuned_toml`)."""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError, RunConfig
@@ -11,7 +13,11 @@ from ..methods import METHODS
 from .runs import MAX_SEEDS
 from .tune_choice import LR_BOUNDS, Target, _MethodTune, _mean, _score_key, _se_of_mean, choose, label, separation
 
-__all__ = ["tune_report", "tune_markdown", "tuned_toml"]
+__all__ = ["tune_report", "tune_markdown", "tuned_toml", "tuned_ties"]
+
+#: How tuned.toml's header says that a choice tied with a neighbour (written by :func:`_verdict`, read back by
+#: :func:`tuned_ties`).
+TIE_TEXT = "TIE: not separated by more than a standard error from "
 
 
 def tune_report(plans: dict[str, _MethodTune], target: Target, base: RunConfig, request: dict, score: str) -> dict:
@@ -108,7 +114,7 @@ def _how(report: dict) -> list[str]:
 def _verdict(row: dict) -> str:
     text = f"{row['where']} = {row['choice_label']}"
     if row["tie"]:
-        text += f" (TIE: not separated by more than a standard error from {', '.join(row['tied_with'])})"
+        text += f" ({TIE_TEXT}{', '.join(row['tied_with'])})"
     else:
         text += " (separated from its neighbours)"
     if row["extensions"]:
@@ -172,3 +178,25 @@ def tuned_toml(report: dict) -> str:
     if tomllib.loads(text) != body:  # a value label() cannot write as TOML: a defect here, never a silent change
         raise RuntimeError(f"tuned.toml would not read back as the choices {body}:\n{text}")
     return text
+
+
+def tuned_ties(path: str | Path) -> dict[str, str]:
+    r"""The choices of a tuned file that validation could not separate from a neighbour: method -> ``"lr = 0.015,
+    tied with 0.005"``, read from the header :func:`tuned_toml` writes (``# m: [m] option = v (TIE: ... from u)``).
+
+    A table appended from another tuned file of the same folder (``tune_all.sh`` gives CLAIR's gamma = 0 rate to the
+    gamma > 0 files under the comment ``# [m] from <stem>.toml: ...``) takes its tie from that file. A file
+    without such lines (written by hand) has no recorded ties: ``{}``.
+    """
+    path = Path(path)
+    ties = {}
+    for line in path.read_text().splitlines():
+        tie = re.match(rf"# (\w+): \[\1\] (\S+ = \S+) \({re.escape(TIE_TEXT)}([^)]*)\)", line)
+        if tie:
+            ties[tie[1]] = f"{tie[2]}, tied with {tie[3]}"
+        source = re.match(r"# \[(\w+)\] from (\S+)\.toml:", line)
+        if source and (path.parent / f"{source[2]}.toml") != path and (path.parent / f"{source[2]}.toml").is_file():
+            taken = tuned_ties(path.parent / f"{source[2]}.toml").get(source[1])
+            if taken:
+                ties[source[1]] = f"{taken} (from {source[2]})"
+    return ties

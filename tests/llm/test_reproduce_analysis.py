@@ -300,6 +300,16 @@ def test_committed_reports_equal_a_reanalysis_of_the_committed_runs(tmp_path, na
     assert [c["verdict"] for c in committed["claims"]] == [c["verdict"] for c in report["claims"]]
 
 
+def test_the_reports_name_the_choices_the_tune_could_not_separate():
+    # the committed clair and hafl reports list the ties their tuned files record, per config
+    clair = json.loads((RESULTS / "clair" / "report.json").read_text())["settings"]
+    hafl = json.loads((RESULTS / "hafl" / "report.json").read_text())["settings"]
+    assert clair["copy_g01"]["ties"] == {"local": "lr = 0.015, tied with 0.005"}
+    assert hafl["freezing_constant"]["ties"] == {"fedit": "lr = 0.045, tied with 0.015"}
+    assert "ties" not in hafl["freezing"]
+    assert "- `truncation_constant`: hafl lr = 0.015, tied with 0.005" in (RESULTS / "hafl" / "report.md").read_text()
+
+
 def _readme_rows() -> list[list[str]]:
     text = (ROOT / "README.md").read_text()
     section = text.split("## Do the papers' claims hold?", 1)[1].split("\n## ", 1)[0]

@@ -13,6 +13,7 @@ pytest.importorskip("peft")
 
 from lowrank_fed.cli import main as cli_main  # noqa: E402
 from lowrank_fed.llm.config import ConfigError, RunConfig, load_config  # noqa: E402
+from lowrank_fed.llm.reproduce.tune_report import tuned_ties  # noqa: E402
 from lowrank_fed.llm.tune import extend_value, separation, tune  # noqa: E402
 
 TINY = """\
@@ -113,6 +114,23 @@ def test_equal_scores_are_a_marked_tie_and_the_smaller_value_is_chosen(config, t
     assert "limit of 0 extensions" in row["stopped"]
     assert "**tie**" in (tmp_path / "out" / "tune.md").read_text()
     assert "TIE" in (tmp_path / "out" / "tuned.toml").read_text()
+    assert tuned_ties(tmp_path / "out" / "tuned.toml") == {"fedit": "lr = 0.001, tied with 0.01"}
+
+
+def test_a_tie_is_read_back_from_a_table_appended_from_another_tuned_file(config, tmp_path):
+    # Prepare: a tuned file with a tie (fedit, flat scores), and one without (flexlora, peaked), to which fedit's
+    # table is appended from the first as tune_all.sh appends CLAIR's gamma = 0 rate
+    folder = tmp_path / "tuned"
+    folder.mkdir()
+    for stem, trial, method in (("g0", peaked(1.0, flat=True), "fedit"), ("g1", peaked(0.01), "flexlora")):
+        tune(config, grid=[1e-3, 1e-2, 1e-1], seeds=[100, 101], methods=[method], max_extensions=0,
+             out=tmp_path / stem, trial=trial, log=lambda m: None)
+        (folder / f"{stem}.toml").write_text((tmp_path / stem / "tuned.toml").read_text())
+    with open(folder / "g1.toml", "a") as f:
+        f.write("\n# [fedit] from g0.toml: its rate where it was chosen\n[fedit]\nlr = 0.001\n")
+    # Execute / Assert: the appended table's tie comes from its source; the separated choice has none
+    assert tuned_ties(folder / "g1.toml") == {"fedit": "lr = 0.001, tied with 0.01 (from g0)"}
+    assert load_config(folder / "g1.toml")["fedit"] == {"lr": 0.001}
 
 
 def test_an_integer_option_and_a_categorical_option(config, tmp_path):
