@@ -11,7 +11,6 @@ conventions (a config and its ``_constant`` twin), :meth:`Experiment.claims` pub
 
 from __future__ import annotations
 
-import math
 import re
 import tomllib
 from collections.abc import Callable, Sequence
@@ -20,6 +19,7 @@ from pathlib import Path
 
 from ..config_files import tuned_paths
 from ..methods import METHODS, method_options
+from .chance import _above_majority, _near_chance  # noqa: F401  (kept importable from here)
 from .runs import Results, Run
 from .twins import publish, twin_results, twins
 from .verdicts import advice, combine, example_se, mean_sd, paired
@@ -230,13 +230,14 @@ def _ms(values: Sequence[float], digits: int = 3) -> str:
 
 def _decide(claim: str, paper: str, ours: str, comparisons: list[dict], note: str = "",
             values: dict[str, list] | None = None, *, untestable: str = "", configs: Sequence[str] = (),
-            trained: bool = True) -> Claim:
-    """The claim with the combined verdict of its comparisons (``untestable``: the reason it is not testable here;
-    ``configs``: the configs it reads; ``trained``: whether it is about training outcomes)."""
+            trained: bool = True, short: str = "no method above the majority class") -> Claim:
+    """The claim with the combined verdict of its comparisons (``untestable``: the reason it is not testable here,
+    ``short`` that reason in a few words; ``configs``: the configs it reads; ``trained``: whether it is about
+    training outcomes)."""
     word = combine(c["verdict"] for c in comparisons)
     why = ""
     if untestable and word != "not run yet":
-        word, why = "not testable here", "no method above the majority class"
+        word, why = "not testable here", short
         note = f"not testable here: {untestable}" + (f"; {note}" if note else "")
     return Claim(claim, paper, ours, word, note, values or {}, comparisons,
                  advice(comparisons) if word not in ("not testable here", "not run yet") else "", tuple(configs),
@@ -332,33 +333,6 @@ def _example_se(run: Run, a: str, b: str) -> float | None:
         return None
     ca, cb = (per_example_correct(p, n) for p in packed)
     return None if ca is None or cb is None else example_se(ca, cb)
-
-
-def _above_majority(accuracy: float, setup: dict) -> bool | None:
-    r"""``acc - p > 2 sqrt(p (1 - p) / N)``: ``accuracy`` is above always answering the test set's majority class by
-    more than 2 standard errors (``p``, ``N``: ``majority_accuracy`` and ``eval_size`` of ``setup.json``); None when
-    the run's set-up does not record them."""
-    p, n = setup.get("majority_accuracy"), int(setup.get("eval_size") or 0)
-    if p is None or n < 1:
-        return None
-    return accuracy - p > 2 * math.sqrt(p * (1 - p) / n)
-
-
-def _near_chance(by_seed: dict[int, Run], methods: Sequence[str]) -> str:
-    r"""Why a claim on these methods' global accuracy is not testable here, or ``""``.
-
-    A method has learnt something measurable only if it is **above** always answering the test set's majority
-    class by more than 2 standard errors, ``acc - p > 2 sqrt(p (1 - p) / N)`` (one-sided: an accuracy at or below
-    ``p`` is no sign of learning), with ``p`` that class's share of the ``N`` test examples (``majority_accuracy``
-    and ``eval_size`` in ``setup.json``; not ``1 / C``, which the majority class always beats). The claim is not
-    testable when no method has, in any seed.
-    """
-    for run in by_seed.values():
-        above = [_above_majority(run.summary[m]["final"], run.setup) for m in methods]
-        if None in above or any(above):
-            return ""
-    return ("no method's accuracy more than 2 standard errors above the majority class's share of the test set, in "
-            "any seed: none has learnt anything measurable")
 
 
 def _vs(comparisons: list[dict], digits: int = 3) -> str:

@@ -79,6 +79,28 @@ def test_a_method_below_the_majority_class_has_not_learnt():
     assert _near_chance(above, ("fedit", "lora_a2")) == ""
 
 
+def test_lora_a2_accuracy_claims_need_every_method_trained_in_three_seeds():
+    from lowrank_fed.llm.reproduce.papers.lora_a2 import _budget_one
+
+    def runs(baseline: float, n_seeds: int = 3) -> dict[int, Run]:
+        # 400 test examples, majority share 0.09 (2 se = 0.029): LoRA-A2 at 0.20 has learnt, a baseline at 0.10 not
+        finals = {"fedit": baseline, "ffa": baseline, "flexlora": baseline, "lora_a2": 0.20}
+        return {s: Run({m: {"final": v + 0.001 * s, "title": m} for m, v in finals.items()},
+                       {m: [{}] for m in finals}, {"majority_accuracy": 0.09, "eval_size": 400})
+                for s in range(n_seeds)}
+
+    # baselines that have not left chance: not testable, naming each method's count of learnt seeds
+    (untrained,) = _budget_one(runs(0.10))
+    assert untrained.verdict == "not testable here" and untrained.why == "a method had not left chance in 3 seeds"
+    assert "budget 1: all four in 0 of 3 seeds (each: fedit 0, ffa 0, flexlora 0, lora_a2 3)" in untrained.note
+    # trained baselines below LoRA-A2: a verdict from the paired intervals
+    (trained,) = _budget_one(runs(0.15))
+    assert trained.verdict == "holds" and not trained.why
+    # the committed runs: every baseline at chance in every seed
+    claim = _claims("lora-a2")["Dir 0.01, upload budget 1: LoRA-A2 above FL+LoRA, FFA-LoRA and FlexLoRA"]
+    assert claim.verdict == "not testable here" and "all four in 0 of 3 seeds" in claim.note
+
+
 # ----------------------------------------------------------------------------- the committed runs, re-read
 
 
@@ -191,6 +213,7 @@ def test_hafl_drop_is_signed_per_client_and_the_verdict_compares_what_clients_re
 def test_claims_on_untuned_learning_rates_are_not_testable_here(tmp_path, monkeypatch):
     claims = list(_claims("lora-a2").values())
     assert [c.verdict == "not testable here" and c.why == UNTUNED for c in claims] == [False, True, True, False]
+    assert claims[0].why == "a method had not left chance in 3 seeds"  # tuned at its setting, but untrained
     assert "dir001_r8" in claims[1].note and "dir05_r1" in claims[2].note
     assert claims[3].verdict == "holds" and claims[3].comparisons[0]["kind"] == "exact"  # a count: lr-free
     # a config that reads a tuned file (lowrank-fed tune's choice for it) counts as tuned

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..analysis import (Claim, Experiment, Results, Run, _above_majority, _against, _decide, _diff, _final, _ms,
-                        _near_chance, _per_seed, _read, _seeds, _vs)
+from ..analysis import (Claim, Experiment, Results, Run, _against, _decide, _diff, _final, _ms, _near_chance,
+                        _per_seed, _read, _seeds, _vs)
+from ..chance import MIN_LEARNT_SEEDS, learnt_seeds
 from ..verdicts import paired
 
 
@@ -23,9 +24,8 @@ _BYUN_LEE_CLAIMS = (("Zero-padding: the rank-20 client's accuracy falls after on
                      "implied (replication is proposed as the fix)"))
 
 
-#: Seeds whose high-rank client learnt before aggregation, at least, for a verdict on its drop (the fewest seeds any
-#: verdict takes).
-MIN_LEARNT_SEEDS = 3
+#: :func:`_unlearnt`'s reason in a few words (the report's verdict cell).
+_UNLEARNT = f"the rank-20 client had not learnt before aggregation in {MIN_LEARNT_SEEDS} seeds"
 
 
 def _unlearnt(runs: dict[int, Run], before_test: dict[str, list[float]]) -> str:
@@ -33,18 +33,12 @@ def _unlearnt(runs: dict[int, Run], before_test: dict[str, list[float]]) -> str:
 
     A drop at aggregation needs a model that had something to lose: the rank-20 client's own model before round
     1's aggregation must be above always answering the test set's majority class by more than 2 standard errors,
-    ``acc - p > 2 sqrt(p (1 - p) / N)`` (:func:`..analysis._above_majority`, the rule of the global-accuracy claims),
-    for every method compared, in at least :data:`MIN_LEARNT_SEEDS` seeds.
+    ``acc - p > 2 sqrt(p (1 - p) / N)`` (:func:`..chance.learnt_seeds`, the rule of the global-accuracy claims),
+    for every method compared, in at least :data:`~..chance.MIN_LEARNT_SEEDS` seeds.
     """
     seeds = _seeds(runs)
-    learnt = []
-    for i, s in enumerate(seeds):
-        above = [_above_majority(acc[i], runs[s].setup) for acc in before_test.values()]
-        if None in above:
-            return ""
-        if all(above):
-            learnt.append(s)
-    if len(learnt) >= MIN_LEARNT_SEEDS:
+    learnt = learnt_seeds(runs, before_test)
+    if learnt is None or len(learnt) >= MIN_LEARNT_SEEDS:
         return ""
     who = " and ".join("zero-padding's" if m == "fedit" else f"{m}'s" for m in before_test)
     return (f"{who} rank-20 client had learnt before aggregation (its own model more than 2 standard errors above "
@@ -84,7 +78,7 @@ def _top10(runs: dict[int, Run]) -> list[Claim]:
                 zp_comp, "its own model before round 1's aggregation, then its download, on its held-out set",
                 {"before": zp["before"], "after": zp["after"], "before (test)": zp["before_test"],
                  "after (test)": zp["after_test"]}, untestable=_unlearnt(runs, {"fedit": zp["before_test"]}),
-                configs=("top10_bbc",)),
+                short=_UNLEARNT, configs=("top10_bbc",)),
         _decide("Replication keeps it (smaller drop than zero-padding)",
                 "84.3% -> 82.1%",
                 f"{_ms(rep['before'])} -> {_ms(rep['after'])} (test set: {_ms(rep['before_test'])} -> "
@@ -93,7 +87,7 @@ def _top10(runs: dict[int, Run]) -> list[Claim]:
                 {"before": rep["before"], "after": rep["after"], "before (test)": rep["before_test"],
                  "after (test)": rep["after_test"]},
                 untestable=_unlearnt(runs, {"fedit": zp["before_test"], "replication": rep["before_test"]}),
-                configs=("top10_bbc",)),
+                short=_UNLEARNT, configs=("top10_bbc",)),
     ]
     g_zp, g_rep = _per_seed(runs, _final("fedit")), _per_seed(runs, _final("replication"))
     comps = _against({"replication": g_rep, "fedit": g_zp}, "replication", ("fedit",), {"fedit": "zero-padding"},
