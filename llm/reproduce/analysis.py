@@ -150,7 +150,9 @@ class Experiment:
                 why = ([f"{', '.join(reuse)} {'reuse' if len(reuse) > 1 else 'reuses'} the learning rates chosen "
                         f"for {', '.join(self.tuned or ()) or 'another setting'}"] if reuse else [])
                 why += [untuned[b] for b in bad if untuned[b]]
-                note = f"not testable here: {UNTUNED} ({'; '.join(why)})" + (f"; {c.note}" if c.note else "")
+                rest = c.note.removeprefix("not testable here: ")  # a claim already not testable: one prefix
+                note = f"not testable here: {UNTUNED} ({'; '.join(why)})" + (
+                    f"; and {rest}" if rest != c.note else f"; {c.note}" if c.note else "")
                 c = Claim(c.claim, c.paper, c.ours, "not testable here", note, c.values, c.comparisons, "",
                           c.configs, c.trained, UNTUNED)
             out.append(c)

@@ -1,7 +1,10 @@
 r"""Whether a method has learnt anything measurable: the condition a claim on trained models needs.
 
-A score at or below always answering the test set's majority class is no sign of learning, and a comparison between
-models that have not left it says which one leaves chance first, not what a paper's claim about trained models says.
+A score at or below always answering the test set's majority class is no sign of learning. A claim about trained
+models (LoRA-A2's accuracies, Byun & Lee's drop at aggregation) compared with a model that has not left it says which
+one leaves chance first, not what the claim says; each such claim states which of its models must have learnt
+(:func:`learnt_seeds`). Not a general rule: where a method's collapse is the effect measured (FedAvg of contaminated
+clients under CLAIR's claims) a model at chance is a result, and only ``_near_chance`` (nothing learnt at all) applies.
 """
 
 from __future__ import annotations

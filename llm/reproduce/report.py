@@ -162,7 +162,8 @@ def report_markdown(report: dict) -> str:
               "Other outcomes: a 0/1 outcome per seed and round (CLAIR's detection) is counted, k/n, with a "
               "Clopper-Pearson 95% interval; a count (bytes, parameters) is exact, no interval; rounds to a target "
               "(an integer capped at the last round + 1) get a sign count over seeds. **not testable here**: no "
-              "method above the majority class, or learning rates chosen for another setting.", ""]
+              "method above the majority class, a model the claim needs trained that had not learnt in enough "
+              "seeds, or learning rates chosen for another setting (the cell says which).", ""]
     if any(c.get("twin") for c in report["claims"]):
         lines += ["Scale conventions: a claim that reads a config with a constant twin (`<config>_constant`, "
                   "`lora_scaling = \"constant\"`) is analysed on both; the published verdict is the one both agree "

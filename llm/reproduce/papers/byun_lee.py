@@ -33,7 +33,7 @@ def _unlearnt(runs: dict[int, Run], before_test: dict[str, list[float]]) -> str:
 
     A drop at aggregation needs a model that had something to lose: the rank-20 client's own model before round
     1's aggregation must be above always answering the test set's majority class by more than 2 standard errors,
-    ``acc - p > 2 sqrt(p (1 - p) / N)`` (:func:`..chance.learnt_seeds`, the rule of the global-accuracy claims),
+    ``acc - p > 2 sqrt(p (1 - p) / N)`` (:func:`..chance.learnt_seeds`),
     for every method compared, in at least :data:`~..chance.MIN_LEARNT_SEEDS` seeds.
     """
     seeds = _seeds(runs)

@@ -40,28 +40,34 @@ _CLAIMS = (("Dir 0.01, upload budget 1: LoRA-A2 above FL+LoRA, FFA-LoRA and Flex
 
 
 #: :func:`_untrained`'s reason in a few words (the report's verdict cell).
-_UNTRAINED = f"a method had not left chance in {MIN_LEARNT_SEEDS} seeds"
+_UNTRAINED = f"not every baseline left chance in at least {MIN_LEARNT_SEEDS} seeds"
 
 
 def _untrained(**settings: dict[int, Run]) -> str:
-    r"""Why an accuracy claim is not testable here, or ``""``: the paper compares trained models (its baselines reach
-    34-37% at Dir 0.01, budget 1, on 20 classes), so in each setting (name -> its runs) every method must be above
-    the test set's majority share by more than 2 standard errors (:func:`..chance.learnt_seeds`) in at least
-    :data:`~..chance.MIN_LEARNT_SEEDS` seeds. A comparison with a baseline that has not left chance says which
-    method leaves it first, not what the claim says."""
+    r"""Why an accuracy claim is not testable here, or ``""``: in each setting (name -> its runs) every baseline the
+    claim compares LoRA-A2 with must be above the test set's majority share by more than 2 standard errors
+    (:func:`..chance.learnt_seeds`) in at least :data:`~..chance.MIN_LEARNT_SEEDS` seeds.
+
+    The paper's claims are about trained baselines (34-37% at Dir 0.01, budget 1, on 20 classes). LoRA-A2 above
+    a baseline still at chance says which method leaves chance first at this machine's scale, and the baselines
+    stay at chance here at Dir 0.5 too, where the paper has all four within a point: a scale effect, not the label
+    skew LoRA-A2 is built for. LoRA-A2's own state does not gate: LoRA-A2 at chance beside a trained baseline is a
+    result against the claim, and its verdict stands.
+    """
     why = []
     for name, runs in settings.items():
         titles = _titles(next(iter(runs.values())))
-        acc = {m: _per_seed(runs, _final(m)) for m in _METHODS}
-        learnt = learnt_seeds(runs, acc)
-        if learnt is None or len(learnt) >= MIN_LEARNT_SEEDS:
-            continue
-        each = ", ".join(f"{titles[m]} {len(learnt_seeds(runs, {m: acc[m]}))}" for m in _METHODS)
-        why.append(f"{name}: all four in {len(learnt)} of {len(runs)} seeds (each: {each})")
+        counts = {}
+        for m in _LORA_A2_BASELINES:
+            learnt = learnt_seeds(runs, {m: _per_seed(runs, _final(m))})
+            if learnt is not None:
+                counts[m] = len(learnt)
+        if any(n < MIN_LEARNT_SEEDS for n in counts.values()):
+            why.append(f"{name}: " + ", ".join(f"{titles[m]} in {n} of {len(runs)}" for m, n in counts.items()))
     if not why:
         return ""
-    return ("not every method had learnt (more than 2 standard errors above the test set's majority share) in at "
-            f"least {MIN_LEARNT_SEEDS} seeds, and the paper compares trained models: " + "; ".join(why))
+    return ("a baseline had not learnt (more than 2 standard errors above the test set's majority share) in at "
+            f"least {MIN_LEARNT_SEEDS} seeds, and the paper compares trained baselines: " + "; ".join(why))
 
 
 def _lora_a2(results: Results) -> list[Claim]:
