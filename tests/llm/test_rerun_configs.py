@@ -92,13 +92,14 @@ def _committed_runs():
 
 def test_committed_runs_made_before_lora_scaling_existed_are_still_finished():
     # lora-a2's config.json predate the key and ran the configs as they are now (up to the key); PreLort's ran 5
-    # and 3 local steps, not 50, and HAFL's at lr 5e-3, before their configs read their tuned rates: runs of other
-    # configs, to be rerun (Byun & Lee's were, 5 seeds; the earlier ones are in byun-lee-lr5e-3/, outside this check). CLAIR's were rerun under today's configs (the key is in their
-    # config.json); the earlier ones are in clair-zcut3/ and (the copy task at lr 5e-3, before its tune)
-    # clair-lr5e-3/, outside this check. CLAIR's MiniLM runs (gamma 0.1 and 0.2) used the cut calibrated at 5e-3,
-    # before the configs took the cut calibrated at the tuned rate: to be rerun.
-    def rerun(name: str, stem: str) -> bool:  # CLAIR's MiniLM runs used the cut 0.964, calibrated at 5e-3
-        return name in ("prelort", "hafl") or (name == "clair" and stem.startswith("minilm"))
+    # and 3 local steps, not 50, before its configs changed: runs of other configs, to be rerun (Byun & Lee's and
+    # HAFL's were, at their tuned rates; the earlier ones are in byun-lee-lr5e-3/ and hafl-lr5e-3/, outside this
+    # check). CLAIR's copy task was rerun under today's configs (the key is in their config.json); the earlier
+    # ones are in clair-zcut3/ and (the copy task at lr 5e-3, before its tune) clair-lr5e-3/, outside this check.
+    # CLAIR's MiniLM runs (gamma 0.1 and 0.2) used the cut calibrated at 5e-3, before the configs took the cut
+    # calibrated at the tuned rate: to be rerun.
+    def rerun(name: str, stem: str) -> bool:
+        return name == "prelort" or (name == "clair" and stem.startswith("minilm"))
 
     counted = 0
     for name, stem, folder in _committed_runs():
@@ -108,16 +109,18 @@ def test_committed_runs_made_before_lora_scaling_existed_are_still_finished():
         assert _finished(folder, cfg) is not rerun(name, stem), folder
         counted += not rerun(name, stem)
     with_runs = [(n, c) for n, c in ALL_CONFIGS if not rerun(n, c) and (RESULTS / n / c).is_dir()]
-    assert len(with_runs) == 6 + 1 + 4  # lora-a2, byun-lee, clair copy
+    assert len(with_runs) == 6 + 1 + 4 + 5  # lora-a2, byun-lee, clair copy, hafl
     assert counted == sum(len(list((RESULTS / n / c).glob("seed*"))) for n, c in with_runs if not _names_tuned(n, c))
     assert counted == 3 * 6
-    # configs that read a tuned file (CLAIR's copy task and Byun & Lee, rerun at their tuned rates, 5 seeds): their
-    # runs are theirs
+    # configs that read a tuned file (CLAIR's copy task, Byun & Lee and HAFL, rerun at their tuned rates, 5 seeds;
+    # 6 for the two HAFL configs whose speed claim is a sign count): their runs are theirs
     tuned = [(n, c) for n, c in ALL_CONFIGS if _names_tuned(n, c) and (RESULTS / n / c).is_dir() and not rerun(n, c)]
-    assert sorted(c for _, c in tuned) == ["copy_g0", "copy_g01", "copy_g02", "copy_g03", "top10_bbc"]
+    assert sorted(c for _, c in tuned) == ["copy_g0", "copy_g01", "copy_g02", "copy_g03", "freezing",
+                                           "freezing_constant", "homogeneous", "top10_bbc", "truncation",
+                                           "truncation_constant"]
     for name, stem in tuned:
         folders = sorted((RESULTS / name / stem).glob("seed*"))
-        assert len(folders) == 5
+        assert len(folders) == (6 if stem in ("freezing", "freezing_constant") else 5)
         for folder in folders:
             seed = json.loads((folder / "config.json").read_text())["seed"]
             cfg = RunConfig.from_dict({**load_config(CONFIG_ROOT / name / f"{stem}.toml"), "seed": seed})
