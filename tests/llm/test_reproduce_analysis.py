@@ -352,7 +352,7 @@ def _readme_rows() -> list[list[str]]:
 def test_the_readme_table_states_the_committed_verdicts():
     # every claim of every committed report has a README row with its exact claim text and its verdict first
     rows = _readme_rows()
-    header = "| experiment | claim | paper | ours (3 or 5 seeds) | verdict | why, where it does not hold |"
+    header = "| experiment | claim | paper | ours (3, 5 or 6 seeds) | verdict | why, where it does not hold |"
     assert header in (ROOT / "README.md").read_text()
     by_claim = {}
     for row in rows:
