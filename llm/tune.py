@@ -17,6 +17,8 @@ benign clients where some are contaminated (``val_benign_local_<metric>``, what 
 No test score is used here (the trials score the test split, as every run does, and nothing looks at it). A trial
 is scored at round 0 and after its last round only (``eval_every = rounds``): a run's trained bits do not depend on
 when it is scored, and the rounds between would be compute that nothing reads (half of a HAFL trial's time).
+When the tuned key is ``lr``, round 0 (the untrained start, the same for every rate and every method that is not
+personalised) is scored by the first trial of each seed and reused by the others.
 
 - **Choice**: ``v* = argbest_v ybar(v)``, ``ybar(v) = (1/|S|) sum_s y(m, v, s)``; equal means: the smaller value
   (the first in grid order for a grid that is not numeric).
@@ -71,13 +73,16 @@ __all__ = ["add_arguments", "main", "tune", "Target", "resolve_param", "extend_v
 # ----------------------------------------------------------------------------- one trial
 
 
-def run_trial(cfg: RunConfig, folder: Path, *, progress: bool = False, log: Callable[[str], None] = print) -> dict:
+def run_trial(cfg: RunConfig, folder: Path, *, progress: bool = False, log: Callable[[str], None] = print,
+              round0: dict | None = None) -> dict:
     r"""Run ``cfg`` (one method, one seed) into ``folder``, or reuse the finished run there; its validation scores.
 
     Returns the last round's ``val_*`` metrics (the global model's ``val_accuracy``, ``val_loss``; generation:
     ``val_perplexity``, ...; a personalised method's ``val_local_*``, ``val_benign_local_*`` and their effective
     sizes ``*_n``), with ``val_size`` and ``round``, read back from the run's ``metrics.jsonl`` and
-    ``setup.json`` (:func:`~lowrank_fed.llm.reproduce.runs.load_run`). No test score is used.
+    ``setup.json`` (:func:`~lowrank_fed.llm.reproduce.runs.load_run`). No test score is used. ``round0``: an
+    earlier trial's round-0 row of the same config and seed, reused instead of scoring the untrained start again
+    (:meth:`~lowrank_fed.llm.runner.simulation.Simulation.run`).
     """
     from .runner.simulation import run_experiment
 
@@ -87,11 +92,25 @@ def run_trial(cfg: RunConfig, folder: Path, *, progress: bool = False, log: Call
         log(f"running {folder}")
         if folder.exists():
             clear_folder(folder)  # an unfinished trial
-        run_experiment(cfg, folder, progress=progress)
+        run_experiment(cfg, folder, progress=progress, round0=round0)
     run = load_run(folder)
     last = run.history[cfg.methods[0]][-1]
     scores = {k: v for k, v in last.items() if k.startswith("val_") and _is_number(v)}
     return {**scores, "val_size": run.setup["val_size"], "round": last["round"]}
+
+
+def _start_row(folder: Path, method: str) -> dict | None:
+    """A finished trial's round-0 row, for the next trials of its seed; None for a personalised method's (each
+    client's own start) or when it cannot be read."""
+    try:
+        summary = json.loads((folder / "summary.json").read_text())
+        lines = (folder / "metrics.jsonl").read_text().splitlines()
+    except (OSError, json.JSONDecodeError):
+        return None
+    if [row.get("personalised") for row in summary if row.get("method") == method] != [False]:
+        return None
+    rows = [r for r in map(json.loads, lines) if r.get("method") == method and r.get("round") == 0]
+    return rows[0] if rows else None
 
 
 def _finished_trial(folder: Path, cfg: RunConfig) -> bool:
@@ -109,6 +128,28 @@ def _finished_trial(folder: Path, cfg: RunConfig) -> bool:
 
 
 # ----------------------------------------------------------------------------- the tune
+
+
+def _trials_sharing_round0(target: Target, progress: bool, log: Callable[[str], None]) -> Callable:
+    """:func:`run_trial` that scores the untrained start once per seed when the tuned key is ``lr``.
+
+    Round 0 is scored before any step, from ``B = 0`` (the base model and the seed's head), so its row is the same
+    for every value of ``lr`` and every method that is not personalised, as within a run, where the first
+    method's row serves the others. The first such trial of a seed scores it; the others reuse its row (10-20 s of
+    a 100-300 s MiniLM trial). Another key (a rank, an initialisation) may change the start: every trial scores it.
+    """
+    starts: dict[int, dict] = {}
+
+    def run(cfg: RunConfig, folder: Path) -> dict:
+        scores = run_trial(cfg, folder, progress=progress, log=log, round0=starts.get(cfg.seed))
+        if target.option == "lr" and cfg.seed not in starts:
+            row = _start_row(folder, cfg.methods[0])
+            if row is not None:
+                starts[cfg.seed] = row
+        return scores
+
+    return run
+
 
 
 def _validated(data: dict, where: str) -> RunConfig:
@@ -229,7 +270,7 @@ def tune(config: str | Path, *, param: str = "lr", grid: list[Any] | None = None
     if plan == "clear":
         clear_folder(out)
     out.mkdir(parents=True, exist_ok=True)
-    run = trial or (lambda cfg, folder: run_trial(cfg, folder, progress=progress, log=log))
+    run = trial or _trials_sharing_round0(target, progress, log)
     with hold_lock(out):
         atomic_write_text(out / "tune.json", _json({"request": request, "finished": False}))
         for m, mt in plans.items():

@@ -333,17 +333,24 @@ class Simulation(Scoring):
         atomic_write_text(self.out / "timings.jsonl",
                           "".join(_json(t) + "\n" for m in names for t in self._timings_by.get(m, [])))
 
-    def run(self, *, resume: bool = False) -> list[dict]:
-        """Run (or resume) every method; write outputs; return the summary rows."""
+    def run(self, *, resume: bool = False, round0: dict | None = None) -> list[dict]:
+        """Run (or resume) every method; write outputs; return the summary rows.
+
+        ``round0``: the round-0 scores of the same config and seed from an earlier run (its ``metrics.jsonl`` row of
+        round 0, any method that is not personalised), used instead of scoring the untrained start again. Every
+        such method starts from the same model (``B = 0``: the base model and the seed's head), scored before any
+        step, so the row does not depend on the method or on a training-only key such as ``lr``; this run already
+        reuses its first method's row for the others (tests/llm/test_tune.py checks both).
+        """
         if resume:
             self.check_resume()  # a config edited since the checkpoints: ConfigError, nothing written
         self.setup()  # raises ConfigError before anything is written
         try:
-            return self._run(resume=resume)
+            return self._run(resume=resume, round0=round0)
         finally:
             self.close()
 
-    def _run(self, *, resume: bool) -> list[dict]:
+    def _run(self, *, resume: bool, round0: dict | None = None) -> list[dict]:
         self.out.mkdir(parents=True, exist_ok=True)
         self._timings = []
         if resume and (self.out / "timings.jsonl").exists():
@@ -351,7 +358,8 @@ class Simulation(Scoring):
         atomic_write_text(self.out / "config.json", json.dumps(self.cfg.to_dict(), indent=1, sort_keys=True))
         atomic_write_text(self.out / "setup.json", json.dumps(self.describe(), indent=1, sort_keys=True))
         self._histories, self._timings_by = {}, {}
-        summary, round0 = [], None
+        summary = []
+        round0 = None if round0 is None else {k: v for k, v in round0.items() if k not in ("method", "round")}
         for name in self.cfg.methods:
             method, history, timings = self.run_method(name, resume=resume, round0=round0)
             if round0 is None and not method.personalised:
@@ -377,6 +385,6 @@ class Simulation(Scoring):
 
 
 def run_experiment(config: RunConfig, out_dir: str | Path, *, resume: bool = False, progress: bool = True,
-                   on_round_end: Callable[[str, int], None] | None = None) -> list[dict]:
-    """Set up and run a :class:`Simulation`; return its summary rows."""
-    return Simulation(config, out_dir, progress=progress, on_round_end=on_round_end).run(resume=resume)
+                   on_round_end: Callable[[str, int], None] | None = None, round0: dict | None = None) -> list[dict]:
+    """Set up and run a :class:`Simulation`; return its summary rows (``round0``: :meth:`Simulation.run`)."""
+    return Simulation(config, out_dir, progress=progress, on_round_end=on_round_end).run(resume=resume, round0=round0)

@@ -446,3 +446,61 @@ def test_the_scoring_schedule_changes_no_trained_bit(tmp_path):
         else:
             assert "val_accuracy" not in row and "val_accuracy" in one[key]
             assert row == {k: v for k, v in one[key].items() if k in row}, key
+
+
+def test_the_untrained_start_scores_the_same_for_every_method_and_rate(tmp_path):
+    """Why a tune scores round 0 once per seed: every method that is not personalised, alone and at two rates
+    (attacks on, as in CLAIR's configs), writes the same round-0 row but for seconds."""
+    # Prepare
+    from lowrank_fed.llm.methods import METHODS, make_method
+    from lowrank_fed.llm.runner.simulation import run_experiment
+    from tests.llm.helpers import tiny_settings
+
+    settings = tiny_settings(clients=4, ranks=[2, 4, 4, 8], rounds=1, val_size=20,
+                             attacks=[{"kind": "sign_flip", "clients": [1]}])
+    shared = sorted(m for m in METHODS if not make_method(m).personalised)
+    # Execute
+    starts = {}
+    for m in shared:
+        for lr in (1e-3, 3e-2):
+            folder = tmp_path / f"{m}-{lr}"
+            run_experiment(RunConfig.from_dict({**settings, "methods": [m], "lr": lr}), folder, progress=False)
+            row = json.loads((folder / "metrics.jsonl").read_text().splitlines()[0])
+            assert row["round"] == 0
+            starts[m, lr] = {k: v for k, v in row.items() if k != "method" and "seconds" not in k}
+    # Assert: one row for all of them, and a real one (scored on the validation and test splits)
+    first = starts[shared[0], 1e-3]
+    assert len(shared) >= 9 and "val_accuracy" in first and "accuracy" in first
+    assert all(row == first for row in starts.values()), [k for k, row in starts.items() if row != first]
+
+
+def test_a_tune_scores_the_start_once_per_seed_and_changes_no_score(config, tmp_path, capsys):
+    """The second and later lr trials of a seed reuse the first one's round-0 row: the same metrics as trials run
+    alone, round 0 not scored again (0 seconds), and the same tune.json."""
+    # Prepare
+    from lowrank_fed.llm.runner.simulation import run_experiment
+
+    args = ["tune", str(config), "--grid", "1e-3", "1e-2", "--seeds", "100", "--max-extensions", "0",
+            "--no-progress", "--out", str(tmp_path / "tune")]
+    # Execute
+    assert cli_main(args) == 0
+    alone = {}
+    for method, lr in (("fedit", 0.01), ("flexlora", 0.001), ("flexlora", 0.01)):
+        trial = tmp_path / "tune" / "trials" / method / f"lr={lr:g}" / "seed100"
+        cfg = RunConfig.from_dict(json.loads((trial / "config.json").read_text()))
+        run_experiment(cfg, tmp_path / "alone" / f"{method}-{lr}", progress=False)
+        alone[trial] = tmp_path / "alone" / f"{method}-{lr}"
+    # Assert
+
+    def rows(folder):
+        return [{k: v for k, v in json.loads(r).items() if "seconds" not in k}
+                for r in (folder / "metrics.jsonl").read_text().splitlines()]
+
+    def round0_seconds(folder):
+        return json.loads((folder / "timings.jsonl").read_text().splitlines()[0])["eval_seconds"]
+
+    first = tmp_path / "tune" / "trials" / "fedit" / "lr=0.001" / "seed100"
+    assert round0_seconds(first) > 0
+    for trial, folder in alone.items():
+        assert rows(trial) == rows(folder), trial
+        assert round0_seconds(trial) == 0.0 and round0_seconds(folder) > 0
