@@ -33,7 +33,8 @@
 #   byun-lee top10_bbc 1.3 h (FedIT 280 s, replication 260 s)                                       total  1.3 h
 #   hafl     freezing 2.2 h (FedIT 300 s, HetLoRA 410 s, HAFL 170 s), truncation 0.7 h (HAFL 280 s),
 #            homogeneous 0.8 h (FedIT at rank 32, no committed run: FedIT's 300 s), and the twins
-#            freezing_constant 2.2 h, truncation_constant 0.7 h                                  total  6.6 h
+#            freezing_constant 2.2 h, truncation_constant 0.7 h; freezing_zeropad (HAFL alone, zero-padding at
+#            its slots, added later) 0.3 h                                                       total  6.9 h
 #   prelort  minilm_bbc 9.6 h (each method 580-730 s at 50 steps), smollm2_headlines 17-19 h (each method
 #            1000-1110 s at 50 steps, plus ~90 s for 200 validation perplexities in each of the 3 evaluations),
 #            and the same for the twins                                                           total ~55 h
@@ -208,7 +209,7 @@ done
 tune byun-lee top10_bbc --set val_size=200 --grid 0.00166667 0.005 0.015
 
 # ---- HAFL (val_size = 200 already); the constant twins are their own settings.
-for stem in freezing truncation homogeneous freezing_constant truncation_constant; do
+for stem in freezing truncation homogeneous freezing_constant truncation_constant freezing_zeropad; do
     tune hafl "$stem" --grid 0.00166667 0.005 0.015
 done
 

@@ -20,7 +20,9 @@ column ``j`` being global slot ``S_k[j]``, and the server applies the adaptive r
 .. math:: b_i = \frac{\sum_{k \in U_i} p_k b_{k,i}}{\sum_{k \in U_i} p_k},\quad a_i \text{ likewise},
           \qquad U_i = \{k : i \in \mathcal S_k\},
 
-a slot nobody updated keeping its value. The head is averaged with data weights.
+a slot nobody updated keeping its value. The head is averaged with data weights. ``aggregation = "zero_pad"``
+divides by ``sum_k p_k`` instead (zero-padding at the same slots, ``dilute=True``): the rule HAFL's speed claim
+compares the adaptive one with, everything on the clients unchanged.
 
 **Who scores** (``scorer``; our reconstruction, the abstract does not say):
 
@@ -188,11 +190,14 @@ class HAFL(Method):
                     raise ValueError(f"scores/{m}: entries must be finite and >= 0. Got {s.detach().cpu().tolist()}.")
 
     def aggregate(self, server, replies):
-        r"""``aggregate("slotwise", pairs, n_k, slots=S, previous=global)`` per module; scores and head updated."""
+        r"""``aggregate("slotwise", pairs, n_k, slots=S, previous=global)`` per module (``dilute=True`` with
+        ``aggregation = "zero_pad"``); scores and head updated."""
         decoded = [decode_pairs(r.arrays) for r in replies.values()]
         slots = [_slots_of(r.arrays) for r in replies.values()]
         weights = weights_of(replies)
-        pairs = {m: aggregate(self.rule, [d[m] for d in decoded], weights, slots=[s[m] for s in slots], previous=prev)
+        dilute = self.options.aggregation == "zero_pad"
+        pairs = {m: aggregate(self.rule, [d[m] for d in decoded], weights, slots=[s[m] for s in slots], previous=prev,
+                              dilute=dilute)
                  for m, prev in server.pairs.items()}
         arrays = dict(server.arrays)
         if self.options.scorer == "client":

@@ -62,7 +62,7 @@ def check_slots(slots, ranks: Sequence[int], rank: int | None) -> tuple[list[np.
 
 
 def aggregate_slotwise(
-    pairs, weights=None, *, slots=None, previous: FactorPair | None = None
+    pairs, weights=None, *, slots=None, previous: FactorPair | None = None, dilute: bool = False
 ) -> FactorPair:
     r"""Rank-1-level adaptive aggregation.
 
@@ -73,6 +73,11 @@ def aggregate_slotwise(
         U_i = \{k : i \in \text{slots}_k\}
 
     and ``b_i, a_i`` keep their ``previous`` value when ``U_i`` is empty (nobody updated slot ``i``).
+
+    With ``dilute=True`` each denominator is the total weight ``sum_k p_k`` instead of the owners'
+    ``sum_{k in U_i} p_k``: zero-padding at the given slots (a client that did not update slot ``i`` counts
+    as a zero there), the rule the adaptive average is claimed to beat. With prefix slots and no ``previous``
+    it is ``zero_pad``'s (data weighting); slots nobody updated still keep ``previous``.
 
     where ``b_{k,i}`` is client ``k``'s column for global slot ``i``.
 
@@ -88,6 +93,8 @@ def aggregate_slotwise(
     previous : FactorPair, optional
         Last global pair; fixes the global rank ``R = previous.rank`` and supplies the slots
         nobody updated. Without it ``R = 1 + max slot index`` and such slots are zero.
+    dilute : bool
+        Divide by every client's weight (zero-padding at the slots) instead of the owners'.
 
     Returns
     -------
@@ -114,6 +121,8 @@ def aggregate_slotwise(
     embeddings = [slot_embedding(idx, rank) for idx in slots]
     den = sum(pk * E.sum(axis=0) for pk, E in zip(p, embeddings, strict=True))  # sum_{k in U_i} p_k
     owned = den > 0
+    if dilute:  # sum_k p_k = 1 (prepare normalises the weights): zero-padding's sum, no division
+        den = np.where(owned, 1.0, den)
     inv = like(xp, np.where(owned, 1.0 / np.where(owned, den, 1.0), 0.0), pairs[0].B)
     Es = [like(xp, E, pairs[0].B) for E in embeddings]
     B = weighted_sum([pair.B @ E for pair, E in zip(pairs, Es, strict=True)], p) * inv[None, :]

@@ -225,6 +225,35 @@ def test_slotwise_with_prefix_slots_equals_segment(case):
     assert_allclose(sw.A, seg.A, atol=1e-12)
 
 
+@given(client_pairs())
+def test_diluted_slotwise_with_prefix_slots_equals_zero_padding(case):
+    pairs, weights = case
+    out = aggregate_slotwise(pairs, weights, dilute=True)
+    assert_allclose(product(out), product(aggregate_zero_pad(pairs, weights)), atol=1e-10)
+
+
+@given(client_pairs(max_rank=5), st.integers(0, 2**31))
+def test_diluted_slotwise_scales_each_owned_slot_by_its_owners_weight(case, seed):
+    """Zero-padding at the slots: slot i of the adaptive average times c_i = sum_{k in U_i} p_k (both factors, so
+    c_i^2 on the slot's product); slots nobody updated keep ``previous`` under both rules."""
+    pairs, weights = case
+    rng = np.random.default_rng(seed)
+    R = 6
+    d_out, d_in = pairs[0].shape
+    prev = FactorPair(rng.normal(size=(d_out, R)), rng.normal(size=(R, d_in)))
+    slots = [rng.choice(R, size=pair.rank, replace=False) for pair in pairs]
+    p = normalised(weights)
+    cover = np.array([sum(p[k] for k, s in enumerate(slots) if i in s) for i in range(R)])
+    adaptive = aggregate_slotwise(pairs, weights, slots=slots, previous=prev)
+    diluted = aggregate_slotwise(pairs, weights, slots=slots, previous=prev, dilute=True)
+    c = np.where(cover > 0, cover, 1.0)
+    assert_allclose(diluted.B, adaptive.B * c[None, :], atol=1e-12)
+    assert_allclose(diluted.A, adaptive.A * c[:, None], atol=1e-12)
+    # a slot every client updated is not diluted
+    full = [np.flatnonzero(cover > 1 - 1e-12)]
+    assert_allclose(diluted.B[:, full[0]], adaptive.B[:, full[0]], atol=1e-12)
+
+
 def test_slotwise_errors():
     pairs = [FactorPair(np.ones((2, 2)), np.ones((2, 3)))]
     prev = FactorPair(np.ones((2, 3)), np.ones((3, 3)))

@@ -279,6 +279,32 @@ def test_server_step_is_the_core_slotwise_rule_and_scores_are_data_weighted(vari
         torch.testing.assert_close(new.arrays[f"scores/{m}"], want)
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_zero_padding_at_the_slots_dilutes_what_the_adaptive_rule_averages(variant):
+    """``aggregation = "zero_pad"``: the same client side, the core rule with ``dilute=True``; a slot one of the
+    two clients trained is shrunk by that client's weight, the slots both trained are the same, the scores too."""
+    # Prepare
+    method, server = _server_with_scores(variant, SCORES, {0: 2, 1: 4})
+    padded = make_method("hafl", variant=variant, aggregation="zero_pad")
+    replies = {k: _reply_for(method, server, k, 20 + k, n) for k, n in ((0, 3), (1, 1))}
+    # Execute
+    adaptive, diluted = method.aggregate(server, replies), padded.aggregate(server, replies)
+    # Assert
+    for m, prev in server.pairs.items():
+        slots = [r.arrays[f"slots/{m}"] for r in replies.values()]
+        expected = aggregate("slotwise", [decode_pairs(r.arrays)[m] for r in replies.values()], [3, 1],
+                             slots=slots, previous=prev, dilute=True)
+        torch.testing.assert_close(diluted.pairs[m].B, expected.B)
+        torch.testing.assert_close(diluted.pairs[m].A, expected.A)
+        both = sorted(set(slots[0].tolist()) & set(slots[1].tolist()))
+        only_1 = sorted(set(slots[1].tolist()) - set(slots[0].tolist()))
+        assert only_1, "client 1 (rank 4) must hold a slot client 0 does not"
+        torch.testing.assert_close(diluted.pairs[m].B[:, only_1], adaptive.pairs[m].B[:, only_1] * 0.25)
+        torch.testing.assert_close(diluted.pairs[m].B[:, both], adaptive.pairs[m].B[:, both])
+    for key, value in adaptive.arrays.items():
+        assert torch.equal(diluted.arrays[key], value)
+
+
 def _bad(kind, method, server):
     reply = _reply_for(method, server, 1, 5, 2)  # rank 4, given TOP[4]
     a = reply.arrays
