@@ -151,7 +151,6 @@ def _trials_sharing_round0(target: Target, progress: bool, log: Callable[[str], 
     return run
 
 
-
 def _validated(data: dict, where: str) -> RunConfig:
     try:
         return RunConfig.from_dict(data)
