@@ -195,14 +195,19 @@ def test_segment_slot_owned_only_by_zero_weight_client_keeps_previous():
 # ---------------------------------------------------------------- slotwise
 
 
+def _previous_and_slots(pairs, R, seed):
+    """A random rank-``R`` previous global and, per client, ``r_k`` distinct random slots of ``R``."""
+    rng = np.random.default_rng(seed)
+    d_out, d_in = pairs[0].shape
+    prev = FactorPair(rng.normal(size=(d_out, R)), rng.normal(size=(R, d_in)))
+    return prev, [rng.choice(R, size=pair.rank, replace=False) for pair in pairs]
+
+
 @given(client_pairs(max_rank=5), st.integers(0, 2**31))
 def test_slotwise_averages_only_updaters_and_keeps_previous(case, seed):
     pairs, weights = case
-    rng = np.random.default_rng(seed)
     R = 6
-    d_out, d_in = pairs[0].shape
-    prev = FactorPair(rng.normal(size=(d_out, R)), rng.normal(size=(R, d_in)))
-    slots = [rng.choice(R, size=pair.rank, replace=False) for pair in pairs]
+    prev, slots = _previous_and_slots(pairs, R, seed)
     p = normalised(weights)
     out = aggregate_slotwise(pairs, weights, slots=slots, previous=prev)
     assert out.rank == R
@@ -237,11 +242,8 @@ def test_diluted_slotwise_scales_each_owned_slot_by_its_owners_weight(case, seed
     """Zero-padding at the slots: slot i of the adaptive average times c_i = sum_{k in U_i} p_k (both factors, so
     c_i^2 on the slot's product); slots nobody updated keep ``previous`` under both rules."""
     pairs, weights = case
-    rng = np.random.default_rng(seed)
     R = 6
-    d_out, d_in = pairs[0].shape
-    prev = FactorPair(rng.normal(size=(d_out, R)), rng.normal(size=(R, d_in)))
-    slots = [rng.choice(R, size=pair.rank, replace=False) for pair in pairs]
+    prev, slots = _previous_and_slots(pairs, R, seed)
     p = normalised(weights)
     cover = np.array([sum(p[k] for k, s in enumerate(slots) if i in s) for i in range(R)])
     adaptive = aggregate_slotwise(pairs, weights, slots=slots, previous=prev)
