@@ -74,12 +74,12 @@ def aggregate_slotwise(
 
     and ``b_i, a_i`` keep their ``previous`` value when ``U_i`` is empty (nobody updated slot ``i``).
 
+    where ``b_{k,i}`` is client ``k``'s column for global slot ``i``.
+
     With ``dilute=True`` each denominator is the total weight ``sum_k p_k`` instead of the owners'
     ``sum_{k in U_i} p_k``: zero-padding at the given slots (a client that did not update slot ``i`` counts
     as a zero there), the rule the adaptive average is claimed to beat. With prefix slots and no ``previous``
     it is ``zero_pad``'s (data weighting); slots nobody updated still keep ``previous``.
-
-    where ``b_{k,i}`` is client ``k``'s column for global slot ``i``.
 
     Parameters
     ----------

@@ -114,8 +114,9 @@ def _speed(frz: dict[int, Run]) -> list[Claim]:
 def _speed_rule(frz: dict[int, Run], pad: dict[int, Run]) -> list[Claim]:
     r"""The rule alone: HAFL with its adaptive average against HAFL with zero-padding at the same slots.
 
-    The runs of a seed share the split, the partition and the batches; only the server rule differs, so the
-    selections part after round 1. Decided as the whole-method claim: a sign count of the rounds to a target.
+    The runs of a seed share the split, the partition and the batches; the server rule differs, and with it the
+    rate each config's tune chose, so the selections part after round 1. Decided as the whole-method claim: a sign
+    count of the rounds to a target.
     """
     r_hafl, r_pad, targets, cap = _race(frz, "hafl", pad, "hafl")
     comps = [sign_count(_diff(r_pad, r_hafl), against="zero-padding at the same slots (HAFL's clients)")]
