@@ -120,7 +120,9 @@ def test_clair_detection_is_counted_over_seeds_and_rounds_and_specificity_apart(
     assert detect.verdict == "not testable here" and "not made at its tuned values" in detect.note
     assert (clean.comparisons[0]["k"], clean.comparisons[0]["n"]) == (8, 12) and "5 false flags" in clean.ours
     minilm = claims["MiniLM / BBC News: CLAIR flags exactly the contaminated clients (γ = 0.1, 0.2, 0.3)"]
-    assert minilm.verdict == "does not hold" and all(c["k"] == 0 for c in minilm.comparisons)
+    # nobody exact in any round; made at lr 5e-3, and minilm_g0 now reads its tuned rates: not tuned runs either
+    assert all(c["k"] == 0 for c in minilm.comparisons)
+    assert minilm.verdict == "not testable here" and "not made at its tuned values" in minilm.note
 
 
 def test_clair_gain_is_against_local_and_exact_product_fedavg_with_fedit_beside():
