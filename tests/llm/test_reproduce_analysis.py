@@ -148,22 +148,23 @@ def test_clair_gain_is_against_local_and_exact_product_fedavg_with_fedit_beside(
 
 
 def test_clair_shared_model_claim_compares_the_global_models_alone():
-    claims = _claims("clair")  # the rerun at the tuned rates: clair_nodetect, FlexLoRA, the oracle; 5 seeds
+    claims = _claims("clair")  # the reruns at the tuned rates: clair_nodetect, FlexLoRA, the oracle; 5 seeds
     text = ("detection helps the shared model: CLAIR's global model (the kept clients' average) above the same "
             "average of everyone, both with the refinement (γ > 0)")
-    shared = claims[f"copy task (copy-llama): {text}"]
     runs = find_runs(EXPERIMENTS["clair"], RESULTS / "clair")
-    for tag, gamma in (("01", 0.1), ("02", 0.2), ("03", 0.3)):
-        by_seed = runs[f"copy_g{tag}"]
-        # the test exact match of the two global models (the same rule, with and without detection), by hand
-        d = [by_seed[s].history["clair"][-1]["exact_match"] - by_seed[s].history["clair_nodetect"][-1]["exact_match"]
-             for s in sorted(by_seed)]
-        assert shared.values[f"CLAIR - everyone (global), γ {gamma}"] == pytest.approx(d)
-    assert [c["against"] for c in shared.comparisons] == [f"the same average of everyone at γ {g}"
-                                                           for g in (0.1, 0.2, 0.3)]
-    assert shared.verdict == "tie" and "FlexLoRA" in shared.ours and "oracle" in shared.ours  # beside
-    # MiniLM has no γ 0 and 0.3 reruns yet: not run, never a verdict
-    assert claims[f"MiniLM / BBC News: {text}"].verdict == "not run yet"
+    for task, name, key in (("copy", "copy task (copy-llama)", "exact_match"), ("minilm", "MiniLM / BBC News",
+                                                                               "accuracy")):
+        shared = claims[f"{name}: {text}"]
+        for tag, gamma in (("01", 0.1), ("02", 0.2), ("03", 0.3)):
+            by_seed = runs[f"{task}_g{tag}"]
+            assert sorted(by_seed) == [0, 1, 2, 3, 4]
+            # the test score of the two global models (the same rule, with and without detection), by hand
+            d = [by_seed[s].history["clair"][-1][key] - by_seed[s].history["clair_nodetect"][-1][key]
+                 for s in sorted(by_seed)]
+            assert shared.values[f"CLAIR - everyone (global), γ {gamma}"] == pytest.approx(d)
+        assert [c["against"] for c in shared.comparisons] == [f"the same average of everyone at γ {g}"
+                                                               for g in (0.1, 0.2, 0.3)]
+        assert shared.verdict == "tie" and "FlexLoRA" in shared.ours and "oracle" in shared.ours  # beside
 
 
 def test_clair_configs_run_flexlora_for_the_next_rerun():

@@ -96,10 +96,10 @@ def test_committed_runs_made_before_lora_scaling_existed_are_still_finished():
     # HAFL's were, at their tuned rates; the earlier ones are in byun-lee-lr5e-3/ and hafl-lr5e-3/, outside this
     # check). CLAIR's copy task was rerun under today's configs (the key is in their config.json); the earlier
     # ones are in clair-zcut3/ and (the copy task at lr 5e-3, before its tune) clair-lr5e-3/, outside this check.
-    # CLAIR's MiniLM runs (gamma 0.1 and 0.2) used the cut calibrated at 5e-3, before the configs took the cut
-    # calibrated at the tuned rate: to be rerun.
+    # CLAIR's MiniLM was rerun at its tuned rates with the cut calibrated there (the runs at 5e-3 with the former
+    # cut are in clair-minilm-lr5e-3/, outside this check).
     def rerun(name: str, stem: str) -> bool:
-        return name == "prelort" or (name == "clair" and stem.startswith("minilm"))
+        return name == "prelort"
 
     counted = 0
     for name, stem, folder in _committed_runs():
@@ -109,15 +109,16 @@ def test_committed_runs_made_before_lora_scaling_existed_are_still_finished():
         assert _finished(folder, cfg) is not rerun(name, stem), folder
         counted += not rerun(name, stem)
     with_runs = [(n, c) for n, c in ALL_CONFIGS if not rerun(n, c) and (RESULTS / n / c).is_dir()]
-    assert len(with_runs) == 6 + 1 + 4 + 6  # lora-a2, byun-lee, clair copy, hafl (freezing_zeropad included)
+    assert len(with_runs) == 6 + 1 + 4 + 4 + 6  # lora-a2, byun-lee, clair copy, clair MiniLM, hafl (zeropad too)
     assert counted == sum(len(list((RESULTS / n / c).glob("seed*"))) for n, c in with_runs if not _names_tuned(n, c))
     assert counted == 3 * 6
-    # configs that read a tuned file (CLAIR's copy task, Byun & Lee and HAFL, rerun at their tuned rates, 5 seeds;
+    # configs that read a tuned file (CLAIR's two tasks, Byun & Lee and HAFL, rerun at their tuned rates, 5 seeds;
     # 6 for the three HAFL configs whose speed claims are sign counts): their runs are theirs
     tuned = [(n, c) for n, c in ALL_CONFIGS if _names_tuned(n, c) and (RESULTS / n / c).is_dir() and not rerun(n, c)]
     assert sorted(c for _, c in tuned) == ["copy_g0", "copy_g01", "copy_g02", "copy_g03", "freezing",
-                                           "freezing_constant", "freezing_zeropad", "homogeneous", "top10_bbc",
-                                           "truncation", "truncation_constant"]
+                                           "freezing_constant", "freezing_zeropad", "homogeneous", "minilm_g0",
+                                           "minilm_g01", "minilm_g02", "minilm_g03", "top10_bbc", "truncation",
+                                           "truncation_constant"]
     for name, stem in tuned:
         folders = sorted((RESULTS / name / stem).glob("seed*"))
         assert len(folders) == (6 if stem in ("freezing", "freezing_constant", "freezing_zeropad") else 5)
