@@ -167,6 +167,22 @@ def test_clair_shared_model_claim_compares_the_global_models_alone():
         assert shared.verdict == "tie" and "FlexLoRA" in shared.ours and "oracle" in shared.ours  # beside
 
 
+def test_clair_minilm_rerun_detection_counts_and_pooled_recall():
+    # README and docs/reproduce.md quote these for the rerun at the tuned rates (cut 0.958), 5 seeds x 3 rounds
+    detect = _claims("clair")["MiniLM / BBC News: CLAIR flags exactly the contaminated clients (γ = 0.1, 0.2, 0.3)"]
+    assert [(c["k"], c["n"]) for c in detect.comparisons] == [(2, 15), (0, 15), (0, 15)]
+    assert detect.verdict == "does not hold"
+    runs = find_runs(EXPERIMENTS["clair"], RESULTS / "clair")
+    for tag, recall in (("01", 3 / 15), ("02", 5 / 30), ("03", 6 / 45)):  # 0.20, 0.17, 0.13
+        found = missed = 0
+        for run in runs[f"minilm_g{tag}"].values():
+            for h in run.history["clair"]:
+                if h["round"] > 0 and h.get("detection"):
+                    truth, flagged = set(h["detection"]["contaminated"]), set(h["detection"]["flagged"])
+                    found, missed = found + len(truth & flagged), missed + len(truth - flagged)
+        assert found / (found + missed) == pytest.approx(recall)
+
+
 def test_clair_configs_run_flexlora_for_the_next_rerun():
     for stem in EXPERIMENTS["clair"].configs:
         text = (CONFIG_ROOT / "clair" / f"{stem}.toml").read_text()
