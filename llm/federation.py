@@ -234,7 +234,7 @@ class Federation:
         What every node gets from the server.
     val_holdout : list of int arrays, optional
         Each client's share of the validation rows (positions in ``val_rows``), cut as ``holdout`` is from the
-        test set: the validation score of a method without a global model (``val_local_<metric>``); None: unknown.
+        test set: the validation score of a personalised method (``val_local_<metric>``); None: unknown.
     """
 
     cfg: RunConfig

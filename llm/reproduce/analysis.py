@@ -94,7 +94,7 @@ class Experiment:
         checked against ``results``, whatever :attr:`tuned` says: each of its runs must have been made at the
         values those files hold (an option the run does not set reads its default; a method's ``lr`` falls back on
         the run's ``lr``), and the files must hold a table for every method of the run (``local`` included: tune
-        scores a method without a global model on its clients' own models, ``val_local_<metric>``).
+        scores a personalised method on its clients' own models, ``val_local_<metric>``).
         Runs of the config from before it was linked, or a method left out of its tune, make it untuned. Any other
         config is tuned when :attr:`tuned` is None or lists it, else untuned (it reuses another setting's rates).
         """

@@ -249,12 +249,14 @@ class _MethodTune:
 
 def _score_key(score: str, scores: dict, method: str, *, contaminated: bool = False) -> tuple[str, bool]:
     """The key of a trial's ``scores`` that is compared, and whether higher is better: the global model's
-    ``val_<metric>`` (``val_loss``), or for a method without one (``local``, FedSA-LoRA) the mean over clients of
-    each client's own model on its share of the validation rows: over the benign clients where the setting has
-    ``contaminated`` ones (``val_benign_local_<metric>``: the claims compare what benign clients get, and a
-    baseline tuned on them can only be stronger), else over every client (``val_local_<metric>``)."""
+    ``val_<metric>`` (``val_loss``), or for a personalised method (``local``, FedSA-LoRA, CLAIR and its references:
+    each client uses its own model) the mean over clients of each client's own model on its share of the validation
+    rows: over the benign clients where the setting has ``contaminated`` ones (``val_benign_local_<metric>``: the
+    claims compare what benign clients get, and a baseline tuned on them can only be stronger), else over every
+    client (``val_local_<metric>``). A personalised method is tuned on what its clients receive, as its claims
+    score it; a rate chosen on CLAIR's global model decided the MiniLM benign-gain verdict (docs/reproduce.md)."""
     prefix = "val_"
-    if not METHODS[method].scores_global:
+    if METHODS[method].personalised:
         prefix = "val_benign_local_" if contaminated else "val_local_"
     if score == "loss":
         key, higher = prefix + "loss", False

@@ -63,8 +63,8 @@ def tune_report(plans: dict[str, _MethodTune], target: Target, base: RunConfig, 
             "choice_label": chosen, "tie": bool(tied), "tied_with": tied, "extensions": mt.extensions,
             "stopped": mt.stopped, "at_edge": mt.numeric and chosen in (order[0], order[-1]),
         })
-    # the run-wide score names the global model's, unless no method has one
-    key, higher = next((k for m, k in keys.items() if METHODS[m].scores_global), next(iter(keys.values())))
+    # the run-wide score names the global model's, unless every method is personalised
+    key, higher = next((k for m, k in keys.items() if not METHODS[m].personalised), next(iter(keys.values())))
     return {
         "request": request, "finished": True, "param": target.param, "option": target.option,
         "run_wide": target.run_wide, "score": key, "higher_is_better": higher, "val_size": n_split, "seeds": seeds,
@@ -100,7 +100,7 @@ def _how(report: dict) -> list[str]:
         + ("the global model" if "_local_" not in report["score"] else "each client's own model, averaged")
         + f" after the last round ({direction} is better), on the "
         f"validation split: {report['val_size']} examples held out of the training data (no test score was used)"
-        + "".join(f"; {row['title']}, without a global model: {row['score']}, the mean over "
+        + "".join(f"; {row['title']}, personalised: {row['score']}, the mean over "
                   f"{'the benign ' if 'benign' in row['score'] else ''}clients of each client's own model on its share "
                   "of the validation split" for row in report["methods"]
                   if row.get("score", report["score"]) != report["score"]) + ".",

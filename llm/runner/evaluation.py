@@ -249,9 +249,9 @@ class Scoring:
           (``per_client`` lists them, None for a client whose held-out set is empty): its download, or
           its personalised model (``personal`` methods); ``local_macro_f1`` (classification) likewise, the mean
           over clients of each one's macro-F1 on its own held-out set;
-        - ``val_local_<metric>``, ``val_local_loss`` (methods without a global model, with a validation split): the
-          mean over clients of each client's own model on its share of the validation set (``val_holdout``), what
-          ``lowrank-fed tune`` scores a method without a global model on; ``val_benign_local_*`` the same over the
+        - ``val_local_<metric>``, ``val_local_loss`` (personalised methods, with a validation split): the mean over
+          clients of each client's own model on its share of the validation set (``val_holdout``), what
+          ``lowrank-fed tune`` scores a personalised method on; ``val_benign_local_*`` the same over the
           benign clients (with attackers); ``val_local_n`` / ``val_benign_local_n``: ``K^2 / sum_k 1/n_k``, the
           number of examples whose binomial error the mean of ``K`` per-client accuracies has;
         - ``per_client_global`` (methods that are not personalised): the global model on each client's own
@@ -261,8 +261,8 @@ class Scoring:
         jobs = [(glob, "test", None)] + ([(glob, "val", None)] if self._n("val") else [])
         ranks = personal = val_own = []
         if by_rank and method.personalised:  # each client's own model on its held-out rows and validation share
-            # validation shares only where tune needs them: a method without a global model (local, FedSA-LoRA)
-            scored_on_shares = not method.scores_global and self._n("val") and self.val_holdout is not None
+            # what tune scores a personalised method on (the global model's validation score is computed above)
+            scored_on_shares = self._n("val") and self.val_holdout is not None
             shares = self.val_holdout if scored_on_shares else [[]] * self.cfg.clients
             models = {k: method.personal_model(method.configure(server, k), clients.get(k, ClientState()),
                                                self.ws.shapes)

@@ -201,7 +201,7 @@ def test_every_tune_command_is_accepted_and_writes_a_tuned_file_the_config_can_r
         assert cfg.seed >= MAX_SEEDS and cfg.val_size >= 200 and len(cfg.methods) == 1
         score = 1.0 / (1.0 + abs(cfg.method_options[cfg.methods[0]]["lr"] - 0.004))
         key = "val_perplexity" if cfg.model == "smollm2" else "val_accuracy"
-        if not METHODS[cfg.methods[0]].scores_global:  # local: scored on its (benign) clients' own models
+        if METHODS[cfg.methods[0]].personalised:  # local, CLAIR: scored on its (benign) clients' own models
             key = key.replace("val_", "val_benign_local_" if cfg.attacks else "val_local_")
         return {key: 1 / score if key.endswith("perplexity") else score, key.rsplit("_", 1)[0] + "_n": cfg.val_size,
                 "val_size": cfg.val_size, "round": cfg.rounds}

@@ -384,7 +384,7 @@ def test_methods_without_a_global_model_are_tuned_on_their_clients_own_models(co
                 assert last["round"] == 2 and last["val_local_accuracy"] == score
     chosen = tomllib.loads((tmp_path / "clean" / "tuned.toml").read_text())
     assert set(chosen) == {"fedit", "local", "fedsa"}
-    assert "Local only, without a global model: val_local_accuracy" in (tmp_path / "clean" / "tune.md").read_text()
+    assert "Local only, personalised: val_local_accuracy" in (tmp_path / "clean" / "tune.md").read_text()
     # no test score moved a choice
     for name in ("tune.json", "tune.md", "tuned.toml"):
         assert (tmp_path / "clean" / name).read_bytes() == (tmp_path / "corrupt" / name).read_bytes()
@@ -412,6 +412,28 @@ def test_with_contaminated_clients_local_is_tuned_on_the_benign_clients_own_mode
     p, q = (v["mean"] for v in row["values"])
     n = last["val_benign_local_n"]
     assert vs["se"] == pytest.approx(math.sqrt(p * (1 - p) / n + q * (1 - q) / n))  # one seed: the binomial error
+
+
+def test_clair_is_tuned_on_what_its_benign_clients_download_not_on_its_global_model(config, tmp_path):
+    # Prepare: CLAIR and FedIT where client 0 of 3 trains on flipped labels
+    config.write_text(TINY.replace('["fedit", "flexlora"]', '["fedit", "clair"]')
+                      + '[[attacks]]\nkind = "label_flip"\nclients = [0]\n')
+    # Execute
+    assert cli_main(["tune", str(config), "--grid", "1e-3", "1e-2", "--seeds", "100", "--max-extensions", "0",
+                     "--no-progress", "--out", str(tmp_path / "out")]) == 0
+    # Assert: FedIT on its global model, CLAIR on the mean over its benign clients of each one's refined download
+    # on its own validation share, read from the trials' last round; the run-wide score stays the global model's
+    report = json.loads((tmp_path / "out" / "tune.json").read_text())
+    assert report["score"] == "val_accuracy"
+    assert {r["method"]: r["score"] for r in report["methods"]} == {
+        "fedit": "val_accuracy", "clair": "val_benign_local_accuracy"}
+    for value in rows(report, "clair")["values"]:
+        trial = tmp_path / "out" / "trials" / "clair" / f"lr={value['label']}" / "seed100"
+        last = [json.loads(x) for x in (trial / "metrics.jsonl").read_text().splitlines()][-1]
+        assert value["per_seed"] == [last["val_benign_local_accuracy"]]
+        assert 0 < last["val_benign_local_n"] < last["val_local_n"]
+    assert "CLAIR, personalised: val_benign_local_accuracy, the mean over the benign clients" in (
+        tmp_path / "out" / "tune.md").read_text()
 
 
 @pytest.mark.slow
