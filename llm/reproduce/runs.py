@@ -60,7 +60,9 @@ def finished_run(folder: Path, cfg: RunConfig) -> bool:
     project's rule leaves an existing config's behaviour unchanged (``lora_scaling``'s ``alpha_over_r`` is the
     scale every earlier run used): a config that now spells that default out still finds the run. Any value that
     differs, or a stored config that no longer validates, is not the same run; ``workers`` is not compared
-    (:data:`~lowrank_fed.llm.config.EXECUTION_KEYS`).
+    (:data:`~lowrank_fed.llm.config.EXECUTION_KEYS`), nor the option tables of methods the run does not train
+    (a method reads only its own table): a tune's one-method trial is still found after the config's other
+    tables change, e.g. once the config is linked to its tuned rates.
     """
     try:
         stored = json.loads((folder / "config.json").read_text())
@@ -68,7 +70,14 @@ def finished_run(folder: Path, cfg: RunConfig) -> bool:
         stored = RunConfig.from_dict(same_run_keys(stored) if isinstance(stored, dict) else stored)
     except (OSError, json.JSONDecodeError, ConfigError):
         return False
-    return (folder / "summary.json").is_file() and stored.definition() == cfg.definition()
+    return (folder / "summary.json").is_file() and _computed(stored) == _computed(cfg)
+
+
+def _computed(cfg: RunConfig) -> dict:
+    """``cfg.definition()`` with only the option tables of the methods it runs."""
+    definition = cfg.definition()
+    definition["method_options"] = {m: o for m, o in definition["method_options"].items() if m in cfg.methods}
+    return definition
 
 
 def find_runs(experiment: Experiment, out: Path) -> Results:

@@ -108,6 +108,26 @@ def test_a_second_call_reuses_finished_runs_and_never_deletes_one_of_another_con
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == snapshot
 
 
+def test_a_finished_run_is_found_whatever_the_tables_of_methods_it_does_not_train(tmp_path):
+    from lowrank_fed.llm.reproduce.runs import finished_run
+
+    # Prepare: a finished FedIT run (config.json and summary.json) whose config also holds CLAIR's table
+    run = RunConfig.from_dict({"methods": ["fedit"], "method_options": {"fedit": {"lr": 0.01},
+                                                                        "clair": {"threshold": 0.964}}})
+    (tmp_path / "config.json").write_text(json.dumps(run.to_dict()))
+    (tmp_path / "summary.json").write_text("[]")
+
+    def asked(**options) -> RunConfig:
+        return RunConfig.from_dict({**run.to_dict(), "method_options": options})
+
+    # Execute / Assert: another method's table (changed, added or dropped) does not matter; FedIT's own does
+    assert finished_run(tmp_path, run)
+    assert finished_run(tmp_path, asked(fedit={"lr": 0.01}, clair={"threshold": 0.958, "lr": 0.015}, local={"lr": 1e-3}))
+    assert finished_run(tmp_path, asked(fedit={"lr": 0.01}))
+    assert not finished_run(tmp_path, asked(fedit={"lr": 0.02}, clair={"threshold": 0.964}))
+    assert not finished_run(tmp_path, asked(fedit={"lr": 0.01}).model_copy(update={"rounds": run.rounds + 1}))
+
+
 def test_an_unfinished_run_is_run_again(tmp_path):
     # Prepare: a seed folder with a run that never finished (no summary.json)
     logs: list[str] = []
