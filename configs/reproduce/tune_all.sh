@@ -47,9 +47,11 @@
 # reproduction shared the machine. The settings scored every round (hafl, byun-lee, SmolLM2) gain the most, those
 # scored once already (lora-a2) nothing.
 #
-# `local` (CLAIR's "alone" reference) has no global model: tune scores it on its benign clients' own models
-# (val_benign_local_*: each client's model on its share of the validation split). The CLAIR tunes choose the rate
-# of every method of the configs, each of the others on its own global model's validation score.
+# The personalised methods of the CLAIR configs (`local`, which has no global model, and CLAIR, clair_nodetect and
+# the oracle, whose clients each download their own refinement) are scored on what their benign clients use
+# (val_benign_local_*: each client's model on its share of the validation split), FedIT and FlexLoRA on their
+# global model's validation score. (Until 2026-12-06 CLAIR and its references were scored on their global model:
+# results/tune/reproduce/clair-global-score/.)
 set -euo pipefail
 
 cd "$(dirname "$0")/../.."
