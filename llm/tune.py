@@ -10,9 +10,10 @@ already computes for the global model after the last round:
     y(m, v, s) = val_accuracy (higher is better), or val_perplexity / val_loss (lower is better).
 
 A personalised method (``local``, FedSA-LoRA: each client keeps its own model; CLAIR and its references: each
-client downloads its own refinement) is scored on what its clients use instead: ``val_local_<metric>``, the mean over clients of each client's own model on its share of the
-validation rows (the validation split cut per client by its label mix, as its held-out test set is), over the
-benign clients where some are contaminated (``val_benign_local_<metric>``, what the claims compare).
+client gets its own download) is scored on what its clients use instead: ``val_local_<metric>``, the mean over
+clients of each client's own model on its share of the validation rows (the validation split cut per client by its
+label mix, as its held-out test set is), over the benign clients where some are contaminated
+(``val_benign_local_<metric>``, what the claims compare).
 
 No test score is used here (the trials score the test split, as every run does, and nothing looks at it). A trial
 is scored at round 0 and after its last round only (``eval_every = rounds``): a run's trained bits do not depend on

@@ -253,8 +253,8 @@ def _score_key(score: str, scores: dict, method: str, *, contaminated: bool = Fa
     each client uses its own model) the mean over clients of each client's own model on its share of the validation
     rows: over the benign clients where the setting has ``contaminated`` ones (``val_benign_local_<metric>``: the
     claims compare what benign clients get, and a baseline tuned on them can only be stronger), else over every
-    client (``val_local_<metric>``). A personalised method is tuned on what its clients receive, as its claims
-    score it; a rate chosen on CLAIR's global model decided the MiniLM benign-gain verdict (docs/reproduce.md)."""
+    client (``val_local_<metric>``): a personalised method is tuned on what its clients receive, as its claims
+    score it."""
     prefix = "val_"
     if METHODS[method].personalised:
         prefix = "val_benign_local_" if contaminated else "val_local_"
