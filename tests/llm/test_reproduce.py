@@ -122,7 +122,7 @@ def test_a_finished_run_is_found_whatever_the_tables_of_methods_it_does_not_trai
 
     # Execute / Assert: another method's table (changed, added or dropped) does not matter; FedIT's own does
     assert finished_run(tmp_path, run)
-    assert finished_run(tmp_path, asked(fedit={"lr": 0.01}, clair={"threshold": 0.958, "lr": 0.015}, local={"lr": 1e-3}))
+    assert finished_run(tmp_path, asked(fedit={"lr": 0.01}, clair={"threshold": 1.0, "lr": 0.015}, local={"lr": 1e-3}))
     assert finished_run(tmp_path, asked(fedit={"lr": 0.01}))
     assert not finished_run(tmp_path, asked(fedit={"lr": 0.02}, clair={"threshold": 0.964}))
     assert not finished_run(tmp_path, asked(fedit={"lr": 0.01}).model_copy(update={"rounds": run.rounds + 1}))
