@@ -148,13 +148,15 @@ def test_clair_gain_is_against_local_and_exact_product_fedavg_with_fedit_beside(
 
 
 def test_clair_shared_model_claim_compares_the_global_models_alone():
-    claims = _claims("clair")  # the reruns at the tuned rates: clair_nodetect, FlexLoRA, the oracle; 5 seeds
     text = ("detection helps the shared model: CLAIR's global model (the kept clients' average) above the same "
             "average of everyone, both with the refinement (γ > 0)")
-    runs = find_runs(EXPERIMENTS["clair"], RESULTS / "clair")
-    for task, name, key in (("copy", "copy task (copy-llama)", "exact_match"), ("minilm", "MiniLM / BBC News",
-                                                                               "accuracy")):
-        shared = claims[f"{name}: {text}"]
+    # the reruns at the tuned rates (clair_nodetect, FlexLoRA, the oracle; 5 seeds); MiniLM's complete set is still
+    # the one at CLAIR's former rate 0.015 (its configs have moved on: "not testable here" under them)
+    for task, name, key, folder, verdict in (("copy", "copy task (copy-llama)", "exact_match", "clair", "tie"),
+                                             ("minilm", "MiniLM / BBC News", "accuracy", "clair-minilm-lr0.015",
+                                              "not testable here")):
+        runs = find_runs(EXPERIMENTS["clair"], RESULTS / folder)
+        shared = _claims("clair", folder)[f"{name}: {text}"]
         for tag, gamma in (("01", 0.1), ("02", 0.2), ("03", 0.3)):
             by_seed = runs[f"{task}_g{tag}"]
             assert sorted(by_seed) == [0, 1, 2, 3, 4]
@@ -164,15 +166,19 @@ def test_clair_shared_model_claim_compares_the_global_models_alone():
             assert shared.values[f"CLAIR - everyone (global), γ {gamma}"] == pytest.approx(d)
         assert [c["against"] for c in shared.comparisons] == [f"the same average of everyone at γ {g}"
                                                                for g in (0.1, 0.2, 0.3)]
-        assert shared.verdict == "tie" and "FlexLoRA" in shared.ours and "oracle" in shared.ours  # beside
+        assert shared.verdict == verdict
+        assert verdict != "tie" or ("FlexLoRA" in shared.ours and "oracle" in shared.ours)  # beside
 
 
 def test_clair_minilm_rerun_detection_counts_and_pooled_recall():
-    # README and docs/reproduce.md quote these for the rerun at the tuned rates (cut 0.958), 5 seeds x 3 rounds
-    detect = _claims("clair")["MiniLM / BBC News: CLAIR flags exactly the contaminated clients (γ = 0.1, 0.2, 0.3)"]
+    # README and docs/reproduce.md quote these for the rerun at the rates tuned on global models (CLAIR 0.015, cut
+    # 0.958), 5 seeds x 3 rounds, now in clair-minilm-lr0.015/ (their verdict, "does not hold", was read under the
+    # configs they ran; today's configs make them "not testable here")
+    folder = "clair-minilm-lr0.015"
+    detect = _claims("clair", folder)["MiniLM / BBC News: CLAIR flags exactly the contaminated clients (γ = 0.1, "
+                                      "0.2, 0.3)"]
     assert [(c["k"], c["n"]) for c in detect.comparisons] == [(2, 15), (0, 15), (0, 15)]
-    assert detect.verdict == "does not hold"
-    runs = find_runs(EXPERIMENTS["clair"], RESULTS / "clair")
+    runs = find_runs(EXPERIMENTS["clair"], RESULTS / folder)
     for tag, recall in (("01", 3 / 15), ("02", 5 / 30), ("03", 6 / 45)):  # 0.20, 0.17, 0.13
         found = missed = 0
         for run in runs[f"minilm_g{tag}"].values():
@@ -355,7 +361,8 @@ def test_the_reports_name_the_choices_the_tune_could_not_separate():
     # the committed clair and hafl reports list the ties their tuned files record, per config
     clair = json.loads((RESULTS / "clair" / "report.json").read_text())["settings"]
     hafl = json.loads((RESULTS / "hafl" / "report.json").read_text())["settings"]
-    assert clair["copy_g01"]["ties"] == {"local": "lr = 0.015, tied with 0.005"}
+    assert clair["copy_g01"]["ties"] == {"clair": "lr = 0.005, tied with 0.015 (from copy_g0)",
+                                         "local": "lr = 0.015, tied with 0.005"}
     assert hafl["freezing_constant"]["ties"] == {"fedit": "lr = 0.045, tied with 0.015"}
     assert "ties" not in hafl["freezing"]
     assert "- `truncation_constant`: hafl lr = 0.015, tied with 0.005" in (RESULTS / "hafl" / "report.md").read_text()
