@@ -48,7 +48,7 @@
 # scored once already (lora-a2) nothing.
 #
 # The personalised methods of the CLAIR configs (`local`, which has no global model, and CLAIR, clair_nodetect and
-# the oracle, whose clients each download their own refinement) are scored on what their benign clients use
+# the oracle, whose clients each get their own download) are scored on what their benign clients use
 # (val_benign_local_*: each client's model on its share of the validation split), FedIT and FlexLoRA on their
 # global model's validation score. (Until 2026-12-06 CLAIR and its references were scored on their global model:
 # results/tune/reproduce/clair-global-score/ for MiniLM; the copy task's kept only its tuned files.)
