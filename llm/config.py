@@ -36,14 +36,15 @@ from pydantic import BaseModel
 
 from .catalog import RANK_NAMES
 from .config_entries import (EXECUTION_KEYS, MAX_LOCAL_EPOCHS, MAX_LOCAL_STEPS, MAX_ROUNDS, WORKERS_ENV, Attack,
-                             Fault, MethodName, RankSpec, Site, _Registered, available_cores, same_run_keys)
+                             Fault, MethodName, RankSpec, Site, _Registered, available_cores, computed_keys,
+                             same_run_keys)
 from .config_errors import ConfigError, config_line
 from .config_files import TUNED_KEY, apply_overrides, load_config, parse_value, tuned_paths
 from .config_model import RunConfig
 from .methods.registry import METHODS, REGISTRY, method_options
 
 __all__ = ["RunConfig", "Fault", "Attack", "Site", "ConfigError", "load_config", "apply_overrides", "parse_value", "TUNED_KEY",
-           "tuned_paths", "config_reference", "EXECUTION_KEYS", "same_run_keys", "WORKERS_ENV", "available_cores",
+           "tuned_paths", "config_reference", "EXECUTION_KEYS", "same_run_keys", "computed_keys", "WORKERS_ENV", "available_cores",
            "config_line", "MAX_ROUNDS", "MAX_LOCAL_STEPS", "MAX_LOCAL_EPOCHS", "RANK_NAMES", "RankSpec", "MethodName"]
 
 

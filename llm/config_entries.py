@@ -47,6 +47,18 @@ def same_run_keys(stored: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in stored.items() if k not in EXECUTION_KEYS}
 
 
+def computed_keys(definition: Mapping[str, Any]) -> dict[str, Any]:
+    """A whole definition (every key present) with only the option tables of the methods it trains.
+
+    A method reads only its own table, so two definitions that differ in the table of a method neither trains
+    compute the same bytes: a tune's one-method trial, a finished reproduction run and a checkpoint are all still
+    the same run once the config's other tables change (e.g. after it is linked to its tuned rates).
+    """
+    methods = definition.get("methods", ())
+    options = definition.get("method_options", {})
+    return {**definition, "method_options": {m: t for m, t in options.items() if m in methods}}
+
+
 def _rank_kind(value: Any) -> str | None:
     if isinstance(value, bool):
         return None

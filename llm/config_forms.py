@@ -13,7 +13,8 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from .config_entries import WORKERS_ENV, _flat_value, _unflat_value, available_cores, convert_error, same_run_keys
+from .config_entries import (WORKERS_ENV, _flat_value, _unflat_value, available_cores, computed_keys, convert_error,
+                             same_run_keys)
 from .config_errors import ConfigError, _show
 from .methods.registry import REGISTRY
 
@@ -85,9 +86,10 @@ class ConfigForms(BaseModel):
 
     def same_run(self, stored: Mapping[str, Any]) -> bool:
         """Whether a stored config (a run folder's ``config.json``) defines this run: equal :meth:`definition`, a
-        key the stored one lacks (written before the key existed) taken at its default."""
+        key the stored one lacks (written before the key existed) taken at its default, and the option tables
+        of methods neither trains left out (:func:`~.config_entries.computed_keys`)."""
         defaults = type(self)().definition()
-        return {**defaults, **same_run_keys(stored)} == self.definition()
+        return computed_keys({**defaults, **same_run_keys(stored)}) == computed_keys(self.definition())
 
     def validate(self) -> None:  # type: ignore[override]
         """Check the config again (after attribute assignments); raise :class:`ConfigError`."""

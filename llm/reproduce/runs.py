@@ -70,14 +70,7 @@ def finished_run(folder: Path, cfg: RunConfig) -> bool:
         stored = RunConfig.from_dict(same_run_keys(stored) if isinstance(stored, dict) else stored)
     except (OSError, json.JSONDecodeError, ConfigError):
         return False
-    return (folder / "summary.json").is_file() and _computed(stored) == _computed(cfg)
-
-
-def _computed(cfg: RunConfig) -> dict:
-    """``cfg.definition()`` with only the option tables of the methods it runs."""
-    definition = cfg.definition()
-    definition["method_options"] = {m: o for m, o in definition["method_options"].items() if m in cfg.methods}
-    return definition
+    return (folder / "summary.json").is_file() and cfg.same_run(stored.definition())
 
 
 def find_runs(experiment: Experiment, out: Path) -> Results:

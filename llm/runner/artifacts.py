@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..config import ConfigError, RunConfig, same_run_keys
+from ..config import ConfigError, RunConfig, computed_keys, same_run_keys
 from ..methods import Method, ServerState
 from ..models import base_model_name
 from ..peft_bridge import pairs_to_state_dict
@@ -53,7 +53,8 @@ def check_resume(out: Path, now: dict) -> None:
     ``device`` and ``dtype``, which can change the floating-point results) is part of what the checkpoints
     hold, and a resumed run must reach the bytes an uninterrupted run of one config reaches. Progress
     bars are a command-line flag, not a config key; ``workers`` (:data:`~lowrank_fed.llm.config.EXECUTION_KEYS`)
-    is neither stored in checkpoints nor compared: any number of workers gives the same bytes. Checkpoints
+    is neither stored in checkpoints nor compared: any number of workers gives the same bytes, nor are the
+    option tables of methods the run does not train (:func:`~lowrank_fed.llm.config.computed_keys`). Checkpoints
     written before the config was stored in them, and methods with no verified ``state.json``, are not
     checked. A key a checkpoint does not hold (added to the config since it was written, such as
     ``lora_scaling``) counts as its default, the behaviour from before the key existed. Reads only; writes
@@ -73,7 +74,8 @@ def check_resume(out: Path, now: dict) -> None:
         if found is None or not isinstance(found[1], dict) or not isinstance(found[1].get("config"), dict):
             continue
         where, stored = found[0], same_run_keys(found[1]["config"])
-        stored = {**{k: v for k, v in defaults.items() if k not in stored}, **stored}
+        stored = computed_keys({**{k: v for k, v in defaults.items() if k not in stored}, **stored})
+        now = computed_keys(now)
         if stored == now:
             continue
         missing = object()

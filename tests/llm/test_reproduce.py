@@ -120,12 +120,16 @@ def test_a_finished_run_is_found_whatever_the_tables_of_methods_it_does_not_trai
     def asked(**options) -> RunConfig:
         return RunConfig.from_dict({**run.to_dict(), "method_options": options})
 
-    # Execute / Assert: another method's table (changed, added or dropped) does not matter; FedIT's own does
-    assert finished_run(tmp_path, run)
-    assert finished_run(tmp_path, asked(fedit={"lr": 0.01}, clair={"threshold": 1.0, "lr": 0.015}, local={"lr": 1e-3}))
-    assert finished_run(tmp_path, asked(fedit={"lr": 0.01}))
-    assert not finished_run(tmp_path, asked(fedit={"lr": 0.02}, clair={"threshold": 0.964}))
-    assert not finished_run(tmp_path, asked(fedit={"lr": 0.01}).model_copy(update={"rounds": run.rounds + 1}))
+    # Execute / Assert: another method's table (changed, added or dropped) does not matter; FedIT's own does.
+    # `run --out` (RunConfig.same_run, which resumes a folder) answers as the reproduction's reuse does.
+    stored = json.loads((tmp_path / "config.json").read_text())
+    for cfg, same in [(run, True),
+                      (asked(fedit={"lr": 0.01}, clair={"threshold": 1.0, "lr": 0.015}, local={"lr": 1e-3}), True),
+                      (asked(fedit={"lr": 0.01}), True),
+                      (asked(fedit={"lr": 0.02}, clair={"threshold": 0.964}), False),
+                      (asked(fedit={"lr": 0.01}).model_copy(update={"rounds": run.rounds + 1}), False)]:
+        assert finished_run(tmp_path, cfg) is same
+        assert cfg.same_run(stored) is same
 
 
 def test_an_unfinished_run_is_run_again(tmp_path):

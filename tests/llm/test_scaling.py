@@ -353,6 +353,10 @@ def test_a_run_checkpointed_before_lora_scaling_existed_resumes_and_a_changed_on
     _drop_key_from_checkpoints(tmp_path / "run", "lora_scaling")
     # Execute / Assert: the missing key is its default, so the same config resumes ...
     Simulation(RunConfig.from_dict(settings), tmp_path / "run", progress=False).check_resume()
+    # ... as does one whose only change is the table of a method the run does not train ...
+    untrained = next(m for m in ("clair", "local", "fedit") if m not in RunConfig.from_dict(settings).methods)
+    Simulation(RunConfig.from_dict({**settings, untrained: {"lr": 0.123}}), tmp_path / "run",
+               progress=False).check_resume()
     # ... and another convention is refused, naming the key and both values
     with pytest.raises(ConfigError, match='lora_scaling checkpointed "alpha_over_r", now "constant"'):
         Simulation(RunConfig.from_dict({**settings, "lora_scaling": "constant"}), tmp_path / "run",
