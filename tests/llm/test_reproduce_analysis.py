@@ -150,9 +150,10 @@ def test_clair_gain_is_against_local_and_exact_product_fedavg_with_fedit_beside(
 def test_clair_shared_model_claim_compares_the_global_models_alone():
     text = ("detection helps the shared model: CLAIR's global model (the kept clients' average) above the same "
             "average of everyone, both with the refinement (γ > 0)")
-    # the reruns at the tuned rates (clair_nodetect, FlexLoRA, the oracle; 5 seeds); MiniLM's complete set is still
-    # the one at CLAIR's former rate 0.015 (its configs have moved on: "not testable here" under them)
+    # the reruns at the tuned rates (clair_nodetect, FlexLoRA, the oracle; 5 seeds); MiniLM's runs at CLAIR's former
+    # rate 0.015 are kept (its configs have moved on: "not testable here" under them)
     for task, name, key, folder, verdict in (("copy", "copy task (copy-llama)", "exact_match", "clair", "tie"),
+                                             ("minilm", "MiniLM / BBC News", "accuracy", "clair", "tie"),
                                              ("minilm", "MiniLM / BBC News", "accuracy", "clair-minilm-lr0.015",
                                               "not testable here")):
         runs = find_runs(EXPERIMENTS["clair"], RESULTS / folder)
@@ -170,16 +171,20 @@ def test_clair_shared_model_claim_compares_the_global_models_alone():
         assert verdict != "tie" or ("FlexLoRA" in shared.ours and "oracle" in shared.ours)  # beside
 
 
-def test_clair_minilm_rerun_detection_counts_and_pooled_recall():
-    # README and docs/reproduce.md quote these for the rerun at the rates tuned on global models (CLAIR 0.015, cut
-    # 0.958), 5 seeds x 3 rounds, now in clair-minilm-lr0.015/ (their verdict, "does not hold", was read under the
-    # configs they ran; today's configs make them "not testable here")
-    folder = "clair-minilm-lr0.015"
+@pytest.mark.parametrize("folder, exact, recalls, verdict", [
+    # the rerun at CLAIR's rate tuned on its downloads (0.005, cut 1.086), 5 seeds x 3 rounds
+    ("clair", [(6, 15), (3, 15), (0, 15)], (8 / 15, 14 / 30, 11 / 45), "does not hold"),  # 0.53, 0.47, 0.24
+    # the rerun at the rates tuned on global models (CLAIR 0.015, cut 0.958), now in clair-minilm-lr0.015/ (its
+    # verdict, "does not hold", was read under the configs it ran; today's make it "not testable here")
+    ("clair-minilm-lr0.015", [(2, 15), (0, 15), (0, 15)], (3 / 15, 5 / 30, 6 / 45), "not testable here"),
+])
+def test_clair_minilm_rerun_detection_counts_and_pooled_recall(folder, exact, recalls, verdict):
+    # README and docs/reproduce.md quote these
     detect = _claims("clair", folder)["MiniLM / BBC News: CLAIR flags exactly the contaminated clients (γ = 0.1, "
                                       "0.2, 0.3)"]
-    assert [(c["k"], c["n"]) for c in detect.comparisons] == [(2, 15), (0, 15), (0, 15)]
+    assert [(c["k"], c["n"]) for c in detect.comparisons] == exact and detect.verdict == verdict
     runs = find_runs(EXPERIMENTS["clair"], RESULTS / folder)
-    for tag, recall in (("01", 3 / 15), ("02", 5 / 30), ("03", 6 / 45)):  # 0.20, 0.17, 0.13
+    for tag, recall in zip(("01", "02", "03"), recalls, strict=True):
         found = missed = 0
         for run in runs[f"minilm_g{tag}"].values():
             for h in run.history["clair"]:

@@ -90,20 +90,14 @@ def _committed_runs():
             yield name, stem, folder
 
 
-# CLAIR's MiniLM configs rerun so far at CLAIR's download-tuned rate (0.005, cut 1.086): config -> seeds committed.
-# The rest of the 4 x 5 runs are to come (README, Status); the report says "not run yet" until they are.
-MINILM_RERUN_SEEDS = {"minilm_g0": 5, "minilm_g01": 5, "minilm_g02": 1}
-
-
 def test_committed_runs_made_before_lora_scaling_existed_are_still_finished():
     # lora-a2's config.json predate the key and ran the configs as they are now (up to the key); PreLort's ran 5
     # and 3 local steps, not 50, before its configs changed: runs of other configs, to be rerun (Byun & Lee's and
     # HAFL's were, at their tuned rates; the earlier ones are in byun-lee-lr5e-3/ and hafl-lr5e-3/, outside this
     # check). CLAIR's copy task was rerun under today's configs (the key is in their config.json); the earlier
     # ones are in clair-zcut3/ and (the copy task at lr 5e-3, before its tune) clair-lr5e-3/, outside this check.
-    # CLAIR's MiniLM is being rerun at CLAIR's rate tuned on its downloads with the cut calibrated there
-    # (MINILM_RERUN_SEEDS; the runs at 0.015 and at 5e-3 are in clair-minilm-lr0.015/ and clair-minilm-lr5e-3/,
-    # outside this check).
+    # CLAIR's MiniLM was rerun at CLAIR's rate tuned on its downloads with the cut calibrated there (the runs at
+    # 0.015 and at 5e-3 are in clair-minilm-lr0.015/ and clair-minilm-lr5e-3/, outside this check).
     def rerun(name: str, stem: str) -> bool:
         return name == "prelort"
 
@@ -115,8 +109,8 @@ def test_committed_runs_made_before_lora_scaling_existed_are_still_finished():
         assert _finished(folder, cfg) is not rerun(name, stem), folder
         counted += not rerun(name, stem)
     with_runs = [(n, c) for n, c in ALL_CONFIGS if not rerun(n, c) and (RESULTS / n / c).is_dir()]
-    # lora-a2, byun-lee, clair copy, clair MiniLM (so far), hafl (zeropad too)
-    assert len(with_runs) == 6 + 1 + 4 + len(MINILM_RERUN_SEEDS) + 6
+    # lora-a2, byun-lee, clair copy, clair MiniLM, hafl (zeropad too)
+    assert len(with_runs) == 6 + 1 + 4 + 4 + 6
     assert counted == sum(len(list((RESULTS / n / c).glob("seed*"))) for n, c in with_runs if not _names_tuned(n, c))
     assert counted == 3 * 6
     # configs that read a tuned file (CLAIR's two tasks, Byun & Lee and HAFL, rerun at their tuned rates, 5 seeds;
@@ -124,11 +118,12 @@ def test_committed_runs_made_before_lora_scaling_existed_are_still_finished():
     tuned = [(n, c) for n, c in ALL_CONFIGS if _names_tuned(n, c) and (RESULTS / n / c).is_dir() and not rerun(n, c)]
     assert sorted(c for _, c in tuned) == sorted(["copy_g0", "copy_g01", "copy_g02", "copy_g03", "freezing",
                                                   "freezing_constant", "freezing_zeropad", "homogeneous", "top10_bbc",
-                                                  "truncation", "truncation_constant", *MINILM_RERUN_SEEDS])
+                                                  "truncation", "truncation_constant", "minilm_g0", "minilm_g01",
+                                                  "minilm_g02", "minilm_g03"])
     for name, stem in tuned:
         folders = sorted((RESULTS / name / stem).glob("seed*"))
         expected = 6 if stem in ("freezing", "freezing_constant", "freezing_zeropad") else 5
-        assert len(folders) == MINILM_RERUN_SEEDS.get(stem, expected)
+        assert len(folders) == expected
         for folder in folders:
             seed = json.loads((folder / "config.json").read_text())["seed"]
             cfg = RunConfig.from_dict({**load_config(CONFIG_ROOT / name / f"{stem}.toml"), "seed": seed})
