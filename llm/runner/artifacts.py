@@ -68,14 +68,13 @@ def check_resume(out: Path, now: dict) -> None:
     folder = out / "checkpoints"
     if not folder.is_dir():
         return
-    defaults = RunConfig().definition()
+    defaults, now = RunConfig().definition(), computed_keys(now)
     for path in sorted(p for p in folder.iterdir() if p.is_dir()):
         found = peek_state(path)
         if found is None or not isinstance(found[1], dict) or not isinstance(found[1].get("config"), dict):
             continue
         where, stored = found[0], same_run_keys(found[1]["config"])
         stored = computed_keys({**{k: v for k, v in defaults.items() if k not in stored}, **stored})
-        now = computed_keys(now)
         if stored == now:
             continue
         missing = object()
