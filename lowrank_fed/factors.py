@@ -18,7 +18,7 @@ from array_api_compat import device
 
 from ._arrays import check_rank, namespace
 
-__all__ = ["FactorPair", "truncate", "pad"]
+__all__ = ["FactorPair", "truncate", "pad", "difference"]
 
 
 class FactorPair(namedtuple("FactorPair", ["B", "A"])):
@@ -123,3 +123,26 @@ def pad(pair: FactorPair, rank: int) -> FactorPair:
     zB = xp.zeros((d_out, extra), dtype=pair.B.dtype, device=device(pair.B))
     zA = xp.zeros((extra, d_in), dtype=pair.A.dtype, device=device(pair.A))
     return FactorPair(xp.concat([pair.B, zB], axis=1), xp.concat([pair.A, zA], axis=0))
+
+
+def difference(after: FactorPair, before: FactorPair) -> FactorPair:
+    r"""The change ``after - before`` as one pair, never densified: ``[B_1, -B_0] [A_1; A_0]``.
+
+    ``difference(a, b).B @ difference(a, b).A == a.B @ a.A - b.B @ b.A``, of rank ``r_1 + r_0`` (the ranks may
+    differ). Used to score what a client learnt in one round (its upload minus its download).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> d = difference(FactorPair(np.ones((4, 2)), np.ones((2, 5))), FactorPair(np.ones((4, 1)), np.ones((1, 5))))
+    >>> d.rank, float((d.B @ d.A).max())
+    (3, 1.0)
+    """
+    if not isinstance(after, FactorPair) or not isinstance(before, FactorPair):
+        raise TypeError(f"Expected two FactorPairs. Got {type(after).__name__} and {type(before).__name__}.")
+    if after.shape != before.shape:
+        raise ValueError(f"difference: after has shape {after.shape} and before {before.shape}; expected the same "
+                         f"(d_out, d_in).")
+    xp = namespace(after.B, after.A, before.B, before.A)
+    return FactorPair(xp.concat([after.B, -xp.astype(before.B, after.B.dtype)], axis=1),
+                      xp.concat([after.A, xp.astype(before.A, after.A.dtype)], axis=0))

@@ -89,3 +89,27 @@ def test_torch_parameter_and_tensor_are_one_library():
     B = torch.nn.Parameter(torch.ones(3, 2))
     pair = FactorPair(B * 2.0, torch.nn.Parameter(torch.ones(2, 4)))
     assert pair.rank == 2
+
+
+@given(st.integers(1, 6), st.integers(0, 4), st.integers(0, 4), st.integers(0, 2**31))
+def test_difference_is_the_change_of_the_products(d, r1, r0, seed):
+    from lowrank_fed.factors import difference
+
+    rng = np.random.default_rng(seed)
+    after = FactorPair(rng.normal(size=(d, r1)), rng.normal(size=(r1, d + 2)))
+    before = FactorPair(rng.normal(size=(d, r0)), rng.normal(size=(r0, d + 2)))
+    change = difference(after, before)
+    assert change.rank == r1 + r0
+    assert_allclose(change.B @ change.A, after.B @ after.A - before.B @ before.A, atol=1e-12)
+    assert_allclose(difference(after, after).B @ difference(after, after).A, 0.0, atol=1e-12)
+
+
+def test_difference_keeps_the_namespace_and_names_a_shape_mismatch(xp):
+    from lowrank_fed.factors import difference
+
+    one = FactorPair(xp.asarray(np.ones((3, 2)), "float32"), xp.asarray(np.ones((2, 4)), "float32"))
+    change = difference(one, pad(one, 3))
+    assert type(change.B) is type(one.B) and change.B.dtype == one.B.dtype
+    assert_allclose(xp.numpy(change.B @ change.A), np.zeros((3, 4)))
+    with pytest.raises(ValueError, match=r"after has shape \(3, 4\) and before \(3, 5\)"):
+        difference(one, FactorPair(xp.asarray(np.ones((3, 1)), "float32"), xp.asarray(np.ones((1, 5)), "float32")))

@@ -61,6 +61,7 @@ import numpy as np
 
 from lowrank_fed import FactorPair, aggregate, redistribute
 from lowrank_fed.aggregation import weighted_average
+from lowrank_fed.factors import difference
 from lowrank_fed.robust.federated import ClientFlags as Flags  # noqa: F401  (the former name, re-exported)
 from lowrank_fed.robust.federated import flag_clients, stack_subspace
 from lowrank_fed.robust.refinement import collaborative_weights, refine_pairs
@@ -90,16 +91,37 @@ class CLAIR(Method):
 
     # ------------------------------------------------------------------ server
     def _detect(self, server, decoded: list[dict[str, FactorPair]], ids: list[int], weights: list[float]):
-        """``(benign mask, subspaces {module: U}, detection info)`` from CLAIR on every module."""
+        """``(benign mask, subspaces {module: U}, detection info)`` from CLAIR on every module.
+
+        ``score = "update"`` scores each client's round update ``Theta_k - D_k`` (:meth:`round_updates`) instead
+        of its whole adapter ``Theta_k``; the subspace is then refitted on the benign clients' whole adapters, as
+        with ``"adapter"`` (:func:`flag_clients` refits on what it scored).
+        """
         opts = self.options
         rank = opts.rank or min(server.ranks[k] for k in ids)
-        found = flag_clients(decoded, rank=rank, lam=opts.lam, gamma_bar=opts.gamma_bar,
+        scored = decoded if opts.score == "adapter" else self.round_updates(server, decoded, ids)
+        found = flag_clients(scored, rank=rank, lam=opts.lam, gamma_bar=opts.gamma_bar,
                              threshold=opts.decision, gap_level=opts.gap_level, weights=weights)
+        subspaces = found.subspaces
+        if scored is not decoded and found.benign.any():
+            kept = [d for d, b in zip(decoded, found.benign, strict=True) if b]
+            subspaces = {m: stack_subspace([d[m] for d in kept],
+                                           min(rank, sum(d[m].rank for d in decoded), *decoded[0][m].shape))
+                         for m in decoded[0]}
         info = {"flagged": [ids[i] for i in np.flatnonzero(~found.benign)], "threshold": found.threshold,
                 "scores": {str(k): round(float(s), 6) for k, s in zip(ids, found.scores, strict=True)},
                 "lam": [round(float(min(found.lams)), 6), round(float(max(found.lams)), 6)], "rank": int(rank),
                 "max_relative_gap": float(max(found.gaps)), "converged": bool(found.converged)}
-        return found.benign, found.subspaces, info
+        return found.benign, subspaces, info
+
+    def round_updates(self, server, decoded: list[dict[str, FactorPair]], ids: list[int]) -> list[dict[str, FactorPair]]:
+        r"""Each client's change this round, ``Theta_k - D_k`` with ``D_k`` what it downloaded (:meth:`client_pairs`,
+        read before the server state moves on), as one pair of rank ``r_k + r_D`` (:func:`lowrank_fed.factors.difference`)."""
+        updates = []
+        for k, pairs in zip(ids, decoded, strict=True):
+            sent = self.client_pairs(server, k)
+            updates.append({m: difference(p, sent[m]) for m, p in pairs.items()})
+        return updates
 
     def _truth(self, server, decoded, ids, weights):
         known = set(server.info.get("contaminated", []))

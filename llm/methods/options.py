@@ -105,6 +105,10 @@ class CLAIROptions(Options):
         "the former fixed cut (3): flag a mean z-score above it; when set, it is the threshold (same as "
         "`threshold = z`), so configs that set it keep their decision"))
     refine: bool = Field(True, description="benign clients download their refined adapter; false: the benign mean")
+    score: Literal["adapter", "update"] = Field("adapter", description=(
+        "what the clients are scored on: `adapter` (each client's whole uploaded adapter) or `update` (this "
+        "round's change, the upload minus what the client downloaded; the subspace and the refinement still use "
+        "whole adapters)"))
 
     @model_validator(mode="after")
     def _one_threshold(self):

@@ -188,6 +188,68 @@ def test_clair_flags_a_planted_attacker_and_refines_benign_downloads():
         np.testing.assert_allclose(_dense(flagged), _dense(after.pairs[m]), atol=1e-8)
 
 
+def test_clair_update_scoring_is_adapter_scoring_from_a_zero_download():
+    # Prepare: round 1, every client downloaded the zero initial adapter, so its round update is its adapter
+    server, replies = _federation()
+    # Execute
+    by_adapter = make_method("clair", lam="default", rank=2).aggregate(server, replies)
+    by_update = make_method("clair", lam="default", rank=2, score="update").aggregate(server, replies)
+    # Assert: the same scores, flags, global model and downloads
+    assert by_update.info["detection"]["flagged"] == by_adapter.info["detection"]["flagged"] == [6]
+    for k, v in by_adapter.info["detection"]["scores"].items():
+        assert by_update.info["detection"]["scores"][k] == pytest.approx(v, abs=1e-5)
+    for m in WIDE:
+        np.testing.assert_allclose(_dense(by_update.pairs[m]), _dense(by_adapter.pairs[m]), atol=1e-8)
+    for key, value in by_adapter.arrays.items():
+        np.testing.assert_allclose(np.asarray(by_update.arrays[key]), np.asarray(value), atol=1e-8)
+
+
+def test_clair_update_scoring_scores_upload_minus_download_and_refines_whole_adapters():
+    from lowrank_fed.factors import difference
+    from lowrank_fed.llm.methods.clair import _client_key, flag_clients
+
+    # Prepare: a later round: each client was sent its own download D_k (kept by the server), and the attacker's
+    # upload is its download plus a tiny step, so only its whole adapter stands out, not its round update
+    server, replies = _federation()
+    gen = torch.Generator().manual_seed(1)
+    uploads = {k: decode_pairs(r.arrays) for k, r in replies.items()}
+    for k in replies:
+        for m, (d_out, d_in) in WIDE.items():
+            if k == 6:
+                sent = FactorPair(uploads[6][m].B, uploads[6][m].A - 0.01 * torch.randn(2, d_in, generator=gen,
+                                                                                          dtype=torch.float64))
+            else:
+                sent = FactorPair(0.1 * torch.randn(d_out, 2, generator=gen, dtype=torch.float64),
+                                  torch.randn(2, d_in, generator=gen, dtype=torch.float64))
+            server.arrays[_client_key(k, m, "B")], server.arrays[_client_key(k, m, "A")] = sent.B, sent.A
+    server.info["aggregated"] = True
+    method = make_method("clair", lam="default", rank=2, score="update")
+    ids = list(replies)
+    expected = flag_clients([{m: difference(uploads[k][m], method.client_pairs(server, k)[m]) for m in WIDE}
+                             for k in ids], rank=2, threshold="gap", weights=[10.0 + k for k in ids])
+    # Execute
+    after = method.aggregate(server, replies)
+    # Assert: the scores are those of the round updates (the attacker's is benign-looking: not flagged) ...
+    det = after.info["detection"]
+    assert det["flagged"] == [ids[i] for i in np.flatnonzero(~expected.benign)]
+    assert 6 not in det["flagged"]
+    for k, z in zip(ids, expected.scores, strict=True):
+        assert det["scores"][str(k)] == pytest.approx(float(z), abs=1e-5)
+    # ... while the global model is the kept clients' whole adapters' mean, as with adapter scoring
+    kept = [k for k in ids if k not in det["flagged"]]
+    n = np.array([10.0 + k for k in kept])
+    for m in WIDE:
+        mean = sum((w / n.sum()) * _dense(uploads[k][m]) for w, k in zip(n, kept, strict=True))
+        U_, s_, Vh_ = np.linalg.svd(mean)
+        np.testing.assert_allclose(_dense(after.pairs[m]), (U_[:, :2] * s_[:2]) @ Vh_[:2], atol=1e-8)
+        # a kept client's download refines its whole adapter in the subspace of the kept whole adapters
+        P = (lambda U: U @ U.T)(np.linalg.svd(np.hstack([_dense(uploads[k][m]) for k in kept]))[0][:, :2])
+        refined = P @ _dense(uploads[2][m]) + (np.eye(P.shape[0]) - P) @ mean
+        Ur, sr, Vr = np.linalg.svd(refined)
+        down = decode_pairs(method.configure(after, 2).arrays)[m]
+        np.testing.assert_allclose(_dense(down), (Ur[:, :2] * sr[:2]) @ Vr[:2], atol=1e-9 * np.linalg.norm(refined))
+
+
 def test_oracle_is_told_the_truth_and_averages_the_others():
     server, replies = _federation()
     server.info["contaminated"] = [6]
