@@ -94,25 +94,19 @@ class CLAIR(Method):
         """``(benign mask, subspaces {module: U}, detection info)`` from CLAIR on every module.
 
         ``score = "update"`` scores each client's round update ``Theta_k - D_k`` (:meth:`round_updates`) instead
-        of its whole adapter ``Theta_k``; the subspace is then refitted on the benign clients' whole adapters, as
-        with ``"adapter"`` (:func:`flag_clients` refits on what it scored).
+        of its whole adapter ``Theta_k``; the subspace is refitted on the benign clients' whole adapters either way
+        (``fit_on``).
         """
         opts = self.options
         rank = opts.rank or min(server.ranks[k] for k in ids)
         scored = decoded if opts.score == "adapter" else self.round_updates(server, decoded, ids)
-        found = flag_clients(scored, rank=rank, lam=opts.lam, gamma_bar=opts.gamma_bar,
-                             threshold=opts.decision, gap_level=opts.gap_level, weights=weights)
-        subspaces = found.subspaces
-        if scored is not decoded and found.benign.any():
-            kept = [d for d, b in zip(decoded, found.benign, strict=True) if b]
-            subspaces = {m: stack_subspace([d[m] for d in kept],
-                                           min(rank, sum(d[m].rank for d in decoded), *decoded[0][m].shape))
-                         for m in decoded[0]}
+        found = flag_clients(scored, rank=rank, lam=opts.lam, gamma_bar=opts.gamma_bar, threshold=opts.decision,
+                             gap_level=opts.gap_level, weights=weights, fit_on=decoded)
         info = {"flagged": [ids[i] for i in np.flatnonzero(~found.benign)], "threshold": found.threshold,
                 "scores": {str(k): round(float(s), 6) for k, s in zip(ids, found.scores, strict=True)},
                 "lam": [round(float(min(found.lams)), 6), round(float(max(found.lams)), 6)], "rank": int(rank),
                 "max_relative_gap": float(max(found.gaps)), "converged": bool(found.converged)}
-        return found.benign, subspaces, info
+        return found.benign, found.subspaces, info
 
     def round_updates(self, server, decoded: list[dict[str, FactorPair]], ids: list[int]) -> list[dict[str, FactorPair]]:
         r"""Each client's change this round, ``Theta_k - D_k`` with ``D_k`` what it downloaded (:meth:`client_pairs`,

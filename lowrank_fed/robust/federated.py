@@ -95,7 +95,7 @@ class ClientFlags(NamedTuple):
 
 def flag_clients(updates: Sequence[Mapping[str, FactorPair]], *, rank: int, lam="default", gamma_bar: float = 0.3,
                  threshold="gap", gap_level: float = GAP_LEVEL, z_threshold: float | None = None,
-                 weights=None) -> ClientFlags:
+                 weights=None, fit_on: Sequence[Mapping[str, FactorPair]] | None = None) -> ClientFlags:
     r"""One decision per client from CLAIR on every module, then the subspace refitted on the benign ones.
 
     ``updates[k][m]`` is client ``k``'s folded pair of module ``m`` (every client has every module).
@@ -106,8 +106,10 @@ def flag_clients(updates: Sequence[Mapping[str, FactorPair]], *, rank: int, lam=
               \mathrm{threshold}),\qquad G = \{k \notin O\},
 
     (:func:`~lowrank_fed.robust.threshold_flags`: ``"gap"`` or a number; ``z_threshold``, when given, is a
-    numeric ``threshold``: the former call) and ``U_m = stack_subspace([updates[j][m] for j in G], r_m)``
-    (no subspace when every client is flagged).
+    numeric ``threshold``: the former call) and ``U_m = stack_subspace([fit_on[j][m] for j in G], r_m)``
+    (no subspace when every client is flagged), ``fit_on`` the clients' pairs the subspace is fitted on, in the
+    order of ``updates``: by default ``updates`` themselves (a federated round may score each client's round update
+    and fit on its whole adapter), with ``r_m`` recomputed from them.
 
     Guarantees: the decision is the same for any order of the clients (``benign`` and ``scores`` follow
     the order) and for a common positive scale of every update (the program is homogeneous and the
@@ -124,13 +126,20 @@ def flag_clients(updates: Sequence[Mapping[str, FactorPair]], *, rank: int, lam=
     if z_threshold is not None:
         threshold = z_threshold
     modules = list(updates[0])
-    z, ranks, lams, gaps, converged = [], {}, [], [], True
+    fit = updates if fit_on is None else fit_on
+    if len(fit) != len(updates):
+        raise ValueError(f"The 'fit_on' parameter must hold one client's pairs per update: {len(updates)}. "
+                         f"Got {len(fit)}.")
+
+    def rank_of(pairs):  # the subspace's rank on these pairs: at most their total rank and the module's size
+        return min(rank, sum(p.rank for p in pairs), *pairs[0].shape)
+
+    z, lams, gaps, converged = [], [], [], True
     for m in modules:
         pairs = [u[m] for u in updates]
-        ranks[m] = min(rank, sum(p.rank for p in pairs), *pairs[0].shape)
         with warnings.catch_warnings():  # its own flags (all-or-none on noisy updates) are not used
             warnings.simplefilter("ignore", ClairWarning)
-            res = clair(pairs, rank=ranks[m], lam=lam, gamma_bar=gamma_bar, weights=weights)
+            res = clair(pairs, rank=rank_of(pairs), lam=lam, gamma_bar=gamma_bar, weights=weights)
         z.append(res.scores)
         lams.append(res.lam)
         gaps.append(res.gap / max(res.objective, 1e-300))
@@ -138,6 +147,6 @@ def flag_clients(updates: Sequence[Mapping[str, FactorPair]], *, rank: int, lam=
     scores = np.mean(np.stack(z), axis=0)
     benign = ~threshold_flags(scores, threshold, level=gap_level)
     members = np.flatnonzero(benign)
-    subspaces = {m: stack_subspace([updates[i][m] for i in members], r_m) for m, r_m in ranks.items()} \
+    subspaces = {m: stack_subspace([fit[i][m] for i in members], rank_of([f[m] for f in fit])) for m in modules} \
         if len(members) else {}
     return ClientFlags(benign, scores, subspaces, lams, gaps, bool(converged), threshold)

@@ -103,6 +103,20 @@ def test_flag_clients_flags_a_planted_outlier_and_refits_without_it():
         assert_allclose(_projector(U), _projector(stack_subspace([updates[k][m] for k in benign], 2)), atol=1e-12)
 
 
+def test_flag_clients_decides_on_the_updates_and_fits_the_subspace_on_fit_on():
+    # Prepare: the scored updates flag client 2; the subspace is to be fitted on other pairs, of the same clients
+    updates, other = _federation(), _federation(seed=1, attackers=())
+    # Execute
+    found = flag_clients(updates, rank=2, fit_on=other)
+    # Assert: the same decision as without fit_on; the subspace is the kept clients' other pairs'
+    assert found.benign.tolist() == flag_clients(updates, rank=2).benign.tolist()
+    kept = np.flatnonzero(found.benign)
+    for m, U in found.subspaces.items():
+        assert_allclose(_projector(U), _projector(stack_subspace([other[k][m] for k in kept], 2)), atol=1e-12)
+    with pytest.raises(ValueError, match="'fit_on'.*one client's pairs per update: 8. Got 7"):
+        flag_clients(updates, rank=2, fit_on=other[:7])
+
+
 def test_flag_clients_is_equivariant_to_the_order_of_the_clients():
     # Prepare
     updates = _federation(attackers=(2, 5))
