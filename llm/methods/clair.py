@@ -77,6 +77,11 @@ def _client_key(client: int, module: str, factor: str) -> str:
     return f"client/{client}/{module}/{factor}"
 
 
+def _per_client(ids: list[int], rows: np.ndarray) -> dict[str, list[float]]:
+    """``{client id: its row}`` of a ``(K, M)`` array, rounded to 6 decimals for metrics.jsonl."""
+    return {str(k): [round(float(v), 6) for v in row] for k, row in zip(ids, rows, strict=True)}
+
+
 class CLAIR(Method):
     """CLAIR: per-module robust recovery, one flag per client, refined personal downloads."""
 
@@ -105,7 +110,10 @@ class CLAIR(Method):
         info = {"flagged": [ids[i] for i in np.flatnonzero(~found.benign)], "threshold": found.threshold,
                 "scores": {str(k): round(float(s), 6) for k, s in zip(ids, found.scores, strict=True)},
                 "lam": [round(float(min(found.lams)), 6), round(float(max(found.lams)), 6)], "rank": int(rank),
-                "max_relative_gap": float(max(found.gaps)), "converged": bool(found.converged)}
+                "max_relative_gap": float(max(found.gaps)), "converged": bool(found.converged),
+                "modules": list(scored[0]),  # the order of each client's per-module scores and residuals
+                "module_scores": _per_client(ids, found.module_scores),
+                "module_residuals": _per_client(ids, found.module_residuals)}
         return found.benign, found.subspaces, info
 
     def round_updates(self, server, decoded: list[dict[str, FactorPair]], ids: list[int]) -> list[dict[str, FactorPair]]:

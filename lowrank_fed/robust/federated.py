@@ -82,7 +82,8 @@ def stack_subspace(pairs: Sequence[FactorPair], rank: int) -> np.ndarray:
 
 class ClientFlags(NamedTuple):
     """:func:`flag_clients`' outcome: the benign mask, mean z-scores, refitted subspaces, per-module ``lam`` and
-    duality gaps, and the decision ``threshold`` that was applied."""
+    duality gaps, the decision ``threshold`` that was applied, and per client and module (shape ``(K, M)``, the
+    modules in ``updates``' order) the z-scores ``z_{k,m}`` and the off-subspace residual norms they standardise."""
 
     benign: np.ndarray
     scores: np.ndarray
@@ -91,6 +92,8 @@ class ClientFlags(NamedTuple):
     gaps: list
     converged: bool
     threshold: object = "gap"
+    module_scores: np.ndarray | None = None
+    module_residuals: np.ndarray | None = None
 
 
 def flag_clients(updates: Sequence[Mapping[str, FactorPair]], *, rank: int, lam="default", gamma_bar: float = 0.3,
@@ -119,7 +122,8 @@ def flag_clients(updates: Sequence[Mapping[str, FactorPair]], *, rank: int, lam=
     -------
     ClientFlags
         ``benign`` (bool, shape ``(K,)``), ``scores`` (``zbar``), ``subspaces`` {module: ``(d_out, r_m)``},
-        per-module ``lams`` and relative duality ``gaps``, ``converged``, the ``threshold`` applied.
+        per-module ``lams`` and relative duality ``gaps``, ``converged``, the ``threshold`` applied, and the
+        ``(K, M)`` ``module_scores`` ``z_{k,m}`` and ``module_residuals`` behind ``scores``.
     """
     if len(updates) == 0:
         raise ValueError("The 'updates' parameter must hold at least one client's {module: FactorPair}. Got none.")
@@ -134,19 +138,21 @@ def flag_clients(updates: Sequence[Mapping[str, FactorPair]], *, rank: int, lam=
     def rank_of(pairs):  # the subspace's rank on these pairs: at most their total rank and the module's size
         return min(rank, sum(p.rank for p in pairs), *pairs[0].shape)
 
-    z, lams, gaps, converged = [], [], [], True
+    z, residuals, lams, gaps, converged = [], [], [], [], True
     for m in modules:
         pairs = [u[m] for u in updates]
         with warnings.catch_warnings():  # its own flags (all-or-none on noisy updates) are not used
             warnings.simplefilter("ignore", ClairWarning)
             res = clair(pairs, rank=rank_of(pairs), lam=lam, gamma_bar=gamma_bar, weights=weights)
         z.append(res.scores)
+        residuals.append(res.residuals)
         lams.append(res.lam)
         gaps.append(res.gap / max(res.objective, 1e-300))
         converged &= res.converged
-    scores = np.mean(np.stack(z), axis=0)
+    scores = np.mean(np.stack(z), axis=0)  # z is (M, K)
     benign = ~threshold_flags(scores, threshold, level=gap_level)
     members = np.flatnonzero(benign)
     subspaces = {m: stack_subspace([fit[i][m] for i in members], rank_of([f[m] for f in fit])) for m in modules} \
         if len(members) else {}
-    return ClientFlags(benign, scores, subspaces, lams, gaps, bool(converged), threshold)
+    return ClientFlags(benign, scores, subspaces, lams, gaps, bool(converged), threshold,
+                       np.stack(z, axis=1), np.stack(residuals, axis=1))

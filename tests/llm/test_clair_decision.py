@@ -53,6 +53,12 @@ def test_the_decision_flags_the_planted_attacker_and_reports_its_rule(options):
     det = after.info["detection"]
     assert det["flagged"] == [6]
     assert det["threshold"] == (options.get("threshold", options.get("z_threshold", "gap")))
+    # per module: the z-scores whose mean is the client's score, and the residuals they standardise
+    assert det["modules"] == list(WIDE)
+    for k, row in det["module_scores"].items():
+        assert len(row) == len(det["module_residuals"][k]) == len(WIDE)
+        assert np.mean(row) == pytest.approx(det["scores"][k], abs=1e-5)
+    assert min(det["module_residuals"]["6"]) > max(max(r) for k, r in det["module_residuals"].items() if k != "6")
 
 
 def test_a_flagged_clients_head_and_update_never_reach_the_global_state():

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from numpy.testing import assert_allclose
 
 from lowrank_fed import FactorPair
-from lowrank_fed.robust import ClientFlags, flag_clients, stack_subspace
+from lowrank_fed.robust import ClientFlags, clair, flag_clients, stack_subspace
 
 from ..strategies import client_pairs
 
@@ -101,6 +101,23 @@ def test_flag_clients_flags_a_planted_outlier_and_refits_without_it():
     benign = [k for k in range(len(updates)) if k != 2]
     for m, U in found.subspaces.items():
         assert_allclose(_projector(U), _projector(stack_subspace([updates[k][m] for k in benign], 2)), atol=1e-12)
+
+
+@pytest.mark.filterwarnings("ignore:CLAIR flagged all")  # its own all-or-none flags, which flag_clients ignores too
+def test_flag_clients_per_module_scores_are_each_modules_clair_scores_and_average_to_the_decision():
+    # Prepare
+    updates = _federation()
+    modules = list(updates[0])
+    # Execute
+    found = flag_clients(updates, rank=2)
+    # Assert: column m is CLAIR on module m alone (its scores standardise its residuals); the row mean is zbar_k
+    assert found.module_scores.shape == found.module_residuals.shape == (len(updates), len(modules))
+    for j, m in enumerate(modules):
+        alone = clair([u[m] for u in updates], rank=2, lam="default", gamma_bar=0.3)  # flag_clients' defaults
+        assert_allclose(found.module_scores[:, j], alone.scores, atol=1e-9)
+        assert_allclose(found.module_residuals[:, j], alone.residuals, rtol=1e-9)
+    assert_allclose(found.module_scores.mean(axis=1), found.scores, atol=1e-12)
+    assert np.argmax(found.module_residuals.sum(axis=1)) == 2  # the planted outlier is off-subspace in every module
 
 
 def test_flag_clients_decides_on_the_updates_and_fits_the_subspace_on_fit_on():
