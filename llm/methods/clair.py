@@ -98,6 +98,9 @@ class CLAIR(Method):
     def _detect(self, server, decoded: list[dict[str, FactorPair]], ids: list[int], weights: list[float]):
         """``(benign mask, subspaces {module: U}, detection info)`` from CLAIR on every module.
 
+        ``keep_flags``: the clients flagged in any earlier round (``flagged_so_far``, absent clients included) stay
+        flagged; ``kept`` names this round's participants among them.
+
         ``score = "update"`` scores each client's round update ``Theta_k - D_k`` (:meth:`round_updates`) instead
         of its whole adapter ``Theta_k``; the subspace is refitted on the benign clients' whole adapters either way
         (``fit_on``).
@@ -105,9 +108,14 @@ class CLAIR(Method):
         opts = self.options
         rank = opts.rank or min(server.ranks[k] for k in ids)
         scored = decoded if opts.score == "adapter" else self.round_updates(server, decoded, ids)
+        before = set(server.info.get("detection", {}).get("flagged_so_far", [])) if opts.keep_flags else set()
         found = flag_clients(scored, rank=rank, lam=opts.lam, gamma_bar=opts.gamma_bar, threshold=opts.decision,
-                             gap_level=opts.gap_level, weights=weights, fit_on=decoded)
-        info = {"flagged": [ids[i] for i in np.flatnonzero(~found.benign)], "threshold": found.threshold,
+                             gap_level=opts.gap_level, weights=weights, fit_on=decoded,
+                             flagged_before=[k in before for k in ids])
+        flagged = [ids[i] for i in np.flatnonzero(~found.benign)]
+        kept = {"kept": sorted(before & set(ids)), "flagged_so_far": sorted(before | set(flagged))} \
+            if opts.keep_flags else {}
+        info = {"flagged": flagged, **kept, "threshold": found.threshold,
                 "scores": {str(k): round(float(s), 6) for k, s in zip(ids, found.scores, strict=True)},
                 "lam": [round(float(min(found.lams)), 6), round(float(max(found.lams)), 6)], "rank": int(rank),
                 "max_relative_gap": float(max(found.gaps)), "converged": bool(found.converged),

@@ -109,6 +109,10 @@ class CLAIROptions(Options):
         "what the clients are scored on: `adapter` (each client's whole uploaded adapter) or `update` (this "
         "round's change, the upload minus what the client downloaded; the subspace and the refinement still use "
         "whole adapters)"))
+    keep_flags: bool = Field(False, description=(
+        "a flagged client stays flagged for the rest of the run (ours, not in the paper): left out of the mean, the "
+        "head and the subspace and sent the benign mean every later round; its scores are still computed and "
+        "recorded. False: each round decides afresh (the paper's per-round rule)"))
 
     @model_validator(mode="after")
     def _one_threshold(self):

@@ -98,7 +98,8 @@ class ClientFlags(NamedTuple):
 
 def flag_clients(updates: Sequence[Mapping[str, FactorPair]], *, rank: int, lam="default", gamma_bar: float = 0.3,
                  threshold="gap", gap_level: float = GAP_LEVEL, z_threshold: float | None = None,
-                 weights=None, fit_on: Sequence[Mapping[str, FactorPair]] | None = None) -> ClientFlags:
+                 weights=None, fit_on: Sequence[Mapping[str, FactorPair]] | None = None,
+                 flagged_before: Sequence[bool] | None = None) -> ClientFlags:
     r"""One decision per client from CLAIR on every module, then the subspace refitted on the benign ones.
 
     ``updates[k][m]`` is client ``k``'s folded pair of module ``m`` (every client has every module).
@@ -106,13 +107,15 @@ def flag_clients(updates: Sequence[Mapping[str, FactorPair]], *, rank: int, lam=
     the z-scores ``z_{k,m}`` of the off-subspace residuals; then
 
     .. math:: \bar z_k = \frac{1}{M} \sum_m z_{k,m},\qquad O = \mathrm{threshold\_flags}(\bar z,
-              \mathrm{threshold}),\qquad G = \{k \notin O\},
+              \mathrm{threshold}) \cup O_{\mathrm{before}},\qquad G = \{k \notin O\},
 
     (:func:`~lowrank_fed.robust.threshold_flags`: ``"gap"`` or a number; ``z_threshold``, when given, is a
     numeric ``threshold``: the former call) and ``U_m = stack_subspace([fit_on[j][m] for j in G], r_m)``
     (no subspace when every client is flagged), ``fit_on`` the clients' pairs the subspace is fitted on, in the
     order of ``updates``: by default ``updates`` themselves (a federated round may score each client's round update
-    and fit on its whole adapter), with ``r_m`` recomputed from them.
+    and fit on its whole adapter), with ``r_m`` recomputed from them. ``O_before`` is the clients whose
+    ``flagged_before`` is true (default: none): flagged whatever their scores, which are still computed and are
+    still part of every module's median and MAD (a federated round that keeps a flag for the rest of a run).
 
     Guarantees: the decision is the same for any order of the clients (``benign`` and ``scores`` follow
     the order) and for a common positive scale of every update (the program is homogeneous and the
@@ -151,6 +154,12 @@ def flag_clients(updates: Sequence[Mapping[str, FactorPair]], *, rank: int, lam=
         converged &= res.converged
     scores = np.mean(np.stack(z), axis=0)  # z is (M, K)
     benign = ~threshold_flags(scores, threshold, level=gap_level)
+    if flagged_before is not None:
+        before = np.asarray(flagged_before, dtype=bool)
+        if before.shape != benign.shape:
+            raise ValueError(f"The 'flagged_before' parameter must hold one bool per update: {len(updates)}. "
+                             f"Got shape {before.shape}.")
+        benign &= ~before
     members = np.flatnonzero(benign)
     subspaces = {m: stack_subspace([fit[i][m] for i in members], rank_of([f[m] for f in fit])) for m in modules} \
         if len(members) else {}

@@ -61,6 +61,29 @@ def test_the_decision_flags_the_planted_attacker_and_reports_its_rule(options):
     assert min(det["module_residuals"]["6"]) > max(max(r) for k, r in det["module_residuals"].items() if k != "6")
 
 
+@pytest.mark.parametrize("keep", [True, False])
+def test_keep_flags_keeps_a_caught_client_out_in_later_rounds(keep):
+    # Prepare: round 1 flags the attacker (6); in round 2 every client, 6 included, uploads a benign-looking adapter
+    server, replies = _federation()
+    method = make_method("clair", lam="default", rank=2, keep_flags=keep)
+    after = method.aggregate(server, replies)
+    _, later = _federation(n_benign=7, seed=1)
+    del later[7]  # its attacker: clients 0-6 are all in the shared column space now
+    # Execute
+    again = method.aggregate(after, later)
+    det = again.info["detection"]
+    # Assert: with keep_flags client 6 stays flagged (and out of the head); without, round 2 decides afresh
+    assert after.info["detection"]["flagged"] == [6]
+    n = np.array([10.0 + k for k in range(7)])
+    if keep:
+        assert det["flagged"] == det["kept"] == det["flagged_so_far"] == [6]
+        assert float(again.extras["w"][0]) == pytest.approx(float(np.sum(n[:6] * np.arange(6)) / n[:6].sum()), rel=1e-6)
+        assert len(det["module_scores"]["6"]) == len(WIDE)  # still scored and recorded
+    else:
+        assert det["flagged"] == [] and "kept" not in det
+        assert float(again.extras["w"][0]) == pytest.approx(float(np.sum(n * np.arange(7)) / n.sum()), rel=1e-6)
+
+
 def test_a_flagged_clients_head_and_update_never_reach_the_global_state():
     server, replies = _federation()  # the attacker (6) uploads head w = 6, the benign ones w = k
     after = make_method("clair", lam="default", rank=2).aggregate(server, replies)

@@ -120,6 +120,23 @@ def test_flag_clients_per_module_scores_are_each_modules_clair_scores_and_averag
     assert np.argmax(found.module_residuals.sum(axis=1)) == 2  # the planted outlier is off-subspace in every module
 
 
+def test_flag_clients_keeps_the_clients_flagged_before_flagged_and_out_of_the_subspace():
+    # Prepare: client 2 is the planted outlier; client 0, benign, was flagged in an earlier round
+    updates = _federation()
+    before = [k == 0 for k in range(len(updates))]
+    # Execute
+    found = flag_clients(updates, rank=2, flagged_before=before)
+    # Assert: O = the scores' flags plus client 0; the scores are unchanged; the subspace is fitted without both
+    alone = flag_clients(updates, rank=2)
+    assert np.flatnonzero(~found.benign).tolist() == [0, 2]
+    assert_allclose(found.scores, alone.scores, atol=1e-12)
+    kept = [k for k in range(len(updates)) if k not in (0, 2)]
+    for m, U in found.subspaces.items():
+        assert_allclose(_projector(U), _projector(stack_subspace([updates[k][m] for k in kept], 2)), atol=1e-12)
+    with pytest.raises(ValueError, match="'flagged_before'.*one bool per update: 8. Got shape \\(7,\\)"):
+        flag_clients(updates, rank=2, flagged_before=before[:7])
+
+
 def test_flag_clients_decides_on_the_updates_and_fits_the_subspace_on_fit_on():
     # Prepare: the scored updates flag client 2; the subspace is to be fitted on other pairs, of the same clients
     updates, other = _federation(), _federation(seed=1, attackers=())
