@@ -78,3 +78,32 @@ def test_clair_decision_reads_a_tune_trial_as_its_config_setting(tmp_path):
     other.mkdir(parents=True)
     (other / "metrics.jsonl").write_text(json.dumps(row) + "\n")
     assert set(recorded([str(other)])) == {("calibration", 0.0)}
+
+
+def _clair_run(folder: Path, rounds: list[dict], attackers: dict) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "setup.json").write_text(json.dumps({"attackers": attackers}))
+    (folder / "metrics.jsonl").write_text("".join(json.dumps({"method": "clair", "round": t, "detection": d}) + "\n"
+                                                  for t, d in enumerate(rounds, start=1)))
+    return folder
+
+
+def test_clair_residuals_groups_clients_by_history_and_counts_kept_flags(tmp_path):
+    from benchmarks.clair_residuals import kept_flag_counts, residual_groups
+
+    # Prepare: 3 clients, 2 modules; client 2 is contaminated: caught in round 1 (1.5x the median), then typical
+    r1 = {"flagged": [2], "scores": {"0": 0, "1": -1, "2": 2},
+          "module_residuals": {"0": [1.0, 2.0], "1": [0.5, 1.0], "2": [1.5, 3.0]}}
+    r2 = {"flagged": [], "scores": {"0": 0, "1": -1, "2": 0.1},
+          "module_residuals": {"0": [2.0, 4.0], "1": [1.0, 2.0], "2": [2.0, 4.0]}}
+    run = _clair_run(tmp_path / "minilm_g02" / "seed100", [r1, r2], {"2": "other_task"})
+    # Execute
+    groups = residual_groups([run])
+    counts = kept_flag_counts([run])
+    # Assert: rho_k = mean_m res_km / med_j res_jm; the history groups; per round the flags miss round 2
+    assert groups["contaminated, round 1"]["rho"] == [1.5]
+    assert groups["contaminated, later, flagged the round before"]["rho"] == [1.0]
+    assert groups["benign, round 1"]["rho"] == [1.0, 0.5] and groups["round 1"]["median"] == [1.5]
+    assert groups["later rounds"]["spread"] == [0.0]  # MAD / median per module: |2-2|, |1-2|, |2-2| -> 0
+    assert counts["per round"] == {"exact": 1, "rounds": 2, "recall": 0.5, "false_flag_rate": 0.0}
+    assert counts["kept"] == {"exact": 2, "rounds": 2, "recall": 1.0, "false_flag_rate": 0.0}
