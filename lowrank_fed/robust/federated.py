@@ -138,6 +138,11 @@ def flag_clients(updates: Sequence[Mapping[str, FactorPair]], *, rank: int, lam=
         raise ValueError(f"The 'fit_on' parameter must hold one client's pairs per update: {len(updates)}. "
                          f"Got {len(fit)}.")
 
+    before = np.zeros(len(updates), dtype=bool) if flagged_before is None else np.asarray(flagged_before, dtype=bool)
+    if before.shape != (len(updates),):
+        raise ValueError(f"The 'flagged_before' parameter must hold one bool per update: {len(updates)}. "
+                         f"Got shape {before.shape}.")
+
     def rank_of(pairs):  # the subspace's rank on these pairs: at most their total rank and the module's size
         return min(rank, sum(p.rank for p in pairs), *pairs[0].shape)
 
@@ -153,13 +158,7 @@ def flag_clients(updates: Sequence[Mapping[str, FactorPair]], *, rank: int, lam=
         gaps.append(res.gap / max(res.objective, 1e-300))
         converged &= res.converged
     scores = np.mean(np.stack(z), axis=0)  # z is (M, K)
-    benign = ~threshold_flags(scores, threshold, level=gap_level)
-    if flagged_before is not None:
-        before = np.asarray(flagged_before, dtype=bool)
-        if before.shape != benign.shape:
-            raise ValueError(f"The 'flagged_before' parameter must hold one bool per update: {len(updates)}. "
-                             f"Got shape {before.shape}.")
-        benign &= ~before
+    benign = ~threshold_flags(scores, threshold, level=gap_level) & ~before
     members = np.flatnonzero(benign)
     subspaces = {m: stack_subspace([fit[i][m] for i in members], rank_of([f[m] for f in fit])) for m in modules} \
         if len(members) else {}
