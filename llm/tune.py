@@ -58,7 +58,7 @@ from .config import ConfigError, RunConfig, apply_overrides, load_config, parse_
 from .methods import method_options
 from .outputs import OutputFolderError, atomic_write_text, clear_folder, hold_lock, output_path, plan_output
 from .packages import check_model_package
-from .reproduce.runs import MAX_SEEDS, finished_run, load_run
+from .reproduce.runs import MAX_SEEDS
 # the parameter, the grid and the choice (tune_choice), the outputs (tune_report): every name importable from here
 from .reproduce.tune_choice import (DEFAULT_SEEDS, LR_BOUNDS, MAX_EXTENSIONS, NOT_TUNED, SCORES,  # noqa: F401
                                     TUNE_LAYOUT, TUNE_SIGNATURE, Target, _folder_name, _is_number, _mean,
@@ -66,90 +66,13 @@ from .reproduce.tune_choice import (DEFAULT_SEEDS, LR_BOUNDS, MAX_EXTENSIONS, NO
                                     resolve_param, separation)
 from .reproduce.tune_report import _how, _num, _verdict, tune_markdown, tuned_toml  # noqa: F401
 from .reproduce.tune_report import tune_report as _report
+from .reproduce.tune_trials import run_trial, trials_sharing_round0
 
 __all__ = ["add_arguments", "main", "tune", "Target", "resolve_param", "extend_value", "separation", "choose",
            "run_trial", "DEFAULT_SEEDS", "LR_BOUNDS", "MAX_EXTENSIONS", "TUNE_SIGNATURE", "TUNE_LAYOUT"]
 
 
-# ----------------------------------------------------------------------------- one trial
-
-
-def run_trial(cfg: RunConfig, folder: Path, *, progress: bool = False, log: Callable[[str], None] = print,
-              round0: dict | None = None) -> dict:
-    r"""Run ``cfg`` (one method, one seed) into ``folder``, or reuse the finished run there; its validation scores.
-
-    Returns the last round's ``val_*`` metrics (the global model's ``val_accuracy``, ``val_loss``; generation:
-    ``val_perplexity``, ...; a personalised method's ``val_local_*``, ``val_benign_local_*`` and their effective
-    sizes ``*_n``), with ``val_size`` and ``round``, read back from the run's ``metrics.jsonl`` and
-    ``setup.json`` (:func:`~lowrank_fed.llm.reproduce.runs.load_run`). No test score is used. ``round0``: an
-    earlier trial's round-0 row of the same config and seed, reused instead of scoring the untrained start again
-    (:meth:`~lowrank_fed.llm.runner.simulation.Simulation.run`).
-    """
-    from .runner.simulation import run_experiment
-
-    if _finished_trial(folder, cfg):
-        log(f"reusing the finished trial in {folder}")
-    else:
-        log(f"running {folder}")
-        if folder.exists():
-            clear_folder(folder)  # an unfinished trial
-        run_experiment(cfg, folder, progress=progress, round0=round0)
-    run = load_run(folder)
-    last = run.history[cfg.methods[0]][-1]
-    scores = {k: v for k, v in last.items() if k.startswith("val_") and _is_number(v)}
-    return {**scores, "val_size": run.setup["val_size"], "round": last["round"]}
-
-
-def _start_row(folder: Path, method: str) -> dict | None:
-    """A finished trial's round-0 row, for the next trials of its seed; None for a personalised method's (each
-    client's own start) or when it cannot be read."""
-    try:
-        summary = json.loads((folder / "summary.json").read_text())
-        lines = (folder / "metrics.jsonl").read_text().splitlines()
-    except (OSError, json.JSONDecodeError):
-        return None
-    if [row.get("personalised") for row in summary if row.get("method") == method] != [False]:
-        return None
-    rows = [r for r in map(json.loads, lines) if r.get("method") == method and r.get("round") == 0]
-    return rows[0] if rows else None
-
-
-def _finished_trial(folder: Path, cfg: RunConfig) -> bool:
-    """Whether ``folder`` holds a finished run of ``cfg`` up to its scoring schedule (``eval_every``).
-
-    Every schedule scores the last round and none changes a trained bit (tested), so a trial scored on another
-    schedule (every round, as trials were before :func:`_trial_config` set ``eval_every = rounds``) holds the
-    score asked for.
-    """
-    try:
-        stored = json.loads((folder / "config.json").read_text())["eval_every"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError):
-        return False
-    return finished_run(folder, cfg.model_copy(update={"eval_every": stored}))
-
-
 # ----------------------------------------------------------------------------- the tune
-
-
-def _trials_sharing_round0(target: Target, progress: bool, log: Callable[[str], None]) -> Callable:
-    """:func:`run_trial` that scores the untrained start once per seed when the tuned key is ``lr``.
-
-    Round 0 is scored before any step, from ``B = 0`` (the base model and the seed's head), so its row is the same
-    for every value of ``lr`` and every method that is not personalised, as within a run, where the first
-    method's row serves the others. The first such trial of a seed scores it; the others reuse its row (10-20 s of
-    a 100-300 s MiniLM trial). Another key (a rank, an initialisation) may change the start: every trial scores it.
-    """
-    starts: dict[int, dict] = {}
-
-    def run(cfg: RunConfig, folder: Path) -> dict:
-        scores = run_trial(cfg, folder, progress=progress, log=log, round0=starts.get(cfg.seed))
-        if target.option == "lr" and cfg.seed not in starts:
-            row = _start_row(folder, cfg.methods[0])
-            if row is not None:
-                starts[cfg.seed] = row
-        return scores
-
-    return run
 
 
 def _validated(data: dict, where: str) -> RunConfig:
@@ -270,7 +193,7 @@ def tune(config: str | Path, *, param: str = "lr", grid: list[Any] | None = None
     if plan == "clear":
         clear_folder(out)
     out.mkdir(parents=True, exist_ok=True)
-    run = trial or _trials_sharing_round0(target, progress, log)
+    run = trial or trials_sharing_round0(target, progress, log)
     with hold_lock(out):
         atomic_write_text(out / "tune.json", _json({"request": request, "finished": False}))
         for m, mt in plans.items():
