@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from lowrank_fed.robust import ClairWarning, clair
-from lowrank_fed.robust.detection import threshold_flags
+from lowrank_fed.robust.detection import calibrate_threshold, threshold_flags
 from lowrank_fed.synthetic import make_lora_clients
 
 QUANTILE = 0.05  # calibrated threshold: the (1 - q) quantile of benign gamma = 0 scores
@@ -56,9 +56,9 @@ def rates(rounds, rule) -> dict:
 
 
 def calibrate(rounds, q: float = QUANTILE) -> float:
-    """The ``(1 - q)`` quantile of the benign scores pooled over ``rounds`` (linear interpolation)."""
-    benign = np.concatenate([np.asarray(s)[~t] for s, t in rounds])
-    return float(np.quantile(benign, 1.0 - q))
+    """The ``(1 - q)`` quantile of the benign scores pooled over ``rounds``
+    (:func:`~lowrank_fed.robust.calibrate_threshold`)."""
+    return calibrate_threshold(np.concatenate([np.asarray(s)[~t] for s, t in rounds]), q)
 
 
 def rules(calibrated: float) -> dict:

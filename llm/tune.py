@@ -36,6 +36,12 @@ personalised) is scored by the first trial of each seed and reused by the others
   examples; :func:`separation`). ``v*`` is separated from ``u`` when ``dbar > se``; otherwise (or with no ``se``:
   one seed, not accuracy) the two are tied, and the report marks the tie.
 
+- **Calibrated cut** (``calibrate = q``, CLAIR only, on an uncontaminated config): a method's decision cut and its
+  rate are coupled (the cut is the benign scores' quantile at that rate), so each value ``v`` gets its own cut,
+  ``z*(v) = calibrate_threshold({s_k}, q)``, the ``(1 - q)`` quantile of the benign scores pooled over the rounds
+  and seeds of runs at ``v`` that flag nobody (``trials/<method>/<v>/calibration/seed<s>/``); ``v``'s trials then
+  run with ``threshold = z*(v)``, and ``tuned.toml`` gets ``threshold = z*(v*)`` beside ``v*``.
+
 Plain loop, not Optuna: the grids are small (3-6 values), every trial is a run folder that a rerun reuses, and the
 reports must be byte-identical on a rerun; a pruner would stop trials from per-round scores on other seeds' noise,
 and the separation test needs every seed of every neighbour anyway.
@@ -54,6 +60,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from lowrank_fed.robust.detection import calibrate_threshold
+
 from .config import ConfigError, RunConfig, apply_overrides, load_config, parse_value, tuned_paths
 from .methods import method_options
 from .outputs import OutputFolderError, atomic_write_text, clear_folder, hold_lock, output_path, plan_output
@@ -66,7 +74,7 @@ from .reproduce.tune_choice import (DEFAULT_SEEDS, LR_BOUNDS, MAX_EXTENSIONS, NO
                                     resolve_param, separation)
 from .reproduce.tune_report import _how, _num, _verdict, tune_markdown, tuned_toml  # noqa: F401
 from .reproduce.tune_report import tune_report as _report
-from .reproduce.tune_trials import run_trial, trials_sharing_round0
+from .reproduce.tune_trials import FLAGS_NOBODY, benign_scores, run_trial, trials_sharing_round0
 
 __all__ = ["add_arguments", "main", "tune", "Target", "resolve_param", "extend_value", "separation", "choose",
            "run_trial", "DEFAULT_SEEDS", "LR_BOUNDS", "MAX_EXTENSIONS", "TUNE_SIGNATURE", "TUNE_LAYOUT"]
@@ -98,7 +106,8 @@ def _default_grid(target: Target, data: dict, method: str) -> list[Any]:
 def tune(config: str | Path, *, param: str = "lr", grid: list[Any] | None = None, seeds: list[int] | None = None,
          methods: list[str] | None = None, score: str = "metric", max_extensions: int = MAX_EXTENSIONS,
          overrides: list[str] | None = None, out: str | Path | None = None, overwrite: bool = False,
-         progress: bool = True, log: Callable[[str], None] = print, trial: Callable[..., dict] | None = None) -> dict:
+         progress: bool = True, log: Callable[[str], None] = print, trial: Callable[..., dict] | None = None,
+         calibrate: float | None = None) -> dict:
     r"""Choose ``param`` per method of ``config`` on validation data only; write ``out``; return ``tune.json``'s dict.
 
     Parameters
@@ -128,6 +137,10 @@ def tune(config: str | Path, *, param: str = "lr", grid: list[Any] | None = None
     trial : callable(cfg, folder) -> dict, optional
         The seam tests use: runs (or reuses) one trial and returns its ``val_*`` scores and ``val_size``
         (default :func:`run_trial`).
+    calibrate : float, optional
+        ``q``: each value's decision ``threshold`` calibrated to a false-flag rate ``q`` on runs at that value that
+        flag nobody (module docstring); for methods with a ``threshold`` option (CLAIR) on a config without
+        ``[[attacks]]``.
 
     Raises
     ------
@@ -153,6 +166,8 @@ def tune(config: str | Path, *, param: str = "lr", grid: list[Any] | None = None
     if methods:
         _validated({**data, "methods": list(methods)}, "--methods")
     target, methods = resolve_param(param, list(methods) if methods else None, list(base.methods))
+    if calibrate is not None:
+        _check_calibration(calibrate, target, methods, base, config)
     plans: dict[str, _MethodTune] = {}
     for m in methods:
         values = list(grid) if grid else _default_grid(target, data, m)
@@ -177,7 +192,7 @@ def tune(config: str | Path, *, param: str = "lr", grid: list[Any] | None = None
         raise ConfigError(str(err)) from None
     request = {"config": str(config), "config_data": json.loads(json.dumps(data)), "param": param,
                "grid": None if grid is None else [label(v) for v in grid], "seeds": seeds, "methods": methods,
-               "score": score, "max_extensions": max_extensions}
+               "score": score, "max_extensions": max_extensions, **({"calibrate": calibrate} if calibrate else {})}
     if plan == "existing":
         try:
             earlier = json.loads((out / "tune.json").read_text()).get("request")
@@ -197,7 +212,7 @@ def tune(config: str | Path, *, param: str = "lr", grid: list[Any] | None = None
     with hold_lock(out):
         atomic_write_text(out / "tune.json", _json({"request": request, "finished": False}))
         for m, mt in plans.items():
-            _tune_method(mt, target, data, seeds, out, run, score, max_extensions, log)
+            _tune_method(mt, target, data, seeds, out, run, score, max_extensions, log, calibrate)
         report = _report(plans, target, base, request, score)
         atomic_write_text(out / "tune.json", _json(report))
         atomic_write_text(out / "tune.md", tune_markdown(report))
@@ -210,11 +225,47 @@ def _json(obj) -> str:
     return json.dumps(obj, indent=1, sort_keys=True) + "\n"
 
 
-def _trial_config(target: Target, data: dict, method: str, value: Any, seed: int) -> RunConfig:
+def _check_calibration(q: float, target: Target, methods: list[str], base: RunConfig, config: Path) -> None:
+    if not 0 < q < 1:
+        raise ConfigError(f"--calibrate-threshold: expected a false-flag rate between 0 and 1 (e.g. 0.05); got {q}.")
+    if base.attacks:
+        raise ConfigError(f"--calibrate-threshold: config '{config}' has [[attacks]]; the cut is calibrated on the "
+                          "benign scores of uncontaminated runs (tune at gamma = 0, use the cut at every gamma).")
+    without = [m for m in methods if "threshold" not in method_options(m).model_fields]
+    if without:
+        raise ConfigError(f"--calibrate-threshold: {', '.join(without)} has no `threshold` option (a detection cut, "
+                          "as CLAIR's); tune it separately or pass --methods clair.")
+    if target.option in ("threshold", "z_threshold"):
+        raise ConfigError(f"--calibrate-threshold calibrates the threshold at each value of --param; "
+                          f"got --param {target.param}.")
+
+
+def _cut(mt: _MethodTune, target: Target, data: dict, value: Any, seeds: list[int], out: Path, run, q: float,
+         log) -> float:
+    """The ``threshold`` calibrated at ``value`` (module docstring), from runs that flag nobody; kept in ``mt.cuts``."""
+    lab = label(value)
+    if lab not in mt.cuts:
+        scores = []
+        for s in seeds:
+            log(f"[tune] {mt.method}, {target.where(mt.method)} = {lab}, seed {s}: calibration run (flags nobody)")
+            folder = out / "trials" / mt.method / _folder_name(target, value) / "calibration" / f"seed{s}"
+            run(_trial_config(target, data, mt.method, value, s, {"threshold": FLAGS_NOBODY}), folder)
+            scores += benign_scores(folder, mt.method)
+        cut = float(f"{calibrate_threshold(scores, q):.4g}")
+        mt.cuts[lab] = {"threshold": cut, "scores": len(scores)}
+        log(f"[tune] {mt.method}, {target.where(mt.method)} = {lab}: threshold {cut:g} (the {1 - q:g} quantile of "
+            f"{len(scores)} benign scores)")
+    return mt.cuts[lab]["threshold"]
+
+
+def _trial_config(target: Target, data: dict, method: str, value: Any, seed: int,
+                  options: dict | None = None) -> RunConfig:
     # trials are not checkpointed: an interrupted trial runs again; finished ones are reused. They are scored at
     # round 0 and the last round only (eval_every = rounds): the choice reads the last round, and the scoring
     # schedule changes no trained bit (tests/llm/test_tune.py), so the rounds between are compute nobody reads
     trial = target.apply({**data, "methods": [method], "seed": seed, "checkpoint": False}, method, value)
+    if options:  # a calibrated threshold beside the tuned value
+        trial[method] = {**trial.get(method, {}), **options}
     rounds = trial.get("rounds", RunConfig().rounds)
     if isinstance(rounds, int) and rounds >= 1:  # else the validation below names the bad rounds
         trial["eval_every"] = rounds
@@ -222,16 +273,19 @@ def _trial_config(target: Target, data: dict, method: str, value: Any, seed: int
 
 
 def _tune_method(mt: _MethodTune, target: Target, data: dict, seeds: list[int], out: Path, run, score: str,
-                 max_extensions: int, log) -> None:
+                 max_extensions: int, log, calibrate: float | None = None) -> None:
     """Score every value on every seed, extending a numeric grid past an edge that holds the best mean."""
     while True:
         for v in mt.values:
             by_seed = mt.scores.setdefault(label(v), {})
+            if all(s in by_seed for s in seeds):
+                continue
+            cut = {} if calibrate is None else {"threshold": _cut(mt, target, data, v, seeds, out, run, calibrate, log)}
             for s in seeds:
                 if s not in by_seed:
                     log(f"[tune] {mt.method}, {target.where(mt.method)} = {label(v)}, seed {s}")
                     folder = out / "trials" / mt.method / _folder_name(target, v) / f"seed{s}"
-                    by_seed[s] = run(_trial_config(target, data, mt.method, v, s), folder)
+                    by_seed[s] = run(_trial_config(target, data, mt.method, v, s, cut), folder)
         if not mt.numeric:
             return
         key, higher = _score_key(score, mt.scores[label(mt.values[0])][seeds[0]], mt.method,
@@ -281,6 +335,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="metric: val_accuracy (val_perplexity for generation; default); loss: val_loss")
     parser.add_argument("--max-extensions", type=int, default=MAX_EXTENSIONS, metavar="N",
                         help=f"values added past the grid's edges per method, at most (default {MAX_EXTENSIONS})")
+    parser.add_argument("--calibrate-threshold", type=float, default=None, metavar="Q",
+                        help="CLAIR: calibrate its decision threshold at each value to a false-flag rate Q (e.g. "
+                             "0.05) on runs that flag nobody, and write the chosen value's beside it (a config "
+                             "without [[attacks]])")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, as for run (e.g. val_size=200)")
     parser.add_argument("--out", default=None, metavar="DIR", help="output folder (default runs/tune/<name>-<param>)")
@@ -296,7 +354,7 @@ def main(args: argparse.Namespace) -> int:
         grid = None if args.grid is None else [parse_value(v) for v in args.grid]
         report = tune(args.config, param=args.param, grid=grid, seeds=args.seeds, methods=args.methods,
                       score=args.score, max_extensions=args.max_extensions, overrides=args.overrides, out=args.out,
-                      overwrite=args.overwrite, progress=not args.no_progress,
+                      overwrite=args.overwrite, progress=not args.no_progress, calibrate=args.calibrate_threshold,
                       log=lambda m: print(m, file=sys.stderr, flush=True))
     except ConfigError as err:
         for line in str(err).splitlines():

@@ -49,7 +49,7 @@ def tune_report(plans: dict[str, _MethodTune], target: Target, base: RunConfig, 
             lab = label(v)
             row = {"value": v, "label": lab, "per_seed": per_seed[lab], "mean": means[lab],
                    "se": _se_of_mean(per_seed[lab]), "chosen": lab == chosen, "added": lab in added,
-                   "round": mt.scores[lab][seeds[0]].get("round")}
+                   "round": mt.scores[lab][seeds[0]].get("round"), **mt.cuts.get(lab, {})}
             if lab in neighbours:
                 row["vs_choice"] = separation(per_seed[chosen], per_seed[lab], higher_is_better=higher,
                                               accuracy=key.endswith("_accuracy"), n_val=n_val)
@@ -62,6 +62,7 @@ def tune_report(plans: dict[str, _MethodTune], target: Target, base: RunConfig, 
             "config_value": target.current(request["config_data"], m), "values": values, "choice": choice,
             "choice_label": chosen, "tie": bool(tied), "tied_with": tied, "extensions": mt.extensions,
             "stopped": mt.stopped, "at_edge": mt.numeric and chosen in (order[0], order[-1]),
+            **({"threshold": mt.cuts[chosen]["threshold"]} if chosen in mt.cuts else {}),
         })
     # the run-wide score names the global model's, unless every method is personalised
     key, higher = next((k for m, k in keys.items() if not METHODS[m].personalised), next(iter(keys.values())))
@@ -108,7 +109,9 @@ def _how(report: dict) -> list[str]:
         f"Choice: {r['choice']}.",
         f"Separation: {r['separation']}.",
         f"Edges: {r['extension']}.",
-    ]
+    ] + ([f"Threshold: each value's trials ran at the cut calibrated at that value, the "
+          f"{1 - report['request']['calibrate']:g} quantile of the benign scores of runs at it that flag nobody "
+          "(the same seeds)."] if report["request"].get("calibrate") else [])
 
 
 def _verdict(row: dict) -> str:
@@ -121,6 +124,8 @@ def _verdict(row: dict) -> str:
         text += f"; {len(row['extensions'])} value(s) added past the edges ({', '.join(label(e['value']) for e in row['extensions'])})"
     if row["stopped"]:
         text += f"; STILL AT AN EDGE: {row['stopped']}"
+    if "threshold" in row:
+        text += f"; threshold = {label(row['threshold'])}, calibrated at that value"
     return text
 
 
@@ -138,8 +143,8 @@ def tune_markdown(report: dict) -> str:
         lines += ["", f"## {row['title']} (`{row['method']}`)", "",
                   f"Config's value: {label(row['config_value'])}. Grid asked: {', '.join(row['grid'])}.", "",
                   f"| {row['where']} | " + " | ".join(f"seed {s}" for s in seeds)
-                  + " | mean | SE of mean | choice minus value ± SE | |",
-                  "|---|" + "---|" * len(seeds) + "---|---|---|---|"]
+                  + " | mean | SE of mean | choice minus value ± SE | |" + (" threshold |" if "threshold" in row else ""),
+                  "|---|" + "---|" * len(seeds) + "---|---|---|---|" + ("---|" if "threshold" in row else "")]
         for v in row["values"]:
             vs = v.get("vs_choice")
             se = "(no SE)" if vs is None or vs["se"] is None else f"± {_num(vs['se'])}"
@@ -147,7 +152,8 @@ def tune_markdown(report: dict) -> str:
                                            f" {'separated' if vs['separated'] else '**tie**'}")
             mark = ("**chosen**" if v["chosen"] else "") + (" added" if v["added"] else "")
             lines.append(f"| {v['label']} | " + " | ".join(_num(y) for y in v["per_seed"])
-                         + f" | {_num(v['mean'])} | {_num(v['se'])} | {diff} | {mark.strip()} |")
+                         + f" | {_num(v['mean'])} | {_num(v['se'])} | {diff} | {mark.strip()} |"
+                         + (f" {label(v['threshold'])} ({v['scores']} scores) |" if "threshold" in row else ""))
         lines += ["", f"Result: {_verdict(row)}."]
         for e in row["extensions"]:
             lines.append(f"- added {label(e['value'])}: the best mean was {label(e['best_before'])}, at the "
@@ -174,6 +180,9 @@ def tuned_toml(report: dict) -> str:
         for row in report["methods"]:
             lines += ["", f"[{row['method']}]", f"{report['option']} = {label(row['choice'])}"]
             body[row["method"]] = {report["option"]: row["choice"]}
+            if "threshold" in row:  # calibrated at the chosen value (--calibrate-threshold)
+                lines.append(f"threshold = {label(row['threshold'])}")
+                body[row["method"]]["threshold"] = row["threshold"]
     text = "\n".join(lines) + "\n"
     if tomllib.loads(text) != body:  # a value label() cannot write as TOML: a defect here, never a silent change
         raise RuntimeError(f"tuned.toml would not read back as the choices {body}:\n{text}")

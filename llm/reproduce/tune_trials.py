@@ -1,5 +1,6 @@
 r"""One trial of ``lowrank-fed tune``: an ordinary run of one method on one seed, run or reused, and its validation
-scores (:func:`run_trial`); the untrained start scored once per seed (:func:`trials_sharing_round0`)."""
+scores (:func:`run_trial`); the untrained start scored once per seed (:func:`trials_sharing_round0`); a decision
+cut calibrated per grid value on runs that flag nobody (:func:`benign_scores`, :data:`FLAGS_NOBODY`)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,10 @@ from ..outputs import clear_folder
 from .runs import finished_run, load_run
 from .tune_choice import Target, _is_number
 
-__all__ = ["run_trial", "trials_sharing_round0"]
+__all__ = ["run_trial", "trials_sharing_round0", "benign_scores", "FLAGS_NOBODY"]
+
+#: A ``threshold`` no mean z-score reaches: a calibration run flags nobody, so its scores are not shaped by a cut.
+FLAGS_NOBODY = 1e9
 
 
 def run_trial(cfg: RunConfig, folder: Path, *, progress: bool = False, log: Callable[[str], None] = print,
@@ -88,3 +92,19 @@ def trials_sharing_round0(target: Target, progress: bool, log: Callable[[str], N
         return scores
 
     return run
+
+
+def benign_scores(folder: Path, method: str) -> list[float]:
+    """Every benign client's detection score in every round of ``method`` in a finished run (``metrics.jsonl``'s
+    ``detection.scores``, less ``detection.contaminated``): what :func:`~lowrank_fed.robust.calibrate_threshold`
+    takes. Raises ValueError when the run has no such scores."""
+    scores = []
+    for line in (folder / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        det = row.get("detection") if row.get("method") == method else None
+        if det and det.get("scores"):
+            bad = {str(k) for k in det.get("contaminated", [])}
+            scores += [float(v) for k, v in det["scores"].items() if k not in bad]
+    if not scores:
+        raise ValueError(f"{folder}: no detection scores of {method!r} to calibrate a threshold on")
+    return scores

@@ -304,7 +304,8 @@ def write_plots(histories: dict[str, list[dict]], out_dir: str | Path, metric: s
         ax.set_ylabel(ylabel.replace("_", " "))
         ax.set_title(title, fontsize=8)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:  # a plot with nothing labelled (no personalised row, say) has no legend
+            ax.legend(fontsize=7)
         fig.tight_layout()
         path, tmp = out_dir / name, out_dir / f"{name}.tmp.png"  # written whole, then renamed into place
         fig.savefig(tmp, dpi=110, metadata={"Software": None})

@@ -29,6 +29,7 @@ from .cvx import CVXPY_SOLVERS, solve_cvxpy
 from .federated import ClientFlags, flag_clients, stack_subspace
 from .detection import (
     GAP_LEVEL,
+    calibrate_threshold,
     gap_critical,
     gap_flags,
     offsubspace_residuals,
@@ -84,6 +85,7 @@ __all__ = [
     "robust_zscores",
     "residual_flags",
     "threshold_flags",
+    "calibrate_threshold",
     "gap_flags",
     "gap_critical",
     "GAP_LEVEL",

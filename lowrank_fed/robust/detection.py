@@ -49,6 +49,7 @@ __all__ = [
     "support_flags",
     "offsubspace_residuals",
     "robust_zscores",
+    "calibrate_threshold",
     "residual_flags",
     "MAD_SCALE",
     "Z_THRESHOLD",
@@ -228,6 +229,27 @@ def gap_flags(scores: np.ndarray, *, level: float = GAP_LEVEL) -> np.ndarray:
     if t[j] > gap_critical(s.size, level):
         flagged = s >= -np.sort(-s)[j]
     return flagged
+
+
+def calibrate_threshold(benign_scores, level: float = GAP_LEVEL) -> float:
+    r"""A cut that flags a benign client with probability about ``level``: the ``(1 - level)`` quantile of benign
+    scores pooled over rounds and runs (linear interpolation between order statistics),
+
+    .. math:: z^* = Q_{1 - q}(\{s_k : k \text{ benign}\}),
+
+    from uncontaminated validation runs whose decision flags nobody (so that the scores are not shaped by it). A
+    round of ``K`` benign clients is then quiet with probability about ``(1 - q)^K``.
+
+    >>> calibrate_threshold(np.arange(101.0), 0.05)
+    95.0
+    """
+    s = np.asarray(benign_scores, dtype=np.float64).ravel()
+    if s.size == 0 or not np.all(np.isfinite(s)):
+        raise ValueError(f"Calibration needs finite benign scores. Got {s.size} scores"
+                         + ("" if s.size == 0 else ", some not finite") + ".")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"The 'level' parameter must be between 0 and 1 (a false-flag rate). Got {level}.")
+    return float(np.quantile(s, 1.0 - level))
 
 
 def threshold_flags(scores: np.ndarray, threshold="gap", *, level: float = GAP_LEVEL) -> np.ndarray:

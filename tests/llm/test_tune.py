@@ -6,6 +6,7 @@ import json
 import math
 import tomllib
 
+import numpy as np
 import pytest
 
 pytest.importorskip("torch")
@@ -248,6 +249,10 @@ def test_a_run_reads_the_choices(config, tmp_path, capsys):
     (["--seeds", "0", "1"], "--seeds: expected distinct seeds >= 100"),
     (["--set", "val_size=0"], "has val_size = 0: no validation split to choose on"),
     (["--methods", "nomethod"], "'methods[0]'"),
+    (["--calibrate-threshold", "0.05"], "fedit, flexlora has no `threshold` option"),
+    (["--calibrate-threshold", "1.5", "--methods", "clair"], "expected a false-flag rate between 0 and 1"),
+    (["--calibrate-threshold", "0.05", "--methods", "clair", "--param", "clair.threshold", "--grid", "1", "2"],
+     "calibrates the threshold at each value of --param"),
 ])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(config, tmp_path, capsys, args, message):
     out = tmp_path / "out"
@@ -434,6 +439,57 @@ def test_clair_is_tuned_on_what_its_benign_clients_download_not_on_its_global_mo
         assert 0 < last["val_benign_local_n"] < last["val_local_n"]
     assert "CLAIR, personalised: val_benign_local_accuracy, the mean over the benign clients" in (
         tmp_path / "out" / "tune.md").read_text()
+
+
+def test_a_calibrated_tune_runs_each_value_at_the_cut_calibrated_at_it(config, tmp_path):
+    # Prepare: CLAIR alone; a fake trial whose benign scores at rate v are 100 v + 0..9 (calibration runs, which flag
+    # nobody) and whose validation accuracy is best at 1e-2; it writes the detection rows calibration reads
+    config.write_text(TINY.replace('["fedit", "flexlora"]', '["clair"]'))
+    ran = []
+
+    def trial(cfg: RunConfig, folder):
+        opts = cfg.method_options["clair"]
+        ran.append((opts["lr"], opts.get("threshold"), folder.parent.name))
+        folder.mkdir(parents=True, exist_ok=True)
+        det = {"scores": {str(k): 100 * opts["lr"] + k for k in range(10)}, "contaminated": []}
+        (folder / "metrics.jsonl").write_text(json.dumps({"method": "clair", "round": 1, "detection": det}) + "\n")
+        acc = 0.9 - 0.1 * math.log10(opts["lr"] / 1e-2) ** 2
+        return {"val_local_accuracy": acc, "val_local_loss": 1 - acc, "val_local_accuracy_n": 10**6,
+                "val_local_n": 10**6, "val_size": 10**6, "round": cfg.rounds}
+
+    # Execute
+    report = tune(config, grid=[1e-3, 1e-2, 1e-1], seeds=[100, 101], out=tmp_path / "out", trial=trial,
+                  calibrate=0.1, log=lambda m: None)
+    # Assert: per value, two calibration runs that flag nobody, then its trials at the 0.9 quantile of their 20
+    # benign scores (each seed's 0..9, shifted by 100 v): 100 v + 8.1
+    for v in (1e-3, 1e-2, 1e-1):
+        assert [(t, f) for lr, t, f in ran if lr == v and f == "calibration"] == [(1e9, "calibration")] * 2
+        cut = float(f"{100 * v + 8.1:.4g}")
+        assert [t for lr, t, f in ran if lr == v and f != "calibration"] == [cut, cut]
+    row = rows(report, "clair")
+    assert row["choice"] == 1e-2 and row["threshold"] == 9.1
+    assert [v["threshold"] for v in row["values"]] == [8.2, 9.1, 18.1] and row["values"][0]["scores"] == 20
+    assert tomllib.loads((tmp_path / "out" / "tuned.toml").read_text()) == {"clair": {"lr": 1e-2, "threshold": 9.1}}
+    assert "threshold = 9.1, calibrated at that value" in (tmp_path / "out" / "tune.md").read_text()
+
+
+@pytest.mark.filterwarnings("ignore::lowrank_fed.robust.ClairConvergenceWarning")  # 3 clients: plumbing only
+def test_a_real_calibrated_tune_reads_the_benign_scores_of_runs_that_flag_nobody(config, tmp_path):
+    # Prepare: CLAIR alone on the tiny model, no contamination
+    config.write_text(TINY.replace('["fedit", "flexlora"]', '["clair"]'))
+    out = tmp_path / "out"
+    # Execute
+    report = tune(config, grid=[1e-3, 1e-2], seeds=[100], out=out, max_extensions=0, calibrate=0.05,
+                  log=lambda m: None, progress=False)
+    # Assert: each value's cut is the 0.95 quantile of its calibration run's benign scores, and its trial ran at it
+    for value in rows(report, "clair")["values"]:
+        folder = out / "trials" / "clair" / f"lr={value['label']}"
+        scores = [s for line in (folder / "calibration" / "seed100" / "metrics.jsonl").read_text().splitlines()
+                  for s in json.loads(line).get("detection", {}).get("scores", {}).values()]
+        assert len(scores) == value["scores"] == 3 * 2  # 3 clients, 2 rounds, nobody flagged
+        assert value["threshold"] == float(f"{np.quantile(scores, 0.95):.4g}")
+        assert json.loads((folder / "seed100" / "config.json").read_text())["method_options"]["clair"]["threshold"] \
+            == value["threshold"]
 
 
 @pytest.mark.slow
