@@ -51,6 +51,8 @@ def residual_groups(folders) -> dict:
             ids = [int(k) for k in det["scores"]]
             res = np.array([det["module_residuals"][str(k)] for k in ids])  # (K, M)
             med = np.median(res, axis=0)
+            if not np.all(med > 0):
+                raise ValueError(f"{folder}: round {t} has a module whose median residual is 0; rho is undefined")
             phase = "round 1" if t == 1 else "later rounds"
             groups[phase]["median"].append(float(med.mean()))
             groups[phase]["spread"].append(float(np.mean(np.median(np.abs(res - med), axis=0) / med)))
@@ -76,8 +78,8 @@ def kept_flag_counts(folders) -> dict:
         union: set[int] = set()
         for det in dets:
             ids = {int(k) for k in det["scores"]}
-            for rule, flagged in (("per round", set(det["flagged"])), ("kept", union := union | set(det["flagged"]))):
-                flagged &= ids
+            union |= set(det["flagged"])
+            for rule, flagged in (("per round", set(det["flagged"]) & ids), ("kept", union & ids)):
                 c[rule, "rounds"] += 1
                 c[rule, "exact"] += flagged == bad & ids
                 c[rule, "tp"] += len(flagged & bad)
@@ -117,8 +119,8 @@ def main(argv=None) -> int:
     counts = kept_flag_counts(args.runs)
     for rule, r in counts.items():
         recall = "-" if r["recall"] is None else f"{r['recall']:.2f}"
-        print(f"flags {rule:9s}: exact {r['exact']}/{r['rounds']} rounds, recall {recall}, "
-              f"false-flag rate {r['false_flag_rate']:.3f}")
+        false = "-" if r["false_flag_rate"] is None else f"{r['false_flag_rate']:.3f}"
+        print(f"flags {rule:9s}: exact {r['exact']}/{r['rounds']} rounds, recall {recall}, false-flag rate {false}")
     if args.json:
         Path(args.json).write_text(json.dumps({"groups": summary, "counts": counts,
                                                "phases": {p: {k: float(np.mean(v)) for k, v in groups[p].items()}

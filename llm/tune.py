@@ -192,7 +192,7 @@ def tune(config: str | Path, *, param: str = "lr", grid: list[Any] | None = None
         raise ConfigError(str(err)) from None
     request = {"config": str(config), "config_data": json.loads(json.dumps(data)), "param": param,
                "grid": None if grid is None else [label(v) for v in grid], "seeds": seeds, "methods": methods,
-               "score": score, "max_extensions": max_extensions, **({"calibrate": calibrate} if calibrate else {})}
+               "score": score, "max_extensions": max_extensions, "calibrate": calibrate}  # None: as before it existed
     if plan == "existing":
         try:
             earlier = json.loads((out / "tune.json").read_text()).get("request")
@@ -235,9 +235,13 @@ def _check_calibration(q: float, target: Target, methods: list[str], base: RunCo
     if without:
         raise ConfigError(f"--calibrate-threshold: {', '.join(without)} has no `threshold` option (a detection cut, "
                           "as CLAIR's); tune it separately or pass --methods clair.")
-    if target.option in ("threshold", "z_threshold"):
-        raise ConfigError(f"--calibrate-threshold calibrates the threshold at each value of --param; "
-                          f"got --param {target.param}.")
+    if target.run_wide or target.option in ("threshold", "z_threshold", "gap_level"):
+        raise ConfigError(f"--calibrate-threshold calibrates the threshold at each value of a method option (lr, "
+                          f"clair.rank); got --param {target.param}.")
+    older = [m for m in methods if base.method_options.get(m, {}).get("z_threshold") is not None]
+    if older:
+        raise ConfigError(f"--calibrate-threshold: config '{config}' sets [{older[0]}] z_threshold, the former fixed "
+                          "cut, which the calibrated threshold would contradict; remove it.")
 
 
 def _cut(mt: _MethodTune, target: Target, data: dict, value: Any, seeds: list[int], out: Path, run, q: float,
@@ -252,6 +256,9 @@ def _cut(mt: _MethodTune, target: Target, data: dict, value: Any, seeds: list[in
             run(_trial_config(target, data, mt.method, value, s, {"threshold": FLAGS_NOBODY}), folder)
             scores += benign_scores(folder, mt.method)
         cut = float(f"{calibrate_threshold(scores, q):.4g}")
+        if not cut > 0:  # a z-score cut must be positive (CLAIR's option)
+            raise ConfigError(f"--calibrate-threshold {q}: at {target.where(mt.method)} = {lab} the {1 - q:g} quantile "
+                              f"of {len(scores)} benign scores is {cut:g}, not a positive cut; use a smaller Q.")
         mt.cuts[lab] = {"threshold": cut, "scores": len(scores)}
         log(f"[tune] {mt.method}, {target.where(mt.method)} = {lab}: threshold {cut:g} (the {1 - q:g} quantile of "
             f"{len(scores)} benign scores)")

@@ -111,8 +111,8 @@ class CLAIROptions(Options):
         "whole adapters)"))
     keep_flags: bool = Field(False, description=(
         "a flagged client stays flagged for the rest of the run (ours, not in the paper): left out of the mean, the "
-        "head and the subspace and sent the benign mean every later round; its scores are still computed and "
-        "recorded. False: each round decides afresh (the paper's per-round rule)"))
+        "head and the subspace and sent the benign mean after every later round it takes part in; its scores are "
+        "still computed and recorded. False: each round decides afresh (the paper's per-round rule)"))
 
     @model_validator(mode="after")
     def _one_threshold(self):

@@ -107,3 +107,7 @@ def test_clair_residuals_groups_clients_by_history_and_counts_kept_flags(tmp_pat
     assert groups["later rounds"]["spread"] == [0.0]  # MAD / median per module: |2-2|, |1-2|, |2-2| -> 0
     assert counts["per round"] == {"exact": 1, "rounds": 2, "recall": 0.5, "false_flag_rate": 0.0}
     assert counts["kept"] == {"exact": 2, "rounds": 2, "recall": 1.0, "false_flag_rate": 0.0}
+    # a caught client absent for a round is still kept when it returns
+    away = {"flagged": [], "scores": {"0": 0, "1": -1}, "module_residuals": {"0": [1.0, 1.0], "1": [1.0, 1.0]}}
+    back = _clair_run(tmp_path / "minilm_g02" / "seed101", [r1, away, r2], {"2": "other_task"})
+    assert kept_flag_counts([back])["kept"] == {"exact": 3, "rounds": 3, "recall": 1.0, "false_flag_rate": 0.0}

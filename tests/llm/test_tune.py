@@ -252,7 +252,11 @@ def test_a_run_reads_the_choices(config, tmp_path, capsys):
     (["--calibrate-threshold", "0.05"], "fedit, flexlora has no `threshold` option"),
     (["--calibrate-threshold", "1.5", "--methods", "clair"], "expected a false-flag rate between 0 and 1"),
     (["--calibrate-threshold", "0.05", "--methods", "clair", "--param", "clair.threshold", "--grid", "1", "2"],
-     "calibrates the threshold at each value of --param"),
+     "calibrates the threshold at each value of a method option"),
+    (["--calibrate-threshold", "0.05", "--methods", "clair", "--param", "local_steps", "--grid", "1", "2"],
+     "calibrates the threshold at each value of a method option"),
+    (["--calibrate-threshold", "0.05", "--methods", "clair", "--set", "clair.z_threshold=3"],
+     "sets [clair] z_threshold, the former fixed cut"),
 ])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(config, tmp_path, capsys, args, message):
     out = tmp_path / "out"
@@ -471,6 +475,16 @@ def test_a_calibrated_tune_runs_each_value_at_the_cut_calibrated_at_it(config, t
     assert [v["threshold"] for v in row["values"]] == [8.2, 9.1, 18.1] and row["values"][0]["scores"] == 20
     assert tomllib.loads((tmp_path / "out" / "tuned.toml").read_text()) == {"clair": {"lr": 1e-2, "threshold": 9.1}}
     assert "threshold = 9.1, calibrated at that value" in (tmp_path / "out" / "tune.md").read_text()
+    # the same folder without calibration is another request (its trials would not be these); a tune.json
+    # written before the option existed (no "calibrate" in its request) is the uncalibrated request
+    with pytest.raises(ConfigError, match="differs in: calibrate"):
+        tune(config, grid=[1e-3, 1e-2, 1e-1], seeds=[100, 101], out=tmp_path / "out", trial=trial, log=lambda m: None)
+    plain = tmp_path / "plain"
+    tune(config, grid=[1e-3, 1e-2], seeds=[100], out=plain, trial=trial, max_extensions=0, log=lambda m: None)
+    stored = json.loads((plain / "tune.json").read_text())
+    del stored["request"]["calibrate"]
+    (plain / "tune.json").write_text(json.dumps(stored))
+    tune(config, grid=[1e-3, 1e-2], seeds=[100], out=plain, trial=trial, max_extensions=0, log=lambda m: None)
 
 
 @pytest.mark.filterwarnings("ignore::lowrank_fed.robust.ClairConvergenceWarning")  # 3 clients: plumbing only
