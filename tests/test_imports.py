@@ -221,6 +221,7 @@ LAZY_IMPORTS = {
     "llm/run.py": "command entry: torch only after the config passed (a bad config answers in about 1 s)",
     "llm/merge.py": "command entry: torch and PEFT only after the arguments passed",
     "llm/tune.py": "command entry: torch only after the config and the grid passed",
+    "llm/reproduce/tune_trials.py": "the runner (torch) only when a trial runs, not when a finished one is reused",
     "llm/reproduce/run.py": "command entry: the runner (torch) only when a run is made, not for --analyse-only",
     "llm/reproduce/analysis.py": "the analysis runs without torch; only counting a model's parameters needs it",
     "llm/flower/deploy.py": "command entry: torch and Flower (the flower extra) only after the config passed",
