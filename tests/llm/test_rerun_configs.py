@@ -227,8 +227,8 @@ def test_every_tune_command_is_accepted_and_writes_a_tuned_file_the_config_can_r
 def test_link_points_each_config_at_its_tuned_file_only_once_every_one_exists(tmp_path):
     # Prepare: a copy of the LoRA-A2 configs (their [method] lr lines are what a tuned file replaces), one tuned file
     configs = tmp_path / "configs"
-    shutil.copytree(CONFIG_ROOT / "lora-a2", configs / "lora-a2")
-    tuned = configs / "lora-a2" / "tuned"
+    shutil.copytree(CONFIG_ROOT / "lora-a2", configs / "lora-a2", ignore=shutil.ignore_patterns("tuned"))  # the repo's
+    tuned = configs / "lora-a2" / "tuned"  # own tuned files (some tunes done) are not this test's
     tuned.mkdir()
     (tuned / "dir001_r1.toml").write_text(
         "# chosen\n[fedit]\nlr = 0.006\n\n[ffa]\nlr = 0.002\n\n[flexlora]\nlr = 0.000666667\n\n[lora_a2]\nlr = 0.06\n")
