@@ -16,8 +16,8 @@ The same rows also give a count that keeps every flag for the rest of the run (t
 far): on runs made with the per-round rule this is an estimate (the later rounds would have gone differently with
 the flags kept); on runs made with ``clair.keep_flags = true`` it is what the run did.
 
-Run: ``python -m benchmarks.clair_residuals RUN_FOLDER... [--json PATH]`` (folders with ``metrics.jsonl`` and
-``setup.json``; per-module entries exist in runs made since 2026-12-06).
+Run: ``python -m benchmarks.clair_residuals RUN_FOLDER... [--json PATH]`` (finished run folders, read by
+``load_run``; per-module entries exist in runs made since 2026-12-06).
 """
 
 from __future__ import annotations
@@ -29,13 +29,14 @@ from pathlib import Path
 
 import numpy as np
 
+from lowrank_fed.llm.reproduce.runs import load_run
+
 
 def detection_rows(folder) -> tuple[set[int], list[dict]]:
     """``(contaminated ids, CLAIR's detection dicts in round order)`` of one run folder."""
-    folder = Path(folder)
-    bad = {int(k) for k in json.loads((folder / "setup.json").read_text()).get("attackers", {})}
-    rows = [json.loads(line) for line in (folder / "metrics.jsonl").open()]
-    return bad, [r["detection"] for r in rows if r.get("method") == "clair" and "detection" in r]
+    run = load_run(Path(folder))
+    bad = {int(k) for k in run.setup.get("attackers", {})}
+    return bad, [r["detection"] for r in run.history.get("clair", []) if "detection" in r]
 
 
 def residual_groups(folders) -> dict:

@@ -259,7 +259,7 @@ def _cut(mt: _MethodTune, target: Target, data: dict, value: Any, seeds: list[in
         if not cut > 0:  # a z-score cut must be positive (CLAIR's option)
             raise ConfigError(f"--calibrate-threshold {q}: at {target.where(mt.method)} = {lab} the {1 - q:g} quantile "
                               f"of {len(scores)} benign scores is {cut:g}, not a positive cut; use a smaller Q.")
-        mt.cuts[lab] = {"threshold": cut, "scores": len(scores)}
+        mt.cuts[lab] = {"threshold": cut, "n_scores": len(scores)}
         log(f"[tune] {mt.method}, {target.where(mt.method)} = {lab}: threshold {cut:g} (the {1 - q:g} quantile of "
             f"{len(scores)} benign scores)")
     return mt.cuts[lab]["threshold"]

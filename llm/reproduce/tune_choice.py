@@ -245,7 +245,7 @@ class _MethodTune:
     scores: dict[str, dict[int, dict]] = field(default_factory=dict)  # label -> seed -> trial scores
     extensions: list[dict] = field(default_factory=list)
     stopped: str | None = None
-    cuts: dict[str, dict] = field(default_factory=dict)  # label -> {"threshold", "scores"}: calibrated per value
+    cuts: dict[str, dict] = field(default_factory=dict)  # label -> {"threshold", "n_scores"}: calibrated per value
 
 
 def _score_key(score: str, scores: dict, method: str, *, contaminated: bool = False) -> tuple[str, bool]:

@@ -153,7 +153,7 @@ def tune_markdown(report: dict) -> str:
             mark = ("**chosen**" if v["chosen"] else "") + (" added" if v["added"] else "")
             lines.append(f"| {v['label']} | " + " | ".join(_num(y) for y in v["per_seed"])
                          + f" | {_num(v['mean'])} | {_num(v['se'])} | {diff} | {mark.strip()} |"
-                         + (f" {label(v['threshold'])} ({v['scores']} scores) |" if "threshold" in row else ""))
+                         + (f" {label(v['threshold'])} ({v['n_scores']} scores) |" if "threshold" in row else ""))
         lines += ["", f"Result: {_verdict(row)}."]
         for e in row["extensions"]:
             lines.append(f"- added {label(e['value'])}: the best mean was {label(e['best_before'])}, at the "

@@ -97,11 +97,10 @@ def trials_sharing_round0(target: Target, progress: bool, log: Callable[[str], N
 def benign_scores(folder: Path, method: str) -> list[float]:
     """Every benign client's detection score in every round of ``method`` in a finished run (``metrics.jsonl``'s
     ``detection.scores``, less ``detection.contaminated``): what :func:`~lowrank_fed.robust.calibrate_threshold`
-    takes. Raises ValueError when the run has no such scores."""
+    takes, read by :func:`~lowrank_fed.llm.reproduce.runs.load_run`. Raises ValueError when the run has none."""
     scores = []
-    for line in (folder / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        det = row.get("detection") if row.get("method") == method else None
+    for row in load_run(folder).history.get(method, []):
+        det = row.get("detection")
         if det and det.get("scores"):
             bad = {str(k) for k in det.get("contaminated", [])}
             scores += [float(v) for k, v in det["scores"].items() if k not in bad]

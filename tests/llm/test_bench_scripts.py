@@ -83,6 +83,7 @@ def test_clair_decision_reads_a_tune_trial_as_its_config_setting(tmp_path):
 def _clair_run(folder: Path, rounds: list[dict], attackers: dict) -> Path:
     folder.mkdir(parents=True)
     (folder / "setup.json").write_text(json.dumps({"attackers": attackers}))
+    (folder / "summary.json").write_text("[]")
     (folder / "metrics.jsonl").write_text("".join(json.dumps({"method": "clair", "round": t, "detection": d}) + "\n"
                                                   for t, d in enumerate(rounds, start=1)))
     return folder

@@ -457,6 +457,8 @@ def test_a_calibrated_tune_runs_each_value_at_the_cut_calibrated_at_it(config, t
         folder.mkdir(parents=True, exist_ok=True)
         det = {"scores": {str(k): 100 * opts["lr"] + k for k in range(10)}, "contaminated": []}
         (folder / "metrics.jsonl").write_text(json.dumps({"method": "clair", "round": 1, "detection": det}) + "\n")
+        (folder / "summary.json").write_text("[]")
+        (folder / "setup.json").write_text("{}")
         acc = 0.9 - 0.1 * math.log10(opts["lr"] / 1e-2) ** 2
         return {"val_local_accuracy": acc, "val_local_loss": 1 - acc, "val_local_accuracy_n": 10**6,
                 "val_local_n": 10**6, "val_size": 10**6, "round": cfg.rounds}
@@ -472,7 +474,7 @@ def test_a_calibrated_tune_runs_each_value_at_the_cut_calibrated_at_it(config, t
         assert [t for lr, t, f in ran if lr == v and f != "calibration"] == [cut, cut]
     row = rows(report, "clair")
     assert row["choice"] == 1e-2 and row["threshold"] == 9.1
-    assert [v["threshold"] for v in row["values"]] == [8.2, 9.1, 18.1] and row["values"][0]["scores"] == 20
+    assert [v["threshold"] for v in row["values"]] == [8.2, 9.1, 18.1] and row["values"][0]["n_scores"] == 20
     assert tomllib.loads((tmp_path / "out" / "tuned.toml").read_text()) == {"clair": {"lr": 1e-2, "threshold": 9.1}}
     assert "threshold = 9.1, calibrated at that value" in (tmp_path / "out" / "tune.md").read_text()
     # the same folder without calibration is another request (its trials would not be these); a tune.json
@@ -500,7 +502,7 @@ def test_a_real_calibrated_tune_reads_the_benign_scores_of_runs_that_flag_nobody
         folder = out / "trials" / "clair" / f"lr={value['label']}"
         scores = [s for line in (folder / "calibration" / "seed100" / "metrics.jsonl").read_text().splitlines()
                   for s in json.loads(line).get("detection", {}).get("scores", {}).values()]
-        assert len(scores) == value["scores"] == 3 * 2  # 3 clients, 2 rounds, nobody flagged
+        assert len(scores) == value["n_scores"] == 3 * 2  # 3 clients, 2 rounds, nobody flagged
         assert value["threshold"] == float(f"{np.quantile(scores, 0.95):.4g}")
         assert json.loads((folder / "seed100" / "config.json").read_text())["method_options"]["clair"]["threshold"] \
             == value["threshold"]
