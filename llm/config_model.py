@@ -131,6 +131,10 @@ class RunConfig(ConfigForms):
     score_uploads: bool = Field(False, description=(
         "also score each client's own trained model (its upload, before aggregation) in evaluated rounds: "
         "client rows get upload_<metric> (test set) and upload_local_<metric> (its held-out set)"))
+    val_downloads: bool = Field(False, description=(
+        "also score what each client downloads on its share of the validation split, for methods that are not "
+        "personalised: rows get val_local_<metric> (val_benign_local_* with attacks), what `lowrank-fed tune "
+        "--score-on downloads` compares; one more validation pass per rank whose download is not the global model"))
     max_new_tokens: int = Field(24, ge=1, description=(
         "generation: tokens generated per example for ROUGE-L; max_length + max_new_tokens at most the "
         "model's max_position_embeddings"))

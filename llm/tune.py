@@ -68,7 +68,7 @@ from .outputs import OutputFolderError, atomic_write_text, clear_folder, hold_lo
 from .packages import check_model_package
 from .reproduce.runs import MAX_SEEDS
 # the parameter, the grid and the choice (tune_choice), the outputs (tune_report): every name importable from here
-from .reproduce.tune_choice import (DEFAULT_SEEDS, LR_BOUNDS, MAX_EXTENSIONS, NOT_TUNED, SCORES,  # noqa: F401
+from .reproduce.tune_choice import (DEFAULT_SEEDS, LR_BOUNDS, MAX_EXTENSIONS, NOT_TUNED, SCORED_ON, SCORES,  # noqa: F401
                                     TUNE_LAYOUT, TUNE_SIGNATURE, Target, _folder_name, _is_number, _mean,
                                     _MethodTune, _numeric_field, _score_key, _se_of_mean, choose, extend_value, label,
                                     resolve_param, separation)
@@ -107,7 +107,7 @@ def tune(config: str | Path, *, param: str = "lr", grid: list[Any] | None = None
          methods: list[str] | None = None, score: str = "metric", max_extensions: int = MAX_EXTENSIONS,
          overrides: list[str] | None = None, out: str | Path | None = None, overwrite: bool = False,
          progress: bool = True, log: Callable[[str], None] = print, trial: Callable[..., dict] | None = None,
-         calibrate: float | None = None) -> dict:
+         calibrate: float | None = None, score_on: str = "global") -> dict:
     r"""Choose ``param`` per method of ``config`` on validation data only; write ``out``; return ``tune.json``'s dict.
 
     Parameters
@@ -141,6 +141,10 @@ def tune(config: str | Path, *, param: str = "lr", grid: list[Any] | None = None
         ``q``: each value's decision ``threshold`` calibrated to a false-flag rate ``q`` on runs at that value that
         flag nobody (module docstring); for methods with a ``threshold`` option (CLAIR) on a config without
         ``[[attacks]]``.
+    score_on : {"global", "downloads"}
+        ``downloads``: every method scored on what its clients receive, ``val_local_<metric>``, as a claim about
+        downloads (HAFL's truncation) compares them: the trials run with ``val_downloads = true`` (a config that
+        sets that key is scored so too).
 
     Raises
     ------
@@ -161,6 +165,10 @@ def tune(config: str | Path, *, param: str = "lr", grid: list[Any] | None = None
                           f"report); got {seeds}.")
     if score not in SCORES:
         raise ConfigError(f"--score: expected one of {', '.join(SCORES)}; got {score!r}.")
+    if score_on not in SCORED_ON:
+        raise ConfigError(f"--score-on: expected one of {', '.join(SCORED_ON)}; got {score_on!r}.")
+    if score_on == "downloads":
+        data = {**data, "val_downloads": True}
     if not 0 <= max_extensions <= 20:
         raise ConfigError(f"--max-extensions: expected an integer from 0 to 20; got {max_extensions}.")
     if methods:
@@ -192,7 +200,8 @@ def tune(config: str | Path, *, param: str = "lr", grid: list[Any] | None = None
         raise ConfigError(str(err)) from None
     request = {"config": str(config), "config_data": json.loads(json.dumps(data)), "param": param,
                "grid": None if grid is None else [label(v) for v in grid], "seeds": seeds, "methods": methods,
-               "score": score, "max_extensions": max_extensions, "calibrate": calibrate}  # None: as before it existed
+               "score": score, "max_extensions": max_extensions, "calibrate": calibrate,  # None: as before it existed
+               "score_on": "downloads" if data.get("val_downloads") else None}  # the flag or the config's key
     if plan == "existing":
         try:
             earlier = json.loads((out / "tune.json").read_text()).get("request")
@@ -296,7 +305,7 @@ def _tune_method(mt: _MethodTune, target: Target, data: dict, seeds: list[int], 
         if not mt.numeric:
             return
         key, higher = _score_key(score, mt.scores[label(mt.values[0])][seeds[0]], mt.method,
-                                 contaminated=bool(data.get("attacks")))
+                                 contaminated=bool(data.get("attacks")), downloads=bool(data.get("val_downloads")))
         means = {label(v): _mean([mt.scores[label(v)][s][key] for s in seeds]) for v in mt.values}
         best = choose(means, [label(v) for v in mt.values], higher)
         if best not in (label(mt.values[0]), label(mt.values[-1])):
@@ -340,6 +349,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--methods", nargs="+", default=None, metavar="M", help="default: the config's methods")
     parser.add_argument("--score", choices=SCORES, default="metric",
                         help="metric: val_accuracy (val_perplexity for generation; default); loss: val_loss")
+    parser.add_argument("--score-on", choices=SCORED_ON, default="global",
+                        help="global: the global model (a personalised method: its clients' own models; default); "
+                             "downloads: what every client receives, on its share of the validation split")
     parser.add_argument("--max-extensions", type=int, default=MAX_EXTENSIONS, metavar="N",
                         help=f"values added past the grid's edges per method, at most (default {MAX_EXTENSIONS})")
     parser.add_argument("--calibrate-threshold", type=float, default=None, metavar="Q",
@@ -362,6 +374,7 @@ def main(args: argparse.Namespace) -> int:
         report = tune(args.config, param=args.param, grid=grid, seeds=args.seeds, methods=args.methods,
                       score=args.score, max_extensions=args.max_extensions, overrides=args.overrides, out=args.out,
                       overwrite=args.overwrite, progress=not args.no_progress, calibrate=args.calibrate_threshold,
+                      score_on=args.score_on,
                       log=lambda m: print(m, file=sys.stderr, flush=True))
     except ConfigError as err:
         for line in str(err).splitlines():

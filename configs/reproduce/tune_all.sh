@@ -211,8 +211,14 @@ done
 tune byun-lee top10_bbc --set val_size=200 --grid 0.00166667 0.005 0.015
 
 # ---- HAFL (val_size = 200 already); the constant twins are their own settings.
-for stem in freezing truncation homogeneous freezing_constant truncation_constant freezing_zeropad; do
+for stem in freezing homogeneous freezing_constant freezing_zeropad; do
     tune hafl "$stem" --grid 0.00166667 0.005 0.015
+done
+# Truncation's clients receive truncations of its global model, and its claim (no drop at distribution) compares
+# what they receive: it is tuned on that (each client's download on its share of the validation split). Until
+# 2026-12-07 it was tuned on its global model: results/tune/reproduce/hafl-global-score/.
+for stem in truncation truncation_constant; do
+    tune hafl "$stem" --grid 0.00166667 0.005 0.015 --score-on downloads
 done
 
 # ---- PreLort (50 local steps; the rate of the 5- and 3-step settings was never re-tuned for them)

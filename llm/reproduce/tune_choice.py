@@ -17,7 +17,7 @@ from ..methods import METHODS, method_options
 from .runs import MAX_SEEDS
 
 __all__ = ["Target", "resolve_param", "label", "extend_value", "choose", "separation", "DEFAULT_SEEDS", "LR_BOUNDS",
-           "MAX_EXTENSIONS", "NOT_TUNED", "TUNE_SIGNATURE", "TUNE_LAYOUT", "SCORES"]
+           "MAX_EXTENSIONS", "NOT_TUNED", "TUNE_SIGNATURE", "TUNE_LAYOUT", "SCORES", "SCORED_ON"]
 
 #: Tuning seeds: from :data:`~.runs.MAX_SEEDS` up, never a seed a reproduction reports.
 DEFAULT_SEEDS = (MAX_SEEDS, MAX_SEEDS + 1, MAX_SEEDS + 2)
@@ -32,6 +32,8 @@ TUNE_SIGNATURE = ("tune.json", "trials")
 TUNE_LAYOUT = ("tuned.toml", "tune.md")
 #: The score: ``metric`` is the task's (val_accuracy, or val_perplexity for generation); ``loss`` is val_loss.
 SCORES = ("metric", "loss")
+#: What ``--score-on`` scores: the global model (personalised methods: their own models), or every client's download.
+SCORED_ON = ("global", "downloads")
 
 
 # ----------------------------------------------------------------------------- what is tuned
@@ -248,16 +250,18 @@ class _MethodTune:
     cuts: dict[str, dict] = field(default_factory=dict)  # label -> {"threshold", "n_scores"}: calibrated per value
 
 
-def _score_key(score: str, scores: dict, method: str, *, contaminated: bool = False) -> tuple[str, bool]:
+def _score_key(score: str, scores: dict, method: str, *, contaminated: bool = False,
+               downloads: bool = False) -> tuple[str, bool]:
     """The key of a trial's ``scores`` that is compared, and whether higher is better: the global model's
     ``val_<metric>`` (``val_loss``), or for a personalised method (``local``, FedSA-LoRA, CLAIR and its references:
     each client uses its own model) the mean over clients of each client's own model on its share of the validation
     rows: over the benign clients where the setting has ``contaminated`` ones (``val_benign_local_<metric>``: the
     claims compare what benign clients get, and a baseline tuned on them can only be stronger), else over every
     client (``val_local_<metric>``): a personalised method is tuned on what its clients receive, as its claims
-    score it."""
+    score it. ``downloads`` (``--score-on downloads``): every method so, its clients' downloads where it is not
+    personalised (a truncation's: what its no-drop claim compares)."""
     prefix = "val_"
-    if METHODS[method].personalised:
+    if METHODS[method].personalised or downloads:
         prefix = "val_benign_local_" if contaminated else "val_local_"
     if score == "loss":
         key, higher = prefix + "loss", False

@@ -26,7 +26,8 @@ def tune_report(plans: dict[str, _MethodTune], target: Target, base: RunConfig, 
     rows_by_method, keys, n_split = [], {}, None
     for m, mt in plans.items():
         first = mt.scores[label(mt.values[0])][seeds[0]]
-        key, higher = keys[m] = _score_key(score, first, m, contaminated=bool(base.attacks))
+        key, higher = keys[m] = _score_key(score, first, m, contaminated=bool(base.attacks),
+                                           downloads=bool(request["config_data"].get("val_downloads")))
         n_split = first.get("val_size")
         n_val = n_split
         if "_local_" in key:  # a mean of per-client scores: its own effective number of examples, per seed
@@ -98,7 +99,9 @@ def _how(report: dict) -> list[str]:
         f"Setting: {s['config']} ({s['name']}: {s['model']} / {s['dataset']}, {s['clients']} clients, ranks "
         f"{s['ranks']}, {s['partition']} alpha {s['alpha']}, {s['rounds']} rounds).",
         f"Score: {report['score']} of "
-        + ("the global model" if "_local_" not in report["score"] else "each client's own model, averaged")
+        + ("the global model" if "_local_" not in report["score"] else "each client's own model, averaged"
+           if report["request"].get("score_on") != "downloads" else "each client's download (the global model where "
+           "it is one; a personalised method's own model) on its share of the validation split, averaged")
         + f" after the last round ({direction} is better), on the "
         f"validation split: {report['val_size']} examples held out of the training data (no test score was used)"
         + "".join(f"; {row['title']}, personalised: {row['score']}, the mean over "

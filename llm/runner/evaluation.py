@@ -249,21 +249,23 @@ class Scoring:
           (``per_client`` lists them, None for a client whose held-out set is empty): its download, or
           its personalised model (``personal`` methods); ``local_macro_f1`` (classification) likewise, the mean
           over clients of each one's macro-F1 on its own held-out set;
-        - ``val_local_<metric>``, ``val_local_loss`` (personalised methods, with a validation split): the mean over
-          clients of each client's own model on its share of the validation set (``val_holdout``), what
-          ``lowrank-fed tune`` scores a personalised method on; ``val_benign_local_*`` the same over the
-          benign clients (with attackers); ``val_local_n`` / ``val_benign_local_n``: ``K^2 / sum_k 1/n_k``, the
-          number of examples whose binomial error the mean of ``K`` per-client accuracies has;
+        - ``val_local_<metric>``, ``val_local_loss`` (personalised methods, with a validation split; the others
+          too with ``val_downloads``): the mean over clients of each client's own model, or its download, on its
+          share of the validation set (``val_holdout``), what ``lowrank-fed tune`` scores a personalised method on
+          (any method with ``--score-on downloads``); ``val_benign_local_*`` the same over the benign clients
+          (with attackers); ``val_local_n`` / ``val_benign_local_n``: ``K^2 / sum_k 1/n_k``, the number of
+          examples whose binomial error the mean of ``K`` per-client accuracies has;
         - ``per_client_global`` (methods that are not personalised): the global model on each client's own
           held-out set, so ``per_client_global[k] - per_client[k]`` is client ``k``'s drop at distribution.
         """
         glob = method.global_model(server)
         jobs = [(glob, "test", None)] + ([(glob, "val", None)] if self._n("val") else [])
         ranks = personal = val_own = []
+        scored_on_shares = self._n("val") and self.val_holdout is not None
+        shares = self.val_holdout if scored_on_shares else [[]] * self.cfg.clients
+        val_downloads = by_rank and scored_on_shares and self.cfg.val_downloads and not method.personalised
         if by_rank and method.personalised:  # each client's own model on its held-out rows and validation share
             # what tune scores a personalised method on (the global model's validation score is computed above)
-            scored_on_shares = self._n("val") and self.val_holdout is not None
-            shares = self.val_holdout if scored_on_shares else [[]] * self.cfg.clients
             models = {k: method.personal_model(method.configure(server, k), clients.get(k, ClientState()),
                                                self.ws.shapes)
                       for k in range(self.cfg.clients) if len(self.holdout[k]) or len(shares[k])}
@@ -273,14 +275,16 @@ class Scoring:
             jobs += [(models[k], "val", shares[k]) for k in val_own]
         elif by_rank:  # the model each distinct rank downloads, where it is not the global one
             ranks = [r for r in sorted(set(server.ranks.values())) if not method.download_is_global(server, r)]
-            jobs += [(method.downloaded_model(server, r), "test", None) for r in ranks]
+            splits = ("test", "val") if val_downloads else ("test",)  # val: scored on each client's share below
+            jobs += [(method.downloaded_model(server, r), split, None) for split in splits for r in ranks]
         scored = self._score_models(jobs)
         global_scores = scored.pop(0)
         out = summarise(global_scores)
         if "correct" in global_scores:  # per test example, for the verdict's paired standard error (report.py)
             out["test_correct"] = np.packbits(global_scores["correct"]).tobytes().hex()
         if self._n("val"):
-            out.update({f"val_{k}": v for k, v in summarise(scored.pop(0)).items()})
+            val_global = scored.pop(0)
+            out.update({f"val_{k}": v for k, v in summarise(val_global).items()})
         if rouge and self.task == "generation" and self.cfg.rouge_size and getattr(self, "federated", False):
             out["rouge_l"] = float(np.mean(self._rouge_sites(glob)))  # no samples: they are the sites' examples
         elif rouge and self.task == "generation" and self.cfg.rouge_size:
@@ -295,19 +299,16 @@ class Scoring:
         sums: list[dict | None]  # per client; None: the client's held-out set is empty
         if method.personalised:
             own = dict(zip(personal, scored[:len(personal)], strict=True))
-            val_sums = {k: summarise(v) for k, v in zip(val_own, scored[len(personal):], strict=True)}
-            groups = {"val_local": list(val_sums)}
-            if self.cfg.attacks:  # what the benign clients get, as benign_local_<metric> on the test side
-                groups["val_benign_local"] = [k for k in val_sums if k not in self.attackers]
-            for name, ks in groups.items():
-                for key in (self.metric, "loss") if ks else ():
-                    out[f"{name}_{key}"] = mean(val_sums[k][key] for k in ks)
-                if ks:  # the mean's effective number of examples: K^2 / sum_k 1/n_k (its binomial error)
-                    out[f"{name}_n"] = len(ks) ** 2 / sum(1.0 / len(shares[k]) for k in ks)
+            self._val_local(out, {k: summarise(v) for k, v in zip(val_own, scored[len(personal):], strict=True)},
+                            shares)
             sums = [summarise(own[k]) if k in own else None for k in range(self.cfg.clients)]
         else:
-            downloads = dict(zip(ranks, scored, strict=True))
+            downloads = dict(zip(ranks, scored[:len(ranks)], strict=True))
             scores = {r: downloads.get(r, global_scores) for r in sorted(set(server.ranks.values()))}
+            if val_downloads:  # each client's download on its validation share: the global model's where it is one
+                val_scores = dict(zip(ranks, scored[len(ranks):], strict=True))
+                self._val_local(out, {k: summarise(val_scores.get(server.ranks[k], val_global), shares[k])
+                                      for k in range(self.cfg.clients) if len(shares[k])}, shares)
             out["by_rank"] = {str(r): summarise(s) for r, s in scores.items()}
             sums = [summarise(scores[server.ranks[k]], self.holdout[k]) if len(self.holdout[k]) else None
                     for k in range(self.cfg.clients)]
@@ -322,6 +323,21 @@ class Scoring:
             if self.attackers:  # what the benign clients get: the contaminated ones' scores are not their goal
                 out[f"benign_local_{key}"] = mean(v for k, v in enumerate(values) if k not in self.attackers)
         return out
+
+    def _val_local(self, out: dict, val_sums: dict[int, dict], shares) -> None:
+        """``val_local_*`` (every client in ``val_sums``) and ``val_benign_local_*`` (its benign ones, with
+        attacks) into ``out``: the mean of the clients' validation scores, and its effective number of examples
+        ``K^2 / sum_k 1/n_k`` (the binomial error of a mean of ``K`` per-client accuracies)."""
+        groups = {"val_local": list(val_sums)}
+        if self.cfg.attacks:  # what the benign clients get, as benign_local_<metric> on the test side
+            groups["val_benign_local"] = [k for k in val_sums if k not in self.attackers]
+        for name, ks in groups.items():
+            if not ks:
+                continue
+            for key in (self.metric, "loss"):
+                out[f"{name}_{key}"] = mean(val_sums[k][key] for k in ks)
+            out[f"{name}_n"] = len(ks) ** 2 / sum(1.0 / len(shares[k]) for k in ks)
+
     def _evaluated(self, round_: int) -> bool:
         """Whether round ``round_`` is scored (every ``eval_every`` rounds and the last)."""
         return evaluated(self.cfg, round_)

@@ -189,6 +189,8 @@ def test_tune_all_tunes_every_config_once_on_unreported_seeds_with_200_validatio
         else:
             assert not any(o.startswith("train_size") for o in args.overrides)
         assert Path(args.out).parts[-2:] == (path.parent.name, path.stem)
+        # a claim about what the clients receive (HAFL's truncation: no drop at distribution) is tuned on it
+        assert (args.score_on == "downloads") == (path.stem in ("truncation", "truncation_constant")), args.config
 
 
 def test_every_tune_command_is_accepted_and_writes_a_tuned_file_the_config_can_read(tmp_path):
@@ -201,7 +203,8 @@ def test_every_tune_command_is_accepted_and_writes_a_tuned_file_the_config_can_r
         assert cfg.seed >= MAX_SEEDS and cfg.val_size >= 200 and len(cfg.methods) == 1
         score = 1.0 / (1.0 + abs(cfg.method_options[cfg.methods[0]]["lr"] - 0.004))
         key = "val_perplexity" if cfg.model == "smollm2" else "val_accuracy"
-        if METHODS[cfg.methods[0]].personalised:  # local, CLAIR: scored on its (benign) clients' own models
+        if METHODS[cfg.methods[0]].personalised or cfg.val_downloads:  # local, CLAIR, HAFL's truncation: on what
+            # its (benign) clients use: their own models, or their downloads
             key = key.replace("val_", "val_benign_local_" if cfg.attacks else "val_local_")
         return {key: 1 / score if key.endswith("perplexity") else score, key.rsplit("_", 1)[0] + "_n": cfg.val_size,
                 "val_size": cfg.val_size, "round": cfg.rounds}
@@ -212,7 +215,7 @@ def test_every_tune_command_is_accepted_and_writes_a_tuned_file_the_config_can_r
         try:
             report = tune(ROOT / args.config, param=args.param, grid=args.grid and [parse_value(v) for v in args.grid],
                           seeds=args.seeds, methods=args.methods, overrides=args.overrides, out=out, trial=trial,
-                          progress=False, log=lambda m: None)
+                          progress=False, log=lambda m: None, score_on=args.score_on)
         except PackageMissingError as err:
             pytest.skip(f"packaged model missing: {err}")
         chosen = tomllib.loads((out / "tuned.toml").read_text())

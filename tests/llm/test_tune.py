@@ -598,3 +598,61 @@ def test_a_tune_scores_the_start_once_per_seed_and_changes_no_score(config, tmp_
     for trial, folder in alone.items():
         assert rows(trial) == rows(folder), trial
         assert round0_seconds(trial) == 0.0 and round0_seconds(folder) > 0
+
+
+# ----------------------------------------------------------------------------- scored on what clients receive
+
+
+@pytest.mark.parametrize("method_name", ["hetlora", "hafl"])
+def test_val_downloads_scores_each_clients_download_on_its_validation_share(tmp_path, monkeypatch, method_name):
+    # Prepare: heterogeneous ranks, so the rank-2 and rank-4 clients download truncations of the rank-8 global model
+    from lowrank_fed.llm.evaluate import summarise
+    from lowrank_fed.llm.methods import make_method
+    from tests.llm.helpers import make_sim, run_rounds, tiny_settings
+
+    options = {"variant": "truncation"} if method_name == "hafl" else {}
+    sim = make_sim(tmp_path, tiny_settings(methods=[method_name], val_size=24, val_downloads=True))
+    method = make_method(method_name, **options)
+    log = run_rounds(sim, method, 1, monkeypatch)
+    server, clients = log[-1].after, log[-1].clients
+    # Execute
+    out = sim.evaluate(method, server, clients)
+    # Assert: the mean over clients of each one's download scored on its own validation rows, computed here by
+    # scoring each download on those rows directly (the runner scores each distinct download once, then subsets)
+    shares = sim.val_holdout
+    assert any(not method.download_is_global(server, r) for r in set(server.ranks.values()))
+    own = {k: summarise(sim._score_models([(method.downloaded_model(server, server.ranks[k]), "val", shares[k])])[0])
+           for k in range(sim.cfg.clients) if len(shares[k])}
+    assert len(own) >= 2
+    assert out["val_local_accuracy"] == pytest.approx(np.mean([s["accuracy"] for s in own.values()]), abs=1e-12)
+    assert out["val_local_loss"] == pytest.approx(np.mean([s["loss"] for s in own.values()]), rel=1e-6)
+    assert out["val_local_n"] == pytest.approx(len(own) ** 2 / sum(1 / len(shares[k]) for k in own))
+    # without the key, the same scores but none of these
+    sim.cfg = RunConfig.from_dict({**sim.cfg.model_dump(), "val_downloads": False})
+    plain = sim.evaluate(method, server, clients)
+    assert not [k for k in plain if k.startswith("val_local")]
+    assert plain == {k: v for k, v in out.items() if not k.startswith("val_local")}
+
+
+def test_score_on_downloads_tunes_every_method_on_what_its_clients_receive(config, tmp_path):
+    # Prepare: the tiny setting (ranks 2, 4, 4: the rank-2 client receives a truncation)
+    out = tmp_path / "out"
+    # Execute
+    assert cli_main(["tune", str(config), "--grid", "1e-3", "1e-2", "--seeds", "100", "--max-extensions", "0",
+                     "--score-on", "downloads", "--no-progress", "--out", str(out)]) == 0
+    # Assert: every method is scored on val_local_accuracy, read from its trials' last round, which ran with
+    # val_downloads; the report and tuned.toml's header say so; a tune of the global model into the same folder is
+    # another request
+    report = json.loads((out / "tune.json").read_text())
+    assert report["request"]["score_on"] == "downloads" and report["score"] == "val_local_accuracy"
+    for row in report["methods"]:
+        assert row["score"] == "val_local_accuracy"
+        for value in row["values"]:
+            trial = out / "trials" / row["method"] / f"lr={value['label']}" / "seed100"
+            assert json.loads((trial / "config.json").read_text())["val_downloads"] is True
+            last = [json.loads(x) for x in (trial / "metrics.jsonl").read_text().splitlines()][-1]
+            assert value["per_seed"] == [last["val_local_accuracy"]] and last["val_local_n"] > 0
+    assert "each client's download" in (out / "tune.md").read_text()
+    assert "each client's download" in (out / "tuned.toml").read_text()
+    with pytest.raises(ConfigError, match="differs in: config_data, score_on"):
+        tune(config, grid=[1e-3, 1e-2], seeds=[100], max_extensions=0, progress=False, out=out, log=lambda m: None)
