@@ -101,7 +101,7 @@ def _how(report: dict) -> list[str]:
         f"Score: {report['score']} of "
         + ("the global model" if "_local_" not in report["score"] else "each client's own model, averaged"
            if report["request"].get("score_on") != "downloads" else "each client's download (the global model where "
-           "it is one; a personalised method's own model) on its share of the validation split, averaged")
+           "it is one; a personalised method's own model) on its share, averaged over the clients")
         + f" after the last round ({direction} is better), on the "
         f"validation split: {report['val_size']} examples held out of the training data (no test score was used)"
         + "".join(f"; {row['title']}, personalised: {row['score']}, the mean over "
