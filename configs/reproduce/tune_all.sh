@@ -216,7 +216,7 @@ for stem in freezing homogeneous freezing_constant freezing_zeropad; do
 done
 # Truncation's clients receive truncations of its global model, and its claim (no drop at distribution) compares
 # what they receive: it is tuned on that (each client's download on its share of the validation split). Until
-# 2026-12-07 it was tuned on its global model: results/tune/reproduce/hafl-global-score/.
+# 2026-12-06 it was tuned on its global model: results/tune/reproduce/hafl-global-score/.
 for stem in truncation truncation_constant; do
     tune hafl "$stem" --grid 0.00166667 0.005 0.015 --score-on downloads
 done

@@ -291,11 +291,14 @@ def test_claims_on_untuned_learning_rates_are_not_testable_here(tmp_path, monkey
     assert EXPERIMENTS["byun-lee"].untuned(CONFIG_ROOT, find_runs(EXPERIMENTS["byun-lee"], RESULTS / "byun-lee")) == set()
     # PreLort's and HAFL's rates were never chosen for their own settings: every config counts as untuned
     assert EXPERIMENTS["prelort"].untuned(CONFIG_ROOT) == set(EXPERIMENTS["prelort"].configs)
-    # (HAFL's configs are all linked now; its earlier runs used 5e-3, which is truncation's tuned rate for its one
-    # method and not freezing's FedIT or HetLoRA rate; the twins had no runs then. The rerun is at the tuned rates.)
+    # (HAFL's configs are all linked now; its earlier runs used 5e-3, which is neither freezing's FedIT or HetLoRA
+    # rate nor truncation's, tuned since on its clients' downloads (0.015); the twins had no runs then. The rerun is
+    # at the tuned rates, truncation's again at its new rate, its runs at 0.005 kept beside.)
     assert EXPERIMENTS["hafl"].untuned(CONFIG_ROOT) == set()
     earlier = find_runs(EXPERIMENTS["hafl"], RESULTS / "hafl-lr5e-3")
-    assert EXPERIMENTS["hafl"].untuned(CONFIG_ROOT, earlier) == {"freezing"}
+    assert EXPERIMENTS["hafl"].untuned(CONFIG_ROOT, earlier) == {"freezing", "truncation"}
+    global_score = find_runs(EXPERIMENTS["hafl"], RESULTS / "hafl-truncation-lr0.005")
+    assert EXPERIMENTS["hafl"].untuned(CONFIG_ROOT, global_score) == {"truncation"}
     assert EXPERIMENTS["hafl"].untuned(CONFIG_ROOT, find_runs(EXPERIMENTS["hafl"], RESULTS / "hafl")) == set()
     assert EXPERIMENTS["clair"].untuned(CONFIG_ROOT) == set()  # chosen on validation seeds 100-104 (headers)
 
@@ -370,7 +373,8 @@ def test_the_reports_name_the_choices_the_tune_could_not_separate():
                                          "local": "lr = 0.015, tied with 0.005"}
     assert hafl["freezing_constant"]["ties"] == {"fedit": "lr = 0.045, tied with 0.015"}
     assert "ties" not in hafl["freezing"]
-    assert "- `truncation_constant`: hafl lr = 0.015, tied with 0.005" in (RESULTS / "hafl" / "report.md").read_text()
+    report = (RESULTS / "hafl" / "report.md").read_text()
+    assert "- `truncation`: hafl lr = 0.015, tied with 0.005" in report and "- `truncation_constant`" not in report
 
 
 def _readme_rows() -> list[list[str]]:
