@@ -13,7 +13,8 @@ A personalised method (``local``, FedSA-LoRA: each client keeps its own model; C
 client gets its own download) is scored on what its clients use instead: ``val_local_<metric>``, the mean over
 clients of each client's own model on its share of the validation rows (the validation split cut per client by its
 label mix, as its held-out test set is), over the benign clients where some are contaminated
-(``val_benign_local_<metric>``, what the claims compare).
+(``val_benign_local_<metric>``, what the claims compare). With ``score_on = "downloads"`` every method is, one that is
+not personalised on each client's download (``val_downloads``: a truncation of its global model at the client's rank).
 
 No test score is used here (the trials score the test split, as every run does, and nothing looks at it). A trial
 is scored at round 0 and after its last round only (``eval_every = rounds``): a run's trained bits do not depend on
@@ -68,8 +69,8 @@ from .outputs import OutputFolderError, atomic_write_text, clear_folder, hold_lo
 from .packages import check_model_package
 from .reproduce.runs import MAX_SEEDS
 # the parameter, the grid and the choice (tune_choice), the outputs (tune_report): every name importable from here
-from .reproduce.tune_choice import (DEFAULT_SEEDS, LR_BOUNDS, MAX_EXTENSIONS, NOT_TUNED, SCORED_ON, SCORES,  # noqa: F401
-                                    TUNE_LAYOUT, TUNE_SIGNATURE, Target, _folder_name, _is_number, _mean,
+from .reproduce.tune_choice import (DEFAULT_SEEDS, LR_BOUNDS, MAX_EXTENSIONS, NOT_TUNED, SCORED_ON,  # noqa: F401
+                                    SCORES, TUNE_LAYOUT, TUNE_SIGNATURE, Target, _folder_name, _is_number, _mean,
                                     _MethodTune, _numeric_field, _score_key, _se_of_mean, choose, extend_value, label,
                                     resolve_param, separation)
 from .reproduce.tune_report import _how, _num, _verdict, tune_markdown, tuned_toml  # noqa: F401
