@@ -201,8 +201,7 @@ def tune(config: str | Path, *, param: str = "lr", grid: list[Any] | None = None
         raise ConfigError(str(err)) from None
     request = {"config": str(config), "config_data": json.loads(json.dumps(data)), "param": param,
                "grid": None if grid is None else [label(v) for v in grid], "seeds": seeds, "methods": methods,
-               "score": score, "max_extensions": max_extensions, "calibrate": calibrate,  # None: as before it existed
-               "score_on": "downloads" if data.get("val_downloads") else None}  # the flag or the config's key
+               "score": score, "max_extensions": max_extensions, "calibrate": calibrate}  # None: as before it existed
     if plan == "existing":
         try:
             earlier = json.loads((out / "tune.json").read_text()).get("request")

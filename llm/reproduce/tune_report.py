@@ -95,13 +95,17 @@ def _how(report: dict) -> list[str]:
     """The sentences that say how and on what the choices were made (tune.md and tuned.toml's header)."""
     s, r = report["setting"], report["rule"]
     direction = "higher" if report["higher_is_better"] else "lower"
+    if "_local_" not in report["score"]:
+        scored = "the global model"
+    elif report["request"]["config_data"].get("val_downloads"):  # --score-on downloads
+        scored = ("each client's download (the global model where it is one; a personalised method's own model) on "
+                  "its share, averaged over the clients")
+    else:
+        scored = "each client's own model, averaged"
     return [
         f"Setting: {s['config']} ({s['name']}: {s['model']} / {s['dataset']}, {s['clients']} clients, ranks "
         f"{s['ranks']}, {s['partition']} alpha {s['alpha']}, {s['rounds']} rounds).",
-        f"Score: {report['score']} of "
-        + ("the global model" if "_local_" not in report["score"] else "each client's own model, averaged"
-           if report["request"].get("score_on") != "downloads" else "each client's download (the global model where "
-           "it is one; a personalised method's own model) on its share, averaged over the clients")
+        f"Score: {report['score']} of {scored}"
         + f" after the last round ({direction} is better), on the "
         f"validation split: {report['val_size']} examples held out of the training data (no test score was used)"
         + "".join(f"; {row['title']}, personalised: {row['score']}, the mean over "
