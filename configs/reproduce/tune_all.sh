@@ -211,7 +211,7 @@ done
 tune byun-lee top10_bbc --set val_size=200 --grid 0.00166667 0.005 0.015
 
 # ---- HAFL (val_size = 200 already); the constant twins are their own settings.
-for stem in freezing homogeneous freezing_constant freezing_zeropad; do
+for stem in freezing homogeneous freezing_constant freezing_zeropad freezing_heldmean; do
     tune hafl "$stem" --grid 0.00166667 0.005 0.015
 done
 # Truncation's clients receive truncations of its global model, and its claim (no drop at distribution) compares

@@ -20,9 +20,12 @@ column ``j`` being global slot ``S_k[j]``, and the server applies the adaptive r
 .. math:: b_i = \frac{\sum_{k \in U_i} p_k b_{k,i}}{\sum_{k \in U_i} p_k},\quad a_i \text{ likewise},
           \qquad U_i = \{k : i \in \mathcal S_k\},
 
-a slot nobody updated keeping its value. The head is averaged with data weights. ``aggregation = "zero_pad"``
-divides by ``sum_k p_k`` instead (zero-padding at the same slots, ``dilute=True``): the rule HAFL's speed claim
-compares the adaptive one with, everything on the clients unchanged.
+a slot nobody updated keeping its value. The head is averaged with data weights. Two other server rules keep
+everything on the clients unchanged (``aggregate_slotwise``'s ``absent``): ``aggregation = "zero_pad"`` counts a
+client that did not update slot ``i`` as a zero there (zero-padding at the same slots: the rule HAFL's speed claim
+compares the adaptive one with), ``"held_mean"`` as the previous global value, which under freezing is the value it
+holds (the factor-wise FedAvg of every client's whole held adapter: ``b_i = b_i^{prev} + sum_{k in U_i} p_k (b_{k,i}
+- b_i^{prev})``).
 
 **Who scores** (``scorer``; our reconstruction, the abstract does not say):
 
@@ -78,6 +81,9 @@ from .base import LocalPlan, Method, Model, weights_of
 from .options import HAFLOptions
 
 __all__ = ["HAFL"]
+
+# what a client that did not update a slot counts as there, per server rule (aggregate_slotwise's ``absent``)
+_ABSENT = {"slotwise": "skip", "zero_pad": "zero", "held_mean": "previous"}
 
 
 def _slots_of(arrays) -> dict[str, torch.Tensor]:
@@ -190,14 +196,14 @@ class HAFL(Method):
                     raise ValueError(f"scores/{m}: entries must be finite and >= 0. Got {s.detach().cpu().tolist()}.")
 
     def aggregate(self, server, replies):
-        r"""``aggregate("slotwise", pairs, n_k, slots=S, previous=global)`` per module (``dilute=True`` with
-        ``aggregation = "zero_pad"``); scores and head updated."""
+        r"""``aggregate("slotwise", pairs, n_k, slots=S, previous=global, absent=...)`` per module (``absent`` from
+        ``aggregation``); scores and head updated."""
         decoded = [decode_pairs(r.arrays) for r in replies.values()]
         slots = [_slots_of(r.arrays) for r in replies.values()]
         weights = weights_of(replies)
-        dilute = self.options.aggregation == "zero_pad"
+        absent = _ABSENT[self.options.aggregation]
         pairs = {m: aggregate(self.rule, [d[m] for d in decoded], weights, slots=[s[m] for s in slots], previous=prev,
-                              dilute=dilute)
+                              absent=absent)
                  for m, prev in server.pairs.items()}
         arrays = dict(server.arrays)
         if self.options.scorer == "client":

@@ -75,9 +75,11 @@ class HAFLOptions(Options):
         "client", description="who scores the slots: the clients' AdaLoRA sensitivity, or the server's norm(b_i) norm(a_i)")
     beta1: float = Field(0.85, ge=0.0, lt=1.0, description="smoothing of the sensitivity (AdaLoRA's beta_1)")
     beta2: float = Field(0.85, ge=0.0, lt=1.0, description="smoothing of its uncertainty (AdaLoRA's beta_2)")
-    aggregation: Literal["slotwise", "zero_pad"] = Field("slotwise", description=(
-        "the server rule: the adaptive rank-1 average (slot i over the clients that updated it), or zero-padding at "
-        "the same slots (over every client: the rule the adaptive one is claimed to beat, the client side unchanged)"))
+    aggregation: Literal["slotwise", "zero_pad", "held_mean"] = Field("slotwise", description=(
+        "the server rule: the adaptive rank-1 average (slot i over the clients that updated it), zero-padding at "
+        "the same slots (over every client, a zero where a client did not update: the rule the adaptive one is "
+        "claimed to beat), or held_mean (over every client, the previous global value where a client did not "
+        "update: under freezing the FedAvg of the whole held adapters); the client side unchanged"))
 
 
 class LoRAA2Options(Options):

@@ -3,6 +3,7 @@ r"""HAFL's adaptive rank-1 aggregation: each slot averaged over the clients that
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
 
@@ -62,7 +63,12 @@ def check_slots(slots, ranks: Sequence[int], rank: int | None) -> tuple[list[np.
 
 
 def aggregate_slotwise(
-    pairs, weights=None, *, slots=None, previous: FactorPair | None = None, dilute: bool = False
+    pairs,
+    weights=None,
+    *,
+    slots=None,
+    previous: FactorPair | None = None,
+    absent: Literal["skip", "zero", "previous"] = "skip",
 ) -> FactorPair:
     r"""Rank-1-level adaptive aggregation.
 
@@ -72,14 +78,21 @@ def aggregate_slotwise(
         a_i = \frac{\sum_{k \in U_i} p_k\, a_{k,i}}{\sum_{k \in U_i} p_k},\qquad
         U_i = \{k : i \in \text{slots}_k\}
 
-    and ``b_i, a_i`` keep their ``previous`` value when ``U_i`` is empty (nobody updated slot ``i``).
+    where ``b_{k,i}`` is client ``k``'s column for global slot ``i``, and ``b_i, a_i`` keep their
+    ``previous`` value when ``U_i`` is empty (nobody updated slot ``i``).
 
-    where ``b_{k,i}`` is client ``k``'s column for global slot ``i``.
+    ``absent`` says what a client that did not update slot ``i`` counts as there. ``"skip"`` (the rule
+    above): nothing. ``"zero"``: a zero, so each denominator is the total weight ``sum_k p_k = 1`` and slot
+    ``i`` is the adaptive one times its owners' share ``c_i = sum_{k in U_i} p_k`` in both factors:
+    zero-padding at the given slots, the rule the adaptive average is claimed to beat; with prefix slots
+    and no ``previous`` it is ``zero_pad``'s (data weighting). ``"previous"``: the previous global value,
 
-    With ``dilute=True`` each denominator is the total weight ``sum_k p_k`` instead of the owners'
-    ``sum_{k in U_i} p_k``: zero-padding at the given slots (a client that did not update slot ``i`` counts
-    as a zero there), the rule the adaptive average is claimed to beat. With prefix slots and no ``previous``
-    it is ``zero_pad``'s (data weighting); slots nobody updated still keep ``previous``.
+    .. math:: b_i = \sum_{k \in U_i} p_k\, b_{k,i} + (1 - c_i)\, b^{prev}_i
+                  = b^{prev}_i + \sum_{k \in U_i} p_k\, (b_{k,i} - b^{prev}_i),\qquad a_i \text{ likewise},
+
+    the factor-wise FedAvg of every client's whole held adapter when the clients that did not update a
+    slot hold it at ``previous`` (HAFL's freezing): each update diluted, the values not. Under every
+    choice a slot nobody updated keeps ``previous``.
 
     Parameters
     ----------
@@ -93,8 +106,8 @@ def aggregate_slotwise(
     previous : FactorPair, optional
         Last global pair; fixes the global rank ``R = previous.rank`` and supplies the slots
         nobody updated. Without it ``R = 1 + max slot index`` and such slots are zero.
-    dilute : bool
-        Divide by every client's weight (zero-padding at the slots) instead of the owners'.
+    absent : "skip" | "zero" | "previous"
+        What a client that did not update a slot counts as there (above). ``"previous"`` needs ``previous``.
 
     Returns
     -------
@@ -114,17 +127,26 @@ def aggregate_slotwise(
     >>> aggregate_slotwise(ups, slots=[[2], [2, 0]], previous=prev).B.tolist()
     [[6.0, 0.0, 3.0]]
     """
+    if absent not in ("skip", "zero", "previous"):
+        raise ValueError(f"absent must be 'skip', 'zero' or 'previous'. Got {absent!r}.")
+    if absent == "previous" and previous is None:
+        raise ValueError("absent='previous' counts a client that did not update a slot as the previous global "
+                         "value, so it needs previous=; got previous=None.")
     xp, pairs, p = prepare(pairs, weights)
     if previous is not None:
         check_previous(xp, previous, pairs[0].shape)
     slots, rank = check_slots(slots, [pair.rank for pair in pairs], previous.rank if previous is not None else None)
     embeddings = [slot_embedding(idx, rank) for idx in slots]
-    den = sum(pk * E.sum(axis=0) for pk, E in zip(p, embeddings, strict=True))  # sum_{k in U_i} p_k
-    owned = den > 0
-    if dilute:  # sum_k p_k = 1 (prepare normalises the weights): zero-padding's sum, no division
-        den = np.where(owned, 1.0, den)
-    inv = like(xp, np.where(owned, 1.0 / np.where(owned, den, 1.0), 0.0), pairs[0].B)
+    cover = sum(pk * E.sum(axis=0) for pk, E in zip(p, embeddings, strict=True))  # c_i = sum_{k in U_i} p_k
+    owned = cover > 0
+    # "zero" and "previous" divide by sum_k p_k = 1 (prepare normalises the weights), "skip" by c_i
+    den = np.where(owned, cover, 1.0) if absent == "skip" else np.ones(rank)
+    inv = like(xp, np.where(owned, 1.0 / den, 0.0), pairs[0].B)
     Es = [like(xp, E, pairs[0].B) for E in embeddings]
     B = weighted_sum([pair.B @ E for pair, E in zip(pairs, Es, strict=True)], p) * inv[None, :]
     A = weighted_sum([xp.permute_dims(E, (1, 0)) @ pair.A for pair, E in zip(pairs, Es, strict=True)], p)
-    return keep_previous(xp, FactorPair(B, A * inv[:, None]), previous, owned)
+    A = A * inv[:, None]
+    if absent == "previous":  # + (1 - c_i) times the previous value on the owned slots
+        rest = like(xp, np.where(owned, 1.0 - cover, 0.0), pairs[0].B)
+        B, A = B + previous.B * rest[None, :], A + previous.A * rest[:, None]
+    return keep_previous(xp, FactorPair(B, A), previous, owned)

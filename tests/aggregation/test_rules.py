@@ -233,7 +233,7 @@ def test_slotwise_with_prefix_slots_equals_segment(case):
 @given(client_pairs())
 def test_diluted_slotwise_with_prefix_slots_equals_zero_padding(case):
     pairs, weights = case
-    out = aggregate_slotwise(pairs, weights, dilute=True)
+    out = aggregate_slotwise(pairs, weights, absent="zero")
     assert_allclose(product(out), product(aggregate_zero_pad(pairs, weights)), atol=1e-10)
 
 
@@ -247,13 +247,54 @@ def test_diluted_slotwise_scales_each_owned_slot_by_its_owners_weight(case, seed
     p = normalised(weights)
     cover = np.array([sum(p[k] for k, s in enumerate(slots) if i in s) for i in range(R)])
     adaptive = aggregate_slotwise(pairs, weights, slots=slots, previous=prev)
-    diluted = aggregate_slotwise(pairs, weights, slots=slots, previous=prev, dilute=True)
+    diluted = aggregate_slotwise(pairs, weights, slots=slots, previous=prev, absent="zero")
     c = np.where(cover > 0, cover, 1.0)
     assert_allclose(diluted.B, adaptive.B * c[None, :], atol=1e-12)
     assert_allclose(diluted.A, adaptive.A * c[:, None], atol=1e-12)
     # a slot every client updated is not diluted
     full = [np.flatnonzero(cover > 1 - 1e-12)]
     assert_allclose(diluted.B[:, full[0]], adaptive.B[:, full[0]], atol=1e-12)
+
+
+def _held(prev, pair, idx):
+    """What a client that trained slots ``idx`` of ``prev`` (and held the rest frozen) holds: ``prev`` with them replaced."""
+    B, A = prev.B.copy(), prev.A.copy()
+    B[:, idx], A[idx] = pair.B, pair.A
+    return FactorPair(B, A)
+
+
+@given(client_pairs(max_rank=5), st.integers(0, 2**31))
+def test_held_mean_slotwise_is_the_fedavg_of_the_held_adapters(case, seed):
+    """``absent="previous"``: a client that did not update slot i counts as the previous value there, so the rule
+    is the factor-wise FedAvg of what each client holds under freezing (its slots trained, the rest at ``prev``);
+    per slot, the previous value plus the owners' weighted updates, i.e. the adaptive slot mixed with ``prev``
+    by the owners' share c_i."""
+    pairs, weights = case
+    R = 6
+    prev, slots = _previous_and_slots(pairs, R, seed)
+    p = normalised(weights)
+    out = aggregate_slotwise(pairs, weights, slots=slots, previous=prev, absent="previous")
+    held = [_held(prev, pair, idx) for pair, idx in zip(pairs, slots, strict=True)]
+    fedavg = aggregate_fedavg(held, weights)
+    assert_allclose(out.B, fedavg.B, atol=1e-12)
+    assert_allclose(out.A, fedavg.A, atol=1e-12)
+    cover = np.array([sum(p[k] for k, s in enumerate(slots) if i in s) for i in range(R)])
+    adaptive = aggregate_slotwise(pairs, weights, slots=slots, previous=prev)
+    assert_allclose(out.B, adaptive.B * cover + prev.B * (1 - cover), atol=1e-12)
+    assert_allclose(out.A, adaptive.A * cover[:, None] + prev.A * (1 - cover)[:, None], atol=1e-12)
+
+
+@given(client_pairs(max_rank=5, equal_ranks=True), st.integers(0, 2**31))
+def test_the_three_slotwise_rules_agree_where_every_client_updated_every_slot(case, seed):
+    pairs, weights = case
+    R = pairs[0].rank
+    rng = np.random.default_rng(seed)
+    prev, _ = _previous_and_slots(pairs, R, seed)
+    slots = [rng.permutation(R) for _ in pairs]  # every slot, in any order
+    outs = [aggregate_slotwise(pairs, weights, slots=slots, previous=prev, absent=a) for a in ("skip", "zero", "previous")]
+    for out in outs[1:]:
+        assert_allclose(out.B, outs[0].B, atol=1e-12)
+        assert_allclose(out.A, outs[0].A, atol=1e-12)
 
 
 def test_slotwise_errors():
@@ -269,6 +310,10 @@ def test_slotwise_errors():
         aggregate_slotwise(pairs, slots=[[0, 1], [0, 1]], previous=prev)
     with pytest.raises(ValueError, match=r"'previous' parameter has shape \(d_out, d_in\) = \(2, 4\); expected \(2, 3\)"):
         aggregate_slotwise(pairs, previous=FactorPair(np.ones((2, 3)), np.ones((3, 4))))
+    with pytest.raises(ValueError, match="absent='previous' .* needs previous=; got previous=None"):
+        aggregate_slotwise(pairs, absent="previous")
+    with pytest.raises(ValueError, match="absent must be 'skip', 'zero' or 'previous'. Got 'mean'"):
+        aggregate_slotwise(pairs, slots=[[0, 1]], previous=prev, absent="mean")
 
 
 # ---------------------------------------------------------------- every rule

@@ -281,7 +281,7 @@ def test_server_step_is_the_core_slotwise_rule_and_scores_are_data_weighted(vari
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_zero_padding_at_the_slots_dilutes_what_the_adaptive_rule_averages(variant):
-    """``aggregation = "zero_pad"``: the same client side, the core rule with ``dilute=True``; a slot one of the
+    """``aggregation = "zero_pad"``: the same client side, the core rule with ``absent="zero"``; a slot one of the
     two clients trained is shrunk by that client's weight, the slots both trained are the same, the scores too."""
     # Prepare
     method, server = _server_with_scores(variant, SCORES, {0: 2, 1: 4})
@@ -293,7 +293,7 @@ def test_zero_padding_at_the_slots_dilutes_what_the_adaptive_rule_averages(varia
     for m, prev in server.pairs.items():
         slots = [r.arrays[f"slots/{m}"] for r in replies.values()]
         expected = aggregate("slotwise", [decode_pairs(r.arrays)[m] for r in replies.values()], [3, 1],
-                             slots=slots, previous=prev, dilute=True)
+                             slots=slots, previous=prev, absent="zero")
         torch.testing.assert_close(diluted.pairs[m].B, expected.B)
         torch.testing.assert_close(diluted.pairs[m].A, expected.A)
         both = sorted(set(slots[0].tolist()) & set(slots[1].tolist()))
@@ -303,6 +303,28 @@ def test_zero_padding_at_the_slots_dilutes_what_the_adaptive_rule_averages(varia
         torch.testing.assert_close(diluted.pairs[m].B[:, both], adaptive.pairs[m].B[:, both])
     for key, value in adaptive.arrays.items():
         assert torch.equal(diluted.arrays[key], value)
+
+
+def test_held_mean_is_the_fedavg_of_what_each_freezing_client_holds():
+    """``aggregation = "held_mean"`` under freezing: each client holds all R slots, its own trained and the rest at
+    the global value, and the new global adapter is the factor-wise FedAvg of those held adapters (weights n_k)."""
+    # Prepare
+    method, server = _server_with_scores("freezing", SCORES, {0: 2, 1: 4})
+    held_mean = make_method("hafl", variant="freezing", aggregation="held_mean")
+    replies = {k: _reply_for(method, server, k, 20 + k, n) for k, n in ((0, 3), (1, 1))}
+    # Execute
+    new = held_mean.aggregate(server, replies)
+    # Assert
+    for m, prev in server.pairs.items():
+        held = []
+        for r in replies.values():
+            B, A, idx = prev.B.clone(), prev.A.clone(), r.arrays[f"slots/{m}"]
+            B[:, idx], A[idx] = decode_pairs(r.arrays)[m].B, decode_pairs(r.arrays)[m].A
+            held.append((B, A))
+        torch.testing.assert_close(new.pairs[m].B, 0.75 * held[0][0] + 0.25 * held[1][0])
+        torch.testing.assert_close(new.pairs[m].A, 0.75 * held[0][1] + 0.25 * held[1][1])
+        untouched = sorted(set(range(8)) - set(TOP[4][m]))  # nobody trained these: the global value
+        torch.testing.assert_close(new.pairs[m].B[:, untouched], prev.B[:, untouched])
 
 
 def _bad(kind, method, server):
