@@ -257,7 +257,7 @@ def test_diluted_slotwise_scales_each_owned_slot_by_its_owners_weight(case, seed
 
 
 def _held(prev, pair, idx):
-    """What a client that trained slots ``idx`` of ``prev`` (and held the rest frozen) holds: ``prev`` with them replaced."""
+    """What a client that trained slots ``idx`` of ``prev`` (the rest frozen) holds: ``prev`` with them replaced."""
     B, A = prev.B.copy(), prev.A.copy()
     B[:, idx], A[idx] = pair.B, pair.A
     return FactorPair(B, A)
@@ -291,7 +291,8 @@ def test_the_three_slotwise_rules_agree_where_every_client_updated_every_slot(ca
     rng = np.random.default_rng(seed)
     prev, _ = _previous_and_slots(pairs, R, seed)
     slots = [rng.permutation(R) for _ in pairs]  # every slot, in any order
-    outs = [aggregate_slotwise(pairs, weights, slots=slots, previous=prev, absent=a) for a in ("skip", "zero", "previous")]
+    outs = [aggregate_slotwise(pairs, weights, slots=slots, previous=prev, absent=a)
+            for a in ("skip", "zero", "previous")]
     for out in outs[1:]:
         assert_allclose(out.B, outs[0].B, atol=1e-12)
         assert_allclose(out.A, outs[0].A, atol=1e-12)

@@ -5,6 +5,8 @@ The claims' texts and numbers are the paper's; how each is read from the runs is
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 
 from ..analysis import (Claim, Experiment, Results, Run, _decide, _diff, _final, _last, _ms, _per_seed, _read,
@@ -64,8 +66,7 @@ def _hafl(results: Results) -> list[Claim]:
     return [*_read(results, ("freezing", "truncation"), [_CLAIMS[0]], _drop),
             *_read(results, ("freezing",), [_CLAIMS[1]], _speed),
             *(claim for stem, (text, _, _) in _RULES.items()
-              for claim in _read(results, ("freezing", stem), [text], lambda frz, other, stem=stem: _speed_rule(
-                  frz, other, stem))),
+              for claim in _read(results, ("freezing", stem), [text], partial(_speed_rule, stem=stem))),
             *_read(results, ("freezing", "truncation"), [_CLAIMS[2]], _bytes),
             *_read(results, ("freezing", "homogeneous"), [_CLAIMS[3]], _bytes_homogeneous)]
 

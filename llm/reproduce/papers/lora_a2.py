@@ -46,8 +46,8 @@ _UNTRAINED = f"not every baseline left chance in at least {MIN_LEARNT_SEEDS} see
 
 def _untrained(baselines: Sequence[str] = _LORA_A2_BASELINES, **settings: dict[int, Run]) -> str:
     r"""Why an accuracy claim is not testable here, or ``""``: in each setting (name -> its runs) every baseline the
-    claim compares LoRA-A2 with (``baselines``) must be above the test set's majority share by more than 2 standard errors
-    (:func:`..chance.learnt_seeds`) in at least :data:`~..chance.MIN_LEARNT_SEEDS` seeds.
+    claim compares LoRA-A2 with (``baselines``) must be above the test set's majority share by more than 2 standard
+    errors (:func:`..chance.learnt_seeds`) in at least :data:`~..chance.MIN_LEARNT_SEEDS` seeds.
 
     The paper's claims are about trained baselines (34-37% at Dir 0.01, budget 1, on 20 classes). LoRA-A2 above
     a baseline still at chance says which method leaves chance first at this machine's scale, and the baselines
