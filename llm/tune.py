@@ -13,8 +13,9 @@ A personalised method (``local``, FedSA-LoRA: each client keeps its own model; C
 client gets its own download) is scored on what its clients use instead: ``val_local_<metric>``, the mean over
 clients of each client's own model on its share of the validation rows (the validation split cut per client by its
 label mix, as its held-out test set is), over the benign clients where some are contaminated
-(``val_benign_local_<metric>``, what the claims compare). With ``score_on = "downloads"`` every method is, one that is
-not personalised on each client's download (``val_downloads``: a truncation of its global model at the client's rank).
+(``val_benign_local_<metric>``, what the claims compare). With ``--score-on downloads`` (the config key
+``val_downloads``) a method that is not personalised is scored the same way on each client's download (a truncation
+of its global model at the client's rank).
 
 No test score is used here (the trials score the test split, as every run does, and nothing looks at it). A trial
 is scored at round 0 and after its last round only (``eval_every = rounds``): a run's trained bits do not depend on

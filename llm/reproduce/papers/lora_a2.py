@@ -108,8 +108,8 @@ def _flexlora_at_eight(r8: dict[int, Run]) -> list[Claim]:
                                                                      "minus it")]
     return [_decide(
         *_CLAIMS[4],
-        f"{titles['flexlora']} {_ms(acc['flexlora'])} vs {titles['lora_a2']} {_ms(acc['lora_a2'])} (FedIT "
-        f"{_ms(acc['fedit'])}, FFA-LoRA {_ms(acc['ffa'])}); {_vs(comps)}",
+        f"{titles['flexlora']} {_ms(acc['flexlora'])} vs {titles['lora_a2']} {_ms(acc['lora_a2'])} ("
+        + ", ".join(f"{titles[m]} {_ms(acc[m])}" for m in ("fedit", "ffa")) + f"); {_vs(comps)}",
         comps, "global test accuracy after the last round; FlexLoRA minus LoRA-A2 per seed",
         {titles[m]: v for m, v in acc.items()}, untestable=_untrained(("lora_a2",), **{"budget 8": r8}),
         configs=("dir001_r8",), short=f"LoRA-A2 did not leave chance in at least {MIN_LEARNT_SEEDS} seeds")]
