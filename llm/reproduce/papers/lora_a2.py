@@ -175,5 +175,6 @@ EXPERIMENT = Experiment(
     "{dir001_r1.train_size} training examples, {dir001_r1.max_length} tokens; each method's learning rate tuned "
     "for its setting where the config links a tuned file (LoRA-A2 trains B at 5x its rate); r_G = "
     "{dir001_r1.method_options.lora_a2.global_rank}.",
-    # an unlinked config reuses the rates chosen on seed 100 at Dir 0.01, budget 1: tuned for that setting only
+    # an unlinked config reuses the rates chosen on seed 100 for dir001_r1 before the tunes (its untuned note names
+    # dir001_r1); dir001_r1 itself now reads its tuned file, which decides for it
     _lora_a2, tuned=("dir001_r1",))
