@@ -453,3 +453,27 @@ def test_byun_lee_drop_claims_need_a_high_rank_client_that_learnt():
     claims = _claims("byun-lee")
     drop = claims["Zero-padding: the rank-20 client's accuracy falls after one aggregation"]
     assert drop.verdict == "not testable here" and "in 1 of 5 seeds (seed 3)" in drop.note
+
+
+def test_lora_a2_margin_claim_is_gated_on_the_baselines_and_on_lora_a2_at_budget_eight():
+    from lowrank_fed.llm.reproduce.papers.lora_a2 import _margin_shrinks
+
+    learnt = 0.25 + 2 * (0.25 * 0.75 / 300) ** 0.5 + 0.01  # above a majority share of 0.25 by 2 SE on 300 examples
+
+    def runs(baselines, lora_a2, flexlora=None):
+        methods = {"fedit": baselines, "ffa": baselines, "flexlora": baselines if flexlora is None else flexlora,
+                   "lora_a2": lora_a2}
+        return {s: Run({m: {"final": acc + 0.01 * s, "title": m} for m, acc in methods.items()}, {},
+                       {"majority_accuracy": 0.25, "eval_size": 300}) for s in range(3)}
+
+    # every method trained at both budgets: margins +0.2 at 1 and -0.1 to +0.1 at 8, so each shrinks by 0.1 to 0.3
+    (claim,) = _margin_shrinks(runs(learnt, learnt + 0.2), runs(learnt + 0.1, learnt + 0.1, flexlora=learnt + 0.2))
+    assert claim.verdict == "holds"
+    assert [c["differences"] for c in claim.comparisons] == [pytest.approx([0.2] * 3), pytest.approx([0.2] * 3),
+                                                             pytest.approx([0.3] * 3)]
+    # LoRA-A2 at chance at budget 8 (where the paper puts it below FlexLoRA): not testable, though the margins shrink
+    (claim,) = _margin_shrinks(runs(learnt, learnt + 0.2), runs(learnt, 0.25))
+    assert claim.verdict == "not testable here" and "budget 8: " in claim.note and "lora_a2 in 0 of 3" in claim.note
+    # a baseline at chance at budget 1 gates as in the budget-1 claim
+    (claim,) = _margin_shrinks(runs(0.25, learnt + 0.2), runs(learnt + 0.1, learnt + 0.1))
+    assert claim.verdict == "not testable here" and "budget 1: fedit in 0 of 3" in claim.note
