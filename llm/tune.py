@@ -25,8 +25,8 @@ personalised) is scored by the first trial of each seed and reused by the others
 
 - **Choice**: ``v* = argbest_v ybar(v)``, ``ybar(v) = (1/|S|) sum_s y(m, v, s)``; equal means: the smaller value
   (the first in grid order for a grid that is not numeric).
-- **Edges**: when ``v*`` is the smallest or largest value of a numeric grid, one value beyond that edge is added and
-  run: ``v_new = v_e (v_e / v_n)`` (the same ratio) when every grid value is positive, else
+- **Edges**: when ``v*`` (or a value whose mean equals ``v*``'s) is the smallest or largest value of a numeric grid,
+  one value beyond that edge is added and run: ``v_new = v_e (v_e / v_n)`` (the same ratio) when every grid value is positive, else
   ``v_new = v_e + (v_e - v_n)`` (the same step), ``v_e`` the edge value and ``v_n`` its neighbour (rounded to 6
   significant digits; to an integer for an integer key). Repeated until ``v*`` is interior, or
   ``max_extensions`` values were added, or the next value would leave :data:`LR_BOUNDS` (for ``lr``) or is refused
@@ -309,9 +309,12 @@ def _tune_method(mt: _MethodTune, target: Target, data: dict, seeds: list[int], 
                                  contaminated=bool(data.get("attacks")), downloads=bool(data.get("val_downloads")))
         means = {label(v): _mean([mt.scores[label(v)][s][key] for s in seeds]) for v in mt.values}
         best = choose(means, [label(v) for v in mt.values], higher)
-        if best not in (label(mt.values[0]), label(mt.values[-1])):
+        # an edge whose mean equals the best one is extended too: the tie-break chose the other value, but the
+        # best may lie past that edge
+        top = {label(v) for v in mt.values if means[label(v)] == means[best]}
+        if not top & {label(mt.values[0]), label(mt.values[-1])}:
             return
-        low = best == label(mt.values[0])
+        low = label(mt.values[0]) in top
         edge, neighbour = (mt.values[0], mt.values[1]) if low else (mt.values[-1], mt.values[-2])
         side = "low" if low else "high"
         if len(mt.extensions) >= max_extensions:

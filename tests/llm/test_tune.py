@@ -106,6 +106,30 @@ def test_the_lr_bounds_stop_an_extension(config, tmp_path):
     assert row["choice"] == 0.5 and row["extensions"] == [] and "would leave the lr bounds" in row["stopped"]
 
 
+def test_an_edge_tied_with_the_best_mean_is_extended_though_the_tie_break_chose_the_other_value(config, tmp_path):
+    # Prepare: validation 0.1 at 1e-3, and 0.2 at both 1e-2 and 1e-1 (seeds alike); past the grid, 1.0 scores 0.3
+    scores = {1e-3: 0.1, 1e-2: 0.2, 1e-1: 0.2, 1.0: 0.3}
+
+    def trial(cfg, folder):
+        acc = scores[cfg.method_options["fedit"]["lr"]]
+        return {"val_accuracy": acc, "val_loss": 1 - acc, "val_size": 10**6, "round": cfg.rounds}
+
+    # Execute
+    report = tune(config, grid=[1e-3, 1e-2, 1e-1], seeds=[100, 101], methods=["fedit"], out=tmp_path / "out",
+                  trial=trial, log=lambda m: None)
+    # Assert: the tie-break takes 1e-2, yet 1e-1 (at the edge, with the same mean) is extended, and 1.0 wins
+    row = rows(report, "fedit")
+    assert [e["value"] for e in row["extensions"]] == [1.0] and row["extensions"][0]["edge"] == "high"
+    assert row["choice"] == 1.0 and row["stopped"] is not None  # 1.0 is the lr bound: it stays at the edge
+    # where the added value scores lower, the tie-break's choice stands and nothing more is added
+    scores[1.0] = 0.15
+    report = tune(config, grid=[1e-3, 1e-2, 1e-1], seeds=[100, 101], methods=["fedit"], out=tmp_path / "out2",
+                  trial=trial, log=lambda m: None)
+    row = rows(report, "fedit")
+    assert [e["value"] for e in row["extensions"]] == [1.0] and row["choice"] == 1e-2 and row["stopped"] is None
+    assert row["tie"] and row["tied_with"] == ["0.1"]
+
+
 def test_equal_scores_are_a_marked_tie_and_the_smaller_value_is_chosen(config, tmp_path):
     report = tune(config, grid=[1e-3, 1e-2, 1e-1], seeds=[100, 101], methods=["fedit"], max_extensions=0,
                   out=tmp_path / "out", trial=peaked(1.0, flat=True), log=lambda m: None)
