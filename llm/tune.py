@@ -26,9 +26,10 @@ personalised) is scored by the first trial of each seed and reused by the others
 - **Choice**: ``v* = argbest_v ybar(v)``, ``ybar(v) = (1/|S|) sum_s y(m, v, s)``; equal means: the smaller value
   (the first in grid order for a grid that is not numeric).
 - **Edges**: when ``v*`` (or a value whose mean equals ``v*``'s) is the smallest or largest value of a numeric grid,
-  one value beyond that edge is added and run: ``v_new = v_e (v_e / v_n)`` (the same ratio) when every grid value is positive, else
-  ``v_new = v_e + (v_e - v_n)`` (the same step), ``v_e`` the edge value and ``v_n`` its neighbour (rounded to 6
-  significant digits; to an integer for an integer key). Repeated until ``v*`` is interior, or
+  one value beyond that edge is added and run: ``v_new = v_e (v_e / v_n)`` (the same ratio) when every grid value
+  is positive, else ``v_new = v_e + (v_e - v_n)`` (the same step), ``v_e`` the edge value and ``v_n`` its neighbour
+  (rounded to 6 significant digits; to an integer for an integer key). Repeated until no value with the best mean
+  is at an edge, or
   ``max_extensions`` values were added, or the next value would leave :data:`LR_BOUNDS` (for ``lr``) or is refused
   by the config (a rank of 0); the report says which.
 - **Separation**: for each neighbour ``u`` of ``v*`` (the adjacent values of a numeric grid; every other value
