@@ -28,6 +28,10 @@ the uploaded factors ``B``, ``A`` (or the one factor or delta a method uploads):
 
 ``s`` is the entry's ``scale`` (``scaled``: the factor, 5 if absent; ``random``, ``coordinated``: the
 norm ratio, 1 if absent).
+
+When: from the entry's ``from_round`` on (1 if absent: the whole run). Before it the client is honest: it trains
+on its own data as it is and its reply is sent as it is; the detection scores of those rounds count it benign
+(:func:`attackers_at`). Which clients does not depend on it.
 All randomness derives from ``(seed, round, client)``, so ``--resume`` replays the same attacks.
 """
 
@@ -43,8 +47,8 @@ from .data import TextDataset
 from .protocol import Message
 from .streams import ATTACK_DIRECTION, ATTACKERS, SHARED_ATTACK_DIRECTION, SHUFFLE_TARGETS
 
-__all__ = ["DATA_ATTACKS", "UPDATE_ATTACKS", "attack_counts", "choose_attackers", "check_data_attack", "length_edges",
-           "poison_examples", "poison_dataset", "attack_reply"]
+__all__ = ["DATA_ATTACKS", "UPDATE_ATTACKS", "attack_counts", "choose_attackers", "attackers_at", "check_data_attack",
+           "length_edges", "poison_examples", "poison_dataset", "attack_reply"]
 
 def choose_attackers(attacks: Sequence, n_clients: int, seed: int) -> dict[int, object]:
     r"""``{client id: attack entry}``: named clients first, then each ``fraction`` entry's share of the rest.
@@ -68,6 +72,11 @@ def choose_attackers(attacks: Sequence, n_clients: int, seed: int) -> dict[int, 
     if len(chosen) >= n_clients:
         raise ValueError(f"The attacks contaminate {len(chosen)} of {n_clients} clients; at least one must be benign.")
     return dict(sorted(chosen.items()))
+
+
+def attackers_at(attackers: Mapping[int, object], round_: int) -> dict[int, object]:
+    r"""The clients contaminated in round ``round_``: those of ``attackers`` whose entry's ``from_round <= round_``."""
+    return {k: a for k, a in attackers.items() if round_ >= getattr(a, "from_round", 1)}
 
 
 def length_edges(reference: Sequence[str], n_classes: int) -> np.ndarray:

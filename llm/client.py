@@ -77,6 +77,11 @@ class ClientContext:
         This client's rows of ``data`` (all of them when ``data`` is the client's own).
     settings : TrainSettings
     device : torch.device
+    honest_data : dict of tensors, optional
+        A data attacker's own rows as they are, trained on in rounds before ``attack_from`` (``data`` holds
+        them as the attack changes them); None: ``data`` in every round.
+    attack_from : int
+        The first round ``data`` is trained on when ``honest_data`` is given (the attack's ``from_round``).
     """
 
     client_id: int
@@ -86,6 +91,8 @@ class ClientContext:
     indices: np.ndarray
     settings: TrainSettings
     device: torch.device
+    honest_data: dict | None = None
+    attack_from: int = 1
 
 
 def update_prefix_energy(start, end) -> list[float] | None:
@@ -172,7 +179,8 @@ def run_client(method: Method, message: Message, client_state: ClientState | Non
     idx = context.indices
     steps = context.settings.steps(len(idx))
     rng = BATCHES.rng(context.seed, round_, k)
-    batches = [make_batch(context.data, idx[b], context.device)
+    data = context.honest_data if context.honest_data is not None and round_ < context.attack_from else context.data
+    batches = [make_batch(data, idx[b], context.device)
                for b in client_batches(len(idx), steps, context.settings.batch_size, rng)]
     dropout_seed = DROPOUT.seed(context.seed, round_, k)
     probe_seconds = 0.0

@@ -128,7 +128,7 @@ class Site(BaseModel):
 
 
 class Attack(BaseModel):
-    r"""One ``[[attacks]]`` entry: contaminated clients for the whole run (the same clients for every method).
+    r"""One ``[[attacks]]`` entry: contaminated clients (the same clients for every method), from round ``from_round``.
 
     Give ``fraction`` (``round(fraction * clients)`` clients, drawn from the seed) or ``clients`` (ids).
     Kinds are defined in :mod:`lowrank_fed.llm.attacks`: data attacks (``label_flip``, ``shuffle_targets``,
@@ -146,6 +146,9 @@ class Attack(BaseModel):
     scale: Union[float, None] = Field(None, gt=0, allow_inf_nan=False, description=(
         "`scaled`: the factor on the update (absent: 5); `random`, `coordinated`: the update's norm relative "
         "to the honest one (absent: 1)"))
+    from_round: PositiveInt = Field(1, description=(
+        "the first round the clients are contaminated in; before it they train on their own data and send "
+        "their honest update (absent: 1, the whole run)"))
 
     @model_validator(mode="after")
     def _one_selector(self) -> "Attack":

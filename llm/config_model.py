@@ -346,9 +346,11 @@ class RunConfig(ConfigForms):
     @field_validator("attacks")
     @classmethod
     def _attackers_exist(cls, attacks: list[Attack], info: ValidationInfo) -> list[Attack]:
-        clients = info.data.get("clients")
+        clients, rounds = info.data.get("clients"), info.data.get("rounds")
         errors, seen = [], {}
         for i, a in enumerate(attacks):
+            if rounds is not None and a.from_round > rounds:
+                errors.append(((i, "from_round"), f"an integer in [1, rounds] = [1, {rounds}]", a.from_round))
             for j, k in enumerate(a.clients or []):
                 if clients is not None and k >= clients:
                     errors.append(((i, "clients", j), f"a client id in [0, clients) = [0, {clients})", k))

@@ -326,7 +326,8 @@ def build_client(cfg: RunConfig, partition_id: int, *, shared: Shared | None = N
     1. its rows: :func:`plan_rows` on the catalogue's labels (no example read);
     2. its examples: ``source.examples(rows)``, the only read;
     3. its data attack, if the seed makes it a contaminated client (:func:`~lowrank_fed.llm.attacks.choose_attackers`
-       on the ids; :func:`~lowrank_fed.llm.attacks.poison_examples` on its own rows);
+       on the ids; :func:`~lowrank_fed.llm.attacks.poison_examples` on its own rows; its rows as they are kept too
+       when the attack starts after round 1, ``from_round``);
     4. the model (``model``, or :func:`build_model` with ``shared``) and its own rows encoded.
 
     The context's ``data`` holds exactly the client's rows (``indices`` = ``0 .. n_k - 1``), so batches, and every
@@ -360,7 +361,7 @@ def build_client(cfg: RunConfig, partition_id: int, *, shared: Shared | None = N
     source = DataSource(cfg) if source is None else source
     train_rows, _, client_idx = source_plan(cfg, source)
     rows = train_rows[client_idx[k]]
-    examples = source.examples(rows)
+    honest = examples = source.examples(rows)
     attack = choose_attackers(cfg.attacks, cfg.clients, cfg.seed).get(k)
     if attack is not None:
         examples = poison_examples(examples, attack, client=k, seed=cfg.seed, edges=shared.length_edges)
@@ -368,5 +369,8 @@ def build_client(cfg: RunConfig, partition_id: int, *, shared: Shared | None = N
         reference_rank = max(client_ranks(cfg, [len(i) for i in client_idx]))
         model = build_model(cfg, shared, len(source.label_names), reference_rank)
     data = encode_examples(model.tokenizer, examples, cfg.max_length)
+    late = examples is not honest and attack.from_round > 1  # a data attack from a later round: honest until then
     return ClientContext(k, cfg.seed, model.workspace, data, np.arange(len(rows), dtype=np.int64),
-                         train_settings(cfg), model.device)
+                         train_settings(cfg), model.device,
+                         honest_data=encode_examples(model.tokenizer, honest, cfg.max_length) if late else None,
+                         attack_from=attack.from_round if late else 1)

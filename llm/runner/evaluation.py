@@ -14,6 +14,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
+from ..attacks import attackers_at
 from ..evaluate import eval_chunks, greedy_generate, rouge_l, score_encoded, summarise
 from ..fedeval import SiteEvaluator, decode_answer, request, site_blocks
 from ..fedeval import pool as pool_scores
@@ -365,6 +366,6 @@ class Scoring:
         if len(self.holdout[k]):
             out[f"upload_local_{self.metric}"] = summarise(scores, self.holdout[k])[self.metric]
         return out
-    def score_detection(self, detection: dict, participants: list[int]) -> dict:
-        """:func:`~.rounds.score_detection` against this run's attackers (reporting only)."""
-        return score_detection(detection, participants, self.attackers)
+    def score_detection(self, detection: dict, participants: list[int], round_: int) -> dict:
+        """:func:`score_detection` against this run's clients contaminated in ``round_`` (reporting only)."""
+        return score_detection(detection, participants, attackers_at(self.attackers, round_))

@@ -32,7 +32,7 @@ from typing import NamedTuple, Protocol
 import numpy as np
 import torch
 
-from ..attacks import attack_reply
+from ..attacks import attack_reply, attackers_at
 from ..config import RunConfig
 from ..federation import sample_clients
 from ..methods import ClientState, Method, ServerState
@@ -182,7 +182,7 @@ def accept_reply(method: Method, server: ServerState, round_: int, k: int, reply
 
     The reply as the client sent it must pass :meth:`Method.check_reply`; only then is it scored (option
     ``score_uploads``: ``score_upload(method, server, k, reply)``, the client's own model, before any attack),
-    given the configured attack (``attackers[k]``, :func:`~lowrank_fed.llm.attacks.attack_reply`) and fault
+    given the configured attack (``attackers[k]`` from its ``from_round`` on, :func:`~lowrank_fed.llm.attacks.attack_reply`) and fault
     (``[[faults]]``) and, if they changed it, checked again. A reply that fails a check, or no reply at all
     (``reply`` None: the client raised, or its node did not answer or sent a reply that cannot be decoded;
     ``error`` says why), sets ``row["dropped"]`` and ``row["reason"]`` and gives an :class:`UpdateDroppedWarning`;
@@ -208,7 +208,7 @@ def accept_reply(method: Method, server: ServerState, round_: int, k: int, reply
             row.update(score_upload(method, server, k, reply))  # the client's own model, before any attack
             eval_s = time.perf_counter() - start
         sent = reply
-        if k in attackers:
+        if k in attackers_at(attackers, round_):
             row["attack"] = attackers[k].kind
             if error is None:
                 reply = attack_reply(reply, attackers[k], seed=cfg.seed, round_=round_, client=k)

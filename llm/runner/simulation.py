@@ -297,7 +297,8 @@ class Simulation(Scoring):
                 row = rounds.round_row(name, round_, server, rows, clients=cfg.clients, scores=scores)
                 detection = server.info.get("detection")
                 if detection is not None and detection.get("round") == round_:
-                    row["detection"] = self.score_detection(detection, [r["client"] for r in rows if not r["dropped"]])
+                    row["detection"] = self.score_detection(detection, [r["client"] for r in rows if not r["dropped"]],
+                                                            round_)
                     times["detection_seconds"] = server.cache.get("detection_seconds", 0.0)
                 history.append(row)
                 times.update(method=name, round=round_, wall_seconds=time.perf_counter() - t_start)

@@ -103,6 +103,7 @@ def test_attackers_are_chosen_from_the_seed_and_disjoint():
     ([{"kind": "random", "fraction": 0.9}], "attacks", "fewer contaminated clients than clients = 3"),
     ([{"kind": "poison"}], "attacks[0].kind", "'label_flip'"),
     ([{"kind": "random", "fraction": 1.5}], "attacks[0].fraction", "a value < 1.0"),
+    ([{"kind": "label_flip", "clients": [1], "from_round": 2}], "attacks[0].from_round", "[1, rounds] = [1, 1]"),
 ])
 def test_bad_attacks_are_config_errors(attacks, key, expected):
     with pytest.raises(ConfigError) as err:
@@ -319,3 +320,30 @@ def test_attacks_replay_identically_after_resume(tmp_path):
     kill_and_resume(cfg, cut, 1)
     assert (full / "metrics.jsonl").read_bytes() == (cut / "metrics.jsonl").read_bytes()
     assert (full / "adapters" / "clair.safetensors").read_bytes() == (cut / "adapters" / "clair.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("kind", ["label_flip", "random"])
+def test_an_attack_from_a_later_round_is_honest_until_then(tmp_path, kind):
+    # Prepare: the same run with client 1 honest throughout, and contaminated from round 2
+    settings = dict(methods=["clair"], clients=4, ranks=[2, 2, 4, 4], rounds=2, local_steps=3, val_size=16,
+                    eval_size=60)
+    honest, late = tmp_path / "honest", tmp_path / "late"
+    run_experiment(RunConfig.from_dict(tiny_settings(**settings)), honest, progress=False)
+    run_experiment(RunConfig.from_dict(tiny_settings(**settings, attacks=[
+        {"kind": kind, "clients": [1], "from_round": 2}])), late, progress=False)
+    # Execute
+    rows = {name: {r["round"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+            for name, out in (("honest", honest), ("late", late))}
+    # Assert: round 1 is the honest run's, to the bit: the same training, uploads and global model
+    h1, l1 = rows["honest"][1], rows["late"][1]
+    assert [c["train_loss"] for c in l1["clients"]] == [c["train_loss"] for c in h1["clients"]]
+    assert l1["accuracy"] == h1["accuracy"] and l1["val_accuracy"] == h1["val_accuracy"]
+    assert "attack" not in l1["clients"][1] and l1["detection"]["contaminated"] == []
+    # ... and from round 2 client 1 is contaminated: marked, counted in the detection's truth, and it changes
+    # what the server receives (a data attack already changes the client's own training loss)
+    l2, h2 = rows["late"][2], rows["honest"][2]
+    assert l2["clients"][1]["attack"] == kind and l2["detection"]["contaminated"] == [1]
+    assert l2["accuracy"] != h2["accuracy"] or l2["val_accuracy"] != h2["val_accuracy"] \
+        or l2["detection"]["scores"] != h2["detection"]["scores"]
+    if kind == "label_flip":
+        assert l2["clients"][1]["train_loss"] != h2["clients"][1]["train_loss"]
