@@ -7,8 +7,9 @@ residuals are read relative to their median over the round's clients,
 .. math:: \rho_k = \frac{1}{M} \sum_m \frac{\mathrm{res}_{k,m}}{\operatorname{med}_j \mathrm{res}_{j,m}},
 
 so ``rho = 1`` is a typical client and ``rho - 1`` is a client's excess. Clients are grouped by the truth (which
-the method never sees) and by history: benign; contaminated in round 1; contaminated in a later round, flagged
-the round before or not. Per group: ``rho`` (mean and median), the median mean z-score and how many were
+the method never sees: each round's ``detection.contaminated``) and by history: benign (an attack's client before
+its ``from_round`` counts benign); contaminated in round 1; in its first contaminated round after round 1 (an
+attack with ``from_round > 1``); contaminated in a later round, flagged the round before or not. Per group: ``rho`` (mean and median), the median mean z-score and how many were
 flagged. Per round (1, then later rounds): the median residual and the relative spread ``MAD / median`` that the
 z-scores divide by.
 
@@ -32,20 +33,20 @@ import numpy as np
 from lowrank_fed.llm.reproduce.runs import load_run
 
 
-def detection_rows(folder) -> tuple[set[int], list[dict]]:
-    """``(contaminated ids, CLAIR's detection dicts in round order)`` of one run folder."""
+def detection_rows(folder) -> list[tuple[set[int], dict]]:
+    """``(the round's contaminated ids, CLAIR's detection dict)`` per round, in round order, of one run folder."""
     run = load_run(Path(folder))
-    bad = {int(k) for k in run.setup.get("attackers", {})}
-    return bad, [r["detection"] for r in run.history.get("clair", []) if "detection" in r]
+    return [({int(k) for k in r["detection"]["contaminated"]}, r["detection"])
+            for r in run.history.get("clair", []) if "detection" in r]
 
 
 def residual_groups(folders) -> dict:
     """Per group ``{rho, z, flagged}`` lists and per round phase ``{median, spread}`` (docstring above)."""
     groups = defaultdict(lambda: defaultdict(list))
     for folder in folders:
-        bad, dets = detection_rows(folder)
         before: set[int] = set()
-        for t, det in enumerate(dets, start=1):
+        bad_before: set[int] = set()
+        for t, (bad, det) in enumerate(detection_rows(folder), start=1):
             if "module_residuals" not in det:
                 raise ValueError(f"{folder}: round {t} has no detection.module_residuals (a run made before they "
                                  "were recorded); rerun it")
@@ -62,12 +63,14 @@ def residual_groups(folders) -> dict:
                     group = f"benign, {phase}"
                 elif t == 1:
                     group = "contaminated, round 1"
+                elif k not in bad_before:
+                    group = "contaminated, first contaminated round, after round 1"
                 else:
                     group = f"contaminated, later, {'flagged' if k in before else 'not flagged'} the round before"
                 groups[group]["rho"].append(float(np.mean(res[i] / med)))
                 groups[group]["z"].append(float(det["scores"][str(k)]))
                 groups[group]["flagged"].append(k in det["flagged"])
-            before = set(det["flagged"])
+            before, bad_before = set(det["flagged"]), bad
     return groups
 
 
@@ -75,9 +78,8 @@ def kept_flag_counts(folders) -> dict:
     """Exact rounds, recall and false-flag rate, per round and with every flag kept (the union so far)."""
     c = defaultdict(int)
     for folder in folders:
-        bad, dets = detection_rows(folder)
         union: set[int] = set()
-        for det in dets:
+        for bad, det in detection_rows(folder):
             ids = {int(k) for k in det["scores"]}
             union |= set(det["flagged"])
             for rule, flagged in (("per round", set(det["flagged"]) & ids), ("kept", union & ids)):

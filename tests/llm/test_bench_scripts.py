@@ -93,9 +93,9 @@ def test_clair_residuals_groups_clients_by_history_and_counts_kept_flags(tmp_pat
     from benchmarks.clair_residuals import kept_flag_counts, residual_groups
 
     # Prepare: 3 clients, 2 modules; client 2 is contaminated: caught in round 1 (1.5x the median), then typical
-    r1 = {"flagged": [2], "scores": {"0": 0, "1": -1, "2": 2},
+    r1 = {"flagged": [2], "contaminated": [2], "scores": {"0": 0, "1": -1, "2": 2},
           "module_residuals": {"0": [1.0, 2.0], "1": [0.5, 1.0], "2": [1.5, 3.0]}}
-    r2 = {"flagged": [], "scores": {"0": 0, "1": -1, "2": 0.1},
+    r2 = {"flagged": [], "contaminated": [2], "scores": {"0": 0, "1": -1, "2": 0.1},
           "module_residuals": {"0": [2.0, 4.0], "1": [1.0, 2.0], "2": [2.0, 4.0]}}
     run = _clair_run(tmp_path / "minilm_g02" / "seed100", [r1, r2], {"2": "other_task"})
     # Execute
@@ -109,6 +109,11 @@ def test_clair_residuals_groups_clients_by_history_and_counts_kept_flags(tmp_pat
     assert counts["per round"] == {"exact": 1, "rounds": 2, "recall": 0.5, "false_flag_rate": 0.0}
     assert counts["kept"] == {"exact": 2, "rounds": 2, "recall": 1.0, "false_flag_rate": 0.0}
     # a caught client absent for a round is still kept when it returns
-    away = {"flagged": [], "scores": {"0": 0, "1": -1}, "module_residuals": {"0": [1.0, 1.0], "1": [1.0, 1.0]}}
+    away = {"flagged": [], "contaminated": [], "scores": {"0": 0, "1": -1}, "module_residuals": {"0": [1.0, 1.0], "1": [1.0, 1.0]}}
     back = _clair_run(tmp_path / "minilm_g02" / "seed101", [r1, away, r2], {"2": "other_task"})
     assert kept_flag_counts([back])["kept"] == {"exact": 3, "rounds": 3, "recall": 1.0, "false_flag_rate": 0.0}
+    # an attack from round 2 (from_round): client 2 is benign in round 1, then in its first contaminated round
+    honest = {**r1, "flagged": [], "contaminated": []}
+    late = residual_groups([_clair_run(tmp_path / "minilm_g02" / "seed102", [honest, r2], {"2": "other_task"})])
+    assert late["benign, round 1"]["rho"] == [1.0, 0.5, 1.5] and "contaminated, round 1" not in late
+    assert late["contaminated, first contaminated round, after round 1"]["rho"] == [1.0]
