@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import EXECUTION_KEYS, RunConfig, load_config, tuned_paths
+from ..config import EXECUTION_KEYS, ConfigError, RunConfig, load_config, same_run_keys, tuned_paths
 from ..outputs import atomic_write_text
 from .analysis import Experiment, describe
 from .runs import Results, Run
@@ -34,6 +34,16 @@ def _run_setting(config: dict) -> dict:
     return {**config, "lora_scaling": config.get("lora_scaling") or DEFAULT_SCALING}
 
 
+def _as_now(stored: dict, defaults: dict) -> dict:
+    """A run's stored config with every key added since at its default, in entries too (an ``[[attacks]]``
+    entry's ``from_round``): read back through :class:`RunConfig`, or, where it no longer validates, merged with
+    the top-level ``defaults``."""
+    try:
+        return json.loads(json.dumps(RunConfig.from_dict(same_run_keys(stored)).to_dict()))
+    except ConfigError:
+        return {**defaults, **stored}
+
+
 def _settings(experiment: Experiment, results: Results, config_root: Path) -> dict[str, dict]:
     r"""Per config: its runs' settings (:data:`SETTING_KEYS` and each method's own ``lr``, per seed) and every key in
     which the runs differ from the config file as it is now (``"differs"``: key -> [runs' value, file's value]),
@@ -44,7 +54,7 @@ def _settings(experiment: Experiment, results: Results, config_root: Path) -> di
         path = config_root / experiment.name / f"{stem}.toml"
         now = json.loads(json.dumps(RunConfig.from_dict(load_config(path)).to_dict())) if path.is_file() else None
         by_seed = results.get(stem) or {}
-        runs = [_run_setting({**defaults, **by_seed[s].config}) for s in sorted(by_seed)]  # keys added since: defaults
+        runs = [_run_setting(_as_now(by_seed[s].config, defaults)) for s in sorted(by_seed)]
         entry: dict = {"seeds": sorted(by_seed), "source": "runs" if runs else "config file (no runs)"}
         configs = runs or ([_run_setting(now)] if now else [])
         for key in SETTING_KEYS:
