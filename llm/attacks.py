@@ -31,7 +31,8 @@ norm ratio, 1 if absent).
 
 When: from the entry's ``from_round`` on (1 if absent: the whole run). Before it the client is honest: it trains
 on its own data as it is and its reply is sent as it is; the detection scores of those rounds count it benign
-(:func:`attackers_at`). Which clients does not depend on it.
+(:func:`attackers_at`). Which clients does not depend on it, and the oracle is told them for the whole run.
+
 All randomness derives from ``(seed, round, client)``, so ``--resume`` replays the same attacks.
 """
 
