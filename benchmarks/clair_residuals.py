@@ -9,9 +9,9 @@ residuals are read relative to their median over the round's clients,
 so ``rho = 1`` is a typical client and ``rho - 1`` is a client's excess. Clients are grouped by the truth (which
 the method never sees: each round's ``detection.contaminated``) and by history: benign (an attack's client before
 its ``from_round`` counts benign); contaminated in round 1; in its first contaminated round after round 1 (an
-attack with ``from_round > 1``); contaminated in a later round, flagged the round before or not. Per group: ``rho`` (mean and median), the median mean z-score and how many were
-flagged. Per round (1, then later rounds): the median residual and the relative spread ``MAD / median`` that the
-z-scores divide by.
+attack with ``from_round > 1``); contaminated in a later round, flagged the round before or not. Per group:
+``rho`` (mean and median), the median mean z-score and how many were flagged. Per round (1, then later
+rounds): the median residual and the relative spread ``MAD / median`` that the z-scores divide by.
 
 The same rows also give a count that keeps every flag for the rest of the run (the union of the flagged sets so
 far): on runs made with the per-round rule this is an estimate (the later rounds would have gone differently with

@@ -77,7 +77,7 @@ def choose_attackers(attacks: Sequence, n_clients: int, seed: int) -> dict[int, 
 
 def attackers_at(attackers: Mapping[int, object], round_: int) -> dict[int, object]:
     r"""The clients contaminated in round ``round_``: those of ``attackers`` whose entry's ``from_round <= round_``."""
-    return {k: a for k, a in attackers.items() if round_ >= getattr(a, "from_round", 1)}
+    return {k: a for k, a in attackers.items() if round_ >= a.from_round}
 
 
 def length_edges(reference: Sequence[str], n_classes: int) -> np.ndarray:

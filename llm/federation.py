@@ -369,7 +369,7 @@ def build_client(cfg: RunConfig, partition_id: int, *, shared: Shared | None = N
         reference_rank = max(client_ranks(cfg, [len(i) for i in client_idx]))
         model = build_model(cfg, shared, len(source.label_names), reference_rank)
     data = encode_examples(model.tokenizer, examples, cfg.max_length)
-    late = examples is not honest and attack.from_round > 1  # a data attack from a later round: honest until then
+    late = attack is not None and attack.kind in DATA_ATTACKS and attack.from_round > 1  # honest until then
     return ClientContext(k, cfg.seed, model.workspace, data, np.arange(len(rows), dtype=np.int64),
                          train_settings(cfg), model.device,
                          honest_data=encode_examples(model.tokenizer, honest, cfg.max_length) if late else None,

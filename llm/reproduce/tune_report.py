@@ -78,9 +78,9 @@ def tune_report(plans: dict[str, _MethodTune], target: Target, base: RunConfig, 
                                "of sd(d, ddof=1)/sqrt(seeds) (paired over seeds) and, for accuracy, the binomial "
                                "sqrt(p(1-p)/(S N) + q(1-q)/(S N)) over seeds x validation examples; no standard "
                                "error (one seed, not accuracy): a tie",
-                 "extension": "a numeric grid whose best mean is at an edge (the choice's, or a value tied with "
-                              "it) gets one value beyond it (the same "
-                              f"ratio if every value is positive, else the same step), at most "
+                 "extension": "a numeric grid whose best mean is at an edge (the choice's, or one whose mean "
+                              "equals it) gets one value beyond it (the same ratio if every value is positive, "
+                              f"else the same step), at most "
                               f"{request['max_extensions']} per method" + (
                                   f", within lr bounds [{LR_BOUNDS[0]:g}, {LR_BOUNDS[1]:g}]"
                                   if target.option == "lr" else "")},

@@ -182,10 +182,10 @@ def accept_reply(method: Method, server: ServerState, round_: int, k: int, reply
 
     The reply as the client sent it must pass :meth:`Method.check_reply`; only then is it scored (option
     ``score_uploads``: ``score_upload(method, server, k, reply)``, the client's own model, before any attack),
-    given the configured attack (``attackers[k]`` from its ``from_round`` on, :func:`~lowrank_fed.llm.attacks.attack_reply`) and fault
-    (``[[faults]]``) and, if they changed it, checked again. A reply that fails a check, or no reply at all
-    (``reply`` None: the client raised, or its node did not answer or sent a reply that cannot be decoded;
-    ``error`` says why), sets ``row["dropped"]`` and ``row["reason"]`` and gives an :class:`UpdateDroppedWarning`;
+    given the configured attack (``attackers[k]`` from its ``from_round`` on,
+    :func:`~lowrank_fed.llm.attacks.attack_reply`) and fault (``[[faults]]``) and, if they changed it, checked
+    again. A reply that fails a check, or no reply at all (``reply`` None: the client raised, or its node did not
+    answer or sent a reply that cannot be decoded; ``error`` says why), sets ``row["dropped"]`` and ``row["reason"]`` and gives an :class:`UpdateDroppedWarning`;
     the first value returned is then None. ``row`` also gets what the reply carries (examples, loss, bytes up,
     ...; ``prefix_share`` at the levels of the federation's ``ranks``). The second value is the time spent
     scoring the upload: evaluation, not server work (callers subtract it).

@@ -19,7 +19,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
-from lowrank_fed.llm.config import ConfigError, RunConfig  # noqa: E402
+from lowrank_fed.llm.config import Attack, ConfigError, RunConfig  # noqa: E402
 from lowrank_fed.llm.methods import make_method  # noqa: E402
 from lowrank_fed.llm.protocol import decode_pairs  # noqa: E402
 from lowrank_fed.llm.runner.simulation import Simulation, detection_auc, run_experiment  # noqa: E402
@@ -120,7 +120,7 @@ def test_the_reference_without_detection_refines_over_everyone():
 
 
 def test_score_detection_on_a_constructed_round():
-    fake = SimpleNamespace(attackers={1: "random", 3: "random"})
+    fake = SimpleNamespace(attackers={1: Attack(kind="random", clients=[1]), 3: Attack(kind="random", clients=[3])})
     det = {"flagged": [1, 2], "scores": {"0": 0.1, "1": 5.0, "2": 2.0, "3": 1.0, "4": -1.0}, "round": 1, "lam": [1, 1]}
     out = Simulation.score_detection(fake, det, [0, 1, 2, 3, 4], 1)
     # attackers 5.0 and 1.0 against benign 0.1, 2.0, -1.0: 5.0 beats all 3, 1.0 beats 2 of 3
@@ -129,7 +129,7 @@ def test_score_detection_on_a_constructed_round():
     assert out["contaminated"] == [1, 3] and out["lam"] == [1, 1] and "round" not in out
     assert detection_auc(det["scores"], [1], [0, 2]) == 1.0
     # an attack from round 2 (from_round): its client counts benign in round 1
-    late = SimpleNamespace(attackers={1: SimpleNamespace(kind="random", from_round=2), 3: "random"})
+    late = SimpleNamespace(attackers={**fake.attackers, 1: Attack(kind="random", clients=[1], from_round=2)})
     assert Simulation.score_detection(late, det, [0, 1, 2, 3, 4], 1)["contaminated"] == [3]
     assert Simulation.score_detection(late, det, [0, 1, 2, 3, 4], 2)["contaminated"] == [1, 3]
     assert detection_auc({"0": 1.0, "1": 1.0}, [1], [0]) == 0.5  # ties count a half
