@@ -311,29 +311,33 @@ def _against(scores: dict[str, list[float]], winner: str, baselines: Sequence[st
     r"""``winner`` against each baseline, paired per seed (``winner - b``, or ``b - winner`` when lower is better).
 
     With ``by_seed`` (final global accuracy) each comparison also gets ``example_se``: per seed, the paired
-    standard error over the test examples (:func:`~.verdicts.example_se`), when every run recorded them.
+    standard error over the test examples (:func:`~.verdicts.example_se`), when every run recorded them; the
+    interval's spread is floored at them (:func:`~.verdicts.paired`).
     """
     out = []
     for b in baselines:
         d = _diff(scores[b], scores[winner]) if lower_is_better else _diff(scores[winner], scores[b])
-        comp = paired(d, tol, against=titles.get(b, b))
-        if by_seed is not None:
-            ses = [_example_se(by_seed[s], winner, b) for s in _seeds(by_seed)]
-            if all(se is not None for se in ses):
-                comp["example_se"] = ses
-        out.append(comp)
+        out.append(paired(d, tol, against=titles.get(b, b), se=None if by_seed is None else _ses(
+            by_seed, lambda run, m: run.history[m][-1].get("test_correct"), winner, b)))
     return out
 
 
-def _example_se(run: Run, a: str, b: str) -> float | None:
+def _ses(by_seed: dict[int, Run], packed: Callable[[Run, str], str | None], a: str, b: str) -> list[float] | None:
+    """Per seed the paired standard error over test examples of ``a - b``, from the per-example correctness
+    ``packed(run, method)`` gives (``test_correct``, or a download's in ``by_rank``); None when any run lacks it."""
+    ses = [_example_se(by_seed[s], packed, a, b) for s in _seeds(by_seed)]
+    return None if any(se is None for se in ses) else ses
+
+
+def _example_se(run: Run, packed: Callable[[Run, str], str | None], a: str, b: str) -> float | None:
     """Seed's paired standard error over test examples of ``a - b`` (None when a run did not record them)."""
     from ..runner.report import per_example_correct
 
-    packed = [run.history[m][-1].get("test_correct") for m in (a, b)]
+    bits = [packed(run, m) for m in (a, b)]
     n = int(run.setup.get("eval_size", 0))
-    if any(p is None for p in packed) or n < 2:
+    if any(p is None for p in bits) or n < 2:
         return None
-    ca, cb = (per_example_correct(p, n) for p in packed)
+    ca, cb = (per_example_correct(p, n) for p in bits)
     return None if ca is None or cb is None else example_se(ca, cb)
 
 

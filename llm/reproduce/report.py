@@ -227,7 +227,8 @@ def _comparison_cells(comp: dict) -> list[str]:
     elif kind == "sign":
         interval = f"sign count {comp['k_plus']} for, {comp['k_minus']} against, p = {comp['p_value']:.2f}"
     else:
-        interval = "-" if comp["low"] is None else f"[{comp['low']:+.3f}, {comp['high']:+.3f}] (t, n - 1 df)"
+        interval = "-" if comp["low"] is None else f"[{comp['low']:+.3f}, {comp['high']:+.3f}] (t, n - 1 df" + (
+            ", spread floored at the se" if comp.get("sd_floor", 0) > (comp["sd"] or 0) else "") + ")"
     return [per_seed, f"{comp['mean']:+.3f}", interval, f"{comp['tol']:+.3f}", comp["verdict"]]
 
 

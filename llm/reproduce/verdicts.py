@@ -8,7 +8,8 @@ and its Student-t interval over the ``n`` seeds:
           s_d^2 = \frac{1}{n-1} \sum_s (d_s - \bar d)^2,
 
 where ``t_{0.975, n-1}`` is the 97.5% quantile of Student's t with ``n - 1`` degrees of freedom (a 95% interval
-that treats the seeds as independent draws and their differences as roughly normal). Against a threshold ``tol``
+that treats the seeds as independent draws and their differences as roughly normal); ``s_d`` is floored at the
+test sets' own noise where the runs recorded it (:func:`paired`). Against a threshold ``tol``
 (0 for "better than"; a stated tolerance for "at least as good" or for counts):
 
 - **holds**: the interval lies above ``tol``;
@@ -57,8 +58,19 @@ def mean_sd(values: Sequence[float]) -> dict:
     return {"mean": float(x.mean()), "sd": float(x.std(ddof=1)) if len(x) > 1 else None, "n": int(len(x))}
 
 
-def paired(differences: Sequence[float], tol: float = 0.0, *, against: str = "") -> dict:
+def paired(differences: Sequence[float], tol: float = 0.0, *, against: str = "",
+           se: Sequence[float] | None = None) -> dict:
     r"""The paired comparison of one claim against one baseline: its interval over seeds and its verdict.
+
+    With ``se`` (per seed, the paired standard error of ``d_s`` over that seed's test examples, :func:`example_se`)
+    the interval's spread is floored at the test sets' noise,
+
+    .. math:: s = \max\Bigl(s_d,\ \sqrt{\tfrac1n \textstyle\sum_s \mathrm{se}_s^2}\Bigr),
+
+    since each ``d_s`` carries its own test set's sampling error, ``Var(d_s) >= E[se_s^2]``, while a few seeds'
+    ``s_d`` can fall below it by chance: accuracies lie on a grid of ``1/N``, so three seeds may differ by the
+    same one example each, ``s_d = 0``, which without the floor is an interval of width 0 and "holds". The floor
+    only widens an interval (its coverage stays at least ``LEVEL``).
 
     Parameters
     ----------
@@ -74,12 +86,13 @@ def paired(differences: Sequence[float], tol: float = 0.0, *, against: str = "")
     -------
     dict
         ``against``, ``differences``, ``mean``, ``sd`` (None for one seed), ``n``, ``low``, ``high`` (the
-        interval; None below 2 seeds), ``level``, ``tol``, ``verdict``.
+        interval; None below 2 seeds), ``level``, ``tol``, ``verdict``; with ``se``, ``example_se`` (the values)
+        and ``sd_floor`` (their root mean square above; the interval used it where it exceeds ``sd``).
 
     Raises
     ------
     ValueError
-        No differences, or a difference that is not finite.
+        No differences, a difference that is not finite, or ``se`` not one finite value >= 0 per seed.
     """
     d = np.asarray([float(v) for v in differences], dtype=float)
     if d.size == 0 or not np.all(np.isfinite(d)):
@@ -87,11 +100,18 @@ def paired(differences: Sequence[float], tol: float = 0.0, *, against: str = "")
                          f"got {d.tolist()}.")
     n, mean = int(d.size), float(d.mean())
     sd = float(d.std(ddof=1)) if n > 1 else None
+    floor = 0.0
+    if se is not None:
+        e = np.asarray([float(v) for v in se], dtype=float)
+        if e.shape != d.shape or not np.all(np.isfinite(e)) or np.any(e < 0):
+            raise ValueError(f"The per-seed 'se' against {against or 'the baseline'} must be one finite value >= 0 "
+                             f"per difference ({n}); got {e.tolist()}.")
+        floor = float(np.sqrt(np.mean(e ** 2)))
     low = high = None
     if n > 1:
         from scipy.stats import t
 
-        half = float(t.ppf(0.5 + LEVEL / 2, n - 1)) * sd / math.sqrt(n)
+        half = float(t.ppf(0.5 + LEVEL / 2, n - 1)) * max(sd, floor) / math.sqrt(n)
         low, high = mean - half, mean + half
     if n < MIN_SEEDS:
         word = "too few seeds"
@@ -101,8 +121,11 @@ def paired(differences: Sequence[float], tol: float = 0.0, *, against: str = "")
         word = "does not hold"
     else:
         word = "tie"
-    return {"against": against, "differences": d.tolist(), "mean": mean, "sd": sd, "n": n, "low": low, "high": high,
-            "level": LEVEL, "tol": float(tol), "verdict": word}
+    out = {"against": against, "differences": d.tolist(), "mean": mean, "sd": sd, "n": n, "low": low, "high": high,
+           "level": LEVEL, "tol": float(tol), "verdict": word}
+    if se is not None:
+        out.update(example_se=e.tolist(), sd_floor=floor)
+    return out
 
 
 def verdict(differences: Sequence[float], tol: float = 0.0) -> str:

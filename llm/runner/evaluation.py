@@ -52,6 +52,12 @@ def model_key(model: Model) -> str:
     return h.hexdigest()
 
 
+def _packed(scores: dict) -> str:
+    """A scored pass's per-example correctness (0/1 per test example) as the hex of ``numpy.packbits``: what the
+    verdicts' paired standard error over test examples reads (``test_correct``)."""
+    return np.packbits(scores["correct"]).tobytes().hex()
+
+
 def detection_auc(scores, contaminated, benign) -> float | None:
     r"""``P(s_i > s_j) + P(s_i = s_j) / 2`` over contaminated ``i`` and benign ``j`` (``scores`` keyed by client id).
 
@@ -282,7 +288,7 @@ class Scoring:
         global_scores = scored.pop(0)
         out = summarise(global_scores)
         if "correct" in global_scores:  # per test example, for the verdict's paired standard error (report.py)
-            out["test_correct"] = np.packbits(global_scores["correct"]).tobytes().hex()
+            out["test_correct"] = _packed(global_scores)
         if self._n("val"):
             val_global = scored.pop(0)
             out.update({f"val_{k}": v for k, v in summarise(val_global).items()})
@@ -310,7 +316,8 @@ class Scoring:
                 val_scores = dict(zip(ranks, scored[len(ranks):], strict=True))
                 self._val_local(out, {k: summarise(val_scores.get(server.ranks[k], val_global), shares[k])
                                       for k in range(self.cfg.clients) if len(shares[k])}, shares)
-            out["by_rank"] = {str(r): summarise(s) for r, s in scores.items()}
+            out["by_rank"] = {str(r): {**summarise(s), **({"test_correct": _packed(s)} if "correct" in s else {})}
+                              for r, s in scores.items()}
             sums = [summarise(scores[server.ranks[k]], self.holdout[k]) if len(self.holdout[k]) else None
                     for k in range(self.cfg.clients)]
             # the global model on each client's own held-out set: minus per_client, the drop at distribution

@@ -87,6 +87,25 @@ def test_non_finite_differences_are_refused_with_the_numbers():
         paired([0.1, math.inf], against="FedIT")
 
 
+def test_the_test_sets_noise_floors_the_interval_so_equal_differences_are_not_a_certain_win():
+    # Prepare: three seeds each one test example (of 200) apart, and each seed's paired se over its test examples
+    d, se = [0.005, 0.005, 0.005], [0.010, 0.012, 0.008]
+    floor = math.sqrt(np.mean(np.square(se)))
+    # Execute
+    bare, floored = paired(d), paired(d, se=se)
+    wide = paired([0.10, 0.02, 0.06], se=[0.001] * 3)
+    # Assert: without the floor a zero-width interval "holds"; with it, t * rms(se) / sqrt(n) each side: a tie
+    assert bare["sd"] == 0 and bare["low"] == bare["high"] == pytest.approx(0.005) and bare["verdict"] == "holds"
+    half = T_975_2DF * floor / math.sqrt(3)
+    assert floored["low"] == pytest.approx(0.005 - half) and floored["high"] == pytest.approx(0.005 + half)
+    assert floored["verdict"] == "tie" and floored["sd_floor"] == pytest.approx(floor) and floored["example_se"] == se
+    # a floor below the seeds' own spread changes nothing
+    assert (wide["low"], wide["high"]) == pytest.approx((paired([0.10, 0.02, 0.06])["low"],
+                                                         paired([0.10, 0.02, 0.06])["high"]))
+    with pytest.raises(ValueError, match=r"'se' against FedIT must be one finite value >= 0 per difference \(3\)"):
+        paired(d, se=[0.01, -0.01, 0.01], against="FedIT")
+
+
 def test_example_se_is_the_paired_standard_error_over_test_examples():
     a, b = np.array([1, 1, 0, 1, 0, 1]), np.array([1, 0, 0, 1, 1, 0])
     assert example_se(a, b) == pytest.approx(np.std(a - b, ddof=1) / math.sqrt(6))
@@ -166,6 +185,13 @@ def test_hafl_drop_at_distribution_is_scored_per_client_on_its_own_held_out_data
     # same, client by client
     assert frz["per_client_global"] == frz["per_client"] == measured["per_client"]
     assert measured["per_client_global"] == frz["per_client_global"]
+    # each download's per-example correctness is recorded beside its accuracy (the verdicts' standard error)
+    from lowrank_fed.llm.runner.report import per_example_correct
+
+    for row, folder in ((trn, tmp_path / "truncation"), (measured, tmp_path / "measured" / "freezing")):
+        n = json.loads((folder / "setup.json").read_text())["eval_size"]
+        for r, v in row["by_rank"].items():
+            assert per_example_correct(v["test_correct"], n).mean() == pytest.approx(v["accuracy"]), r
 
 
 @pytest.mark.slow
@@ -193,6 +219,44 @@ def test_hafl_claims_without_their_runs_say_not_run_yet(tmp_path):
 
     assert _client_drops(results["freezing"][0], "hafl") == [
         last["accuracy"] - last["by_rank"][str(r)]["accuracy"] for r in last["ranks"]]
+
+
+def _bits(correct: list[int]) -> str:
+    return np.packbits(np.array(correct, dtype=bool)).tobytes().hex()
+
+
+def _prelort_run(seed: int) -> Run:
+    """A run of PreLort's MiniLM setting on 8 test examples, clients at ranks 8, 4, 4; HetLoRA's pruning has taken
+    the last client to rank 2, whose download is worse than its rank-4 clients' (0.5 against 0.75)."""
+    methods = ("fedit", "hetlora", "replication", "flora", "flexlora", "prelort")
+    summary, history = {}, {}
+    for i, m in enumerate(methods):
+        low = [1, 1, 1, 1, 1, 1, 0, 0] if m != "prelort" else [1, 1, 1, 1, 1, 1, int(seed > 0), 0]
+        by_rank = {"8": {"accuracy": 0.875, "test_correct": _bits([1] * 7 + [0])},
+                   "4": {"accuracy": sum(low) / 8, "test_correct": _bits(low)}}
+        ranks = [8, 4, 4]
+        if m == "hetlora":
+            by_rank["2"], ranks = {"accuracy": 0.5, "test_correct": _bits([1] * 4 + [0] * 4)}, [8, 4, 2]
+        summary[m] = {"final": 0.875, "title": m}
+        history[m] = [{"round": 2, "accuracy": 0.875, "ranks": ranks, "by_rank": by_rank, "per_client": []}]
+    return Run(summary, history, {"majority_accuracy": 0.25, "eval_size": 8}, {"ranks": [8, 4, 4]})
+
+
+def test_prelort_low_rank_claim_reads_the_configured_rank_against_every_baseline():
+    from lowrank_fed.llm.reproduce.claims import _prelort_minilm
+
+    # Prepare: three seeds; PreLort's rank-4 download is one example above every baseline's in seeds 1 and 2
+    runs = {s: _prelort_run(s) for s in range(3)}
+    # Execute
+    claim = _prelort_minilm(runs)[1]
+    # Assert: HetLoRA read at the configured rank 4 (0.75), not at the pruned client's rank 2 (0.5)
+    assert claim.values["hetlora"] == [0.75] * 3 and claim.values["prelort"] == [0.75, 0.875, 0.875]
+    assert [c["against"] for c in claim.comparisons] == ["fedit", "hetlora", "replication", "flora", "flexlora"]
+    assert "seed 0: 1 client(s)" in claim.note and "Global minus rank-4 download: fedit +0.125" in claim.note
+    # each interval is floored at the per-example standard errors of the rank-4 downloads
+    d = np.array([1, 1, 1, 1, 1, 1, 1, 0]) - np.array([1, 1, 1, 1, 1, 1, 0, 0])
+    assert claim.comparisons[0]["example_se"] == pytest.approx([0.0] + [np.std(d, ddof=1) / math.sqrt(8)] * 2)
+    assert claim.comparisons[0]["sd_floor"] > 0
 
 
 def _run(finals: dict[str, float], majority: float = 0.25, n: int = 200) -> Run:

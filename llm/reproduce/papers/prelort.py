@@ -10,7 +10,7 @@ import math
 import numpy as np
 
 from ..analysis import (Claim, Experiment, Results, Run, _against, _decide, _diff, _final, _last, _ms, _near_chance,
-                        _per_seed, _read, _titles, _vs)
+                        _per_seed, _read, _ses, _titles, _vs)
 from ..verdicts import paired
 
 
@@ -24,25 +24,52 @@ def _by_rank(run: Run, method: str, metric: str) -> dict[int, float]:
     return {int(r): float(v[metric]) for r, v in _last(run, method)["by_rank"].items()}
 
 
+def _rank_bits(rank: int):
+    """``(run, method) ->`` the per-example correctness of the rank-``rank`` download (None if not recorded)."""
+    return lambda run, m: _last(run, m)["by_rank"].get(str(rank), {}).get("test_correct")
+
+
+def _lowest(run: Run) -> int:
+    """The smallest client rank the config gives (HetLoRA's pruning may lower a client below it: not read)."""
+    ranks = run.config.get("ranks") or _by_rank(run, "prelort", "loss")  # PreLort never changes a client's rank
+    return min(int(r) for r in ranks)
+
+
+def _pruned(runs: dict[int, Run], method: str) -> str:
+    """Which seeds' final ranks of ``method`` fell below the configured ones (HetLoRA's self-pruning), or ``""``."""
+    seeds = {s: sum(a < b for a, b in zip(_last(run, method).get("ranks", []), run.config.get("ranks", [])))
+             for s, run in runs.items()}
+    hit = {s: k for s, k in seeds.items() if k}
+    return "; ".join(f"seed {s}: {k} client(s)" for s, k in sorted(hit.items()))
+
+
 def _nested(runs: dict[int, Run], metric: str, lower_is_better: bool) -> tuple[list[dict], dict[str, list]]:
-    """PreLort against replication at each client rank (its download), paired per seed."""
+    """PreLort against replication at each client rank (its download), paired per seed; accuracies with their
+    per-example standard errors where the runs recorded them (the interval's floor, :func:`~..verdicts.paired`)."""
     ranks = sorted(_by_rank(next(iter(runs.values())), "prelort", metric))
     comps, values = [], {}
     for r in ranks:
         p = _per_seed(runs, lambda run, r=r: _by_rank(run, "prelort", metric)[r])
         q = _per_seed(runs, lambda run, r=r: _by_rank(run, "replication", metric)[r])
         if lower_is_better:  # on the log ratio: perplexities of different seeds differ by factors
-            d = _diff(np.log(q).tolist(), np.log(p).tolist())
+            d, se = _diff(np.log(q).tolist(), np.log(p).tolist()), None
         else:
-            d = _diff(p, q)
-        comps.append(paired(d, against=f"replication at rank {r}"))
+            d, se = _diff(p, q), _ses(runs, _rank_bits(r), "prelort", "replication")
+        comps.append(paired(d, against=f"replication at rank {r}", se=se))
         values[f"PreLort, rank {r}"], values[f"replication, rank {r}"] = p, q
     return comps, values
 
 
+def _truncation_loss(runs: dict[int, Run], method: str, rank_of) -> float:
+    """The mean over seeds of ``method``'s global accuracy minus its download's at ``rank_of(run)``: what a client
+    of that rank loses against the global model, the room nesting has to act in."""
+    return float(np.mean(_per_seed(runs, lambda run: _last(run, method)["accuracy"]
+                                   - _by_rank(run, method, "accuracy")[rank_of(run)])))
+
+
 _PRELORT_CLAIMS = (
     ("minilm_bbc", "MiniLM / BBC News: PreLort's global accuracy above every baseline", "higher accuracy"),
-    ("minilm_bbc", "Low-rank clients gain from high-rank ones: PreLort's rank-4 download above the prefix baselines'",
+    ("minilm_bbc", "Low-rank clients gain from high-rank ones: PreLort's rank-4 download above each baseline's",
      "higher accuracy at low ranks"),
     ("minilm_bbc", "MiniLM: prefix-nested training lifts every rank's download above replication's (the same "
      "segment-wise rule without it)", "nested training makes every prefix a good model"),
@@ -75,23 +102,37 @@ def _prelort_minilm(cls: dict[int, Run]) -> list[Claim]:
         comps, "PreLort minus each of FedIT, HetLoRA, replication, FLoRA, FlexLoRA per seed; holds only against each",
         acc, untestable=_near_chance(cls, (*_PRELORT_BASELINES, "prelort")), configs=("minilm_bbc",)))
 
-    prefix = ("fedit", "hetlora", "replication")
-    lows = {m: _per_seed(cls, lambda r, m=m: min(_by_rank(r, m, "accuracy").items())[1]) for m in (*prefix, "prelort")}
-    comps = [paired(_diff(lows["prelort"], lows[b]), against=titles[b]) for b in prefix]
+    # what the smallest configured rank's clients receive under each method: a prefix (FedIT, HetLoRA,
+    # replication, PreLort), the best rank-r cut of the exact aggregate (FlexLoRA), the whole merge (FLoRA)
+    lows = {m: _per_seed(cls, lambda r, m=m: _by_rank(r, m, "accuracy")[_lowest(r)])
+            for m in (*_PRELORT_BASELINES, "prelort")}
+    low = _lowest(next(iter(cls.values())))
+    comps = [paired(_diff(lows["prelort"], lows[b]), against=titles[b],
+                    se=_ses(cls, lambda run, m: _rank_bits(_lowest(run))(run, m), "prelort", b))
+             for b in _PRELORT_BASELINES]
+    pruned = _pruned(cls, "hetlora")
     claims.append(_decide(
-        "Low-rank clients gain from high-rank ones: PreLort's rank-4 download above the prefix baselines'",
+        "Low-rank clients gain from high-rank ones: PreLort's rank-4 download above each baseline's",
         "higher accuracy at low ranks",
-        f"rank-4 download: PreLort {_ms(lows['prelort'])}, " + ", ".join(f"{titles[b]} {_ms(lows[b])}" for b in prefix)
-        + f"; PreLort minus {_vs(comps)}",
-        comps, "the methods whose rank-4 clients download a prefix of the global adapter", lows,
-        configs=("minilm_bbc",)))
+        f"rank-{low} download: PreLort {_ms(lows['prelort'])}, "
+        + ", ".join(f"{titles[b]} {_ms(lows[b])}" for b in _PRELORT_BASELINES) + f"; PreLort minus {_vs(comps)}",
+        comps, f"what a rank-{low} client receives: a prefix of the global adapter (FedIT, HetLoRA, replication, "
+        f"PreLort), FlexLoRA's best rank-{low} cut, FLoRA's whole merge; holds only against each. Global minus "
+        f"rank-{low} download: " + ", ".join(f"{titles[m]} {_truncation_loss(cls, m, _lowest):+.3f}"
+                                             for m in (*_PRELORT_BASELINES, "prelort"))
+        + (f". HetLoRA's pruning took clients below their rank ({pruned}): the configured rank's download is read"
+           if pruned else ""), lows, configs=("minilm_bbc",)))
 
     comps, values = _nested(cls, "accuracy", lower_is_better=False)
+    ranks = sorted(_by_rank(next(iter(cls.values())), "prelort", "accuracy"))
     claims.append(_decide(
         "MiniLM: prefix-nested training lifts every rank's download above replication's (the same segment-wise "
         "rule without it)", "nested training makes every prefix a good model",
         f"PreLort minus replication, each rank's download on the test set: {_vs(comps)}", comps,
-        "holds only if it holds at every client rank", values, configs=("minilm_bbc",)))
+        "holds only if it holds at every client rank. Replication's global minus its download, ranks "
+        + " / ".join(str(r) for r in ranks) + ": "
+        + " / ".join(f"{_truncation_loss(cls, 'replication', lambda run, r=r: r):+.3f}" for r in ranks),
+        values, configs=("minilm_bbc",)))
 
     return claims
 
