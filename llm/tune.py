@@ -74,7 +74,7 @@ from .reproduce.runs import MAX_SEEDS
 from .reproduce.tune_choice import (DEFAULT_SEEDS, LR_BOUNDS, MAX_EXTENSIONS, NOT_TUNED, SCORED_ON,  # noqa: F401
                                     SCORES, TUNE_LAYOUT, TUNE_SIGNATURE, Target, _folder_name, _is_number, _mean,
                                     _MethodTune, _numeric_field, _score_key, _se_of_mean, choose, extend_value, label,
-                                    resolve_param, separation)
+                                    resolve_param, same_mean, separation)
 from .reproduce.tune_report import _how, _num, _verdict, tune_markdown, tuned_toml  # noqa: F401
 from .reproduce.tune_report import tune_report as _report
 from .reproduce.tune_trials import FLAGS_NOBODY, benign_scores, run_trial, trials_sharing_round0
@@ -312,7 +312,7 @@ def _tune_method(mt: _MethodTune, target: Target, data: dict, seeds: list[int], 
         best = choose(means, [label(v) for v in mt.values], higher)
         # an edge whose mean equals the best one is extended too: the tie-break chose the other value, but the
         # best may lie past that edge
-        top = {label(v) for v in mt.values if means[label(v)] == means[best]}
+        top = {label(v) for v in mt.values if same_mean(means[label(v)], means[best])}
         if not top & {label(mt.values[0]), label(mt.values[-1])}:
             return
         low = label(mt.values[0]) in top

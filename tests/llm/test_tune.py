@@ -142,6 +142,17 @@ def test_equal_scores_are_a_marked_tie_and_the_smaller_value_is_chosen(config, t
     assert tuned_ties(tmp_path / "out" / "tuned.toml") == {"fedit": "lr = 0.001, tied with 0.01"}
 
 
+def test_equal_counts_summed_in_another_order_are_equal_means():
+    from lowrank_fed.llm.tune import choose, same_mean
+
+    # Prepare: lora-a2 dir001_r1's FFA-LoRA, 45 of 600 validation examples at both rates, summed in another order
+    means = {"a": sum([0.095, 0.065, 0.065]) / 3, "b": sum([0.07, 0.08, 0.075]) / 3}
+    # Execute / Assert: the float means differ in the last bit; the tie-break (the first in order) decides, not it
+    assert means["a"] != means["b"] and same_mean(means["a"], means["b"])
+    assert choose(means, ["a", "b"], True) == "a" and choose(means, ["b", "a"], True) == "b"
+    assert choose({"a": 0.5, "b": 0.5 + 1e-6}, ["a", "b"], True) == "b"  # a real difference still counts
+
+
 def test_a_tie_is_read_back_from_a_table_appended_from_another_tuned_file(config, tmp_path):
     # Prepare: a tuned file with a tie (fedit, flat scores), and one without (flexlora, peaked), to which fedit's
     # table is appended from the first as tune_all.sh appends CLAIR's gamma = 0 rate
