@@ -5,6 +5,8 @@
 #   configs/reproduce/tune_all.sh --print [EXPERIMENT ...]  print the exact commands, run nothing
 #   configs/reproduce/tune_all.sh --link [EXPERIMENT ...]   point each config at its tuned file (after the tunes)
 #
+# An EXPERIMENT may be narrowed to one config, EXPERIMENT/CONFIG (prelort/minilm_bbc): tune or link that one alone
+# while the experiment's other configs wait for compute.
 # Order (docs/reproduce.md): tune_all.sh, then tune_all.sh --link, then lowrank-fed reproduce NAME.
 #
 # Each config is one setting (model, data, ranks, scale convention) and is tuned alone, the constant twins too:
@@ -71,19 +73,23 @@ selected=("$@")
 [ ${#selected[@]} -eq 0 ] && selected=("${EXPERIMENTS[@]}")
 for name in "${selected[@]}"; do
     case " ${EXPERIMENTS[*]} " in
-        *" $name "*) ;;
+        *" ${name%%/*} "*) ;;
         *) echo "error: unknown experiment '$name'; expected some of: ${EXPERIMENTS[*]}" >&2; exit 2 ;;
     esac
+    if [[ $name == */* ]] && [ ! -f "$CONFIGS/$name.toml" ]; then
+        echo "error: '$name' names no config: $CONFIGS/$name.toml does not exist" >&2; exit 2
+    fi
 done
 
-wanted() { case " ${selected[*]} " in *" $1 "*) return 0 ;; esac; return 1; }
+# wanted EXPERIMENT CONFIG: the experiment, or that config of it, was selected
+wanted() { case " ${selected[*]} " in *" $1 "*|*" $1/$2 "*) return 0 ;; esac; return 1; }
 
 # tune EXPERIMENT CONFIG [ARGS ...]: tune configs/reproduce/EXPERIMENT/CONFIG.toml's lr on seeds 100-102 into
 # TUNE_ROOT/EXPERIMENT/CONFIG and copy its tuned.toml to configs/reproduce/EXPERIMENT/tuned/CONFIG.toml.
 tune() {
     local exp=$1 stem=$2
     shift 2
-    wanted "$exp" || return 0
+    wanted "$exp" "$stem" || return 0
     local config=$CONFIGS/$exp/$stem.toml out=$TUNE_ROOT/$exp/$stem tuned=$CONFIGS/$exp/tuned/$stem.toml
     local cmd=("$LOWRANK_FED" tune "$config" --param lr --seeds "${SEEDS[@]}" --out "$out" --no-progress "$@")
     case $mode in

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from ..config import ConfigError, RunConfig, load_config
@@ -45,6 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, metavar="DIR",
                         help="output folder (default runs/reproduce/NAME, or NAME-quick with --quick)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--configs", nargs="+", default=None, metavar="STEM",
+                        help="run only these of the experiment's configs (e.g. minilm_bbc); the report still reads "
+                             "every finished run in --out")
     parser.add_argument("--analyse-only", action="store_true",
                         help="run nothing: rewrite report.md, report.json and claims.png from the finished runs "
                              "already in --out (configs without runs: 'not run yet')")
@@ -74,11 +78,18 @@ def quick_config(data: dict) -> dict:
     return out
 
 
-def _configs(experiment: Experiment, seeds: list[int], quick: bool) -> dict[str, dict[int, RunConfig]]:
-    """Every (config, seed) of the experiment, validated before anything runs."""
+def _configs(experiment: Experiment, seeds: list[int], quick: bool,
+             only: Sequence[str] | None = None) -> dict[str, dict[int, RunConfig]]:
+    """Every (config, seed) of the experiment (``only``: of those configs), validated before anything runs."""
     folder = CONFIG_ROOT / experiment.name
+    unknown = sorted(set(only or ()) - set(experiment.configs))
+    if unknown:
+        raise ConfigError(f"--configs: {unknown} are not configs of 'reproduce {experiment.name}'; expected some of "
+                          f"{list(experiment.configs)}.")
     out: dict[str, dict[int, RunConfig]] = {}
     for stem in experiment.configs:
+        if only and stem not in only:
+            continue
         path = folder / f"{stem}.toml"
         if not path.is_file():
             raise ConfigError(f"reproduce {experiment.name}: config '{path}' is missing; expected the files "
@@ -91,8 +102,11 @@ def _configs(experiment: Experiment, seeds: list[int], quick: bool) -> dict[str,
 
 
 def reproduce(name: str, *, seeds: int | None = None, quick: bool = False, out: str | Path | None = None,
-              progress: bool = True, log=print) -> dict:
-    """Run experiment ``name`` over ``seeds`` seeds (finished runs reused) and write its report; return it."""
+              progress: bool = True, log=print, configs: Sequence[str] | None = None) -> dict:
+    """Run experiment ``name`` over ``seeds`` seeds (finished runs reused) and write its report; return it.
+
+    ``configs``: run only these of its configs (a setting tuned and rerun on its own while the others wait for
+    compute); the report reads the other configs' finished runs in ``out`` as :func:`analyse` does."""
     from ..runner.simulation import run_experiment
 
     experiment = EXPERIMENTS[name]
@@ -104,7 +118,8 @@ def reproduce(name: str, *, seeds: int | None = None, quick: bool = False, out: 
         out = output_path(out, Path("runs") / "reproduce" / (f"{name}-quick" if quick else name))
     except OutputFolderError as err:
         raise ConfigError(str(err)) from None
-    configs = _configs(experiment, seed_list, quick)  # raises before anything is written
+    only = configs
+    configs = _configs(experiment, seed_list, quick, only)  # raises before anything is written
     try:  # a new folder, or one holding this experiment's runs or report; never a run's folder or anything else
         plan_output(out, signature=("report.json", *experiment.configs), layout=("report.md", "claims.png"),
                     inputs=[CONFIG_ROOT / name],
@@ -135,6 +150,8 @@ def reproduce(name: str, *, seeds: int | None = None, quick: bool = False, out: 
                 run_experiment(cfg, folder, progress=progress)
                 seconds[f"{stem}/seed{seed}"] = time.perf_counter() - t0
             results.setdefault(stem, {})[seed] = load_run(folder)
+    if only:  # the configs not run this time: their finished runs, as --analyse-only reads them
+        results.update({stem: by_seed for stem, by_seed in find_runs(experiment, out).items() if stem not in only})
     return write_report(experiment, results, out, quick=quick, config_root=CONFIG_ROOT,
                         timing={"seconds_this_call": time.perf_counter() - start, "run_seconds": seconds})
 
@@ -187,13 +204,13 @@ def main(args: argparse.Namespace) -> int:
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     try:
         if getattr(args, "analyse_only", False):
-            if args.seeds is not None or args.quick:
-                raise ConfigError("--analyse-only runs nothing: it takes neither --seeds nor --quick (it reads "
-                                  "every finished run in --out).")
+            if args.seeds is not None or args.quick or getattr(args, "configs", None):
+                raise ConfigError("--analyse-only runs nothing: it takes none of --seeds, --quick, --configs (it "
+                                  "reads every finished run in --out).")
             report = analyse(args.name, out=args.out, log=log)
         else:
             report = reproduce(args.name, seeds=args.seeds, quick=args.quick, out=args.out,
-                               progress=not args.no_progress, log=log)
+                               progress=not args.no_progress, log=log, configs=getattr(args, "configs", None))
     except ConfigError as err:
         for line in str(err).splitlines():
             print(f"error: {line}", file=sys.stderr)

@@ -108,6 +108,22 @@ def test_a_second_call_reuses_finished_runs_and_never_deletes_one_of_another_con
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == snapshot
 
 
+def test_configs_runs_only_those_and_the_report_reads_the_others_finished_runs(tmp_path):
+    # Prepare / Execute: HAFL's truncation config alone, then its freezing config alone into the same folder
+    first = reproduce("hafl", quick=True, seeds=1, out=tmp_path, progress=False, log=lambda m: None,
+                      configs=["truncation"])
+    second = reproduce("hafl", quick=True, seeds=1, out=tmp_path, progress=False, log=lambda m: None,
+                       configs=["freezing"])
+    # Assert: only the named configs ran; the second report reads both, the first only truncation's
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["freezing", "truncation"]
+    drop = "Freezing: no accuracy drop at distribution (truncation has one)"
+    verdicts = [{c["claim"]: c["verdict"] for c in r["claims"]}[drop] for r in (first, second)]
+    assert verdicts[0] == "not run yet" and verdicts[1] != "not run yet"
+    with pytest.raises(ConfigError, match=r"--configs: \['nope'\] are not configs of 'reproduce hafl'"):
+        reproduce("hafl", quick=True, seeds=1, out=tmp_path / "x", progress=False, configs=["nope"])
+    assert not (tmp_path / "x").exists()
+
+
 def test_a_finished_run_is_found_whatever_the_tables_of_methods_it_does_not_train(tmp_path):
     from lowrank_fed.llm.reproduce.runs import finished_run
 

@@ -247,9 +247,17 @@ def test_link_points_each_config_at_its_tuned_file_only_once_every_one_exists(tm
         "# chosen\n[fedit]\nlr = 0.006\n\n[ffa]\nlr = 0.002\n\n[flexlora]\nlr = 0.000666667\n\n[lora_a2]\nlr = 0.06\n")
     before = {p.name: p.read_text() for p in (configs / "lora-a2").glob("*.toml")}
     env = {**os.environ, "REPRODUCE_CONFIGS": str(configs), "PYTHON": sys.executable}
-    # Execute: five tuned files missing, then all there
+    # Execute: five tuned files missing, then the one that exists linked alone (EXPERIMENT/CONFIG), then all there
     refused = subprocess.run(["bash", str(TUNE_ALL), "--link", "lora-a2"], capture_output=True, text=True, env=env)
     unchanged = {p.name: p.read_text() for p in (configs / "lora-a2").glob("*.toml")}
+    alone = subprocess.run(["bash", str(TUNE_ALL), "--link", "lora-a2/dir001_r1"], capture_output=True, text=True,
+                           env=env)
+    assert alone.returncode == 0, alone.stderr
+    assert [p.name for p in sorted((configs / "lora-a2").glob("*.toml")) if "tuned = " in p.read_text()] == [
+        "dir001_r1.toml"]
+    no_config = subprocess.run(["bash", str(TUNE_ALL), "--print", "lora-a2/nope"], capture_output=True, text=True,
+                               env=env)
+    assert no_config.returncode == 2 and "'lora-a2/nope' names no config" in no_config.stderr
     for stem in ("dir001_r2", "dir001_r8", "dir05_r1", "dir05_r2", "dir05_r8"):
         shutil.copy(tuned / "dir001_r1.toml", tuned / f"{stem}.toml")
     done = subprocess.run(["bash", str(TUNE_ALL), "--link", "lora-a2"], capture_output=True, text=True, env=env)
