@@ -94,12 +94,16 @@ def _prelort_minilm(cls: dict[int, Run]) -> list[Claim]:
     claims = []
     acc = {m: _per_seed(cls, _final(m)) for m in (*_PRELORT_BASELINES, "prelort")}
     comps = _against(acc, "prelort", _PRELORT_BASELINES, titles, by_seed=cls)
+    top = max(_by_rank(next(iter(cls.values())), "prelort", "accuracy"))
+    flex_top = _per_seed(cls, lambda run: _by_rank(run, "flexlora", "accuracy")[top])
     claims.append(_decide(
         "MiniLM / BBC News: PreLort's global accuracy above every baseline",
         "higher accuracy",
         f"PreLort {_ms(acc['prelort'])}; " + ", ".join(f"{titles[b]} {_ms(acc[b])}" for b in _PRELORT_BASELINES)
         + f"; PreLort minus {_vs(comps)}",
-        comps, "PreLort minus each of FedIT, HetLoRA, replication, FLoRA, FlexLoRA per seed; holds only against each",
+        comps, "PreLort minus each of FedIT, HetLoRA, replication, FLoRA, FlexLoRA per seed; holds only against each. "
+        "FlexLoRA's global model is the exact aggregate, which no client holds; its rank-"
+        f"{top} download, what its rank-{top} clients receive: {_ms(flex_top)}",
         acc, untestable=_near_chance(cls, (*_PRELORT_BASELINES, "prelort")), configs=("minilm_bbc",)))
 
     # what the smallest configured rank's clients receive under each method: a prefix (FedIT, HetLoRA,
