@@ -118,15 +118,14 @@ def reproduce(name: str, *, seeds: int | None = None, quick: bool = False, out: 
         out = output_path(out, Path("runs") / "reproduce" / (f"{name}-quick" if quick else name))
     except OutputFolderError as err:
         raise ConfigError(str(err)) from None
-    only = configs
-    configs = _configs(experiment, seed_list, quick, only)  # raises before anything is written
+    planned = _configs(experiment, seed_list, quick, configs)  # raises before anything is written
     try:  # a new folder, or one holding this experiment's runs or report; never a run's folder or anything else
         plan_output(out, signature=("report.json", *experiment.configs), layout=("report.md", "claims.png"),
                     inputs=[CONFIG_ROOT / name],
                     hint=f"Expected a new folder or one holding an earlier 'reproduce {name}'; choose another --out.")
     except OutputFolderError as err:
         raise ConfigError(str(err)) from None
-    stale = [str(out / stem / f"seed{s}") for stem, by_seed in configs.items() for s, cfg in by_seed.items()
+    stale = [str(out / stem / f"seed{s}") for stem, by_seed in planned.items() for s, cfg in by_seed.items()
              if (out / stem / f"seed{s}" / "summary.json").is_file()
              and not finished_run(out / stem / f"seed{s}", cfg)]
     if stale:  # a finished result is never deleted to make room
@@ -138,7 +137,7 @@ def reproduce(name: str, *, seeds: int | None = None, quick: bool = False, out: 
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     for seed in seed_list:
-        for stem, by_seed in configs.items():
+        for stem, by_seed in planned.items():
             cfg, folder = by_seed[seed], out / stem / f"seed{seed}"
             if finished_run(folder, cfg):
                 log(f"[{name}] {stem}, seed {seed}: reusing the finished run in {folder}")
@@ -150,8 +149,8 @@ def reproduce(name: str, *, seeds: int | None = None, quick: bool = False, out: 
                 run_experiment(cfg, folder, progress=progress)
                 seconds[f"{stem}/seed{seed}"] = time.perf_counter() - t0
             results.setdefault(stem, {})[seed] = load_run(folder)
-    if only:  # the configs not run this time: their finished runs, as --analyse-only reads them
-        results.update({stem: by_seed for stem, by_seed in find_runs(experiment, out).items() if stem not in only})
+    if configs:  # the configs not run this time: their finished runs, as --analyse-only reads them
+        results.update({stem: by_seed for stem, by_seed in find_runs(experiment, out).items() if stem not in planned})
     return write_report(experiment, results, out, quick=quick, config_root=CONFIG_ROOT,
                         timing={"seconds_this_call": time.perf_counter() - start, "run_seconds": seconds})
 
