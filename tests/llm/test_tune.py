@@ -691,3 +691,16 @@ def test_score_on_downloads_tunes_every_method_on_what_its_clients_receive(confi
     assert "each client's download" in (out / "tuned.toml").read_text()
     with pytest.raises(ConfigError, match="differs in: config_data\\)"):
         tune(config, grid=[1e-3, 1e-2], seeds=[100], max_extensions=0, progress=False, out=out, log=lambda m: None)
+    # `--set val_downloads=true` is the same request (PreLort's tunes): it runs none of the trials again; each
+    # trial also holds the global model's validation score, from which the choice on it is read as a check
+    import shutil
+
+    shutil.copytree(out / "trials", tmp_path / "same" / "trials")
+    logs: list[str] = []
+    again = tune(config, grid=[1e-3, 1e-2], seeds=[100], max_extensions=0, overrides=["val_downloads=true"],
+                 progress=False, out=tmp_path / "same", log=logs.append)
+    assert again["score"] == "val_local_accuracy" and not [m for m in logs if m.startswith("running")]
+    assert len([m for m in logs if m.startswith("reusing")]) == 2 * len(report["methods"])
+    for trial in (out / "trials").glob("*/*/seed100"):
+        last = [json.loads(x) for x in (trial / "metrics.jsonl").read_text().splitlines()][-1]
+        assert {"val_accuracy", "val_local_accuracy"} <= set(last)
