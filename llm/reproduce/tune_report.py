@@ -57,6 +57,7 @@ def tune_report(plans: dict[str, _MethodTune], target: Target, base: RunConfig, 
             values.append(row)
         tied = [r["label"] for r in values if "vs_choice" in r and not r["vs_choice"]["separated"]]
         choice = next(r["value"] for r in values if r["chosen"])
+        check = _global_check(mt, key, seeds, order, chosen, higher, n_split) if not METHODS[m].personalised else None
         rows_by_method.append({
             "method": m, "title": METHODS[m].title, "score": key, "where": target.where(m),
             "grid": [label(v) for v in mt.grid],
@@ -64,6 +65,7 @@ def tune_report(plans: dict[str, _MethodTune], target: Target, base: RunConfig, 
             "choice_label": chosen, "tie": bool(tied), "tied_with": tied, "extensions": mt.extensions,
             "stopped": mt.stopped, "at_edge": mt.numeric and chosen in (order[0], order[-1]),
             **({"threshold": mt.cuts[chosen]["threshold"]} if chosen in mt.cuts else {}),
+            **({"global_check": check} if check else {}),
         })
     # the run-wide score names the global model's, unless every method is personalised
     key, higher = next((k for m, k in keys.items() if not METHODS[m].personalised), next(iter(keys.values())))
@@ -86,6 +88,26 @@ def tune_report(plans: dict[str, _MethodTune], target: Target, base: RunConfig, 
                                   if target.option == "lr" else "")},
         "methods": rows_by_method,
     }
+
+
+def _global_check(mt: _MethodTune, key: str, seeds: list[int], order: list[str], chosen: str, higher: bool,
+                  n_val: int | None) -> dict | None:
+    """Where the downloads were scored (``val_local_<metric>``), the value the global model's score of the same trials
+    (``val_<metric>``) would choose, and on that score the downloads' choice against it (:func:`separation`);
+    None where the global score is the one chosen on or a trial lacks it."""
+    if not key.startswith("val_local_"):
+        return None
+    gkey = "val_" + key[len("val_local_"):]
+    if any(gkey not in mt.scores[lab][s] for lab in order for s in seeds):
+        return None
+    per_seed = {lab: [mt.scores[lab][s][gkey] for s in seeds] for lab in order}
+    means = {lab: _mean(ys) for lab, ys in per_seed.items()}
+    best = choose(means, order, higher)
+    out = {"score": gkey, "choice_label": best, "same": best == chosen, "means": means}
+    if best != chosen:
+        out["vs_choice"] = separation(per_seed[best], per_seed[chosen], higher_is_better=higher,
+                                      accuracy=gkey.endswith("_accuracy"), n_val=n_val)
+    return out
 
 
 def _num(value: float | None, digits: int = 4) -> str:
@@ -163,6 +185,15 @@ def tune_markdown(report: dict) -> str:
                          + f" | {_num(v['mean'])} | {_num(v['se'])} | {diff} | {mark.strip()} |"
                          + (f" {label(v['threshold'])} ({v['n_scores']} scores) |" if "threshold" in row else ""))
         lines += ["", f"Result: {_verdict(row)}."]
+        if "global_check" in row:
+            g = row["global_check"]
+            lines.append(f"Check on the global model (`{g['score']}` of the same trials): it would choose "
+                         f"{g['choice_label']} ({_num(g['means'][g['choice_label']])})" + (
+                             ", the same value." if g["same"] else
+                             f"; the choice above scores {_num(g['means'][row['choice_label']])} there, "
+                             f"{g['vs_choice']['difference']:+.4f} behind"
+                             + ("" if g["vs_choice"]["se"] is None else f" ± {_num(g['vs_choice']['se'])}")
+                             + (", separated." if g["vs_choice"]["separated"] else ", a tie.")))
         for e in row["extensions"]:
             lines.append(f"- added {label(e['value'])}: the best mean was {label(e['best_before'])}, at the "
                          f"{e['edge']} edge.")

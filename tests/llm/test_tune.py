@@ -687,6 +687,14 @@ def test_score_on_downloads_tunes_every_method_on_what_its_clients_receive(confi
             assert json.loads((trial / "config.json").read_text())["val_downloads"] is True
             last = [json.loads(x) for x in (trial / "metrics.jsonl").read_text().splitlines()][-1]
             assert value["per_seed"] == [last["val_local_accuracy"]] and last["val_local_n"] > 0
+            # the check: the global model's score of the same trial, and the value it would choose
+            assert row["global_check"]["means"][value["label"]] == last["val_accuracy"]
+        means = row["global_check"]["means"]
+        best = max(means, key=lambda lab: (means[lab], -float(lab)))  # equal means: the smaller value
+        assert row["global_check"]["choice_label"] == best and row["global_check"]["same"] == (
+            best == row["choice_label"])
+        assert ("vs_choice" in row["global_check"]) != row["global_check"]["same"]
+    assert "Check on the global model (`val_accuracy` of the same trials)" in (out / "tune.md").read_text()
     assert "each client's download" in (out / "tune.md").read_text()
     assert "each client's download" in (out / "tuned.toml").read_text()
     with pytest.raises(ConfigError, match="differs in: config_data\\)"):
