@@ -28,7 +28,8 @@ def test_metrics_and_summary_carry_macro_f1_beside_accuracy(tmp_path):
             assert (key in row) == (key.replace("accuracy", "macro_f1") in row), (method, key)
         assert 0.0 <= row["macro_f1"] <= 1.0 and 0.0 <= row["val_macro_f1"] <= 1.0
         for scores in row.get("by_rank", {}).values():
-            assert list(scores) == ["accuracy", "loss", "macro_f1"]
+            assert list(scores) == ["accuracy", "loss", "macro_f1", "test_correct"]  # per example: the verdicts'
+            # standard error
     assert all("local_macro_f1" in by[(m, 2)] for m in ("fedit", "fedsa"))
     assert set(by[("fedit", 2)]["by_rank"]) == {"2", "4", "8"}
     # the summary: macro-F1 of the final round, none for a method without a global model
