@@ -259,6 +259,23 @@ def test_prelort_low_rank_claim_reads_the_configured_rank_against_every_baseline
     assert claim.comparisons[0]["sd_floor"] > 0
 
 
+def test_prelort_claims_on_a_config_that_ran_two_methods_read_only_the_nesting_claim():
+    from lowrank_fed.llm.reproduce.claims import _prelort_minilm
+
+    # Prepare: runs of PreLort and replication alone (a constant twin given the nesting claim's two methods)
+    runs = {}
+    for s in range(3):
+        run = _prelort_run(s)
+        keep = ("prelort", "replication")
+        runs[s] = Run({m: run.summary[m] for m in keep}, {m: run.history[m] for m in keep}, run.setup, run.config)
+    # Execute
+    claims = _prelort_minilm(runs)
+    # Assert: the claims against every baseline are not run yet, naming what is missing; nesting is read
+    assert [c.verdict for c in claims[:2]] == ["not run yet"] * 2
+    assert "no runs of fedit, hetlora, flora, flexlora in minilm_bbc" in claims[0].ours
+    assert claims[2].verdict != "not run yet" and claims[2].values["PreLort, rank 4"] == [0.75, 0.875, 0.875]
+
+
 def _run(finals: dict[str, float], majority: float = 0.25, n: int = 200) -> Run:
     return Run({m: {"final": v} for m, v in finals.items()}, {}, {"majority_accuracy": majority, "eval_size": n})
 

@@ -10,7 +10,7 @@ import math
 import numpy as np
 
 from ..analysis import (Claim, Experiment, Results, Run, _against, _decide, _diff, _final, _last, _ms, _near_chance,
-                        _per_seed, _read, _ses, _titles, _vs)
+                        _not_run, _per_seed, _read, _ses, _titles, _vs)
 from ..verdicts import paired
 
 
@@ -85,18 +85,45 @@ def _prelort(results: Results) -> list[Claim]:
     out = []
     for stem, analyse in (("minilm_bbc", _prelort_minilm), ("smollm2_headlines", _prelort_smollm2)):
         # each half of the experiment is read alone
-        out += _read(results, (stem,), [(claim, paper) for s, claim, paper in _PRELORT_CLAIMS if s == stem], analyse)
+        out += _read(results, (stem,), _texts(stem), analyse)
+    return out
+
+
+def _texts(stem: str) -> list[tuple[str, str]]:
+    return [(claim, paper) for s, claim, paper in _PRELORT_CLAIMS if s == stem]
+
+
+#: The methods each claim compares: all six, or (nesting isolated) PreLort and replication alone.
+_ALL, _NESTING = (*_PRELORT_BASELINES, "prelort"), ("prelort", "replication")
+
+
+def _each(runs: dict[int, Run], stem: str, builders) -> list[Claim]:
+    """Each claim of ``stem`` from its ``(methods, build)``, or "not run yet" where a run lacks one of its
+    methods: a config may run only some (a constant twin given the two methods the nesting claim compares)."""
+    out = []
+    for (claim, paper), (methods, build) in zip(_texts(stem), builders, strict=True):
+        missing = [m for m in methods if any(m not in run.summary for run in runs.values())]
+        out.append(_not_run(claim, paper, f"no runs of {', '.join(missing)} in {stem}", configs=(stem,))
+                   if missing else build(runs))
     return out
 
 
 def _prelort_minilm(cls: dict[int, Run]) -> list[Claim]:
+    return _each(cls, "minilm_bbc", ((_ALL, _minilm_global), (_ALL, _minilm_low), (_NESTING, _minilm_nested)))
+
+
+def _prelort_smollm2(gen: dict[int, Run]) -> list[Claim]:
+    return _each(gen, "smollm2_headlines", ((_ALL, _smollm2_rouge), (_ALL, _smollm2_perplexity),
+                                            (_NESTING, _smollm2_nested)))
+
+
+def _minilm_global(cls: dict[int, Run]) -> Claim:
     titles = _titles(next(iter(cls.values())))
-    claims = []
     acc = {m: _per_seed(cls, _final(m)) for m in (*_PRELORT_BASELINES, "prelort")}
     comps = _against(acc, "prelort", _PRELORT_BASELINES, titles, by_seed=cls)
     top = max(_by_rank(next(iter(cls.values())), "prelort", "accuracy"))
     flex_top = _per_seed(cls, lambda run: _by_rank(run, "flexlora", "accuracy")[top])
-    claims.append(_decide(
+    return _decide(
         "MiniLM / BBC News: PreLort's global accuracy above every baseline",
         "higher accuracy",
         f"PreLort {_ms(acc['prelort'])}; " + ", ".join(f"{titles[b]} {_ms(acc[b])}" for b in _PRELORT_BASELINES)
@@ -104,8 +131,11 @@ def _prelort_minilm(cls: dict[int, Run]) -> list[Claim]:
         comps, "PreLort minus each of FedIT, HetLoRA, replication, FLoRA, FlexLoRA per seed; holds only against each. "
         "FlexLoRA's global model is the exact aggregate, which no client holds; its rank-"
         f"{top} download, what its rank-{top} clients receive: {_ms(flex_top)}",
-        acc, untestable=_near_chance(cls, (*_PRELORT_BASELINES, "prelort")), configs=("minilm_bbc",)))
+        acc, untestable=_near_chance(cls, (*_PRELORT_BASELINES, "prelort")), configs=("minilm_bbc",))
 
+
+def _minilm_low(cls: dict[int, Run]) -> Claim:
+    titles = _titles(next(iter(cls.values())))
     # what the smallest configured rank's clients receive under each method: a prefix (FedIT, HetLoRA,
     # replication, PreLort), the best rank-r cut of the exact aggregate (FlexLoRA), the whole merge (FLoRA)
     lows = {m: _per_seed(cls, lambda r, m=m: _by_rank(r, m, "accuracy")[_lowest(r)])
@@ -115,7 +145,7 @@ def _prelort_minilm(cls: dict[int, Run]) -> list[Claim]:
                     se=_ses(cls, lambda run, m: _rank_bits(_lowest(run))(run, m), "prelort", b))
              for b in _PRELORT_BASELINES]
     pruned = _pruned(cls, "hetlora")
-    claims.append(_decide(
+    return _decide(
         "Low-rank clients gain from high-rank ones: PreLort's rank-4 download above each baseline's",
         "higher accuracy at low ranks",
         f"rank-{low} download: PreLort {_ms(lows['prelort'])}, "
@@ -125,52 +155,55 @@ def _prelort_minilm(cls: dict[int, Run]) -> list[Claim]:
         f"rank-{low} download: " + ", ".join(f"{titles[m]} {_truncation_loss(cls, m, _lowest):+.3f}"
                                              for m in (*_PRELORT_BASELINES, "prelort"))
         + (f". HetLoRA's pruning took clients below their rank ({pruned}): the configured rank's download is read"
-           if pruned else ""), lows, configs=("minilm_bbc",)))
+           if pruned else ""), lows, configs=("minilm_bbc",))
 
+
+def _minilm_nested(cls: dict[int, Run]) -> Claim:
     comps, values = _nested(cls, "accuracy", lower_is_better=False)
     ranks = sorted(_by_rank(next(iter(cls.values())), "prelort", "accuracy"))
-    claims.append(_decide(
+    return _decide(
         "MiniLM: prefix-nested training lifts every rank's download above replication's (the same segment-wise "
         "rule without it)", "nested training makes every prefix a good model",
         f"PreLort minus replication, each rank's download on the test set: {_vs(comps)}", comps,
         "holds only if it holds at every client rank. Replication's global minus its download, ranks "
         + " / ".join(str(r) for r in ranks) + ": "
         + " / ".join(f"{_truncation_loss(cls, 'replication', lambda run, r=r: r):+.3f}" for r in ranks),
-        values, configs=("minilm_bbc",)))
-
-    return claims
+        values, configs=("minilm_bbc",))
 
 
-def _prelort_smollm2(gen: dict[int, Run]) -> list[Claim]:
+def _smollm2_rouge(gen: dict[int, Run]) -> Claim:
     titles = _titles(next(iter(gen.values())))
-    claims = []
     rouge = {m: _per_seed(gen, _final(m, "rouge_l")) for m in (*_PRELORT_BASELINES, "prelort")}
     comps = _against(rouge, "prelort", _PRELORT_BASELINES, titles)
-    claims.append(_decide(
+    return _decide(
         "SmolLM2 / BBC headlines: PreLort's ROUGE-L above every baseline",
         "higher ROUGE-L",
         f"PreLort {_ms(rouge['prelort'])}; " + ", ".join(f"{titles[b]} {_ms(rouge[b])}" for b in _PRELORT_BASELINES)
         + f"; PreLort minus {_vs(comps)}",
-        comps, "global model, greedy headlines", rouge, configs=("smollm2_headlines",)))
+        comps, "global model, greedy headlines", rouge, configs=("smollm2_headlines",))
 
+
+def _smollm2_perplexity(gen: dict[int, Run]) -> Claim:
+    titles = _titles(next(iter(gen.values())))
     ppl = {m: _per_seed(gen, _final(m)) for m in (*_PRELORT_BASELINES, "prelort")}
     logs = {m: np.log(v).tolist() for m, v in ppl.items()}
     comps = _against(logs, "prelort", _PRELORT_BASELINES, titles, tol=-PRELORT_PPL_TOL, lower_is_better=True)
-    claims.append(_decide(
+    return _decide(
         "SmolLM2: PreLort's perplexity lower than or equal to the baselines'",
         "lower or equal perplexity",
         f"PreLort {_ms(ppl['prelort'], 2)}; " + ", ".join(f"{titles[b]} {_ms(ppl[b], 2)}" for b in _PRELORT_BASELINES)
         + f"; ln(baseline / PreLort) {_vs(comps)}",
         comps, "per baseline ln(its perplexity / PreLort's); holds if the interval lies above -ln 1.01 (equal "
-        "within 1%)", ppl, configs=("smollm2_headlines",)))
+        "within 1%)", ppl, configs=("smollm2_headlines",))
 
+
+def _smollm2_nested(gen: dict[int, Run]) -> Claim:
     comps, values = _nested(gen, "perplexity", lower_is_better=True)
-    claims.append(_decide(
+    return _decide(
         "SmolLM2: prefix-nested training gives every rank's download a lower perplexity than replication's",
         "nested training makes every prefix a good model",
         f"ln(replication / PreLort), each rank's download: {_vs(comps)}", comps,
-        "holds only if it holds at every client rank", values, configs=("smollm2_headlines",)))
-    return claims
+        "holds only if it holds at every client rank", values, configs=("smollm2_headlines",))
 
 
 EXPERIMENT = Experiment(
