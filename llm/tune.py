@@ -23,8 +23,9 @@ when it is scored, and the rounds between would be compute that nothing reads (h
 When the tuned key is ``lr``, round 0 (the untrained start, the same for every rate and every method that is not
 personalised) is scored by the first trial of each seed and reused by the others.
 
-- **Choice**: ``v* = argbest_v ybar(v)``, ``ybar(v) = (1/|S|) sum_s y(m, v, s)``; equal means: the smaller value
-  (the first in grid order for a grid that is not numeric).
+- **Choice**: ``v* = argbest_v ybar(v)``, ``ybar(v) = (1/|S|) sum_s y(m, v, s)``; equal means (within 1e-9,
+  relative: sums of the same scores in another order differ in the last bit): the smaller value (the first in grid
+  order for a grid that is not numeric).
 - **Edges**: when ``v*`` (or a value whose mean equals ``v*``'s) is the smallest or largest value of a numeric grid,
   one value beyond that edge is added and run: ``v_new = v_e (v_e / v_n)`` (the same ratio) when every grid value
   is positive, else ``v_new = v_e + (v_e - v_n)`` (the same step), ``v_e`` the edge value and ``v_n`` its neighbour

@@ -318,27 +318,29 @@ def _against(scores: dict[str, list[float]], winner: str, baselines: Sequence[st
     for b in baselines:
         d = _diff(scores[b], scores[winner]) if lower_is_better else _diff(scores[winner], scores[b])
         out.append(paired(d, tol, against=titles.get(b, b), se=None if by_seed is None else _ses(
-            by_seed, lambda run, m: run.history[m][-1].get("test_correct"), winner, b)))
+            by_seed, lambda run, m: _correct(run, run.history[m][-1].get("test_correct")), winner, b)))
     return out
 
 
-def _ses(by_seed: dict[int, Run], packed: Callable[[Run, str], str | None], a: str, b: str) -> list[float] | None:
-    """Per seed the paired standard error over test examples of ``a - b``, from the per-example correctness
-    ``packed(run, method)`` gives (``test_correct``, or a download's in ``by_rank``); None when any run lacks it."""
-    ses = [_example_se(by_seed[s], packed, a, b) for s in _seeds(by_seed)]
-    return None if any(se is None for se in ses) else ses
-
-
-def _example_se(run: Run, packed: Callable[[Run, str], str | None], a: str, b: str) -> float | None:
-    """Seed's paired standard error over test examples of ``a - b`` (None when a run did not record them)."""
+def _correct(run: Run, packed: str | None):
+    """A pass's per-example correctness over the run's test examples (``test_correct``, hex of ``numpy.packbits``)
+    as floats; None when it was not recorded or does not fit ``eval_size``."""
     from ..runner.report import per_example_correct
 
-    bits = [packed(run, m) for m in (a, b)]
     n = int(run.setup.get("eval_size", 0))
-    if any(p is None for p in bits) or n < 2:
-        return None
-    ca, cb = (per_example_correct(p, n) for p in bits)
-    return None if ca is None or cb is None else example_se(ca, cb)
+    return None if packed is None or n < 2 else per_example_correct(packed, n)
+
+
+def _ses(by_seed: dict[int, Run], correct: Callable[[Run, str], object], a: str, b: str) -> list[float] | None:
+    """Per seed the paired standard error over test examples of ``a - b``, from the per-example correctness
+    ``correct(run, method)`` gives (0/1 per example, or a mean over clients' downloads); None when a run lacks it."""
+    ses = []
+    for s in _seeds(by_seed):
+        ca, cb = (correct(by_seed[s], m) for m in (a, b))
+        if ca is None or cb is None:
+            return None
+        ses.append(example_se(ca, cb))
+    return ses
 
 
 def _vs(comparisons: list[dict], digits: int = 3) -> str:

@@ -20,7 +20,7 @@ measured under both scale conventions is published in :mod:`.twins`. This module
 from __future__ import annotations
 
 # every name this module held before the split, kept importable from here
-from .analysis import (UNTUNED, Claim, Experiment, _against, _decide, _diff, _example_se,  # noqa: F401
+from .analysis import (UNTUNED, Claim, Experiment, _against, _decide, _diff, _correct,  # noqa: F401
                        _final, _last, _ms, _near_chance, _no_runs, _not_run, _per_seed, _seeds, _take, _titles, _vs,
                        describe, model_params)
 from .papers import byun_lee, clair, hafl, lora_a2, prelort

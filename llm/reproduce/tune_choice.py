@@ -194,9 +194,10 @@ def _se_of_mean(values: list[float]) -> float | None:
 
 
 def same_mean(a: float, b: float) -> bool:
-    """Whether two means are equal to 9 decimals: means of the same counts summed in another order (0.07 + 0.08 +
-    0.075 against 0.095 + 0.065 + 0.065) differ in the last bit, and no tie-break may turn on that."""
-    return round(a, 9) == round(b, 9)
+    """Whether two means are equal up to rounding, ``|a - b| <= 1e-9 max(1, |a|, |b|)``: means of the same counts
+    summed in another order (0.07 + 0.08 + 0.075 against 0.095 + 0.065 + 0.065) differ in the last bit, and no
+    tie-break may turn on that; accuracies that differ by one validation example differ by ``1 / (S N)``."""
+    return abs(a - b) <= 1e-9 * max(1.0, abs(a), abs(b))
 
 
 def choose(means: dict[Any, float], order: list[Any], higher_is_better: bool) -> Any:

@@ -75,7 +75,8 @@ def tune_report(plans: dict[str, _MethodTune], target: Target, base: RunConfig, 
         "setting": {"config": request["config"], "name": base.name, "model": base.model, "dataset": base.dataset,
                     "clients": base.clients, "ranks": base.ranks, "partition": base.partition, "alpha": base.alpha,
                     "rounds": base.rounds, "local_steps": base.local_steps, "local_epochs": base.local_epochs},
-        "rule": {"choice": "the best mean over the seeds; equal means: the smaller value (grid order if not numeric)",
+        "rule": {"choice": "the best mean over the seeds; equal means (within 1e-9, relative): the smaller value "
+                           "(grid order if not numeric)",
                  "separation": "the mean per-seed difference to each neighbour > its standard error, the larger "
                                "of sd(d, ddof=1)/sqrt(seeds) (paired over seeds) and, for accuracy, the binomial "
                                "sqrt(p(1-p)/(S N) + q(1-q)/(S N)) over seeds x validation examples; no standard "
@@ -92,12 +93,14 @@ def tune_report(plans: dict[str, _MethodTune], target: Target, base: RunConfig, 
 
 def _global_check(mt: _MethodTune, key: str, seeds: list[int], order: list[str], chosen: str, higher: bool,
                   n_val: int | None) -> dict | None:
-    """Where the downloads were scored (``val_local_<metric>``), the value the global model's score of the same trials
+    """Where the downloads were scored (``val_local_<metric>``, or over the benign clients ``val_benign_local_``),
+    the value the global model's score of the same trials
     (``val_<metric>``) would choose, and on that score the downloads' choice against it (:func:`separation`);
     None where the global score is the one chosen on or a trial lacks it."""
-    if not key.startswith("val_local_"):
+    prefix = next((p for p in ("val_local_", "val_benign_local_") if key.startswith(p)), None)
+    if prefix is None:
         return None
-    gkey = "val_" + key[len("val_local_"):]
+    gkey = "val_" + key[len(prefix):]
     if any(gkey not in mt.scores[lab][s] for lab in order for s in seeds):
         return None
     per_seed = {lab: [mt.scores[lab][s][gkey] for s in seeds] for lab in order}

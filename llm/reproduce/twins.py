@@ -85,10 +85,12 @@ def publish(original: Claim, twin: Claim, pairs: dict[str, str]) -> Claim:
     entry = {"configs": theirs, "lora_scaling": TWIN_SCALING, "verdict": twin.verdict}
     if not ran_o and not ran_c:
         return replace(original, twin=entry)
-    if not ran_c:
+    if not ran_c:  # the twin lacks runs, or (a twin that ran some methods) the runs of this claim's methods
+        lacks = twin.ours.removeprefix("not run yet: ")
+        lacks = lacks if lacks.startswith("no runs of ") else "no runs"
         return replace(original, twin=entry, note=_and(
             original.note, f"measured under lora_scaling = \"{ORIGINAL_SCALING}\" only: the constant twin "
-            f"({', '.join(theirs)}) has no runs, so the scale conventions' agreement is not checked"))
+            f"({', '.join(theirs)}) has {lacks}, so the scale conventions' agreement is not checked"))
     entry.update(ours=twin.ours, note=twin.note, why=twin.why, comparisons=twin.comparisons, values=twin.values)
     if not ran_o:
         return replace(twin, twin=entry, note=_and(

@@ -165,7 +165,7 @@ def example_se(correct_a, correct_b) -> float:
     .. math:: \mathrm{se} = \frac{\operatorname{std}(c_a - c_b)}{\sqrt N}
 
     where ``c_a, c_b`` (shape ``(N,)``, 0 or 1) are the two models' per-example correctness on the same ``N``
-    test examples. It measures the noise of one seed's test set only, not of training; the verdict's interval
+    test examples (or, for what a group of clients receives, each example's mean over their downloads). It measures the noise of one seed's test set only, not of training; the verdict's interval
     is over seeds, which holds both.
     """
     a, b = np.asarray(correct_a, dtype=float), np.asarray(correct_b, dtype=float)

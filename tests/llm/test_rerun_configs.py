@@ -198,9 +198,9 @@ def test_tune_all_tunes_every_config_once_on_unreported_seeds_with_200_validatio
             assert not any(o.startswith("train_size") for o in args.overrides)
         assert Path(args.out).parts[-2:] == (path.parent.name, path.stem)
         # a claim about what the clients receive (HAFL's truncation: no drop at distribution) is tuned on it
-        # (PreLort's: two of its three MiniLM claims read what the rank-4 and rank-8 clients receive)
+        # (PreLort's MiniLM configs: two of their three claims read what the clients receive)
         assert (args.score_on == "downloads") == (path.stem in ("truncation", "truncation_constant")
-                                                  or path.parent.name == "prelort"), args.config
+                                                  or path.stem.startswith("minilm_bbc")), args.config
 
 
 def test_every_tune_command_is_accepted_and_writes_a_tuned_file_the_config_can_read(tmp_path):
@@ -260,6 +260,9 @@ def test_link_points_each_config_at_its_tuned_file_only_once_every_one_exists(tm
     no_config = subprocess.run(["bash", str(TUNE_ALL), "--print", "lora-a2/nope"], capture_output=True, text=True,
                                env=env)
     assert no_config.returncode == 2 and "'lora-a2/nope' names no config" in no_config.stderr
+    nested = subprocess.run(["bash", str(TUNE_ALL), "--print", "lora-a2/tuned/dir001_r1"], capture_output=True,
+                            text=True, env=env)
+    assert nested.returncode == 2 and "names no config" in nested.stderr
     for stem in ("dir001_r2", "dir001_r8", "dir05_r1", "dir05_r2", "dir05_r8"):
         shutil.copy(tuned / "dir001_r1.toml", tuned / f"{stem}.toml")
     done = subprocess.run(["bash", str(TUNE_ALL), "--link", "lora-a2"], capture_output=True, text=True, env=env)

@@ -153,6 +153,26 @@ def test_equal_counts_summed_in_another_order_are_equal_means():
     assert choose({"a": 0.5, "b": 0.5 + 1e-6}, ["a", "b"], True) == "b"  # a real difference still counts
 
 
+def test_a_tune_on_the_downloads_says_where_the_global_model_would_choose_otherwise(config, tmp_path):
+    # Prepare: the downloads peak at 1e-2, the global model at 1e-3
+    def trial(cfg: RunConfig, folder):
+        lr = cfg.method_options[cfg.methods[0]]["lr"]
+        return {"val_local_accuracy": 0.9 - 0.1 * math.log10(lr / 1e-2) ** 2, "val_local_n": 10**6,
+                "val_accuracy": 0.9 - 0.1 * math.log10(lr / 1e-3) ** 2, "val_size": 10**6, "round": cfg.rounds}
+
+    out = tmp_path / "out"
+    # Execute
+    report = tune(config, grid=[1e-3, 1e-2, 1e-1], seeds=[100, 101], methods=["fedit"], max_extensions=0, out=out,
+                  trial=trial, log=lambda m: None, score_on="downloads")
+    # Assert: chosen on the downloads; the check names the global model's value and how far behind the choice is
+    row = rows(report, "fedit")
+    check = row["global_check"]
+    assert row["choice_label"] == "0.01" and check["choice_label"] == "0.001" and not check["same"]
+    assert check["vs_choice"]["difference"] == pytest.approx(0.1) and check["vs_choice"]["separated"]
+    assert ("it would choose 0.001 (0.9000); the choice above scores 0.8000 there, +0.1000 behind"
+            in (out / "tune.md").read_text())
+
+
 def test_a_tie_is_read_back_from_a_table_appended_from_another_tuned_file(config, tmp_path):
     # Prepare: a tuned file with a tie (fedit, flat scores), and one without (flexlora, peaked), to which fedit's
     # table is appended from the first as tune_all.sh appends CLAIR's gamma = 0 rate

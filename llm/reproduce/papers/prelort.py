@@ -10,7 +10,7 @@ import math
 import numpy as np
 
 from ..analysis import (Claim, Experiment, Results, Run, _against, _decide, _diff, _final, _last, _ms, _near_chance,
-                        _not_run, _per_seed, _read, _ses, _titles, _vs)
+                        _correct, _not_run, _per_seed, _read, _ses, _titles, _vs)
 from ..verdicts import paired
 
 
@@ -24,28 +24,50 @@ def _by_rank(run: Run, method: str, metric: str) -> dict[int, float]:
     return {int(r): float(v[metric]) for r, v in _last(run, method)["by_rank"].items()}
 
 
-def _rank_bits(rank: int):
-    """``(run, method) ->`` the per-example correctness of the rank-``rank`` download (None if not recorded)."""
-    return lambda run, m: _last(run, m)["by_rank"].get(str(rank), {}).get("test_correct")
+def _download_correct(run: Run, method: str, rank: int | str):
+    """The rank-``rank`` download's per-example correctness on the test set (None if not recorded)."""
+    return _correct(run, _last(run, method)["by_rank"].get(str(rank), {}).get("test_correct"))
 
 
 def _lowest(run: Run) -> int:
-    """The smallest client rank the config gives (HetLoRA's pruning may lower a client below it: not read)."""
-    ranks = run.config.get("ranks") or _by_rank(run, "prelort", "loss")  # PreLort never changes a client's rank
-    return min(int(r) for r in ranks)
+    """The smallest client rank of the run (``setup.json``'s resolved per-client ranks)."""
+    return min(run.setup["ranks"])
+
+
+def _low_clients(run: Run, method: str) -> list[int]:
+    """The rank each client set up at the smallest rank holds at ``method``'s last evaluation: that rank, or a lower
+    one where HetLoRA's self-pruning took it there (its download is then that rank's)."""
+    start = run.setup["ranks"]
+    now = _last(run, method).get("ranks") or start
+    return [now[k] for k, r in enumerate(start) if r == min(start)]
+
+
+def _low_score(run: Run, method: str) -> float:
+    """What the clients set up at the smallest rank receive: the mean over them of their download's test accuracy."""
+    scores = _by_rank(run, method, "accuracy")
+    return float(np.mean([scores[r] for r in _low_clients(run, method)]))
+
+
+def _low_correct(run: Run, method: str):
+    """Per test example, the mean over the smallest rank's clients of their download's correctness (or None)."""
+    each = [_download_correct(run, method, r) for r in _low_clients(run, method)]
+    return None if any(c is None for c in each) else np.mean(each, axis=0)
 
 
 def _pruned(runs: dict[int, Run], method: str) -> str:
-    """Which seeds' final ranks of ``method`` fell below the configured ones (HetLoRA's self-pruning), or ``""``."""
-    seeds = {s: sum(a < b for a, b in zip(_last(run, method).get("ranks", []), run.config.get("ranks", [])))
-             for s, run in runs.items()}
-    hit = {s: k for s, k in seeds.items() if k}
-    return "; ".join(f"seed {s}: {k} client(s)" for s, k in sorted(hit.items()))
+    """Per seed, how many of the smallest rank's clients ``method`` holds at a lower rank (HetLoRA's pruning)."""
+    out = []
+    for s, run in sorted(runs.items()):
+        held = _low_clients(run, method)
+        if k := sum(r < _lowest(run) for r in held):
+            out.append(f"seed {s}: {k} of {len(held)} clients")
+    return "; ".join(out)
 
 
-def _nested(runs: dict[int, Run], metric: str, lower_is_better: bool) -> tuple[list[dict], dict[str, list]]:
+def _nested(runs: dict[int, Run], metric: str, lower_is_better: bool) -> tuple[list[dict], dict[str, list], list[int]]:
     """PreLort against replication at each client rank (its download), paired per seed; accuracies with their
-    per-example standard errors where the runs recorded them (the interval's floor, :func:`~..verdicts.paired`)."""
+    per-example standard errors where the runs recorded them (the interval's floor, :func:`~..verdicts.paired`).
+    Returns the comparisons, the per-seed values and the ranks."""
     ranks = sorted(_by_rank(next(iter(runs.values())), "prelort", metric))
     comps, values = [], {}
     for r in ranks:
@@ -54,17 +76,17 @@ def _nested(runs: dict[int, Run], metric: str, lower_is_better: bool) -> tuple[l
         if lower_is_better:  # on the log ratio: perplexities of different seeds differ by factors
             d, se = _diff(np.log(q).tolist(), np.log(p).tolist()), None
         else:
-            d, se = _diff(p, q), _ses(runs, _rank_bits(r), "prelort", "replication")
+            d, se = _diff(p, q), _ses(runs, lambda run, m, r=r: _download_correct(run, m, r), "prelort",
+                                      "replication")
         comps.append(paired(d, against=f"replication at rank {r}", se=se))
         values[f"PreLort, rank {r}"], values[f"replication, rank {r}"] = p, q
-    return comps, values
+    return comps, values, ranks
 
 
-def _truncation_loss(runs: dict[int, Run], method: str, rank_of) -> float:
-    """The mean over seeds of ``method``'s global accuracy minus its download's at ``rank_of(run)``: what a client
-    of that rank loses against the global model, the room nesting has to act in."""
-    return float(np.mean(_per_seed(runs, lambda run: _last(run, method)["accuracy"]
-                                   - _by_rank(run, method, "accuracy")[rank_of(run)])))
+def _truncation_loss(runs: dict[int, Run], method: str, received) -> float:
+    """The mean over seeds of ``method``'s global accuracy minus ``received(run, method)``, what its clients receive:
+    what they lose against the global model, the room nesting has to act in."""
+    return float(np.mean(_per_seed(runs, lambda run: _last(run, method)["accuracy"] - received(run, method))))
 
 
 _PRELORT_CLAIMS = (
@@ -103,7 +125,7 @@ def _each(runs: dict[int, Run], stem: str, builders) -> list[Claim]:
     out = []
     for (claim, paper), (methods, build) in zip(_texts(stem), builders, strict=True):
         missing = [m for m in methods if any(m not in run.summary for run in runs.values())]
-        out.append(_not_run(claim, paper, f"no runs of {', '.join(missing)} in {stem}", configs=(stem,))
+        out.append(_not_run(claim, paper, f"no runs of {', '.join(missing)}", configs=(stem,))
                    if missing else build(runs))
     return out
 
@@ -138,11 +160,9 @@ def _minilm_low(cls: dict[int, Run]) -> Claim:
     titles = _titles(next(iter(cls.values())))
     # what the smallest configured rank's clients receive under each method: a prefix (FedIT, HetLoRA,
     # replication, PreLort), the best rank-r cut of the exact aggregate (FlexLoRA), the whole merge (FLoRA)
-    lows = {m: _per_seed(cls, lambda r, m=m: _by_rank(r, m, "accuracy")[_lowest(r)])
-            for m in (*_PRELORT_BASELINES, "prelort")}
+    lows = {m: _per_seed(cls, lambda r, m=m: _low_score(r, m)) for m in (*_PRELORT_BASELINES, "prelort")}
     low = _lowest(next(iter(cls.values())))
-    comps = [paired(_diff(lows["prelort"], lows[b]), against=titles[b],
-                    se=_ses(cls, lambda run, m: _rank_bits(_lowest(run))(run, m), "prelort", b))
+    comps = [paired(_diff(lows["prelort"], lows[b]), against=titles[b], se=_ses(cls, _low_correct, "prelort", b))
              for b in _PRELORT_BASELINES]
     pruned = _pruned(cls, "hetlora")
     return _decide(
@@ -152,22 +172,22 @@ def _minilm_low(cls: dict[int, Run]) -> Claim:
         + ", ".join(f"{titles[b]} {_ms(lows[b])}" for b in _PRELORT_BASELINES) + f"; PreLort minus {_vs(comps)}",
         comps, f"what a rank-{low} client receives: a prefix of the global adapter (FedIT, HetLoRA, replication, "
         f"PreLort), FlexLoRA's best rank-{low} cut, FLoRA's whole merge; holds only against each. Global minus "
-        f"rank-{low} download: " + ", ".join(f"{titles[m]} {_truncation_loss(cls, m, _lowest):+.3f}"
+        f"rank-{low} download: " + ", ".join(f"{titles[m]} {_truncation_loss(cls, m, _low_score):+.3f}"
                                              for m in (*_PRELORT_BASELINES, "prelort"))
-        + (f". HetLoRA's pruning took clients below their rank ({pruned}): the configured rank's download is read"
-           if pruned else ""), lows, configs=("minilm_bbc",))
+        + (f". HetLoRA's self-pruning took rank-{low} clients lower ({pruned}): each is read at the rank it holds, "
+           "the download it receives" if pruned else ""), lows, configs=("minilm_bbc",))
 
 
 def _minilm_nested(cls: dict[int, Run]) -> Claim:
-    comps, values = _nested(cls, "accuracy", lower_is_better=False)
-    ranks = sorted(_by_rank(next(iter(cls.values())), "prelort", "accuracy"))
+    comps, values, ranks = _nested(cls, "accuracy", lower_is_better=False)
     return _decide(
         "MiniLM: prefix-nested training lifts every rank's download above replication's (the same segment-wise "
         "rule without it)", "nested training makes every prefix a good model",
         f"PreLort minus replication, each rank's download on the test set: {_vs(comps)}", comps,
         "holds only if it holds at every client rank. Replication's global minus its download, ranks "
         + " / ".join(str(r) for r in ranks) + ": "
-        + " / ".join(f"{_truncation_loss(cls, 'replication', lambda run, r=r: r):+.3f}" for r in ranks),
+        + " / ".join(f"{_truncation_loss(cls, 'replication', lambda run, m, r=r: _by_rank(run, m, 'accuracy')[r]):+.3f}"
+                     for r in ranks),
         values, configs=("minilm_bbc",))
 
 
@@ -198,7 +218,7 @@ def _smollm2_perplexity(gen: dict[int, Run]) -> Claim:
 
 
 def _smollm2_nested(gen: dict[int, Run]) -> Claim:
-    comps, values = _nested(gen, "perplexity", lower_is_better=True)
+    comps, values, _ = _nested(gen, "perplexity", lower_is_better=True)
     return _decide(
         "SmolLM2: prefix-nested training gives every rank's download a lower perplexity than replication's",
         "nested training makes every prefix a good model",
