@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml Makefile
 
 # pytest's status 5 means no test was collected: a failure, not a pass.
 test: setup
-	$(PY) -m pytest -n 2 -p no:cacheprovider; status=$$?; \
+	$(PY) -m pytest -n 2 -p no:cacheprovider --durations=15; status=$$?; \
 	if [ $$status -eq 5 ]; then echo "make test: no tests collected" >&2; exit 1; fi; exit $$status
 
 test-fast: setup
