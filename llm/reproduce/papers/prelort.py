@@ -39,7 +39,8 @@ def _low_clients(run: Run, method: str) -> list[int]:
     one where HetLoRA's self-pruning took it there (its download is then that rank's)."""
     start = run.setup["ranks"]
     now = _last(run, method).get("ranks") or start
-    return [now[k] for k, r in enumerate(start) if r == min(start)]
+    low = _lowest(run)
+    return [now[k] for k, r in enumerate(start) if r == low]
 
 
 def _low_score(run: Run, method: str) -> float:
