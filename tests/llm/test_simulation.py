@@ -130,6 +130,24 @@ def test_runs_are_byte_identical_given_a_seed(tmp_path):
     assert _sha(c / "adapters")["flexlora.safetensors"] != a["adapters/flexlora.safetensors"]
 
 
+def test_a_method_run_alone_gives_the_rows_it_gives_beside_others(tmp_path):
+    # A rerun of one method (`--set methods=[...]`, e.g. at another rate) is paired with the other methods' runs
+    # of the same seed only if what a method sees (split, partition, batches, initial adapters) does not depend on
+    # which methods share the run or their order
+    cfg = _cfg(methods=["hetlora", "fedit", "prelort"], rounds=2)
+    run_experiment(cfg, tmp_path / "all", progress=False)
+    run_experiment(_cfg(methods=["prelort", "fedit"], rounds=2), tmp_path / "two", progress=False)
+
+    def rows(out, method):
+        lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return [r for r in lines if r["method"] == method]
+
+    for method in ("fedit", "prelort"):
+        assert rows(tmp_path / "all", method) == rows(tmp_path / "two", method) and rows(tmp_path / "two", method)
+    assert _sha(tmp_path / "all" / "adapters")["prelort.safetensors"] == \
+        _sha(tmp_path / "two" / "adapters")["prelort.safetensors"]
+
+
 @pytest.mark.parametrize("kind", ["nan", "shape"])
 def test_bad_client_update_is_dropped_and_counted(tmp_path, kind):
     # Prepare: client 1's round-1 update is corrupted
