@@ -22,7 +22,7 @@ from ..methods import METHODS, method_options
 from .chance import _above_majority, _near_chance  # noqa: F401  (kept importable from here)
 from .runs import Results, Run
 from .twins import publish, twin_results, twins
-from .verdicts import advice, combine, example_se, mean_sd, paired
+from .verdicts import CEILING, advice, combine, example_se, mean_sd, paired
 
 __all__ = ["Claim", "Experiment", "UNTUNED", "describe", "model_params"]
 
@@ -233,14 +233,23 @@ def _ms(values: Sequence[float], digits: int = 3) -> str:
 def _decide(claim: str, paper: str, ours: str, comparisons: list[dict], note: str = "",
             values: dict[str, list] | None = None, *, untestable: str = "", configs: Sequence[str] = (),
             trained: bool = True, short: str = "no method above the majority class") -> Claim:
-    """The claim with the combined verdict of its comparisons (``untestable``: the reason it is not testable here,
+    """The claim with the combined verdict of its comparisons (at the ceiling, :func:`~.verdicts.paired`'s ``room``:
+    "not testable here" where the others tie; ``untestable``: the reason it is not testable here,
     ``short`` that reason in a few words; ``configs``: the configs it reads; ``trained``: whether it is about
     training outcomes)."""
-    word = combine(c["verdict"] for c in comparisons)
+    # a comparison at the ceiling is a tie that could not have held: it can turn a tie into "not testable here",
+    # never a "does not hold" against another baseline
+    word = combine("tie" if c.get("ceiling") else c["verdict"] for c in comparisons)
     why = ""
     if untestable and word != "not run yet":
         word, why = "not testable here", short
         note = f"not testable here: {untestable}" + (f"; {note}" if note else "")
+    elif word == "tie" and (top := [c for c in comparisons if c.get("ceiling")]):
+        word, why = "not testable here", CEILING
+        note = ("not testable here: at the ceiling, 'holds' was out of reach against " + "; ".join(
+            f"{c['against']} (room {c['room']:.3f} <= the interval's half-width {c['high'] - c['mean']:.3f} on "
+            f"{c['n']} seeds)" for c in top)
+            + (f"; {note}" if note else ""))
     return Claim(claim, paper, ours, word, note, values or {}, comparisons,
                  advice(comparisons) if word not in ("not testable here", "not run yet") else "", tuple(configs),
                  trained, why)
@@ -307,19 +316,28 @@ def _diff(a: Sequence[float], b: Sequence[float]) -> list[float]:
 
 
 def _against(scores: dict[str, list[float]], winner: str, baselines: Sequence[str], titles: dict[str, str], *,
-             tol: float = 0.0, lower_is_better: bool = False, by_seed: dict[int, Run] | None = None) -> list[dict]:
+             tol: float = 0.0, lower_is_better: bool = False, by_seed: dict[int, Run] | None = None,
+             best: float | None = None) -> list[dict]:
     r"""``winner`` against each baseline, paired per seed (``winner - b``, or ``b - winner`` when lower is better).
 
     With ``by_seed`` (final global accuracy) each comparison also gets ``example_se``: per seed, the paired
     standard error over the test examples (:func:`~.verdicts.example_se`), when every run recorded them; the
-    interval's spread is floored at them (:func:`~.verdicts.paired`).
+    interval's spread is floored at them (:func:`~.verdicts.paired`). With ``best`` (the best score there is, 1 for
+    an accuracy; higher is better) each gets the room ``best`` minus the baseline's mean: a tie that could not have
+    held at that room is "not testable here" (:func:`~.verdicts.paired`).
     """
     out = []
     for b in baselines:
         d = _diff(scores[b], scores[winner]) if lower_is_better else _diff(scores[winner], scores[b])
         out.append(paired(d, tol, against=titles.get(b, b), se=None if by_seed is None else _ses(
-            by_seed, lambda run, m: _correct(run, run.history[m][-1].get("test_correct")), winner, b)))
+            by_seed, lambda run, m: _correct(run, run.history[m][-1].get("test_correct")), winner, b),
+            room=None if best is None else _room(best, scores[b])))
     return out
+
+
+def _room(best: float, baseline: Sequence[float]) -> float:
+    """How far the baseline's mean over seeds is from the best score there is: the most a winner can gain."""
+    return float(best - sum(baseline) / len(baseline))
 
 
 def _correct(run: Run, packed: str | None):

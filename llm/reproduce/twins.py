@@ -9,7 +9,8 @@ twin of ``hafl/freezing.toml``). Every claim is analysed twice, on the originals
 the published verdict is, with ``v_o`` the original's and ``v_c`` the twin's:
 
 - ``v_o`` when only the original has runs (``v_c`` is "not run yet"), ``v_c`` when only the twin has; the note
-  says which convention measured it and which twin has no runs;
+  says which convention measured it and which twin has no runs, and the verdict cell ``"<convention> only"``
+  where it gives no other reason;
 - ``v_o`` when ``v_o = v_c``: the conventions agree;
 - "not testable here" or "too few seeds" when either convention gives it (in that order): where one side cannot
   give a verdict there is nothing to agree on;
@@ -88,12 +89,12 @@ def publish(original: Claim, twin: Claim, pairs: dict[str, str]) -> Claim:
     if not ran_c:  # the twin lacks runs, or (a twin that ran some methods) the runs of this claim's methods
         lacks = twin.ours.removeprefix("not run yet: ")
         lacks = lacks if lacks.startswith("no runs of ") else "no runs"
-        return replace(original, twin=entry, note=_and(
+        return replace(original, twin=entry, why=original.why or f"{ORIGINAL_SCALING} only", note=_and(
             original.note, f"measured under lora_scaling = \"{ORIGINAL_SCALING}\" only: the constant twin "
             f"({', '.join(theirs)}) has {lacks}, so the scale conventions' agreement is not checked"))
     entry.update(ours=twin.ours, note=twin.note, why=twin.why, comparisons=twin.comparisons, values=twin.values)
     if not ran_o:
-        return replace(twin, twin=entry, note=_and(
+        return replace(twin, twin=entry, why=twin.why or f"{TWIN_SCALING} only", note=_and(
             twin.note, f"measured under lora_scaling = \"{TWIN_SCALING}\" only ({', '.join(theirs)}): the "
             f"{ORIGINAL_SCALING} original ({', '.join(mine)}) has no runs, so the conventions' agreement is not "
             "checked"))

@@ -95,6 +95,7 @@ def test_one_twin_alone_gives_its_verdict_and_says_which(toy):
     claim = _analyse(toy)
     # Assert
     assert claim["verdict"] == "holds" and claim["twin"]["verdict"] == "not run yet"
+    assert claim["why"] == "alpha_over_r only" and "**holds** (alpha_over_r only)" in (toy / "report.md").read_text()
     assert 'measured under lora_scaling = "alpha_over_r" only: the constant twin (main_constant) has no runs' \
         in claim["note"]
     # Prepare: only the twin has runs
@@ -105,6 +106,7 @@ def test_one_twin_alone_gives_its_verdict_and_says_which(toy):
     claim = _analyse(toy)
     # Assert
     assert claim["verdict"] == "does not hold" and claim["configs"] == ["main_constant"]
+    assert claim["why"] == "constant only"
     assert 'measured under lora_scaling = "constant" only (main_constant)' in claim["note"]
 
 

@@ -106,6 +106,30 @@ def test_the_test_sets_noise_floors_the_interval_so_equal_differences_are_not_a_
         paired(d, se=[0.01, -0.01, 0.01], against="FedIT")
 
 
+def test_a_tie_whose_holds_was_out_of_reach_at_the_ceiling_is_not_testable_on_five_seeds():
+    from lowrank_fed.llm.reproduce.claims import _decide
+
+    # Prepare: a baseline at 0.985 leaves 0.015 to gain; five seeds whose interval is +-0.02 wide each side
+    d = [0.02, -0.01, 0.015, -0.02, 0.005]
+    half = paired(d)["high"] - paired(d)["mean"]
+    assert 0.015 < half < 0.03
+    # Execute
+    capped, roomy, three = paired(d, room=0.015), paired(d, room=0.2), paired(d[:3], room=0.015)
+    # Assert: a perfect winner gains at most the room, under the half-width: "holds" was out of reach
+    assert capped["verdict"] == "not testable here" and capped["ceiling"] and capped["room"] == 0.015
+    assert roomy["verdict"] == "tie" and not roomy["ceiling"]  # room enough to have held: a tie is a tie
+    assert three["verdict"] == "tie" and advice([three]) == ADD_SEEDS  # fewer than 5 seeds: add seeds first
+    assert paired([0.01, 0.012, 0.011, 0.013, 0.01], room=0.015)["verdict"] == "holds"  # never touches a decision
+    assert paired([-0.03, -0.02, -0.025, -0.03, -0.02], room=0.015)["verdict"] == "does not hold"
+    # within a claim: the others tie -> not testable here, saying why; a loss elsewhere still decides
+    claim = _decide("a above b and c", "higher", "", [capped, paired(d, against="c")])
+    assert claim.verdict == "not testable here" and claim.why == "at the ceiling" and claim.advice == ""
+    assert claim.note.startswith("not testable here: at the ceiling, 'holds' was out of reach against")
+    assert f"room 0.015 <= the interval's half-width {half:.3f} on 5 seeds" in claim.note
+    lost = _decide("a above b and c", "higher", "", [capped, paired([-0.05, -0.04, -0.06, -0.05, -0.04])])
+    assert lost.verdict == "does not hold" and lost.why == ""
+
+
 def test_example_se_is_the_paired_standard_error_over_test_examples():
     a, b = np.array([1, 1, 0, 1, 0, 1]), np.array([1, 0, 0, 1, 1, 0])
     assert example_se(a, b) == pytest.approx(np.std(a - b, ddof=1) / math.sqrt(6))
@@ -277,6 +301,20 @@ def test_prelort_claims_on_a_config_that_ran_two_methods_read_only_the_nesting_c
     assert [c.verdict for c in claims[:2]] == ["not run yet"] * 2
     assert claims[0].ours == "not run yet: no runs of fedit, hetlora, flora, flexlora"
     assert claims[2].verdict != "not run yet" and claims[2].values["PreLort, rank 4"] == [0.75, 0.875, 0.875]
+
+
+def test_prelort_nesting_claim_is_decided_on_the_truncated_downloads_and_reports_the_full_rank_beside():
+    from lowrank_fed.llm.reproduce.claims import _prelort_minilm
+
+    # Prepare: PreLort's rank-4 download above replication's in seeds 1 and 2; both full rank-8 models equal
+    runs = {s: _prelort_run(s) for s in range(3)}
+    # Execute
+    claim = _prelort_minilm(runs)[2]
+    # Assert: only rank 4 (below the largest, 8) decides; rank 8 is in the text, not among the comparisons
+    assert [c["against"] for c in claim.comparisons] == ["replication at rank 4"]
+    assert "the full rank 8 (every slot; not decided on): +0.000" in claim.ours
+    assert claim.values["PreLort, rank 8"] == claim.values["replication, rank 8"] == [0.875] * 3
+    assert "(ours: the claim isolated)" in claim.paper and "below the largest" in claim.claim
 
 
 def _run(finals: dict[str, float], majority: float = 0.25, n: int = 200) -> Run:
