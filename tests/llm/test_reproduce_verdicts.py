@@ -251,16 +251,17 @@ def _bits(correct: list[int]) -> str:
 
 def _prelort_run(seed: int) -> Run:
     """A run of PreLort's MiniLM setting on 8 test examples, clients at ranks 8, 4, 4; HetLoRA's pruning has taken
-    the last client to rank 2, whose download is worse than the rank-4 one (0.5 against 0.75)."""
+    the last client to rank 2, whose download is worse than the rank-4 one (0.5 against 0.75). Each download's test
+    loss is 1 minus its accuracy."""
     methods = ("fedit", "hetlora", "replication", "flora", "flexlora", "prelort")
     summary, history = {}, {}
     for i, m in enumerate(methods):
         low = [1, 1, 1, 1, 1, 1, 0, 0] if m != "prelort" else [1, 1, 1, 1, 1, 1, int(seed > 0), 0]
-        by_rank = {"8": {"accuracy": 0.875, "test_correct": _bits([1] * 7 + [0])},
-                   "4": {"accuracy": sum(low) / 8, "test_correct": _bits(low)}}
+        by_rank = {"8": {"accuracy": 0.875, "loss": 0.125, "test_correct": _bits([1] * 7 + [0])},
+                   "4": {"accuracy": sum(low) / 8, "loss": 1 - sum(low) / 8, "test_correct": _bits(low)}}
         ranks = [8, 4, 4]
         if m == "hetlora":
-            by_rank["2"], ranks = {"accuracy": 0.5, "test_correct": _bits([1] * 4 + [0] * 4)}, [8, 4, 2]
+            by_rank["2"], ranks = {"accuracy": 0.5, "loss": 0.5, "test_correct": _bits([1] * 4 + [0] * 4)}, [8, 4, 2]
         summary[m] = {"final": 0.875, "title": m}
         history[m] = [{"round": 2, "accuracy": 0.875, "ranks": ranks, "by_rank": by_rank, "per_client": []}]
     return Run(summary, history, {"majority_accuracy": 0.25, "eval_size": 8, "ranks": [8, 4, 4]}, {"ranks": "tiers"})
@@ -315,6 +316,9 @@ def test_prelort_nesting_claim_is_decided_on_the_truncated_downloads_and_reports
     assert "the full rank 8 (every slot; not decided on): +0.000" in claim.ours
     assert claim.values["PreLort, rank 8"] == claim.values["replication, rank 8"] == [0.875] * 3
     assert "(ours: the claim isolated)" in claim.paper and "below the largest" in claim.claim
+    # the test loss, replication's minus PreLort's, at every rank: in the note, not among the deciding comparisons
+    assert "Test loss (cross-entropy), replication's minus PreLort's, reported and not decided on: vs replication " \
+           "at rank 4 +0.083 [" in claim.note and "vs replication at rank 8 +0.000" in claim.note
 
 
 def _run(finals: dict[str, float], majority: float = 0.25, n: int = 200) -> Run:
