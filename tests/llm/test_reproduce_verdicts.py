@@ -263,7 +263,8 @@ def _prelort_run(seed: int) -> Run:
         if m == "hetlora":
             by_rank["2"], ranks = {"accuracy": 0.5, "loss": 0.5, "test_correct": _bits([1] * 4 + [0] * 4)}, [8, 4, 2]
         summary[m] = {"final": 0.875, "title": m}
-        history[m] = [{"round": 2, "accuracy": 0.875, "ranks": ranks, "by_rank": by_rank, "per_client": []}]
+        history[m] = [{"round": 2, "accuracy": 0.875, "loss": 0.125, "ranks": ranks, "by_rank": by_rank,
+                       "per_client": []}]
     return Run(summary, history, {"majority_accuracy": 0.25, "eval_size": 8, "ranks": [8, 4, 4]}, {"ranks": "tiers"})
 
 
@@ -279,6 +280,9 @@ def test_prelort_low_rank_claim_reads_what_the_smallest_ranks_clients_receive_ag
     assert claim.values["hetlora"] == [0.625] * 3 and claim.values["prelort"] == [0.75, 0.875, 0.875]
     assert [c["against"] for c in claim.comparisons] == ["fedit", "hetlora", "replication", "flora", "flexlora"]
     assert "seed 0: 1 of 2 clients" in claim.note and "Global minus rank-4 download: fedit +0.125" in claim.note
+    # the rank-4 clients' test loss, each baseline's minus PreLort's, beside it (HetLoRA: (0.25 + 0.5) / 2 - 0.25)
+    assert "Test loss (cross-entropy), each baseline's minus PreLort's, shown and not decided on: vs fedit +0.083 [" \
+        in claim.note and "vs hetlora +0.208 [" in claim.note
     # each interval is floored at the per-example standard errors of what the rank-4 clients receive
     d = np.array([1, 1, 1, 1, 1, 1, 1, 0]) - np.array([1, 1, 1, 1, 1, 1, 0, 0])
     assert claim.comparisons[0]["example_se"] == pytest.approx([0.0] + [np.std(d, ddof=1) / math.sqrt(8)] * 2)
@@ -317,7 +321,7 @@ def test_prelort_nesting_claim_is_decided_on_the_truncated_downloads_and_reports
     assert claim.values["PreLort, rank 8"] == claim.values["replication, rank 8"] == [0.875] * 3
     assert "(ours: the claim isolated)" in claim.paper and "below the largest" in claim.claim
     # the test loss, replication's minus PreLort's, at every rank: in the note, not among the deciding comparisons
-    assert "Test loss (cross-entropy), replication's minus PreLort's, reported and not decided on: vs replication " \
+    assert "Test loss (cross-entropy), replication's minus PreLort's, shown and not decided on: vs replication " \
            "at rank 4 +0.083 [" in claim.note and "vs replication at rank 8 +0.000" in claim.note
 
 

@@ -43,9 +43,10 @@ def _low_clients(run: Run, method: str) -> list[int]:
     return [now[k] for k, r in enumerate(start) if r == low]
 
 
-def _low_score(run: Run, method: str) -> float:
-    """What the clients set up at the smallest rank receive: the mean over them of their download's test accuracy."""
-    scores = _by_rank(run, method, "accuracy")
+def _low_score(run: Run, method: str, metric: str = "accuracy") -> float:
+    """What the clients set up at the smallest rank receive: the mean over them of their download's test accuracy
+    (``metric``: or its test loss)."""
+    scores = _by_rank(run, method, metric)
     return float(np.mean([scores[r] for r in _low_clients(run, method)]))
 
 
@@ -125,6 +126,14 @@ def _texts(stem: str) -> list[tuple[str, str]]:
     return [(claim, paper) for s, claim, paper in _PRELORT_CLAIMS if s == stem]
 
 
+def _losses(cls: dict[int, Run], loss) -> str:
+    """Each baseline's test loss minus PreLort's, paired per seed (``loss(run, method)``): shown beside an accuracy
+    claim, never deciding (a loss does not saturate where accuracy does; fixed before the 50-step reruns)."""
+    values = {m: _per_seed(cls, lambda run, m=m: loss(run, m)) for m in _ALL}
+    comps = _against(values, "prelort", _PRELORT_BASELINES, _titles(next(iter(cls.values()))), lower_is_better=True)
+    return ". Test loss (cross-entropy), each baseline's minus PreLort's, shown and not decided on: " + _vs(comps)
+
+
 #: The methods each claim compares: all six, or (nesting isolated) PreLort and replication alone.
 _ALL, _NESTING = (*_PRELORT_BASELINES, "prelort"), ("prelort", "replication")
 
@@ -156,13 +165,13 @@ def _minilm_global(cls: dict[int, Run]) -> Claim:
     top = max(_by_rank(next(iter(cls.values())), "prelort", "accuracy"))
     flex_top = _per_seed(cls, lambda run: _by_rank(run, "flexlora", "accuracy")[top])
     return _decide(
-        "MiniLM / BBC News: PreLort's global accuracy above every baseline",
-        "higher accuracy",
+        *_texts("minilm_bbc")[0],
         f"PreLort {_ms(acc['prelort'])}; " + ", ".join(f"{titles[b]} {_ms(acc[b])}" for b in _PRELORT_BASELINES)
         + f"; PreLort minus {_vs(comps)}",
         comps, "PreLort minus each of FedIT, HetLoRA, replication, FLoRA, FlexLoRA per seed; holds only against each. "
         "FlexLoRA's global model is the exact aggregate, which no client holds; its rank-"
-        f"{top} download, what its rank-{top} clients receive: {_ms(flex_top)}",
+        f"{top} download, what its rank-{top} clients receive: {_ms(flex_top)}"
+        + _losses(cls, lambda run, m: _last(run, m)["loss"]),
         acc, untestable=_near_chance(cls, (*_PRELORT_BASELINES, "prelort")), configs=("minilm_bbc",))
 
 
@@ -176,8 +185,7 @@ def _minilm_low(cls: dict[int, Run]) -> Claim:
                     room=_room(1.0, lows[b])) for b in _PRELORT_BASELINES]
     pruned = _pruned(cls, "hetlora")
     return _decide(
-        "Low-rank clients gain from high-rank ones: PreLort's rank-4 download above each baseline's",
-        "higher accuracy at low ranks",
+        *_texts("minilm_bbc")[1],
         f"rank-{low} download: PreLort {_ms(lows['prelort'])}, "
         + ", ".join(f"{titles[b]} {_ms(lows[b])}" for b in _PRELORT_BASELINES) + f"; PreLort minus {_vs(comps)}",
         comps, f"what a rank-{low} client receives: a prefix of the global adapter (FedIT, HetLoRA, replication, "
@@ -185,7 +193,8 @@ def _minilm_low(cls: dict[int, Run]) -> Claim:
         f"rank-{low} download: " + ", ".join(f"{titles[m]} {_truncation_loss(cls, m, _low_score):+.3f}"
                                              for m in (*_PRELORT_BASELINES, "prelort"))
         + (f". HetLoRA's self-pruning took rank-{low} clients lower ({pruned}): each is read at the rank it holds, "
-           "the download it receives" if pruned else ""), lows, configs=("minilm_bbc",))
+           "the download it receives" if pruned else "") + _losses(cls, lambda run, m: _low_score(run, m, "loss")),
+        lows, configs=("minilm_bbc",))
 
 
 def _full_rank(comps: list[dict], ranks: list[int]) -> str:
@@ -201,14 +210,14 @@ def _minilm_nested(cls: dict[int, Run]) -> Claim:
     # reruns, whose tune trials had every method at 0.97-0.99 validation accuracy)
     losses, _, _ = _nested(cls, "loss", lower_is_better=True)
     return _decide(
-        _NESTED_CLAIM.format(model="MiniLM", what="above replication's"), _NESTED_PAPER,
+        *_texts("minilm_bbc")[2],
         f"PreLort minus replication, each truncated download on the test set: {_vs(comps[:-1])}; "
         + _full_rank(comps, ranks), comps[:-1],
         "holds only if it holds at every client rank below the largest. Replication's global minus its download, "
         "ranks " + " / ".join(str(r) for r in ranks) + ": "
         + " / ".join(f"{_truncation_loss(cls, 'replication', lambda run, m, r=r: _by_rank(run, m, 'accuracy')[r]):+.3f}"
                      for r in ranks)
-        + ". Test loss (cross-entropy), replication's minus PreLort's, reported and not decided on: " + _vs(losses),
+        + ". Test loss (cross-entropy), replication's minus PreLort's, shown and not decided on: " + _vs(losses),
         values, configs=("minilm_bbc",))
 
 
@@ -217,8 +226,7 @@ def _smollm2_rouge(gen: dict[int, Run]) -> Claim:
     rouge = {m: _per_seed(gen, _final(m, "rouge_l")) for m in (*_PRELORT_BASELINES, "prelort")}
     comps = _against(rouge, "prelort", _PRELORT_BASELINES, titles)
     return _decide(
-        "SmolLM2 / BBC headlines: PreLort's ROUGE-L above every baseline",
-        "higher ROUGE-L",
+        *_texts("smollm2_headlines")[0],
         f"PreLort {_ms(rouge['prelort'])}; " + ", ".join(f"{titles[b]} {_ms(rouge[b])}" for b in _PRELORT_BASELINES)
         + f"; PreLort minus {_vs(comps)}",
         comps, "global model, greedy headlines", rouge, configs=("smollm2_headlines",))
@@ -230,8 +238,7 @@ def _smollm2_perplexity(gen: dict[int, Run]) -> Claim:
     logs = {m: np.log(v).tolist() for m, v in ppl.items()}
     comps = _against(logs, "prelort", _PRELORT_BASELINES, titles, tol=-PRELORT_PPL_TOL, lower_is_better=True)
     return _decide(
-        "SmolLM2: PreLort's perplexity lower than or equal to the baselines'",
-        "lower or equal perplexity",
+        *_texts("smollm2_headlines")[1],
         f"PreLort {_ms(ppl['prelort'], 2)}; " + ", ".join(f"{titles[b]} {_ms(ppl[b], 2)}" for b in _PRELORT_BASELINES)
         + f"; ln(baseline / PreLort) {_vs(comps)}",
         comps, "per baseline ln(its perplexity / PreLort's); holds if the interval lies above -ln 1.01 (equal "
@@ -241,7 +248,7 @@ def _smollm2_perplexity(gen: dict[int, Run]) -> Claim:
 def _smollm2_nested(gen: dict[int, Run]) -> Claim:
     comps, values, ranks = _nested(gen, "perplexity", lower_is_better=True)
     return _decide(
-        _NESTED_CLAIM.format(model="SmolLM2", what="a lower perplexity than replication's"), _NESTED_PAPER,
+        *_texts("smollm2_headlines")[2],
         f"ln(replication / PreLort), each truncated download: {_vs(comps[:-1])}; " + _full_rank(comps, ranks),
         comps[:-1], "holds only if it holds at every client rank below the largest", values,
         configs=("smollm2_headlines",))
