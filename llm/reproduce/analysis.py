@@ -19,9 +19,9 @@ from pathlib import Path
 
 from ..config_files import tuned_paths
 from ..methods import METHODS, method_options
-from .chance import _above_majority, _near_chance  # noqa: F401  (kept importable from here)
+from .chance import _above_majority, _at_ceiling, _near_chance, _perfect  # noqa: F401  (importable from here)
 from .runs import Results, Run
-from .twins import publish, twin_results, twins
+from .twins import _and, publish, twin_results, twins
 from .verdicts import CEILING, advice, combine, example_se, mean_sd, paired
 
 __all__ = ["Claim", "Experiment", "UNTUNED", "describe", "model_params"]
@@ -44,7 +44,8 @@ class Claim:
     #: the configs whose runs the claim reads; whether its outcome depends on training (a learning rate)
     configs: tuple[str, ...] = ()
     trained: bool = True
-    #: why it is "not testable here", in a few words for the verdict cell
+    #: why it is "not testable here" (or which convention measured it, or how the conventions disagree), in a few
+    #: words for the verdict cell
     why: str = ""
     #: the constant twin's analysis, for a claim that reads a config with a twin (:func:`~.twins.publish`)
     twin: dict | None = None
@@ -233,23 +234,24 @@ def _ms(values: Sequence[float], digits: int = 3) -> str:
 def _decide(claim: str, paper: str, ours: str, comparisons: list[dict], note: str = "",
             values: dict[str, list] | None = None, *, untestable: str = "", configs: Sequence[str] = (),
             trained: bool = True, short: str = "no method above the majority class") -> Claim:
-    """The claim with the combined verdict of its comparisons (at the ceiling, :func:`~.verdicts.paired`'s ``room``:
-    "not testable here" where the others tie; ``untestable``: the reason it is not testable here,
+    """The claim with the combined verdict of its comparisons (at the ceiling, :func:`~.verdicts.paired`'s
+    ``perfect``: "not testable here" where no other comparison ties or decides; ``untestable``: the reason it is not
+    testable here,
     ``short`` that reason in a few words; ``configs``: the configs it reads; ``trained``: whether it is about
     training outcomes)."""
-    # a comparison at the ceiling is a tie that could not have held: it can turn a tie into "not testable here",
-    # never a "does not hold" against another baseline
+    # a comparison at the ceiling is a tie that even a perfect winner would not have won: the claim is "not
+    # testable here" only where every tie is one (a tie with room to win is a finding), never over a "does not hold"
     word = combine("tie" if c.get("ceiling") else c["verdict"] for c in comparisons)
+    top = [c for c in comparisons if c.get("ceiling")]
     why = ""
     if untestable and word != "not run yet":
         word, why = "not testable here", short
         note = f"not testable here: {untestable}" + (f"; {note}" if note else "")
-    elif word == "tie" and (top := [c for c in comparisons if c.get("ceiling")]):
+    elif word == "tie" and top and not any(c["verdict"] == "tie" for c in comparisons):
         word, why = "not testable here", CEILING
-        note = ("not testable here: at the ceiling, 'holds' was out of reach against " + "; ".join(
-            f"{c['against']} (room {c['room']:.3f} <= the interval's half-width {c['high'] - c['mean']:.3f} on "
-            f"{c['n']} seeds)" for c in top)
-            + (f"; {note}" if note else ""))
+        note = f"not testable here: {_at_ceiling(top)}" + (f"; {note}" if note else "")
+    elif top:
+        note = _and(note, _at_ceiling(top))
     return Claim(claim, paper, ours, word, note, values or {}, comparisons,
                  advice(comparisons) if word not in ("not testable here", "not run yet") else "", tuple(configs),
                  trained, why)
@@ -323,21 +325,19 @@ def _against(scores: dict[str, list[float]], winner: str, baselines: Sequence[st
     With ``by_seed`` (final global accuracy) each comparison also gets ``example_se``: per seed, the paired
     standard error over the test examples (:func:`~.verdicts.example_se`), when every run recorded them; the
     interval's spread is floored at them (:func:`~.verdicts.paired`). With ``best`` (the best score there is, 1 for
-    an accuracy; higher is better) each gets the room ``best`` minus the baseline's mean: a tie that could not have
-    held at that room is "not testable here" (:func:`~.verdicts.paired`).
+    an accuracy; higher is better) each is also made for a winner at ``best`` on every example (:func:`_perfect`):
+    a tie that even it would not have won is "not testable here" (:func:`~.verdicts.paired`).
     """
+    if best is not None and lower_is_better:
+        raise ValueError("'best' is the best score of a higher-is-better claim; got lower_is_better=True.")
     out = []
     for b in baselines:
         d = _diff(scores[b], scores[winner]) if lower_is_better else _diff(scores[winner], scores[b])
         out.append(paired(d, tol, against=titles.get(b, b), se=None if by_seed is None else _ses(
             by_seed, lambda run, m: _correct(run, run.history[m][-1].get("test_correct")), winner, b),
-            room=None if best is None else _room(best, scores[b])))
+            perfect=None if best is None else _perfect(scores[b], by_seed, lambda run, m=b: _correct(
+                run, run.history[m][-1].get("test_correct")), best)))
     return out
-
-
-def _room(best: float, baseline: Sequence[float]) -> float:
-    """How far the baseline's mean over seeds is from the best score there is: the most a winner can gain."""
-    return float(best - sum(baseline) / len(baseline))
 
 
 def _correct(run: Run, packed: str | None):

@@ -173,12 +173,14 @@ def report_markdown(report: dict) -> str:
               "Clopper-Pearson 95% interval; a count (bytes, parameters) is exact, no interval; rounds to a target "
               "(an integer capped at the last round + 1) get a sign count over seeds. **not testable here**: no "
               "method above the majority class, a model the claim needs trained that had not learnt in enough "
-              "seeds, or learning rates chosen for another setting (the cell says which).", ""]
+              "seeds, learning rates chosen for another setting, or a tie on 5 seeds that even a winner right on "
+              "every test example would not have won (at the ceiling; the cell says which).", ""]
     if any(c.get("twin") for c in report["claims"]):
         lines += ["Scale conventions: a claim that reads a config with a constant twin (`<config>_constant`, "
                   "`lora_scaling = \"constant\"`) is analysed on both; the published verdict is the one both agree "
                   f"on, **{DEPENDS}** where they disagree (both sets of numbers are given, the twin's marked "
-                  "`[constant]`); where only one has runs, that one's, and the note says which.", ""]
+                  "`[constant]`); where only one has runs, that one's, and the cell says which (\"alpha_over_r "
+                  "only\").", ""]
     lines += [f"How this differs from the paper: {report['differences']}", ""]
     if report.get("analysis_only"):
         lines += ["Analysis only (`--analyse-only`): this report was rewritten from the finished runs in this "

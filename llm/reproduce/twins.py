@@ -13,7 +13,9 @@ the published verdict is, with ``v_o`` the original's and ``v_c`` the twin's:
   where it gives no other reason;
 - ``v_o`` when ``v_o = v_c``: the conventions agree;
 - "not testable here" or "too few seeds" when either convention gives it (in that order): where one side cannot
-  give a verdict there is nothing to agree on;
+  give a verdict there is nothing to agree on; a claim at the ceiling (a tie that even a perfect winner would not
+  have won) counts as the tie it is, so it never outweighs the other convention's verdict, and a tie under both
+  is published as the one with room to win where only one is at the ceiling;
 - :data:`DEPENDS` ("depends on the scale convention") when both give a verdict (holds, tie, does not hold) and
   they differ: neither is published as the finding.
 
@@ -28,7 +30,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from .verdicts import DEPENDS
+from .verdicts import CEILING, DEPENDS
 
 if TYPE_CHECKING:
     from .analysis import Claim
@@ -102,18 +104,34 @@ def publish(original: Claim, twin: Claim, pairs: dict[str, str]) -> Claim:
     both = dict(ours=f"{ORIGINAL_SCALING}: {original.ours}; {TWIN_SCALING} ({', '.join(theirs)}): {twin.ours}",
                 comparisons=[*original.comparisons, *comparisons], values={**original.values, **values},
                 configs=(*original.configs, *theirs), twin=entry)
-    if original.verdict == twin.verdict:
-        return replace(original, **both, advice=original.advice or twin.advice, note=_and(
-            original.note, f"both scale conventions agree ({ORIGINAL_SCALING} and {TWIN_SCALING}: "
-            f"{original.verdict})"))
+    # a tie at the ceiling (even a perfect winner would not have won) is a tie here: it never outweighs a verdict
+    eo, ec = _agreeing(original), _agreeing(twin)
+    if eo == ec:  # the same, or a tie under both: the one with room to win where only one is at the ceiling
+        side = twin if original.why == CEILING and twin.verdict == "tie" else original
+        return replace(original, **both, verdict=side.verdict, why=side.why,
+                       advice=original.advice or twin.advice, note=_and(
+                           original.note, f"both scale conventions agree ({ORIGINAL_SCALING} and {TWIN_SCALING}: "
+                           f"{_word(original)})" if _word(original) == _word(twin) else
+                           f"both scale conventions tie ({ORIGINAL_SCALING}: {_word(original)}, {TWIN_SCALING}: "
+                           f"{_word(twin)})"))
     for word in _UNDECIDED:
-        if word in (original.verdict, twin.verdict):
+        if word in (eo, ec):
             side = original if original.verdict == word else twin
             return replace(original, **both, verdict=word, why=side.why, advice="", note=_and(
                 original.note, f"{ORIGINAL_SCALING}: {original.verdict}, {TWIN_SCALING}: {twin.verdict}; "
                 f"no verdict under one convention, so none is published"))
     return replace(original, **both, verdict=DEPENDS, advice="",
-                   why=f"{ORIGINAL_SCALING}: {original.verdict}, {TWIN_SCALING}: {twin.verdict}",
-                   note=_and(original.note, f"the scale conventions disagree ({ORIGINAL_SCALING}: {original.verdict}; "
-                             f"{TWIN_SCALING}: {twin.verdict}): the claim depends on the scale convention, "
+                   why=f"{ORIGINAL_SCALING}: {_word(original)}, {TWIN_SCALING}: {_word(twin)}",
+                   note=_and(original.note, f"the scale conventions disagree ({ORIGINAL_SCALING}: {_word(original)}; "
+                             f"{TWIN_SCALING}: {_word(twin)}): the claim depends on the scale convention, "
                              "so neither verdict is published"))
+
+
+def _agreeing(claim: Claim) -> str:
+    """The verdict the agreement rule compares: a claim at the ceiling (:data:`~.verdicts.CEILING`) counts as a
+    tie, which it is (a tie that even a perfect winner would not have won)."""
+    return "tie" if claim.why == CEILING else claim.verdict
+
+
+def _word(claim: Claim) -> str:
+    return "not testable here (at the ceiling)" if claim.why == CEILING else claim.verdict

@@ -18,10 +18,9 @@ test sets' own noise where the runs recorded it (:func:`paired`). Against a thre
   says :data:`ADD_SEEDS`);
 - **too few seeds**: fewer than :data:`MIN_SEEDS` seeds, no verdict;
 - **not testable here** (at the ceiling, :data:`CEILING`): a tie on at least :data:`ADVISE_BELOW` seeds (the
-  protocol's most; a tie on fewer asks for seeds instead) whose "holds" was out of reach, since the interval's
-  half-width is at least the room the scores leave (``room - tol``; for accuracy ``1`` minus the baseline's mean:
-  a claimed winner can gain at most that much), so even a perfect score would have read "tie" at the spread the
-  seeds show;
+  protocol's most; a tie on fewer asks for seeds instead) that even a perfect winner would not have won: the same
+  comparison with the winner at the best score there is on every test example (an accuracy of 1: ``d_s = 1 - b_s``,
+  its per-example error that of the baseline's correctness alone) does not hold either;
 - **depends on the scale convention** (:data:`DEPENDS`): set by the twins' agreement rule (:mod:`.twins`) where a
   claim measured under both ``lora_scaling`` conventions (a config and its constant twin) gets two different
   verdicts; neither is published.
@@ -40,15 +39,15 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-__all__ = ["VERDICTS", "DEPENDS", "CEILING", "MIN_SEEDS", "ADVISE_BELOW", "ADD_SEEDS", "LEVEL", "mean_sd", "paired", "verdict",
-           "combine", "advice", "example_se", "proportion", "exact", "sign_count", "not_run"]
+__all__ = ["VERDICTS", "DEPENDS", "CEILING", "MIN_SEEDS", "ADVISE_BELOW", "ADD_SEEDS", "LEVEL", "mean_sd", "paired",
+           "verdict", "combine", "advice", "example_se", "proportion", "exact", "sign_count", "not_run"]
 
 #: The verdict of a claim whose two scale conventions (a config and its constant twin) disagree (:mod:`.twins`).
 DEPENDS = "depends on the scale convention"
 #: Every verdict a claim can carry. "not testable here" is set by a claim's analysis, which states why;
 #: "not run yet" by a claim whose runs do not exist (or predate what it needs); :data:`DEPENDS` by the twins' rule.
 VERDICTS = ("holds", "tie", "does not hold", "too few seeds", "not testable here", "not run yet", DEPENDS)
-#: Why a tie is "not testable here" when "holds" was out of reach (:func:`paired`'s ``room``).
+#: Why a tie is "not testable here" when even a perfect winner would not have won (:func:`paired`'s ``perfect``).
 CEILING = "at the ceiling"
 #: Fewer seeds than this: no verdict.
 MIN_SEEDS = 3
@@ -66,7 +65,8 @@ def mean_sd(values: Sequence[float]) -> dict:
 
 
 def paired(differences: Sequence[float], tol: float = 0.0, *, against: str = "",
-           se: Sequence[float] | None = None, room: float | None = None) -> dict:
+           se: Sequence[float] | None = None,
+           perfect: tuple[Sequence[float], Sequence[float] | None] | None = None) -> dict:
     r"""The paired comparison of one claim against one baseline: its interval over seeds and its verdict.
 
     With ``se`` (per seed, the paired standard error of ``d_s`` over that seed's test examples, :func:`example_se`)
@@ -88,12 +88,12 @@ def paired(differences: Sequence[float], tol: float = 0.0, *, against: str = "",
         ``-tol``").
     against : str
         What the claim is compared with (a method's name, a rank), for the report.
-    room : float, optional
-        The largest mean difference the scores allow (an accuracy: ``1`` minus the baseline's mean over seeds). A
-        tie on at least :data:`ADVISE_BELOW` seeds with ``high - mean >= room - tol`` (the half-width) could not
-        have held whatever the winner scored at this spread, ``mean <= room``: its verdict is "not testable here"
-        (:data:`CEILING`). Approximate in one respect, stated: a better winner would change the spread of ``d_s``
-        too. On fewer seeds the tie stands (:func:`advice` asks for seeds: the half-width shrinks as ``1/sqrt n``).
+    perfect : (differences, se), optional
+        The same comparison for a winner at the best score there is on every example (an accuracy: ``1 - b_s`` per
+        seed, and ``se`` the baseline's per-example error, :func:`example_se` against all ones, or None). A tie on
+        at least :data:`ADVISE_BELOW` seeds whose perfect counterpart does not hold either could not have held
+        whatever the winner scored: its verdict is "not testable here" (:data:`CEILING`). On fewer seeds the tie
+        stands (:func:`advice` asks for seeds: the interval narrows as ``1/sqrt n``).
 
     Returns
     -------
@@ -101,7 +101,8 @@ def paired(differences: Sequence[float], tol: float = 0.0, *, against: str = "",
         ``against``, ``differences``, ``mean``, ``sd`` (None for one seed), ``n``, ``low``, ``high`` (the
         interval; None below 2 seeds), ``level``, ``tol``, ``verdict``; with ``se``, ``example_se`` (the values)
         and ``sd_floor`` (their root mean square above; the interval used it where it exceeds ``sd``); with
-        ``room``, ``room`` and ``ceiling`` (whether the rule above made the verdict).
+        ``perfect``, ``perfect`` (that comparison's ``mean``, ``low``, ``high``, ``verdict``, where it was made) and
+        ``ceiling`` (whether the rule above made the verdict).
 
     Raises
     ------
@@ -135,15 +136,19 @@ def paired(differences: Sequence[float], tol: float = 0.0, *, against: str = "",
         word = "does not hold"
     else:
         word = "tie"
-    ceiling = word == "tie" and room is not None and n >= ADVISE_BELOW and high - mean >= float(room) - tol
+    best = None
+    if word == "tie" and perfect is not None and n >= ADVISE_BELOW:
+        best = {k: v for k, v in paired(perfect[0], tol, se=perfect[1]).items()
+                if k in ("mean", "low", "high", "verdict")}
+    ceiling = best is not None and best["verdict"] != "holds"
     if ceiling:
         word = "not testable here"
     out = {"against": against, "differences": d.tolist(), "mean": mean, "sd": sd, "n": n, "low": low, "high": high,
            "level": LEVEL, "tol": float(tol), "verdict": word}
     if se is not None:
         out.update(example_se=e.tolist(), sd_floor=floor)
-    if room is not None:
-        out.update(room=float(room), ceiling=ceiling)
+    if perfect is not None:
+        out.update(perfect=best, ceiling=ceiling)
     return out
 
 

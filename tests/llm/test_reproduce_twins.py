@@ -119,3 +119,30 @@ def test_hafl_and_prelort_pair_each_config_with_its_constant_twin():
     assert twins(EXPERIMENTS["prelort"].configs) == {"minilm_bbc": "minilm_bbc_constant",
                                                      "smollm2_headlines": "smollm2_headlines_constant"}
     assert all(not twins(EXPERIMENTS[n].configs) for n in ("lora-a2", "byun-lee", "clair"))
+
+
+def test_a_claim_at_the_ceiling_counts_as_the_tie_it_is_between_the_conventions():
+    from lowrank_fed.llm.reproduce.claims import Claim
+    from lowrank_fed.llm.reproduce.twins import publish
+
+    pairs = {"main": "main_constant"}
+
+    def claim(verdict, why="", stem="main", ours="ours"):
+        return Claim(*CLAIM, ours, verdict, "", configs=(stem,), why=why)
+
+    ceiling = claim("not testable here", "at the ceiling")
+    # Execute / Assert: against a decided verdict the conventions disagree (a tie against a loss), never "not testable"
+    out = publish(ceiling, claim("does not hold", stem="main_constant"), pairs)
+    assert out.verdict == DEPENDS
+    assert out.why == "alpha_over_r: not testable here (at the ceiling), constant: does not hold"
+    # against a tie with room to win, the tie is published
+    out = publish(ceiling, claim("tie", stem="main_constant"), pairs)
+    assert out.verdict == "tie" and out.why == ""
+    assert "both scale conventions tie (alpha_over_r: not testable" in out.note
+    # both at the ceiling: not testable, saying why
+    out = publish(ceiling, claim("not testable here", "at the ceiling", "main_constant"), pairs)
+    assert out.verdict == "not testable here" and out.why == "at the ceiling"
+    # one convention alone keeps the reason its analysis gave; with none, the cell names the convention
+    lone = claim("not run yet", stem="main_constant", ours="not run yet: no runs")
+    assert publish(claim("not testable here", "learning rate not tuned"), lone, pairs).why == "learning rate not tuned"
+    assert publish(claim("tie"), lone, pairs).why == "alpha_over_r only"

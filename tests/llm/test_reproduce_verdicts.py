@@ -106,28 +106,59 @@ def test_the_test_sets_noise_floors_the_interval_so_equal_differences_are_not_a_
         paired(d, se=[0.01, -0.01, 0.01], against="FedIT")
 
 
-def test_a_tie_whose_holds_was_out_of_reach_at_the_ceiling_is_not_testable_on_five_seeds():
+def test_a_tie_that_even_a_perfect_winner_would_not_have_won_is_not_testable_on_five_seeds():
     from lowrank_fed.llm.reproduce.claims import _decide
 
-    # Prepare: a baseline at 0.985 leaves 0.015 to gain; five seeds whose interval is +-0.02 wide each side
+    # Prepare: five seeds that tie (interval +-0.021); a perfect winner against a baseline at 0.99-0.995 (200 test
+    # examples, its per-example error std(c_b) / sqrt 200) ties too, one against a baseline at 0.95-0.96 holds
     d = [0.02, -0.01, 0.015, -0.02, 0.005]
-    half = paired(d)["high"] - paired(d)["mean"]
-    assert 0.015 < half < 0.03
+    high_b, low_b = [0.995, 0.99, 0.995, 0.99, 0.995], [0.95, 0.96, 0.955, 0.95, 0.96]
+    capped_best = ([1 - b for b in high_b], [math.sqrt(b * (1 - b) / 199) for b in high_b])
+    roomy_best = ([1 - b for b in low_b], [math.sqrt(b * (1 - b) / 199) for b in low_b])
+    assert paired(capped_best[0], se=capped_best[1])["verdict"] == "tie"
+    assert paired(roomy_best[0], se=roomy_best[1])["verdict"] == "holds"
     # Execute
-    capped, roomy, three = paired(d, room=0.015), paired(d, room=0.2), paired(d[:3], room=0.015)
-    # Assert: a perfect winner gains at most the room, under the half-width: "holds" was out of reach
-    assert capped["verdict"] == "not testable here" and capped["ceiling"] and capped["room"] == 0.015
-    assert roomy["verdict"] == "tie" and not roomy["ceiling"]  # room enough to have held: a tie is a tie
-    assert three["verdict"] == "tie" and advice([three]) == ADD_SEEDS  # fewer than 5 seeds: add seeds first
-    assert paired([0.01, 0.012, 0.011, 0.013, 0.01], room=0.015)["verdict"] == "holds"  # never touches a decision
-    assert paired([-0.03, -0.02, -0.025, -0.03, -0.02], room=0.015)["verdict"] == "does not hold"
-    # within a claim: the others tie -> not testable here, saying why; a loss elsewhere still decides
-    claim = _decide("a above b and c", "higher", "", [capped, paired(d, against="c")])
-    assert claim.verdict == "not testable here" and claim.why == "at the ceiling" and claim.advice == ""
-    assert claim.note.startswith("not testable here: at the ceiling, 'holds' was out of reach against")
-    assert f"room 0.015 <= the interval's half-width {half:.3f} on 5 seeds" in claim.note
+    capped, roomy = paired(d, against="b", perfect=capped_best), paired(d, against="c", perfect=roomy_best)
+    three = paired(d[:3], perfect=(capped_best[0][:3], capped_best[1][:3]))
+    # Assert: the perfect winner's comparison decides whether a tie is one; it never touches a decided verdict
+    assert capped["verdict"] == "not testable here" and capped["ceiling"] and capped["perfect"]["verdict"] == "tie"
+    assert roomy["verdict"] == "tie" and not roomy["ceiling"] and roomy["perfect"]["verdict"] == "holds"
+    assert three["verdict"] == "tie" and three["perfect"] is None and advice([three]) == ADD_SEEDS  # add seeds first
+    assert paired([0.01, 0.012, 0.011, 0.013, 0.01], perfect=capped_best)["verdict"] == "holds"
+    assert paired([-0.03, -0.02, -0.025, -0.03, -0.02], perfect=capped_best)["verdict"] == "does not hold"
+    # "at least as good within 0.01" (tol -0.01): the perfect winner holds against -0.01, so the tie stands
+    assert paired([-0.02, 0.0, -0.015, 0.01, -0.005], -0.01, perfect=capped_best)["verdict"] == "tie"
+    # within a claim: not testable only where every tie is at the ceiling; a tie with room, or a loss, decides
+    both = _decide("a above b", "higher", "", [capped, paired(d, against="d", perfect=capped_best)])
+    assert both.verdict == "not testable here" and both.why == "at the ceiling" and both.advice == ""
+    assert both.note.startswith("not testable here: at the ceiling, even a winner right on every test example "
+                                "would not have won against b (it would gain +0.007 [")
+    mixed = _decide("a above b and c", "higher", "", [capped, roomy])
+    assert mixed.verdict == "tie" and mixed.why == "" and "at the ceiling" in mixed.note
     lost = _decide("a above b and c", "higher", "", [capped, paired([-0.05, -0.04, -0.06, -0.05, -0.04])])
     assert lost.verdict == "does not hold" and lost.why == ""
+
+
+def test_the_perfect_winner_is_made_against_the_baseline_from_its_own_correctness():
+    from lowrank_fed.llm.reproduce.claims import _against
+
+    # Prepare: 5 seeds, 8 test examples; the baseline b is right on 7 (or 6) of them, the winner a on all but one
+    runs = {}
+    for s in range(5):
+        b = [1] * 7 + [0] if s % 2 else [1] * 6 + [0, 0]
+        runs[s] = Run({m: {"final": v} for m, v in (("a", 0.875), ("b", sum(b) / 8))},
+                      {"a": [{"test_correct": _bits([0] + [1] * 7)}], "b": [{"test_correct": _bits(b)}]},
+                      {"eval_size": 8})
+    acc = {"a": [0.875] * 5, "b": [float(runs[s].summary["b"]["final"]) for s in range(5)]}
+    # Execute
+    (comp,) = _against(acc, "a", ("b",), {}, by_seed=runs, best=1.0)
+    # Assert: d_s = 1 - b_s (not 1 - a_s), and each seed's error std(c_b) / sqrt 8
+    c_b = [np.array([1] * 7 + [0] if s % 2 else [1] * 6 + [0, 0]) for s in range(5)]
+    expected = paired([1 - b for b in acc["b"]], se=[np.std(c, ddof=1) / math.sqrt(8) for c in c_b])
+    assert comp["perfect"]["mean"] == pytest.approx(expected["mean"])
+    assert comp["perfect"]["low"] == pytest.approx(expected["low"])
+    with pytest.raises(ValueError, match="'best' is the best score of a higher-is-better claim"):
+        _against(acc, "a", ("b",), {}, best=1.0, lower_is_better=True)
 
 
 def test_example_se_is_the_paired_standard_error_over_test_examples():
@@ -320,6 +351,12 @@ def test_prelort_nesting_claim_is_decided_on_the_truncated_downloads_and_reports
     assert "the full rank 8 (every slot; not decided on): +0.000" in claim.ours
     assert claim.values["PreLort, rank 8"] == claim.values["replication, rank 8"] == [0.875] * 3
     assert "(ours: the claim isolated)" in claim.paper and "below the largest" in claim.claim
+    # one client rank: no truncated download, not testable (the full rank shown as before)
+    one = {s: Run(r.summary, {m: [{**h[0], "ranks": [8, 8, 8], "by_rank": {"8": h[0]["by_rank"]["8"]}}]
+                              for m, h in r.history.items()}, {**r.setup, "ranks": [8, 8, 8]}, r.config)
+           for s, r in runs.items()}
+    single = _prelort_minilm(one)[2]
+    assert single.verdict == "not testable here" and single.why == "one client rank"
     # the test loss, replication's minus PreLort's, at every rank: in the note, not among the deciding comparisons
     assert "Test loss (cross-entropy), replication's minus PreLort's, shown and not decided on: vs replication " \
            "at rank 4 +0.083 [" in claim.note and "vs replication at rank 8 +0.000" in claim.note
