@@ -234,11 +234,10 @@ def _ms(values: Sequence[float], digits: int = 3) -> str:
 def _decide(claim: str, paper: str, ours: str, comparisons: list[dict], note: str = "",
             values: dict[str, list] | None = None, *, untestable: str = "", configs: Sequence[str] = (),
             trained: bool = True, short: str = "no method above the majority class") -> Claim:
-    """The claim with the combined verdict of its comparisons (at the ceiling, :func:`~.verdicts.paired`'s
-    ``perfect``: "not testable here" where no other comparison ties or decides; ``untestable``: the reason it is not
-    testable here,
-    ``short`` that reason in a few words; ``configs``: the configs it reads; ``trained``: whether it is about
-    training outcomes)."""
+    """The claim with the combined verdict of its comparisons; comparisons at the ceiling
+    (:func:`~.verdicts.paired`'s ``perfect``) make it "not testable here" where no other comparison ties or decides.
+    ``untestable``: the reason it is not testable here, ``short`` that reason in a few words; ``configs``: the
+    configs it reads; ``trained``: whether it is about training outcomes."""
     # a comparison at the ceiling is a tie that even a perfect winner would not have won: the claim is "not
     # testable here" only where every tie is one (a tie with room to win is a finding), never over a "does not hold"
     word = combine("tie" if c.get("ceiling") else c["verdict"] for c in comparisons)
@@ -330,13 +329,15 @@ def _against(scores: dict[str, list[float]], winner: str, baselines: Sequence[st
     """
     if best is not None and lower_is_better:
         raise ValueError("'best' is the best score of a higher-is-better claim; got lower_is_better=True.")
+    def final(run: Run, m: str):  # the method's per-example correctness after its last round
+        return _correct(run, run.history[m][-1].get("test_correct"))
+
     out = []
     for b in baselines:
         d = _diff(scores[b], scores[winner]) if lower_is_better else _diff(scores[winner], scores[b])
         out.append(paired(d, tol, against=titles.get(b, b), se=None if by_seed is None else _ses(
-            by_seed, lambda run, m: _correct(run, run.history[m][-1].get("test_correct")), winner, b),
-            perfect=None if best is None else _perfect(scores[b], by_seed, lambda run, m=b: _correct(
-                run, run.history[m][-1].get("test_correct")), best)))
+            by_seed, final, winner, b), perfect=None if best is None else _perfect(
+            scores[b], by_seed, lambda run, b=b: final(run, b), best)))
     return out
 
 

@@ -6,6 +6,7 @@ The claims' texts and numbers are the paper's; how each is read from the runs is
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 
@@ -128,7 +129,7 @@ def _texts(stem: str) -> list[tuple[str, str]]:
     return [(claim, paper) for s, claim, paper in _PRELORT_CLAIMS if s == stem]
 
 
-def _losses(cls: dict[int, Run], loss) -> str:
+def _losses(cls: dict[int, Run], loss: Callable[[Run, str], float]) -> str:
     """Each baseline's test loss minus PreLort's, paired per seed (``loss(run, method)``): shown beside an accuracy
     claim, never deciding (a loss does not saturate where accuracy does; fixed before the 50-step reruns)."""
     values = {m: _per_seed(cls, lambda run, m=m: loss(run, m)) for m in _ALL}
