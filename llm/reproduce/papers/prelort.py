@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from ...methods.options import HetLoRAOptions
 from ..analysis import (Claim, Experiment, Results, Run, _against, _decide, _diff, _final, _last, _ms, _near_chance,
                         _correct, _not_run, _perfect, _per_seed, _read, _ses, _titles, _vs)
 from ..verdicts import paired
@@ -55,6 +56,12 @@ def _low_correct(run: Run, method: str):
     """Per test example, the mean over the smallest rank's clients of their download's correctness (or None)."""
     each = [_download_correct(run, method, r) for r in _low_clients(run, method)]
     return None if any(c is None for c in each) else np.mean(each, axis=0)
+
+
+def _gamma(runs: dict[int, Run]) -> float:
+    """HetLoRA's pruning ratio in these runs (their ``config.json``, else the option's default)."""
+    config = next(iter(runs.values())).config or {}
+    return float((config.get("hetlora") or {}).get("gamma", HetLoRAOptions.model_fields["gamma"].default))
 
 
 def _pruned(runs: dict[int, Run], method: str) -> str:
@@ -197,7 +204,8 @@ def _minilm_low(cls: dict[int, Run]) -> Claim:
         f"rank-{low} download: " + ", ".join(f"{titles[m]} {_truncation_loss(cls, m, _low_score):+.3f}"
                                              for m in (*_PRELORT_BASELINES, "prelort"))
         + (f". HetLoRA's self-pruning took rank-{low} clients lower ({pruned}): each is read at the rank it holds, "
-           "the download it receives" if pruned else "") + _losses(cls, lambda run, m: _low_score(run, m, "loss")),
+           f"the download it receives (its rule, r -> floor({_gamma(cls)} r), takes a slot a round at these "
+           "ranks whenever the tail shrank)" if pruned else "") + _losses(cls, lambda run, m: _low_score(run, m, "loss")),
         lows, configs=("minilm_bbc",))
 
 
