@@ -116,9 +116,9 @@ def publish(original: Claim, twin: Claim, pairs: dict[str, str]) -> Claim:
                            f"{_word(twin)})"))
     for word in _UNDECIDED:
         if word in (eo, ec):
-            side = original if original.verdict == word else twin
+            side = original if eo == word else twin
             return replace(original, **both, verdict=word, why=side.why, advice="", note=_and(
-                original.note, f"{ORIGINAL_SCALING}: {original.verdict}, {TWIN_SCALING}: {twin.verdict}; "
+                original.note, f"{ORIGINAL_SCALING}: {_word(original)}, {TWIN_SCALING}: {_word(twin)}; "
                 f"no verdict under one convention, so none is published"))
     return replace(original, **both, verdict=DEPENDS, advice="",
                    why=f"{ORIGINAL_SCALING}: {_word(original)}, {TWIN_SCALING}: {_word(twin)}",

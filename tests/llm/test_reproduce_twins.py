@@ -139,6 +139,9 @@ def test_a_claim_at_the_ceiling_counts_as_the_tie_it_is_between_the_conventions(
     out = publish(ceiling, claim("tie", stem="main_constant"), pairs)
     assert out.verdict == "tie" and out.why == ""
     assert "both scale conventions tie (alpha_over_r: not testable" in out.note
+    # against a convention that cannot give a verdict, that one's reason is published, not the ceiling's
+    out = publish(ceiling, claim("not testable here", "learning rate not tuned", "main_constant"), pairs)
+    assert out.verdict == "not testable here" and out.why == "learning rate not tuned"
     # both at the ceiling: not testable, saying why
     out = publish(ceiling, claim("not testable here", "at the ceiling", "main_constant"), pairs)
     assert out.verdict == "not testable here" and out.why == "at the ceiling"
