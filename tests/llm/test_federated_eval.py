@@ -271,3 +271,6 @@ def test_flower_up_without_dataset_equals_the_in_process_run(tmp_path, bert_fold
     flower_up(cfg, tmp_path / "out", 2)
     # Assert
     assert _read(tmp_path / "out", "metrics.jsonl") == _read(tmp_path / "ref", "metrics.jsonl")
+    last = json.loads(_read(tmp_path / "out", "metrics.jsonl").splitlines()[-1])
+    assert [(c["client"], c["rank"], c["dropped"]) for c in last["clients"]] == [(0, RANKS[0], False),
+                                                                                 (1, RANKS[1], False)]

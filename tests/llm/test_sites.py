@@ -3,7 +3,9 @@
 Tiny-bert classification on three small JSONL files (one per site, different label mixes) with heterogeneous
 ranks; the server's evaluation data is a fourth file (``dataset``) or, in process, the sites' held-out rows.
 The Flower tests run the real ``ClientApp`` on an in-process Grid (``InlineGrid`` of test_flower.py) with a
-counting reader: node ``k`` opens only site ``k``'s file, the server opens none.
+counting reader: node ``k`` opens only site ``k``'s file, the server opens none. Sites under Ray and under real
+SuperLink and SuperNodes (``flower up``) are in test_federated_eval.py: the transport is the same with a server
+dataset or without one.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ import tomli_w  # noqa: E402
 from lowrank_fed.cli import main as cli_main  # noqa: E402
 from lowrank_fed.llm.config import ConfigError, RunConfig  # noqa: E402
 from lowrank_fed.llm.runner.simulation import Simulation, run_experiment  # noqa: E402
-from tests.llm.helpers import flower_up  # noqa: E402
 
 WORDS = {"sport": "ball goal match team win", "tech": "chip code data phone web", "food": "bread cook meal salt taste"}
 RANKS = [2, 4, 8]
@@ -378,35 +379,3 @@ def test_flower_up_gives_each_supernode_its_file_and_rank(tmp_path):
                        "data-path": str(Path(cfg.sites[i].data).resolve())} for i in range(3)]
 
 
-@pytest.mark.slow
-def test_flower_simulation_with_sites_equals_the_in_process_run(tmp_path):
-    """`lowrank-fed run --engine flower` (Ray) with [[clients]] and a server dataset: the same metrics and adapters."""
-    # Prepare
-    settings = _settings(tmp_path, dataset=_server_file(tmp_path), methods=["fedit", "flexlora"])
-    config = tmp_path / "sites.toml"
-    config.write_text(tomli_w.dumps(settings))
-    run_experiment(RunConfig.from_dict(settings), tmp_path / "ref", progress=False)
-    # Execute
-    status = cli_main(["run", str(config), "--engine", "flower", "--out", str(tmp_path / "fl"), "--no-progress"])
-    # Assert
-    assert status == 0
-    assert _metrics(tmp_path / "fl") == _metrics(tmp_path / "ref")
-    for method in settings["methods"]:
-        assert (tmp_path / "fl" / "adapters" / f"{method}.safetensors").read_bytes() == \
-            (tmp_path / "ref" / "adapters" / f"{method}.safetensors").read_bytes()
-
-
-@pytest.mark.slow
-def test_flower_up_with_two_sites_finishes(tmp_path):
-    """Real SuperLink and SuperNodes (`flower up`), two sites, each node given only its own file."""
-    # Prepare
-    settings = _settings(tmp_path, dataset=_server_file(tmp_path), rounds=1, eval_every=1)
-    settings["clients"] = settings["clients"][:2]
-    cfg = RunConfig.from_dict(settings)
-    # Execute
-    flower_up(cfg, tmp_path / "out", 2)
-    # Assert
-    rows = _rows_of(tmp_path / "out")
-    assert [(c["client"], c["rank"]) for c in rows[-1]["clients"]] == [(0, 2), (1, 4)]
-    assert not any(c["dropped"] for c in rows[-1]["clients"])
-    assert [c["n"] for c in rows[-1]["clients"]] == [sum(MIXES[0].values()), sum(MIXES[1].values())]
