@@ -31,7 +31,7 @@ def test_minilm_seed_methods_two_rounds_beat_untrained(tmp_path):
     # PreLort (nested sampling), HAFL (freezing, client importance) and LoRA-A2 (B-round then A-round) on the real model
     cfg = RunConfig.from_dict(dict(
         name="e2e-seed", model="minilm", dataset="bbc_news", methods=["prelort", "hafl", "lora_a2"], clients=4,
-        ranks=[2, 4, 4, 8], rounds=2, local_steps=5, batch_size=8, lr=5e-3, alpha=1.0, eval_size=120, val_size=30,
+        ranks=[2, 4, 4, 8], rounds=2, local_steps=5, batch_size=8, lr=5e-3, alpha=1.0, eval_size=60, val_size=30,
         max_length=48, seed=0, lora_a2={"global_rank": 8},
     ))
     summary = run_experiment(cfg, tmp_path, progress=False)

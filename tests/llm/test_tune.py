@@ -427,7 +427,7 @@ def test_a_real_tune_reuses_its_trials_and_never_reads_the_test_split(config, tm
 def test_methods_without_a_global_model_are_tuned_on_their_clients_own_models(config, tmp_path, monkeypatch):
     # Prepare: local training and FedSA-LoRA (each client keeps its own model) beside FedIT
     config.write_text(TINY.replace('["fedit", "flexlora"]', '["fedit", "local", "fedsa"]'))
-    args = ["tune", str(config), "--grid", "1e-3", "1e-2", "--seeds", "100", "101", "--max-extensions", "0",
+    args = ["tune", str(config), "--grid", "1e-3", "1e-2", "--seeds", "100", "--max-extensions", "0",
             "--no-progress"]
     # Execute: the tune, and the same tune with the test split corrupted
     assert cli_main([*args, "--out", str(tmp_path / "clean")]) == 0
@@ -442,7 +442,7 @@ def test_methods_without_a_global_model_are_tuned_on_their_clients_own_models(co
     for method in ("local", "fedsa"):
         row = rows(report, method)
         for value in row["values"]:
-            for seed, score in zip((100, 101), value["per_seed"], strict=True):
+            for seed, score in zip((100,), value["per_seed"], strict=True):
                 trial = tmp_path / "clean" / "trials" / method / f"lr={value['label']}" / f"seed{seed}"
                 last = [json.loads(x) for x in (trial / "metrics.jsonl").read_text().splitlines()][-1]
                 assert last["round"] == 2 and last["val_local_accuracy"] == score
