@@ -36,7 +36,8 @@ def test_every_config_of_every_experiment_is_valid(name):
 
 # The configs this test runs with --quick, to keep CI short (`reproduce NAME --quick` itself runs them all). The
 # others differ from these only in a number (CLAIR's copy task: the same claims on another model; LoRA-A2's Dir
-# 0.5: another skew) or in the scale convention (the "_constant" twins); the claims that need them "not run yet".
+# 0.5: another skew) or in the scale convention (the "_constant" twins); the claims that need them read "not run
+# yet".
 QUICK_CONFIGS = {"lora-a2": ("dir001_r1", "dir001_r2", "dir001_r8"), "byun-lee": ("top10_bbc",),
                  "hafl": ("freezing", "freezing_heldmean", "freezing_zeropad", "homogeneous", "truncation"),
                  "prelort": ("minilm_bbc", "smollm2_headlines"),
