@@ -38,8 +38,9 @@ MAX_LOCAL_EPOCHS = 100
 WORKERS_ENV = "LOWRANK_FED_WORKERS"
 
 #: Keys that say how a run is computed, never what: every value gives the same outputs byte for byte, so
-#: checkpoints do not store them, and a resumed or reused run may change them (``workers``: clients at once).
-EXECUTION_KEYS = ("workers",)
+#: checkpoints do not store them, and a resumed or reused run may change them (``workers``: clients at once;
+#: ``checkpoint``: whether each round is saved, which a resumed run reaches the same bytes with or without).
+EXECUTION_KEYS = ("workers", "checkpoint")
 
 
 def same_run_keys(stored: Mapping[str, Any]) -> dict[str, Any]:

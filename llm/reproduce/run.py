@@ -17,7 +17,7 @@ from .claims import EXPERIMENTS, Experiment
 from .report import (DEFAULT_SCALING, SETTING_KEYS, _comparison_cells, _describe, _fmt,  # noqa: F401
                      _json_default, _method_table, _plot, _run_setting, _settings, _settings_markdown,
                      _total_run_seconds, report_markdown, write_report)
-from .runs import MAX_SEEDS, Results, find_runs, finished_run, load_run
+from .runs import MAX_SEEDS, Results, find_runs, finished_run, load_run, unfinished_run
 
 __all__ = ["CONFIG_ROOT", "add_arguments", "main", "reproduce", "analyse", "quick_config", "load_run", "find_runs",
            "SETTING_KEYS"]
@@ -142,11 +142,13 @@ def reproduce(name: str, *, seeds: int | None = None, quick: bool = False, out: 
             if finished_run(folder, cfg):
                 log(f"[{name}] {stem}, seed {seed}: reusing the finished run in {folder}")
             else:
-                log(f"[{name}] {stem}, seed {seed}: running into {folder}")
-                if folder.exists():
-                    clear_folder(folder)  # an unfinished run (finished ones of other configs were refused above)
+                resume = unfinished_run(folder, cfg)  # each method from its last checkpoint
+                log(f"[{name}] {stem}, seed {seed}: " + (f"resuming the unfinished run in {folder}" if resume
+                                                         else f"running into {folder}"))
+                if folder.exists() and not resume:  # another config's unfinished run (finished ones refused above)
+                    clear_folder(folder)
                 t0 = time.perf_counter()
-                run_experiment(cfg, folder, progress=progress)
+                run_experiment(cfg, folder, progress=progress, resume=resume)
                 seconds[f"{stem}/seed{seed}"] = time.perf_counter() - t0
             results.setdefault(stem, {})[seed] = load_run(folder)
     if configs:  # the configs not run this time: their finished runs, as --analyse-only reads them

@@ -18,7 +18,7 @@ from ..config import ConfigError, RunConfig, same_run_keys
 if TYPE_CHECKING:
     from .analysis import Experiment
 
-__all__ = ["Run", "Results", "MAX_SEEDS", "load_run", "find_runs", "finished_run"]
+__all__ = ["Run", "Results", "MAX_SEEDS", "load_run", "find_runs", "finished_run", "unfinished_run"]
 
 #: The most seeds a reproduction takes (each is a full run of every config: hours each on this machine); seeds from
 #: here up are never reported, so ``lowrank-fed tune`` tunes on them.
@@ -59,18 +59,34 @@ def finished_run(folder: Path, cfg: RunConfig) -> bool:
     added to the config after the run was made (absent from its ``config.json``) takes its default, which by the
     project's rule leaves an existing config's behaviour unchanged (``lora_scaling``'s ``alpha_over_r`` is the
     scale every earlier run used): a config that now spells that default out still finds the run. Any value that
-    differs, or a stored config that no longer validates, is not the same run; ``workers`` is not compared
-    (:data:`~lowrank_fed.llm.config.EXECUTION_KEYS`), nor the option tables of methods the run does not train
-    (a method reads only its own table): a tune's one-method trial is still found after the config's other
-    tables change, e.g. once the config is linked to its tuned rates.
+    differs, or a stored config that no longer validates, is not the same run; ``workers`` and ``checkpoint`` are
+    not compared (:data:`~lowrank_fed.llm.config.EXECUTION_KEYS`), nor the option tables of methods the run does
+    not train (a method reads only its own table): a tune's one-method trial is still found after the config's
+    other tables change, e.g. once the config is linked to its tuned rates.
     """
     try:
         stored = json.loads((folder / "config.json").read_text())
-        # `workers` (how the run was computed) is not compared, nor validated against this machine's cores
+        # `workers`, `checkpoint` (how the run was computed) are not compared, nor validated against this machine
         stored = RunConfig.from_dict(same_run_keys(stored) if isinstance(stored, dict) else stored)
     except (OSError, json.JSONDecodeError, ConfigError):
         return False
     return (folder / "summary.json").is_file() and cfg.same_run(stored.definition())
+
+
+def unfinished_run(folder: Path, cfg: RunConfig) -> bool:
+    r"""Whether ``folder`` holds an interrupted run of exactly ``cfg`` (its ``config.json``, no ``summary.json``).
+
+    Such a run is resumed, not cleared: each method continues from its last verified checkpoint (a method that
+    finished is not trained again), to the bytes an uninterrupted run reaches. A config with ``checkpoint =
+    false`` has no checkpoints, so its methods start again from round 0, as a cleared run would.
+    """
+    if (folder / "summary.json").is_file():
+        return False
+    try:
+        stored = json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return isinstance(stored, dict) and cfg.same_run(stored)
 
 
 def find_runs(experiment: Experiment, out: Path) -> Results:

@@ -52,8 +52,9 @@ def check_resume(out: Path, now: dict) -> None:
     key by key. No key may differ: every one of them (ranks, rounds, seeds, data sizes, even ``threads``,
     ``device`` and ``dtype``, which can change the floating-point results) is part of what the checkpoints
     hold, and a resumed run must reach the bytes an uninterrupted run of one config reaches. Progress
-    bars are a command-line flag, not a config key; ``workers`` (:data:`~lowrank_fed.llm.config.EXECUTION_KEYS`)
-    is neither stored in checkpoints nor compared: any number of workers gives the same bytes, nor are the
+    bars are a command-line flag, not a config key; ``workers`` and ``checkpoint``
+    (:data:`~lowrank_fed.llm.config.EXECUTION_KEYS`) are neither stored in checkpoints nor compared: any number of
+    workers gives the same bytes, and a run may be resumed with checkpointing turned off or on, nor are the
     option tables of methods the run does not train (:func:`~lowrank_fed.llm.config.computed_keys`). Checkpoints
     written before the config was stored in them, and methods with no verified ``state.json``, are not
     checked. A key a checkpoint does not hold (added to the config since it was written, such as

@@ -153,29 +153,65 @@ def test_a_finished_run_is_found_whatever_the_tables_of_methods_it_does_not_trai
     def asked(**options) -> RunConfig:
         return RunConfig.from_dict({**run.to_dict(), "method_options": options})
 
-    # Execute / Assert: another method's table (changed, added or dropped) does not matter; FedIT's own does.
+    # Execute / Assert: another method's table (changed, added or dropped) does not matter, nor `checkpoint` (how
+    # the run is computed); FedIT's own table does.
     # `run --out` (RunConfig.same_run, which resumes a folder) answers as the reproduction's reuse does.
     stored = json.loads((tmp_path / "config.json").read_text())
     for cfg, same in [(run, True),
                       (asked(fedit={"lr": 0.01}, clair={"threshold": 1.0, "lr": 0.015}, local={"lr": 1e-3}), True),
                       (asked(fedit={"lr": 0.01}), True),
+                      (asked(fedit={"lr": 0.01}).model_copy(update={"checkpoint": not run.checkpoint}), True),
                       (asked(fedit={"lr": 0.02}, clair={"threshold": 0.964}), False),
                       (asked(fedit={"lr": 0.01}).model_copy(update={"rounds": run.rounds + 1}), False)]:
         assert finished_run(tmp_path, cfg) is same
         assert cfg.same_run(stored) is same
 
 
-def test_an_unfinished_run_is_run_again(tmp_path):
-    # Prepare: a seed folder with a run that never finished (no summary.json)
-    logs: list[str] = []
-    unfinished = tmp_path / "top10_bbc" / "seed0"
-    unfinished.mkdir(parents=True)
-    (unfinished / "metrics.jsonl").write_text("{}\n")
-    # Execute
-    reproduce("byun-lee", quick=True, seeds=1, out=tmp_path, progress=False, log=logs.append)
-    # Assert
-    assert "running" in logs[0] and (unfinished / "summary.json").is_file()
-    assert (unfinished / "metrics.jsonl").read_text() != "{}\n"
+def test_an_interrupted_run_is_resumed_to_the_same_bytes_and_another_folder_is_run_again(tmp_path, monkeypatch):
+    import shutil
+
+    from lowrank_fed.llm.runner.simulation import Simulation
+
+    # Prepare: the byun-lee configs with checkpoints on (`checkpoint` says how a run is computed, not what: the
+    # shipped configs' runs, checkpoint = false, are the reference); a seed folder holding junk and no config.json
+    ref = tmp_path / "ref"
+    reproduce("byun-lee", quick=True, seeds=1, out=ref, progress=False, log=lambda m: None)
+    root = tmp_path / "configs"
+    shutil.copytree(CONFIG_ROOT / "byun-lee", root / "byun-lee")
+    config = root / "byun-lee" / "top10_bbc.toml"
+    config.write_text(config.read_text().replace("checkpoint = false", "checkpoint = true"))
+    monkeypatch.setattr(reproduce_run, "CONFIG_ROOT", root)
+    out, logs = tmp_path / "out", []
+    folder = out / "top10_bbc" / "seed0"
+    folder.mkdir(parents=True)
+    (folder / "metrics.jsonl").write_text("{}\n")
+    run_method, rounds = Simulation.run_method, []
+
+    def stopped_at_replication(self, name, **kwargs):
+        if name == "replication":
+            raise RuntimeError("stopped")
+        return run_method(self, name, **kwargs)
+
+    def counted(self, method, *args, **kwargs):
+        rounds.append(method.name)
+        return run_round(self, method, *args, **kwargs)
+
+    # Execute: stopped after FedIT finished, then run again
+    monkeypatch.setattr(Simulation, "run_method", stopped_at_replication)
+    with pytest.raises(RuntimeError, match="stopped"):
+        reproduce("byun-lee", quick=True, seeds=1, out=out, progress=False, log=logs.append)
+    interrupted = sorted(p.name for p in folder.iterdir())
+    monkeypatch.setattr(Simulation, "run_method", run_method)
+    run_round = Simulation.run_round
+    monkeypatch.setattr(Simulation, "run_round", counted)
+    reproduce("byun-lee", quick=True, seeds=1, out=out, progress=False, log=logs.append)
+    # Assert: the junk folder was cleared and run; the interrupted run resumed, FedIT not trained again, and the
+    # metrics and adapters are those of the uninterrupted reference run
+    assert "running into" in logs[0] and "resuming the unfinished run" in logs[1]
+    assert "summary.json" not in interrupted and "checkpoints" in interrupted
+    assert set(rounds) == {"replication"}
+    for name in ("metrics.jsonl", "adapters/fedit.safetensors", "adapters/replication.safetensors"):
+        assert (folder / name).read_bytes() == (ref / "top10_bbc" / "seed0" / name).read_bytes()
 
 
 def test_a_missing_config_is_an_error_before_anything_is_written(tmp_path, monkeypatch):
