@@ -75,7 +75,7 @@ from .reproduce.runs import MAX_SEEDS
 from .reproduce.tune_choice import (DEFAULT_SEEDS, LR_BOUNDS, MAX_EXTENSIONS, NOT_TUNED, SCORED_ON,  # noqa: F401
                                     SCORES, TUNE_LAYOUT, TUNE_SIGNATURE, Target, _folder_name, _is_number, _mean,
                                     _MethodTune, _numeric_field, _score_key, _se_of_mean, choose, extend_value, label,
-                                    resolve_param, same_mean, separation)
+                                    request_changes, resolve_param, same_mean, separation)
 from .reproduce.tune_report import _how, _num, _verdict, tune_markdown, tuned_toml  # noqa: F401
 from .reproduce.tune_report import tune_report as _report
 from .reproduce.tune_trials import FLAGS_NOBODY, benign_scores, run_trial, trials_sharing_round0
@@ -213,8 +213,8 @@ def tune(config: str | Path, *, param: str = "lr", grid: list[Any] | None = None
         if earlier is None and (out / "tune.json").exists():
             raise ConfigError(f"--out '{out}': its tune.json cannot be read; nothing was changed. Use --overwrite "
                               "to replace it, or choose another --out.")
-        keys = [k for k in request if k != "config" and (earlier or {}).get(k) != request[k]]
-        if earlier is not None and keys:  # the config's path may be spelled otherwise; its contents may not differ
+        keys = request_changes(earlier or {}, request)
+        if earlier is not None and keys:  # the config's path and execution keys may differ; nothing else may
             raise ConfigError(f"--out '{out}' holds a tune of another request (it differs in: {', '.join(keys)}); "
                               "nothing was changed. Use --overwrite to replace it, or choose another --out.")
     if plan == "clear":

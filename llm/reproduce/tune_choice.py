@@ -12,12 +12,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import ConfigError, RunConfig
+from ..config import ConfigError, RunConfig, same_run_keys
 from ..methods import METHODS, method_options
 from .runs import MAX_SEEDS
 
 __all__ = ["Target", "resolve_param", "label", "extend_value", "choose", "separation", "DEFAULT_SEEDS", "LR_BOUNDS",
-           "MAX_EXTENSIONS", "NOT_TUNED", "TUNE_SIGNATURE", "TUNE_LAYOUT", "SCORES", "SCORED_ON"]
+           "MAX_EXTENSIONS", "NOT_TUNED", "TUNE_SIGNATURE", "TUNE_LAYOUT", "SCORES", "SCORED_ON", "request_changes"]
 
 #: Tuning seeds: from :data:`~.runs.MAX_SEEDS` up, never a seed a reproduction reports.
 DEFAULT_SEEDS = (MAX_SEEDS, MAX_SEEDS + 1, MAX_SEEDS + 2)
@@ -34,6 +34,19 @@ TUNE_LAYOUT = ("tuned.toml", "tune.md")
 SCORES = ("metric", "loss")
 #: What ``--score-on`` scores: the global model (personalised methods: their own models), or every client's download.
 SCORED_ON = ("global", "downloads")
+
+
+
+def request_changes(earlier: Mapping[str, Any], request: Mapping[str, Any]) -> list[str]:
+    """The keys of tune ``request`` whose values differ from an ``earlier`` one's (its ``tune.json``), which make
+    the earlier trials another tune's. The config's path may be spelled otherwise, and its execution keys
+    (``workers``, ``checkpoint``: how a run is computed, never what) may change; nothing else may."""
+    def comparable(r: Mapping[str, Any]) -> dict[str, Any]:
+        data = r.get("config_data")
+        return {**r, "config_data": same_run_keys(data) if isinstance(data, dict) else data}
+
+    before, now = comparable(earlier), comparable(request)
+    return [k for k in now if k != "config" and before.get(k) != now[k]]
 
 
 # ----------------------------------------------------------------------------- what is tuned

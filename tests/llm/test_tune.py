@@ -338,6 +338,12 @@ def test_the_output_guard_refuses_other_folders_and_other_tunes(config, tmp_path
     with pytest.raises(ConfigError, match="holds a tune of another request .*grid"):
         tune(config, grid=[1e-2, 1e-1, 1.0], seeds=[100], out=out, trial=peaked(0.01), log=lambda m: None)
     assert (out / "tune.json").read_bytes() == before
+    # the config's execution keys (how its runs are computed) may change, any other key may not
+    config.write_text(TINY + "checkpoint = false\nworkers = 1\n")
+    tune(config, grid=[1e-3, 1e-2, 1e-1], seeds=[100], out=out, trial=peaked(0.01), log=lambda m: None)
+    config.write_text(TINY.replace("rounds = 2", "rounds = 3"))
+    with pytest.raises(ConfigError, match="holds a tune of another request .*config_data"):
+        tune(config, grid=[1e-3, 1e-2, 1e-1], seeds=[100], out=out, trial=peaked(0.01), log=lambda m: None)
     report = tune(config, grid=[1e-2, 1e-1, 1.0], seeds=[100], out=out, overwrite=True, trial=peaked(0.1),
                   log=lambda m: None)
     assert rows(report, "fedit")["choice"] == 0.1
