@@ -287,4 +287,4 @@ EXPERIMENT = Experiment(
     "{smollm2_headlines.eval_size} test examples, {smollm2_headlines.rouge_size} for ROUGE-L): far smaller than "
     "the paper's models and budgets; prefix-nested training needs many local steps to act "
     "(docs/methods.md#prelort).",
-    _prelort, tuned=())  # lr never tuned for PreLort's settings
+    _prelort, tuned=())  # tuned only through a config's `tuned` key (minilm_bbc since 2026-12-07)
