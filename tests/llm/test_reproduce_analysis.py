@@ -314,8 +314,11 @@ def test_claims_on_untuned_learning_rates_are_not_testable_here(tmp_path, monkey
     assert EXPERIMENTS["byun-lee"].tuned is None and EXPERIMENTS["byun-lee"].untuned(CONFIG_ROOT) == set()
     assert EXPERIMENTS["byun-lee"].untuned(CONFIG_ROOT, old) == {"top10_bbc"}
     assert EXPERIMENTS["byun-lee"].untuned(CONFIG_ROOT, find_runs(EXPERIMENTS["byun-lee"], RESULTS / "byun-lee")) == set()
-    # PreLort's and HAFL's rates were never chosen for their own settings: every config counts as untuned
-    assert EXPERIMENTS["prelort"].untuned(CONFIG_ROOT) == set(EXPERIMENTS["prelort"].configs)
+    # PreLort: only the MiniLM config is linked to its tune (50 local steps); the others reuse the 5-step rate, and
+    # the committed 5-step MiniLM runs were not made at the tuned rates
+    assert EXPERIMENTS["prelort"].untuned(CONFIG_ROOT) == set(EXPERIMENTS["prelort"].configs) - {"minilm_bbc"}
+    five_steps = find_runs(EXPERIMENTS["prelort"], RESULTS / "prelort")
+    assert "minilm_bbc" in EXPERIMENTS["prelort"].untuned(CONFIG_ROOT, five_steps)
     # (HAFL's configs are all linked now; its earlier runs used 5e-3, which is neither freezing's FedIT or HetLoRA
     # rate nor truncation's, tuned since on its clients' downloads (0.015); the twins had no runs then. The rerun is
     # at the tuned rates, truncation's again at its new rate, its runs at 0.005 kept beside.)
