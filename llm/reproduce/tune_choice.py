@@ -36,7 +36,6 @@ SCORES = ("metric", "loss")
 SCORED_ON = ("global", "downloads")
 
 
-
 def request_changes(earlier: Mapping[str, Any], request: Mapping[str, Any]) -> list[str]:
     """The keys of tune ``request`` whose values differ from an ``earlier`` one's (its ``tune.json``), which make
     the earlier trials another tune's. The config's path may be spelled otherwise, and its execution keys
