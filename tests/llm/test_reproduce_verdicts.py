@@ -362,6 +362,26 @@ def test_prelort_nesting_claim_is_decided_on_the_truncated_downloads_and_reports
            "at rank 4 +0.083 [" in claim.note and "vs replication at rank 8 +0.000" in claim.note
 
 
+def test_prelort_nesting_claim_reports_the_prefix_share_per_round_where_the_runs_recorded_it():
+    from lowrank_fed.llm.reproduce.claims import _prelort_minilm
+
+    # Prepare: rounds 1 and 2 record the share of the update in the first 4 slots (clients above rank 4); PreLort's
+    # grows over the rounds and differs by seed, replication's stays at an even spread over a rank-8 client's slots
+    runs = {}
+    for s in range(3):
+        run = _prelort_run(s)
+        history = {m: [{"round": 1, "prefix_share": {"4": 0.3 + 0.1 * s if m == "prelort" else 0.5}},
+                       {**h[0], "prefix_share": {"4": 0.9 if m == "prelort" else 0.5}}]
+                   for m, h in run.history.items()}
+        runs[s] = Run(run.summary, history, run.setup, run.config)
+    # Execute
+    with_shares, without = _prelort_minilm(runs)[2], _prelort_minilm({s: _prelort_run(s) for s in range(3)})[2]
+    # Assert: per round, the mean over seeds at each truncated level (rank 8, the largest, has none); not deciding
+    assert "first 4 slots (`prefix_share`" in with_shares.note
+    assert "rounds 1, 2: PreLort 0.40, 0.90; replication 0.50, 0.50" in with_shares.note
+    assert with_shares.comparisons == without.comparisons and "prefix_share" not in without.note
+
+
 def _run(finals: dict[str, float], majority: float = 0.25, n: int = 200) -> Run:
     return Run({m: {"final": v} for m, v in finals.items()}, {}, {"majority_accuracy": majority, "eval_size": n})
 

@@ -97,6 +97,32 @@ def _nested(runs: dict[int, Run], metric: str, lower_is_better: bool) -> tuple[l
     return comps, values, ranks
 
 
+def _prefix_shares(runs: dict[int, Run], ranks: list[int]) -> str:
+    """Per round, PreLort's and replication's ``prefix_share`` at each truncated level ``t`` (``metrics.jsonl``: the
+    share of a client's round update carried by its first ``t`` slots, the round's mean over the clients above rank
+    ``t``), then the mean over seeds: whether nested training put more of the update into the prefixes, the room it
+    had to act (docs/methods.md#prelort). Empty where the runs did not record it (runs before the key existed)."""
+    levels = [str(r) for r in ranks[:-1]]
+
+    def shares(run: Run, method: str) -> dict[int, dict]:
+        return {h["round"]: h["prefix_share"] for h in run.history[method] if h.get("prefix_share")}
+
+    rounds = sorted(set.intersection(*(set(shares(run, m)) for run in runs.values() for m in _NESTING)))
+    if not levels or not rounds:
+        return ""
+
+    def mean(method: str, round_: int, t: str) -> str:
+        values = [v for run in runs.values() if (v := shares(run, method)[round_].get(t)) is not None]
+        return f"{np.mean(values):.2f}" if values else "-"
+
+    per_method = "; ".join(
+        f"{title} " + ", ".join(" / ".join(mean(m, r, t) for t in levels) for r in rounds)
+        for m, title in (("prelort", "PreLort"), ("replication", "replication")))
+    return (f". Share of each round's update in the first {' / '.join(levels)} slots (`prefix_share`, mean over "
+            f"the clients above that rank, then over seeds; an update spread evenly over a rank-r client's slots "
+            f"gives t / r), rounds {', '.join(map(str, rounds))}: {per_method}")
+
+
 def _truncation_loss(runs: dict[int, Run], method: str, received) -> float:
     """The mean over seeds of ``method``'s global accuracy minus ``received(run, method)``, what its clients receive:
     what they lose against the global model, the room nesting has to act in."""
@@ -205,7 +231,8 @@ def _minilm_low(cls: dict[int, Run]) -> Claim:
                                              for m in (*_PRELORT_BASELINES, "prelort"))
         + (f". HetLoRA's self-pruning took rank-{low} clients lower ({pruned}): each is read at the rank it holds, "
            f"the download it receives (its rule, r -> floor({_gamma(cls)} r), takes a slot a round at these "
-           "ranks whenever the tail shrank)" if pruned else "") + _losses(cls, lambda run, m: _low_score(run, m, "loss")),
+           "ranks whenever the tail shrank)" if pruned else "")
+        + _losses(cls, lambda run, m: _low_score(run, m, "loss")),
         lows, configs=("minilm_bbc",))
 
 
@@ -238,8 +265,8 @@ def _minilm_nested(cls: dict[int, Run]) -> Claim:
         "ranks " + " / ".join(str(r) for r in ranks) + ": "
         + " / ".join(f"{_truncation_loss(cls, 'replication', lambda run, m, r=r: _by_rank(run, m, 'accuracy')[r]):+.3f}"
                      for r in ranks)
-        + ". Test loss (cross-entropy), replication's minus PreLort's, shown and not decided on: " + _vs(losses),
-        values, configs=("minilm_bbc",), **why)
+        + ". Test loss (cross-entropy), replication's minus PreLort's, shown and not decided on: " + _vs(losses)
+        + _prefix_shares(cls, ranks), values, configs=("minilm_bbc",), **why)
 
 
 def _smollm2_rouge(gen: dict[int, Run]) -> Claim:
@@ -272,8 +299,8 @@ def _smollm2_nested(gen: dict[int, Run]) -> Claim:
     return _decide(
         *_texts("smollm2_headlines")[2],
         f"ln(replication / PreLort), each truncated download: {_vs(deciding)}; " + _full_rank(comps, ranks),
-        deciding, "holds only if it holds at every client rank below the largest", values,
-        configs=("smollm2_headlines",), **why)
+        deciding, "holds only if it holds at every client rank below the largest" + _prefix_shares(gen, ranks),
+        values, configs=("smollm2_headlines",), **why)
 
 
 EXPERIMENT = Experiment(
