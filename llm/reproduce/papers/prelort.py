@@ -103,21 +103,19 @@ def _prefix_shares(runs: dict[int, Run], ranks: list[int]) -> str:
     ``t``), then the mean over seeds: whether nested training put more of the update into the prefixes, the room it
     had to act (docs/methods.md#prelort). Empty where the runs did not record it (runs before the key existed)."""
     levels = [str(r) for r in ranks[:-1]]
-
-    def shares(run: Run, method: str) -> dict[int, dict]:
-        return {h["round"]: h["prefix_share"] for h in run.history[method] if h.get("prefix_share")}
-
-    rounds = sorted(set.intersection(*(set(shares(run, m)) for run in runs.values() for m in _NESTING)))
+    # per method, each seed's rounds that recorded a share: round -> {level: share or None}
+    recorded = {m: [{h["round"]: h["prefix_share"] for h in run.history[m] if h.get("prefix_share")}
+                    for run in runs.values()] for m in _NESTING}
+    rounds = sorted(set.intersection(*(set(seed) for seeds in recorded.values() for seed in seeds)))
     if not levels or not rounds:
         return ""
 
     def mean(method: str, round_: int, t: str) -> str:
-        values = [v for run in runs.values() if (v := shares(run, method)[round_].get(t)) is not None]
+        values = [v for seed in recorded[method] if (v := seed[round_].get(t)) is not None]
         return f"{np.mean(values):.2f}" if values else "-"
 
-    per_method = "; ".join(
-        f"{title} " + ", ".join(" / ".join(mean(m, r, t) for t in levels) for r in rounds)
-        for m, title in (("prelort", "PreLort"), ("replication", "replication")))
+    per_method = "; ".join(f"{title} " + ", ".join(" / ".join(mean(m, r, t) for t in levels) for r in rounds)
+                           for m, title in zip(_NESTING, ("PreLort", "replication"), strict=True))
     return (f". Share of each round's update in the first {' / '.join(levels)} slots (`prefix_share`, mean over "
             f"the clients above that rank, then over seeds; an update spread evenly over a rank-r client's slots "
             f"gives t / r), rounds {', '.join(map(str, rounds))}: {per_method}")
